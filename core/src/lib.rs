@@ -1,0 +1,21 @@
+//! # WebWaka Realtime
+//!
+//! An offline-first realtime SDK. Losing realtime degrades the experience, never
+//! correctness (INV-010): nothing a user did is lost, offline, when the app is killed
+//! mid-send, or when the server restarts.
+//!
+//! The crate is layered so that its pure parts stand alone:
+//!
+//! - [`protocol`]: every type that crosses the wire between SDK and server (v1).
+//! - [`clock`]: vector clocks that order edits across replicas.
+//! - [`reconcile`]: the reconciliation engine, pure (time is an input), shared by the
+//!   SDK and the server.
+//!
+//! These three build with `default-features = false` (no tokio, reqwest or rusqlite).
+//! The offline store and the async client sit behind the default `client` feature.
+
+pub mod clock;
+pub mod protocol;
+pub mod reconcile;
+
+pub use clock::{ClockOrdering, VectorClock};
