@@ -267,7 +267,10 @@ mod tests {
     #[test]
     fn missing_entries_are_zero() {
         assert_eq!(vc(&[("a", 0)]), VectorClock::new());
-        assert_eq!(vc(&[("a", 1)]).compare(&vc(&[("a", 1), ("b", 0)])), ClockOrdering::Equal);
+        assert_eq!(
+            vc(&[("a", 1)]).compare(&vc(&[("a", 1), ("b", 0)])),
+            ClockOrdering::Equal
+        );
         assert_eq!(vc(&[("a", 1)]).get("zzz"), 0);
     }
 

@@ -55,7 +55,11 @@ impl DecodeError {
 
 fn path_error(err: serde_path_to_error::Error<serde_json::Error>) -> DecodeError {
     let path = err.path().to_string();
-    let path = if path == "." { "input".to_owned() } else { path };
+    let path = if path == "." {
+        "input".to_owned()
+    } else {
+        path
+    };
     let inner = err.into_inner();
     // serde_json appends " at line L column C" to data errors; the path says more.
     let mut message = inner.to_string();
@@ -78,3 +82,21 @@ pub fn decode<T: DeserializeOwned>(json: &str) -> Result<T, DecodeError> {
 pub fn decode_value<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, DecodeError> {
     serde_path_to_error::deserialize(value).map_err(path_error)
 }
+
+pub use audit::{
+    ADMIN_JUSTIFICATION_HEADER, ActorType, AuditLogEntry, AuditPage, AuditResult, AuditVerify,
+    TENANT_HEADER,
+};
+pub use envelope::{ClientEvent, Connected, Frame, ServerEvent};
+pub use error::{ErrorBody, ErrorCode};
+pub use event::{
+    AckRequest, AckResponse, ClaimRequest, ClaimResponse, ClaimedEvent, ConsumerInfo, DlqEntry,
+    DlqResponse, Event, EventMetadata, PollResponse, PublishEvent, Published,
+};
+pub use health::{Health, HealthServices, HealthState, ServiceHealth};
+pub use message::{InteractionClass, MessageAccepted, MessageAck, SendMessage, WebSocketMessage};
+pub use presence::{PresenceInfo, PresenceStatus, PresenceUpdate};
+pub use transaction::{
+    IDEMPOTENCY_KEY_HEADER, TransactionAccepted, TransactionRequest, TransactionState,
+    TransactionStatus,
+};

@@ -83,6 +83,15 @@ impl Operation {
                 return Err(DecodeError::new(field, "must not be empty"));
             }
         }
+        if self.vector_clock.get(&self.client_id) == 0 {
+            return Err(DecodeError::new(
+                "vectorClock",
+                format!(
+                    "must count the operation itself: the entry of clientId {:?} must be at least 1",
+                    self.client_id
+                ),
+            ));
+        }
         match self.operation_type {
             OperationType::Create if !self.payload.is_object() => Err(DecodeError::new(
                 "payload",
@@ -245,7 +254,8 @@ mod tests {
     fn checksum_is_over_the_canonical_form() {
         // Key order and whitespace do not change the checksum.
         let a = json!({"b": 1, "a": [1, 2, {"y": null, "x": "é"}]});
-        let b: Value = serde_json::from_str(r#"{ "a" : [1,2,{"x":"é","y":null}], "b":1 }"#).unwrap();
+        let b: Value =
+            serde_json::from_str(r#"{ "a" : [1,2,{"x":"é","y":null}], "b":1 }"#).unwrap();
         assert_eq!(checksum(&a), checksum(&b));
         // Known answer: sha256 of `{"a":1}`.
         assert_eq!(
@@ -274,14 +284,17 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.path, "vectorClock.c");
-        assert!(err.message.contains("non-negative integer, got -3"), "{err}");
+        assert!(
+            err.message.contains("non-negative integer, got -3"),
+            "{err}"
+        );
     }
 
     #[test]
     fn validate_rejects_blank_ids_and_non_object_patches() {
         let mut op: Operation = decode(
             r#"{"operationId":"o","clientId":"c","tenantId":"t","entityType":"doc","entityId":" ",
-                "operationType":"UPDATE","payload":{},"timestamp":"2026-01-30T10:00:00Z"}"#,
+                "operationType":"UPDATE","payload":{},"timestamp":"2026-01-30T10:00:00Z","vectorClock":{"c":1}}"#,
         )
         .unwrap();
         assert_eq!(op.validate().unwrap_err().path, "entityId");
@@ -291,5 +304,7 @@ mod tests {
         assert_eq!(op.validate().unwrap_err().path, "payload");
         op.operation_type = OperationType::Delete;
         assert!(op.validate().is_ok());
+        op.vector_clock = crate::VectorClock::from_entries([("other", 2)]);
+        assert_eq!(op.validate().unwrap_err().path, "vectorClock");
     }
 }

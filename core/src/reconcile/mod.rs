@@ -1,1 +1,213 @@
-//! The reconciliation engine (being written).
+//! The reconciliation engine: how offline edits of shared entities become one state.
+//!
+//! Pure: no IO, no clock reads (the current time is an argument). The server runs it on
+//! every `POST /api/reconciliation/reconcile`; the SDK shares it so that both sides
+//! agree on what an operation means.
+//!
+//! For each incoming [`Operation`] the engine decides:
+//!
+//! - **duplicate**: its id was seen (or it is older than the retained history): nothing
+//!   changes, and it is still reported as settled, so a resent request is harmless;
+//! - **apply**: it saw every applied operation of the entity (its clock descends from
+//!   theirs), so it applies on top;
+//! - **conflict**: it is concurrent with an applied operation. LAST_WRITE_WINS,
+//!   FIELD_LEVEL_MERGE and CUSTOM_MERGE resolve it at once and report the resolved
+//!   conflict; MANUAL keeps the value, holds the operation aside and reports the conflict
+//!   open until an operation whose clock dominates both sides arrives.
+//!
+//! Every replica that knows the same operations ends with the same value, whatever the
+//! order and batching in which they arrived: operations take effect in one total order
+//! that extends causality ([`order`]), and each strategy is a deterministic step in that
+//! order ([`entity`]). A causally later operation therefore always wins over what it saw,
+//! whatever the device clocks said.
+
+pub mod entity;
+pub mod merge;
+pub mod order;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+pub use entity::{ApplyError, EntityState, EntityValue, Outcome};
+pub use merge::{CounterMerge, CustomMerge, MergeError, MergeInput};
+pub use order::OpKey;
+
+use crate::protocol::{Conflict, Operation, ResolutionStrategy, Timestamp};
+use entity::StepContext;
+
+/// Default number of operations retained per entity (see [`Reconciler::max_history`]).
+pub const DEFAULT_MAX_HISTORY: usize = 256;
+
+/// Identifies an entity within a tenant: `(entityType, entityId)`.
+pub type EntityKey = (String, String);
+
+/// The engine's configuration: strategies and merge functions per entity type.
+#[derive(Debug, Clone)]
+pub struct Reconciler {
+    default_strategy: ResolutionStrategy,
+    strategies: HashMap<String, ResolutionStrategy>,
+    merges: HashMap<String, Arc<dyn CustomMerge>>,
+    max_history: usize,
+}
+
+impl Default for Reconciler {
+    fn default() -> Self {
+        Self::new(ResolutionStrategy::LastWriteWins)
+    }
+}
+
+/// What one batch of operations did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BatchOutcome {
+    /// Conflicts detected, in request order (resolved, or open for MANUAL).
+    pub conflicts: Vec<Conflict>,
+    /// Operations settled: applied, resolved (winning or losing) or duplicate.
+    pub resolved_operations: Vec<Operation>,
+    /// Entities whose value changed.
+    pub changed: BTreeSet<EntityKey>,
+    /// Entities the batch touched (changed or not).
+    pub touched: BTreeSet<EntityKey>,
+}
+
+impl Reconciler {
+    /// An engine whose default strategy is `default_strategy`.
+    pub fn new(default_strategy: ResolutionStrategy) -> Self {
+        Self {
+            default_strategy,
+            strategies: HashMap::new(),
+            merges: HashMap::new(),
+            max_history: DEFAULT_MAX_HISTORY,
+        }
+    }
+
+    /// Uses `strategy` for `entity_type` unless a request names another.
+    pub fn with_strategy(
+        mut self,
+        entity_type: impl Into<String>,
+        strategy: ResolutionStrategy,
+    ) -> Self {
+        self.strategies.insert(entity_type.into(), strategy);
+        self
+    }
+
+    /// Registers the CUSTOM_MERGE function of `entity_type` (and makes CUSTOM_MERGE its
+    /// strategy unless one was set).
+    pub fn with_merge(
+        mut self,
+        entity_type: impl Into<String>,
+        merge: Arc<dyn CustomMerge>,
+    ) -> Self {
+        let entity_type = entity_type.into();
+        self.strategies
+            .entry(entity_type.clone())
+            .or_insert(ResolutionStrategy::CustomMerge);
+        self.merges.insert(entity_type, merge);
+        self
+    }
+
+    /// Retains at most `max_history` operations per entity (at least 4). Older ones are
+    /// folded into the entity's base; an operation concurrent with them is then treated
+    /// as if it had seen them.
+    pub fn with_max_history(mut self, max_history: usize) -> Self {
+        self.max_history = max_history.max(4);
+        self
+    }
+
+    /// The retained-history bound.
+    pub fn max_history(&self) -> usize {
+        self.max_history
+    }
+
+    /// The strategy for `entity_type`: the request's, else the type's, else the default.
+    pub fn strategy_for(
+        &self,
+        entity_type: &str,
+        requested: Option<ResolutionStrategy>,
+    ) -> ResolutionStrategy {
+        requested
+            .or_else(|| self.strategies.get(entity_type).copied())
+            .unwrap_or(self.default_strategy)
+    }
+
+    /// Applies one operation to its entity's state. On error the state is unchanged.
+    pub fn apply(
+        &self,
+        state: &mut EntityState,
+        op: &Operation,
+        requested: Option<ResolutionStrategy>,
+        now: Timestamp,
+    ) -> Result<Outcome, ApplyError> {
+        let ctx = StepContext {
+            strategy: self.strategy_for(&op.entity_type, requested),
+            merge: self.merges.get(&op.entity_type),
+            max_history: self.max_history,
+            now,
+        };
+        state.apply(op, &ctx)
+    }
+
+    /// Applies `ops` in order to the entities in `states` (missing ones are created).
+    ///
+    /// All or nothing: on error `states` is as it was.
+    pub fn apply_batch(
+        &self,
+        states: &mut BTreeMap<EntityKey, EntityState>,
+        ops: &[Operation],
+        requested: Option<ResolutionStrategy>,
+        now: Timestamp,
+    ) -> Result<BatchOutcome, ApplyError> {
+        let mut out = BatchOutcome::default();
+        // Only a merge function can refuse an operation once the types are known to have
+        // one; without CUSTOM_MERGE in the batch no step can fail, so the entities are
+        // changed in place. With it, they are changed on copies committed at the end.
+        let mut may_fail = false;
+        for op in ops {
+            if self.strategy_for(&op.entity_type, requested) == ResolutionStrategy::CustomMerge {
+                if !self.merges.contains_key(&op.entity_type) {
+                    return Err(ApplyError::NoMergeFunction {
+                        entity_type: op.entity_type.clone(),
+                    });
+                }
+                may_fail = true;
+            }
+        }
+        // The values before the batch, to report what changed.
+        let mut before: BTreeMap<EntityKey, EntityValue> = BTreeMap::new();
+        let mut work: BTreeMap<EntityKey, EntityState> = BTreeMap::new();
+        for op in ops {
+            let key = (op.entity_type.clone(), op.entity_id.clone());
+            let state = if may_fail {
+                work.entry(key.clone()).or_insert_with(|| {
+                    states
+                        .get(&key)
+                        .cloned()
+                        .unwrap_or_else(|| EntityState::new(&op.entity_type, &op.entity_id))
+                })
+            } else {
+                states
+                    .entry(key.clone())
+                    .or_insert_with(|| EntityState::new(&op.entity_type, &op.entity_id))
+            };
+            if !before.contains_key(&key) {
+                before.insert(key.clone(), state.value().clone());
+            }
+            let outcome = self.apply(state, op, requested, now)?;
+            out.touched.insert(key);
+            match outcome {
+                Outcome::Applied | Outcome::Duplicate => out.resolved_operations.push(op.clone()),
+                Outcome::Resolved(conflict) => {
+                    out.resolved_operations.push(op.clone());
+                    out.conflicts.push(conflict);
+                }
+                Outcome::Held(conflict) => out.conflicts.push(conflict),
+            }
+        }
+        states.extend(work);
+        for (key, old) in before {
+            if states.get(&key).is_some_and(|s| *s.value() != old) {
+                out.changed.insert(key);
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,474 @@
+//! Scenarios of the reconciliation engine, one behaviour per test: each strategy,
+//! DELETE against UPDATE, duplicates, MANUAL conflicts, skewed device clocks, history
+//! compaction and bad input.
+
+// Tests may panic on what they did not expect: that is how they fail.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use chrono::{TimeZone, Utc};
+use serde_json::{Value, json};
+use webwaka_realtime::VectorClock;
+use webwaka_realtime::protocol::{Operation, OperationType, ResolutionStrategy, Timestamp};
+use webwaka_realtime::reconcile::{ApplyError, CounterMerge, EntityState, Outcome, Reconciler};
+
+use ResolutionStrategy::*;
+
+fn at(secs: i64) -> Timestamp {
+    Utc.timestamp_opt(1_780_000_000 + secs, 0).single().unwrap()
+}
+
+fn op(
+    id: &str,
+    client: &str,
+    kind: OperationType,
+    payload: Value,
+    ts: i64,
+    clock: &[(&str, u64)],
+) -> Operation {
+    Operation {
+        operation_id: id.into(),
+        client_id: client.into(),
+        tenant_id: "t1".into(),
+        entity_type: "doc".into(),
+        entity_id: "d1".into(),
+        operation_type: kind,
+        payload,
+        timestamp: at(ts),
+        vector_clock: VectorClock::from_entries(clock.iter().map(|(k, v)| (*k, *v))),
+        metadata: None,
+    }
+}
+
+fn run(
+    engine: &Reconciler,
+    strategy: ResolutionStrategy,
+    ops: &[Operation],
+) -> (EntityState, Vec<Outcome>) {
+    let mut state = EntityState::new("doc", "d1");
+    let outcomes = ops
+        .iter()
+        .map(|o| {
+            engine
+                .apply(&mut state, o, Some(strategy), at(1000))
+                .unwrap()
+        })
+        .collect();
+    (state, outcomes)
+}
+
+use OperationType::{Create, Delete, Update};
+
+/// Base `{title, body, tags}` by client `s`, then two concurrent edits by `a` and `b`.
+fn fork(a_patch: Value, a_ts: i64, b_patch: Value, b_ts: i64) -> Vec<Operation> {
+    vec![
+        op(
+            "o0",
+            "s",
+            Create,
+            json!({"title": "t0", "body": "b0", "tags": {"x": 1}}),
+            0,
+            &[("s", 1)],
+        ),
+        op("oa", "a", Update, a_patch, a_ts, &[("s", 1), ("a", 1)]),
+        op("ob", "b", Update, b_patch, b_ts, &[("s", 1), ("b", 1)]),
+    ]
+}
+
+#[test]
+fn test_lww_later_timestamp_wins_and_loser_is_discarded_whole() {
+    let ops = fork(
+        json!({"title": "A", "body": "bA"}),
+        20,
+        json!({"title": "B"}),
+        10,
+    );
+    let (state, outcomes) = run(&Reconciler::default(), LastWriteWins, &ops);
+    // `a` is later: its whole edit stands; nothing of `b` survives.
+    assert_eq!(
+        state.value().data,
+        json!({"title": "A", "body": "bA", "tags": {"x": 1}})
+    );
+    let Outcome::Resolved(conflict) = &outcomes[2] else {
+        panic!("{outcomes:?}")
+    };
+    assert_eq!(conflict.operations[0].operation_id, "ob");
+    assert_eq!(conflict.operations[1].operation_id, "oa");
+    assert_eq!(
+        conflict.resolution.as_ref().unwrap().result,
+        state.value().data
+    );
+
+    // Same edits, `b` later: `a`'s body change is gone too (LWW is per operation).
+    let ops = fork(
+        json!({"title": "A", "body": "bA"}),
+        10,
+        json!({"title": "B"}),
+        20,
+    );
+    let (state, _) = run(&Reconciler::default(), LastWriteWins, &ops);
+    assert_eq!(
+        state.value().data,
+        json!({"title": "B", "body": "b0", "tags": {"x": 1}})
+    );
+}
+
+#[test]
+fn test_lww_ties_break_by_client_id_then_operation_id() {
+    let ops = fork(json!({"title": "A"}), 10, json!({"title": "B"}), 10);
+    let (state, _) = run(&Reconciler::default(), LastWriteWins, &ops);
+    assert_eq!(
+        state.value().data["title"],
+        "B",
+        "greater clientId wins a tie"
+    );
+    let mut rev = ops.clone();
+    rev.swap(1, 2);
+    let (state2, _) = run(&Reconciler::default(), LastWriteWins, &rev);
+    assert_eq!(state2.value(), state.value());
+}
+
+#[test]
+fn test_field_level_merge_keeps_one_sided_fields_and_lww_on_shared_ones() {
+    let ops = fork(
+        json!({"title": "A", "tags": {"y": 2}}),
+        10,
+        json!({"body": "bB", "title": "B", "tags": {"z": 3}}),
+        20,
+    );
+    let (state, outcomes) = run(&Reconciler::default(), FieldLevelMerge, &ops);
+    // body: only b changed it. title and tags: both changed, b is later; a nested object
+    // is one value, so tags is b's version of it ({"x":1} patched by b), not a mix.
+    assert_eq!(
+        state.value().data,
+        json!({"title": "B", "body": "bB", "tags": {"x": 1, "z": 3}})
+    );
+    assert!(matches!(outcomes[2], Outcome::Resolved(_)));
+
+    // Disjoint fields: both edits survive, in either arrival order.
+    let ops = fork(json!({"title": "A"}), 30, json!({"body": "bB"}), 20);
+    let mut rev = ops.clone();
+    rev.swap(1, 2);
+    for order in [ops, rev] {
+        let (state, _) = run(&Reconciler::default(), FieldLevelMerge, &order);
+        assert_eq!(
+            state.value().data,
+            json!({"title": "A", "body": "bB", "tags": {"x": 1}})
+        );
+    }
+}
+
+#[test]
+fn test_delete_against_concurrent_update_follows_the_strategy() {
+    let base = op("o0", "s", Create, json!({"n": 1, "m": 1}), 0, &[("s", 1)]);
+    let del = |ts| op("od", "a", Delete, Value::Null, ts, &[("s", 1), ("a", 1)]);
+    let upd = |ts| {
+        op(
+            "ou",
+            "b",
+            Update,
+            json!({"n": 2}),
+            ts,
+            &[("s", 1), ("b", 1)],
+        )
+    };
+
+    // LWW, delete later: a tombstone, whichever arrives first.
+    for ops in [
+        vec![base.clone(), del(20), upd(10)],
+        vec![base.clone(), upd(10), del(20)],
+    ] {
+        let (state, _) = run(&Reconciler::default(), LastWriteWins, &ops);
+        assert!(state.value().deleted);
+        assert_eq!(state.value().data, Value::Null);
+    }
+    // LWW, update later: the delete is discarded whole; the entity lives on, patched.
+    let (state, _) = run(
+        &Reconciler::default(),
+        LastWriteWins,
+        &[base.clone(), del(10), upd(20)],
+    );
+    assert!(!state.value().deleted);
+    assert_eq!(state.value().data, json!({"n": 2, "m": 1}));
+    // FIELD_LEVEL_MERGE, update later: the delete removed every field, the update's
+    // field is the later write of `n`: only it survives.
+    let (state, _) = run(
+        &Reconciler::default(),
+        FieldLevelMerge,
+        &[base.clone(), del(10), upd(20)],
+    );
+    assert!(!state.value().deleted);
+    assert_eq!(state.value().data, json!({"n": 2}));
+    // A create after a delete re-creates.
+    let recreate = op(
+        "oc",
+        "a",
+        Create,
+        json!({"new": true}),
+        5,
+        &[("s", 1), ("a", 2)],
+    );
+    let (state, _) = run(
+        &Reconciler::default(),
+        LastWriteWins,
+        &[base, del(10), recreate],
+    );
+    assert_eq!(state.value().data, json!({"new": true}));
+}
+
+#[test]
+fn test_causally_later_operation_wins_even_with_an_earlier_device_clock() {
+    // b saw a but its device clock is an hour behind: it still wins.
+    let a = op("oa", "a", Update, json!({"title": "A"}), 3600, &[("a", 1)]);
+    let b = op(
+        "ob",
+        "b",
+        Update,
+        json!({"title": "B"}),
+        0,
+        &[("a", 1), ("b", 1)],
+    );
+    for strategy in [LastWriteWins, FieldLevelMerge, Manual] {
+        for ops in [vec![a.clone(), b.clone()], vec![b.clone(), a.clone()]] {
+            let (state, outcomes) = run(&Reconciler::default(), strategy, &ops);
+            assert_eq!(state.value().data, json!({"title": "B"}), "{strategy:?}");
+            assert!(
+                outcomes.iter().all(|o| *o == Outcome::Applied),
+                "{outcomes:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn test_duplicates_change_nothing() {
+    let ops = fork(json!({"title": "A"}), 10, json!({"title": "B"}), 20);
+    let engine = Reconciler::default();
+    let (mut state, _) = run(&engine, LastWriteWins, &ops);
+    let before = state.clone();
+    for o in &ops {
+        assert_eq!(
+            engine.apply(&mut state, o, None, at(2000)).unwrap(),
+            Outcome::Duplicate
+        );
+    }
+    assert_eq!(state, before);
+}
+
+#[test]
+fn test_manual_keeps_the_value_reports_both_sides_and_settles_on_a_dominating_write() {
+    let ops = fork(json!({"title": "A"}), 10, json!({"title": "B"}), 20);
+    let engine = Reconciler::new(Manual);
+    let (mut state, outcomes) = run(&engine, Manual, &ops);
+    let Outcome::Held(conflict) = &outcomes[2] else {
+        panic!("{outcomes:?}")
+    };
+    assert!(conflict.resolution.is_none());
+    let ids: Vec<_> = conflict
+        .operations
+        .iter()
+        .map(|o| o.operation_id.as_str())
+        .collect();
+    assert_eq!(ids, ["ob", "oa"], "both sides are in the conflict");
+    assert_eq!(conflict.operations[0].payload, json!({"title": "B"}));
+    assert_eq!(state.value().data["title"], "A", "the value is kept");
+    assert_eq!(state.open_conflicts().len(), 1);
+
+    // An edit that saw only one side does not settle it.
+    let a2 = op(
+        "oa2",
+        "a",
+        Update,
+        json!({"body": "x"}),
+        30,
+        &[("s", 1), ("a", 2)],
+    );
+    assert_eq!(
+        engine.apply(&mut state, &a2, None, at(40)).unwrap(),
+        Outcome::Applied
+    );
+    assert_eq!(state.open_conflicts().len(), 1);
+
+    // A client that saw both writes the chosen value: it applies and settles the conflict.
+    let resolve = op(
+        "or",
+        "b",
+        Create,
+        json!({"title": "B", "body": "x"}),
+        5,
+        &[("s", 1), ("a", 2), ("b", 2)],
+    );
+    assert_eq!(
+        engine.apply(&mut state, &resolve, None, at(50)).unwrap(),
+        Outcome::Applied
+    );
+    assert_eq!(state.value().data, json!({"title": "B", "body": "x"}));
+    assert!(state.open_conflicts().is_empty());
+}
+
+#[test]
+fn test_counter_merge_adds_concurrent_deltas() {
+    let engine = Reconciler::default().with_merge("doc", Arc::new(CounterMerge));
+    let ops = [
+        op(
+            "o0",
+            "s",
+            Create,
+            json!({"likes": 10, "label": "x"}),
+            0,
+            &[("s", 1)],
+        ),
+        op(
+            "oa",
+            "a",
+            Update,
+            json!({"likes": 2}),
+            10,
+            &[("s", 1), ("a", 1)],
+        ),
+        op(
+            "ob",
+            "b",
+            Update,
+            json!({"likes": -1, "label": "y"}),
+            5,
+            &[("s", 1), ("b", 1)],
+        ),
+        op(
+            "oc",
+            "c",
+            Update,
+            json!({"likes": 5}),
+            7,
+            &[("s", 1), ("c", 1)],
+        ),
+    ];
+    for perm in [[0, 1, 2, 3], [0, 3, 2, 1], [2, 0, 3, 1]] {
+        let ordered: Vec<_> = perm.iter().map(|&i| ops[i].clone()).collect();
+        let mut state = EntityState::new("doc", "d1");
+        for o in &ordered {
+            // No strategy in the request: the type's registered CUSTOM_MERGE applies.
+            engine.apply(&mut state, o, None, at(100)).unwrap();
+        }
+        assert_eq!(
+            state.value().data,
+            json!({"likes": 16, "label": "y"}),
+            "{perm:?}"
+        );
+    }
+}
+
+#[test]
+fn test_bad_input_is_an_error_and_changes_nothing() {
+    let engine = Reconciler::default().with_merge("doc", Arc::new(CounterMerge));
+    let mut state = EntityState::new("doc", "d1");
+    engine
+        .apply(
+            &mut state,
+            &op("o0", "s", Create, json!({"likes": "many"}), 0, &[("s", 1)]),
+            None,
+            at(1),
+        )
+        .unwrap();
+    let before = state.clone();
+    let err = engine
+        .apply(
+            &mut state,
+            &op("o1", "s", Update, json!({"likes": 1}), 1, &[("s", 2)]),
+            None,
+            at(2),
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("payload.likes"), "{err}");
+    assert_eq!(state, before);
+
+    let mut other = op("o2", "s", Update, json!({}), 1, &[("s", 2)]);
+    other.entity_id = "d2".into();
+    assert!(matches!(
+        engine.apply(&mut state, &other, None, at(2)),
+        Err(ApplyError::WrongEntity { .. })
+    ));
+    let plain = Reconciler::default();
+    let err = plain
+        .apply(
+            &mut state,
+            &op("o3", "s", Update, json!({}), 1, &[("s", 2)]),
+            Some(CustomMerge),
+            at(2),
+        )
+        .unwrap_err();
+    assert_eq!(
+        err,
+        ApplyError::NoMergeFunction {
+            entity_type: "doc".into()
+        }
+    );
+    assert_eq!(state, before);
+}
+
+#[test]
+fn test_compaction_keeps_the_value_and_still_recognises_old_operations() {
+    let small = Reconciler::default().with_max_history(16);
+    let big = Reconciler::default();
+    // 200 edits alternating between two clients, each having seen all before it.
+    let mut clock = VectorClock::new();
+    let mut ops = Vec::new();
+    for i in 0..200u64 {
+        let client = if i % 2 == 0 { "a" } else { "b" };
+        clock.increment(client);
+        let mut o = op(
+            &format!("o{i}"),
+            client,
+            Update,
+            json!({"n": i, format!("f{}", i % 7): i}),
+            i as i64,
+            &[],
+        );
+        o.vector_clock = clock.clone();
+        ops.push(o);
+    }
+    let (s1, _) = run(&small, FieldLevelMerge, &ops);
+    let (s2, _) = run(&big, FieldLevelMerge, &ops);
+    assert_eq!(s1.value(), s2.value());
+    assert!(s1.history_len() <= 16, "{}", s1.history_len());
+    let mut s1b = s1.clone();
+    assert_eq!(
+        small.apply(&mut s1b, &ops[3], None, at(9)).unwrap(),
+        Outcome::Duplicate
+    );
+    assert_eq!(s1b, s1);
+}
+
+#[test]
+fn test_batch_is_all_or_nothing_and_reports_changes() {
+    let engine = Reconciler::default().with_merge("counter", Arc::new(CounterMerge));
+    let mut states = BTreeMap::new();
+    let good = op("o0", "s", Create, json!({"n": 1}), 0, &[("s", 1)]);
+    let out = engine
+        .apply_batch(&mut states, std::slice::from_ref(&good), None, at(1))
+        .unwrap();
+    assert_eq!(out.changed.len(), 1);
+    assert_eq!(out.resolved_operations.len(), 1);
+
+    // The first two operations are fine; the third adds 1 to a string: the batch fails.
+    let ok = op("o3", "s", Update, json!({"n": 5}), 2, &[("s", 2)]);
+    let mut stringy = op("o1", "s", Create, json!({"n": "x"}), 1, &[("s", 1)]);
+    stringy.entity_type = "counter".into();
+    let mut delta = op("o4", "s", Update, json!({"n": 1}), 3, &[("s", 2)]);
+    delta.entity_type = "counter".into();
+    let before = states.clone();
+    let err = engine
+        .apply_batch(&mut states, &[ok, stringy, delta], None, at(3))
+        .unwrap_err();
+    assert!(matches!(err, ApplyError::Merge(_)), "{err}");
+    assert_eq!(states, before, "a failed batch changes nothing");
+
+    // A duplicate-only batch changes nothing and reports it as settled.
+    let out = engine
+        .apply_batch(&mut states, &[good], None, at(4))
+        .unwrap();
+    assert!(out.changed.is_empty());
+    assert_eq!(out.resolved_operations.len(), 1);
+}
