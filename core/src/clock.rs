@@ -8,6 +8,20 @@
 //! a conflict). A missing entry counts as 0, so `{}` and `{"a": 0}` are the same clock;
 //! the map never stores zeros, which keeps equality, hashing and the wire form canonical.
 //!
+//! ```
+//! use webwaka_realtime::{ClockOrdering, VectorClock};
+//!
+//! let mut phone = VectorClock::new();
+//! phone.increment("phone"); // an offline edit on the phone
+//! let mut laptop = VectorClock::new();
+//! laptop.increment("laptop"); // and one on the laptop
+//! assert_eq!(phone.compare(&laptop), ClockOrdering::Concurrent);
+//!
+//! let mut merged = phone.merged(&laptop);
+//! merged.increment("laptop"); // the laptop saw both, then edited again
+//! assert_eq!(merged.compare(&phone), ClockOrdering::After);
+//! ```
+//!
 //! On the wire a clock is a JSON object of non-negative integers:
 //! `{"client-a": 3, "client-b": 1}`. A negative, fractional or non-numeric counter is a
 //! decoding error that names the offending entry.
