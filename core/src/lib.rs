@@ -17,5 +17,7 @@
 pub mod clock;
 pub mod protocol;
 pub mod reconcile;
+#[cfg(feature = "store")]
+pub mod store;
 
 pub use clock::{ClockOrdering, VectorClock};

@@ -1,0 +1,133 @@
+//! The inbound cursor and dedupe: each durable event reaches the app exactly once.
+//!
+//! The cursor is the last durable event processed (its id, which the server resumes
+//! from, and its log sequence). Recording an event, remembering its id and advancing the
+//! cursor are one transaction, together with whatever applying it writes, so a crash
+//! can neither skip nor repeat an event. Ids seen recently are kept to drop duplicates
+//! that arrive by two transports; an event at or below the cursor's sequence is a replay
+//! whether or not its id is still remembered, so pruning old ids never lets one through.
+
+use rusqlite::{OptionalExtension, Transaction, params};
+
+use super::{Store, StoreError, to_ms};
+use crate::protocol::Timestamp;
+
+/// Where the inbound stream stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    /// The last durable event processed (sent as `lastEventId`).
+    pub last_event_id: String,
+    /// Its sequence in the tenant log, when known.
+    pub last_sequence: Option<u64>,
+}
+
+impl Store {
+    /// The cursor, `None` before the first durable event.
+    pub fn cursor(&self) -> Result<Option<Cursor>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT last_event_id, last_sequence FROM inbound_cursor WHERE id = 1",
+                [],
+                |r| {
+                    Ok(Cursor {
+                        last_event_id: r.get(0)?,
+                        last_sequence: r
+                            .get::<_, Option<i64>>(1)?
+                            .and_then(|s| u64::try_from(s).ok()),
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// Records durable event `event_id` (log `sequence`) as processed and advances the
+    /// cursor; `Ok(false)` when it was seen already (nothing changed).
+    pub fn record_inbound(
+        &mut self,
+        event_id: &str,
+        sequence: Option<u64>,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        self.process_inbound(event_id, sequence, now, |_| Ok(()))
+    }
+
+    /// Like [`Store::record_inbound`], running `apply` in the same transaction first:
+    /// if `apply` fails, nothing is recorded and the event will be processed again.
+    pub(crate) fn process_inbound(
+        &mut self,
+        event_id: &str,
+        sequence: Option<u64>,
+        now: Timestamp,
+        apply: impl FnOnce(&Transaction<'_>) -> Result<(), StoreError>,
+    ) -> Result<bool, StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let seen: bool = tx
+            .query_row("SELECT 1 FROM seen_ids WHERE id = ?1", [event_id], |_| {
+                Ok(true)
+            })
+            .optional()?
+            .unwrap_or(false);
+        let cursor_seq: Option<i64> = tx
+            .query_row(
+                "SELECT last_sequence FROM inbound_cursor WHERE id = 1",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?
+            .flatten();
+        let seq = sequence.map(|s| i64::try_from(s).unwrap_or(i64::MAX));
+        let replay = matches!((seq, cursor_seq), (Some(s), Some(c)) if s <= c);
+        if seen || replay {
+            return Ok(false);
+        }
+        apply(&tx)?;
+        let now_ms = to_ms(now);
+        tx.execute(
+            "INSERT INTO seen_ids (id, seen_ms) VALUES (?1, ?2)",
+            params![event_id, now_ms],
+        )?;
+        tx.execute(
+            "INSERT INTO inbound_cursor (id, last_event_id, last_sequence, updated_ms)
+             VALUES (1, ?1, ?2, ?3)
+             ON CONFLICT (id) DO UPDATE SET last_event_id = excluded.last_event_id,
+                 last_sequence = COALESCE(excluded.last_sequence, last_sequence),
+                 updated_ms = excluded.updated_ms",
+            params![event_id, seq, now_ms],
+        )?;
+        tx.commit()?;
+        Ok(true)
+    }
+
+    /// Forgets seen ids older than `before`, keeping at least the newest `keep`. Events
+    /// at or below the cursor stay refused by their sequence.
+    pub fn prune_seen(&self, before: Timestamp, keep: usize) -> Result<usize, StoreError> {
+        let keep = i64::try_from(keep).unwrap_or(i64::MAX);
+        Ok(self.conn.execute(
+            "DELETE FROM seen_ids WHERE seen_ms < ?1 AND id NOT IN
+                (SELECT id FROM seen_ids ORDER BY seen_ms DESC LIMIT ?2)",
+            params![to_ms(before), keep],
+        )?)
+    }
+
+    /// Sets the cursor after a resynchronisation from snapshots (the server said the old
+    /// one expired): events before `event_id` are not expected any more.
+    pub fn reset_cursor(
+        &self,
+        event_id: &str,
+        sequence: Option<u64>,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        let seq = sequence.map(|s| i64::try_from(s).unwrap_or(i64::MAX));
+        self.conn.execute(
+            "INSERT INTO inbound_cursor (id, last_event_id, last_sequence, updated_ms)
+             VALUES (1, ?1, ?2, ?3)
+             ON CONFLICT (id) DO UPDATE SET last_event_id = excluded.last_event_id,
+                 last_sequence = excluded.last_sequence, updated_ms = excluded.updated_ms",
+            params![event_id, seq, to_ms(now)],
+        )?;
+        Ok(())
+    }
+}

@@ -1,0 +1,367 @@
+//! The offline store: where the SDK's promise that nothing is lost lives.
+//!
+//! One SQLite file (rusqlite, bundled SQLite) per installation holds:
+//!
+//! - the **identity**: the `clientId` made once and kept, and a small key/value for the
+//!   client's own state (e.g. the transport last known to work);
+//! - the **outbox** ([`outbox`]): every outbound item the app handed over, committed to
+//!   disk before the call returns, ordered per lane, with its delivery state;
+//! - the **inbound cursor** ([`inbound`]): the last durable event processed and the ids
+//!   recently seen, advanced in the same transaction as the event is applied.
+//!
+//! No network code lives here: the client drives the store through this small, typed,
+//! synchronous API (from a blocking task). Time is always an argument, never read here,
+//! so every path is testable without sleeping.
+//!
+//! ## Durability and concurrency
+//!
+//! The file is in WAL mode with `busy_timeout` set and foreign keys on. Writes go through
+//! one connection; SQLite's WAL lets readers (another process's connection, e.g. an app
+//! extension) read while it writes. `synchronous = FULL` is the default: a commit is on
+//! the disk when the call returns, so a power cut cannot lose an item the app was told
+//! is persisted. `NORMAL` ([`Durability::Normal`]) skips the fsync of each commit (WAL
+//! still keeps the file consistent); a crash of the process loses nothing, a power cut
+//! may lose the last commits. Apps that accept that for speed can choose it.
+//!
+//! A file that is not a database, or is corrupt, is a [`StoreError::Corrupt`] at open:
+//! the file is moved aside (kept for recovery, never deleted) and the app is told where.
+
+pub mod inbound;
+pub mod outbox;
+mod schema;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+
+pub use outbox::{
+    DEFAULT_MAX_BYTES, DEFAULT_MAX_ITEMS, ItemKind, ItemState, NewItem, OutboxClass, OutboxItem,
+};
+
+use crate::protocol::Timestamp;
+
+/// How hard a commit tries to reach the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// `synchronous = FULL`: each commit is fsynced before it returns (the default).
+    #[default]
+    Full,
+    /// `synchronous = NORMAL`: survives a process crash, not always a power cut.
+    Normal,
+}
+
+/// How the store is opened.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// Commit durability.
+    pub durability: Durability,
+    /// The outbox refuses new items past this many pending ones.
+    pub max_items: usize,
+    /// The outbox refuses new items past this many pending bytes of bodies.
+    pub max_bytes: u64,
+    /// How long a writer waits for another process's lock before giving up.
+    pub busy_timeout: Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            durability: Durability::Full,
+            max_items: DEFAULT_MAX_ITEMS,
+            max_bytes: DEFAULT_MAX_BYTES,
+            busy_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What went wrong in the store. Nothing already committed is lost by any of these.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The file was not a usable database; it was moved to `moved_to` and a new one made.
+    #[error(
+        "the store at {path} was unreadable ({reason}); it was moved to {moved_to} and a new store was created"
+    )]
+    Corrupt {
+        /// The store's path.
+        path: PathBuf,
+        /// Where the old file now is.
+        moved_to: PathBuf,
+        /// What SQLite said.
+        reason: String,
+    },
+    /// The database was written by a newer SDK (its schema version is ahead of ours).
+    #[error("the store's schema version {found} is newer than this SDK's {supported}")]
+    TooNew {
+        /// The file's version.
+        found: usize,
+        /// The newest version this SDK knows.
+        supported: usize,
+    },
+    /// The outbox is full; nothing was dropped, the new item was refused.
+    #[error("the outbox is full: {limit}")]
+    QueueFull {
+        /// Which limit, e.g. `10000 items` or `16777216 bytes`.
+        limit: String,
+    },
+    /// No item with this id.
+    #[error("no outbox item {0}")]
+    NotFound(String),
+    /// The item is not in a state that allows this change.
+    #[error("outbox item {id} is {state}, cannot {action}")]
+    InvalidState {
+        /// The item.
+        id: String,
+        /// Its state.
+        state: ItemState,
+        /// What was asked.
+        action: &'static str,
+    },
+    /// An item with this id exists already (ids are the server's dedupe keys).
+    #[error("outbox item {0} exists already")]
+    Duplicate(String),
+    /// A value could not be encoded or decoded.
+    #[error("invalid {field}: {message}")]
+    Invalid {
+        /// The field.
+        field: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// SQLite failed (disk full, I/O error, locked past the busy timeout, …).
+    #[error("storage error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A migration failed.
+    #[error("schema migration failed: {0}")]
+    Migration(#[from] rusqlite_migration::Error),
+    /// The file could not be moved aside or created.
+    #[error("file error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The SDK's SQLite store. Synchronous: call it from a blocking task.
+#[derive(Debug)]
+pub struct Store {
+    conn: Connection,
+    path: Option<PathBuf>,
+    config: StoreConfig,
+    client_id: String,
+}
+
+const CLIENT_ID_KEY: &str = "client_id";
+const KV_PREFIX: &str = "kv.";
+
+impl Store {
+    /// Opens (or creates) the store at `path`, migrating it to the current schema.
+    ///
+    /// A file that is not a usable database is moved aside and a new store is created:
+    /// the error [`StoreError::Corrupt`] says so. Call `open` again to use the new
+    /// store; the old file is kept for recovery.
+    pub fn open(path: impl AsRef<Path>, config: StoreConfig) -> Result<Store, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        match Self::open_file(&path, &config) {
+            Ok(store) => Ok(store),
+            Err(StoreError::Sqlite(e)) if is_corruption(&e) => {
+                let moved_to = move_aside(&path)?;
+                Err(StoreError::Corrupt {
+                    path,
+                    moved_to,
+                    reason: e.to_string(),
+                })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// An in-memory store (tests, tools); nothing survives it.
+    pub fn open_in_memory(config: StoreConfig) -> Result<Store, StoreError> {
+        let conn = Connection::open_in_memory()?;
+        Self::init(conn, None, config)
+    }
+
+    fn open_file(path: &Path, config: &StoreConfig) -> Result<Store, StoreError> {
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | OpenFlags::SQLITE_OPEN_URI;
+        let conn = Connection::open_with_flags(path, flags)?;
+        Self::init(conn, Some(path.to_path_buf()), config.clone())
+    }
+
+    fn init(
+        mut conn: Connection,
+        path: Option<PathBuf>,
+        config: StoreConfig,
+    ) -> Result<Store, StoreError> {
+        conn.busy_timeout(config.busy_timeout)?;
+        // Reading the header first turns "not a database" into an error here.
+        let _: i64 = conn.query_row("PRAGMA schema_version", [], |r| r.get(0))?;
+        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+        if path.is_some() && !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Invalid {
+                field: "journal_mode",
+                message: format!("SQLite refused WAL mode (got {mode})"),
+            });
+        }
+        let sync = match config.durability {
+            Durability::Full => "FULL",
+            Durability::Normal => "NORMAL",
+        };
+        conn.execute_batch(&format!(
+            "PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON;"
+        ))?;
+        let found: usize = conn
+            .query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))?
+            .try_into()
+            .unwrap_or(usize::MAX);
+        if found > schema::latest_version() {
+            return Err(StoreError::TooNew {
+                found,
+                supported: schema::latest_version(),
+            });
+        }
+        schema::migrations().to_latest(&mut conn)?;
+        let client_id = Self::load_or_make_client_id(&conn)?;
+        let store = Store {
+            conn,
+            path,
+            config,
+            client_id,
+        };
+        store.recover_in_flight()?;
+        Ok(store)
+    }
+
+    fn load_or_make_client_id(conn: &Connection) -> Result<String, StoreError> {
+        let existing: Option<String> = conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = ?1",
+                [CLIENT_ID_KEY],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(id) = existing {
+            return Ok(id);
+        }
+        let id = uuid::Uuid::now_v7().to_string();
+        // INSERT OR IGNORE + re-read: two processes opening a new file agree on one id.
+        conn.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES (?1, ?2)",
+            params![CLIENT_ID_KEY, id],
+        )?;
+        Ok(conn.query_row(
+            "SELECT value FROM meta WHERE key = ?1",
+            [CLIENT_ID_KEY],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// This installation's `clientId`: made at the first open, then kept.
+    pub fn client_id(&self) -> &str {
+        &self.client_id
+    }
+
+    /// The file's path (`None` in memory).
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// The schema version of the open database.
+    pub fn schema_version(&self) -> Result<usize, StoreError> {
+        let v: i64 = self
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        Ok(usize::try_from(v).unwrap_or(0))
+    }
+
+    /// The configuration the store was opened with.
+    pub fn config(&self) -> &StoreConfig {
+        &self.config
+    }
+
+    /// Reads the client's own value under `key`.
+    pub fn kv_get(&self, key: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = ?1",
+                [format!("{KV_PREFIX}{key}")],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// Stores the client's own value under `key` (`None` removes it).
+    pub fn kv_set(&self, key: &str, value: Option<&str>) -> Result<(), StoreError> {
+        let key = format!("{KV_PREFIX}{key}");
+        match value {
+            Some(v) => self.conn.execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                params![key, v],
+            )?,
+            None => self
+                .conn
+                .execute("DELETE FROM meta WHERE key = ?1", [key])?,
+        };
+        Ok(())
+    }
+
+    /// Runs SQLite's `PRAGMA integrity_check`; `Ok(())` when the file is sound.
+    pub fn integrity_check(&self) -> Result<(), StoreError> {
+        let result: String = self
+            .conn
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
+        if result == "ok" {
+            Ok(())
+        } else {
+            Err(StoreError::Invalid {
+                field: "integrity_check",
+                message: result,
+            })
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch, as stored.
+pub(crate) fn to_ms(t: Timestamp) -> i64 {
+    t.timestamp_millis()
+}
+
+/// The time stored as `ms`.
+pub(crate) fn from_ms(ms: i64) -> Timestamp {
+    chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default()
+}
+
+fn is_corruption(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt)
+    )
+}
+
+/// Moves `path` (and its WAL and shared-memory files) to `path.corrupt-N`.
+fn move_aside(path: &Path) -> Result<PathBuf, std::io::Error> {
+    let mut n = 1;
+    let target = loop {
+        let mut candidate = path.as_os_str().to_owned();
+        candidate.push(format!(".corrupt-{n}"));
+        let candidate = PathBuf::from(candidate);
+        if !candidate.exists() {
+            break candidate;
+        }
+        n += 1;
+    };
+    std::fs::rename(path, &target)?;
+    for suffix in ["-wal", "-shm"] {
+        let mut side = path.as_os_str().to_owned();
+        side.push(suffix);
+        let side = PathBuf::from(side);
+        if side.exists() {
+            let mut dest = target.as_os_str().to_owned();
+            dest.push(suffix);
+            std::fs::rename(&side, PathBuf::from(dest))?;
+        }
+    }
+    Ok(target)
+}

@@ -1,0 +1,610 @@
+//! The durable outbox: every outbound item the app handed over, until the server has it.
+//!
+//! An item is committed before `enqueue` returns. Its id (a UUIDv7 made by the SDK) is
+//! the server's dedupe key and never changes: every retry, after restarts and transport
+//! switches, resends the same id. Items are ordered per **lane** (a room, a recipient,
+//! an entity): only the head of a lane is sent, so a failing item holds back its own lane
+//! and no other.
+//!
+//! States: `persisted → in_flight → accepted` (the server has it, with its sequence or
+//! transaction id); a Class D transaction goes on to `confirmed` or `rejected`. A
+//! permanent failure makes an item `dead` with its reason: it leaves its lane (later items
+//! go on), and the app can list, retry or discard it. An item `in_flight` when the process
+//! died is `persisted` again at the next open (it is resent with the same id).
+//!
+//! Class A (presence, typing) has no [`OutboxClass`]: it cannot be stored.
+
+use rusqlite::{OptionalExtension, Row, params};
+use serde_json::Value;
+
+use super::{Store, StoreError, from_ms, to_ms};
+use crate::protocol::Timestamp;
+
+/// Default bound on pending items (the original's `RECONCILIATION_MAX_QUEUE_SIZE`).
+pub const DEFAULT_MAX_ITEMS: usize = 10_000;
+/// Default bound on the bytes of pending item bodies (64 MiB).
+pub const DEFAULT_MAX_BYTES: u64 = 64 * 1024 * 1024;
+
+/// The interaction classes that can be stored (Class A cannot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OutboxClass {
+    /// Event streams.
+    B,
+    /// Chat and collaboration.
+    C,
+    /// Critical transactions (sent over HTTP only).
+    D,
+}
+
+/// What an item is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ItemKind {
+    /// A message (`message` frame or `POST /api/messages`).
+    Message,
+    /// An entity operation (reconciled in batches).
+    Operation,
+    /// A Class D transaction (`POST /api/transactions`).
+    Transaction,
+}
+
+/// Where an item is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ItemState {
+    /// Committed, waiting to be sent (again).
+    Persisted,
+    /// Handed to a transport; no answer yet.
+    InFlight,
+    /// The server has it (with its sequence or transaction id).
+    Accepted,
+    /// A transaction the server confirmed.
+    Confirmed,
+    /// A transaction the server rejected.
+    Rejected,
+    /// Failed for good; waits for the app to retry or discard it.
+    Dead,
+}
+
+macro_rules! sql_enum {
+    ($ty:ident { $($variant:ident => $text:literal),* $(,)? }) => {
+        impl $ty {
+            /// The name stored in the database.
+            pub fn as_str(self) -> &'static str {
+                match self { $($ty::$variant => $text),* }
+            }
+
+            fn parse(text: &str) -> Result<Self, StoreError> {
+                match text {
+                    $($text => Ok($ty::$variant),)*
+                    other => Err(StoreError::Invalid {
+                        field: stringify!($ty),
+                        message: format!("unknown value {other:?}"),
+                    }),
+                }
+            }
+        }
+
+        impl std::fmt::Display for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+sql_enum!(OutboxClass { B => "CLASS_B", C => "CLASS_C", D => "CLASS_D" });
+sql_enum!(ItemKind { Message => "message", Operation => "operation", Transaction => "transaction" });
+sql_enum!(ItemState {
+    Persisted => "persisted",
+    InFlight => "in_flight",
+    Accepted => "accepted",
+    Confirmed => "confirmed",
+    Rejected => "rejected",
+    Dead => "dead",
+});
+
+/// An item to enqueue.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewItem {
+    /// Its id; the server's dedupe key (a UUIDv7 when the SDK makes it).
+    pub id: String,
+    /// Its interaction class.
+    pub class: OutboxClass,
+    /// What it is.
+    pub kind: ItemKind,
+    /// Its ordering key.
+    pub lane: String,
+    /// What to send (JSON).
+    pub body: Value,
+}
+
+impl NewItem {
+    /// An item with a fresh UUIDv7 id.
+    pub fn new(class: OutboxClass, kind: ItemKind, lane: impl Into<String>, body: Value) -> Self {
+        Self {
+            id: uuid::Uuid::now_v7().to_string(),
+            class,
+            kind,
+            lane: lane.into(),
+            body,
+        }
+    }
+}
+
+/// An item as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxItem {
+    /// Enqueue order (global, increasing).
+    pub seq: i64,
+    /// Its id (the server's dedupe key).
+    pub id: String,
+    /// Its interaction class.
+    pub class: OutboxClass,
+    /// What it is.
+    pub kind: ItemKind,
+    /// Its ordering key.
+    pub lane: String,
+    /// What to send.
+    pub body: Value,
+    /// Size of the body in bytes, as counted against the bound.
+    pub bytes: u64,
+    /// Its state.
+    pub state: ItemState,
+    /// How many times it was handed to a transport.
+    pub attempts: u32,
+    /// Not sent before this time.
+    pub next_attempt_at: Timestamp,
+    /// The last failure, or the reason it is dead or rejected.
+    pub last_error: Option<String>,
+    /// The server's sequence or transaction id, once accepted.
+    pub server_ref: Option<String>,
+    /// When it was enqueued.
+    pub created_at: Timestamp,
+    /// When it last changed.
+    pub updated_at: Timestamp,
+}
+
+const COLUMNS: &str = "seq, id, class, kind, lane, body, bytes, state, attempts, next_attempt_ms, \
+                       last_error, server_ref, created_ms, updated_ms";
+
+fn read_item(row: &Row<'_>) -> rusqlite::Result<(OutboxItem, String, String, String, String)> {
+    let body: String = row.get(5)?;
+    let item = OutboxItem {
+        seq: row.get(0)?,
+        id: row.get(1)?,
+        class: OutboxClass::B,
+        kind: ItemKind::Message,
+        lane: row.get(4)?,
+        body: Value::Null,
+        bytes: u64::try_from(row.get::<_, i64>(6)?).unwrap_or(0),
+        state: ItemState::Persisted,
+        attempts: u32::try_from(row.get::<_, i64>(8)?).unwrap_or(u32::MAX),
+        next_attempt_at: from_ms(row.get(9)?),
+        last_error: row.get(10)?,
+        server_ref: row.get(11)?,
+        created_at: from_ms(row.get(12)?),
+        updated_at: from_ms(row.get(13)?),
+    };
+    Ok((item, row.get(2)?, row.get(3)?, row.get(7)?, body))
+}
+
+fn finish(raw: (OutboxItem, String, String, String, String)) -> Result<OutboxItem, StoreError> {
+    let (mut item, class, kind, state, body) = raw;
+    item.class = OutboxClass::parse(&class)?;
+    item.kind = ItemKind::parse(&kind)?;
+    item.state = ItemState::parse(&state)?;
+    item.body = serde_json::from_str(&body).map_err(|e| StoreError::Invalid {
+        field: "body",
+        message: e.to_string(),
+    })?;
+    Ok(item)
+}
+
+/// How much the outbox holds that is not yet settled (persisted, in flight or dead).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct OutboxDepth {
+    /// Pending items.
+    pub items: usize,
+    /// Their body bytes.
+    pub bytes: u64,
+}
+
+const PENDING: &str = "state IN ('persisted', 'in_flight', 'dead')";
+
+impl Store {
+    /// Commits `item` to the outbox; when this returns `Ok`, it is on disk.
+    ///
+    /// Refused with [`StoreError::QueueFull`] when the bound on items or bytes would be
+    /// passed, and [`StoreError::Duplicate`] when the id exists.
+    pub fn enqueue(&mut self, item: NewItem, now: Timestamp) -> Result<OutboxItem, StoreError> {
+        let mut out = self.enqueue_many(vec![item], now)?;
+        out.pop().ok_or(StoreError::Invalid {
+            field: "enqueue",
+            message: "no item was stored".into(),
+        })
+    }
+
+    /// Commits several items in one transaction (one fsync): group commit. All or none.
+    pub fn enqueue_many(
+        &mut self,
+        items: Vec<NewItem>,
+        now: Timestamp,
+    ) -> Result<Vec<OutboxItem>, StoreError> {
+        let max_items = self.config.max_items;
+        let max_bytes = self.config.max_bytes;
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let (count, bytes): (i64, i64) = tx.query_row(
+            &format!("SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM outbox WHERE {PENDING}"),
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        let mut count = usize::try_from(count).unwrap_or(usize::MAX);
+        let mut bytes = u64::try_from(bytes).unwrap_or(u64::MAX);
+        let mut stored = Vec::with_capacity(items.len());
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO outbox (id, class, kind, lane, body, bytes, state, attempts,
+                                     next_attempt_ms, created_ms, updated_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'persisted', 0, ?7, ?7, ?7)",
+            )?;
+            for item in items {
+                let body = serde_json::to_string(&item.body).map_err(|e| StoreError::Invalid {
+                    field: "body",
+                    message: e.to_string(),
+                })?;
+                let size = body.len() as u64;
+                if count + 1 > max_items {
+                    return Err(StoreError::QueueFull {
+                        limit: format!("{max_items} items"),
+                    });
+                }
+                if bytes.saturating_add(size) > max_bytes {
+                    return Err(StoreError::QueueFull {
+                        limit: format!("{max_bytes} bytes"),
+                    });
+                }
+                let now_ms = to_ms(now);
+                let result = insert.execute(params![
+                    item.id,
+                    item.class.as_str(),
+                    item.kind.as_str(),
+                    item.lane,
+                    body,
+                    size as i64,
+                    now_ms
+                ]);
+                match result {
+                    Err(rusqlite::Error::SqliteFailure(e, _))
+                        if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+                    {
+                        return Err(StoreError::Duplicate(item.id));
+                    }
+                    other => other?,
+                };
+                count += 1;
+                bytes += size;
+                stored.push(OutboxItem {
+                    seq: tx.last_insert_rowid(),
+                    id: item.id,
+                    class: item.class,
+                    kind: item.kind,
+                    lane: item.lane,
+                    body: item.body,
+                    bytes: size,
+                    state: ItemState::Persisted,
+                    attempts: 0,
+                    next_attempt_at: from_ms(now_ms),
+                    last_error: None,
+                    server_ref: None,
+                    created_at: from_ms(now_ms),
+                    updated_at: from_ms(now_ms),
+                });
+            }
+        }
+        tx.commit()?;
+        Ok(stored)
+    }
+
+    /// The item `id`, if stored.
+    pub fn get(&self, id: &str) -> Result<Option<OutboxItem>, StoreError> {
+        self.conn
+            .query_row(
+                &format!("SELECT {COLUMNS} FROM outbox WHERE id = ?1"),
+                [id],
+                read_item,
+            )
+            .optional()?
+            .map(finish)
+            .transpose()
+    }
+
+    /// Items in `state` (all when `None`), in enqueue order.
+    pub fn list(&self, state: Option<ItemState>) -> Result<Vec<OutboxItem>, StoreError> {
+        let (sql, arg) = match state {
+            Some(s) => (
+                format!("SELECT {COLUMNS} FROM outbox WHERE state = ?1 ORDER BY seq"),
+                Some(s.as_str()),
+            ),
+            None => (format!("SELECT {COLUMNS} FROM outbox ORDER BY seq"), None),
+        };
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let rows = match arg {
+            Some(a) => stmt
+                .query_map([a], read_item)?
+                .collect::<Result<Vec<_>, _>>()?,
+            None => stmt
+                .query_map([], read_item)?
+                .collect::<Result<Vec<_>, _>>()?,
+        };
+        rows.into_iter().map(finish).collect()
+    }
+
+    /// The heads of the lanes that may be sent now, across lanes, oldest first: at most
+    /// `limit`, one per lane. A lane whose head is in flight, or waits for its next
+    /// attempt, sends nothing; dead items are out of their lane.
+    pub fn next_sendable(
+        &self,
+        now: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<OutboxItem>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {COLUMNS} FROM outbox
+             WHERE seq IN (SELECT MIN(seq) FROM outbox
+                           WHERE state IN ('persisted', 'in_flight') GROUP BY lane)
+               AND state = 'persisted' AND next_attempt_ms <= ?1
+             ORDER BY seq LIMIT ?2"
+        ))?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = stmt
+            .query_map(params![to_ms(now), limit], read_item)?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter().map(finish).collect()
+    }
+
+    /// How much is pending (persisted, in flight or dead).
+    pub fn depth(&self) -> Result<OutboxDepth, StoreError> {
+        let (items, bytes): (i64, i64) = self.conn.query_row(
+            &format!("SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM outbox WHERE {PENDING}"),
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        Ok(OutboxDepth {
+            items: usize::try_from(items).unwrap_or(0),
+            bytes: u64::try_from(bytes).unwrap_or(0),
+        })
+    }
+
+    /// Marks `id` as handed to a transport (one more attempt).
+    pub fn mark_in_flight(&self, id: &str, now: Timestamp) -> Result<OutboxItem, StoreError> {
+        let change = Change {
+            attempts: Attempts::Bump,
+            ..Change::to(ItemState::InFlight)
+        };
+        self.transition(id, &[ItemState::Persisted], "send", now, change)
+    }
+
+    /// Marks `id` accepted by the server, with its sequence or transaction id. An ack
+    /// that arrives twice (a resend, or two transports) changes nothing the second time.
+    pub fn mark_accepted(
+        &self,
+        id: &str,
+        server_ref: Option<&str>,
+        now: Timestamp,
+    ) -> Result<OutboxItem, StoreError> {
+        let current = self.require(id)?;
+        if current.state == ItemState::Accepted {
+            return Ok(current);
+        }
+        let change = Change {
+            server_ref,
+            ..Change::to(ItemState::Accepted)
+        };
+        let from = [ItemState::Persisted, ItemState::InFlight];
+        self.transition(id, &from, "accept", now, change)
+    }
+
+    /// A failed attempt that may succeed later: back to `persisted`, not before `retry_at`.
+    pub fn mark_failed(
+        &self,
+        id: &str,
+        error: &str,
+        retry_at: Timestamp,
+        now: Timestamp,
+    ) -> Result<OutboxItem, StoreError> {
+        let change = Change {
+            error: Some(error),
+            retry_at: Some(retry_at),
+            ..Change::to(ItemState::Persisted)
+        };
+        let from = [ItemState::Persisted, ItemState::InFlight];
+        self.transition(id, &from, "fail", now, change)
+    }
+
+    /// A permanent failure: the item is dead, with `reason`; its lane goes on.
+    pub fn mark_dead(
+        &self,
+        id: &str,
+        reason: &str,
+        now: Timestamp,
+    ) -> Result<OutboxItem, StoreError> {
+        let change = Change {
+            error: Some(reason),
+            ..Change::to(ItemState::Dead)
+        };
+        let from = [ItemState::Persisted, ItemState::InFlight];
+        self.transition(id, &from, "give up on", now, change)
+    }
+
+    /// A transaction the server confirmed (a second confirmation changes nothing).
+    pub fn mark_confirmed(&self, id: &str, now: Timestamp) -> Result<OutboxItem, StoreError> {
+        self.settle_transaction(id, ItemState::Confirmed, None, "confirm", now)
+    }
+
+    /// A transaction the server rejected, with its reason (a second rejection changes
+    /// nothing).
+    pub fn mark_rejected(
+        &self,
+        id: &str,
+        reason: &str,
+        now: Timestamp,
+    ) -> Result<OutboxItem, StoreError> {
+        self.settle_transaction(id, ItemState::Rejected, Some(reason), "reject", now)
+    }
+
+    fn settle_transaction(
+        &self,
+        id: &str,
+        to: ItemState,
+        reason: Option<&str>,
+        action: &'static str,
+        now: Timestamp,
+    ) -> Result<OutboxItem, StoreError> {
+        let current = self.require(id)?;
+        if current.state == to {
+            return Ok(current);
+        }
+        if current.kind != ItemKind::Transaction {
+            return Err(StoreError::InvalidState {
+                id: id.to_owned(),
+                state: current.state,
+                action,
+            });
+        }
+        let change = Change {
+            error: reason,
+            ..Change::to(to)
+        };
+        let from = [
+            ItemState::Persisted,
+            ItemState::InFlight,
+            ItemState::Accepted,
+        ];
+        self.transition(id, &from, action, now, change)
+    }
+
+    /// Gives a dead item another chance: `persisted`, attempts reset, sendable now. It
+    /// keeps its id and its place in its lane.
+    pub fn retry(&self, id: &str, now: Timestamp) -> Result<OutboxItem, StoreError> {
+        let change = Change {
+            attempts: Attempts::Reset,
+            retry_at: Some(now),
+            ..Change::to(ItemState::Persisted)
+        };
+        self.transition(id, &[ItemState::Dead], "retry", now, change)
+    }
+
+    /// Removes a dead item for good (the app decided). Only dead items can be discarded.
+    pub fn discard(&self, id: &str) -> Result<OutboxItem, StoreError> {
+        let item = self.require(id)?;
+        if item.state != ItemState::Dead {
+            return Err(StoreError::InvalidState {
+                id: id.to_owned(),
+                state: item.state,
+                action: "discard",
+            });
+        }
+        self.conn
+            .execute("DELETE FROM outbox WHERE id = ?1 AND state = 'dead'", [id])?;
+        Ok(item)
+    }
+
+    /// Deletes settled items (accepted, confirmed, rejected) last changed before `before`.
+    /// Returns how many.
+    pub fn prune_settled(&self, before: Timestamp) -> Result<usize, StoreError> {
+        Ok(self.conn.execute(
+            "DELETE FROM outbox WHERE state IN ('accepted', 'confirmed', 'rejected')
+             AND updated_ms < ?1 AND NOT (kind = 'transaction' AND state = 'accepted')",
+            [to_ms(before)],
+        )?)
+    }
+
+    /// At open: items that were in flight when the process stopped are sent again.
+    pub(super) fn recover_in_flight(&self) -> Result<usize, StoreError> {
+        Ok(self.conn.execute(
+            "UPDATE outbox SET state = 'persisted' WHERE state = 'in_flight'",
+            [],
+        )?)
+    }
+
+    fn require(&self, id: &str) -> Result<OutboxItem, StoreError> {
+        self.get(id)?
+            .ok_or_else(|| StoreError::NotFound(id.to_owned()))
+    }
+
+    /// Moves `id` from one of the states `from` as `change` says; other states are
+    /// refused with `InvalidState`. One statement: atomic.
+    fn transition(
+        &self,
+        id: &str,
+        from: &[ItemState],
+        action: &'static str,
+        now: Timestamp,
+        change: Change<'_>,
+    ) -> Result<OutboxItem, StoreError> {
+        let attempts = match change.attempts {
+            Attempts::Keep => "attempts",
+            Attempts::Bump => "attempts + 1",
+            Attempts::Reset => "0",
+        };
+        let from_list = from
+            .iter()
+            .map(|s| format!("'{}'", s.as_str()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "UPDATE outbox SET state = ?2, attempts = {attempts}, updated_ms = ?3,
+                    last_error = COALESCE(?4, last_error),
+                    next_attempt_ms = COALESCE(?5, next_attempt_ms),
+                    server_ref = COALESCE(?6, server_ref)
+             WHERE id = ?1 AND state IN ({from_list})"
+        );
+        let changed = self.conn.execute(
+            &sql,
+            params![
+                id,
+                change.state.as_str(),
+                to_ms(now),
+                change.error,
+                change.retry_at.map(to_ms),
+                change.server_ref
+            ],
+        )?;
+        if changed == 0 {
+            let item = self.require(id)?;
+            return Err(StoreError::InvalidState {
+                id: id.to_owned(),
+                state: item.state,
+                action,
+            });
+        }
+        self.require(id)
+    }
+}
+
+/// What a state transition changes besides the state.
+struct Change<'a> {
+    state: ItemState,
+    attempts: Attempts,
+    error: Option<&'a str>,
+    retry_at: Option<Timestamp>,
+    server_ref: Option<&'a str>,
+}
+
+enum Attempts {
+    Keep,
+    Bump,
+    Reset,
+}
+
+impl Change<'_> {
+    fn to(state: ItemState) -> Self {
+        Change {
+            state,
+            attempts: Attempts::Keep,
+            error: None,
+            retry_at: None,
+            server_ref: None,
+        }
+    }
+}

@@ -1,0 +1,340 @@
+//! The offline store: outbox transitions, lanes, bounds, identity, cursor and dedupe,
+//! corruption handling. Real SQLite files in a temporary directory.
+
+// Tests may panic on what they did not expect: that is how they fail.
+#![allow(clippy::unwrap_used)]
+
+use chrono::{Duration, TimeZone, Utc};
+use serde_json::json;
+use webwaka_realtime::protocol::Timestamp;
+use webwaka_realtime::store::{
+    ItemKind, ItemState, NewItem, OutboxClass, Store, StoreConfig, StoreError,
+};
+
+fn at(secs: i64) -> Timestamp {
+    Utc.timestamp_opt(1_780_000_000 + secs, 0).single().unwrap()
+}
+
+fn msg(lane: &str, n: u32) -> NewItem {
+    NewItem::new(
+        OutboxClass::C,
+        ItemKind::Message,
+        lane,
+        json!({"text": format!("m{n}")}),
+    )
+}
+
+fn open(dir: &tempfile::TempDir) -> Store {
+    Store::open(dir.path().join("sdk.db"), StoreConfig::default()).unwrap()
+}
+
+#[test]
+fn test_every_outbox_transition() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(&dir);
+    let item = store.enqueue(msg("room:1", 1), at(0)).unwrap();
+    assert_eq!(item.state, ItemState::Persisted);
+
+    let sent = store.mark_in_flight(&item.id, at(1)).unwrap();
+    assert_eq!((sent.state, sent.attempts), (ItemState::InFlight, 1));
+    let failed = store
+        .mark_failed(&item.id, "timeout", at(10), at(2))
+        .unwrap();
+    assert_eq!(failed.state, ItemState::Persisted);
+    assert_eq!(failed.last_error.as_deref(), Some("timeout"));
+    assert_eq!(failed.next_attempt_at, at(10));
+    assert!(
+        store.next_sendable(at(5), 10).unwrap().is_empty(),
+        "waits for its retry time"
+    );
+    assert_eq!(store.next_sendable(at(10), 10).unwrap().len(), 1);
+
+    store.mark_in_flight(&item.id, at(11)).unwrap();
+    let acked = store.mark_accepted(&item.id, Some("42"), at(12)).unwrap();
+    assert_eq!(
+        (acked.state, acked.server_ref.as_deref()),
+        (ItemState::Accepted, Some("42"))
+    );
+    // A second ack is harmless; going back is refused.
+    assert_eq!(
+        store
+            .mark_accepted(&item.id, Some("42"), at(13))
+            .unwrap()
+            .state,
+        ItemState::Accepted
+    );
+    assert!(matches!(
+        store.mark_in_flight(&item.id, at(14)),
+        Err(StoreError::InvalidState {
+            state: ItemState::Accepted,
+            ..
+        })
+    ));
+    // Messages are not transactions.
+    assert!(matches!(
+        store.mark_confirmed(&item.id, at(15)),
+        Err(StoreError::InvalidState { .. })
+    ));
+
+    // Dead → retry → persisted with attempts reset; dead → discard removes it.
+    let other = store.enqueue(msg("room:1", 2), at(20)).unwrap();
+    store.mark_in_flight(&other.id, at(21)).unwrap();
+    let dead = store
+        .mark_dead(&other.id, "PAYLOAD_TOO_LARGE", at(22))
+        .unwrap();
+    assert_eq!(dead.state, ItemState::Dead);
+    assert_eq!(store.list(Some(ItemState::Dead)).unwrap().len(), 1);
+    let again = store.retry(&other.id, at(23)).unwrap();
+    assert_eq!((again.state, again.attempts), (ItemState::Persisted, 0));
+    assert!(matches!(
+        store.discard(&other.id),
+        Err(StoreError::InvalidState { .. })
+    ));
+    store
+        .mark_dead(&other.id, "still too large", at(24))
+        .unwrap();
+    store.discard(&other.id).unwrap();
+    assert!(store.get(&other.id).unwrap().is_none());
+    assert!(matches!(
+        store.retry("nope", at(25)),
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+#[test]
+fn test_transactions_end_confirmed_or_rejected_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(&dir);
+    let tx = store
+        .enqueue(
+            NewItem::new(
+                OutboxClass::D,
+                ItemKind::Transaction,
+                "tx",
+                json!({"amount": 5}),
+            ),
+            at(0),
+        )
+        .unwrap();
+    store.mark_in_flight(&tx.id, at(1)).unwrap();
+    store.mark_accepted(&tx.id, Some("txn-1"), at(2)).unwrap();
+    let confirmed = store.mark_confirmed(&tx.id, at(3)).unwrap();
+    assert_eq!(confirmed.state, ItemState::Confirmed);
+    assert_eq!(
+        store.mark_confirmed(&tx.id, at(4)).unwrap().updated_at,
+        at(3),
+        "second confirmation is a no-op"
+    );
+    assert!(matches!(
+        store.mark_rejected(&tx.id, "late", at(5)),
+        Err(StoreError::InvalidState { .. })
+    ));
+}
+
+#[test]
+fn test_a_failing_item_holds_back_only_its_own_lane() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(&dir);
+    let a1 = store.enqueue(msg("a", 1), at(0)).unwrap();
+    let a2 = store.enqueue(msg("a", 2), at(0)).unwrap();
+    let b1 = store.enqueue(msg("b", 1), at(0)).unwrap();
+    let heads: Vec<_> = store
+        .next_sendable(at(0), 10)
+        .unwrap()
+        .into_iter()
+        .map(|i| i.id)
+        .collect();
+    assert_eq!(
+        heads,
+        [a1.id.clone(), b1.id.clone()],
+        "one head per lane, oldest first"
+    );
+
+    store.mark_in_flight(&a1.id, at(1)).unwrap();
+    store.mark_failed(&a1.id, "503", at(100), at(2)).unwrap();
+    let heads: Vec<_> = store
+        .next_sendable(at(3), 10)
+        .unwrap()
+        .into_iter()
+        .map(|i| i.id)
+        .collect();
+    assert_eq!(
+        heads,
+        vec![b1.id.clone()],
+        "lane a waits behind a1; b goes on"
+    );
+
+    // A dead head leaves its lane: a2 becomes sendable.
+    store.mark_dead(&a1.id, "rejected", at(4)).unwrap();
+    let heads: Vec<_> = store
+        .next_sendable(at(5), 10)
+        .unwrap()
+        .into_iter()
+        .map(|i| i.id)
+        .collect();
+    assert_eq!(heads, [a2.id.clone(), b1.id.clone()]);
+    assert_eq!(
+        store.next_sendable(at(5), 1).unwrap().len(),
+        1,
+        "limit is honoured"
+    );
+}
+
+#[test]
+fn test_bounds_refuse_new_items_and_drop_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = StoreConfig {
+        max_items: 3,
+        ..StoreConfig::default()
+    };
+    let mut store = Store::open(dir.path().join("b.db"), config).unwrap();
+    for n in 0..3 {
+        store.enqueue(msg("l", n), at(0)).unwrap();
+    }
+    let err = store.enqueue(msg("l", 9), at(0)).unwrap_err();
+    assert!(
+        matches!(&err, StoreError::QueueFull { limit } if limit == "3 items"),
+        "{err}"
+    );
+    assert_eq!(store.depth().unwrap().items, 3);
+    // Settling one makes room.
+    let first = store.next_sendable(at(0), 1).unwrap().remove(0);
+    store.mark_accepted(&first.id, None, at(1)).unwrap();
+    store.enqueue(msg("l", 10), at(2)).unwrap();
+
+    let config = StoreConfig {
+        max_bytes: 20,
+        ..StoreConfig::default()
+    }; // one 13-byte body fits, two do not
+    let mut small = Store::open(dir.path().join("s.db"), config).unwrap();
+    small.enqueue(msg("l", 1), at(0)).unwrap();
+    let err = small.enqueue(msg("l", 2), at(0)).unwrap_err();
+    assert!(
+        matches!(&err, StoreError::QueueFull { limit } if limit == "20 bytes"),
+        "{err}"
+    );
+
+    // A batch that does not fit is refused whole.
+    let mut store = Store::open(
+        dir.path().join("g.db"),
+        StoreConfig {
+            max_items: 2,
+            ..StoreConfig::default()
+        },
+    )
+    .unwrap();
+    assert!(
+        store
+            .enqueue_many(vec![msg("l", 1), msg("l", 2), msg("l", 3)], at(0))
+            .is_err()
+    );
+    assert_eq!(store.depth().unwrap().items, 0);
+}
+
+#[test]
+fn test_duplicate_ids_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(&dir);
+    let item = msg("l", 1);
+    store.enqueue(item.clone(), at(0)).unwrap();
+    assert!(matches!(
+        store.enqueue(item, at(1)),
+        Err(StoreError::Duplicate(_))
+    ));
+}
+
+#[test]
+fn test_identity_and_state_survive_reopen_and_in_flight_is_resent() {
+    let dir = tempfile::tempdir().unwrap();
+    let (client_id, id) = {
+        let mut store = open(&dir);
+        store.kv_set("transport", Some("websocket")).unwrap();
+        let item = store.enqueue(msg("l", 1), at(0)).unwrap();
+        store.mark_in_flight(&item.id, at(1)).unwrap();
+        (store.client_id().to_owned(), item.id)
+    };
+    let store = open(&dir);
+    assert_eq!(store.client_id(), client_id);
+    assert!(uuid::Uuid::parse_str(&client_id).is_ok());
+    assert_eq!(
+        store.kv_get("transport").unwrap().as_deref(),
+        Some("websocket")
+    );
+    let item = store.get(&id).unwrap().unwrap();
+    assert_eq!(
+        (item.state, item.attempts),
+        (ItemState::Persisted, 1),
+        "in flight at the crash: resent"
+    );
+    assert_eq!(store.schema_version().unwrap(), 1);
+    store.integrity_check().unwrap();
+}
+
+#[test]
+fn test_cursor_and_dedupe() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(&dir);
+    assert_eq!(store.cursor().unwrap(), None);
+    assert!(store.record_inbound("e1", Some(1), at(0)).unwrap());
+    assert!(store.record_inbound("e2", Some(2), at(1)).unwrap());
+    assert!(
+        !store.record_inbound("e2", Some(2), at(2)).unwrap(),
+        "same id twice"
+    );
+    let cursor = store.cursor().unwrap().unwrap();
+    assert_eq!(
+        (cursor.last_event_id.as_str(), cursor.last_sequence),
+        ("e2", Some(2))
+    );
+    // Pruned ids stay refused: the cursor's sequence covers them.
+    assert_eq!(store.prune_seen(at(100), 0).unwrap(), 2);
+    assert!(!store.record_inbound("e1", Some(1), at(3)).unwrap());
+    assert!(store.record_inbound("e3", Some(3), at(4)).unwrap());
+    drop(store);
+    let store = open(&dir);
+    assert_eq!(store.cursor().unwrap().unwrap().last_event_id, "e3");
+}
+
+#[test]
+fn test_a_corrupt_file_is_moved_aside_and_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sdk.db");
+    std::fs::write(
+        &path,
+        b"this is not a database, it is a text file of some length......",
+    )
+    .unwrap();
+    let err = Store::open(&path, StoreConfig::default()).unwrap_err();
+    let StoreError::Corrupt { moved_to, .. } = &err else {
+        panic!("{err}")
+    };
+    assert!(moved_to.exists(), "the old file is kept");
+    assert!(std::fs::read(moved_to).unwrap().starts_with(b"this is not"));
+    // Opening again gives a fresh, working store.
+    let mut store = Store::open(&path, StoreConfig::default()).unwrap();
+    store.enqueue(msg("l", 1), at(0)).unwrap();
+}
+
+#[test]
+fn test_settled_items_are_pruned_but_unconfirmed_transactions_stay() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(&dir);
+    let m = store.enqueue(msg("l", 1), at(0)).unwrap();
+    store.mark_accepted(&m.id, Some("1"), at(1)).unwrap();
+    let t = store
+        .enqueue(
+            NewItem::new(OutboxClass::D, ItemKind::Transaction, "tx", json!({})),
+            at(0),
+        )
+        .unwrap();
+    store.mark_accepted(&t.id, Some("txn"), at(1)).unwrap();
+    assert_eq!(
+        store.prune_settled(at(0) + Duration::seconds(60)).unwrap(),
+        1
+    );
+    assert!(store.get(&m.id).unwrap().is_none());
+    assert!(
+        store.get(&t.id).unwrap().is_some(),
+        "waits for its confirmation"
+    );
+}
