@@ -472,3 +472,88 @@ fn test_batch_is_all_or_nothing_and_reports_changes() {
     assert!(out.changed.is_empty());
     assert_eq!(out.resolved_operations.len(), 1);
 }
+
+#[test]
+fn test_compaction_never_changes_what_a_retained_operation_was_applied_to() {
+    // x2 is on a branch that y, w1, w2 never saw; compacting x1 and x2 must not make
+    // x2's field reappear when a later, losing operation forces a refold.
+    let ops = [
+        op("x1", "c", Create, json!({"a": 1}), 1, &[("c", 1)]),
+        op("x2", "c", Update, json!({"b": 2}), 2, &[("c", 2)]),
+        op("y", "d", Update, json!({"y": 1}), 3, &[("c", 1), ("d", 1)]),
+        op("w1", "d", Update, json!({"w": 1}), 4, &[("c", 1), ("d", 2)]),
+        op("w2", "d", Update, json!({"w": 2}), 5, &[("c", 1), ("d", 3)]),
+        op("v", "e", Update, json!({"v": 1}), 0, &[("e", 1)]),
+    ];
+    let small = Reconciler::default().with_max_history(4);
+    let (s_small, _) = run(&small, LastWriteWins, &ops);
+    let (s_big, _) = run(&Reconciler::default(), LastWriteWins, &ops);
+    assert_eq!(s_small.value(), s_big.value());
+    assert_eq!(s_big.value().data, json!({"a": 1, "w": 2, "y": 1}));
+}
+
+#[test]
+fn test_held_manual_operations_are_never_compacted_and_stay_held_when_resent() {
+    let engine = Reconciler::new(Manual).with_max_history(4);
+    let mut ops = vec![
+        op("o0", "s", Create, json!({"v": 0}), 0, &[("s", 1)]),
+        op(
+            "oa",
+            "a",
+            Update,
+            json!({"v": "a"}),
+            100,
+            &[("s", 1), ("a", 1)],
+        ),
+    ];
+    for (i, c) in ["hb", "hc", "hd", "he", "hf"].iter().enumerate() {
+        ops.push(op(
+            c,
+            &format!("b{i}"),
+            Update,
+            json!({"v": c}),
+            10,
+            &[("s", 1), (&format!("b{i}"), 1)],
+        ));
+    }
+    let (mut state, outcomes) = run(&engine, Manual, &ops);
+    assert_eq!(
+        outcomes
+            .iter()
+            .filter(|o| matches!(o, Outcome::Held(_)))
+            .count(),
+        5,
+        "{outcomes:#?}"
+    );
+    assert_eq!(state.open_conflicts().len(), 5);
+    for held in &ops[2..] {
+        assert!(
+            state
+                .operations()
+                .any(|(_, o, h)| h && o.operation_id == held.operation_id)
+        );
+        let again = engine.apply(&mut state, held, None, at(200)).unwrap();
+        assert!(matches!(again, Outcome::Held(_)), "{again:?}");
+    }
+}
+
+#[test]
+fn test_a_batch_that_replays_a_failing_stored_merge_changes_nothing() {
+    let engine = Reconciler::default().with_merge("doc", Arc::new(CounterMerge));
+    let mut states = BTreeMap::new();
+    let base = [
+        op("c0", "c", Create, json!({"likes": 0}), 10, &[("c", 1)]),
+        op("c1", "c", Update, json!({"likes": 1}), 20, &[("c", 2)]),
+    ];
+    engine
+        .apply_batch(&mut states, &base, None, at(30))
+        .unwrap();
+    let before = states.clone();
+    let mut other = op("z", "z", Create, json!({}), 1, &[("z", 1)]);
+    other.entity_id = "d2".into();
+    // Sorts before c1: the refold replays c1's delta on a string and fails.
+    let poison = op("p", "d", Create, json!({"likes": "x"}), 15, &[("d", 1)]);
+    let err = engine.apply_batch(&mut states, &[other, poison], Some(LastWriteWins), at(40));
+    assert!(err.is_err());
+    assert_eq!(states, before, "nothing of the batch was kept");
+}

@@ -254,7 +254,16 @@ impl EntityState {
         if self.has_seen(&op.operation_id)
             || (!self.base_clock.is_empty() && self.base_clock.descends_from(&op.vector_clock))
         {
-            return Ok(Outcome::Duplicate);
+            // A resent operation that an open MANUAL conflict holds is still held.
+            let open = self.open_conflicts.iter().find(|c| {
+                c.operations
+                    .first()
+                    .is_some_and(|o| o.operation_id == op.operation_id)
+            });
+            return Ok(match open {
+                Some(conflict) => Outcome::Held(conflict.clone()),
+                None => Outcome::Duplicate,
+            });
         }
 
         // The usual case: the operation saw everything retained, so it sorts last and
@@ -333,9 +342,7 @@ impl EntityState {
                     .all(|o| op.vector_clock.descends_from(&o.vector_clock))
             });
         }
-        self.compact(ctx);
-
-        Ok(match rival {
+        let outcome = match rival {
             None => Outcome::Applied,
             Some(rival) => {
                 let conflict = Conflict {
@@ -359,21 +366,22 @@ impl EntityState {
                     Outcome::Resolved(conflict)
                 }
             }
-        })
+        };
+        // After the conflict is recorded, so that a just-held operation is kept.
+        self.compact(ctx);
+        Ok(outcome)
     }
 
     /// The key of an operation that descends from every retained one: its effective
     /// time is at least the greatest so far (the last key's, or the compacted base's).
     fn key_after_all(&self, op: &Operation) -> OpKey {
-        let mut effective = op.timestamp;
-        let floor = self
+        let effective = self
             .history
             .last()
             .map(|l| l.key.effective_time)
-            .or(self.base_time);
-        if let Some(t) = floor {
-            effective = effective.max(t);
-        }
+            .into_iter()
+            .chain(self.base_time)
+            .fold(op.timestamp, Timestamp::max);
         OpKey {
             effective_time: effective,
             depth: op.vector_clock.depth(),
@@ -483,13 +491,46 @@ impl EntityState {
             .iter()
             .flat_map(|c| c.operations.iter().map(|o| o.operation_id.as_str()))
             .collect();
+        // Remove the `excess` oldest removable operations, but only as far as every
+        // operation kept (and applied) saw all removed ones: then each kept operation's
+        // parent is kept or is the last removed, whose state becomes the base. Removing
+        // fewer is always safe.
+        // The last applied operation stays too: a later concurrent one must find its rival.
+        let last_applied = self.history.iter().rposition(|l| !l.held);
+        let removable: Vec<bool> = self
+            .history
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                Some(i) != last_applied && !(l.held && open.contains(&l.op.operation_id.as_str()))
+            })
+            .collect();
         let mut excess = self.history.len() - max * 3 / 4;
+        let seen_by_all_kept = |excess: usize| {
+            let mut removed_clock = VectorClock::new();
+            let mut left = excess;
+            let mut kept_clocks = Vec::new();
+            for (l, r) in self.history.iter().zip(&removable) {
+                if left > 0 && *r {
+                    left -= 1;
+                    removed_clock.merge(&l.op.vector_clock);
+                } else if !l.held {
+                    kept_clocks.push(&l.op.vector_clock);
+                }
+            }
+            kept_clocks.iter().all(|c| c.descends_from(&removed_clock))
+        };
+        while excess > 0 && !seen_by_all_kept(excess) {
+            excess -= 1;
+        }
+        if excess == 0 {
+            return;
+        }
         let mut last_removed = None;
         let mut kept = Vec::with_capacity(max);
         let history = std::mem::take(&mut self.history);
-        for (i, l) in history.into_iter().enumerate() {
-            let removable = !(l.held && open.contains(&l.op.operation_id.as_str()));
-            if excess > 0 && removable {
+        for (i, (l, r)) in history.into_iter().zip(removable).enumerate() {
+            if excess > 0 && r {
                 excess -= 1;
                 if !l.held {
                     last_removed = Some(i);

@@ -157,18 +157,14 @@ impl Reconciler {
         now: Timestamp,
     ) -> Result<BatchOutcome, ApplyError> {
         let mut out = BatchOutcome::default();
-        // Only a merge function can refuse an operation once the types are known to have
-        // one; without CUSTOM_MERGE in the batch no step can fail, so the entities are
-        // changed in place. With it, they are changed on copies committed at the end.
-        let mut may_fail = false;
+        // Fail early when CUSTOM_MERGE is asked of a type without a merge function.
         for op in ops {
-            if self.strategy_for(&op.entity_type, requested) == ResolutionStrategy::CustomMerge {
-                if !self.merges.contains_key(&op.entity_type) {
-                    return Err(ApplyError::NoMergeFunction {
-                        entity_type: op.entity_type.clone(),
-                    });
-                }
-                may_fail = true;
+            if self.strategy_for(&op.entity_type, requested) == ResolutionStrategy::CustomMerge
+                && !self.merges.contains_key(&op.entity_type)
+            {
+                return Err(ApplyError::NoMergeFunction {
+                    entity_type: op.entity_type.clone(),
+                });
             }
         }
         // The values before the batch, to report what changed.
@@ -176,18 +172,15 @@ impl Reconciler {
         let mut work: BTreeMap<EntityKey, EntityState> = BTreeMap::new();
         for op in ops {
             let key = (op.entity_type.clone(), op.entity_id.clone());
-            let state = if may_fail {
-                work.entry(key.clone()).or_insert_with(|| {
-                    states
-                        .get(&key)
-                        .cloned()
-                        .unwrap_or_else(|| EntityState::new(&op.entity_type, &op.entity_id))
-                })
-            } else {
+            // Entities are changed on copies committed at the end: a merge function may
+            // refuse an operation (also a stored one, replayed by a refold). Copies are
+            // cheap: retained operations are shared.
+            let state = work.entry(key.clone()).or_insert_with(|| {
                 states
-                    .entry(key.clone())
-                    .or_insert_with(|| EntityState::new(&op.entity_type, &op.entity_id))
-            };
+                    .get(&key)
+                    .cloned()
+                    .unwrap_or_else(|| EntityState::new(&op.entity_type, &op.entity_id))
+            });
             if !before.contains_key(&key) {
                 before.insert(key.clone(), state.value().clone());
             }
