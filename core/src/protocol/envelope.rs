@@ -98,7 +98,10 @@ impl Frame {
         let Value::Object(mut object) = value else {
             return Err(DecodeError::new(
                 "input",
-                format!("a frame must be a JSON object, got {}", kind(&value)),
+                format!(
+                    "a frame must be a JSON object, got {}",
+                    super::json_kind(&value)
+                ),
             ));
         };
         let event = match object.remove("event") {
@@ -107,7 +110,7 @@ impl Frame {
             Some(other) => {
                 return Err(DecodeError::new(
                     "event",
-                    format!("must be a string, got {}", kind(&other)),
+                    format!("must be a string, got {}", super::json_kind(&other)),
                 ));
             }
         };
@@ -118,7 +121,7 @@ impl Frame {
             Some(other) => {
                 return Err(DecodeError::new(
                     "ref",
-                    format!("must be a string, got {}", kind(&other)),
+                    format!("must be a string, got {}", super::json_kind(&other)),
                 ));
             }
         };
@@ -539,18 +542,6 @@ fn to_data<T: Serialize>(value: &T) -> Value {
     // The protocol types only hold string-keyed maps, strings, integers and JSON values,
     // so this cannot fail; `null` keeps the function total.
     serde_json::to_value(value).unwrap_or(Value::Null)
-}
-
-/// A JSON value's kind, for error messages.
-fn kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 #[cfg(test)]

@@ -53,6 +53,19 @@ impl DecodeError {
     }
 }
 
+/// A JSON value's kind, for error messages ("a string", "an object", …).
+pub(crate) fn json_kind(value: &serde_json::Value) -> &'static str {
+    use serde_json::Value;
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
 fn path_error(err: serde_path_to_error::Error<serde_json::Error>) -> DecodeError {
     let path = err.path().to_string();
     let path = if path == "." {

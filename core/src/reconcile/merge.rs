@@ -76,7 +76,8 @@ impl CustomMerge for CounterMerge {
                                     operation_id: op.operation_id.clone(),
                                     reason: format!(
                                         "payload.{field}: a delta needs a numeric field, found {}",
-                                        data.get(field).map_or("nothing", json_kind)
+                                        data.get(field)
+                                            .map_or("nothing", crate::protocol::json_kind)
                                     ),
                                 })?;
                             data.insert(field.clone(), sum);
@@ -112,15 +113,4 @@ fn add_numbers(current: Option<&Value>, delta: &serde_json::Number) -> Option<Va
     }
     let sum = current.as_f64()? + delta.as_f64()?;
     serde_json::Number::from_f64(sum).map(Value::Number)
-}
-
-fn json_kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
