@@ -557,3 +557,45 @@ fn test_a_batch_that_replays_a_failing_stored_merge_changes_nothing() {
     assert!(err.is_err());
     assert_eq!(states, before, "nothing of the batch was kept");
 }
+
+#[test]
+fn an_operation_reusing_another_ones_clock_is_refused_and_changes_nothing() {
+    let engine = Reconciler::new(LastWriteWins);
+    let (mut state, _) = run(
+        &engine,
+        LastWriteWins,
+        &[op("o1", "a", Create, json!({"n": 1}), 0, &[("a", 1)])],
+    );
+    let before = state.clone();
+    let reused = op("o2", "a", Update, json!({"n": 2}), 5, &[("a", 1)]);
+    let err = engine
+        .apply(&mut state, &reused, None, at(1000))
+        .unwrap_err();
+    assert_eq!(
+        err,
+        ApplyError::ClockReused {
+            operation_id: "o2".into(),
+            other: "o1".into()
+        }
+    );
+    assert_eq!(state.value(), before.value());
+    assert_eq!(state.history_len(), 1);
+}
+
+#[test]
+fn a_malformed_operation_is_refused_by_the_engine_naming_the_field() {
+    let engine = Reconciler::new(LastWriteWins);
+    let mut state = EntityState::new("doc", "d1");
+    let no_own_entry = op("o1", "a", Create, json!({"n": 1}), 0, &[("b", 1)]);
+    match engine.apply(&mut state, &no_own_entry, None, at(1000)) {
+        Err(ApplyError::Invalid {
+            operation_id,
+            error,
+        }) => {
+            assert_eq!(operation_id, "o1");
+            assert_eq!(error.path, "vectorClock");
+        }
+        other => panic!("expected Invalid, got {other:?}"),
+    }
+    assert_eq!(state.history_len(), 0);
+}

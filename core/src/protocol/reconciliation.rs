@@ -67,8 +67,14 @@ pub struct Operation {
     pub metadata: Option<JsonObject>,
 }
 
+/// The largest vector-clock counter an operation may carry: 2^53, the largest integer
+/// every JSON implementation reads exactly (JavaScript's `Number.MAX_SAFE_INTEGER` + 1).
+/// It also keeps clock depths (sums of counters) far from `u64` overflow.
+pub const MAX_CLOCK_COUNTER: u64 = 1 << 53;
+
 impl Operation {
-    /// Checks what serde cannot: ids are non-blank and a create's value is an object.
+    /// Checks what serde cannot: ids are non-blank, the author counts itself in the
+    /// clock, counters are at most [`MAX_CLOCK_COUNTER`] and a create's value is an object.
     ///
     /// The error names the field (`operationId`, `entityId`, …).
     pub fn validate(&self) -> Result<(), DecodeError> {
@@ -89,6 +95,18 @@ impl Operation {
                 format!(
                     "must count the operation itself: the entry of clientId {:?} must be at least 1",
                     self.client_id
+                ),
+            ));
+        }
+        if let Some((replica, counter)) = self
+            .vector_clock
+            .iter()
+            .find(|(_, counter)| *counter > MAX_CLOCK_COUNTER)
+        {
+            return Err(DecodeError::new(
+                format!("vectorClock.{replica}"),
+                format!(
+                    "{counter} is above the largest counter allowed ({MAX_CLOCK_COUNTER}, 2^53)"
                 ),
             ));
         }
@@ -306,5 +324,10 @@ mod tests {
         assert!(op.validate().is_ok());
         op.vector_clock = crate::VectorClock::from_entries([("other", 2)]);
         assert_eq!(op.validate().unwrap_err().path, "vectorClock");
+        op.vector_clock =
+            crate::VectorClock::from_entries([("c", 1), ("x", MAX_CLOCK_COUNTER + 1)]);
+        assert_eq!(op.validate().unwrap_err().path, "vectorClock.x");
+        op.vector_clock = crate::VectorClock::from_entries([("c", MAX_CLOCK_COUNTER)]);
+        assert!(op.validate().is_ok());
     }
 }

@@ -147,6 +147,24 @@ pub enum ApplyError {
         /// The entity type.
         entity_type: String,
     },
+    /// The operation is malformed (see [`Operation::validate`]).
+    #[error("operation {operation_id} is invalid: {error}")]
+    Invalid {
+        /// The operation refused.
+        operation_id: String,
+        /// What is wrong, naming the field.
+        error: crate::protocol::DecodeError,
+    },
+    /// The operation carries the same vector clock as a different operation already
+    /// seen. Every operation counts itself in its author's entry, so two operations can
+    /// never share a clock: one of them is malformed (a client that reused a counter).
+    #[error("operation {operation_id} reuses the vector clock of operation {other}")]
+    ClockReused {
+        /// The operation refused.
+        operation_id: String,
+        /// The operation seen earlier with the same clock.
+        other: String,
+    },
     /// The merge function refused the operation.
     #[error(transparent)]
     Merge(#[from] MergeError),
@@ -237,6 +255,10 @@ impl EntityState {
         op: &Operation,
         ctx: &StepContext<'_>,
     ) -> Result<Outcome, ApplyError> {
+        op.validate().map_err(|error| ApplyError::Invalid {
+            operation_id: op.operation_id.clone(),
+            error,
+        })?;
         if op.entity_type != self.entity_type || op.entity_id != self.entity_id {
             return Err(ApplyError::WrongEntity {
                 operation_id: op.operation_id.clone(),
@@ -263,6 +285,17 @@ impl EntityState {
             return Ok(match open {
                 Some(conflict) => Outcome::Held(conflict.clone()),
                 None => Outcome::Duplicate,
+            });
+        }
+
+        if let Some(other) = self
+            .history
+            .iter()
+            .find(|l| l.op.vector_clock == op.vector_clock)
+        {
+            return Err(ApplyError::ClockReused {
+                operation_id: op.operation_id.clone(),
+                other: other.op.operation_id.clone(),
             });
         }
 
