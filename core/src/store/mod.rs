@@ -29,6 +29,7 @@
 pub mod inbound;
 pub mod outbox;
 mod schema;
+pub mod writer;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -14,10 +14,10 @@
 //!
 //! Class A (presence, typing) has no [`OutboxClass`]: it cannot be stored.
 
-use rusqlite::{OptionalExtension, Row, params};
+use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde_json::Value;
 
-use super::{Store, StoreError, from_ms, to_ms};
+use super::{Store, StoreConfig, StoreError, from_ms, to_ms};
 use crate::protocol::Timestamp;
 
 /// Default bound on pending items (the original's `RECONCILIATION_MAX_QUEUE_SIZE`).
@@ -229,79 +229,10 @@ impl Store {
         items: Vec<NewItem>,
         now: Timestamp,
     ) -> Result<Vec<OutboxItem>, StoreError> {
-        let max_items = self.config.max_items;
-        let max_bytes = self.config.max_bytes;
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let (count, bytes): (i64, i64) = tx.query_row(
-            &format!("SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM outbox WHERE {PENDING}"),
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
-        let mut count = usize::try_from(count).unwrap_or(usize::MAX);
-        let mut bytes = u64::try_from(bytes).unwrap_or(u64::MAX);
-        let mut stored = Vec::with_capacity(items.len());
-        {
-            let mut insert = tx.prepare_cached(
-                "INSERT INTO outbox (id, class, kind, lane, body, bytes, state, attempts,
-                                     next_attempt_ms, created_ms, updated_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'persisted', 0, ?7, ?7, ?7)",
-            )?;
-            for item in items {
-                let body = serde_json::to_string(&item.body).map_err(|e| StoreError::Invalid {
-                    field: "body",
-                    message: e.to_string(),
-                })?;
-                let size = body.len() as u64;
-                if count + 1 > max_items {
-                    return Err(StoreError::QueueFull {
-                        limit: format!("{max_items} items"),
-                    });
-                }
-                if bytes.saturating_add(size) > max_bytes {
-                    return Err(StoreError::QueueFull {
-                        limit: format!("{max_bytes} bytes"),
-                    });
-                }
-                let now_ms = to_ms(now);
-                let result = insert.execute(params![
-                    item.id,
-                    item.class.as_str(),
-                    item.kind.as_str(),
-                    item.lane,
-                    body,
-                    size as i64,
-                    now_ms
-                ]);
-                match result {
-                    Err(rusqlite::Error::SqliteFailure(e, _))
-                        if e.code == rusqlite::ErrorCode::ConstraintViolation =>
-                    {
-                        return Err(StoreError::Duplicate(item.id));
-                    }
-                    other => other?,
-                };
-                count += 1;
-                bytes += size;
-                stored.push(OutboxItem {
-                    seq: tx.last_insert_rowid(),
-                    id: item.id,
-                    class: item.class,
-                    kind: item.kind,
-                    lane: item.lane,
-                    body: item.body,
-                    bytes: size,
-                    state: ItemState::Persisted,
-                    attempts: 0,
-                    next_attempt_at: from_ms(now_ms),
-                    last_error: None,
-                    server_ref: None,
-                    created_at: from_ms(now_ms),
-                    updated_at: from_ms(now_ms),
-                });
-            }
-        }
+        let stored = insert_items(&tx, items, now, &self.config)?;
         tx.commit()?;
         Ok(stored)
     }
@@ -607,4 +538,85 @@ impl Change<'_> {
             server_ref: None,
         }
     }
+}
+
+/// Inserts `items` on `conn` (a transaction or savepoint the caller commits), checking
+/// the bounds against what is pending. All or nothing: on error the caller rolls back.
+pub(crate) fn insert_items(
+    tx: &Connection,
+    items: Vec<NewItem>,
+    now: Timestamp,
+    config: &StoreConfig,
+) -> Result<Vec<OutboxItem>, StoreError> {
+    let max_items = config.max_items;
+    let max_bytes = config.max_bytes;
+    let (count, bytes): (i64, i64) = tx.query_row(
+        &format!("SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM outbox WHERE {PENDING}"),
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    let mut count = usize::try_from(count).unwrap_or(usize::MAX);
+    let mut bytes = u64::try_from(bytes).unwrap_or(u64::MAX);
+    let mut stored = Vec::with_capacity(items.len());
+    {
+        let mut insert = tx.prepare_cached(
+            "INSERT INTO outbox (id, class, kind, lane, body, bytes, state, attempts,
+                                 next_attempt_ms, created_ms, updated_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'persisted', 0, ?7, ?7, ?7)",
+        )?;
+        for item in items {
+            let body = serde_json::to_string(&item.body).map_err(|e| StoreError::Invalid {
+                field: "body",
+                message: e.to_string(),
+            })?;
+            let size = body.len() as u64;
+            if count + 1 > max_items {
+                return Err(StoreError::QueueFull {
+                    limit: format!("{max_items} items"),
+                });
+            }
+            if bytes.saturating_add(size) > max_bytes {
+                return Err(StoreError::QueueFull {
+                    limit: format!("{max_bytes} bytes"),
+                });
+            }
+            let now_ms = to_ms(now);
+            let result = insert.execute(params![
+                item.id,
+                item.class.as_str(),
+                item.kind.as_str(),
+                item.lane,
+                body,
+                size as i64,
+                now_ms
+            ]);
+            match result {
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+                {
+                    return Err(StoreError::Duplicate(item.id));
+                }
+                other => other?,
+            };
+            count += 1;
+            bytes += size;
+            stored.push(OutboxItem {
+                seq: tx.last_insert_rowid(),
+                id: item.id,
+                class: item.class,
+                kind: item.kind,
+                lane: item.lane,
+                body: item.body,
+                bytes: size,
+                state: ItemState::Persisted,
+                attempts: 0,
+                next_attempt_at: from_ms(now_ms),
+                last_error: None,
+                server_ref: None,
+                created_at: from_ms(now_ms),
+                updated_at: from_ms(now_ms),
+            });
+        }
+    }
+    Ok(stored)
 }
