@@ -6,6 +6,8 @@
 //!   client's own state (e.g. the transport last known to work);
 //! - the **outbox** ([`outbox`]): every outbound item the app handed over, committed to
 //!   disk before the call returns, ordered per lane, with its delivery state;
+//! - the **entity cache** ([`entity`]): the server's state per entity, local edits not
+//!   yet reconciled on top of it, and open conflicts;
 //! - the **inbound cursor** ([`inbound`]): the last durable event processed and the ids
 //!   recently seen, advanced in the same transaction as the event is applied.
 //!
@@ -26,6 +28,7 @@
 //! A file that is not a database, or is corrupt, is a [`StoreError::Corrupt`] at open:
 //! the file is moved aside (kept for recovery, never deleted) and the app is told where.
 
+pub mod entity;
 pub mod inbound;
 pub mod outbox;
 mod schema;
@@ -36,6 +39,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
+pub use entity::{CachedEntity, LocalEdit, SyncOutcome, entity_lane};
 pub use outbox::{
     DEFAULT_MAX_BYTES, DEFAULT_MAX_ITEMS, ItemKind, ItemState, NewItem, OutboxClass, OutboxItem,
 };

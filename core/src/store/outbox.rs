@@ -435,8 +435,14 @@ impl Store {
                 action: "discard",
             });
         }
-        self.conn
-            .execute("DELETE FROM outbox WHERE id = ?1 AND state = 'dead'", [id])?;
+        // An entity operation also leaves the entity's pending edits, in the same
+        // transaction, so that the cached value no longer shows it.
+        let tx = self.conn.unchecked_transaction()?;
+        tx.execute("DELETE FROM outbox WHERE id = ?1 AND state = 'dead'", [id])?;
+        if item.kind == ItemKind::Operation {
+            Store::drop_pending_on(&tx, id, item.updated_at)?;
+        }
+        tx.commit()?;
         Ok(item)
     }
 
@@ -619,4 +625,22 @@ pub(crate) fn insert_items(
         }
     }
     Ok(stored)
+}
+
+/// Marks `id` accepted with `server_ref` when it is still pending (persisted, in flight
+/// or dead): the server has it, whichever way it arrived. Settled items are left as
+/// they are. Returns whether it changed.
+pub(crate) fn accept_if_pending(
+    conn: &Connection,
+    id: &str,
+    server_ref: &str,
+    now: Timestamp,
+) -> Result<bool, StoreError> {
+    Ok(conn
+        .prepare_cached(
+            "UPDATE outbox SET state = 'accepted', server_ref = ?2, updated_ms = ?3
+              WHERE id = ?1 AND state IN ('persisted', 'in_flight', 'dead')",
+        )?
+        .execute(params![id, server_ref, to_ms(now)])?
+        > 0)
 }

@@ -48,6 +48,43 @@ pub(crate) const MIGRATIONS: &[M<'static>] = &[
          ) STRICT, WITHOUT ROWID;
          CREATE INDEX seen_ids_by_age ON seen_ids (seen_ms);",
     ),
+    // 2: the entity cache: the server's base per entity, the optimistic local value,
+    // local operations not yet reconciled, and open conflicts.
+    M::up(
+        "CREATE TABLE entities (
+            entity_type  TEXT NOT NULL,
+            entity_id    TEXT NOT NULL,
+            base_data    TEXT NOT NULL,
+            base_deleted INTEGER NOT NULL,
+            base_version INTEGER NOT NULL,
+            base_clock   TEXT NOT NULL,
+            data         TEXT NOT NULL,
+            deleted      INTEGER NOT NULL,
+            clock        TEXT NOT NULL,
+            updated_ms   INTEGER NOT NULL,
+            PRIMARY KEY (entity_type, entity_id)
+         ) STRICT, WITHOUT ROWID;
+
+         CREATE TABLE entity_pending (
+            seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+            operation_id TEXT NOT NULL UNIQUE,
+            entity_type  TEXT NOT NULL,
+            entity_id    TEXT NOT NULL,
+            body         TEXT NOT NULL,
+            FOREIGN KEY (entity_type, entity_id)
+                REFERENCES entities (entity_type, entity_id) ON DELETE CASCADE
+         ) STRICT;
+         CREATE INDEX entity_pending_by_entity ON entity_pending (entity_type, entity_id, seq);
+
+         CREATE TABLE entity_conflicts (
+            conflict_id TEXT PRIMARY KEY NOT NULL,
+            entity_type TEXT NOT NULL,
+            entity_id   TEXT NOT NULL,
+            body        TEXT NOT NULL,
+            detected_ms INTEGER NOT NULL
+         ) STRICT;
+         CREATE INDEX entity_conflicts_by_entity ON entity_conflicts (entity_type, entity_id);",
+    ),
 ];
 
 /// The migrations as the crate's runner wants them.
