@@ -43,6 +43,7 @@ pub use entity::{CachedEntity, LocalEdit, SyncOutcome, entity_lane};
 pub use outbox::{
     DEFAULT_MAX_BYTES, DEFAULT_MAX_ITEMS, ItemKind, ItemState, NewItem, OutboxClass, OutboxItem,
 };
+pub use writer::{StoreWriter, WriterStats};
 
 use crate::protocol::Timestamp;
 
@@ -142,6 +143,9 @@ pub enum StoreError {
     /// The file could not be moved aside or created.
     #[error("file error: {0}")]
     Io(#[from] std::io::Error),
+    /// The [`StoreWriter`] was closed (or its thread stopped): the request was not run.
+    #[error("the store writer is closed")]
+    WriterClosed,
 }
 
 /// The SDK's SQLite store. Synchronous: call it from a blocking task.

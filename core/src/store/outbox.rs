@@ -554,15 +554,38 @@ pub(crate) fn insert_items(
     now: Timestamp,
     config: &StoreConfig,
 ) -> Result<Vec<OutboxItem>, StoreError> {
-    let max_items = config.max_items;
-    let max_bytes = config.max_bytes;
-    let (count, bytes): (i64, i64) = tx.query_row(
+    let mut depth = pending_depth(tx)?;
+    insert_counted(tx, items, now, config, &mut depth)
+}
+
+/// What is pending (counted against the bounds), read on `conn`. Inside a write
+/// transaction it stays true until the caller changes it.
+pub(crate) fn pending_depth(conn: &Connection) -> Result<OutboxDepth, StoreError> {
+    let (count, bytes): (i64, i64) = conn.query_row(
         &format!("SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM outbox WHERE {PENDING}"),
         [],
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
-    let mut count = usize::try_from(count).unwrap_or(usize::MAX);
-    let mut bytes = u64::try_from(bytes).unwrap_or(u64::MAX);
+    Ok(OutboxDepth {
+        items: usize::try_from(count).unwrap_or(usize::MAX),
+        bytes: u64::try_from(bytes).unwrap_or(u64::MAX),
+    })
+}
+
+/// [`insert_items`] with the pending `depth` given by the caller (read once per write
+/// transaction with [`pending_depth`]) and advanced by what is inserted: a group of many
+/// inserts in one transaction counts the outbox once, not once per item.
+pub(crate) fn insert_counted(
+    tx: &Connection,
+    items: Vec<NewItem>,
+    now: Timestamp,
+    config: &StoreConfig,
+    depth: &mut OutboxDepth,
+) -> Result<Vec<OutboxItem>, StoreError> {
+    let max_items = config.max_items;
+    let max_bytes = config.max_bytes;
+    let mut count = depth.items;
+    let mut bytes = depth.bytes;
     let mut stored = Vec::with_capacity(items.len());
     {
         let mut insert = tx.prepare_cached(
@@ -624,6 +647,10 @@ pub(crate) fn insert_items(
             });
         }
     }
+    *depth = OutboxDepth {
+        items: count,
+        bytes,
+    };
     Ok(stored)
 }
 
