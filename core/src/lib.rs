@@ -11,10 +11,15 @@
 //! - [`reconcile`]: the reconciliation engine, pure (time is an input), shared by the
 //!   SDK and the server.
 //!
-//! These three build with `default-features = false` (no tokio, reqwest or rusqlite).
+//! - `machine` (feature `client`): the connection state machine, sans-IO.
+//! - `store` (feature `store`): the SQLite offline store.
+//!
+//! The first three build with `default-features = false` (no tokio, reqwest or rusqlite).
 //! The offline store and the async client sit behind the default `client` feature.
 
 pub mod clock;
+#[cfg(feature = "client")]
+pub mod machine;
 pub mod protocol;
 pub mod reconcile;
 #[cfg(feature = "store")]

@@ -1,0 +1,104 @@
+//! Retry delays: an exponential schedule (from `backon`) with full jitter.
+//!
+//! `backon` gives the exponential envelope (min, ×2, capped at max). Its own jitter adds
+//! up to one more delay on top ("delay + random(0, delay)"); we want *full* jitter
+//! (AWS's "exponential backoff and jitter": a uniform pick below the envelope), which
+//! spreads the reconnects of many clients that lost the same server evenly over the
+//! whole window. So the pick is made here, with a seedable RNG so that tests are
+//! deterministic. Every delay is at least the schedule's minimum: a client never retries
+//! in a hot loop.
+
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// An exponential backoff schedule with full jitter.
+#[derive(Debug)]
+pub(crate) struct Backoff {
+    builder: ExponentialBuilder,
+    schedule: ExponentialBackoff,
+    min: Duration,
+    rng: StdRng,
+    attempts: u32,
+}
+
+impl Backoff {
+    /// Delays between `min` and an envelope doubling from `min` up to `max`.
+    pub(crate) fn new(min: Duration, max: Duration, seed: u64) -> Self {
+        let max = max.max(min);
+        let builder = ExponentialBuilder::new()
+            .with_min_delay(min)
+            .with_max_delay(max)
+            .with_factor(2.0)
+            .without_max_times();
+        Self {
+            schedule: builder.build(),
+            builder,
+            min,
+            rng: StdRng::seed_from_u64(seed),
+            attempts: 0,
+        }
+    }
+
+    /// The next delay: uniform in `[min, envelope]`.
+    pub(crate) fn next_delay(&mut self) -> Duration {
+        self.attempts = self.attempts.saturating_add(1);
+        let envelope = self.schedule.next().unwrap_or(self.min).max(self.min);
+        self.jitter(self.min, envelope)
+    }
+
+    /// A uniform pick in `[low, high]` from this schedule's RNG.
+    pub(crate) fn jitter(&mut self, low: Duration, high: Duration) -> Duration {
+        if high <= low {
+            return low;
+        }
+        let span = u64::try_from((high - low).as_millis()).unwrap_or(u64::MAX);
+        low + Duration::from_millis(self.rng.random_range(0..=span))
+    }
+
+    /// Starts the schedule again from `min`.
+    pub(crate) fn reset(&mut self) {
+        self.schedule = self.builder.build();
+        self.attempts = 0;
+    }
+
+    /// Delays handed out since the last reset.
+    pub(crate) fn attempts(&self) -> u32 {
+        self.attempts
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delays_stay_within_the_doubling_envelope_and_reset() {
+        let min = Duration::from_millis(500);
+        let max = Duration::from_secs(30);
+        let mut b = Backoff::new(min, max, 7);
+        let mut envelope = min;
+        for _ in 0..20 {
+            let d = b.next_delay();
+            assert!(
+                d >= min && d <= envelope,
+                "{d:?} outside [{min:?}, {envelope:?}]"
+            );
+            envelope = (envelope * 2).min(max);
+        }
+        b.reset();
+        assert_eq!(b.attempts(), 0);
+        assert!(b.next_delay() <= min);
+    }
+
+    #[test]
+    fn the_same_seed_gives_the_same_delays() {
+        let mk = || Backoff::new(Duration::from_millis(100), Duration::from_secs(10), 42);
+        let (mut a, mut b) = (mk(), mk());
+        for _ in 0..10 {
+            assert_eq!(a.next_delay(), b.next_delay());
+        }
+    }
+}

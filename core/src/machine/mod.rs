@@ -1,0 +1,957 @@
+//! The connection state machine: which transport the client uses, and when it retries.
+//!
+//! Sans-IO, in the manner of `quinn-proto`: the [`Machine`] owns no socket and reads no
+//! clock. The driver (the client's supervisor task) feeds it what happened (`on_*`
+//! methods, hints from the host app, timer expiries through [`Machine::handle_timeout`])
+//! with the current time, and carries out the [`Action`]s it returns through
+//! [`Machine::poll_action`]: open the WebSocket, poll, resync, refresh the token, flush the
+//! outbox, and tell the app about each [`StateChange`]. [`Machine::poll_timeout`] says
+//! when to call back. Every path and every timing is therefore testable without sleeping.
+//!
+//! ## States
+//!
+//! ```text
+//!                 start / retry timer / network or foreground hint
+//!   Offline ───────────────────────────────────────────────▶ Connecting
+//!   Suspended ─────────────────────────────────────────────▶ Connecting
+//!   Connecting ── WebSocket open ──────────────────────────▶ Realtime
+//!   Connecting ── WebSocket failed or slow, HTTP works ────▶ Polling
+//!   Connecting ── WebSocket and HTTP failed ───────────────▶ Offline (backoff)
+//!   Realtime ──── socket lost or heartbeat lost ───────────▶ Connecting
+//!   Realtime ──── server going away / full ────────────────▶ Offline (backoff)
+//!   Polling ───── WebSocket probe succeeded ───────────────▶ Realtime
+//!   Polling ───── HTTP failing ────────────────────────────▶ Offline (backoff)
+//!   Realtime, Polling ── cursor expired ───────────────────▶ Resyncing ── done ──▶ back
+//!   Offline ───── offline longer than `suspend_after` ─────▶ Suspended (slow retries)
+//!   any ───────── token refused twice / no token ──────────▶ AuthFailed (until a new token)
+//!   any ───────── shutdown ────────────────────────────────▶ Closed
+//! ```
+//!
+//! `docs/client.md` has the full transition table.
+//!
+//! ## Choices worth knowing
+//!
+//! - One WebSocket attempt at a time, one poll at a time, one token refresh at a time:
+//!   the machine never asks for a second while the first is outstanding, so a client has
+//!   exactly one reconnect loop.
+//! - Falling down is fast: a refused WebSocket, or one slower than `slow_connect`, makes
+//!   the machine try HTTP at once; HTTP working means Polling.
+//! - Climbing up is careful: while Polling, the WebSocket is probed on its own backoff,
+//!   which is only reset after Realtime has held for `stable_after` (hysteresis: a
+//!   flapping network does not bounce between transports).
+//! - Retry delays use full jitter, so that many clients losing one server do not come
+//!   back at the same instant; a network-available or foreground hint from the host app
+//!   retries at once with a fresh schedule.
+
+mod backoff;
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use backoff::Backoff;
+
+/// Where the client stands. Observable by the app through [`StateChange`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ConnectionState {
+    /// Not connected; waiting to retry (see [`StateChange::next_retry_at`]).
+    Offline,
+    /// Opening the WebSocket (and, if it is slow or refused, trying HTTP).
+    Connecting,
+    /// The WebSocket is up: everything flows in real time.
+    Realtime,
+    /// The WebSocket is unavailable but HTTP works: receiving by polling, sending over
+    /// HTTP; the WebSocket is probed now and then.
+    Polling,
+    /// Continuity was lost (the cursor expired): refreshing from snapshots and deltas.
+    Resyncing,
+    /// Offline for long: retrying slowly to spare the battery.
+    Suspended,
+    /// Shut down by the app.
+    Closed,
+    /// The server refused the credentials and no fresh token could be had; only a new
+    /// token leaves this state.
+    AuthFailed,
+}
+
+impl ConnectionState {
+    /// Every state, for tables and metrics.
+    pub const ALL: [ConnectionState; 8] = [
+        ConnectionState::Offline,
+        ConnectionState::Connecting,
+        ConnectionState::Realtime,
+        ConnectionState::Polling,
+        ConnectionState::Resyncing,
+        ConnectionState::Suspended,
+        ConnectionState::Closed,
+        ConnectionState::AuthFailed,
+    ];
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    /// True when some transport to the server works (Realtime, Polling, Resyncing).
+    pub fn is_connected(self) -> bool {
+        matches!(
+            self,
+            ConnectionState::Realtime | ConnectionState::Polling | ConnectionState::Resyncing
+        )
+    }
+}
+
+/// Why the state changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// The app opened the client.
+    Start,
+    /// The WebSocket opened.
+    WebSocketOpened,
+    /// Opening the WebSocket failed.
+    WebSocketFailed,
+    /// The open WebSocket closed or broke.
+    WebSocketLost,
+    /// No pong (or any frame) within `pong_timeout` of a ping.
+    HeartbeatLost,
+    /// The server closed the socket because it is shutting down or full.
+    ServerGoingAway,
+    /// An HTTP request succeeded.
+    HttpWorks,
+    /// HTTP requests failed.
+    HttpFailed,
+    /// The retry timer fired.
+    RetryTimer,
+    /// The host app said the network is available.
+    NetworkAvailable,
+    /// The host app said the network is gone.
+    NetworkLost,
+    /// The host app came to the foreground.
+    Foreground,
+    /// Offline for longer than `suspend_after`.
+    LongOffline,
+    /// The server no longer has the events after the client's cursor.
+    CursorExpired,
+    /// The resync finished.
+    ResyncDone,
+    /// The server refused the token and refreshing it did not help.
+    AuthRejected,
+    /// A new token arrived.
+    NewToken,
+    /// The app shut the client down.
+    Shutdown,
+}
+
+/// A transition, as the app sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StateChange {
+    /// The state before.
+    pub from: ConnectionState,
+    /// The state now.
+    pub to: ConnectionState,
+    /// Why.
+    pub reason: Reason,
+    /// When the next connection attempt is due (Offline, Suspended), or the next
+    /// WebSocket probe (Polling).
+    pub next_retry_at: Option<Instant>,
+    /// When it happened.
+    pub at: Instant,
+}
+
+/// How a transport attempt failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// No answer, refused, reset, timed out, DNS: the network or the server is away.
+    Network,
+    /// The server answered with a server error (5xx other than 503 full).
+    Server,
+    /// The server is full (503 `SERVER_FULL`); retry no sooner than `retry_after`.
+    ServerFull {
+        /// The server's `Retry-After`.
+        retry_after: Option<Duration>,
+    },
+    /// The server refused the token (401 `AUTH_FAILED`, close 1008 `AUTH_EXPIRED`).
+    Auth,
+}
+
+/// How a WebSocket that was open ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseKind {
+    /// Reset, EOF, protocol error, or a close code that does not say more.
+    Lost,
+    /// Close 1001 (server shutting down) or 1013 (server full): come back later.
+    GoingAway,
+    /// Close 1008 with `AUTH_EXPIRED`: the token expired mid-session.
+    AuthExpired,
+}
+
+/// Where queued outbound items should go now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Over the open WebSocket.
+    WebSocket,
+    /// Over HTTP (`POST /api/messages`, reconcile, transactions).
+    Http,
+}
+
+/// What the driver must do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Open the WebSocket (with the cursor, so that the server replays what was missed);
+    /// report [`Machine::on_ws_open`] or [`Machine::on_ws_failed`].
+    OpenWebSocket,
+    /// Close the WebSocket, or abandon the attempt to open it. No report is expected.
+    CloseWebSocket,
+    /// Send a `ping` frame.
+    SendPing,
+    /// Make one poll request; report [`Machine::on_poll_ok`], [`Machine::on_poll_failed`]
+    /// or [`Machine::on_poll_cursor_expired`].
+    Poll,
+    /// Refresh state from snapshots and deltas; report [`Machine::on_resync_done`] or
+    /// [`Machine::on_resync_failed`].
+    Resync,
+    /// Ask the token provider for a fresh token; report [`Machine::on_token`] or
+    /// [`Machine::on_token_unavailable`].
+    RefreshToken,
+    /// Send what the outbox holds, by this route (Class D and reconciliation always go
+    /// over HTTP, whatever the route).
+    Flush(Route),
+    /// Tell the app.
+    StateChanged(StateChange),
+}
+
+/// Timings and limits of the machine.
+#[derive(Debug, Clone)]
+pub struct MachineConfig {
+    /// Smallest retry delay.
+    pub backoff_min: Duration,
+    /// Largest retry delay while Offline.
+    pub backoff_max: Duration,
+    /// Offline this long becomes Suspended.
+    pub suspend_after: Duration,
+    /// Retry delay while Suspended (jittered between half and all of it).
+    pub suspended_retry: Duration,
+    /// A WebSocket attempt slower than this makes the client try HTTP meanwhile.
+    pub slow_connect: Duration,
+    /// A WebSocket attempt is abandoned after this.
+    pub connect_timeout: Duration,
+    /// Ping the server after this long (the server's `pingInterval` replaces it).
+    pub ping_interval: Duration,
+    /// A ping unanswered (no frame at all) for this long means the socket is dead.
+    pub pong_timeout: Duration,
+    /// After coming to the foreground, a ping must be answered within this.
+    pub foreground_check: Duration,
+    /// Time between polls while Polling (a page with more waiting is fetched at once).
+    pub poll_interval: Duration,
+    /// First and largest delay between WebSocket probes while Polling.
+    pub probe_min: Duration,
+    /// Largest delay between WebSocket probes while Polling.
+    pub probe_max: Duration,
+    /// Realtime held this long resets the probe schedule (hysteresis).
+    pub stable_after: Duration,
+    /// Consecutive HTTP failures that make Polling give up for Offline.
+    pub http_failures_to_offline: u32,
+    /// Seed of the jitter (a fixed seed makes tests deterministic).
+    pub jitter_seed: u64,
+}
+
+impl Default for MachineConfig {
+    fn default() -> Self {
+        Self {
+            backoff_min: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(30),
+            suspend_after: Duration::from_secs(300),
+            suspended_retry: Duration::from_secs(300),
+            slow_connect: Duration::from_millis(1500),
+            connect_timeout: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(25),
+            pong_timeout: Duration::from_secs(10),
+            foreground_check: Duration::from_secs(3),
+            poll_interval: Duration::from_secs(2),
+            probe_min: Duration::from_secs(2),
+            probe_max: Duration::from_secs(60),
+            stable_after: Duration::from_secs(30),
+            http_failures_to_offline: 2,
+            jitter_seed: rand::random(),
+        }
+    }
+}
+
+/// The WebSocket as the machine knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ws {
+    Closed,
+    Opening { since: Instant },
+    Open { since: Instant },
+}
+
+/// The connection state machine. See the module docs.
+#[derive(Debug)]
+pub struct Machine {
+    cfg: MachineConfig,
+    state: ConnectionState,
+    entered_at: Instant,
+    time_in: [Duration; 8],
+    ws: Ws,
+    /// Deadline for any frame after a ping.
+    pong_due: Option<Instant>,
+    next_ping: Option<Instant>,
+    poll_in_flight: bool,
+    next_poll: Option<Instant>,
+    /// The HTTP poll made while Connecting answered OK.
+    http_works: bool,
+    /// This connection attempt already tried HTTP because the WebSocket was slow.
+    slow_checked: bool,
+    http_failures: u32,
+    /// Offline/Suspended: next attempt. Polling: next WebSocket probe.
+    retry_at: Option<Instant>,
+    offline_since: Option<Instant>,
+    backoff: Backoff,
+    probe_backoff: Backoff,
+    /// Earliest retry the server asked for (503 `Retry-After`).
+    not_before: Option<Instant>,
+    refreshing_token: bool,
+    /// A refreshed token was tried and refused again: the next refusal is final.
+    token_refreshed: bool,
+    resync_in_flight: bool,
+    needs_resync: bool,
+    actions: VecDeque<Action>,
+}
+
+impl Machine {
+    /// A machine in `Offline`, not yet started.
+    pub fn new(cfg: MachineConfig, now: Instant) -> Self {
+        let backoff = Backoff::new(cfg.backoff_min, cfg.backoff_max, cfg.jitter_seed);
+        let probe_backoff = Backoff::new(
+            cfg.probe_min,
+            cfg.probe_max,
+            cfg.jitter_seed.wrapping_add(1),
+        );
+        Self {
+            cfg,
+            state: ConnectionState::Offline,
+            entered_at: now,
+            time_in: [Duration::ZERO; 8],
+            ws: Ws::Closed,
+            pong_due: None,
+            next_ping: None,
+            poll_in_flight: false,
+            next_poll: None,
+            http_works: false,
+            slow_checked: false,
+            http_failures: 0,
+            retry_at: None,
+            offline_since: None,
+            backoff,
+            probe_backoff,
+            not_before: None,
+            refreshing_token: false,
+            token_refreshed: false,
+            resync_in_flight: false,
+            needs_resync: false,
+            actions: VecDeque::new(),
+        }
+    }
+
+    /// The current state.
+    pub fn state(&self) -> ConnectionState {
+        self.state
+    }
+
+    /// The next connection attempt (Offline, Suspended) or WebSocket probe (Polling).
+    pub fn next_retry_at(&self) -> Option<Instant> {
+        match self.state {
+            ConnectionState::Offline | ConnectionState::Suspended | ConnectionState::Polling => {
+                self.retry_at
+            }
+            _ => None,
+        }
+    }
+
+    /// Connection attempts since the last success (the position in the backoff schedule).
+    pub fn retry_attempts(&self) -> u32 {
+        self.backoff.attempts()
+    }
+
+    /// Time spent in each state (in [`ConnectionState::ALL`] order) up to `now`.
+    pub fn time_in_states(&self, now: Instant) -> [(ConnectionState, Duration); 8] {
+        let mut out = ConnectionState::ALL.map(|s| (s, self.time_in[s.index()]));
+        out[self.state.index()].1 += now.saturating_duration_since(self.entered_at);
+        out
+    }
+
+    /// Uses the server's heartbeat interval (from `connected.pingInterval`).
+    pub fn set_ping_interval(&mut self, interval: Duration) {
+        if !interval.is_zero() {
+            self.cfg.ping_interval = interval;
+        }
+    }
+
+    /// The next action for the driver, if any.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// When [`Machine::handle_timeout`] is next due.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let ws_deadline = match self.ws {
+            Ws::Opening { since } => Some(
+                since
+                    + if self.state == ConnectionState::Connecting && !self.slow_checked {
+                        self.cfg.slow_connect.min(self.cfg.connect_timeout)
+                    } else {
+                        self.cfg.connect_timeout
+                    },
+            ),
+            _ => None,
+        };
+        [
+            ws_deadline,
+            self.pong_due,
+            self.next_ping,
+            self.next_poll,
+            self.retry_at,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    // ---- inputs -----------------------------------------------------------------------
+
+    /// The app opened the client: start connecting.
+    pub fn start(&mut self, now: Instant) {
+        if self.state == ConnectionState::Offline && self.retry_at.is_none() {
+            self.connect(now, Reason::Start);
+        }
+    }
+
+    /// The WebSocket opened.
+    pub fn on_ws_open(&mut self, now: Instant) {
+        if !matches!(self.ws, Ws::Opening { .. }) || self.is_final() {
+            return;
+        }
+        self.ws = Ws::Open { since: now };
+        self.auth_ok();
+        self.http_failures = 0;
+        self.next_ping = Some(now + self.cfg.ping_interval);
+        self.pong_due = None;
+        self.next_poll = None;
+        if self.needs_resync || self.state == ConnectionState::Resyncing {
+            self.enter(ConnectionState::Resyncing, Reason::WebSocketOpened, now);
+            self.start_resync();
+        } else {
+            self.enter(ConnectionState::Realtime, Reason::WebSocketOpened, now);
+        }
+        self.backoff.reset();
+        self.offline_since = None;
+        self.actions.push_back(Action::Flush(Route::WebSocket));
+    }
+
+    /// Opening the WebSocket failed.
+    pub fn on_ws_failed(&mut self, now: Instant, failure: Failure) {
+        if !matches!(self.ws, Ws::Opening { .. }) || self.is_final() {
+            return;
+        }
+        self.ws = Ws::Closed;
+        self.note_retry_after(now, failure);
+        if failure == Failure::Auth {
+            self.auth_refused(now);
+            return;
+        }
+        match self.state {
+            ConnectionState::Connecting => self.try_http(),
+            ConnectionState::Polling => self.schedule_probe(now),
+            _ => {}
+        }
+    }
+
+    /// The open WebSocket closed or broke.
+    pub fn on_ws_closed(&mut self, now: Instant, how: CloseKind) {
+        let Ws::Open { since } = self.ws else {
+            return;
+        };
+        if self.is_final() {
+            return;
+        }
+        self.ws = Ws::Closed;
+        self.pong_due = None;
+        self.next_ping = None;
+        self.note_flap(now, since);
+        match how {
+            CloseKind::AuthExpired => self.auth_refused(now),
+            CloseKind::GoingAway => self.go_offline(now, Reason::ServerGoingAway),
+            CloseKind::Lost => self.connect(now, Reason::WebSocketLost),
+        }
+    }
+
+    /// A frame (any, pongs included) arrived on the WebSocket.
+    pub fn on_ws_activity(&mut self, _now: Instant) {
+        self.pong_due = None;
+    }
+
+    /// A poll succeeded; `more` when the server has more waiting.
+    pub fn on_poll_ok(&mut self, now: Instant, more: bool) {
+        if !self.poll_in_flight {
+            return;
+        }
+        self.poll_in_flight = false;
+        self.on_http_ok(now);
+        if self.state == ConnectionState::Polling {
+            self.next_poll = Some(if more {
+                now
+            } else {
+                now + self.cfg.poll_interval
+            });
+        }
+    }
+
+    /// Some HTTP request (a poll, a send) succeeded.
+    pub fn on_http_ok(&mut self, now: Instant) {
+        if self.is_final() {
+            return;
+        }
+        self.auth_ok();
+        self.http_failures = 0;
+        self.http_works = true;
+        if self.state == ConnectionState::Connecting && !matches!(self.ws, Ws::Open { .. }) {
+            // HTTP works and the WebSocket has not opened: poll while it keeps trying.
+            if self.needs_resync {
+                self.enter(ConnectionState::Resyncing, Reason::HttpWorks, now);
+                self.start_resync();
+            } else {
+                self.enter_polling(now, Reason::HttpWorks);
+            }
+        }
+    }
+
+    /// The poll failed.
+    pub fn on_poll_failed(&mut self, now: Instant, failure: Failure) {
+        if !self.poll_in_flight {
+            return;
+        }
+        self.poll_in_flight = false;
+        self.on_http_failed(now, failure);
+    }
+
+    /// The poll was answered with `CURSOR_EXPIRED`.
+    pub fn on_poll_cursor_expired(&mut self, now: Instant) {
+        if !self.poll_in_flight {
+            return;
+        }
+        self.poll_in_flight = false;
+        self.on_cursor_expired(now);
+    }
+
+    /// Some other HTTP request (a send, a reconcile) failed.
+    pub fn on_http_failed(&mut self, now: Instant, failure: Failure) {
+        if self.is_final() {
+            return;
+        }
+        self.note_retry_after(now, failure);
+        if failure == Failure::Auth {
+            self.auth_refused(now);
+            return;
+        }
+        self.http_failures = self.http_failures.saturating_add(1);
+        self.http_works = false;
+        match self.state {
+            ConnectionState::Connecting if !matches!(self.ws, Ws::Opening { .. }) => {
+                self.go_offline(now, Reason::HttpFailed);
+            }
+            ConnectionState::Polling | ConnectionState::Resyncing
+                if !matches!(self.ws, Ws::Open { .. }) =>
+            {
+                if self.http_failures >= self.cfg.http_failures_to_offline {
+                    self.go_offline(now, Reason::HttpFailed);
+                } else if self.state == ConnectionState::Polling {
+                    self.next_poll = Some(now + self.cfg.poll_interval);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The server no longer has the events after the cursor (`CURSOR_EXPIRED`).
+    pub fn on_cursor_expired(&mut self, now: Instant) {
+        if self.is_final() {
+            return;
+        }
+        // The server answered, so some transport works: resync now.
+        self.needs_resync = true;
+        self.http_works = true;
+        if self.state != ConnectionState::Resyncing {
+            self.enter(ConnectionState::Resyncing, Reason::CursorExpired, now);
+        }
+        self.start_resync();
+    }
+
+    /// The resync finished: the cache is fresh and the cursor reset.
+    pub fn on_resync_done(&mut self, now: Instant) {
+        if !self.resync_in_flight {
+            return;
+        }
+        self.resync_in_flight = false;
+        self.needs_resync = false;
+        if self.state != ConnectionState::Resyncing {
+            return;
+        }
+        if matches!(self.ws, Ws::Open { .. }) {
+            self.enter(ConnectionState::Realtime, Reason::ResyncDone, now);
+            self.actions.push_back(Action::Flush(Route::WebSocket));
+        } else {
+            // Poll, and try the WebSocket again at once: its last attempt may have been
+            // refused only for the expired cursor.
+            self.enter_polling(now, Reason::ResyncDone);
+            self.open_ws(now);
+        }
+    }
+
+    /// The resync failed; it is tried again on the next connection.
+    pub fn on_resync_failed(&mut self, now: Instant, failure: Failure) {
+        if !self.resync_in_flight {
+            return;
+        }
+        self.resync_in_flight = false;
+        if failure == Failure::Auth {
+            self.auth_refused(now);
+            return;
+        }
+        if self.state == ConnectionState::Resyncing {
+            if matches!(self.ws, Ws::Open { .. }) {
+                self.actions.push_back(Action::CloseWebSocket);
+                self.ws = Ws::Closed;
+                self.next_ping = None;
+                self.pong_due = None;
+            }
+            self.go_offline(now, Reason::HttpFailed);
+        }
+    }
+
+    /// A fresh token is available (after [`Action::RefreshToken`], or given by the app).
+    pub fn on_token(&mut self, now: Instant) {
+        if self.state == ConnectionState::Closed {
+            return;
+        }
+        let was_failed = self.state == ConnectionState::AuthFailed;
+        let was_refreshing = std::mem::replace(&mut self.refreshing_token, false);
+        if was_failed {
+            self.token_refreshed = false;
+            self.backoff.reset();
+            self.connect(now, Reason::NewToken);
+        } else if was_refreshing {
+            self.token_refreshed = true;
+            if !matches!(self.ws, Ws::Opening { .. } | Ws::Open { .. }) {
+                self.connect(now, Reason::NewToken);
+            }
+        }
+    }
+
+    /// The token provider could not give a token.
+    pub fn on_token_unavailable(&mut self, now: Instant) {
+        if !self.refreshing_token {
+            return;
+        }
+        self.refreshing_token = false;
+        self.auth_failed(now);
+    }
+
+    /// The host app says the network is available again.
+    pub fn network_available(&mut self, now: Instant) {
+        self.retry_now(now, Reason::NetworkAvailable);
+    }
+
+    /// The host app says the network is gone.
+    pub fn network_lost(&mut self, now: Instant) {
+        if self.is_final() {
+            return;
+        }
+        if !matches!(self.ws, Ws::Closed) {
+            self.actions.push_back(Action::CloseWebSocket);
+            self.ws = Ws::Closed;
+        }
+        self.next_ping = None;
+        self.pong_due = None;
+        self.go_offline(now, Reason::NetworkLost);
+    }
+
+    /// The host app came to the foreground: check the socket at once (it may have died
+    /// while the app was suspended) or retry at once when offline.
+    pub fn foreground(&mut self, now: Instant) {
+        if matches!(self.ws, Ws::Open { .. }) {
+            self.actions.push_back(Action::SendPing);
+            let due = now + self.cfg.foreground_check.min(self.cfg.pong_timeout);
+            self.pong_due = Some(self.pong_due.map_or(due, |d| d.min(due)));
+        } else {
+            self.retry_now(now, Reason::Foreground);
+        }
+    }
+
+    /// The host app went to the background. Nothing changes now: the OS may freeze the
+    /// process, and [`Machine::foreground`] checks the socket when it comes back.
+    pub fn background(&mut self, _now: Instant) {}
+
+    /// The app shuts the client down.
+    pub fn shutdown(&mut self, now: Instant) {
+        if self.state == ConnectionState::Closed {
+            return;
+        }
+        if !matches!(self.ws, Ws::Closed) {
+            self.actions.push_back(Action::CloseWebSocket);
+        }
+        self.ws = Ws::Closed;
+        self.clear_timers();
+        self.enter(ConnectionState::Closed, Reason::Shutdown, now);
+    }
+
+    /// Fires the timers that are due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.is_final() {
+            return;
+        }
+        if let Ws::Opening { since } = self.ws {
+            let elapsed = now.saturating_duration_since(since);
+            if elapsed >= self.cfg.connect_timeout {
+                self.actions.push_back(Action::CloseWebSocket);
+                self.on_ws_failed(now, Failure::Network);
+            } else if elapsed >= self.cfg.slow_connect
+                && self.state == ConnectionState::Connecting
+                && !self.slow_checked
+            {
+                // Slow: try HTTP meanwhile (once); the WebSocket attempt goes on.
+                self.slow_checked = true;
+                self.try_http();
+            }
+        }
+        if self.pong_due.is_some_and(|d| now >= d) {
+            self.pong_due = None;
+            if let Ws::Open { since } = self.ws {
+                self.actions.push_back(Action::CloseWebSocket);
+                self.ws = Ws::Closed;
+                self.next_ping = None;
+                self.note_flap(now, since);
+                self.connect(now, Reason::HeartbeatLost);
+            }
+        }
+        if self.next_ping.is_some_and(|d| now >= d) {
+            if matches!(self.ws, Ws::Open { .. }) {
+                self.actions.push_back(Action::SendPing);
+                self.next_ping = Some(now + self.cfg.ping_interval);
+                if self.pong_due.is_none() {
+                    self.pong_due = Some(now + self.cfg.pong_timeout);
+                }
+            } else {
+                self.next_ping = None;
+            }
+        }
+        if self.next_poll.is_some_and(|d| now >= d) {
+            self.next_poll = None;
+            if self.state == ConnectionState::Polling && !self.poll_in_flight {
+                self.poll_in_flight = true;
+                self.actions.push_back(Action::Poll);
+            }
+        }
+        if self.retry_at.is_some_and(|d| now >= d) {
+            self.retry_at = None;
+            match self.state {
+                ConnectionState::Offline | ConnectionState::Suspended => {
+                    self.connect(now, Reason::RetryTimer);
+                }
+                ConnectionState::Polling if matches!(self.ws, Ws::Closed) => {
+                    self.open_ws(now);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    // ---- internals --------------------------------------------------------------------
+
+    fn is_final(&self) -> bool {
+        matches!(
+            self.state,
+            ConnectionState::Closed | ConnectionState::AuthFailed
+        )
+    }
+
+    fn enter(&mut self, to: ConnectionState, reason: Reason, now: Instant) {
+        let from = self.state;
+        if from == to && to == ConnectionState::Connecting {
+            return; // Already trying: nothing new to tell.
+        }
+        self.time_in[from.index()] += now.saturating_duration_since(self.entered_at);
+        self.entered_at = now;
+        self.state = to;
+        if to != ConnectionState::Polling {
+            self.next_poll = None;
+        }
+        if !matches!(
+            to,
+            ConnectionState::Offline | ConnectionState::Suspended | ConnectionState::Polling
+        ) {
+            self.retry_at = None;
+        }
+        self.actions.push_back(Action::StateChanged(StateChange {
+            from,
+            to,
+            reason,
+            next_retry_at: self.next_retry_at(),
+            at: now,
+        }));
+    }
+
+    /// Enters a state whose retry time is part of the change the app sees.
+    fn enter_with_retry(
+        &mut self,
+        to: ConnectionState,
+        reason: Reason,
+        now: Instant,
+        retry_at: Instant,
+    ) {
+        self.retry_at = Some(retry_at);
+        self.enter(to, reason, now);
+    }
+
+    fn open_ws(&mut self, now: Instant) {
+        if matches!(self.ws, Ws::Closed) && !self.refreshing_token {
+            self.ws = Ws::Opening { since: now };
+            self.actions.push_back(Action::OpenWebSocket);
+        }
+    }
+
+    /// Enters Connecting and opens the WebSocket.
+    fn connect(&mut self, now: Instant, reason: Reason) {
+        if let Some(nb) = self.not_before.filter(|nb| *nb > now) {
+            // The server asked for patience (503 Retry-After).
+            self.enter_with_retry(ConnectionState::Offline, reason, now, nb);
+            return;
+        }
+        self.http_works = false;
+        self.slow_checked = false;
+        self.enter(ConnectionState::Connecting, reason, now);
+        self.open_ws(now);
+    }
+
+    /// The WebSocket is refused or slow: find out whether HTTP works.
+    fn try_http(&mut self) {
+        if !self.poll_in_flight {
+            self.poll_in_flight = true;
+            self.actions.push_back(Action::Poll);
+        }
+    }
+
+    fn enter_polling(&mut self, now: Instant, reason: Reason) {
+        let probe_at = now + self.probe_backoff.next_delay();
+        let probe_at = self.not_before.map_or(probe_at, |nb| probe_at.max(nb));
+        // A slow WebSocket attempt may still be going on: the probe timer only acts once
+        // it has ended.
+        self.enter_with_retry(ConnectionState::Polling, reason, now, probe_at);
+        self.backoff.reset();
+        self.offline_since = None;
+        self.next_poll = Some(now);
+        self.actions.push_back(Action::Flush(Route::Http));
+    }
+
+    fn schedule_probe(&mut self, now: Instant) {
+        let at = now + self.probe_backoff.next_delay();
+        self.retry_at = Some(self.not_before.map_or(at, |nb| at.max(nb)));
+    }
+
+    fn go_offline(&mut self, now: Instant, reason: Reason) {
+        if matches!(self.ws, Ws::Opening { .. }) {
+            self.actions.push_back(Action::CloseWebSocket);
+            self.ws = Ws::Closed;
+        }
+        self.http_works = false;
+        let since = *self.offline_since.get_or_insert(now);
+        let (to, delay, reason) = if now.saturating_duration_since(since) >= self.cfg.suspend_after
+        {
+            let full = self.cfg.suspended_retry;
+            let delay = self.backoff.jitter(full / 2, full);
+            (ConnectionState::Suspended, delay, Reason::LongOffline)
+        } else {
+            (ConnectionState::Offline, self.backoff.next_delay(), reason)
+        };
+        let at = now + delay;
+        let at = self.not_before.map_or(at, |nb| at.max(nb));
+        self.enter_with_retry(to, reason, now, at);
+    }
+
+    fn retry_now(&mut self, now: Instant, reason: Reason) {
+        if self.is_final() {
+            return;
+        }
+        self.backoff.reset();
+        self.offline_since = None;
+        match self.state {
+            ConnectionState::Offline | ConnectionState::Suspended => self.connect(now, reason),
+            ConnectionState::Polling if matches!(self.ws, Ws::Closed) => {
+                self.probe_backoff.reset();
+                self.open_ws(now);
+            }
+            _ => {}
+        }
+    }
+
+    fn note_retry_after(&mut self, now: Instant, failure: Failure) {
+        if let Failure::ServerFull {
+            retry_after: Some(after),
+        } = failure
+        {
+            self.not_before = Some(now + after);
+        }
+    }
+
+    /// A socket that dropped soon after opening keeps the probe schedule growing.
+    fn note_flap(&mut self, now: Instant, opened: Instant) {
+        if now.saturating_duration_since(opened) >= self.cfg.stable_after {
+            self.probe_backoff.reset();
+        }
+    }
+
+    fn auth_ok(&mut self) {
+        self.token_refreshed = false;
+    }
+
+    fn auth_refused(&mut self, now: Instant) {
+        if self.token_refreshed {
+            self.auth_failed(now);
+            return;
+        }
+        if !self.refreshing_token {
+            self.refreshing_token = true;
+            self.actions.push_back(Action::RefreshToken);
+        }
+        if self.state != ConnectionState::Connecting {
+            self.http_works = false;
+            self.enter(ConnectionState::Connecting, Reason::AuthRejected, now);
+        }
+    }
+
+    fn auth_failed(&mut self, now: Instant) {
+        if !matches!(self.ws, Ws::Closed) {
+            self.actions.push_back(Action::CloseWebSocket);
+            self.ws = Ws::Closed;
+        }
+        self.clear_timers();
+        self.enter(ConnectionState::AuthFailed, Reason::AuthRejected, now);
+    }
+
+    fn start_resync(&mut self) {
+        if !self.resync_in_flight {
+            self.resync_in_flight = true;
+            self.actions.push_back(Action::Resync);
+        }
+    }
+
+    /// Stops every timer. Requests still out (a poll, a resync) stay marked as such
+    /// until answered, so that none is ever asked for twice.
+    fn clear_timers(&mut self) {
+        self.pong_due = None;
+        self.next_ping = None;
+        self.next_poll = None;
+        self.retry_at = None;
+        self.refreshing_token = false;
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,606 @@
+//! Deterministic tests of the connection state machine: virtual time, no sleeping.
+//! One test per row (or group of rows) of the transition table in `docs/client.md`.
+
+use super::*;
+
+/// A machine driven in virtual time.
+struct H {
+    m: Machine,
+    now: Instant,
+}
+
+fn cfg() -> MachineConfig {
+    MachineConfig {
+        jitter_seed: 1,
+        ..MachineConfig::default()
+    }
+}
+
+impl H {
+    fn new() -> Self {
+        Self::with(cfg())
+    }
+
+    fn with(cfg: MachineConfig) -> Self {
+        let now = Instant::now();
+        Self {
+            m: Machine::new(cfg, now),
+            now,
+        }
+    }
+
+    /// Moves time forward by `d`, firing each timer at its own deadline.
+    fn advance(&mut self, d: Duration) {
+        let end = self.now + d;
+        for _ in 0..10_000 {
+            match self.m.poll_timeout() {
+                Some(t) if t <= end => {
+                    self.now = self.now.max(t);
+                    self.m.handle_timeout(self.now);
+                }
+                _ => break,
+            }
+        }
+        self.now = end;
+    }
+
+    fn ms(&mut self, ms: u64) {
+        self.advance(Duration::from_millis(ms));
+    }
+
+    fn actions(&mut self) -> Vec<Action> {
+        std::iter::from_fn(|| self.m.poll_action()).collect()
+    }
+
+    /// The actions other than state changes.
+    fn work(&mut self) -> Vec<Action> {
+        self.actions()
+            .into_iter()
+            .filter(|a| !matches!(a, Action::StateChanged(_)))
+            .collect()
+    }
+
+    /// How many polls were asked for.
+    fn polls(&mut self) -> usize {
+        self.actions()
+            .iter()
+            .filter(|a| **a == Action::Poll)
+            .count()
+    }
+
+    fn changes(&mut self) -> Vec<StateChange> {
+        self.actions()
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::StateChanged(c) => Some(c),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn state(&self) -> ConnectionState {
+        self.m.state()
+    }
+
+    fn realtime() -> Self {
+        let mut h = Self::new();
+        h.m.start(h.now);
+        h.m.on_ws_open(h.now);
+        h.actions();
+        assert_eq!(h.state(), ConnectionState::Realtime);
+        h
+    }
+
+    fn polling() -> Self {
+        let mut h = Self::new();
+        h.m.start(h.now);
+        h.m.on_ws_failed(h.now, Failure::Network);
+        h.m.on_poll_ok(h.now, false);
+        h.actions();
+        assert_eq!(h.state(), ConnectionState::Polling);
+        h
+    }
+}
+
+use ConnectionState::*;
+
+#[test]
+fn start_opens_the_websocket_and_realtime_flushes_over_it() {
+    let mut h = H::new();
+    assert_eq!(h.state(), Offline);
+    h.m.start(h.now);
+    let a = h.actions();
+    assert!(matches!(
+        a[0],
+        Action::StateChanged(StateChange {
+            from: Offline,
+            to: Connecting,
+            reason: Reason::Start,
+            ..
+        })
+    ));
+    assert_eq!(a[1], Action::OpenWebSocket);
+    h.m.on_ws_open(h.now);
+    let a = h.actions();
+    assert!(matches!(
+        a[0],
+        Action::StateChanged(StateChange {
+            to: Realtime,
+            reason: Reason::WebSocketOpened,
+            ..
+        })
+    ));
+    assert_eq!(a[1], Action::Flush(Route::WebSocket));
+}
+
+#[test]
+fn a_refused_websocket_with_working_http_falls_to_polling_at_once() {
+    let mut h = H::new();
+    h.m.start(h.now);
+    h.actions();
+    h.m.on_ws_failed(h.now, Failure::Network);
+    assert_eq!(h.work(), vec![Action::Poll], "HTTP is tried at once");
+    h.m.on_poll_ok(h.now, false);
+    let a = h.actions();
+    let Action::StateChanged(change) = a[0] else {
+        panic!("{a:?}")
+    };
+    assert_eq!((change.to, change.reason), (Polling, Reason::HttpWorks));
+    let probe = change.next_retry_at.unwrap();
+    assert!(
+        probe >= h.now + Duration::from_secs(2),
+        "next WebSocket probe is shown"
+    );
+    assert_eq!(
+        a[1..],
+        [Action::Flush(Route::Http)],
+        "queued items go over HTTP"
+    );
+    h.ms(2000);
+    assert_eq!(h.polls(), 1, "then it polls on its interval");
+}
+
+#[test]
+fn polling_polls_on_its_interval_and_at_once_when_more_is_waiting() {
+    let mut h = H::polling();
+    h.ms(2000);
+    assert_eq!(h.polls(), 1);
+    h.m.on_poll_ok(h.now, true);
+    h.ms(0);
+    assert_eq!(h.polls(), 1, "a full page: fetch the next at once");
+    h.m.on_poll_ok(h.now, false);
+    h.ms(1999);
+    assert_eq!(h.polls(), 0, "no poll before the interval");
+    h.ms(1);
+    assert_eq!(h.polls(), 1);
+    h.ms(10_000);
+    assert_eq!(h.polls(), 0, "no second poll while one is out");
+}
+
+#[test]
+fn websocket_and_http_both_failing_goes_offline_with_a_retry_time() {
+    let mut h = H::new();
+    h.m.start(h.now);
+    h.m.on_ws_failed(h.now, Failure::Network);
+    h.actions();
+    h.m.on_poll_failed(h.now, Failure::Network);
+    let c = h.changes();
+    assert_eq!((c[0].to, c[0].reason), (Offline, Reason::HttpFailed));
+    let retry = c[0].next_retry_at.unwrap();
+    let delay = retry - h.now;
+    assert!(delay >= Duration::from_millis(500) && delay <= Duration::from_millis(500));
+    h.advance(delay);
+    let a = h.actions();
+    assert!(matches!(
+        a[0],
+        Action::StateChanged(StateChange {
+            to: Connecting,
+            reason: Reason::RetryTimer,
+            ..
+        })
+    ));
+    assert_eq!(a[1], Action::OpenWebSocket);
+}
+
+#[test]
+fn retry_delays_grow_to_the_maximum_with_jitter_and_differ_between_clients() {
+    let delays = |seed: u64| {
+        let mut h = H::with(MachineConfig {
+            jitter_seed: seed,
+            suspend_after: Duration::from_secs(3600),
+            ..MachineConfig::default()
+        });
+        h.m.start(h.now);
+        let mut out = Vec::new();
+        for _ in 0..12 {
+            h.m.on_ws_failed(h.now, Failure::Network);
+            h.m.on_poll_failed(h.now, Failure::Network);
+            let retry = h.m.next_retry_at().unwrap();
+            out.push(retry - h.now);
+            h.advance(retry - h.now);
+            h.actions();
+            assert_eq!(h.state(), Connecting);
+        }
+        out
+    };
+    let a = delays(1);
+    let mut envelope = Duration::from_millis(500);
+    for d in &a {
+        assert!(
+            *d >= Duration::from_millis(500) && *d <= envelope,
+            "{d:?} > {envelope:?}"
+        );
+        envelope = (envelope * 2).min(Duration::from_secs(30));
+    }
+    assert!(a[11] > Duration::from_secs(1), "the schedule grew");
+    let b = delays(2);
+    assert_ne!(a, b, "two clients do not retry in lock step");
+}
+
+#[test]
+fn a_slow_websocket_makes_the_client_poll_meanwhile_then_climb_to_realtime() {
+    let mut h = H::new();
+    h.m.start(h.now);
+    h.actions();
+    h.ms(1499);
+    assert!(h.work().is_empty());
+    h.ms(1);
+    assert_eq!(h.work(), vec![Action::Poll], "slow connect: try HTTP");
+    h.m.on_poll_ok(h.now, false);
+    assert_eq!(h.state(), Polling);
+    h.actions();
+    h.ms(100);
+    h.m.on_ws_open(h.now);
+    assert_eq!(h.state(), Realtime, "the slow attempt finished");
+}
+
+#[test]
+fn a_websocket_attempt_is_abandoned_after_the_connect_timeout() {
+    let mut h = H::new();
+    h.m.start(h.now);
+    h.actions();
+    h.ms(1500);
+    h.actions(); // the HTTP try
+    h.m.on_poll_failed(h.now, Failure::Network); // HTTP down too; the attempt goes on
+    assert_eq!(h.state(), Connecting);
+    h.ms(8500);
+    let a = h.work();
+    assert_eq!(a, vec![Action::CloseWebSocket, Action::Poll]);
+    h.m.on_poll_failed(h.now, Failure::Network);
+    assert_eq!(h.state(), Offline);
+}
+
+#[test]
+fn a_silent_socket_is_detected_by_the_heartbeat() {
+    let mut h = H::realtime();
+    h.ms(25_000);
+    assert_eq!(h.work(), vec![Action::SendPing]);
+    h.ms(5_000);
+    h.m.on_ws_activity(h.now); // a pong
+    h.ms(20_000);
+    assert_eq!(h.work(), vec![Action::SendPing]);
+    h.ms(9_999);
+    assert_eq!(h.state(), Realtime);
+    h.ms(1);
+    let a = h.actions();
+    assert_eq!(a[0], Action::CloseWebSocket);
+    assert!(matches!(
+        a[1],
+        Action::StateChanged(StateChange {
+            from: Realtime,
+            to: Connecting,
+            reason: Reason::HeartbeatLost,
+            ..
+        })
+    ));
+    assert_eq!(a[2], Action::OpenWebSocket);
+}
+
+#[test]
+fn coming_to_the_foreground_checks_the_socket_quickly() {
+    let mut h = H::realtime();
+    h.ms(1000);
+    h.m.background(h.now);
+    h.ms(20_000); // frozen: nothing arrives
+    h.actions();
+    h.m.foreground(h.now);
+    assert_eq!(h.work(), vec![Action::SendPing]);
+    h.ms(3000);
+    assert_eq!(
+        h.state(),
+        Connecting,
+        "dead socket found within foreground_check"
+    );
+}
+
+#[test]
+fn while_polling_the_websocket_is_probed_and_success_returns_to_realtime() {
+    let mut h = H::polling();
+    let probe = h.m.next_retry_at().unwrap();
+    h.advance(probe - h.now);
+    assert!(h.work().contains(&Action::OpenWebSocket));
+    h.m.on_ws_failed(h.now, Failure::Network);
+    assert_eq!(h.state(), Polling, "a failed probe keeps polling");
+    let next = h.m.next_retry_at().unwrap();
+    assert!(next > h.now);
+    h.advance(next - h.now);
+    assert!(h.work().contains(&Action::OpenWebSocket));
+    h.m.on_ws_open(h.now);
+    let a = h.actions();
+    assert!(matches!(
+        a[0],
+        Action::StateChanged(StateChange {
+            from: Polling,
+            to: Realtime,
+            ..
+        })
+    ));
+    assert_eq!(a[1], Action::Flush(Route::WebSocket));
+}
+
+#[test]
+fn a_flapping_websocket_backs_off_and_a_stable_one_resets_the_probe_schedule() {
+    let mut h = H::polling();
+    let mut probes = Vec::new();
+    for _ in 0..6 {
+        let probe = h.m.next_retry_at().unwrap();
+        probes.push(probe - h.now);
+        h.advance(probe - h.now);
+        h.actions();
+        h.m.on_ws_open(h.now);
+        h.ms(1000); // drops after a second
+        h.m.on_ws_closed(h.now, CloseKind::Lost);
+        h.m.on_ws_failed(h.now, Failure::Network); // the reconnect is refused
+        h.m.on_poll_ok(h.now, false);
+        h.actions();
+        assert_eq!(h.state(), Polling);
+    }
+    assert!(
+        probes[5] > Duration::from_secs(8),
+        "probes spaced out: {probes:?}"
+    );
+    // Now it holds for longer than stable_after: the next fall starts the schedule anew.
+    let probe = h.m.next_retry_at().unwrap();
+    h.advance(probe - h.now);
+    h.m.on_ws_open(h.now);
+    h.ms(31_000);
+    h.m.on_ws_closed(h.now, CloseKind::Lost);
+    h.m.on_ws_failed(h.now, Failure::Network);
+    h.m.on_poll_ok(h.now, false);
+    let first = h.m.next_retry_at().unwrap() - h.now;
+    assert!(first <= Duration::from_secs(2), "{first:?}");
+}
+
+#[test]
+fn polling_gives_up_for_offline_when_http_keeps_failing() {
+    let mut h = H::polling();
+    h.ms(2000);
+    h.actions();
+    h.m.on_poll_failed(h.now, Failure::Server);
+    assert_eq!(h.state(), Polling, "one failure is tolerated");
+    h.ms(2000);
+    assert!(h.work().contains(&Action::Poll));
+    h.m.on_poll_failed(h.now, Failure::Network);
+    assert_eq!(h.state(), Offline);
+}
+
+#[test]
+fn a_long_time_offline_becomes_suspended_with_slow_retries_until_a_hint() {
+    let mut h = H::new();
+    h.m.start(h.now);
+    for _ in 0..100 {
+        h.m.on_ws_failed(h.now, Failure::Network);
+        h.m.on_poll_failed(h.now, Failure::Network);
+        if h.state() == Suspended {
+            break;
+        }
+        let retry = h.m.next_retry_at().unwrap();
+        h.advance(retry - h.now);
+        h.actions();
+    }
+    assert_eq!(h.state(), Suspended);
+    let wait = h.m.next_retry_at().unwrap() - h.now;
+    assert!(wait >= Duration::from_secs(150), "{wait:?}");
+    h.actions();
+    h.m.network_available(h.now);
+    let a = h.actions();
+    assert!(matches!(
+        a[0],
+        Action::StateChanged(StateChange {
+            from: Suspended,
+            to: Connecting,
+            reason: Reason::NetworkAvailable,
+            ..
+        })
+    ));
+    assert_eq!(a[1], Action::OpenWebSocket);
+}
+
+#[test]
+fn a_refused_token_is_refreshed_once_then_the_state_is_auth_failed() {
+    let mut h = H::new();
+    h.m.start(h.now);
+    h.actions();
+    h.m.on_ws_failed(h.now, Failure::Auth);
+    assert_eq!(h.work(), vec![Action::RefreshToken]);
+    h.m.on_token(h.now);
+    assert_eq!(h.work(), vec![Action::OpenWebSocket]);
+    h.m.on_ws_failed(h.now, Failure::Auth);
+    let a = h.actions();
+    assert!(matches!(
+        a[0],
+        Action::StateChanged(StateChange { to: AuthFailed, .. })
+    ));
+    // Terminal: time and network do nothing.
+    assert_eq!(h.m.poll_timeout(), None);
+    h.m.network_available(h.now);
+    h.ms(600_000);
+    assert!(h.actions().is_empty());
+    // A new token from the app leaves it.
+    h.m.on_token(h.now);
+    assert_eq!(h.state(), Connecting);
+    assert_eq!(h.work(), vec![Action::OpenWebSocket]);
+}
+
+#[test]
+fn a_token_expiring_mid_session_is_refreshed_and_the_session_resumes() {
+    let mut h = H::realtime();
+    h.ms(20_000);
+    h.actions();
+    h.m.on_ws_closed(h.now, CloseKind::AuthExpired);
+    let a = h.actions();
+    assert_eq!(a[0], Action::RefreshToken);
+    assert!(matches!(
+        a[1],
+        Action::StateChanged(StateChange {
+            to: Connecting,
+            reason: Reason::AuthRejected,
+            ..
+        })
+    ));
+    h.m.on_token(h.now);
+    assert_eq!(h.work(), vec![Action::OpenWebSocket]);
+    h.m.on_ws_open(h.now);
+    assert_eq!(h.state(), Realtime);
+    h.actions();
+    // A later expiry is again refreshed (the earlier refresh was proven good).
+    h.m.on_ws_closed(h.now, CloseKind::AuthExpired);
+    assert_eq!(h.work(), vec![Action::RefreshToken]);
+}
+
+#[test]
+fn no_token_from_the_provider_is_auth_failed() {
+    let mut h = H::new();
+    h.m.start(h.now);
+    h.m.on_ws_failed(h.now, Failure::Auth);
+    h.actions();
+    h.m.on_token_unavailable(h.now);
+    assert_eq!(h.state(), AuthFailed);
+}
+
+#[test]
+fn an_expired_cursor_resyncs_then_returns_to_the_transport_that_works() {
+    let mut h = H::realtime();
+    h.m.on_cursor_expired(h.now);
+    let a = h.actions();
+    assert!(matches!(
+        a[0],
+        Action::StateChanged(StateChange {
+            to: Resyncing,
+            reason: Reason::CursorExpired,
+            ..
+        })
+    ));
+    assert_eq!(a[1], Action::Resync);
+    h.m.on_resync_done(h.now);
+    assert_eq!(h.state(), Realtime);
+
+    let mut h = H::polling();
+    h.m.on_cursor_expired(h.now);
+    assert_eq!(h.state(), Resyncing);
+    assert_eq!(h.work(), vec![Action::Resync]);
+    h.m.on_resync_done(h.now);
+    assert_eq!(h.state(), Polling);
+    assert!(
+        h.work().contains(&Action::OpenWebSocket),
+        "the WebSocket is tried again at once"
+    );
+}
+
+#[test]
+fn a_failed_resync_is_done_first_on_the_next_connection() {
+    let mut h = H::polling();
+    h.m.on_cursor_expired(h.now);
+    h.actions();
+    h.m.on_resync_failed(h.now, Failure::Network);
+    assert_eq!(h.state(), Offline);
+    let retry = h.m.next_retry_at().unwrap();
+    h.advance(retry - h.now);
+    h.actions();
+    h.m.on_ws_open(h.now);
+    assert_eq!(h.state(), Resyncing, "continuity first");
+    assert!(h.work().contains(&Action::Resync));
+    h.m.on_resync_done(h.now);
+    assert_eq!(h.state(), Realtime);
+}
+
+#[test]
+fn a_full_server_is_not_retried_before_its_retry_after() {
+    let mut h = H::new();
+    h.m.start(h.now);
+    h.m.on_ws_failed(
+        h.now,
+        Failure::ServerFull {
+            retry_after: Some(Duration::from_secs(20)),
+        },
+    );
+    h.m.on_poll_failed(
+        h.now,
+        Failure::ServerFull {
+            retry_after: Some(Duration::from_secs(20)),
+        },
+    );
+    assert_eq!(h.state(), Offline);
+    assert!(h.m.next_retry_at().unwrap() >= h.now + Duration::from_secs(20));
+}
+
+#[test]
+fn a_server_going_away_is_not_hammered_at_once() {
+    let mut h = H::realtime();
+    h.m.on_ws_closed(h.now, CloseKind::GoingAway);
+    let c = h.changes();
+    assert_eq!((c[0].to, c[0].reason), (Offline, Reason::ServerGoingAway));
+    assert!(c[0].next_retry_at.unwrap() >= h.now + Duration::from_millis(500));
+    assert!(h.work().is_empty(), "no immediate reconnect");
+}
+
+#[test]
+fn losing_the_network_closes_the_socket_and_goes_offline() {
+    let mut h = H::realtime();
+    h.m.network_lost(h.now);
+    let a = h.actions();
+    assert_eq!(a[0], Action::CloseWebSocket);
+    assert!(matches!(
+        a[1],
+        Action::StateChanged(StateChange {
+            to: Offline,
+            reason: Reason::NetworkLost,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn shutdown_closes_everything_and_is_final() {
+    let mut h = H::realtime();
+    h.m.shutdown(h.now);
+    let a = h.actions();
+    assert_eq!(a[0], Action::CloseWebSocket);
+    assert!(matches!(
+        a[1],
+        Action::StateChanged(StateChange {
+            to: Closed,
+            reason: Reason::Shutdown,
+            ..
+        })
+    ));
+    assert_eq!(h.m.poll_timeout(), None);
+    h.m.network_available(h.now);
+    h.m.on_token(h.now);
+    h.m.start(h.now);
+    h.ms(100_000);
+    assert!(h.actions().is_empty());
+    assert_eq!(h.state(), Closed);
+}
+
+#[test]
+fn time_in_each_state_is_accounted() {
+    let mut h = H::new();
+    h.m.start(h.now);
+    h.ms(300);
+    h.m.on_ws_open(h.now);
+    h.ms(5000);
+    let t: std::collections::HashMap<_, _> = h.m.time_in_states(h.now).into_iter().collect();
+    assert_eq!(t[&Connecting], Duration::from_millis(300));
+    assert_eq!(t[&Realtime], Duration::from_millis(5000));
+}
