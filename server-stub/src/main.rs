@@ -1,6 +1,191 @@
-//! `webwaka-server-stub`: starts the local server (not built yet).
+//! `webwaka-server-stub`: runs the local server (the default), mints development tokens
+//! (`token`), or checks the audit chain (`verify-audit`). Settings come from flags or
+//! the environment (see `.env.example` and `docs/server.md`).
 
-fn main() {
-    eprintln!("webwaka-server-stub: the server is not built yet (see the open issues)");
-    std::process::exit(2);
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use webwaka_server_stub::auth::{Keys, SecretSource, resolve_secret};
+use webwaka_server_stub::{Config, Options, Server};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "webwaka-server-stub",
+    version,
+    about = "The local WebWaka Realtime server"
+)]
+struct Cli {
+    #[command(flatten)]
+    config: Config,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the server (the default).
+    Serve,
+    /// Print a development token signed with the server's secret.
+    Token {
+        /// The tenant (`tenantId` claim).
+        #[arg(long)]
+        tenant: String,
+        /// The user (`userId` and `sub` claims).
+        #[arg(long)]
+        user: String,
+        /// Roles, comma-separated (e.g. `admin,service`).
+        #[arg(long, value_delimiter = ',')]
+        roles: Vec<String>,
+        /// Validity, in ms (default one day).
+        #[arg(long = "ttl", default_value_t = 86_400_000)]
+        ttl_ms: u64,
+    },
+    /// Check the audit log's hash chain in the data directory; exit 1 if broken.
+    VerifyAudit,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(cli.config),
+        Command::Token {
+            tenant,
+            user,
+            roles,
+            ttl_ms,
+        } => token(&cli.config, &tenant, &user, &roles, ttl_ms),
+        Command::VerifyAudit => verify_audit(&cli.config),
+    }
+}
+
+fn token(config: &Config, tenant: &str, user: &str, roles: &[String], ttl_ms: u64) -> ExitCode {
+    if tenant.trim().is_empty() || user.trim().is_empty() {
+        eprintln!("error: --tenant and --user must not be empty");
+        return ExitCode::from(2);
+    }
+    match resolve_secret(config) {
+        Ok((secret, _)) => {
+            let keys = Keys::new(secret.as_bytes(), 0);
+            let ttl = i64::try_from(ttl_ms / 1000).unwrap_or(i64::MAX).max(1);
+            println!("{}", keys.mint(tenant, user, roles, ttl));
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn verify_audit(config: &Config) -> ExitCode {
+    let path = config.database_path();
+    if !path.exists() {
+        eprintln!("error: no database at {}", path.display());
+        return ExitCode::FAILURE;
+    }
+    match webwaka_server_stub::audit::verify_file(&path) {
+        Ok(check) => {
+            println!(
+                "{}",
+                serde_json::json!({"valid": check.valid, "entries": check.entries})
+            );
+            if let Some((sequence, problem)) = check.first_bad {
+                eprintln!("the chain breaks at entry {sequence}: {problem}");
+                return ExitCode::FAILURE;
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(config: Config) -> ExitCode {
+    webwaka_server_stub::telemetry::init(&config);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let server = match Server::bind(config.clone(), Options::default()).await {
+            Ok(server) => server,
+            Err(error) => {
+                eprintln!("error: {error}");
+                return ExitCode::FAILURE;
+            }
+        };
+        print_banner(&config, &server);
+        server.run(shutdown_signal()).await;
+        ExitCode::SUCCESS
+    })
+}
+
+/// What a newcomer needs: where it listens, where the data is, how to get a token.
+fn print_banner(config: &Config, server: &Server) {
+    let addr = server.local_addr();
+    let data_dir =
+        std::fs::canonicalize(&config.data_dir).unwrap_or_else(|_| config.data_dir.clone());
+    println!("WebWaka Realtime server {}", env!("CARGO_PKG_VERSION"));
+    println!(
+        "  listening   http://{addr}  (WebSocket ws://{addr}{})",
+        config.ws_path
+    );
+    println!("  data        {}", data_dir.display());
+    println!("  health      http://{addr}/health    metrics http://{addr}/metrics");
+    match server.secret_source() {
+        SecretSource::Configured => println!("  JWT secret  from JWT_SECRET"),
+        SecretSource::DevFile | SecretSource::DevGenerated => {
+            let path = config.dev_secret_path();
+            let secret = std::fs::read_to_string(&path).unwrap_or_default();
+            let how = if server.secret_source() == SecretSource::DevGenerated {
+                "generated now"
+            } else {
+                "kept from an earlier run"
+            };
+            println!(
+                "  JWT secret  dev mode, {how}: {} (in {})",
+                secret.trim(),
+                path.display()
+            );
+            let demo = server.keys().mint("demo", "alice", &[], 86_400);
+            println!("  demo token  (tenant demo, user alice, 24 h):");
+            println!("              {demo}");
+        }
+    }
+    println!(
+        "  more tokens cargo run --release -p webwaka-server-stub -- token --tenant T --user U --roles admin,service"
+    );
+    println!("  stop        Ctrl-C (closes WebSockets with 1001, flushes storage)");
+}
+
+/// Completes on SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
 }

@@ -1,0 +1,493 @@
+//! The embedded SQLite database: one writer thread, a few reader connections, and the
+//! schema.
+//!
+//! **One writer.** Every change goes through [`Db::write`], which hands a closure to a
+//! dedicated thread that owns the only write connection. The thread takes every job
+//! waiting in its queue, runs each in its own savepoint inside one transaction, and
+//! commits once (group commit): many concurrent writers cost one commit, and a job that
+//! fails is rolled back alone. Only after the commit does the thread run the jobs'
+//! *effects* (live fan-out to WebSocket connections), in commit order, and then answer
+//! the callers. So a client never hears of something that is not stored, and deliveries
+//! leave in sequence order.
+//!
+//! **Readers.** Reads (polls, snapshots, audit pages) use a small pool of read-only
+//! connections directly on the calling task: SQLite in WAL mode lets them run beside the
+//! writer, and a short indexed read is cheaper than a hop to another thread.
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, mpsc};
+use std::thread::JoinHandle;
+
+use rusqlite::{Connection, OpenFlags};
+use rusqlite_migration::{M, Migrations};
+use tokio::sync::oneshot;
+
+use crate::config::Durability;
+use crate::error::{JobError, StoreError};
+
+/// Most jobs committed together.
+const MAX_BATCH: usize = 512;
+/// Read connections in the pool.
+const READERS: usize = 4;
+
+/// The schema, as numbered migrations (never edit one that shipped; add a new one).
+const MIGRATIONS: &[&str] = &[r#"
+-- The last sequence handed out per tenant (kept even when retention empties the log).
+CREATE TABLE tenant_seq (
+    tenant   TEXT PRIMARY KEY,
+    last_seq INTEGER NOT NULL
+) WITHOUT ROWID;
+
+-- The durable log: every durable message and bus event of every tenant.
+-- Audience: recipient_id (a user), room_id (a room's members), or neither (the whole
+-- tenant); the sender always sees what it sent.
+CREATE TABLE events (
+    tenant       TEXT NOT NULL,
+    seq          INTEGER NOT NULL,
+    event_id     TEXT NOT NULL,
+    event_type   TEXT NOT NULL,
+    created_ms   INTEGER NOT NULL,
+    recipient_id TEXT,
+    room_id      TEXT,
+    sender_id    TEXT,
+    message_id   TEXT,
+    body         TEXT NOT NULL,
+    PRIMARY KEY (tenant, seq)
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX events_by_id ON events (tenant, event_id);
+CREATE UNIQUE INDEX events_by_message ON events (tenant, sender_id, message_id)
+    WHERE message_id IS NOT NULL;
+CREATE INDEX events_by_time ON events (created_ms);
+
+-- Room membership belongs to the user (survives reconnects and restarts).
+CREATE TABLE room_members (
+    tenant    TEXT NOT NULL,
+    user_id   TEXT NOT NULL,
+    room_id   TEXT NOT NULL,
+    joined_ms INTEGER NOT NULL,
+    PRIMARY KEY (tenant, user_id, room_id)
+) WITHOUT ROWID;
+
+-- Consumer groups and their deliveries (state: leased, pending, acked, dead).
+CREATE TABLE consumer_groups (
+    tenant     TEXT NOT NULL,
+    grp        TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    scan_from  INTEGER NOT NULL,
+    PRIMARY KEY (tenant, grp)
+) WITHOUT ROWID;
+CREATE TABLE group_deliveries (
+    tenant           TEXT NOT NULL,
+    grp              TEXT NOT NULL,
+    seq              INTEGER NOT NULL,
+    event_id         TEXT NOT NULL,
+    state            TEXT NOT NULL,
+    delivery_count   INTEGER NOT NULL,
+    consumer_id      TEXT,
+    lease_expires_ms INTEGER,
+    first_failed_ms  INTEGER,
+    last_failed_ms   INTEGER,
+    body             TEXT,
+    PRIMARY KEY (tenant, grp, seq)
+) WITHOUT ROWID;
+CREATE INDEX deliveries_by_state ON group_deliveries (tenant, grp, state, seq);
+CREATE INDEX deliveries_by_lease ON group_deliveries (state, lease_expires_ms);
+CREATE TABLE dlq (
+    dlq_id          TEXT PRIMARY KEY,
+    tenant          TEXT NOT NULL,
+    grp             TEXT NOT NULL,
+    seq             INTEGER NOT NULL,
+    event_id        TEXT NOT NULL,
+    body            TEXT NOT NULL,
+    failure_reason  TEXT NOT NULL,
+    retry_count     INTEGER NOT NULL,
+    first_failed_ms INTEGER NOT NULL,
+    last_failed_ms  INTEGER NOT NULL,
+    consumer_id     TEXT NOT NULL,
+    created_ms      INTEGER NOT NULL
+);
+CREATE INDEX dlq_by_tenant ON dlq (tenant, created_ms);
+
+-- Reconciliation: core's EntityState per entity, as JSON, and the tenant counter.
+CREATE TABLE entities (
+    tenant      TEXT NOT NULL,
+    entity_type TEXT NOT NULL,
+    entity_id   TEXT NOT NULL,
+    version     INTEGER NOT NULL,
+    state       TEXT NOT NULL,
+    PRIMARY KEY (tenant, entity_type, entity_id)
+) WITHOUT ROWID;
+CREATE INDEX entities_by_version ON entities (tenant, version);
+CREATE TABLE entity_counters (
+    tenant  TEXT PRIMARY KEY,
+    counter INTEGER NOT NULL
+) WITHOUT ROWID;
+
+-- Class D transactions; the idempotency key is scoped to tenant and user.
+CREATE TABLE transactions (
+    transaction_id  TEXT PRIMARY KEY,
+    tenant          TEXT NOT NULL,
+    user_id         TEXT NOT NULL,
+    idempotency_key TEXT NOT NULL,
+    body_hash       TEXT NOT NULL,
+    request         TEXT NOT NULL,
+    status          TEXT NOT NULL,
+    reason          TEXT,
+    received_ms     INTEGER NOT NULL,
+    updated_ms      INTEGER NOT NULL,
+    submit_audit_id TEXT NOT NULL,
+    audit_id        TEXT NOT NULL
+);
+CREATE UNIQUE INDEX transactions_by_key ON transactions (tenant, user_id, idempotency_key);
+CREATE INDEX transactions_by_status ON transactions (status);
+
+-- The audit log: one hash chain per server, append-only.
+CREATE TABLE audit_log (
+    sequence         INTEGER PRIMARY KEY,
+    audit_id         TEXT NOT NULL UNIQUE,
+    tenant_id        TEXT NOT NULL,
+    target_tenant_id TEXT,
+    body             TEXT NOT NULL,
+    hash             TEXT NOT NULL,
+    prev_hash        TEXT NOT NULL
+);
+CREATE INDEX audit_by_tenant ON audit_log (tenant_id, sequence);
+CREATE INDEX audit_by_target ON audit_log (target_tenant_id, sequence);
+CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+"#];
+
+/// What the writer thread remembers between jobs. Cleared whenever a job or a commit
+/// fails, so it never outlives a rollback.
+#[derive(Debug, Default)]
+pub(crate) struct WriterCache {
+    /// Last sequence per tenant.
+    pub(crate) tenant_seq: HashMap<String, u64>,
+    /// Last audit entry: (sequence, hash).
+    pub(crate) audit_head: Option<(u64, String)>,
+}
+
+/// Something to do after the batch is committed (live fan-out).
+type Effect = Box<dyn FnOnce() + Send>;
+
+/// What one job can touch: the write connection (inside the batch's transaction), the
+/// cache, and the list of effects to run after the commit.
+pub(crate) struct Writer<'a> {
+    /// The write connection, inside the job's savepoint.
+    pub(crate) conn: &'a Connection,
+    /// State kept between jobs.
+    pub(crate) cache: &'a mut WriterCache,
+    effects: Vec<Effect>,
+}
+
+impl Writer<'_> {
+    /// Runs `effect` after the batch is committed (not at all if this job fails).
+    pub(crate) fn after_commit(&mut self, effect: impl FnOnce() + Send + 'static) {
+        self.effects.push(Box::new(effect));
+    }
+}
+
+/// A job's answer, sent once the batch's fate is known (`None`: committed).
+type Reply = Box<dyn FnOnce(Option<String>) + Send>;
+/// One job on the writer's queue.
+type Job = Box<dyn FnOnce(&mut Writer<'_>) -> (bool, Reply) + Send>;
+
+enum Msg {
+    Job(Job),
+    Stop(std::sync::mpsc::Sender<()>),
+}
+
+/// The database: the writer's queue and the reader pool.
+pub(crate) struct Db {
+    queue: Mutex<Option<mpsc::Sender<Msg>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    readers: Vec<Mutex<Connection>>,
+    next_reader: AtomicUsize,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding a connection leaves it usable; carry on.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn open_connection(path: &Path, durability: Durability) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    let sync = match durability {
+        Durability::Normal => "NORMAL",
+        Durability::Full => "FULL",
+    };
+    conn.pragma_update(None, "synchronous", sync)?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(conn)
+}
+
+/// Brings the schema at `conn` up to date.
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let migrations = Migrations::new(MIGRATIONS.iter().map(|sql| M::up(sql)).collect());
+    migrations.to_latest(conn)?;
+    Ok(())
+}
+
+impl Db {
+    /// Opens (creating when needed) the database at `path` and starts the writer.
+    pub(crate) fn open(path: &Path, durability: Durability) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent()
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(dir)?;
+        }
+        let mut conn = open_connection(path, durability)?;
+        migrate(&mut conn)?;
+        let mut readers = Vec::with_capacity(READERS);
+        for _ in 0..READERS {
+            let reader = Connection::open_with_flags(
+                path,
+                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )?;
+            reader.busy_timeout(std::time::Duration::from_secs(5))?;
+            reader.set_prepared_statement_cache_capacity(64);
+            readers.push(Mutex::new(reader));
+        }
+        let (tx, rx) = mpsc::channel::<Msg>();
+        let thread = std::thread::Builder::new()
+            .name("webwaka-db-writer".into())
+            .spawn(move || writer_loop(conn, rx))?;
+        Ok(Self {
+            queue: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+            readers,
+            next_reader: AtomicUsize::new(0),
+        })
+    }
+
+    /// Runs `job` on the writer thread inside a transaction; its effects run after the
+    /// commit, then the result comes back. A failed job changes nothing.
+    pub(crate) async fn write<T, F>(&self, job: F) -> Result<T, JobError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Writer<'_>) -> Result<T, JobError> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel::<Result<T, JobError>>();
+        let boxed: Job = Box::new(move |writer| {
+            let result = job(writer);
+            let ok = result.is_ok();
+            let reply: Reply = Box::new(move |commit_error| {
+                let result = match (result, commit_error) {
+                    (Ok(value), None) => Ok(value),
+                    (Ok(_), Some(error)) => Err(StoreError::CommitFailed(error).into()),
+                    (Err(error), _) => Err(error),
+                };
+                let _ = tx.send(result);
+            });
+            (ok, reply)
+        });
+        {
+            let queue = lock(&self.queue);
+            let sender = queue.as_ref().ok_or(StoreError::WriterGone)?;
+            sender
+                .send(Msg::Job(boxed))
+                .map_err(|_| StoreError::WriterGone)?;
+        }
+        rx.await
+            .map_err(|_| JobError::Store(StoreError::WriterGone))?
+    }
+
+    /// Runs `read` on a pooled read-only connection, on the calling thread.
+    pub(crate) fn read<T>(
+        &self,
+        read: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let start = self.next_reader.fetch_add(1, Ordering::Relaxed);
+        // Take a free connection if there is one; otherwise wait for "ours".
+        for i in 0..self.readers.len() {
+            let slot = &self.readers[(start + i) % self.readers.len()];
+            if let Ok(conn) = slot.try_lock() {
+                return read(&conn);
+            }
+        }
+        let conn = lock(&self.readers[start % self.readers.len()]);
+        read(&conn)
+    }
+
+    /// Stops the writer after the jobs already queued, checkpoints the WAL and waits
+    /// for the thread. Later writes fail with [`StoreError::WriterGone`].
+    pub(crate) fn shutdown(&self) {
+        let sender = lock(&self.queue).take();
+        if let Some(sender) = sender {
+            let (ack_tx, ack_rx) = std::sync::mpsc::channel();
+            if sender.send(Msg::Stop(ack_tx)).is_ok() {
+                let _ = ack_rx.recv();
+            }
+        }
+        if let Some(thread) = lock(&self.thread).take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Db {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn writer_loop(conn: Connection, rx: mpsc::Receiver<Msg>) {
+    let mut cache = WriterCache::default();
+    loop {
+        let mut stop = None;
+        let mut batch = Vec::new();
+        match rx.recv() {
+            Ok(Msg::Job(job)) => batch.push(job),
+            Ok(Msg::Stop(ack)) => stop = Some(ack),
+            Err(_) => return,
+        }
+        while stop.is_none() && batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(Msg::Job(job)) => batch.push(job),
+                Ok(Msg::Stop(ack)) => stop = Some(ack),
+                Err(_) => break,
+            }
+        }
+        if !batch.is_empty() {
+            run_batch(&conn, &mut cache, batch);
+        }
+        if let Some(ack) = stop {
+            // Flush: fold the WAL back into the database file.
+            if let Err(error) = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);") {
+                tracing::warn!(%error, "WAL checkpoint at shutdown failed");
+            }
+            let _ = ack.send(());
+            return;
+        }
+    }
+}
+
+fn run_batch(conn: &Connection, cache: &mut WriterCache, batch: Vec<Job>) {
+    if let Err(error) = conn.execute_batch("BEGIN IMMEDIATE") {
+        tracing::error!(%error, "cannot begin a write transaction");
+        cache.tenant_seq.clear();
+        cache.audit_head = None;
+        // Run nothing; answer every job with the failure. A job closure is only called
+        // inside a transaction, so report through a throwaway writer is not possible:
+        // drop the jobs, their callers see WriterGone.
+        drop(batch);
+        return;
+    }
+    let mut effects: Vec<Effect> = Vec::new();
+    let mut replies: Vec<Reply> = Vec::with_capacity(batch.len());
+    for job in batch {
+        if conn.execute_batch("SAVEPOINT job").is_err() {
+            // Cannot isolate the job: skip it (its caller sees WriterGone).
+            continue;
+        }
+        let mut writer = Writer {
+            conn,
+            cache: &mut *cache,
+            effects: Vec::new(),
+        };
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| job(&mut writer)));
+        let job_effects = std::mem::take(&mut writer.effects);
+        match outcome {
+            Ok((true, reply)) => {
+                let _ = conn.execute_batch("RELEASE job");
+                effects.extend(job_effects);
+                replies.push(reply);
+            }
+            Ok((false, reply)) => {
+                let _ = conn.execute_batch("ROLLBACK TO job; RELEASE job");
+                cache.tenant_seq.clear();
+                cache.audit_head = None;
+                replies.push(reply);
+            }
+            Err(_) => {
+                tracing::error!("a storage job panicked; it was rolled back");
+                let _ = conn.execute_batch("ROLLBACK TO job; RELEASE job");
+                cache.tenant_seq.clear();
+                cache.audit_head = None;
+            }
+        }
+    }
+    match conn.execute_batch("COMMIT") {
+        Ok(()) => {
+            for effect in effects {
+                effect();
+            }
+            for reply in replies {
+                reply(None);
+            }
+        }
+        Err(error) => {
+            tracing::error!(%error, "commit failed");
+            let _ = conn.execute_batch("ROLLBACK");
+            cache.tenant_seq.clear();
+            cache.audit_head = None;
+            for reply in replies {
+                reply(Some(error.to_string()));
+            }
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub(crate) fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// A stored millisecond timestamp as a protocol time.
+pub(crate) fn ms_to_time(ms: i64) -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[tokio::test]
+    async fn a_failed_job_is_rolled_back_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("t.sqlite3"), Durability::Normal).unwrap();
+        db.write(|w| {
+            w.conn
+                .execute("INSERT INTO tenant_seq VALUES ('a', 1)", [])?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+        let failed = db
+            .write(|w| {
+                w.conn
+                    .execute("INSERT INTO tenant_seq VALUES ('b', 1)", [])?;
+                Err::<(), _>(JobError::Refused(crate::error::ApiError::internal()))
+            })
+            .await;
+        assert!(failed.is_err());
+        let n: i64 = db
+            .read(|c| Ok(c.query_row("SELECT count(*) FROM tenant_seq", [], |r| r.get(0))?))
+            .unwrap();
+        assert_eq!(n, 1);
+        // The audit log refuses updates.
+        let update = db
+            .write(|w| {
+                w.conn.execute(
+                    "INSERT INTO audit_log VALUES (1, 'a', 't', NULL, '{}', 'h', 'p')",
+                    [],
+                )?;
+                w.conn.execute("UPDATE audit_log SET body = 'x'", [])?;
+                Ok(())
+            })
+            .await;
+        assert!(update.is_err());
+        db.shutdown();
+    }
+}

@@ -1,0 +1,199 @@
+//! `GET /api/events/poll`, `POST /api/events` (publish) and `POST /api/messages`.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde_json::Value;
+use webwaka_realtime::protocol::event::{DEFAULT_POLL_LIMIT, MAX_POLL_LIMIT, MESSAGE_EVENT_TYPE};
+use webwaka_realtime::protocol::{
+    Event, EventMetadata, InteractionClass, MessageAccepted, PollResponse, PublishEvent, Published,
+    SendMessage, decode_value,
+};
+
+use crate::app::App;
+use crate::auth::{ROLE_ADMIN, ROLE_SERVICE};
+use crate::error::{ApiError, StoreError};
+use crate::http::extract::{Caller, JsonBody, QueryMap};
+use crate::log::{self, Fanout, NewEvent};
+use crate::metrics::label;
+
+/// `GET /api/events/poll?lastEventId=&limit=`: the durable events after the cursor
+/// that the caller may see.
+pub(crate) async fn poll(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    query: QueryMap,
+) -> Result<Json<PollResponse>, ApiError> {
+    let limit = query.int(
+        "limit",
+        1,
+        u64::from(MAX_POLL_LIMIT),
+        u64::from(DEFAULT_POLL_LIMIT),
+    )? as u32;
+    let cursor = query
+        .get("lastEventId")
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(str::to_owned);
+    let cutoff = log::retention_cutoff(app.config.event_bus_retention_period_ms);
+    let after = match &cursor {
+        None => 0,
+        Some(cursor) => app
+            .db
+            .read(|conn| Ok(log::cursor_seq(conn, &caller.tenant, cursor, cutoff)))??,
+    };
+    app.limits
+        .poll
+        .check(&app.metrics, &caller.tenant, caller.user())?;
+    let rows = app.db.read(|conn| {
+        log::visible_after(
+            conn,
+            &caller.tenant,
+            caller.user(),
+            after,
+            cutoff,
+            limit + 1,
+        )
+    })?;
+    let has_more = rows.len() > limit as usize;
+    let mut events = Vec::with_capacity(rows.len().min(limit as usize));
+    for (_, body) in rows.into_iter().take(limit as usize) {
+        events.push(serde_json::from_str::<Event>(&body).map_err(StoreError::from)?);
+    }
+    app.metrics
+        .events_delivered
+        .get_or_create(&label("via", "poll"))
+        .inc_by(events.len() as u64);
+    let next_event_id = events.last().map(|e| e.event_id.clone()).or(cursor);
+    Ok(Json(PollResponse {
+        events,
+        has_more,
+        next_event_id,
+    }))
+}
+
+/// `POST /api/events` (roles `service`, `admin`): appends an event to the tenant's log.
+pub(crate) async fn publish(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    body: JsonBody<PublishEvent>,
+) -> Result<(StatusCode, Json<Published>), ApiError> {
+    let publish = body.value;
+    caller
+        .check_named(&app, body.tenant_field.as_deref(), "body.tenantId", "event")
+        .await?;
+    caller.require_role(&[ROLE_SERVICE, ROLE_ADMIN])?;
+    publish.validate()?;
+    if publish.event_type == MESSAGE_EVENT_TYPE {
+        return Err(ApiError::invalid(
+            "eventType",
+            "\"message\" is reserved for messages: use POST /api/messages",
+        ));
+    }
+    if let Some(id) = &publish.event_id
+        && id.trim().is_empty()
+    {
+        return Err(ApiError::invalid(
+            "eventId",
+            "must not be empty when present",
+        ));
+    }
+    for (field, value) in [
+        ("recipientId", &publish.recipient_id),
+        ("roomId", &publish.room_id),
+    ] {
+        if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+            return Err(ApiError::invalid(field, "must not be empty when present"));
+        }
+    }
+    let mut metadata = publish.metadata.unwrap_or_default();
+    metadata
+        .entry("source")
+        .or_insert_with(|| Value::String(caller.user().to_owned()));
+    let metadata: EventMetadata = decode_value(Value::Object(metadata)).map_err(|e| {
+        let path = if e.path == "input" {
+            "metadata".to_owned()
+        } else {
+            format!("metadata.{}", e.path)
+        };
+        ApiError::invalid(path, e.message)
+    })?;
+    app.limits
+        .publish
+        .check(&app.metrics, &caller.tenant, caller.user())?;
+    let new = NewEvent {
+        event_id: publish.event_id,
+        event_type: publish.event_type,
+        payload: publish.payload,
+        metadata,
+        schema_version: publish.schema_version,
+        recipient_id: publish.recipient_id,
+        room_id: publish.room_id,
+        sender_id: Some(caller.user().to_owned()),
+    };
+    let fanout = Fanout {
+        hub: Arc::clone(&app.hub),
+        metrics: Arc::clone(&app.metrics),
+        exclude: None,
+    };
+    let tenant = caller.tenant.clone();
+    let (appended, _) = app
+        .db
+        .write(move |w| log::append_event(w, fanout, &tenant, new))
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(Published {
+            event_id: appended.event_id,
+            sequence: appended.seq,
+        }),
+    ))
+}
+
+/// `POST /api/messages`: the HTTP twin of the WebSocket `message` (always durable).
+pub(crate) async fn send_message(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    body: JsonBody<SendMessage>,
+) -> Result<(StatusCode, Json<MessageAccepted>), ApiError> {
+    caller
+        .check_named(
+            &app,
+            body.tenant_field.as_deref(),
+            "body.tenantId",
+            "message",
+        )
+        .await?;
+    let message = body.value;
+    message.validate()?;
+    match message.interaction_class {
+        InteractionClass::ClassA => {
+            return Err(ApiError::invalid(
+                "interactionClass",
+                "CLASS_A is live only: send it over the WebSocket or not at all",
+            ));
+        }
+        InteractionClass::ClassD => {
+            return Err(ApiError::invalid(
+                "interactionClass",
+                "CLASS_D goes through POST /api/transactions",
+            ));
+        }
+        InteractionClass::ClassB | InteractionClass::ClassC => {}
+    }
+    let ack =
+        crate::messaging::send(&app, &caller.tenant, caller.user(), message, None, "http").await?;
+    let (Some(event_id), Some(sequence)) = (ack.event_id, ack.sequence) else {
+        return Err(ApiError::internal());
+    };
+    Ok((
+        StatusCode::CREATED,
+        Json(MessageAccepted {
+            message_id: ack.message_id,
+            event_id,
+            sequence,
+        }),
+    ))
+}

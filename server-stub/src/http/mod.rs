@@ -1,0 +1,88 @@
+//! The HTTP API (PROTOCOL.md §4): the router, a span per request, and the fallbacks
+//! that keep even unknown paths in the protocol's error shape.
+
+pub(crate) mod admin;
+pub(crate) mod eventbus;
+pub(crate) mod events;
+pub(crate) mod extract;
+pub(crate) mod health;
+pub(crate) mod reconcile;
+pub(crate) mod transactions;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use tracing::Instrument;
+
+use crate::app::App;
+use crate::error::ApiError;
+
+/// Every route of the server, WebSocket included.
+pub(crate) fn router(app: Arc<App>) -> Router {
+    let ws_path = app.config.ws_path.clone();
+    let body_limit = app.config.http_max_body_bytes;
+    Router::new()
+        .route(&ws_path, get(crate::ws::handler))
+        .route("/health", get(health::health))
+        .route("/metrics", get(health::metrics))
+        .route("/api/events/poll", get(events::poll))
+        .route("/api/events", post(events::publish))
+        .route("/api/messages", post(events::send_message))
+        .route("/api/eventbus/groups/{group}/claim", post(eventbus::claim))
+        .route("/api/eventbus/groups/{group}/ack", post(eventbus::ack))
+        .route("/api/eventbus/dlq", get(eventbus::dlq))
+        .route("/api/eventbus/dlq/{dlq_id}/replay", post(eventbus::replay))
+        .route("/api/reconciliation/reconcile", post(reconcile::reconcile))
+        .route(
+            "/api/reconciliation/snapshot/{entity_type}/{entity_id}",
+            get(reconcile::snapshot),
+        )
+        .route("/api/transactions", post(transactions::submit))
+        .route(
+            "/api/transactions/{transaction_id}",
+            get(transactions::status),
+        )
+        .route("/api/admin/audit", get(admin::page))
+        .route("/api/admin/audit/verify", get(admin::verify))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(middleware::from_fn(trace_request))
+        .with_state(app)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such endpoint")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::invalid("method", "this endpoint does not take this method")
+}
+
+/// A span per request (method, path, a request number) and one line when it ends.
+async fn trace_request(request: Request, next: Next) -> Response {
+    static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    let span = tracing::info_span!(
+        "request",
+        id,
+        method = %request.method(),
+        path = %request.uri().path(),
+    );
+    let started = Instant::now();
+    let response = next.run(request).instrument(span.clone()).await;
+    span.in_scope(|| {
+        tracing::debug!(
+            status = response.status().as_u16(),
+            micros = started.elapsed().as_micros() as u64,
+            "request done"
+        );
+    });
+    response
+}

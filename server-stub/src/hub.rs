@@ -1,0 +1,391 @@
+//! The live directory: who is connected, who is in which room, and who is present.
+//!
+//! Per tenant it keeps every user that has a connection or a room membership: the
+//! user's rooms (a cache of the `room_members` table, loaded at start and updated after
+//! each committed join or leave), their open connections (each a bounded queue of
+//! pre-encoded frames) and their presence. Fan-out encodes a frame once and queues the
+//! same bytes on every target connection; a connection whose queue is full is closed
+//! (it catches up with `resume`), so one slow client never holds up the others.
+//!
+//! Tenants never mix: every lookup starts from the tenant, so equal user or room ids in
+//! two tenants are unrelated.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use axum::extract::ws::Utf8Bytes;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use webwaka_realtime::protocol::{
+    JsonObject, PresenceInfo, PresenceStatus, ServerEvent, Timestamp,
+};
+
+use crate::metrics::Metrics;
+
+/// One frame queued for a connection: its text and, for durable deliveries, its
+/// sequence (so that a connection never sends the same event twice).
+#[derive(Debug)]
+pub(crate) struct Delivery {
+    pub(crate) seq: Option<u64>,
+    pub(crate) text: Utf8Bytes,
+}
+
+impl Delivery {
+    /// A frame for `event`, durable when `seq` is set.
+    pub(crate) fn new(event: &ServerEvent, seq: Option<u64>) -> Arc<Self> {
+        Arc::new(Self {
+            seq,
+            text: Utf8Bytes::from(event.encode(None)),
+        })
+    }
+}
+
+/// The sending side of a connection's queue.
+pub(crate) type Outbox = mpsc::Sender<Arc<Delivery>>;
+
+/// Who a delivery goes to: the members of `room`, the listed `users`, or the whole
+/// tenant. A user in both the room and the list gets it once.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Audience {
+    /// Every connection of the tenant.
+    pub(crate) everyone: bool,
+    /// The room whose members receive it.
+    pub(crate) room: Option<String>,
+    /// Users who receive it (besides the room's members).
+    pub(crate) users: Vec<String>,
+}
+
+impl Audience {
+    /// These users.
+    pub(crate) fn users(users: Vec<String>) -> Self {
+        Self {
+            users,
+            ..Self::default()
+        }
+    }
+}
+
+struct Conn {
+    id: u64,
+    outbox: Outbox,
+    kill: CancellationToken,
+}
+
+struct Presence {
+    status: PresenceStatus,
+    last_active: Timestamp,
+    metadata: Option<JsonObject>,
+}
+
+#[derive(Default)]
+struct User {
+    rooms: HashSet<String>,
+    conns: Vec<Conn>,
+    presence: Option<Presence>,
+}
+
+#[derive(Default)]
+struct Tenant {
+    users: HashMap<String, User>,
+    rooms: HashMap<String, HashSet<String>>,
+}
+
+/// The directory of live connections, rooms and presence.
+pub(crate) struct Hub {
+    tenants: RwLock<HashMap<String, Tenant>>,
+    next_conn: AtomicU64,
+    metrics: Arc<Metrics>,
+}
+
+/// A connection's registration: its id and its queue's receiving side.
+pub(crate) struct Registration {
+    pub(crate) conn_id: u64,
+    pub(crate) inbox: mpsc::Receiver<Arc<Delivery>>,
+    pub(crate) kill: CancellationToken,
+    /// True when this is the user's first connection (the user just came online).
+    pub(crate) first: bool,
+}
+
+impl Hub {
+    /// An empty directory.
+    pub(crate) fn new(metrics: Arc<Metrics>) -> Self {
+        Self {
+            tenants: RwLock::new(HashMap::new()),
+            next_conn: AtomicU64::new(1),
+            metrics,
+        }
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, HashMap<String, Tenant>> {
+        self.tenants.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, HashMap<String, Tenant>> {
+        self.tenants.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Loads stored memberships (at start).
+    pub(crate) fn load_memberships(&self, rows: Vec<(String, String, String)>) {
+        let mut tenants = self.write();
+        for (tenant, user, room) in rows {
+            let t = tenants.entry(tenant).or_default();
+            t.rooms
+                .entry(room.clone())
+                .or_default()
+                .insert(user.clone());
+            t.users.entry(user).or_default().rooms.insert(room);
+        }
+    }
+
+    /// Registers a new connection of `user` with a queue of `capacity` frames.
+    pub(crate) fn register(&self, tenant: &str, user: &str, capacity: usize) -> Registration {
+        let conn_id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let (outbox, inbox) = mpsc::channel(capacity.max(1));
+        let kill = CancellationToken::new();
+        let mut tenants = self.write();
+        let u = tenants
+            .entry(tenant.to_owned())
+            .or_default()
+            .users
+            .entry(user.to_owned())
+            .or_default();
+        let first = u.conns.is_empty();
+        u.conns.push(Conn {
+            id: conn_id,
+            outbox,
+            kill: kill.clone(),
+        });
+        if first {
+            u.presence = Some(Presence {
+                status: PresenceStatus::Online,
+                last_active: chrono::Utc::now(),
+                metadata: None,
+            });
+        }
+        Registration {
+            conn_id,
+            inbox,
+            kill,
+            first,
+        }
+    }
+
+    /// Removes a connection; true when it was the user's last (the user went offline).
+    pub(crate) fn unregister(&self, tenant: &str, user: &str, conn_id: u64) -> bool {
+        let mut tenants = self.write();
+        let Some(t) = tenants.get_mut(tenant) else {
+            return false;
+        };
+        let Some(u) = t.users.get_mut(user) else {
+            return false;
+        };
+        let before = u.conns.len();
+        u.conns.retain(|c| c.id != conn_id);
+        let last = before > 0 && u.conns.is_empty();
+        if last {
+            u.presence = None;
+            if u.rooms.is_empty() {
+                t.users.remove(user);
+            }
+        }
+        last
+    }
+
+    /// True when `user` is a member of `room`.
+    pub(crate) fn is_member(&self, tenant: &str, room: &str, user: &str) -> bool {
+        self.read()
+            .get(tenant)
+            .and_then(|t| t.rooms.get(room))
+            .is_some_and(|members| members.contains(user))
+    }
+
+    /// Users sharing at least one room with `user` (not `user`).
+    pub(crate) fn sharing_users(&self, tenant: &str, user: &str) -> HashSet<String> {
+        let tenants = self.read();
+        let Some(t) = tenants.get(tenant) else {
+            return HashSet::new();
+        };
+        sharing(t, user)
+    }
+
+    /// Records that `user` joined `room`.
+    pub(crate) fn add_member(&self, tenant: &str, room: &str, user: &str) {
+        let mut tenants = self.write();
+        let t = tenants.entry(tenant.to_owned()).or_default();
+        t.rooms
+            .entry(room.to_owned())
+            .or_default()
+            .insert(user.to_owned());
+        t.users
+            .entry(user.to_owned())
+            .or_default()
+            .rooms
+            .insert(room.to_owned());
+    }
+
+    /// Records that `user` left `room`.
+    pub(crate) fn remove_member(&self, tenant: &str, room: &str, user: &str) {
+        let mut tenants = self.write();
+        let Some(t) = tenants.get_mut(tenant) else {
+            return;
+        };
+        if let Some(members) = t.rooms.get_mut(room) {
+            members.remove(user);
+            if members.is_empty() {
+                t.rooms.remove(room);
+            }
+        }
+        if let Some(u) = t.users.get_mut(user) {
+            u.rooms.remove(room);
+            if u.rooms.is_empty() && u.conns.is_empty() {
+                t.users.remove(user);
+            }
+        }
+    }
+
+    /// Queues `delivery` on every connection of `audience`, except `exclude`. Returns
+    /// how many connections it was queued on.
+    pub(crate) fn deliver(
+        &self,
+        tenant: &str,
+        audience: &Audience,
+        delivery: &Arc<Delivery>,
+        exclude: Option<u64>,
+    ) -> u64 {
+        let tenants = self.read();
+        let Some(t) = tenants.get(tenant) else {
+            return 0;
+        };
+        let mut sent = 0;
+        let mut send_user = |u: &User| {
+            for conn in &u.conns {
+                if Some(conn.id) == exclude {
+                    continue;
+                }
+                match conn.outbox.try_send(Arc::clone(delivery)) {
+                    Ok(()) => sent += 1,
+                    // Too slow (or closing): close it; it will resume from its cursor.
+                    Err(_) => conn.kill.cancel(),
+                }
+            }
+        };
+        if audience.everyone {
+            t.users.values().for_each(&mut send_user);
+        } else {
+            let members = audience.room.as_ref().and_then(|room| t.rooms.get(room));
+            if let Some(members) = members {
+                for member in members {
+                    if let Some(u) = t.users.get(member) {
+                        send_user(u);
+                    }
+                }
+            }
+            for (i, user) in audience.users.iter().enumerate() {
+                let in_room = members.is_some_and(|m| m.contains(user));
+                let repeated = audience.users[..i].contains(user);
+                if !in_room
+                    && !repeated
+                    && let Some(u) = t.users.get(user)
+                {
+                    send_user(u);
+                }
+            }
+        }
+        self.metrics.messages_out.inc_by(sent);
+        sent
+    }
+
+    /// Sets `user`'s presence and returns it (`None` when the user has no connection).
+    pub(crate) fn set_presence(
+        &self,
+        tenant: &str,
+        user: &str,
+        status: PresenceStatus,
+        metadata: Option<JsonObject>,
+    ) -> Option<PresenceInfo> {
+        let mut tenants = self.write();
+        let u = tenants.get_mut(tenant)?.users.get_mut(user)?;
+        if u.conns.is_empty() {
+            return None;
+        }
+        let now = chrono::Utc::now();
+        u.presence = Some(Presence {
+            status,
+            last_active: now,
+            metadata: metadata.clone(),
+        });
+        Some(PresenceInfo {
+            user_id: user.to_owned(),
+            tenant_id: tenant.to_owned(),
+            status,
+            last_active: now,
+            metadata,
+        })
+    }
+
+    /// Sends `info` (about `info.user_id`) to the users sharing a room with that user,
+    /// or to `only` when given; never to the user's own connections.
+    pub(crate) fn announce(&self, info: &PresenceInfo, only: Option<&HashSet<String>>) {
+        let tenant = info.tenant_id.as_str();
+        let targets: Vec<String> = match only {
+            Some(users) => users.iter().cloned().collect(),
+            None => self
+                .sharing_users(tenant, &info.user_id)
+                .into_iter()
+                .collect(),
+        };
+        let targets: Vec<String> = targets.into_iter().filter(|u| *u != info.user_id).collect();
+        if targets.is_empty() {
+            return;
+        }
+        let delivery = Delivery::new(&ServerEvent::Presence(info.clone()), None);
+        self.deliver(tenant, &Audience::users(targets), &delivery, None);
+    }
+
+    /// The presence of the online members of `room`, except `except`.
+    pub(crate) fn room_presence(
+        &self,
+        tenant: &str,
+        room: &str,
+        except: &str,
+    ) -> Vec<PresenceInfo> {
+        let tenants = self.read();
+        let Some(t) = tenants.get(tenant) else {
+            return Vec::new();
+        };
+        let Some(members) = t.rooms.get(room) else {
+            return Vec::new();
+        };
+        members
+            .iter()
+            .filter(|m| m.as_str() != except)
+            .filter_map(|m| {
+                let u = t.users.get(m)?;
+                let p = u.presence.as_ref()?;
+                if u.conns.is_empty() {
+                    return None;
+                }
+                Some(PresenceInfo {
+                    user_id: m.clone(),
+                    tenant_id: tenant.to_owned(),
+                    status: p.status,
+                    last_active: p.last_active,
+                    metadata: p.metadata.clone(),
+                })
+            })
+            .collect()
+    }
+}
+
+fn sharing(t: &Tenant, user: &str) -> HashSet<String> {
+    let mut out = HashSet::new();
+    if let Some(u) = t.users.get(user) {
+        for room in &u.rooms {
+            if let Some(members) = t.rooms.get(room) {
+                out.extend(members.iter().filter(|m| *m != user).cloned());
+            }
+        }
+    }
+    out
+}

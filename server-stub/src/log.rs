@@ -1,0 +1,365 @@
+//! The durable per-tenant log (PROTOCOL.md §3 "Delivery", §4 polling and publishing).
+//!
+//! Every durable message and bus event gets the tenant's next `sequence` and a UUIDv7
+//! `eventId` and is stored as its `Event` JSON, with its audience (a recipient, a room,
+//! or the whole tenant; the sender always sees what it sent). Appends run on the
+//! writer thread; after the commit the event is fanned out to live connections, in
+//! sequence order. Polls and resumes read the same rows, so a user gets each event once
+//! and in order whichever way it travels.
+
+use std::sync::Arc;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use webwaka_realtime::protocol::event::{DEFAULT_SCHEMA_VERSION, MESSAGE_EVENT_TYPE};
+use webwaka_realtime::protocol::{ErrorCode, Event, EventMetadata, ServerEvent, WebSocketMessage};
+
+use crate::db::{Writer, now_ms};
+use crate::error::{ApiError, JobError, StoreError};
+use crate::hub::{Audience, Delivery, Hub};
+use crate::metrics::Metrics;
+
+/// Where an appended event sits in the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Appended {
+    pub(crate) event_id: String,
+    pub(crate) seq: u64,
+    /// True when the id was seen before: nothing was appended or delivered.
+    pub(crate) duplicate: bool,
+}
+
+/// A bus event to append.
+#[derive(Debug, Clone)]
+pub(crate) struct NewEvent {
+    pub(crate) event_id: Option<String>,
+    pub(crate) event_type: String,
+    pub(crate) payload: serde_json::Value,
+    pub(crate) metadata: EventMetadata,
+    pub(crate) schema_version: Option<String>,
+    pub(crate) recipient_id: Option<String>,
+    pub(crate) room_id: Option<String>,
+    pub(crate) sender_id: Option<String>,
+}
+
+/// What the live fan-out needs besides the event.
+pub(crate) struct Fanout {
+    pub(crate) hub: Arc<Hub>,
+    pub(crate) metrics: Arc<Metrics>,
+    /// The sending connection (it gets an ack instead).
+    pub(crate) exclude: Option<u64>,
+}
+
+/// Hands out the tenant's next sequence.
+fn next_seq(w: &mut Writer<'_>, tenant: &str) -> Result<u64, JobError> {
+    let last = match w.cache.tenant_seq.get(tenant) {
+        Some(last) => *last,
+        None => w
+            .conn
+            .prepare_cached("SELECT last_seq FROM tenant_seq WHERE tenant = ?1")?
+            .query_row([tenant], |row| row.get::<_, i64>(0))
+            .optional()?
+            .map_or(0, |n| n as u64),
+    };
+    let next = last + 1;
+    w.conn
+        .prepare_cached(
+            "INSERT INTO tenant_seq (tenant, last_seq) VALUES (?1, ?2)
+             ON CONFLICT (tenant) DO UPDATE SET last_seq = excluded.last_seq",
+        )?
+        .execute(params![tenant, next as i64])?;
+    w.cache.tenant_seq.insert(tenant.to_owned(), next);
+    Ok(next)
+}
+
+/// Stores one event row.
+#[allow(clippy::too_many_arguments)]
+fn insert(
+    w: &Writer<'_>,
+    event: &Event,
+    seq: u64,
+    recipient: Option<&str>,
+    room: Option<&str>,
+    sender: Option<&str>,
+    message_id: Option<&str>,
+) -> Result<(), JobError> {
+    let body = serde_json::to_string(event)?;
+    w.conn
+        .prepare_cached(
+            "INSERT INTO events (tenant, seq, event_id, event_type, created_ms, recipient_id,
+                                 room_id, sender_id, message_id, body)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        )?
+        .execute(params![
+            event.tenant_id,
+            seq as i64,
+            event.event_id,
+            event.event_type,
+            event.timestamp.timestamp_millis(),
+            recipient,
+            room,
+            sender,
+            message_id,
+            body,
+        ])?;
+    Ok(())
+}
+
+fn new_event_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// Appends a durable message (idempotent by sender and `messageId`) and fans it out
+/// after the commit: to the room's members or the recipient, and the sender's other
+/// connections.
+pub(crate) fn append_message(
+    w: &mut Writer<'_>,
+    fanout: Fanout,
+    mut message: WebSocketMessage,
+) -> Result<Appended, JobError> {
+    let tenant = message.tenant_id.clone();
+    let existing = w
+        .conn
+        .prepare_cached(
+            "SELECT event_id, seq FROM events
+             WHERE tenant = ?1 AND sender_id = ?2 AND message_id = ?3",
+        )?
+        .query_row(
+            params![tenant, message.sender_id, message.message_id],
+            |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?)),
+        )
+        .optional()?;
+    if let Some((event_id, seq)) = existing {
+        return Ok(Appended {
+            event_id,
+            seq: seq as u64,
+            duplicate: true,
+        });
+    }
+    let seq = next_seq(w, &tenant)?;
+    let event_id = new_event_id();
+    message.event_id = Some(event_id.clone());
+    message.sequence = Some(seq);
+    let mut metadata = EventMetadata::from_source(message.sender_id.clone());
+    metadata.user_id = Some(message.sender_id.clone());
+    let event = Event {
+        event_id: event_id.clone(),
+        event_type: MESSAGE_EVENT_TYPE.to_owned(),
+        tenant_id: tenant.clone(),
+        timestamp: message.timestamp,
+        payload: serde_json::to_value(&message)?,
+        metadata,
+        schema_version: DEFAULT_SCHEMA_VERSION.to_owned(),
+        sequence: Some(seq),
+    };
+    insert(
+        w,
+        &event,
+        seq,
+        message.recipient_id.as_deref(),
+        message.room_id.as_deref(),
+        Some(&message.sender_id),
+        Some(&message.message_id),
+    )?;
+    let audience = Audience {
+        everyone: false,
+        room: message.room_id.clone(),
+        users: match &message.recipient_id {
+            Some(recipient) => vec![recipient.clone(), message.sender_id.clone()],
+            None => vec![message.sender_id.clone()],
+        },
+    };
+    let delivery = Delivery::new(&ServerEvent::Message(message), Some(seq));
+    w.after_commit(move || {
+        fanout.metrics.events_published.inc();
+        let sent = fanout
+            .hub
+            .deliver(&tenant, &audience, &delivery, fanout.exclude);
+        fanout
+            .metrics
+            .events_delivered
+            .get_or_create(&crate::metrics::label("via", "ws"))
+            .inc_by(sent);
+    });
+    Ok(Appended {
+        event_id,
+        seq,
+        duplicate: false,
+    })
+}
+
+/// Appends a bus event to `tenant`'s log (idempotent by `eventId`) and fans it out
+/// after the commit.
+pub(crate) fn append_event(
+    w: &mut Writer<'_>,
+    fanout: Fanout,
+    tenant: &str,
+    new: NewEvent,
+) -> Result<(Appended, Event), JobError> {
+    if let Some(event_id) = &new.event_id {
+        let existing = w
+            .conn
+            .prepare_cached("SELECT seq, body FROM events WHERE tenant = ?1 AND event_id = ?2")?
+            .query_row(params![tenant, event_id], |row| {
+                Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?))
+            })
+            .optional()?;
+        if let Some((seq, body)) = existing {
+            let event: Event = serde_json::from_str(&body)?;
+            return Ok((
+                Appended {
+                    event_id: event_id.clone(),
+                    seq: seq as u64,
+                    duplicate: true,
+                },
+                event,
+            ));
+        }
+    }
+    let seq = next_seq(w, tenant)?;
+    let event_id = new.event_id.unwrap_or_else(new_event_id);
+    let event = Event {
+        event_id: event_id.clone(),
+        event_type: new.event_type,
+        tenant_id: tenant.to_owned(),
+        timestamp: chrono::Utc::now(),
+        payload: new.payload,
+        metadata: new.metadata,
+        schema_version: new
+            .schema_version
+            .unwrap_or_else(|| DEFAULT_SCHEMA_VERSION.to_owned()),
+        sequence: Some(seq),
+    };
+    insert(
+        w,
+        &event,
+        seq,
+        new.recipient_id.as_deref(),
+        new.room_id.as_deref(),
+        new.sender_id.as_deref(),
+        None,
+    )?;
+    let mut users: Vec<String> = new.recipient_id.iter().cloned().collect();
+    users.extend(new.sender_id.iter().cloned());
+    let audience = Audience {
+        everyone: new.recipient_id.is_none() && new.room_id.is_none(),
+        room: new.room_id,
+        users,
+    };
+    let delivery = Delivery::new(&ServerEvent::Event(event.clone()), Some(seq));
+    let tenant = tenant.to_owned();
+    w.after_commit(move || {
+        fanout.metrics.events_published.inc();
+        let sent = fanout
+            .hub
+            .deliver(&tenant, &audience, &delivery, fanout.exclude);
+        fanout
+            .metrics
+            .events_delivered
+            .get_or_create(&crate::metrics::label("via", "ws"))
+            .inc_by(sent);
+    });
+    Ok((
+        Appended {
+            event_id,
+            seq,
+            duplicate: false,
+        },
+        event,
+    ))
+}
+
+/// The sequence of event `event_id` in `tenant`'s log, if it is still retained
+/// (created at or after `cutoff_ms`); otherwise `CURSOR_EXPIRED`.
+pub(crate) fn cursor_seq(
+    conn: &Connection,
+    tenant: &str,
+    event_id: &str,
+    cutoff_ms: i64,
+) -> Result<u64, ApiError> {
+    let row = conn
+        .prepare_cached("SELECT seq, created_ms FROM events WHERE tenant = ?1 AND event_id = ?2")
+        .and_then(|mut stmt| {
+            stmt.query_row(params![tenant, event_id], |row| {
+                Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?))
+            })
+            .optional()
+        })
+        .map_err(StoreError::from)?;
+    match row {
+        Some((seq, created)) if created >= cutoff_ms => Ok(seq as u64),
+        Some(_) => Err(ApiError::new(
+            ErrorCode::CursorExpired,
+            "lastEventId is older than the retention period: refresh from snapshots",
+        )
+        .with_detail("lastEventId", event_id)),
+        None => Err(ApiError::new(
+            ErrorCode::CursorExpired,
+            "lastEventId is unknown (or no longer retained): refresh from snapshots",
+        )
+        .with_detail("lastEventId", event_id)),
+    }
+}
+
+/// Up to `limit` events after `after_seq` that `user` may see, in sequence order, as
+/// `(sequence, Event JSON)`.
+pub(crate) fn visible_after(
+    conn: &Connection,
+    tenant: &str,
+    user: &str,
+    after_seq: u64,
+    cutoff_ms: i64,
+    limit: u32,
+) -> Result<Vec<(u64, String)>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT seq, body FROM events
+         WHERE tenant = ?1 AND seq > ?2 AND created_ms >= ?5
+           AND ((recipient_id IS NULL AND room_id IS NULL)
+                OR recipient_id = ?3 OR sender_id = ?3
+                OR room_id IN (SELECT room_id FROM room_members WHERE tenant = ?1 AND user_id = ?3))
+         ORDER BY seq LIMIT ?4",
+    )?;
+    let rows = stmt.query_map(
+        params![tenant, after_seq as i64, user, i64::from(limit), cutoff_ms],
+        |row| Ok((row.get::<_, i64>(0)? as u64, row.get::<_, String>(1)?)),
+    )?;
+    let mut out = Vec::new();
+    for row in rows {
+        out.push(row?);
+    }
+    Ok(out)
+}
+
+/// The frame that delivers a stored event over the WebSocket: `message` for a durable
+/// message, `event` otherwise.
+pub(crate) fn frame_for(event: Event) -> ServerEvent {
+    match event.message() {
+        Some(Ok(message)) => ServerEvent::Message(message),
+        _ => ServerEvent::Event(event),
+    }
+}
+
+/// Deletes events older than `cutoff_ms` (in chunks) and the consumer-group
+/// deliveries that pointed at them. Returns how many events went.
+pub(crate) fn purge(w: &mut Writer<'_>, cutoff_ms: i64) -> Result<u64, JobError> {
+    let removed = w
+        .conn
+        .prepare_cached(
+            "DELETE FROM events WHERE (tenant, seq) IN
+               (SELECT tenant, seq FROM events WHERE created_ms < ?1 LIMIT 5000)",
+        )?
+        .execute([cutoff_ms])?;
+    if removed > 0 {
+        w.conn
+            .prepare_cached(
+                "DELETE FROM group_deliveries WHERE body IS NULL AND NOT EXISTS
+                   (SELECT 1 FROM events e WHERE e.tenant = group_deliveries.tenant
+                                             AND e.seq = group_deliveries.seq)",
+            )?
+            .execute([])?;
+    }
+    Ok(removed as u64)
+}
+
+/// The retention cutoff: events created before it are gone (or about to be).
+pub(crate) fn retention_cutoff(retention_ms: u64) -> i64 {
+    now_ms().saturating_sub(i64::try_from(retention_ms).unwrap_or(i64::MAX))
+}

@@ -1,0 +1,173 @@
+//! Prometheus metrics (`GET /metrics`), with `prometheus-client`: one registry per
+//! server, so that several servers in one process (tests) never share counters.
+//!
+//! Counters are bumped where things happen; figures that live in the database
+//! (consumer lag, DLQ size, log length) are read when scraped.
+
+use std::sync::Mutex;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// A metric's labels.
+pub(crate) type Labels = Vec<(String, String)>;
+
+/// Every metric of the server.
+pub(crate) struct Metrics {
+    registry: Mutex<Registry>,
+    /// Open WebSocket connections.
+    pub(crate) active_connections: Gauge,
+    /// Messages accepted, by transport (`ws`, `http`).
+    pub(crate) messages_in: Family<Labels, Counter>,
+    /// Frames queued to connections (messages, events, presence).
+    pub(crate) messages_out: Counter,
+    /// Time to accept a message (decode, store, fan out, ack), seconds.
+    pub(crate) message_latency: Histogram,
+    /// Events appended to the log (messages included).
+    pub(crate) events_published: Counter,
+    /// Events handed out, by path (`ws`, `resume`, `poll`, `claim`).
+    pub(crate) events_delivered: Family<Labels, Counter>,
+    /// Events not yet acked per consumer group (read at scrape).
+    pub(crate) consumer_lag: Family<Labels, Gauge>,
+    /// Entries in the dead-letter queue (read at scrape).
+    pub(crate) dlq_size: Gauge,
+    /// Events in the log (read at scrape).
+    pub(crate) log_length: Gauge,
+    /// Reconciliation requests handled.
+    pub(crate) reconciliation_requests: Counter,
+    /// Conflicts detected by reconciliation.
+    pub(crate) reconciliation_conflicts: Counter,
+    /// Requests refused by a rate limit, by limit.
+    pub(crate) rate_limit_refusals: Family<Labels, Counter>,
+    /// Requests refused with TENANT_VIOLATION.
+    pub(crate) tenant_violations: Counter,
+    /// Requests refused with AUTH_FAILED.
+    pub(crate) auth_failures: Counter,
+    /// WebSocket upgrades refused with SERVER_FULL.
+    pub(crate) server_full: Counter,
+    /// Class D transactions, by outcome (`submitted`, `confirmed`, `rejected`).
+    pub(crate) transactions: Family<Labels, Counter>,
+}
+
+/// One label pair.
+pub(crate) fn label(key: &str, value: &str) -> Labels {
+    vec![(key.to_owned(), value.to_owned())]
+}
+
+impl Metrics {
+    /// A registry with every metric at zero.
+    pub(crate) fn new() -> Self {
+        let mut registry = Registry::with_prefix("webwaka");
+        let m = Self {
+            registry: Mutex::new(Registry::default()),
+            active_connections: Gauge::default(),
+            messages_in: Family::default(),
+            messages_out: Counter::default(),
+            message_latency: Histogram::new(exponential_buckets(0.000_025, 2.0, 18)),
+            events_published: Counter::default(),
+            events_delivered: Family::default(),
+            consumer_lag: Family::default(),
+            dlq_size: Gauge::default(),
+            log_length: Gauge::default(),
+            reconciliation_requests: Counter::default(),
+            reconciliation_conflicts: Counter::default(),
+            rate_limit_refusals: Family::default(),
+            tenant_violations: Counter::default(),
+            auth_failures: Counter::default(),
+            server_full: Counter::default(),
+            transactions: Family::default(),
+        };
+        registry.register(
+            "ws_active_connections",
+            "Open WebSocket connections",
+            m.active_connections.clone(),
+        );
+        registry.register(
+            "messages_in",
+            "Messages accepted, by transport",
+            m.messages_in.clone(),
+        );
+        registry.register(
+            "messages_out",
+            "Frames queued to WebSocket connections",
+            m.messages_out.clone(),
+        );
+        registry.register(
+            "message_latency_seconds",
+            "Time to accept a message: decode, store, fan out, acknowledge",
+            m.message_latency.clone(),
+        );
+        registry.register(
+            "events_published",
+            "Events appended to the durable log",
+            m.events_published.clone(),
+        );
+        registry.register(
+            "events_delivered",
+            "Durable events handed out, by path",
+            m.events_delivered.clone(),
+        );
+        registry.register(
+            "consumer_lag",
+            "Events not yet acknowledged, per consumer group",
+            m.consumer_lag.clone(),
+        );
+        registry.register("dlq_size", "Dead-letter queue entries", m.dlq_size.clone());
+        registry.register(
+            "log_length",
+            "Events in the durable log",
+            m.log_length.clone(),
+        );
+        registry.register(
+            "reconciliation_requests",
+            "Reconciliation requests handled",
+            m.reconciliation_requests.clone(),
+        );
+        registry.register(
+            "reconciliation_conflicts",
+            "Conflicts detected by reconciliation",
+            m.reconciliation_conflicts.clone(),
+        );
+        registry.register(
+            "rate_limit_refusals",
+            "Requests refused by a rate limit",
+            m.rate_limit_refusals.clone(),
+        );
+        registry.register(
+            "tenant_violations",
+            "Requests refused for naming another tenant",
+            m.tenant_violations.clone(),
+        );
+        registry.register(
+            "auth_failures",
+            "Requests refused for a bad or missing token",
+            m.auth_failures.clone(),
+        );
+        registry.register(
+            "server_full",
+            "WebSocket upgrades refused because the server was full",
+            m.server_full.clone(),
+        );
+        registry.register(
+            "transactions",
+            "Class D transactions by outcome",
+            m.transactions.clone(),
+        );
+        *m.registry.lock().unwrap_or_else(|p| p.into_inner()) = registry;
+        m
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub(crate) fn encode(&self) -> String {
+        let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = String::new();
+        if let Err(error) = encode(&mut out, &registry) {
+            tracing::warn!(%error, "encoding metrics failed");
+        }
+        out
+    }
+}

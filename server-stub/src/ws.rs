@@ -1,0 +1,588 @@
+//! The WebSocket endpoint (PROTOCOL.md §3): checks before the upgrade, then one task
+//! per connection.
+//!
+//! Before upgrading: the token (`AUTH_FAILED` 401), the tenant named in `X-Tenant-ID`
+//! (`TENANT_VIOLATION`, or super-admin rules), a free slot (`SERVER_FULL` 503 with
+//! `Retry-After`), and the `lastEventId` cursor (`CURSOR_EXPIRED` 410).
+//!
+//! After: one task owns the socket and waits on everything at once: frames from the
+//! client, deliveries queued by the hub, the ping timer, the token's expiry, and the
+//! server's shutdown. Buffers are sized on purpose (a small read buffer, no write
+//! buffering) so that an idle connection costs little memory.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::http::{HeaderMap, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::Value;
+use tokio::time::{Instant, MissedTickBehavior};
+use tracing::Instrument;
+use webwaka_realtime::protocol::envelope::{AUTH_EXPIRED_CLOSE_REASON, close_code};
+use webwaka_realtime::protocol::{
+    ADMIN_JUSTIFICATION_HEADER, ClientEvent, Connected, ErrorCode, Frame, InteractionClass,
+    PresenceInfo, PresenceStatus, ServerEvent, TENANT_HEADER,
+};
+
+use crate::app::{App, Slot};
+use crate::error::ApiError;
+use crate::http::extract::{Caller, QueryMap, authenticate, header_str, resolve_tenant};
+use crate::log;
+use crate::metrics::label;
+
+/// Refused frames within a minute after which a connection is closed (1008).
+const MAX_REFUSALS_PER_MINUTE: u32 = 100;
+/// Events read per page while replaying.
+const REPLAY_PAGE: u32 = 256;
+
+/// `GET {WS_PATH}`: the checks, then the upgrade.
+pub(crate) async fn handler(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    query: QueryMap,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    match prepare(&app, &headers, &query).await {
+        Err(error) => error.into_response(),
+        Ok(prepared) => match upgrade {
+            Err(rejection) => ApiError::invalid("upgrade", rejection.body_text()).into_response(),
+            Ok(upgrade) => {
+                let config = &app.config;
+                let tasks = app.ws_tasks.clone();
+                let app = Arc::clone(&app);
+                upgrade
+                    .read_buffer_size(config.ws_read_buffer_bytes)
+                    .write_buffer_size(0)
+                    .max_message_size(config.max_frame_bytes)
+                    .max_frame_size(config.max_frame_bytes)
+                    .on_upgrade(move |socket| tasks.track_future(run(app, socket, prepared)))
+            }
+        },
+    }
+}
+
+/// What the checks before the upgrade established.
+struct Prepared {
+    caller: Caller,
+    client_id: String,
+    cursor: Option<(String, u64)>,
+    slot: Slot,
+}
+
+async fn prepare(
+    app: &Arc<App>,
+    headers: &HeaderMap,
+    query: &QueryMap,
+) -> Result<Prepared, ApiError> {
+    let identity = authenticate(
+        app,
+        header_str(headers, header::AUTHORIZATION.as_str()),
+        query.get("token"),
+        &app.config.ws_path,
+    )
+    .await?;
+    let (named, via) = match (header_str(headers, TENANT_HEADER), query.get("tenantId")) {
+        (Some(h), _) => (Some(h), TENANT_HEADER),
+        (None, Some(q)) => (Some(q), "query.tenantId"),
+        (None, None) => (None, TENANT_HEADER),
+    };
+    let caller = resolve_tenant(
+        app,
+        identity,
+        named,
+        via,
+        header_str(headers, ADMIN_JUSTIFICATION_HEADER),
+        "websocket",
+    )
+    .await?;
+    let full = || {
+        app.metrics.server_full.inc();
+        let mut error = ApiError::new(ErrorCode::ServerFull, "the server is full: try again later");
+        error.retry_after_secs = Some(1);
+        error
+    };
+    if app.shutdown.is_cancelled() {
+        return Err(full());
+    }
+    let slot = app.take_slot().ok_or_else(full)?;
+    let cursor = match query
+        .get("lastEventId")
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+    {
+        None => None,
+        Some(cursor) => {
+            let cutoff = log::retention_cutoff(app.config.event_bus_retention_period_ms);
+            let seq = app
+                .db
+                .read(|conn| Ok(log::cursor_seq(conn, &caller.tenant, cursor, cutoff)))??;
+            Some((cursor.to_owned(), seq))
+        }
+    };
+    let client_id = query
+        .get("clientId")
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
+    Ok(Prepared {
+        caller,
+        client_id,
+        cursor,
+        slot,
+    })
+}
+
+/// What the connection loop should do next.
+#[derive(Debug, Clone, Copy)]
+enum Flow {
+    Continue,
+    Close(u16, &'static str),
+    /// The socket is gone.
+    Stop,
+}
+
+/// One connection.
+struct Connection {
+    app: Arc<App>,
+    socket: WebSocket,
+    tenant: String,
+    user: String,
+    roles: Vec<String>,
+    conn_id: u64,
+    /// Greatest durable sequence sent on this connection.
+    last_seq: u64,
+    refusals: u32,
+    refusal_window: Instant,
+    last_heard: Instant,
+}
+
+async fn run(app: Arc<App>, socket: WebSocket, prepared: Prepared) {
+    let Prepared {
+        caller,
+        client_id,
+        cursor,
+        slot,
+    } = prepared;
+    let registration = app
+        .hub
+        .register(&caller.tenant, caller.user(), app.config.ws_send_queue);
+    let span = tracing::info_span!(
+        "ws",
+        conn = registration.conn_id,
+        tenant = %caller.tenant,
+        user = %caller.identity.user_id,
+    );
+    let mut conn = Connection {
+        tenant: caller.tenant.clone(),
+        user: caller.identity.user_id.clone(),
+        roles: caller.identity.roles.clone(),
+        conn_id: registration.conn_id,
+        app,
+        socket,
+        last_seq: 0,
+        refusals: 0,
+        refusal_window: Instant::now(),
+        last_heard: Instant::now(),
+    };
+    let exp = caller.identity.exp;
+    async move {
+        conn.app.metrics.active_connections.inc();
+        tracing::debug!(client_id = %client_id, "connected");
+        if registration.first
+            && let Some(info) =
+                conn.app
+                    .hub
+                    .set_presence(&conn.tenant, &conn.user, PresenceStatus::Online, None)
+        {
+            conn.app.hub.announce(&info, None);
+        }
+        let flow = conn
+            .serve(
+                registration.inbox,
+                registration.kill,
+                client_id,
+                cursor,
+                exp,
+            )
+            .await;
+        if let Flow::Close(code, reason) = flow {
+            let _ = conn
+                .socket
+                .send(Message::Close(Some(CloseFrame {
+                    code,
+                    reason: Utf8Bytes::from_static(reason),
+                })))
+                .await;
+        }
+        let last = conn
+            .app
+            .hub
+            .unregister(&conn.tenant, &conn.user, conn.conn_id);
+        if last {
+            let info = PresenceInfo {
+                user_id: conn.user.clone(),
+                tenant_id: conn.tenant.clone(),
+                status: PresenceStatus::Offline,
+                last_active: chrono::Utc::now(),
+                metadata: None,
+            };
+            conn.app.hub.announce(&info, None);
+        }
+        conn.app.metrics.active_connections.dec();
+        tracing::debug!(reason = flow_name(&flow), "disconnected");
+        drop(slot);
+    }
+    .instrument(span)
+    .await;
+}
+
+fn flow_name(flow: &Flow) -> &'static str {
+    match flow {
+        Flow::Continue => "continue",
+        Flow::Close(_, reason) => reason,
+        Flow::Stop => "socket closed",
+    }
+}
+
+impl Connection {
+    async fn serve(
+        &mut self,
+        mut inbox: tokio::sync::mpsc::Receiver<Arc<crate::hub::Delivery>>,
+        kill: tokio_util::sync::CancellationToken,
+        client_id: String,
+        cursor: Option<(String, u64)>,
+        exp: i64,
+    ) -> Flow {
+        let app = Arc::clone(&self.app);
+        let config = &app.config;
+        let ping_interval = config.ping_interval();
+        let ping_timeout = config.ping_timeout();
+        let connected = ServerEvent::Connected(Connected {
+            connection_id: format!("conn-{}", self.conn_id),
+            client_id: Some(client_id),
+            server_time: chrono::Utc::now(),
+            interaction_classes: InteractionClass::REALTIME.to_vec(),
+            ping_interval: config.ping_interval_ms,
+            ping_timeout: config.ping_timeout_ms,
+        });
+        if let f @ (Flow::Stop | Flow::Close(..)) = self.send(&connected, None).await {
+            return f;
+        }
+        if let Some((cursor, seq)) = cursor {
+            match self.replay(&cursor, seq, None).await {
+                Flow::Continue => {}
+                other => return other,
+            }
+        }
+        // The token's end (with the leeway it was accepted with).
+        let leeway = i64::try_from(config.jwt_leeway_ms / 1000).unwrap_or(0);
+        let remaining = (exp + leeway - chrono::Utc::now().timestamp()).max(0);
+        let expiry = tokio::time::sleep(Duration::from_secs(remaining.unsigned_abs()));
+        tokio::pin!(expiry);
+        let mut ticker = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let shutdown = self.app.shutdown.clone();
+        loop {
+            let flow = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => Flow::Close(close_code::GOING_AWAY, "server shutting down"),
+                _ = kill.cancelled() => Flow::Close(close_code::TRY_AGAIN_LATER, "SLOW_CONSUMER"),
+                _ = &mut expiry => Flow::Close(close_code::POLICY_VIOLATION, AUTH_EXPIRED_CLOSE_REASON),
+                _ = ticker.tick() => {
+                    if self.last_heard.elapsed() >= ping_timeout {
+                        Flow::Close(close_code::NORMAL, "PING_TIMEOUT")
+                    } else if self.socket.send(Message::Ping(Default::default())).await.is_err() {
+                        Flow::Stop
+                    } else {
+                        Flow::Continue
+                    }
+                }
+                delivery = inbox.recv() => match delivery {
+                    None => Flow::Stop,
+                    Some(delivery) => self.deliver(&delivery).await,
+                },
+                frame = self.socket.recv() => match frame {
+                    None => Flow::Stop,
+                    Some(Err(error)) => read_error(error),
+                    Some(Ok(message)) => {
+                        self.last_heard = Instant::now();
+                        self.on_message(message).await
+                    }
+                },
+            };
+            match flow {
+                Flow::Continue => {}
+                other => return other,
+            }
+        }
+    }
+
+    /// Sends a queued delivery, unless this connection already sent that event.
+    async fn deliver(&mut self, delivery: &crate::hub::Delivery) -> Flow {
+        if let Some(seq) = delivery.seq {
+            if seq <= self.last_seq {
+                return Flow::Continue;
+            }
+            self.last_seq = seq;
+        }
+        match self.socket.send(Message::Text(delivery.text.clone())).await {
+            Ok(()) => Flow::Continue,
+            Err(_) => Flow::Stop,
+        }
+    }
+
+    async fn send(&mut self, event: &ServerEvent, reference: Option<&str>) -> Flow {
+        let text = event.encode(reference);
+        match self.socket.send(Message::Text(Utf8Bytes::from(text))).await {
+            Ok(()) => Flow::Continue,
+            Err(_) => Flow::Stop,
+        }
+    }
+
+    /// Answers a refused frame with an `error` (the connection stays open, unless the
+    /// client keeps sending refused frames).
+    async fn refuse(&mut self, error: ApiError, reference: Option<&str>) -> Flow {
+        let mut body = error.body;
+        if let Some(r) = reference {
+            body = body.with_ref(r);
+        }
+        if let f @ Flow::Stop = self.send(&ServerEvent::Error(body), reference).await {
+            return f;
+        }
+        if self.refusal_window.elapsed() >= Duration::from_secs(60) {
+            self.refusal_window = Instant::now();
+            self.refusals = 0;
+        }
+        self.refusals += 1;
+        if self.refusals > MAX_REFUSALS_PER_MINUTE {
+            return Flow::Close(close_code::POLICY_VIOLATION, "TOO_MANY_VIOLATIONS");
+        }
+        Flow::Continue
+    }
+
+    async fn on_message(&mut self, message: Message) -> Flow {
+        match message {
+            Message::Text(text) => self.on_text(text.as_str()).await,
+            Message::Binary(_) => {
+                self.refuse(
+                    ApiError::invalid(
+                        "input",
+                        "binary frames are not accepted: send JSON text frames",
+                    ),
+                    None,
+                )
+                .await
+            }
+            Message::Ping(_) | Message::Pong(_) => Flow::Continue,
+            Message::Close(_) => Flow::Stop,
+        }
+    }
+
+    async fn on_text(&mut self, text: &str) -> Flow {
+        let frame = match Frame::decode(text) {
+            Ok(frame) => frame,
+            Err(error) => return self.refuse(error.into(), None).await,
+        };
+        let reference = frame.reference.clone();
+        let r = reference.as_deref();
+        match frame.data.get("tenantId") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(named)) if *named == self.tenant => {}
+            Some(Value::String(named)) => {
+                let named = named.clone();
+                let resource = frame.event.clone();
+                let error = self
+                    .app
+                    .tenant_violation(&self.tenant, &self.user, &named, "data.tenantId", &resource)
+                    .await;
+                return self.refuse(error, r).await;
+            }
+            Some(_) => {
+                return self
+                    .refuse(ApiError::invalid("data.tenantId", "must be a string"), r)
+                    .await;
+            }
+        }
+        let event = match ClientEvent::from_frame(frame) {
+            Ok(event) => event,
+            Err(error) => return self.refuse(error.into(), r).await,
+        };
+        if let Err(error) = event.validate() {
+            return self.refuse(error.into(), r).await;
+        }
+        match event {
+            ClientEvent::Message(message) => {
+                if !message.interaction_class.realtime_allowed() {
+                    let error = ApiError::new(
+                        ErrorCode::RealtimeNotAllowed,
+                        "CLASS_D is never sent over realtime: use POST /api/transactions",
+                    )
+                    .with_detail("path", "data.interactionClass");
+                    return self.refuse(error, r).await;
+                }
+                let app = Arc::clone(&self.app);
+                match crate::messaging::send(
+                    &app,
+                    &self.tenant,
+                    &self.user,
+                    message,
+                    Some(self.conn_id),
+                    "ws",
+                )
+                .await
+                {
+                    Ok(ack) => {
+                        if let Some(seq) = ack.sequence {
+                            // Our own message is not delivered back to this connection.
+                            self.last_seq = self.last_seq.max(seq);
+                        }
+                        self.send(&ServerEvent::MessageAck(ack), r).await
+                    }
+                    Err(error) => self.refuse(error, r).await,
+                }
+            }
+            ClientEvent::JoinRoom { room_id } => {
+                let app = Arc::clone(&self.app);
+                match crate::rooms::join(&app, &self.tenant, &self.user, &self.roles, &room_id)
+                    .await
+                {
+                    Err(error) => self.refuse(error, r).await,
+                    Ok(present) => {
+                        if let f @ Flow::Stop =
+                            self.send(&ServerEvent::RoomJoined { room_id }, r).await
+                        {
+                            return f;
+                        }
+                        for info in present {
+                            if let f @ Flow::Stop =
+                                self.send(&ServerEvent::Presence(info), None).await
+                            {
+                                return f;
+                            }
+                        }
+                        Flow::Continue
+                    }
+                }
+            }
+            ClientEvent::LeaveRoom { room_id } => {
+                let app = Arc::clone(&self.app);
+                match crate::rooms::leave(&app, &self.tenant, &self.user, &room_id).await {
+                    Err(error) => self.refuse(error, r).await,
+                    Ok(()) => self.send(&ServerEvent::RoomLeft { room_id }, r).await,
+                }
+            }
+            ClientEvent::PresenceUpdate(update) => {
+                if let Some(info) = self.app.hub.set_presence(
+                    &self.tenant,
+                    &self.user,
+                    update.status,
+                    update.metadata,
+                ) {
+                    self.app.hub.announce(&info, None);
+                }
+                Flow::Continue
+            }
+            ClientEvent::Resume { last_event_id } => {
+                let cutoff = log::retention_cutoff(self.app.config.event_bus_retention_period_ms);
+                let found = self
+                    .app
+                    .db
+                    .read(|conn| Ok(log::cursor_seq(conn, &self.tenant, &last_event_id, cutoff)));
+                match found {
+                    Err(error) => self.refuse(error.into(), r).await,
+                    Ok(Err(error)) => self.refuse(error, r).await,
+                    Ok(Ok(seq)) => self.replay(&last_event_id, seq, r).await,
+                }
+            }
+            ClientEvent::Ping => {
+                self.send(
+                    &ServerEvent::Pong {
+                        server_time: chrono::Utc::now(),
+                    },
+                    r,
+                )
+                .await
+            }
+            ClientEvent::Unknown { event, .. } => {
+                let error = ApiError::invalid("event", format!("unknown event {event:?}"));
+                self.refuse(error, r).await
+            }
+        }
+    }
+
+    /// Sends the durable deliveries after `after_seq` that this user may see, up to the
+    /// log's head now, then `resumed`.
+    async fn replay(&mut self, cursor: &str, after_seq: u64, reference: Option<&str>) -> Flow {
+        let app = Arc::clone(&self.app);
+        let cutoff = log::retention_cutoff(app.config.event_bus_retention_period_ms);
+        let head = match app.db.read(|conn| {
+            Ok(conn
+                .prepare_cached("SELECT last_seq FROM tenant_seq WHERE tenant = ?1")?
+                .query_row([&self.tenant], |row| row.get::<_, i64>(0))
+                .unwrap_or(0) as u64)
+        }) {
+            Ok(head) => head,
+            Err(error) => return self.refuse(error.into(), reference).await,
+        };
+        let mut after = after_seq;
+        let mut replayed = 0u64;
+        let mut last_id: Option<String> = None;
+        while after < head {
+            let rows = match app.db.read(|conn| {
+                log::visible_after(conn, &self.tenant, &self.user, after, cutoff, REPLAY_PAGE)
+            }) {
+                Ok(rows) => rows,
+                Err(error) => return self.refuse(error.into(), reference).await,
+            };
+            let full_page = rows.len() == REPLAY_PAGE as usize;
+            for (seq, body) in rows {
+                if seq > head {
+                    after = head;
+                    break;
+                }
+                after = seq;
+                let event: webwaka_realtime::protocol::Event = match serde_json::from_str(&body) {
+                    Ok(event) => event,
+                    Err(error) => {
+                        tracing::error!(%error, seq, "stored event does not decode");
+                        continue;
+                    }
+                };
+                last_id = Some(event.event_id.clone());
+                replayed += 1;
+                self.last_seq = self.last_seq.max(seq);
+                if let f @ Flow::Stop = self.send(&log::frame_for(event), None).await {
+                    return f;
+                }
+            }
+            if !full_page {
+                break;
+            }
+        }
+        app.metrics
+            .events_delivered
+            .get_or_create(&label("via", "resume"))
+            .inc_by(replayed);
+        let resumed = ServerEvent::Resumed {
+            last_event_id: Some(last_id.unwrap_or_else(|| cursor.to_owned())),
+            replayed,
+        };
+        self.send(&resumed, reference).await
+    }
+}
+
+/// What a read error means: a frame over the limit closes with 1009; anything else
+/// means the socket is gone.
+fn read_error(error: axum::Error) -> Flow {
+    use tungstenite::error::{CapacityError, Error as WsError};
+    let inner = error.into_inner();
+    match inner.downcast_ref::<WsError>() {
+        Some(WsError::Capacity(CapacityError::MessageTooLong { .. })) => {
+            Flow::Close(close_code::MESSAGE_TOO_BIG, "PAYLOAD_TOO_LARGE")
+        }
+        _ => Flow::Stop,
+    }
+}
