@@ -11,12 +11,15 @@
 //! - [`reconcile`]: the reconciliation engine, pure (time is an input), shared by the
 //!   SDK and the server.
 //!
+//! - `client` (feature `client`): the async [`client::Client`] an app uses.
 //! - `machine` (feature `client`): the connection state machine, sans-IO.
 //! - `store` (feature `store`): the SQLite offline store.
 //!
 //! The first three build with `default-features = false` (no tokio, reqwest or rusqlite).
 //! The offline store and the async client sit behind the default `client` feature.
 
+#[cfg(feature = "client")]
+pub mod client;
 pub mod clock;
 #[cfg(feature = "client")]
 pub mod machine;

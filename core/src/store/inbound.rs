@@ -130,4 +130,13 @@ impl Store {
         )?;
         Ok(())
     }
+
+    /// Forgets the cursor (after a resynchronisation whose old cursor expired): the next
+    /// poll starts at the beginning of the server's retention. The seen ids stay, so
+    /// events already processed are still recognised.
+    pub fn clear_cursor(&self) -> Result<(), StoreError> {
+        self.conn
+            .execute("DELETE FROM inbound_cursor WHERE id = 1", [])?;
+        Ok(())
+    }
 }

@@ -425,6 +425,23 @@ impl Store {
         self.transition(id, &[ItemState::Dead], "retry", now, change)
     }
 
+    /// The item of `kind` the server knows as `server_ref` (e.g. a transaction id).
+    pub fn find_by_server_ref(
+        &self,
+        kind: ItemKind,
+        server_ref: &str,
+    ) -> Result<Option<OutboxItem>, StoreError> {
+        let raw = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM outbox WHERE kind = ?1 AND server_ref = ?2
+                 ORDER BY seq DESC LIMIT 1"
+            ))?
+            .query_row(params![kind.as_str(), server_ref], read_item)
+            .optional()?;
+        raw.map(finish).transpose()
+    }
+
     /// Removes a dead item for good (the app decided). Only dead items can be discarded.
     pub fn discard(&self, id: &str) -> Result<OutboxItem, StoreError> {
         let item = self.require(id)?;

@@ -1,0 +1,769 @@
+//! The async client: what a Rust app uses, and what the Swift and Kotlin bindings wrap.
+//!
+//! ```text
+//!   app ──calls──▶ Client ──commit──▶ Store (SQLite: outbox, cursor, entity cache)
+//!                    │                   ▲
+//!                    └─commands─▶ Supervisor (one task) ─┘
+//!                                   │  drives Machine (sans-IO state machine)
+//!                                   ├─ WebSocket (ws.rs)      realtime
+//!                                   └─ HTTP (http.rs)         polling, sends, reconcile, Class D
+//!   app ◀──Update stream (subscribe)──┘
+//! ```
+//!
+//! Every call that hands something durable to the client (a message, an entity edit, a
+//! transaction) commits it to the store before it returns; the supervisor then delivers
+//! it whenever some transport works, retrying with the same id until the server accepts
+//! it. Live-only things (presence, typing: Class A) are sent only when the WebSocket is
+//! up and are never stored. Class D transactions have no way to the WebSocket: they are
+//! only ever sent over HTTP with their idempotency key.
+
+mod error;
+mod http;
+mod supervisor;
+mod token;
+mod types;
+mod ws;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+
+pub use error::ClientError;
+pub use http::HttpError;
+pub use token::{
+    Claims, SharedTokenProvider, StaticToken, TokenError, TokenFuture, TokenProvider, TokenRequest,
+};
+pub use types::{
+    ClientMetrics, MessageClass, OutboxUpdate, OutgoingMessage, StateUpdate, Target,
+    TransactionUpdate, Update,
+};
+
+use crate::machine::{ConnectionState, MachineConfig};
+use crate::protocol::{
+    Conflict, InteractionClass, JsonObject, OperationType, PresenceStatus, SendMessage,
+    TransactionRequest,
+};
+use crate::store::{
+    CachedEntity, ItemKind, ItemState, LocalEdit, NewItem, OutboxClass, OutboxItem, Store,
+    StoreConfig,
+};
+use supervisor::{Command, Supervisor};
+use types::ClockOffset;
+
+/// How a client is set up.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// The server's base URL, e.g. `http://127.0.0.1:3000`.
+    pub server_url: String,
+    /// The WebSocket path (`WS_PATH`).
+    pub ws_path: String,
+    /// The SQLite file of this installation.
+    pub store_path: PathBuf,
+    /// The store's settings (durability, outbox bounds).
+    pub store: StoreConfig,
+    /// Timings of the connection state machine.
+    pub machine: MachineConfig,
+    /// Bound of each HTTP request.
+    pub request_timeout: Duration,
+    /// Largest message payload accepted (encoded JSON bytes); larger is refused at the
+    /// call, before anything is stored (the server's frame limit is 1 MiB).
+    pub max_payload_bytes: usize,
+    /// Operations per reconciliation request.
+    pub reconcile_batch: usize,
+    /// Messages sent over the WebSocket and not yet acknowledged, at most.
+    pub send_window: usize,
+    /// An unacknowledged message is sent again after this.
+    pub ack_timeout: Duration,
+    /// How often entity changes are pulled while connected.
+    pub entity_pull_interval: Duration,
+    /// How often pending transactions' status is checked while connected.
+    pub transaction_check_interval: Duration,
+    /// Capacity of each subscriber's update buffer.
+    pub update_buffer: usize,
+}
+
+impl ClientConfig {
+    /// Defaults for a server at `server_url` and a store at `store_path`.
+    pub fn new(server_url: impl Into<String>, store_path: impl Into<PathBuf>) -> Self {
+        Self {
+            server_url: server_url.into(),
+            ws_path: crate::protocol::envelope::DEFAULT_WS_PATH.to_owned(),
+            store_path: store_path.into(),
+            store: StoreConfig::default(),
+            machine: MachineConfig::default(),
+            request_timeout: Duration::from_secs(15),
+            max_payload_bytes: 512 * 1024,
+            reconcile_batch: 100,
+            send_window: 64,
+            ack_timeout: Duration::from_secs(10),
+            entity_pull_interval: Duration::from_secs(10),
+            transaction_check_interval: Duration::from_secs(5),
+            update_buffer: 4096,
+        }
+    }
+
+    fn ws_url(&self) -> String {
+        let base = self.server_url.trim_end_matches('/');
+        let base = if let Some(rest) = base.strip_prefix("https://") {
+            format!("wss://{rest}")
+        } else if let Some(rest) = base.strip_prefix("http://") {
+            format!("ws://{rest}")
+        } else {
+            base.to_owned()
+        };
+        format!("{base}{}", self.ws_path)
+    }
+}
+
+/// The synchronous store shared by the API and the supervisor; every call runs on the
+/// blocking pool, never on an async worker.
+#[derive(Debug, Clone)]
+pub(crate) struct StoreHandle(Arc<Mutex<Store>>);
+
+impl StoreHandle {
+    pub(crate) async fn call<R, F>(&self, f: F) -> Result<R, ClientError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Store) -> Result<R, crate::store::StoreError> + Send + 'static,
+    {
+        let store = self.0.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = store
+                .lock()
+                .map_err(|_| ClientError::Storage("the store lock was poisoned".into()))?;
+            f(&mut guard).map_err(ClientError::from)
+        })
+        .await
+        .map_err(|e| ClientError::Storage(format!("store task failed: {e}")))?
+    }
+}
+
+struct Shared {
+    config: ClientConfig,
+    store: StoreHandle,
+    commands: mpsc::UnboundedSender<Command>,
+    updates: broadcast::Sender<Update>,
+    state: watch::Receiver<ConnectionState>,
+    clock: Arc<Mutex<ClockOffset>>,
+    tokens: Arc<supervisor::TokenCell>,
+    client_id: String,
+}
+
+/// The client. Cheap to clone; all clones drive one connection.
+#[derive(Clone)]
+pub struct Client {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("server_url", &self.shared.config.server_url)
+            .field("client_id", &self.shared.client_id)
+            .field("state", &*self.shared.state.borrow())
+            .finish()
+    }
+}
+
+/// A subscription to the client's updates. Lagging far behind drops the oldest
+/// updates for this subscriber ([`Subscription::next`] says how many); the store
+/// always has the truth (outbox, entities).
+#[derive(Debug)]
+pub struct Subscription {
+    rx: broadcast::Receiver<Update>,
+}
+
+/// What [`Subscription::next`] gives.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Next {
+    /// An update.
+    Update(Box<Update>),
+    /// This subscriber fell behind and missed this many updates.
+    Missed(u64),
+    /// The client shut down.
+    Closed,
+}
+
+impl Subscription {
+    /// The next update.
+    pub async fn next(&mut self) -> Next {
+        match self.rx.recv().await {
+            Ok(u) => Next::Update(Box::new(u)),
+            Err(broadcast::error::RecvError::Lagged(n)) => Next::Missed(n),
+            Err(broadcast::error::RecvError::Closed) => Next::Closed,
+        }
+    }
+}
+
+/// How to settle an open conflict.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Resolution {
+    /// Keep the value the server holds now.
+    KeepServer,
+    /// Keep this installation's side of the conflict.
+    KeepMine,
+    /// Write this value (a whole new value for the entity).
+    Value(Value),
+}
+
+impl Client {
+    /// Opens the store at `config.store_path` (creating it) and starts connecting.
+    ///
+    /// Must be called within a tokio runtime. Items left in the outbox by an earlier
+    /// run are sent as soon as a transport works.
+    pub async fn open(
+        config: ClientConfig,
+        tokens: SharedTokenProvider,
+    ) -> Result<Client, ClientError> {
+        let path = config.store_path.clone();
+        let store_config = config.store.clone();
+        let store = tokio::task::spawn_blocking(move || Store::open(path, store_config))
+            .await
+            .map_err(|e| ClientError::Storage(format!("store task failed: {e}")))??;
+        let client_id = store.client_id().to_owned();
+        let store = StoreHandle(Arc::new(Mutex::new(store)));
+        let (commands, command_rx) = mpsc::unbounded_channel();
+        let (updates, _) = broadcast::channel(config.update_buffer.max(16));
+        let (state_tx, state) = watch::channel(ConnectionState::Offline);
+        let clock = Arc::new(Mutex::new(ClockOffset::default()));
+        let tokens = Arc::new(supervisor::TokenCell::new(tokens));
+        let supervisor = Supervisor::new(
+            config.clone(),
+            config.ws_url(),
+            store.clone(),
+            tokens.clone(),
+            updates.clone(),
+            state_tx,
+            clock.clone(),
+            client_id.clone(),
+            command_rx,
+        )
+        .map_err(|e| ClientError::InvalidInput {
+            field: "server_url".into(),
+            message: e.to_string(),
+        })?;
+        tokio::spawn(supervisor.run());
+        Ok(Client {
+            shared: Arc::new(Shared {
+                config,
+                store,
+                commands,
+                updates,
+                state,
+                clock,
+                tokens,
+                client_id,
+            }),
+        })
+    }
+
+    fn command(&self, command: Command) -> Result<(), ClientError> {
+        self.shared
+            .commands
+            .send(command)
+            .map_err(|_| ClientError::Closed)
+    }
+
+    /// This installation's `clientId`.
+    pub fn client_id(&self) -> &str {
+        &self.shared.client_id
+    }
+
+    /// The connection state now.
+    pub fn connection_state(&self) -> ConnectionState {
+        *self.shared.state.borrow()
+    }
+
+    /// A watch of the connection state (the current value, then each change).
+    pub fn watch_state(&self) -> watch::Receiver<ConnectionState> {
+        self.shared.state.clone()
+    }
+
+    /// Subscribes to every update from now on.
+    pub fn subscribe(&self) -> Subscription {
+        Subscription {
+            rx: self.shared.updates.subscribe(),
+        }
+    }
+
+    /// The server's time, by the client's estimate of the clock offset.
+    pub fn server_time(&self) -> crate::protocol::Timestamp {
+        self.shared
+            .clock
+            .lock()
+            .map(|c| c.server_now())
+            .unwrap_or_else(|_| chrono::Utc::now())
+    }
+
+    fn check_payload(&self, field: &str, value: &Value) -> Result<usize, ClientError> {
+        let size = serde_json::to_vec(value)
+            .map_err(|e| ClientError::InvalidInput {
+                field: field.into(),
+                message: e.to_string(),
+            })?
+            .len();
+        if size > self.shared.config.max_payload_bytes {
+            return Err(ClientError::InvalidInput {
+                field: field.into(),
+                message: format!(
+                    "{size} bytes is over the limit of {} bytes",
+                    self.shared.config.max_payload_bytes
+                ),
+            });
+        }
+        Ok(size)
+    }
+
+    /// Sends a durable message (Class B or C): committed to the outbox before this
+    /// returns, then delivered whenever a transport works, in order within its target.
+    /// Follow it with [`Client::item`] or the [`Update::Outbox`] stream.
+    pub async fn send_message(&self, message: OutgoingMessage) -> Result<OutboxItem, ClientError> {
+        self.check_payload("payload", &message.payload)?;
+        let id = uuid::Uuid::now_v7().to_string();
+        let (class, wire_class) = match message.class {
+            MessageClass::Stream => (OutboxClass::B, InteractionClass::ClassB),
+            MessageClass::Chat => (OutboxClass::C, InteractionClass::ClassC),
+        };
+        let lane = message.target.lane();
+        let (recipient_id, room_id) = match message.target {
+            Target::Room(r) => (None, Some(r)),
+            Target::User(u) => (Some(u), None),
+        };
+        let wire = SendMessage {
+            message_id: Some(id.clone()),
+            message_type: message.message_type,
+            interaction_class: wire_class,
+            recipient_id,
+            room_id,
+            payload: message.payload,
+            metadata: message.metadata,
+        };
+        wire.validate()?;
+        let body = serde_json::to_value(&wire).map_err(|e| ClientError::InvalidInput {
+            field: "message".into(),
+            message: e.to_string(),
+        })?;
+        let item = NewItem {
+            id,
+            class,
+            kind: ItemKind::Message,
+            lane,
+            body,
+        };
+        let now = chrono::Utc::now();
+        let stored = self
+            .shared
+            .store
+            .call(move |s| s.enqueue(item, now))
+            .await?;
+        let _ = self.command(Command::Pump);
+        Ok(stored)
+    }
+
+    /// Sends a live-only message (Class A: typing indicators, cursors). Sent only when
+    /// the WebSocket is up; otherwise [`ClientError::NotConnected`] at once. Never stored.
+    pub async fn send_live(
+        &self,
+        target: Target,
+        message_type: impl Into<String>,
+        payload: Value,
+    ) -> Result<(), ClientError> {
+        self.check_payload("payload", &payload)?;
+        let (recipient_id, room_id) = match target {
+            Target::Room(r) => (None, Some(r)),
+            Target::User(u) => (Some(u), None),
+        };
+        let wire = SendMessage {
+            message_id: Some(uuid::Uuid::now_v7().to_string()),
+            message_type: message_type.into(),
+            interaction_class: InteractionClass::ClassA,
+            recipient_id,
+            room_id,
+            payload,
+            metadata: None,
+        };
+        wire.validate()?;
+        let (reply, rx) = oneshot::channel();
+        self.command(Command::Live {
+            event: crate::protocol::ClientEvent::Message(wire),
+            reply,
+        })?;
+        rx.await.map_err(|_| ClientError::Closed)?
+    }
+
+    /// Announces this user's presence to the users sharing a room (Class A: live only).
+    pub async fn set_presence(
+        &self,
+        status: PresenceStatus,
+        metadata: Option<JsonObject>,
+    ) -> Result<(), ClientError> {
+        let (reply, rx) = oneshot::channel();
+        self.command(Command::Live {
+            event: crate::protocol::ClientEvent::PresenceUpdate(crate::protocol::PresenceUpdate {
+                status,
+                metadata,
+            }),
+            reply,
+        })?;
+        rx.await.map_err(|_| ClientError::Closed)?
+    }
+
+    /// Joins a room. The membership is remembered and re-established after every
+    /// reconnect; the server's answer (or refusal by its room policy) arrives as
+    /// [`Update::Room`].
+    pub async fn join_room(&self, room_id: impl Into<String>) -> Result<(), ClientError> {
+        let room_id = room_id.into();
+        if room_id.trim().is_empty() {
+            return Err(ClientError::InvalidInput {
+                field: "roomId".into(),
+                message: "must not be empty".into(),
+            });
+        }
+        self.change_rooms(room_id, true).await
+    }
+
+    /// Leaves a room (and stops re-joining it).
+    pub async fn leave_room(&self, room_id: impl Into<String>) -> Result<(), ClientError> {
+        self.change_rooms(room_id.into(), false).await
+    }
+
+    async fn change_rooms(&self, room_id: String, join: bool) -> Result<(), ClientError> {
+        let room = room_id.clone();
+        self.shared
+            .store
+            .call(move |s| {
+                let mut rooms = supervisor::load_rooms(s)?;
+                if join {
+                    rooms.insert(room);
+                } else {
+                    rooms.remove(&room);
+                }
+                supervisor::save_rooms(s, &rooms)
+            })
+            .await?;
+        self.command(Command::Room { room_id, join })
+    }
+
+    /// The rooms this client is (or will be, once connected) a member of.
+    pub async fn rooms(&self) -> Result<Vec<String>, ClientError> {
+        let rooms = self
+            .shared
+            .store
+            .call(supervisor::load_rooms)
+            .await?;
+        Ok(rooms.into_iter().collect())
+    }
+
+    /// Submits a Class D transaction (payment, order): committed with its idempotency
+    /// key before this returns, then sent over HTTP only, retried with the same key
+    /// until the server accepts it; its confirmation or rejection arrives as
+    /// [`Update::Transaction`] (and is kept across restarts: see [`Client::item`]).
+    pub async fn submit_transaction(
+        &self,
+        transaction_type: impl Into<String>,
+        payload: Value,
+        metadata: Option<JsonObject>,
+    ) -> Result<OutboxItem, ClientError> {
+        let transaction_type = transaction_type.into();
+        if transaction_type.trim().is_empty() {
+            return Err(ClientError::InvalidInput {
+                field: "transactionType".into(),
+                message: "must not be empty".into(),
+            });
+        }
+        self.check_payload("payload", &payload)?;
+        let request = TransactionRequest {
+            transaction_type,
+            payload,
+            metadata,
+        };
+        let body = serde_json::to_value(&request).map_err(|e| ClientError::InvalidInput {
+            field: "transaction".into(),
+            message: e.to_string(),
+        })?;
+        let id = uuid::Uuid::now_v7().to_string();
+        let item = NewItem {
+            // Each transaction is its own lane: one stuck payment holds back no other.
+            lane: format!("transaction:{id}"),
+            id,
+            class: OutboxClass::D,
+            kind: ItemKind::Transaction,
+            body,
+        };
+        let now = chrono::Utc::now();
+        let stored = self
+            .shared
+            .store
+            .call(move |s| s.enqueue(item, now))
+            .await?;
+        let _ = self.command(Command::Pump);
+        Ok(stored)
+    }
+
+    async fn edit(
+        &self,
+        entity_type: String,
+        entity_id: String,
+        operation_type: OperationType,
+        payload: Value,
+    ) -> Result<CachedEntity, ClientError> {
+        for (field, value) in [("entityType", &entity_type), ("entityId", &entity_id)] {
+            if value.trim().is_empty() {
+                return Err(ClientError::InvalidInput {
+                    field: field.into(),
+                    message: "must not be empty".into(),
+                });
+            }
+        }
+        self.check_payload("payload", &payload)?;
+        let claims = self.shared.tokens.claims().await?;
+        let edit = LocalEdit {
+            tenant_id: claims.tenant_id,
+            entity_type,
+            entity_id,
+            operation_type,
+            payload,
+            metadata: None,
+        };
+        let now = self.server_time();
+        let (_, _, entity) = self
+            .shared
+            .store
+            .call(move |s| s.local_edit(edit, now))
+            .await?;
+        let _ = self.shared.updates.send(Update::Entity(entity.clone()));
+        let _ = self.command(Command::Pump);
+        Ok(entity)
+    }
+
+    /// Creates (or replaces) an entity with `value` (an object): applied locally at once,
+    /// reconciled with the server whenever it is reachable.
+    pub async fn create_entity(
+        &self,
+        entity_type: impl Into<String>,
+        entity_id: impl Into<String>,
+        value: Value,
+    ) -> Result<CachedEntity, ClientError> {
+        self.edit(
+            entity_type.into(),
+            entity_id.into(),
+            OperationType::Create,
+            value,
+        )
+        .await
+    }
+
+    /// Updates an entity with a JSON merge patch (fields set; `null` removes a field).
+    pub async fn update_entity(
+        &self,
+        entity_type: impl Into<String>,
+        entity_id: impl Into<String>,
+        patch: Value,
+    ) -> Result<CachedEntity, ClientError> {
+        self.edit(
+            entity_type.into(),
+            entity_id.into(),
+            OperationType::Update,
+            patch,
+        )
+        .await
+    }
+
+    /// Deletes an entity (a tombstone remains).
+    pub async fn delete_entity(
+        &self,
+        entity_type: impl Into<String>,
+        entity_id: impl Into<String>,
+    ) -> Result<CachedEntity, ClientError> {
+        self.edit(
+            entity_type.into(),
+            entity_id.into(),
+            OperationType::Delete,
+            Value::Null,
+        )
+        .await
+    }
+
+    /// The cached entity (local edits included), if known.
+    pub async fn entity(
+        &self,
+        entity_type: impl Into<String>,
+        entity_id: impl Into<String>,
+    ) -> Result<Option<CachedEntity>, ClientError> {
+        let (t, i) = (entity_type.into(), entity_id.into());
+        self.shared.store.call(move |s| s.entity(&t, &i)).await
+    }
+
+    /// The ids of the cached entities of a type.
+    pub async fn entity_ids(
+        &self,
+        entity_type: impl Into<String>,
+    ) -> Result<Vec<String>, ClientError> {
+        let t = entity_type.into();
+        self.shared.store.call(move |s| s.entity_ids(&t)).await
+    }
+
+    /// Asks for the server's entity changes now (they are also pulled periodically).
+    pub fn sync_entities(&self) -> Result<(), ClientError> {
+        self.command(Command::PullEntities)
+    }
+
+    /// The open conflicts (MANUAL strategy), oldest first.
+    pub async fn conflicts(&self) -> Result<Vec<Conflict>, ClientError> {
+        self.shared.store.call(|s| s.open_conflicts()).await
+    }
+
+    /// Settles an open conflict by writing a value that supersedes both sides.
+    pub async fn resolve_conflict(
+        &self,
+        conflict_id: &str,
+        resolution: Resolution,
+    ) -> Result<CachedEntity, ClientError> {
+        let conflicts = self.conflicts().await?;
+        let conflict = conflicts
+            .into_iter()
+            .find(|c| c.conflict_id == conflict_id)
+            .ok_or_else(|| ClientError::NotFound(format!("conflict {conflict_id}")))?;
+        let (t, i) = (conflict.entity_type.clone(), conflict.entity_id.clone());
+        let current = self
+            .entity(t.clone(), i.clone())
+            .await?
+            .ok_or_else(|| ClientError::NotFound(format!("entity {t}/{i}")))?;
+        let mine = conflict
+            .operations
+            .iter()
+            .find(|o| o.client_id == self.shared.client_id);
+        let value = match resolution {
+            Resolution::KeepServer => current.value.data.clone(),
+            Resolution::KeepMine => {
+                let op = mine.ok_or_else(|| {
+                    ClientError::InvalidState(
+                        "this installation has no side in the conflict".into(),
+                    )
+                })?;
+                // The value as of the server's state with this side applied on top.
+                current.base.apply_plain(op).data
+            }
+            Resolution::Value(v) => v,
+        };
+        // A CREATE carries the whole value; its clock descends from every side seen.
+        let entity = if value.is_null() {
+            self.delete_entity(t, i).await?
+        } else {
+            self.create_entity(t, i, value).await?
+        };
+        let id = conflict_id.to_owned();
+        self.shared
+            .store
+            .call(move |s| s.clear_conflict(&id))
+            .await?;
+        Ok(entity)
+    }
+
+    /// One outbox item (a message, operation or transaction handle).
+    pub async fn item(&self, id: &str) -> Result<Option<OutboxItem>, ClientError> {
+        let id = id.to_owned();
+        self.shared.store.call(move |s| s.get(&id)).await
+    }
+
+    /// The outbox, optionally in one state only.
+    pub async fn outbox(&self, state: Option<ItemState>) -> Result<Vec<OutboxItem>, ClientError> {
+        self.shared.store.call(move |s| s.list(state)).await
+    }
+
+    /// Sends a dead item again (the app decided the cause is fixed).
+    pub async fn retry(&self, id: &str) -> Result<OutboxItem, ClientError> {
+        let id = id.to_owned();
+        let now = chrono::Utc::now();
+        let item = self.shared.store.call(move |s| s.retry(&id, now)).await?;
+        let _ = self.shared.updates.send(Update::Outbox((&item).into()));
+        let _ = self.command(Command::Pump);
+        Ok(item)
+    }
+
+    /// Gives a dead item up for good.
+    pub async fn discard(&self, id: &str) -> Result<OutboxItem, ClientError> {
+        let id = id.to_owned();
+        let item = self.shared.store.call(move |s| s.discard(&id)).await?;
+        Ok(item)
+    }
+
+    /// Waits until item `id` is settled (accepted, confirmed, rejected or dead) or
+    /// `timeout` passes; returns the item as it then is.
+    pub async fn wait_settled(
+        &self,
+        id: &str,
+        want: &[ItemState],
+        timeout: Duration,
+    ) -> Result<OutboxItem, ClientError> {
+        let mut sub = self.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let item = self
+                .item(id)
+                .await?
+                .ok_or_else(|| ClientError::NotFound(id.to_owned()))?;
+            if want.contains(&item.state) {
+                return Ok(item);
+            }
+            // Wake on any update about this item (or a missed batch), re-read the store.
+            loop {
+                match tokio::time::timeout_at(deadline, sub.next()).await {
+                    Err(_) => return Ok(item),
+                    Ok(Next::Closed) => return Err(ClientError::Closed),
+                    Ok(Next::Missed(_)) => break,
+                    Ok(Next::Update(u)) => match *u {
+                        Update::Outbox(o) if o.id == id => break,
+                        Update::Transaction(t) if t.id == id => break,
+                        _ => {}
+                    },
+                }
+            }
+        }
+    }
+
+    /// Figures for diagnostics.
+    pub async fn metrics(&self) -> Result<ClientMetrics, ClientError> {
+        let (reply, rx) = oneshot::channel();
+        self.command(Command::Metrics(reply))?;
+        rx.await.map_err(|_| ClientError::Closed)?
+    }
+
+    /// The host app says the network is available: retry at once.
+    pub fn network_available(&self) {
+        let _ = self.command(Command::Hint(supervisor::Hint::NetworkAvailable));
+    }
+
+    /// The host app says the network is gone.
+    pub fn network_lost(&self) {
+        let _ = self.command(Command::Hint(supervisor::Hint::NetworkLost));
+    }
+
+    /// The app came to the foreground: check the connection at once.
+    pub fn foreground(&self) {
+        let _ = self.command(Command::Hint(supervisor::Hint::Foreground));
+    }
+
+    /// The app went to the background.
+    pub fn background(&self) {
+        let _ = self.command(Command::Hint(supervisor::Hint::Background));
+    }
+
+    /// Asks the token provider for a fresh token and connects again (the way out of
+    /// `AuthFailed`).
+    pub fn reauthenticate(&self) {
+        let _ = self.command(Command::Reauthenticate);
+    }
+
+    /// Stops the client: closes the connection and the supervisor. What is in the outbox
+    /// stays there for the next run.
+    pub async fn shutdown(&self) {
+        let (reply, rx) = oneshot::channel();
+        if self.command(Command::Shutdown(reply)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+}

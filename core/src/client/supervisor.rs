@@ -1,0 +1,1394 @@
+//! The supervisor: the one task per client that owns the connection.
+//!
+//! It drives the sans-IO [`Machine`]: it feeds it what the transports report and the
+//! timers, and carries out its actions (open the WebSocket, poll, resync, refresh the
+//! token, flush the outbox). Everything slow (HTTP calls, the WebSocket handshake, the
+//! token provider) runs in spawned tasks that report back on one channel, so the loop
+//! never blocks and there is never a second reconnect loop.
+//!
+//! Delivery rules it enforces:
+//!
+//! - messages go over the WebSocket in Realtime and over `POST /api/messages` otherwise,
+//!   one in flight per lane (the outbox hands out lane heads only), the same id on every
+//!   attempt;
+//! - entity operations always go over HTTP, in batches, to the reconcile endpoint;
+//! - Class D transactions always go over HTTP with their idempotency key; their outcome
+//!   is learnt from events and from the status endpoint;
+//! - inbound durable events are recorded (cursor + dedupe, one transaction) before the
+//!   app hears of them, whichever transport brought them.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+
+use super::http::{HttpApi, HttpError, is_not_found};
+use super::token::{Claims, SharedTokenProvider, TokenError, TokenRequest};
+use super::types::{ClockOffset, OutboxUpdate, StateUpdate, TransactionUpdate, Update};
+use super::ws::{self, ConnectError, WsEvent, WsHandle};
+use super::{ClientConfig, ClientError, ClientMetrics, StoreHandle};
+use crate::machine::{Action, ConnectionState, Failure, Machine, Route};
+use crate::protocol::event::MESSAGE_EVENT_TYPE;
+use crate::protocol::{
+    ClientEvent, ErrorBody, ErrorCode, Event, Operation, ReconciliationRequest, SendMessage,
+    ServerEvent, TransactionRequest, TransactionState, TransactionStatus, WebSocketMessage,
+};
+use crate::store::{ItemKind, ItemState, OutboxItem, Store, StoreError};
+
+/// Key/value entry of the rooms the user wants to be in.
+const ROOMS_KEY: &str = "client.rooms";
+/// Events per poll request.
+const POLL_LIMIT: u32 = 500;
+/// Pages fetched at most by one resync catch-up.
+const RESYNC_MAX_PAGES: usize = 10_000;
+/// HTTP message sends in flight at most.
+const HTTP_SEND_WINDOW: usize = 16;
+
+/// The rooms the user wants to be in (kept across restarts).
+pub(crate) fn load_rooms(store: &mut Store) -> Result<BTreeSet<String>, StoreError> {
+    match store.kv_get(ROOMS_KEY)? {
+        None => Ok(BTreeSet::new()),
+        Some(text) => serde_json::from_str(&text).map_err(|e| StoreError::Invalid {
+            field: "rooms",
+            message: e.to_string(),
+        }),
+    }
+}
+
+/// Saves the rooms the user wants to be in.
+pub(crate) fn save_rooms(store: &mut Store, rooms: &BTreeSet<String>) -> Result<(), StoreError> {
+    let text = serde_json::to_string(rooms).map_err(|e| StoreError::Invalid {
+        field: "rooms",
+        message: e.to_string(),
+    })?;
+    store.kv_set(ROOMS_KEY, Some(&text))
+}
+
+/// Hints from the host app.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Hint {
+    NetworkAvailable,
+    NetworkLost,
+    Foreground,
+    Background,
+}
+
+/// What the API asks of the supervisor.
+#[derive(Debug)]
+pub(crate) enum Command {
+    /// Something new is in the outbox.
+    Pump,
+    /// Send a live-only frame now, or answer `NotConnected`.
+    Live {
+        event: ClientEvent,
+        reply: oneshot::Sender<Result<(), ClientError>>,
+    },
+    /// Join or leave a room (already recorded in the store).
+    Room {
+        room_id: String,
+        join: bool,
+    },
+    /// Pull entity changes now.
+    PullEntities,
+    Hint(Hint),
+    Reauthenticate,
+    Metrics(oneshot::Sender<Result<ClientMetrics, ClientError>>),
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// The current token, shared by the tasks; fetched from the provider when missing.
+pub(crate) struct TokenCell {
+    provider: SharedTokenProvider,
+    current: tokio::sync::Mutex<Option<(String, Claims)>>,
+}
+
+impl TokenCell {
+    pub(crate) fn new(provider: SharedTokenProvider) -> Self {
+        Self {
+            provider,
+            current: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    async fn fetch(&self, request: TokenRequest) -> Result<(String, Claims), TokenError> {
+        let token = self.provider.token(request).await?;
+        let claims = Claims::read(&token).map_err(TokenError)?;
+        Ok((token, claims))
+    }
+
+    /// The current token, asking the provider when there is none (one request at a time).
+    pub(crate) async fn get(&self) -> Result<String, TokenError> {
+        let mut current = self.current.lock().await;
+        if let Some((token, _)) = current.as_ref() {
+            return Ok(token.clone());
+        }
+        let fresh = self.fetch(TokenRequest::Initial).await?;
+        let token = fresh.0.clone();
+        *current = Some(fresh);
+        Ok(token)
+    }
+
+    /// The claims of the current token.
+    pub(crate) async fn claims(&self) -> Result<Claims, ClientError> {
+        self.get().await.map_err(|_| ClientError::Reauthenticate)?;
+        let current = self.current.lock().await;
+        current
+            .as_ref()
+            .map(|(_, c)| c.clone())
+            .ok_or(ClientError::Reauthenticate)
+    }
+
+    /// Replaces the token with a fresh one from the provider.
+    async fn refresh(&self) -> Result<(), TokenError> {
+        let fresh = self.fetch(TokenRequest::Refresh).await?;
+        *self.current.lock().await = Some(fresh);
+        Ok(())
+    }
+}
+
+/// What the spawned tasks report.
+#[derive(Debug)]
+enum Io {
+    WsOpened(u64, Result<WsHandle, ConnectError>),
+    Token(Result<(), TokenError>),
+    Poll(Result<bool, HttpError>),
+    Resync(Result<(), HttpError>),
+    /// An HTTP work item finished; `failure` when the server or network failed it.
+    HttpDone {
+        id: Option<String>,
+        failure: Option<Failure>,
+    },
+    Pulled(Result<(), HttpError>),
+}
+
+/// The supervisor's state. See the module docs.
+pub(crate) struct Supervisor {
+    cfg: ClientConfig,
+    ws_url: String,
+    machine: Machine,
+    store: StoreHandle,
+    http: HttpApi,
+    tokens: Arc<TokenCell>,
+    updates: broadcast::Sender<Update>,
+    state_tx: watch::Sender<ConnectionState>,
+    clock: Arc<Mutex<ClockOffset>>,
+    client_id: String,
+    commands: mpsc::UnboundedReceiver<Command>,
+    io_tx: mpsc::UnboundedSender<Io>,
+    io_rx: mpsc::UnboundedReceiver<Io>,
+    ws_tx: mpsc::UnboundedSender<(u64, WsEvent)>,
+    ws_rx: mpsc::UnboundedReceiver<(u64, WsEvent)>,
+    tasks: JoinSet<()>,
+    ws: Option<WsHandle>,
+    /// Generation of the current WebSocket attempt; reports of older ones are ignored.
+    ws_gen: u64,
+    /// Messages sent over the WebSocket, awaiting their ack.
+    ws_in_flight: HashMap<String, Instant>,
+    /// Pings sent, for the clock offset.
+    pings: HashMap<String, (Instant, chrono::DateTime<chrono::Utc>)>,
+    /// HTTP work items in flight (message sends, transaction submissions and checks).
+    http_in_flight: BTreeSet<String>,
+    reconcile_in_flight: bool,
+    /// Ops sent one per request after a batch was refused as invalid, to find the bad one.
+    isolate_ops: bool,
+    last_pull: Option<Instant>,
+    last_tx_check: Option<Instant>,
+    shutdown: Option<oneshot::Sender<()>>,
+}
+
+fn now_wall() -> chrono::DateTime<chrono::Utc> {
+    chrono::Utc::now()
+}
+
+impl Supervisor {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        cfg: ClientConfig,
+        ws_url: String,
+        store: StoreHandle,
+        tokens: Arc<TokenCell>,
+        updates: broadcast::Sender<Update>,
+        state_tx: watch::Sender<ConnectionState>,
+        clock: Arc<Mutex<ClockOffset>>,
+        client_id: String,
+        commands: mpsc::UnboundedReceiver<Command>,
+    ) -> Result<Self, HttpError> {
+        let http = HttpApi::new(&cfg.server_url, cfg.request_timeout)?;
+        let (io_tx, io_rx) = mpsc::unbounded_channel();
+        let (ws_tx, ws_rx) = mpsc::unbounded_channel();
+        Ok(Self {
+            machine: Machine::new(cfg.machine.clone(), Instant::now()),
+            cfg,
+            ws_url,
+            store,
+            http,
+            tokens,
+            updates,
+            state_tx,
+            clock,
+            client_id,
+            commands,
+            io_tx,
+            io_rx,
+            ws_tx,
+            ws_rx,
+            tasks: JoinSet::new(),
+            ws: None,
+            ws_gen: 0,
+            ws_in_flight: HashMap::new(),
+            pings: HashMap::new(),
+            http_in_flight: BTreeSet::new(),
+            reconcile_in_flight: false,
+            isolate_ops: false,
+            last_pull: None,
+            last_tx_check: None,
+            shutdown: None,
+        })
+    }
+
+    fn emit(&self, update: Update) {
+        // No subscriber is fine: the store holds the truth.
+        let _ = self.updates.send(update);
+    }
+
+    /// The loop: until shut down.
+    pub(crate) async fn run(mut self) {
+        self.machine.start(Instant::now());
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            self.drain_actions().await;
+            if self.machine.state() == ConnectionState::Closed {
+                break;
+            }
+            let deadline = self
+                .machine
+                .poll_timeout()
+                .map(tokio::time::Instant::from_std);
+            tokio::select! {
+                _ = async {
+                    match deadline {
+                        Some(d) => tokio::time::sleep_until(d).await,
+                        None => std::future::pending().await,
+                    }
+                } => self.machine.handle_timeout(Instant::now()),
+                Some(command) = self.commands.recv() => self.on_command(command).await,
+                Some((generation, event)) = self.ws_rx.recv() => self.on_ws(generation, event).await,
+                Some(io) = self.io_rx.recv() => self.on_io(io).await,
+                _ = tick.tick() => self.on_tick().await,
+                Some(_) = self.tasks.join_next(), if !self.tasks.is_empty() => {}
+            }
+        }
+        self.tasks.abort_all();
+        if let Some(done) = self.shutdown.take() {
+            let _ = done.send(());
+        }
+        info!(client_id = %self.client_id, "client shut down");
+    }
+
+    async fn drain_actions(&mut self) {
+        while let Some(action) = self.machine.poll_action() {
+            self.execute(action).await;
+        }
+    }
+
+    async fn execute(&mut self, action: Action) {
+        match action {
+            Action::OpenWebSocket => self.open_ws().await,
+            Action::CloseWebSocket => self.close_ws(),
+            Action::SendPing => self.send_ping(),
+            Action::Poll => self.spawn_poll().await,
+            Action::Resync => self.spawn_resync(),
+            Action::RefreshToken => {
+                let tokens = self.tokens.clone();
+                let io = self.io_tx.clone();
+                self.tasks.spawn(async move {
+                    let _ = io.send(Io::Token(tokens.refresh().await));
+                });
+            }
+            Action::Flush(route) => self.pump(route).await,
+            Action::StateChanged(change) => {
+                info!(from = ?change.from, to = ?change.to, reason = ?change.reason, "connection state");
+                let _ = self.state_tx.send(change.to);
+                self.emit(Update::State(StateUpdate {
+                    from: change.from,
+                    to: change.to,
+                    reason: change.reason,
+                    next_retry_in: change
+                        .next_retry_at
+                        .map(|t| t.saturating_duration_since(change.at)),
+                }));
+                if change.to.is_connected() && !change.from.is_connected() {
+                    // Some transport works again: catch up with entity changes too.
+                    self.last_pull = None;
+                }
+            }
+        }
+    }
+
+    // ---- WebSocket ------------------------------------------------------------------------
+
+    async fn open_ws(&mut self) {
+        self.ws_gen += 1;
+        let generation = self.ws_gen;
+        let cursor = self
+            .store
+            .call(|s| s.cursor())
+            .await
+            .ok()
+            .flatten()
+            .map(|c| c.last_event_id);
+        let mut url = format!("{}?clientId={}", self.ws_url, self.client_id);
+        if let Some(cursor) = cursor {
+            url.push_str(&format!("&lastEventId={cursor}"));
+        }
+        let tokens = self.tokens.clone();
+        let io = self.io_tx.clone();
+        let report = self.ws_tx.clone();
+        let timeout = self.cfg.machine.connect_timeout;
+        let max_frame = crate::protocol::envelope::DEFAULT_MAX_FRAME_BYTES;
+        self.tasks.spawn(async move {
+            let result = match tokens.get().await {
+                Err(e) => Err(ConnectError::Failed(Failure::Auth, e.to_string())),
+                Ok(token) => ws::open(&url, &token, max_frame, timeout, generation, report).await,
+            };
+            let _ = io.send(Io::WsOpened(generation, result));
+        });
+    }
+
+    fn close_ws(&mut self) {
+        // Abandons an attempt too: its reports carry an old generation.
+        self.ws_gen += 1;
+        if let Some(ws) = self.ws.take() {
+            ws.close();
+        }
+        self.pings.clear();
+    }
+
+    fn send_frame(&mut self, event: &ClientEvent, reference: Option<&str>) -> bool {
+        match &self.ws {
+            Some(ws) => ws.send(event.encode(reference)),
+            None => false,
+        }
+    }
+
+    fn send_ping(&mut self) {
+        let reference = uuid::Uuid::now_v7().to_string();
+        if self.send_frame(&ClientEvent::Ping, Some(&reference)) {
+            self.pings.insert(reference, (Instant::now(), now_wall()));
+        }
+    }
+
+    async fn on_ws(&mut self, generation: u64, event: WsEvent) {
+        if generation != self.ws_gen || self.ws.is_none() {
+            return;
+        }
+        let now = Instant::now();
+        match event {
+            WsEvent::Activity => self.machine.on_ws_activity(now),
+            WsEvent::Undecodable(e) => warn!(error = %e, "undecodable frame ignored"),
+            WsEvent::Closed(kind, reason) => {
+                info!(%reason, "WebSocket closed");
+                self.ws = None;
+                self.requeue_ws_in_flight("the connection closed before the ack")
+                    .await;
+                self.machine.on_ws_closed(now, kind);
+            }
+            WsEvent::Frame(event, reference) => self.on_frame(*event, reference).await,
+        }
+    }
+
+    async fn on_frame(&mut self, event: ServerEvent, reference: Option<String>) {
+        match event {
+            ServerEvent::Connected(c) => {
+                self.machine
+                    .set_ping_interval(Duration::from_millis(c.ping_interval));
+                let sent = now_wall();
+                if let Ok(mut clock) = self.clock.lock() {
+                    clock.sample(sent, Duration::ZERO, c.server_time);
+                }
+                // Rooms belong to the user on the server; joining again is harmless
+                // and makes sure intents made offline take effect.
+                if let Ok(rooms) = self.store.call(load_rooms).await {
+                    for room_id in rooms {
+                        self.send_frame(&ClientEvent::JoinRoom { room_id }, None);
+                    }
+                }
+            }
+            ServerEvent::Message(m) => self.on_inbound_message(m).await,
+            ServerEvent::Event(e) => self.on_inbound_event(e).await,
+            ServerEvent::Presence(p) => self.emit(Update::Presence(p)),
+            ServerEvent::MessageAck(ack) => {
+                self.ws_in_flight.remove(&ack.message_id);
+                let id = ack.message_id.clone();
+                let server_ref = ack.sequence.map(|s| s.to_string());
+                let now = now_wall();
+                match self
+                    .store
+                    .call(move |s| s.mark_accepted(&id, server_ref.as_deref(), now))
+                    .await
+                {
+                    Ok(item) => self.emit(Update::Outbox((&item).into())),
+                    Err(e) => debug!(error = %e, "ack for an item not in the outbox"),
+                }
+                self.pump(Route::WebSocket).await;
+            }
+            ServerEvent::RoomJoined { room_id } => self.emit(Update::Room {
+                room_id,
+                joined: true,
+                error: None,
+            }),
+            ServerEvent::RoomLeft { room_id } => self.emit(Update::Room {
+                room_id,
+                joined: false,
+                error: None,
+            }),
+            ServerEvent::Resumed {
+                last_event_id,
+                replayed,
+            } => debug!(?last_event_id, replayed, "resumed"),
+            ServerEvent::Pong { server_time } => {
+                if let Some((sent_at, sent_wall)) =
+                    reference.as_ref().and_then(|r| self.pings.remove(r))
+                    && let Ok(mut clock) = self.clock.lock()
+                {
+                    clock.sample(sent_wall, sent_at.elapsed(), server_time);
+                }
+            }
+            ServerEvent::Error(body) => self.on_ws_error(body, reference).await,
+            ServerEvent::Unknown { event, .. } => debug!(%event, "unknown event ignored"),
+        }
+    }
+
+    async fn on_ws_error(&mut self, body: ErrorBody, reference: Option<String>) {
+        let reference = reference.or_else(|| body.reference.clone());
+        warn!(code = ?body.code, error = %body.error, ?reference, "server refused a frame");
+        if body.code == ErrorCode::CursorExpired {
+            self.machine.on_cursor_expired(Instant::now());
+            return;
+        }
+        let Some(id) = reference else { return };
+        if self.ws_in_flight.remove(&id).is_some() {
+            let retry_after = body
+                .details
+                .as_ref()
+                .and_then(|d| d.get(crate::protocol::error::RETRY_AFTER_MS_DETAIL))
+                .and_then(|v| v.as_u64())
+                .map(Duration::from_millis);
+            let permanent = matches!(
+                body.code,
+                ErrorCode::InvalidRequest
+                    | ErrorCode::AuthzFailed
+                    | ErrorCode::TenantViolation
+                    | ErrorCode::PayloadTooLarge
+                    | ErrorCode::RealtimeNotAllowed
+                    | ErrorCode::NotFound
+            );
+            let reason = format!("{}: {}", body.code, body.error);
+            let now = now_wall();
+            let result = if permanent {
+                self.store
+                    .call(move |s| s.mark_dead(&id, &reason, now))
+                    .await
+            } else {
+                let wait = retry_after.unwrap_or(Duration::from_secs(1));
+                let at = now + chrono::Duration::from_std(wait).unwrap_or_default();
+                self.store
+                    .call(move |s| s.mark_failed(&id, &reason, at, now))
+                    .await
+            };
+            if let Ok(item) = result {
+                self.emit(Update::Outbox((&item).into()));
+            }
+        } else if matches!(body.code, ErrorCode::AuthzFailed) {
+            // A refused join (room policy): tell the app and stop re-joining it.
+            if let Some(room_id) = body
+                .details
+                .as_ref()
+                .and_then(|d| d.get("roomId"))
+                .and_then(|v| v.as_str())
+                .map(str::to_owned)
+            {
+                let room = room_id.clone();
+                let _ = self
+                    .store
+                    .call(move |s| {
+                        let mut rooms = load_rooms(s)?;
+                        rooms.remove(&room);
+                        save_rooms(s, &rooms)
+                    })
+                    .await;
+                self.emit(Update::Room {
+                    room_id,
+                    joined: false,
+                    error: Some(body.error),
+                });
+            }
+        }
+    }
+
+    async fn requeue_ws_in_flight(&mut self, reason: &str) {
+        let ids: Vec<String> = self.ws_in_flight.drain().map(|(id, _)| id).collect();
+        if ids.is_empty() {
+            return;
+        }
+        let reason = reason.to_owned();
+        let now = now_wall();
+        let _ = self
+            .store
+            .call(move |s| {
+                for id in ids {
+                    // Already accepted through another path: nothing to do.
+                    let _ = s.mark_failed(&id, &reason, now, now);
+                }
+                Ok(())
+            })
+            .await;
+    }
+
+    // ---- inbound --------------------------------------------------------------------------
+
+    async fn on_inbound_message(&mut self, m: WebSocketMessage) {
+        match (&m.event_id, m.interaction_class.is_durable()) {
+            (Some(event_id), true) => {
+                let event_id = event_id.clone();
+                let updates =
+                    process_inbound(&self.store, event_id, m.sequence, Update::Message(m)).await;
+                for u in updates {
+                    self.emit(u);
+                }
+            }
+            // Live (Class A), or a server that did not make it durable: as it comes.
+            _ => self.emit(Update::Message(m)),
+        }
+    }
+
+    async fn on_inbound_event(&mut self, e: Event) {
+        for u in process_event(&self.store, e).await {
+            self.emit(u);
+        }
+    }
+
+    // ---- polling and resync ---------------------------------------------------------------
+
+    async fn spawn_poll(&mut self) {
+        let store = self.store.clone();
+        let http = self.http.clone();
+        let tokens = self.tokens.clone();
+        let io = self.io_tx.clone();
+        let updates = self.updates.clone();
+        self.tasks.spawn(async move {
+            let result = poll_once(&store, &http, &tokens, &updates).await;
+            let _ = io.send(Io::Poll(result));
+        });
+    }
+
+    fn spawn_resync(&mut self) {
+        let store = self.store.clone();
+        let http = self.http.clone();
+        let tokens = self.tokens.clone();
+        let io = self.io_tx.clone();
+        let updates = self.updates.clone();
+        let client_id = self.client_id.clone();
+        self.tasks.spawn(async move {
+            let result = resync(&store, &http, &tokens, &updates, &client_id).await;
+            let _ = io.send(Io::Resync(result));
+        });
+    }
+
+    // ---- outbound -------------------------------------------------------------------------
+
+    /// Sends what can be sent now.
+    async fn pump(&mut self, _route: Route) {
+        let state = self.machine.state();
+        if !state.is_connected() {
+            return;
+        }
+        let realtime = state == ConnectionState::Realtime && self.ws.is_some();
+        let window = self.cfg.send_window.max(1);
+        let now = now_wall();
+        let heads = match self
+            .store
+            .call(move |s| s.next_sendable(now, window * 4))
+            .await
+        {
+            Ok(h) => h,
+            Err(e) => {
+                warn!(error = %e, "outbox read failed");
+                return;
+            }
+        };
+        for item in heads {
+            match item.kind {
+                ItemKind::Message if realtime => {
+                    if self.ws_in_flight.len() >= window {
+                        continue;
+                    }
+                    self.send_over_ws(item).await;
+                }
+                ItemKind::Message => {
+                    if self.http_in_flight.len() < HTTP_SEND_WINDOW {
+                        self.send_over_http(item).await;
+                    }
+                }
+                ItemKind::Transaction => {
+                    if self.http_in_flight.len() < HTTP_SEND_WINDOW {
+                        self.submit_transaction(item).await;
+                    }
+                }
+                ItemKind::Operation => {}
+            }
+        }
+        self.spawn_reconcile(false).await;
+    }
+
+    async fn send_over_ws(&mut self, item: OutboxItem) {
+        let message: SendMessage = match serde_json::from_value(item.body.clone()) {
+            Ok(m) => m,
+            Err(e) => {
+                self.kill(&item.id, format!("unreadable message body: {e}"))
+                    .await;
+                return;
+            }
+        };
+        let id = item.id.clone();
+        let now = now_wall();
+        let Ok(sent) = self.store.call(move |s| s.mark_in_flight(&id, now)).await else {
+            return;
+        };
+        if self.send_frame(&ClientEvent::Message(message), Some(&item.id)) {
+            self.ws_in_flight.insert(item.id.clone(), Instant::now());
+            self.emit(Update::Outbox((&sent).into()));
+        } else {
+            let id = item.id.clone();
+            let _ = self
+                .store
+                .call(move |s| s.mark_failed(&id, "the connection closed", now, now))
+                .await;
+        }
+    }
+
+    async fn kill(&mut self, id: &str, reason: String) {
+        let id = id.to_owned();
+        let now = now_wall();
+        if let Ok(item) = self
+            .store
+            .call(move |s| s.mark_dead(&id, &reason, now))
+            .await
+        {
+            self.emit(Update::Outbox((&item).into()));
+        }
+    }
+
+    async fn send_over_http(&mut self, item: OutboxItem) {
+        let message: SendMessage = match serde_json::from_value(item.body.clone()) {
+            Ok(m) => m,
+            Err(e) => {
+                self.kill(&item.id, format!("unreadable message body: {e}"))
+                    .await;
+                return;
+            }
+        };
+        let id = item.id.clone();
+        let now = now_wall();
+        let Ok(sent) = self.store.call(move |s| s.mark_in_flight(&id, now)).await else {
+            return;
+        };
+        self.emit(Update::Outbox((&sent).into()));
+        self.http_in_flight.insert(item.id.clone());
+        let (store, http, tokens, io, updates) = self.task_parts();
+        self.tasks.spawn(async move {
+            let result = match tokens.get().await {
+                Err(e) => Err(HttpError::Status {
+                    status: 401,
+                    body: None,
+                    retry_after: None,
+                })
+                .inspect_err(|_| debug!(error = %e, "no token")),
+                Ok(token) => http.post_message(&token, &message).await,
+            };
+            let failure = settle_http(
+                &store,
+                &updates,
+                &sent,
+                result.map(|a| a.sequence.to_string()),
+            )
+            .await;
+            let _ = io.send(Io::HttpDone {
+                id: Some(sent.id.clone()),
+                failure,
+            });
+        });
+    }
+
+    async fn submit_transaction(&mut self, item: OutboxItem) {
+        let request: TransactionRequest = match serde_json::from_value(item.body.clone()) {
+            Ok(r) => r,
+            Err(e) => {
+                self.kill(&item.id, format!("unreadable transaction body: {e}"))
+                    .await;
+                return;
+            }
+        };
+        let id = item.id.clone();
+        let now = now_wall();
+        let Ok(sent) = self.store.call(move |s| s.mark_in_flight(&id, now)).await else {
+            return;
+        };
+        self.http_in_flight.insert(item.id.clone());
+        let (store, http, tokens, io, updates) = self.task_parts();
+        self.tasks.spawn(async move {
+            let result = match tokens.get().await {
+                Err(_) => Err(HttpError::Status {
+                    status: 401,
+                    body: None,
+                    retry_after: None,
+                }),
+                Ok(token) => http.submit_transaction(&token, &sent.id, &request).await,
+            };
+            let accepted = result.as_ref().ok().map(|a| a.transaction_id.clone());
+            let failure =
+                settle_http(&store, &updates, &sent, result.map(|a| a.transaction_id)).await;
+            if let Some(transaction_id) = accepted {
+                let _ = updates.send(Update::Transaction(TransactionUpdate {
+                    id: sent.id.clone(),
+                    transaction_id: Some(transaction_id),
+                    status: TransactionState::Pending,
+                    reason: None,
+                }));
+            }
+            let _ = io.send(Io::HttpDone {
+                id: Some(sent.id.clone()),
+                failure,
+            });
+        });
+    }
+
+    /// Checks the status of accepted, undecided transactions (events may have been
+    /// missed while offline; the status endpoint is the truth).
+    async fn check_transactions(&mut self) {
+        let Ok(accepted) = self.store.call(|s| s.list(Some(ItemState::Accepted))).await else {
+            return;
+        };
+        for item in accepted
+            .into_iter()
+            .filter(|i| i.kind == ItemKind::Transaction)
+        {
+            let Some(transaction_id) = item.server_ref.clone() else {
+                continue;
+            };
+            let key = format!("check:{}", item.id);
+            if self.http_in_flight.contains(&key) || self.http_in_flight.len() >= HTTP_SEND_WINDOW {
+                continue;
+            }
+            self.http_in_flight.insert(key.clone());
+            let (store, http, tokens, io, updates) = self.task_parts();
+            self.tasks.spawn(async move {
+                let mut failure = None;
+                if let Ok(token) = tokens.get().await {
+                    match http.transaction_status(&token, &transaction_id).await {
+                        Ok(status) => {
+                            for u in settle_transaction(&store, &item.id, status).await {
+                                let _ = updates.send(u);
+                            }
+                        }
+                        Err(e) if is_not_found(&e) => {}
+                        Err(e) => failure = Some(e.failure()),
+                    }
+                }
+                let _ = io.send(Io::HttpDone {
+                    id: Some(key),
+                    failure,
+                });
+            });
+        }
+    }
+
+    fn task_parts(
+        &self,
+    ) -> (
+        StoreHandle,
+        HttpApi,
+        Arc<TokenCell>,
+        mpsc::UnboundedSender<Io>,
+        broadcast::Sender<Update>,
+    ) {
+        (
+            self.store.clone(),
+            self.http.clone(),
+            self.tokens.clone(),
+            self.io_tx.clone(),
+            self.updates.clone(),
+        )
+    }
+
+    /// Sends pending entity operations (a batch) or, when `pull` and none are pending,
+    /// asks for the entity changes since the last pull.
+    async fn spawn_reconcile(&mut self, pull: bool) {
+        if self.reconcile_in_flight || !self.machine.state().is_connected() {
+            return;
+        }
+        let limit = if self.isolate_ops {
+            1
+        } else {
+            self.cfg.reconcile_batch.max(1)
+        };
+        let now = now_wall();
+        let Ok(ops) = self
+            .store
+            .call(move |s| {
+                let items: Vec<OutboxItem> = s
+                    .list(Some(ItemState::Persisted))?
+                    .into_iter()
+                    .filter(|i| i.kind == ItemKind::Operation && i.next_attempt_at <= now)
+                    .take(limit)
+                    .collect();
+                for item in &items {
+                    s.mark_in_flight(&item.id, now)?;
+                }
+                Ok(items)
+            })
+            .await
+        else {
+            return;
+        };
+        if ops.is_empty() && !pull {
+            return;
+        }
+        self.reconcile_in_flight = true;
+        self.last_pull = Some(Instant::now());
+        let (store, http, tokens, io, updates) = self.task_parts();
+        let client_id = self.client_id.clone();
+        let isolate = self.isolate_ops;
+        self.tasks.spawn(async move {
+            let result =
+                reconcile(&store, &http, &tokens, &updates, &client_id, ops, isolate).await;
+            let _ = io.send(Io::Pulled(result));
+        });
+    }
+
+    // ---- reports --------------------------------------------------------------------------
+
+    async fn on_io(&mut self, io: Io) {
+        let now = Instant::now();
+        match io {
+            Io::WsOpened(generation, result) => {
+                if generation != self.ws_gen {
+                    // Abandoned attempt: close what it opened.
+                    if let Ok(ws) = result {
+                        ws.close();
+                    }
+                    return;
+                }
+                match result {
+                    Ok(handle) => {
+                        self.ws = Some(handle);
+                        self.machine.on_ws_open(now);
+                    }
+                    Err(ConnectError::CursorExpired) => {
+                        // The poll that follows gets the same answer and starts the resync.
+                        self.machine.on_ws_failed(now, Failure::Server);
+                    }
+                    Err(ConnectError::Failed(failure, reason)) => {
+                        debug!(%reason, "WebSocket attempt failed");
+                        self.machine.on_ws_failed(now, failure);
+                    }
+                }
+            }
+            Io::Token(Ok(())) => self.machine.on_token(now),
+            Io::Token(Err(e)) => {
+                warn!(error = %e, "the token provider gave no token");
+                self.machine.on_token_unavailable(now);
+            }
+            Io::Poll(Ok(more)) => {
+                self.machine.on_poll_ok(now, more);
+            }
+            Io::Poll(Err(e)) if e.code() == Some(ErrorCode::CursorExpired) => {
+                self.machine.on_poll_cursor_expired(now);
+            }
+            Io::Poll(Err(e)) => {
+                debug!(error = %e, "poll failed");
+                self.machine.on_poll_failed(now, e.failure());
+            }
+            Io::Resync(Ok(())) => self.machine.on_resync_done(now),
+            Io::Resync(Err(e)) => {
+                warn!(error = %e, "resync failed");
+                self.machine.on_resync_failed(now, e.failure());
+            }
+            Io::HttpDone { id, failure } => {
+                if let Some(id) = id {
+                    self.http_in_flight.remove(&id);
+                }
+                match failure {
+                    Some(f) => self.machine.on_http_failed(now, f),
+                    None => {
+                        self.machine.on_http_ok(now);
+                        self.pump(Route::Http).await;
+                    }
+                }
+            }
+            Io::Pulled(result) => {
+                self.reconcile_in_flight = false;
+                match result {
+                    Ok(()) => {
+                        self.isolate_ops = false;
+                        self.machine.on_http_ok(now);
+                        self.spawn_reconcile(false).await;
+                    }
+                    Err(e) if e.is_permanent() => {
+                        // One bad operation must not hold back the others: isolate it.
+                        self.isolate_ops = true;
+                    }
+                    Err(e) => self.machine.on_http_failed(now, e.failure()),
+                }
+            }
+        }
+    }
+
+    async fn on_tick(&mut self) {
+        let now = Instant::now();
+        // Unacknowledged WebSocket sends: try again (same id; the server dedupes).
+        let stale: Vec<String> = self
+            .ws_in_flight
+            .iter()
+            .filter(|(_, at)| now.duration_since(**at) >= self.cfg.ack_timeout)
+            .map(|(id, _)| id.clone())
+            .collect();
+        if !stale.is_empty() {
+            for id in &stale {
+                self.ws_in_flight.remove(id);
+            }
+            let wall = now_wall();
+            let _ = self
+                .store
+                .call(move |s| {
+                    for id in stale {
+                        let _ = s.mark_failed(&id, "no ack in time", wall, wall);
+                    }
+                    Ok(())
+                })
+                .await;
+        }
+        if !self.machine.state().is_connected() {
+            return;
+        }
+        self.pump(Route::Http).await;
+        if self
+            .last_pull
+            .is_none_or(|t| now.duration_since(t) >= self.cfg.entity_pull_interval)
+        {
+            self.spawn_reconcile(true).await;
+        }
+        if self
+            .last_tx_check
+            .is_none_or(|t| now.duration_since(t) >= self.cfg.transaction_check_interval)
+        {
+            self.last_tx_check = Some(now);
+            self.check_transactions().await;
+        }
+    }
+
+    async fn on_command(&mut self, command: Command) {
+        let now = Instant::now();
+        match command {
+            Command::Pump => self.pump(Route::Http).await,
+            Command::Live { event, reply } => {
+                let sent = self.machine.state() == ConnectionState::Realtime
+                    && self.send_frame(&event, None);
+                let _ = reply.send(if sent {
+                    Ok(())
+                } else {
+                    Err(ClientError::NotConnected)
+                });
+            }
+            Command::Room { room_id, join } => {
+                let event = if join {
+                    ClientEvent::JoinRoom { room_id }
+                } else {
+                    ClientEvent::LeaveRoom { room_id }
+                };
+                // Offline: the intent is stored and applied on the next connection.
+                self.send_frame(&event, None);
+            }
+            Command::PullEntities => self.spawn_reconcile(true).await,
+            Command::Hint(Hint::NetworkAvailable) => self.machine.network_available(now),
+            Command::Hint(Hint::NetworkLost) => self.machine.network_lost(now),
+            Command::Hint(Hint::Foreground) => self.machine.foreground(now),
+            Command::Hint(Hint::Background) => self.machine.background(now),
+            Command::Reauthenticate => {
+                let tokens = self.tokens.clone();
+                let io = self.io_tx.clone();
+                self.tasks.spawn(async move {
+                    let _ = io.send(Io::Token(tokens.refresh().await));
+                });
+            }
+            Command::Metrics(reply) => {
+                let _ = reply.send(self.metrics().await);
+            }
+            Command::Shutdown(reply) => {
+                self.shutdown = Some(reply);
+                self.machine.shutdown(now);
+            }
+        }
+    }
+
+    async fn metrics(&self) -> Result<ClientMetrics, ClientError> {
+        let items = self.store.call(|s| s.list(None)).await?;
+        let pending: Vec<&OutboxItem> = items
+            .iter()
+            .filter(|i| {
+                matches!(
+                    i.state,
+                    ItemState::Persisted | ItemState::InFlight | ItemState::Dead
+                )
+            })
+            .collect();
+        let now = now_wall();
+        Ok(ClientMetrics {
+            state: self.machine.state(),
+            outbox_items: pending.len(),
+            outbox_bytes: pending.iter().map(|i| i.bytes).sum(),
+            oldest_item_age: pending
+                .iter()
+                .map(|i| i.created_at)
+                .min()
+                .and_then(|t| (now - t).to_std().ok()),
+            max_attempts: pending.iter().map(|i| i.attempts).max().unwrap_or(0),
+            dead_items: pending
+                .iter()
+                .filter(|i| i.state == ItemState::Dead)
+                .count(),
+            time_in_states: self.machine.time_in_states(Instant::now()).to_vec(),
+            clock_offset_ms: self.clock.lock().ok().and_then(|c| c.offset_ms()),
+            retry_attempts: self.machine.retry_attempts(),
+        })
+    }
+}
+
+// ---- work done in tasks (free functions: no supervisor state) -----------------------------
+
+/// Records one durable inbound item and returns what the app should hear (nothing when it
+/// was seen before). Own messages (sent by this installation) are recorded, not repeated.
+async fn process_inbound(
+    store: &StoreHandle,
+    event_id: String,
+    sequence: Option<u64>,
+    update: Update,
+) -> Vec<Update> {
+    let own_id = match &update {
+        Update::Message(m) => Some(m.message_id.clone()),
+        _ => None,
+    };
+    let now = now_wall();
+    let result = store
+        .call(move |s| {
+            let new = s.record_inbound(&event_id, sequence, now)?;
+            let own = match &own_id {
+                Some(id) => s.get(id)?.is_some(),
+                None => false,
+            };
+            Ok(new && !own)
+        })
+        .await;
+    match result {
+        Ok(true) => vec![update],
+        Ok(false) => Vec::new(),
+        Err(e) => {
+            // Not recorded: it will come again (resume or poll) and be processed then.
+            warn!(error = %e, "could not record an inbound event");
+            Vec::new()
+        }
+    }
+}
+
+/// Records one durable bus event (a message, a transaction outcome, or an app event).
+async fn process_event(store: &StoreHandle, e: Event) -> Vec<Update> {
+    let event_id = e.event_id.clone();
+    let sequence = e.sequence;
+    if e.event_type == MESSAGE_EVENT_TYPE {
+        return match e.message() {
+            Some(Ok(m)) => process_inbound(store, event_id, sequence, Update::Message(m)).await,
+            _ => {
+                warn!(%event_id, "a message event without a readable message");
+                process_inbound(store, event_id, sequence, Update::Event(e)).await
+            }
+        };
+    }
+    if matches!(
+        e.event_type.as_str(),
+        "transaction.confirmed" | "transaction.rejected"
+    ) && let Ok(status) = serde_json::from_value::<TransactionStatus>(e.payload.clone())
+    {
+        let mut out = process_inbound(store, event_id, sequence, Update::Event(e)).await;
+        let transaction_id = status.transaction_id.clone();
+        let item = store
+            .call(move |s| s.find_by_server_ref(ItemKind::Transaction, &transaction_id))
+            .await
+            .ok()
+            .flatten();
+        if let Some(item) = item {
+            out.extend(settle_transaction(store, &item.id, status).await);
+        }
+        return out;
+    }
+    process_inbound(store, event_id, sequence, Update::Event(e)).await
+}
+
+/// Applies a transaction's status to its outbox item; the update when it changed.
+async fn settle_transaction(
+    store: &StoreHandle,
+    id: &str,
+    status: TransactionStatus,
+) -> Vec<Update> {
+    let id = id.to_owned();
+    let now = now_wall();
+    let state = status.status;
+    let reason = status.reason.clone();
+    let item_id = id.clone();
+    let changed = store
+        .call(move |s| {
+            let before = s.get(&item_id)?;
+            let after = match state {
+                TransactionState::Confirmed => s.mark_confirmed(&item_id, now)?,
+                TransactionState::Rejected => {
+                    s.mark_rejected(&item_id, reason.as_deref().unwrap_or("rejected"), now)?
+                }
+                TransactionState::Pending => return Ok(None),
+            };
+            Ok((before.map(|b| b.state) != Some(after.state)).then_some(after))
+        })
+        .await;
+    match changed {
+        Ok(Some(item)) => vec![
+            Update::Outbox((&item).into()),
+            Update::Transaction(TransactionUpdate {
+                id,
+                transaction_id: Some(status.transaction_id),
+                status: state,
+                reason: status.reason,
+            }),
+        ],
+        Ok(None) => Vec::new(),
+        Err(e) => {
+            debug!(error = %e, "transaction status not applied");
+            Vec::new()
+        }
+    }
+}
+
+/// Records the outcome of an HTTP send; the failure for the state machine, if the
+/// network or server failed it.
+async fn settle_http(
+    store: &StoreHandle,
+    updates: &broadcast::Sender<Update>,
+    item: &OutboxItem,
+    result: Result<String, HttpError>,
+) -> Option<Failure> {
+    let id = item.id.clone();
+    let now = now_wall();
+    let attempts = item.attempts;
+    let (outcome, failure) = match result {
+        Ok(server_ref) => (
+            store
+                .call(move |s| s.mark_accepted(&id, Some(&server_ref), now))
+                .await,
+            None,
+        ),
+        Err(e) if e.is_permanent() => {
+            let reason = e.to_string();
+            (
+                store.call(move |s| s.mark_dead(&id, &reason, now)).await,
+                None,
+            )
+        }
+        Err(e) => {
+            let wait = e.retry_after().unwrap_or_else(|| item_backoff(attempts));
+            let at = now + chrono::Duration::from_std(wait).unwrap_or_default();
+            let reason = e.to_string();
+            let failure = e.failure();
+            (
+                store
+                    .call(move |s| s.mark_failed(&id, &reason, at, now))
+                    .await,
+                Some(failure),
+            )
+        }
+    };
+    if let Ok(item) = outcome {
+        let _ = updates.send(Update::Outbox(OutboxUpdate::from(&item)));
+    }
+    failure
+}
+
+/// Per-item retry delay: 0.5 s doubling to 30 s.
+fn item_backoff(attempts: u32) -> Duration {
+    let exp = attempts.saturating_sub(1).min(6);
+    (Duration::from_millis(500) * 2u32.pow(exp)).min(Duration::from_secs(30))
+}
+
+/// One poll from the cursor: records and emits the events; `Ok(more)`.
+async fn poll_once(
+    store: &StoreHandle,
+    http: &HttpApi,
+    tokens: &TokenCell,
+    updates: &broadcast::Sender<Update>,
+) -> Result<bool, HttpError> {
+    let token = tokens.get().await.map_err(|_| HttpError::Status {
+        status: 401,
+        body: None,
+        retry_after: None,
+    })?;
+    let cursor = store
+        .call(|s| s.cursor())
+        .await
+        .map_err(|e| HttpError::Protocol(e.to_string()))?
+        .map(|c| c.last_event_id);
+    let page = http.poll(&token, cursor.as_deref(), POLL_LIMIT).await?;
+    for event in page.events {
+        for u in process_event(store, event).await {
+            let _ = updates.send(u);
+        }
+    }
+    Ok(page.has_more)
+}
+
+/// Continuity was lost: refresh every entity from the server, then catch up with the
+/// events still retained, and tell the app.
+async fn resync(
+    store: &StoreHandle,
+    http: &HttpApi,
+    tokens: &TokenCell,
+    updates: &broadcast::Sender<Update>,
+    client_id: &str,
+) -> Result<(), HttpError> {
+    store
+        .call(|s| {
+            s.reset_entity_sync_version()?;
+            s.clear_cursor()
+        })
+        .await
+        .map_err(|e| HttpError::Protocol(e.to_string()))?;
+    reconcile(store, http, tokens, updates, client_id, Vec::new(), false).await?;
+    for _ in 0..RESYNC_MAX_PAGES {
+        if !poll_once(store, http, tokens, updates).await? {
+            break;
+        }
+    }
+    let _ = updates.send(Update::Discontinuity {
+        reason: "the server no longer had the events after this client's cursor; \
+                 entities were refreshed and events resumed from the oldest retained"
+            .into(),
+    });
+    Ok(())
+}
+
+/// Sends `ops` (items in flight) and pulls the changes since the last known version;
+/// applies the answer to the store in one transaction.
+async fn reconcile(
+    store: &StoreHandle,
+    http: &HttpApi,
+    tokens: &TokenCell,
+    updates: &broadcast::Sender<Update>,
+    client_id: &str,
+    ops: Vec<OutboxItem>,
+    isolate: bool,
+) -> Result<(), HttpError> {
+    let now = now_wall();
+    let requeue = |store: StoreHandle, ops: Vec<OutboxItem>, reason: String, dead: bool| async move {
+        let at = now_wall() + chrono::Duration::seconds(1);
+        let _ = store
+            .call(move |s| {
+                for op in ops {
+                    if dead {
+                        s.mark_dead(&op.id, &reason, now)?;
+                    } else {
+                        s.mark_failed(&op.id, &reason, at, now)?;
+                    }
+                }
+                Ok(())
+            })
+            .await;
+    };
+    let operations: Vec<Operation> = ops
+        .iter()
+        .filter_map(|i| serde_json::from_value(i.body.clone()).ok())
+        .collect();
+    let token = match tokens.get().await {
+        Ok(t) => t,
+        Err(_) => {
+            requeue(store.clone(), ops, "no token".into(), false).await;
+            return Err(HttpError::Status {
+                status: 401,
+                body: None,
+                retry_after: None,
+            });
+        }
+    };
+    let claims = Claims::read(&token).map_err(HttpError::Protocol)?;
+    let last_known_version = store
+        .call(|s| s.entity_sync_version())
+        .await
+        .map_err(|e| HttpError::Protocol(e.to_string()))?;
+    let request = ReconciliationRequest {
+        request_id: uuid::Uuid::now_v7().to_string(),
+        client_id: client_id.to_owned(),
+        tenant_id: claims.tenant_id,
+        last_known_version,
+        operations,
+        requested_at: now,
+        strategy: None,
+    };
+    let response = match http.reconcile(&token, &request).await {
+        Ok(r) => r,
+        Err(e) => {
+            let dead = e.is_permanent() && isolate && ops.len() == 1;
+            requeue(store.clone(), ops, e.to_string(), dead).await;
+            return Err(e);
+        }
+    };
+    let applied_at = now_wall();
+    let resp = response.clone();
+    let outcome = store
+        .call(move |s| s.apply_reconcile_response(&resp, applied_at))
+        .await
+        .map_err(|e| HttpError::Protocol(e.to_string()))?;
+    for entity in outcome.entities {
+        let _ = updates.send(Update::Entity(entity));
+    }
+    for conflict in response.conflicts {
+        let _ = updates.send(Update::Conflict(conflict));
+    }
+    // Every sent operation is now settled; one the answer did not mention (it should
+    // not happen) goes back to the queue rather than staying in flight forever.
+    for op in ops {
+        let id = op.id.clone();
+        let at = now_wall();
+        let item = store
+            .call(move |s| match s.get(&id)? {
+                Some(i) if i.state == ItemState::InFlight => s
+                    .mark_failed(&id, "not settled by the server's answer", at, at)
+                    .map(Some),
+                other => Ok(other),
+            })
+            .await;
+        if let Ok(Some(item)) = item {
+            let _ = updates.send(Update::Outbox((&item).into()));
+        }
+    }
+    // Snapshots whose checksum did not match: fetch each again.
+    for key in outcome.bad_checksums {
+        let Some((entity_type, entity_id)) = key.split_once('/') else {
+            continue;
+        };
+        if let Ok(snapshot) = http.snapshot(&token, entity_type, entity_id).await {
+            let at = now_wall();
+            if let Ok(Some(entity)) = store.call(move |s| s.apply_snapshot(&snapshot, at)).await {
+                let _ = updates.send(Update::Entity(entity));
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,203 @@
+//! The WebSocket transport (PROTOCOL.md §3): connect with the token, the installation's
+//! `clientId` and the cursor, then two tasks per connection: a reader that decodes
+//! server frames and reports them (tagged with the connection's generation, so that
+//! reports of an abandoned connection are ignored) and a writer fed by a channel.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{self, Message};
+
+use crate::machine::{CloseKind, Failure};
+use crate::protocol::envelope::{AUTH_EXPIRED_CLOSE_REASON, close_code};
+use crate::protocol::{ErrorBody, ErrorCode, ServerEvent};
+
+/// Why opening the WebSocket failed.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum ConnectError {
+    /// For the state machine.
+    Failed(Failure, String),
+    /// The server refused the cursor (`410 CURSOR_EXPIRED`).
+    CursorExpired,
+}
+
+/// What a connection reports.
+#[derive(Debug)]
+pub(crate) enum WsEvent {
+    /// A decoded frame and the `ref` of its envelope.
+    Frame(Box<ServerEvent>, Option<String>),
+    /// A frame that could not be decoded (logged, then ignored: the connection stays).
+    Undecodable(String),
+    /// Any frame arrived (WebSocket pings and pongs included): the socket is alive.
+    Activity,
+    /// The connection ended.
+    Closed(CloseKind, String),
+}
+
+/// What the writer sends.
+#[derive(Debug)]
+pub(crate) enum Outgoing {
+    /// A text frame.
+    Text(String),
+    /// Close with 1000 and stop.
+    Close,
+}
+
+/// The open connection, as the supervisor holds it.
+#[derive(Debug)]
+pub(crate) struct WsHandle {
+    pub(crate) out: mpsc::UnboundedSender<Outgoing>,
+}
+
+impl WsHandle {
+    /// Queues a text frame; false when the connection is gone.
+    pub(crate) fn send(&self, text: String) -> bool {
+        self.out.send(Outgoing::Text(text)).is_ok()
+    }
+
+    /// Closes the connection (normal closure).
+    pub(crate) fn close(&self) {
+        let _ = self.out.send(Outgoing::Close);
+    }
+}
+
+/// Small buffers: a client holds one connection, but mobile memory matters.
+fn ws_config(max_frame: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(16 * 1024)
+        .write_buffer_size(0)
+        .max_message_size(Some(max_frame))
+        .max_frame_size(Some(max_frame))
+}
+
+/// Opens the WebSocket at `url` and starts its reader and writer, which report to
+/// `report` as `(generation, event)`.
+pub(crate) async fn open(
+    url: &str,
+    token: &str,
+    max_frame: usize,
+    timeout: Duration,
+    generation: u64,
+    report: mpsc::UnboundedSender<(u64, WsEvent)>,
+) -> Result<WsHandle, ConnectError> {
+    let mut request = url
+        .into_client_request()
+        .map_err(|e| ConnectError::Failed(Failure::Server, format!("bad WebSocket URL: {e}")))?;
+    let bearer = format!("Bearer {token}")
+        .parse()
+        .map_err(|_| ConnectError::Failed(Failure::Auth, "token is not a valid header".into()))?;
+    request.headers_mut().insert("Authorization", bearer);
+    let connect = tokio_tungstenite::connect_async_with_config(
+        request,
+        Some(ws_config(max_frame)),
+        true, // no Nagle: frames are small and latency matters
+    );
+    let (stream, _response) = match tokio::time::timeout(timeout, connect).await {
+        Err(_) => {
+            return Err(ConnectError::Failed(
+                Failure::Network,
+                "WebSocket connect timed out".into(),
+            ));
+        }
+        Ok(Err(e)) => return Err(classify(e)),
+        Ok(Ok(ok)) => ok,
+    };
+    let (mut sink, mut source) = stream.split();
+    let (out, mut out_rx) = mpsc::unbounded_channel::<Outgoing>();
+
+    // Writer: until the handle is dropped or asked to close.
+    tokio::spawn(async move {
+        while let Some(item) = out_rx.recv().await {
+            match item {
+                Outgoing::Text(text) => {
+                    if sink.send(Message::Text(text.into())).await.is_err() {
+                        break;
+                    }
+                }
+                Outgoing::Close => break,
+            }
+        }
+        let _ = sink.close().await;
+    });
+
+    // Reader: until the socket ends.
+    tokio::spawn(async move {
+        let (kind, reason) = loop {
+            let Some(item) = source.next().await else {
+                break (CloseKind::Lost, "connection ended".to_owned());
+            };
+            let msg = match item {
+                Ok(m) => m,
+                Err(e) => break (CloseKind::Lost, e.to_string()),
+            };
+            if report.send((generation, WsEvent::Activity)).is_err() {
+                return;
+            }
+            match msg {
+                Message::Text(text) => {
+                    let event = match ServerEvent::decode(text.as_str()) {
+                        Ok((event, reference)) => WsEvent::Frame(Box::new(event), reference),
+                        Err(e) => WsEvent::Undecodable(e.to_string()),
+                    };
+                    if report.send((generation, event)).is_err() {
+                        return;
+                    }
+                }
+                Message::Close(frame) => {
+                    let (code, reason) = frame
+                        .map(|f| (u16::from(f.code), f.reason.to_string()))
+                        .unwrap_or((close_code::NORMAL, String::new()));
+                    break (close_kind(code, &reason), format!("closed {code} {reason}"));
+                }
+                // Pings are answered by tungstenite; pongs and binary only prove life.
+                _ => {}
+            }
+        };
+        let _ = report.send((generation, WsEvent::Closed(kind, reason)));
+    });
+
+    Ok(WsHandle { out })
+}
+
+fn close_kind(code: u16, reason: &str) -> CloseKind {
+    match code {
+        close_code::GOING_AWAY | close_code::TRY_AGAIN_LATER => CloseKind::GoingAway,
+        close_code::POLICY_VIOLATION if reason == AUTH_EXPIRED_CLOSE_REASON => {
+            CloseKind::AuthExpired
+        }
+        _ => CloseKind::Lost,
+    }
+}
+
+fn classify(e: tungstenite::Error) -> ConnectError {
+    match e {
+        tungstenite::Error::Http(response) => {
+            let status = response.status().as_u16();
+            let retry_after = response
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
+            let body: Option<ErrorBody> = response
+                .body()
+                .as_ref()
+                .and_then(|b| serde_json::from_slice(b).ok());
+            let code = body.as_ref().map(|b| b.code);
+            if code == Some(ErrorCode::CursorExpired) || status == 410 {
+                return ConnectError::CursorExpired;
+            }
+            let failure = match status {
+                401 => Failure::Auth,
+                503 => Failure::ServerFull { retry_after },
+                _ => Failure::Server,
+            };
+            ConnectError::Failed(failure, format!("upgrade refused with {status}"))
+        }
+        tungstenite::Error::Io(e) => ConnectError::Failed(Failure::Network, e.to_string()),
+        other => ConnectError::Failed(Failure::Network, other.to_string()),
+    }
+}
