@@ -5,3 +5,4 @@
 //!   command: `cargo run --release -p webwaka-e2e --bin bench` (see docs/benchmarks.md).
 
 pub mod bench;
+pub mod harness;

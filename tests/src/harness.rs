@@ -1,0 +1,191 @@
+//! Test harness: a real server on a loopback port with its SQLite data in a temporary
+//! directory, real clients with their own store files, and bounded waits.
+//!
+//! Used by the end-to-end tests and the benchmarks. Everything binds to 127.0.0.1 only.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use webwaka_realtime::client::{Client, ClientConfig, Next, StaticToken, Update};
+use webwaka_realtime::machine::{ConnectionState, MachineConfig};
+use webwaka_server_stub::{Config, Options, RunningServer, Server};
+
+/// A server the test can stop and start again on the same port and data.
+pub struct TestServer {
+    /// Its data directory (kept across restarts).
+    pub data_dir: PathBuf,
+    /// Its address (kept across restarts).
+    pub addr: SocketAddr,
+    running: Option<RunningServer>,
+    configure: Arc<dyn Fn(&mut Config) + Send + Sync>,
+}
+
+/// Settings that make a test server quick: short heartbeats, generous rate limits,
+/// fast transaction decisions.
+pub fn test_config(data_dir: &Path) -> Config {
+    let mut config = Config::new(data_dir);
+    config.port = 0;
+    config.ping_interval_ms = 1_000;
+    config.ping_timeout_ms = 5_000;
+    config.message_rate_limit = 100_000;
+    config.poll_rate_limit = 100_000;
+    config.reconciliation_rate_limit = 100_000;
+    config.publish_rate_limit = 100_000;
+    config.transaction_confirm_delay_ms = 50;
+    config.shutdown_grace_ms = 2_000;
+    config
+}
+
+impl TestServer {
+    /// Starts a server in `data_dir` with [`test_config`] changed by `configure`.
+    pub async fn start_with(
+        data_dir: &Path,
+        configure: impl Fn(&mut Config) + Send + Sync + 'static,
+    ) -> Self {
+        let configure: Arc<dyn Fn(&mut Config) + Send + Sync> = Arc::new(configure);
+        let mut config = test_config(data_dir);
+        configure(&mut config);
+        let listener = TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .expect("bind a loopback port");
+        let addr = listener.local_addr().expect("local address");
+        let running = Server::with_listener(config, Options::default(), listener)
+            .expect("server starts")
+            .spawn();
+        Self {
+            data_dir: data_dir.to_path_buf(),
+            addr,
+            running: Some(running),
+            configure,
+        }
+    }
+
+    /// Starts a server in `data_dir` with [`test_config`].
+    pub async fn start(data_dir: &Path) -> Self {
+        Self::start_with(data_dir, |_| {}).await
+    }
+
+    /// `http://addr`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A token for `user` of `tenant`.
+    pub fn token(&self, tenant: &str, user: &str) -> String {
+        self.running
+            .as_ref()
+            .expect("the server is running")
+            .token(tenant, user, &[])
+    }
+
+    /// Stops the server gracefully (its data stays).
+    pub async fn stop(&mut self) {
+        if let Some(running) = self.running.take() {
+            running.shutdown().await;
+        }
+    }
+
+    /// Starts it again on the same port with the same data.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        let mut config = test_config(&self.data_dir);
+        (self.configure)(&mut config);
+        config.port = self.addr.port();
+        // The port was just released; retry briefly if the OS has not freed it yet.
+        for attempt in 0..50 {
+            match Server::bind(config.clone(), Options::default()).await {
+                Ok(server) => {
+                    self.running = Some(server.spawn());
+                    return;
+                }
+                Err(e) if attempt < 49 => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("restart failed: {e}"),
+            }
+        }
+    }
+}
+
+/// Client timings for tests: quick retries and probes, so that recoveries take
+/// fractions of a second instead of the production defaults.
+pub fn fast_machine() -> MachineConfig {
+    MachineConfig {
+        backoff_min: Duration::from_millis(50),
+        backoff_max: Duration::from_millis(500),
+        slow_connect: Duration::from_millis(500),
+        connect_timeout: Duration::from_secs(3),
+        ping_interval: Duration::from_secs(1),
+        pong_timeout: Duration::from_secs(3),
+        poll_interval: Duration::from_millis(100),
+        probe_min: Duration::from_millis(200),
+        probe_max: Duration::from_secs(1),
+        stable_after: Duration::from_secs(2),
+        ..MachineConfig::default()
+    }
+}
+
+/// A client config for `server_url` with its store at `store`, test timings.
+pub fn client_config(server_url: &str, store: &Path) -> ClientConfig {
+    let mut config = ClientConfig::new(server_url, store);
+    config.machine = fast_machine();
+    config.request_timeout = Duration::from_secs(5);
+    config.entity_pull_interval = Duration::from_millis(300);
+    config.transaction_check_interval = Duration::from_millis(200);
+    config.ack_timeout = Duration::from_secs(2);
+    config
+}
+
+/// Opens a client with a fixed token.
+pub async fn open_client(config: ClientConfig, token: String) -> Client {
+    Client::open(config, Arc::new(StaticToken(token)))
+        .await
+        .expect("client opens")
+}
+
+/// Waits until the client is in `state`, at most `within`.
+pub async fn wait_state(client: &Client, state: ConnectionState, within: Duration) -> bool {
+    let mut watch = client.watch_state();
+    tokio::time::timeout(within, async {
+        loop {
+            if *watch.borrow_and_update() == state {
+                return;
+            }
+            if watch.changed().await.is_err() {
+                return;
+            }
+        }
+    })
+    .await
+    .is_ok()
+        && client.connection_state() == state
+}
+
+/// Collects updates matching `keep` until `count` are in or `within` passes.
+pub async fn collect<T>(
+    sub: &mut webwaka_realtime::client::Subscription,
+    count: usize,
+    within: Duration,
+    mut keep: impl FnMut(Update) -> Option<T>,
+) -> Vec<T> {
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(within, async {
+        while out.len() < count {
+            match sub.next().await {
+                Next::Update(u) => {
+                    if let Some(t) = keep(*u) {
+                        out.push(t);
+                    }
+                }
+                Next::Missed(n) => panic!("the test subscriber missed {n} updates"),
+                Next::Closed => return,
+            }
+        }
+    })
+    .await;
+    out
+}

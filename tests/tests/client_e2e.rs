@@ -1,0 +1,438 @@
+//! End to end: the real client against the real server on loopback, with real SQLite
+//! files. The flows a user sees: chat between two clients, a server that goes away and
+//! comes back, a WebSocket that cannot be had (polling), offline edits that conflict and
+//! converge, Class D transactions across a client restart, a full outbox after restart.
+
+// Tests may panic on what they did not expect: that is how they fail.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use serde_json::json;
+use webwaka_e2e::harness::{TestServer, client_config, collect, open_client, wait_state};
+use webwaka_realtime::client::{ClientError, OutgoingMessage, Target, Update};
+use webwaka_realtime::machine::ConnectionState;
+use webwaka_realtime::protocol::{PresenceStatus, WebSocketMessage};
+use webwaka_realtime::store::ItemState;
+
+const WITHIN: Duration = Duration::from_secs(15);
+
+fn texts(messages: &[WebSocketMessage]) -> Vec<String> {
+    messages
+        .iter()
+        .map(|m| m.payload["text"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+fn chat(room: &str, text: &str) -> OutgoingMessage {
+    OutgoingMessage::new(
+        Target::Room(room.into()),
+        "chat.text",
+        json!({ "text": text }),
+    )
+}
+
+fn messages(update: Update) -> Option<WebSocketMessage> {
+    match update {
+        Update::Message(m) => Some(m),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_clients_chat_in_a_room_in_order_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let alice = open_client(
+        client_config(&server.url(), &dir.path().join("alice.db")),
+        server.token("t1", "alice"),
+    )
+    .await;
+    let bob = open_client(
+        client_config(&server.url(), &dir.path().join("bob.db")),
+        server.token("t1", "bob"),
+    )
+    .await;
+    assert!(wait_state(&alice, ConnectionState::Realtime, WITHIN).await);
+    assert!(wait_state(&bob, ConnectionState::Realtime, WITHIN).await);
+    let mut bob_updates = bob.subscribe();
+    alice.join_room("general").await.unwrap();
+    bob.join_room("general").await.unwrap();
+    collect(&mut bob_updates, 1, WITHIN, |u| match u {
+        Update::Room { joined: true, .. } => Some(()),
+        _ => None,
+    })
+    .await;
+    // Alice must be a member before she posts: wait for her join too.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let mut handles = Vec::new();
+    for i in 0..20 {
+        handles.push(
+            alice
+                .send_message(chat("general", &format!("m{i}")))
+                .await
+                .unwrap(),
+        );
+    }
+    let got = collect(&mut bob_updates, 20, WITHIN, messages).await;
+    let expected: Vec<String> = (0..20).map(|i| format!("m{i}")).collect();
+    assert_eq!(texts(&got), expected, "in order, exactly once");
+    assert!(
+        got.iter()
+            .all(|m| m.sender_id == "alice" && m.sequence.is_some())
+    );
+    for h in handles {
+        let item = alice
+            .wait_settled(&h.id, &[ItemState::Accepted], WITHIN)
+            .await
+            .unwrap();
+        assert_eq!(item.state, ItemState::Accepted);
+        assert!(item.server_ref.is_some(), "the server's sequence is kept");
+    }
+    // Nothing more arrives (no duplicates).
+    let extra = collect(&mut bob_updates, 1, Duration::from_millis(500), messages).await;
+    assert!(extra.is_empty(), "duplicate delivery: {extra:?}");
+
+    alice.shutdown().await;
+    bob.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_only_items_are_dropped_when_not_connected_and_never_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = TestServer::start(&dir.path().join("server")).await;
+    let alice = open_client(
+        client_config(&server.url(), &dir.path().join("alice.db")),
+        server.token("t1", "alice"),
+    )
+    .await;
+    assert!(wait_state(&alice, ConnectionState::Realtime, WITHIN).await);
+    alice
+        .set_presence(PresenceStatus::Online, None)
+        .await
+        .unwrap();
+    server.stop().await;
+    assert!(
+        wait_state(&alice, ConnectionState::Offline, WITHIN).await,
+        "the client notices the server went away"
+    );
+    let err = alice
+        .send_live(Target::Room("general".into()), "typing", json!({}))
+        .await
+        .unwrap_err();
+    assert_eq!(err, ClientError::NotConnected);
+    assert_eq!(
+        alice
+            .set_presence(PresenceStatus::Away, None)
+            .await
+            .unwrap_err(),
+        ClientError::NotConnected
+    );
+    assert!(
+        alice.outbox(None).await.unwrap().is_empty(),
+        "nothing stored"
+    );
+    alice.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_sent_while_the_server_is_down_are_delivered_after_it_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = TestServer::start(&dir.path().join("server")).await;
+    let alice = open_client(
+        client_config(&server.url(), &dir.path().join("alice.db")),
+        server.token("t1", "alice"),
+    )
+    .await;
+    let bob = open_client(
+        client_config(&server.url(), &dir.path().join("bob.db")),
+        server.token("t1", "bob"),
+    )
+    .await;
+    assert!(wait_state(&alice, ConnectionState::Realtime, WITHIN).await);
+    assert!(wait_state(&bob, ConnectionState::Realtime, WITHIN).await);
+    let mut bob_updates = bob.subscribe();
+
+    alice
+        .send_message(OutgoingMessage::new(
+            Target::User("bob".into()),
+            "dm",
+            json!({"text": "before"}),
+        ))
+        .await
+        .unwrap();
+    let got = collect(&mut bob_updates, 1, WITHIN, messages).await;
+    assert_eq!(texts(&got), ["before"]);
+
+    server.stop().await;
+    assert!(wait_state(&alice, ConnectionState::Offline, WITHIN).await);
+    for i in 0..10 {
+        alice
+            .send_message(OutgoingMessage::new(
+                Target::User("bob".into()),
+                "dm",
+                json!({"text": format!("offline {i}")}),
+            ))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        alice
+            .outbox(Some(ItemState::Persisted))
+            .await
+            .unwrap()
+            .len(),
+        10
+    );
+
+    server.restart().await;
+    let got = collect(&mut bob_updates, 10, WITHIN, messages).await;
+    let expected: Vec<String> = (0..10).map(|i| format!("offline {i}")).collect();
+    assert_eq!(texts(&got), expected, "all queued messages, in order, once");
+    let extra = collect(&mut bob_updates, 1, Duration::from_millis(800), messages).await;
+    assert!(extra.is_empty(), "duplicate delivery: {extra:?}");
+    alice.shutdown().await;
+    bob.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_websocket_the_client_polls_and_sends_over_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    // Alice's WebSocket path leads nowhere: she can only use HTTP.
+    let mut config = client_config(&server.url(), &dir.path().join("alice.db"));
+    config.ws_path = "/no-websocket-here".into();
+    let alice = open_client(config, server.token("t1", "alice")).await;
+    let bob = open_client(
+        client_config(&server.url(), &dir.path().join("bob.db")),
+        server.token("t1", "bob"),
+    )
+    .await;
+    assert!(wait_state(&alice, ConnectionState::Polling, WITHIN).await);
+    assert!(wait_state(&bob, ConnectionState::Realtime, WITHIN).await);
+    let mut alice_updates = alice.subscribe();
+    let mut bob_updates = bob.subscribe();
+
+    // Alice → Bob over POST /api/messages; Bob → Alice arrives by polling.
+    let sent = alice
+        .send_message(OutgoingMessage::new(
+            Target::User("bob".into()),
+            "dm",
+            json!({"text": "over http"}),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        texts(&collect(&mut bob_updates, 1, WITHIN, messages).await),
+        ["over http"]
+    );
+    let item = alice
+        .wait_settled(&sent.id, &[ItemState::Accepted], WITHIN)
+        .await
+        .unwrap();
+    assert_eq!(item.state, ItemState::Accepted);
+    for i in 0..5 {
+        bob.send_message(OutgoingMessage::new(
+            Target::User("alice".into()),
+            "dm",
+            json!({"text": format!("r{i}")}),
+        ))
+        .await
+        .unwrap();
+    }
+    let got = collect(&mut alice_updates, 5, WITHIN, messages).await;
+    assert_eq!(texts(&got), ["r0", "r1", "r2", "r3", "r4"]);
+    assert_eq!(alice.connection_state(), ConnectionState::Polling);
+    alice.shutdown().await;
+    bob.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_edits_on_two_clients_converge_with_last_write_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = TestServer::start(&dir.path().join("server")).await;
+    let a = open_client(
+        client_config(&server.url(), &dir.path().join("a.db")),
+        server.token("t1", "alice"),
+    )
+    .await;
+    let b = open_client(
+        client_config(&server.url(), &dir.path().join("b.db")),
+        server.token("t1", "bob"),
+    )
+    .await;
+    assert!(wait_state(&a, ConnectionState::Realtime, WITHIN).await);
+    assert!(wait_state(&b, ConnectionState::Realtime, WITHIN).await);
+    a.create_entity("doc", "d1", json!({"title": "start", "body": "x"}))
+        .await
+        .unwrap();
+    // B sees the document.
+    let seen = wait_until(WITHIN, || async {
+        b.entity("doc", "d1")
+            .await
+            .unwrap()
+            .is_some_and(|e| e.value.data["title"] == "start")
+    })
+    .await;
+    assert!(seen, "the create reached the other client");
+
+    server.stop().await;
+    assert!(wait_state(&a, ConnectionState::Offline, WITHIN).await);
+    assert!(wait_state(&b, ConnectionState::Offline, WITHIN).await);
+    // Concurrent offline edits: each sees its own at once.
+    let ea = a
+        .update_entity("doc", "d1", json!({"title": "from a"}))
+        .await
+        .unwrap();
+    assert_eq!(ea.value.data["title"], "from a");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let eb = b
+        .update_entity("doc", "d1", json!({"title": "from b", "body": "y"}))
+        .await
+        .unwrap();
+    assert_eq!(eb.value.data["title"], "from b");
+
+    server.restart().await;
+    let converged = wait_until(WITHIN, || async {
+        let va = a
+            .entity("doc", "d1")
+            .await
+            .unwrap()
+            .map(|e| (e.value.data, e.pending.len()));
+        let vb = b
+            .entity("doc", "d1")
+            .await
+            .unwrap()
+            .map(|e| (e.value.data, e.pending.len()));
+        va.is_some() && va == vb && va.as_ref().is_some_and(|(_, p)| *p == 0)
+    })
+    .await;
+    let va = a.entity("doc", "d1").await.unwrap().unwrap();
+    assert!(
+        converged,
+        "replicas differ: {:?} vs {:?}",
+        va,
+        b.entity("doc", "d1").await.unwrap()
+    );
+    // The later write (B's) wins whole under LWW.
+    assert_eq!(va.value.data, json!({"title": "from b", "body": "y"}));
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_survives_a_client_restart_and_is_confirmed_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = TestServer::start(&dir.path().join("server")).await;
+    let store = dir.path().join("alice.db");
+    let token = server.token("t1", "alice");
+    server.stop().await;
+    // Submitted while the server is down; the app is then killed (shut down here).
+    let id = {
+        let alice = open_client(client_config(&server.url(), &store), token.clone()).await;
+        let item = alice
+            .submit_transaction("payment.transfer", json!({"amount": 100}), None)
+            .await
+            .unwrap();
+        assert_eq!(
+            item.state,
+            ItemState::Persisted,
+            "durable before the call returned"
+        );
+        alice.shutdown().await;
+        item.id
+    };
+    server.restart().await;
+    let alice = open_client(client_config(&server.url(), &store), token).await;
+    let item = alice
+        .wait_settled(&id, &[ItemState::Confirmed, ItemState::Rejected], WITHIN)
+        .await
+        .unwrap();
+    assert_eq!(item.state, ItemState::Confirmed);
+    let transaction_id = item.server_ref.clone().unwrap();
+    // The server's transaction id is kept with the item across restarts.
+    let again = alice.item(&id).await.unwrap().unwrap();
+    assert_eq!(again.server_ref.as_deref(), Some(transaction_id.as_str()));
+    alice.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_restarted_with_a_full_outbox_sends_it_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = TestServer::start(&dir.path().join("server")).await;
+    let token_a = server.token("t1", "alice");
+    let bob = open_client(
+        client_config(&server.url(), &dir.path().join("bob.db")),
+        server.token("t1", "bob"),
+    )
+    .await;
+    let store = dir.path().join("alice.db");
+    server.stop().await;
+    {
+        let mut config = client_config(&server.url(), &store);
+        config.store.max_items = 200;
+        let alice = open_client(config, token_a.clone()).await;
+        for i in 0..200 {
+            alice
+                .send_message(OutgoingMessage::new(
+                    Target::User("bob".into()),
+                    "dm",
+                    json!({"text": format!("q{i}")}),
+                ))
+                .await
+                .unwrap();
+        }
+        let err = alice
+            .send_message(OutgoingMessage::new(
+                Target::User("bob".into()),
+                "dm",
+                json!({"text": "one too many"}),
+            ))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ClientError::QueueFull { .. }), "{err}");
+        alice.shutdown().await;
+    }
+    server.restart().await;
+    assert!(wait_state(&bob, ConnectionState::Realtime, WITHIN).await);
+    let mut bob_updates = bob.subscribe();
+    let mut config = client_config(&server.url(), &store);
+    config.store.max_items = 200;
+    let alice = open_client(config, token_a).await;
+    let got = collect(&mut bob_updates, 200, Duration::from_secs(30), messages).await;
+    let expected: Vec<String> = (0..200).map(|i| format!("q{i}")).collect();
+    assert_eq!(texts(&got), expected);
+    let settled = wait_until(WITHIN, || async {
+        alice
+            .outbox(Some(ItemState::Persisted))
+            .await
+            .unwrap()
+            .is_empty()
+            && alice
+                .outbox(Some(ItemState::InFlight))
+                .await
+                .unwrap()
+                .is_empty()
+    })
+    .await;
+    assert!(settled, "the outbox drained");
+    alice.shutdown().await;
+    bob.shutdown().await;
+}
+
+/// Polls `check` every 50 ms until it holds or `within` passes.
+async fn wait_until<F, Fut>(within: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
