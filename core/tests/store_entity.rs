@@ -418,3 +418,39 @@ fn the_cache_survives_a_reopen() {
     assert!(next.vector_clock.descends_from(&op.vector_clock));
     assert_eq!(next.client_id, op.client_id, "same installation");
 }
+
+#[test]
+fn a_counter_type_is_forecast_with_its_merge_function() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = StoreConfig::default();
+    config.merges.insert(
+        "doc".into(),
+        std::sync::Arc::new(webwaka_realtime::reconcile::CounterMerge),
+    );
+    let mut store = Store::open(dir.path().join("sdk.db"), config).unwrap();
+    store
+        .local_edit(edit(Create, "d1", json!({"n": 10, "s": "text"})), at(0))
+        .unwrap();
+    let (_, _, entity) = store
+        .local_edit(edit(Update, "d1", json!({"n": 5})), at(1))
+        .unwrap();
+    assert_eq!(entity.value.data["n"], json!(15), "a delta is added");
+    let (_, _, entity) = store
+        .local_edit(edit(Update, "d1", json!({"n": -3})), at(2))
+        .unwrap();
+    assert_eq!(entity.value.data["n"], json!(12));
+    // A delta on a non-number is refused at once, as the server would refuse it.
+    let err = store
+        .local_edit(edit(Update, "d1", json!({"s": 1})), at(3))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::Invalid {
+                field: "operation",
+                ..
+            }
+        ),
+        "{err}"
+    );
+}

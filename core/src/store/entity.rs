@@ -32,7 +32,7 @@ use crate::protocol::{
     Conflict, JsonObject, Operation, OperationType, ReconciliationResponse, StateSnapshot,
     Timestamp,
 };
-use crate::reconcile::EntityValue;
+use crate::reconcile::{CustomMerge, EntityValue, MergeInput};
 
 /// The outbox lane of an entity's operations: one lane per entity keeps its edits in
 /// order while other entities' edits go ahead.
@@ -103,16 +103,37 @@ impl CachedEntity {
         }
     }
 
-    /// Recomputes the value and clock from the base and the pending operations.
-    fn replay(&mut self) {
+    /// Recomputes the value and clock from the base and the pending operations, each
+    /// applied as the server would (the type's merge function, else a plain patch). A
+    /// pending operation the merge function refuses shows no effect.
+    fn replay(&mut self, merges: &Merges) {
         let mut value = self.base.clone();
         let mut clock = self.base_clock.clone();
         for op in &self.pending {
-            value = value.apply_plain(op);
+            if let Ok(next) = forecast(merges, &value, op) {
+                value = next;
+            }
             clock.merge(&op.vector_clock);
         }
         self.value = value;
         self.clock = clock;
+    }
+}
+
+/// Merge functions per entity type ([`super::StoreConfig::merges`]).
+type Merges = std::collections::BTreeMap<String, std::sync::Arc<dyn CustomMerge>>;
+
+/// `op` applied to `value` as the server would apply it in order.
+fn forecast(merges: &Merges, value: &EntityValue, op: &Operation) -> Result<EntityValue, String> {
+    match merges.get(&op.entity_type) {
+        Some(merge) => merge
+            .apply(MergeInput {
+                current: value,
+                operation: op,
+                concurrent: false,
+            })
+            .map_err(|e| e.reason),
+        None => Ok(value.apply_plain(op)),
     }
 }
 
@@ -256,6 +277,7 @@ fn to_json<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
 fn apply_snapshot_on(
     conn: &Connection,
     snapshot: &StateSnapshot,
+    merges: &Merges,
     now: Timestamp,
 ) -> Result<Option<CachedEntity>, StoreError> {
     let version = parse_version("version", &snapshot.version).map_err(|e| StoreError::Invalid {
@@ -290,7 +312,7 @@ fn apply_snapshot_on(
             delete.execute([&op.operation_id])?;
         }
     }
-    entity.replay();
+    entity.replay(merges);
     entity.updated_at = now;
     save(conn, &entity)?;
     Ok(Some(entity))
@@ -335,6 +357,13 @@ impl Store {
             field: "operation",
             message: e.to_string(),
         })?;
+        // The merge function of the type (a counter) must accept it, as the server will.
+        forecast(&self.config.merges, &entity.value, &op).map_err(|reason| {
+            StoreError::Invalid {
+                field: "operation",
+                message: reason,
+            }
+        })?;
         let body = serde_json::to_value(&op).map_err(json_err("operation"))?;
         let item = NewItem {
             id: op.operation_id.clone(),
@@ -344,7 +373,7 @@ impl Store {
             body,
         };
         entity.pending.push(op.clone());
-        entity.replay();
+        entity.replay(&self.config.merges);
         entity.updated_at = now;
         save(&tx, &entity)?;
         tx.prepare_cached(
@@ -418,7 +447,7 @@ impl Store {
             });
         }
         let tx = self.conn.transaction()?;
-        let out = apply_snapshot_on(&tx, snapshot, now)?;
+        let out = apply_snapshot_on(&tx, snapshot, &self.config.merges, now)?;
         tx.commit()?;
         Ok(out)
     }
@@ -441,7 +470,7 @@ impl Store {
                     .push(format!("{}/{}", snapshot.entity_type, snapshot.entity_id));
                 continue;
             }
-            if let Some(entity) = apply_snapshot_on(&tx, snapshot, now)? {
+            if let Some(entity) = apply_snapshot_on(&tx, snapshot, &self.config.merges, now)? {
                 out.entities.push(entity);
             }
         }
@@ -506,6 +535,7 @@ impl Store {
     pub(crate) fn drop_pending_on(
         conn: &Connection,
         operation_id: &str,
+        merges: &Merges,
         now: Timestamp,
     ) -> Result<(), StoreError> {
         let owner: Option<(String, String)> = conn
@@ -523,7 +553,7 @@ impl Store {
             [operation_id],
         )?;
         if let Some(mut entity) = load(conn, &entity_type, &entity_id)? {
-            entity.replay();
+            entity.replay(merges);
             entity.updated_at = now;
             save(conn, &entity)?;
         }

@@ -68,6 +68,10 @@ pub struct StoreConfig {
     pub max_bytes: u64,
     /// How long a writer waits for another process's lock before giving up.
     pub busy_timeout: Duration,
+    /// Merge functions per entity type, as the server has them (CUSTOM_MERGE): local
+    /// edits of these types are forecast with the same function (a counter's delta is
+    /// added, not written over).
+    pub merges: std::collections::BTreeMap<String, std::sync::Arc<dyn crate::reconcile::CustomMerge>>,
 }
 
 impl Default for StoreConfig {
@@ -77,6 +81,7 @@ impl Default for StoreConfig {
             max_items: DEFAULT_MAX_ITEMS,
             max_bytes: DEFAULT_MAX_BYTES,
             busy_timeout: Duration::from_secs(10),
+            merges: std::collections::BTreeMap::new(),
         }
     }
 }

@@ -457,7 +457,7 @@ impl Store {
         let tx = self.conn.unchecked_transaction()?;
         tx.execute("DELETE FROM outbox WHERE id = ?1 AND state = 'dead'", [id])?;
         if item.kind == ItemKind::Operation {
-            Store::drop_pending_on(&tx, id, item.updated_at)?;
+            Store::drop_pending_on(&tx, id, &self.config.merges, item.updated_at)?;
         }
         tx.commit()?;
         Ok(item)
