@@ -71,7 +71,8 @@ pub struct StoreConfig {
     /// Merge functions per entity type, as the server has them (CUSTOM_MERGE): local
     /// edits of these types are forecast with the same function (a counter's delta is
     /// added, not written over).
-    pub merges: std::collections::BTreeMap<String, std::sync::Arc<dyn crate::reconcile::CustomMerge>>,
+    pub merges:
+        std::collections::BTreeMap<String, std::sync::Arc<dyn crate::reconcile::CustomMerge>>,
 }
 
 impl Default for StoreConfig {
