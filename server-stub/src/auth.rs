@@ -262,11 +262,10 @@ pub fn bearer_token<'a>(
 ) -> Option<&'a str> {
     if let Some(value) = authorization {
         let value = value.trim();
-        let token = value
-            .strip_prefix("Bearer ")
-            .or_else(|| value.strip_prefix("bearer "))
-            .unwrap_or(value)
-            .trim();
+        let token = match value.get(..6) {
+            Some(scheme) if scheme.eq_ignore_ascii_case("bearer") => value[6..].trim(),
+            _ => value,
+        };
         if !token.is_empty() {
             return Some(token);
         }

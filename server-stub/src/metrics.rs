@@ -157,6 +157,20 @@ impl Metrics {
             "Class D transactions by outcome",
             m.transactions.clone(),
         );
+        // Families appear in the exposition once a label set exists: create the known
+        // ones so that every metric is visible from the start.
+        for transport in ["ws", "http"] {
+            let _ = m.messages_in.get_or_create(&label("transport", transport));
+        }
+        for via in ["ws", "resume", "poll", "claim"] {
+            let _ = m.events_delivered.get_or_create(&label("via", via));
+        }
+        for limit in ["messages", "poll", "reconciliation", "publish"] {
+            let _ = m.rate_limit_refusals.get_or_create(&label("limit", limit));
+        }
+        for outcome in ["submitted", "confirmed", "rejected"] {
+            let _ = m.transactions.get_or_create(&label("outcome", outcome));
+        }
         *m.registry.lock().unwrap_or_else(|p| p.into_inner()) = registry;
         m
     }

@@ -35,6 +35,8 @@ use crate::metrics::label;
 
 /// Refused frames within a minute after which a connection is closed (1008).
 const MAX_REFUSALS_PER_MINUTE: u32 = 100;
+/// How long a closing connection waits for the client's close frame.
+const CLOSE_HANDSHAKE: Duration = Duration::from_secs(1);
 /// Events read per page while replaying.
 const REPLAY_PAGE: u32 = 256;
 
@@ -209,13 +211,25 @@ async fn run(app: Arc<App>, socket: WebSocket, prepared: Prepared) {
             )
             .await;
         if let Flow::Close(code, reason) = flow {
-            let _ = conn
+            let sent = conn
                 .socket
                 .send(Message::Close(Some(CloseFrame {
                     code,
                     reason: Utf8Bytes::from_static(reason),
                 })))
                 .await;
+            // Let the client answer the close (a clean handshake), briefly: dropping
+            // the socket with unread data would reset it and could lose our frame.
+            if sent.is_ok() {
+                let _ = tokio::time::timeout(CLOSE_HANDSHAKE, async {
+                    while let Some(Ok(message)) = conn.socket.recv().await {
+                        if matches!(message, Message::Close(_)) {
+                            break;
+                        }
+                    }
+                })
+                .await;
+            }
         }
         let last = conn
             .app

@@ -1,0 +1,308 @@
+//! PROTOCOL.md §1: tokens, tenancy, super admin; every refusal before any work.
+
+use serde_json::{Value, json};
+
+use crate::common::{TestServer, audit_entries};
+
+fn b64url(bytes: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..=chunk.len() {
+            out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+/// Tokens that must all be refused, with a label.
+fn bad_tokens(ts: &TestServer) -> Vec<(&'static str, String)> {
+    let keys = ts.running().keys();
+    let far = chrono::Utc::now().timestamp() + 3600;
+    let unsigned = format!(
+        "{}.{}.",
+        b64url(br#"{"alg":"none","typ":"JWT"}"#),
+        b64url(format!(r#"{{"tenantId":"t1","userId":"u1","exp":{far}}}"#).as_bytes())
+    );
+    let other = webwaka_server_stub::Keys::new(b"some-other-secret-0123456789abcdef", 0);
+    vec![
+        ("garbage", "not-a-jwt".to_owned()),
+        ("alg none", unsigned),
+        ("wrong secret", other.mint("t1", "u1", &[], 3600)),
+        ("expired", keys.mint("t1", "u1", &[], -3600)),
+        ("no tenant", keys.sign(&json!({"userId": "u1", "exp": far}))),
+        ("no user", keys.sign(&json!({"tenantId": "t1", "exp": far}))),
+        (
+            "no exp",
+            keys.sign(&json!({"tenantId": "t1", "userId": "u1"})),
+        ),
+        (
+            "blank tenant",
+            keys.sign(&json!({"tenantId": " ", "userId": "u1", "exp": far})),
+        ),
+    ]
+}
+
+#[tokio::test]
+async fn health_and_metrics_need_no_token() {
+    let ts = TestServer::start(|_| {}).await;
+    let (status, health) = ts.get("/health", None, &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(health["status"], "healthy");
+    for service in ["websocket", "eventbus", "reconciliation", "storage"] {
+        assert_eq!(health["services"][service]["status"], "healthy", "{health}");
+    }
+    let text = ts
+        .http
+        .get(ts.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "webwaka_ws_active_connections",
+        "webwaka_messages_in",
+        "webwaka_messages_out",
+        "webwaka_message_latency_seconds",
+        "webwaka_events_published",
+        "webwaka_events_delivered",
+        "webwaka_dlq_size",
+        "webwaka_reconciliation_requests",
+        "webwaka_reconciliation_conflicts",
+        "webwaka_rate_limit_refusals",
+        "webwaka_tenant_violations",
+    ] {
+        assert!(text.contains(name), "{name} missing from /metrics");
+    }
+}
+
+#[tokio::test]
+async fn bad_tokens_are_refused_on_http_and_websocket() {
+    let ts = TestServer::start(|c| c.jwt_leeway_ms = 0).await;
+    let (status, body) = ts.get("/api/events/poll", None, &[]).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (401, Some("AUTH_FAILED")),
+        "{body}"
+    );
+    let (status, body) = ts.ws_raw(None, "", &[]).await.err().expect("refused");
+    assert_eq!((status, body["code"].as_str()), (401, Some("AUTH_FAILED")));
+    for (label, token) in bad_tokens(&ts) {
+        let (status, body) = ts.get("/api/events/poll", Some(&token), &[]).await;
+        assert_eq!(status, 401, "{label}: {body}");
+        assert_eq!(body["code"], "AUTH_FAILED", "{label}");
+        assert_eq!(body["status"], 401, "{label}");
+        let (status, body) = ts.ws_raw(Some(&token), "", &[]).await.err().expect(label);
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (401, Some("AUTH_FAILED")),
+            "{label}"
+        );
+        // The token in the query parameter is checked the same way.
+        let (status, _) = ts
+            .ws_raw(None, &format!("token={token}"), &[])
+            .await
+            .err()
+            .expect(label);
+        assert_eq!(status, 401, "{label}");
+    }
+    // `sub` stands in for `userId`; a good token in the query works.
+    let keys = ts.running().keys();
+    let far = chrono::Utc::now().timestamp() + 3600;
+    let sub = keys.sign(&json!({"tenantId": "t1", "sub": "s1", "exp": far}));
+    let (status, _) = ts.get("/api/events/poll", Some(&sub), &[]).await;
+    assert_eq!(status, 200);
+    let ws = ts.ws_query("", &format!("token={sub}")).await;
+    assert!(ws.connected["connectionId"].is_string());
+    // Failures are audited (actor unknown).
+    let db = rusqlite::Connection::open(ts.db_path()).unwrap();
+    let failures: i64 = db
+        .query_row(
+            "SELECT count(*) FROM audit_log WHERE body LIKE '%auth.failed%'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(failures >= 20, "{failures}");
+}
+
+#[tokio::test]
+async fn naming_another_tenant_is_a_violation_through_every_header_door() {
+    let ts = TestServer::start(|_| {}).await;
+    let alice = ts.token("tenant-a", "alice", &[]);
+    let other = [("X-Tenant-ID", "tenant-b")];
+    for path in [
+        "/api/events/poll",
+        "/api/reconciliation/snapshot/task/t1",
+        "/api/transactions/txn-1",
+        "/api/eventbus/dlq",
+    ] {
+        let (status, body) = ts.get(path, Some(&alice), &other).await;
+        assert_eq!(status, 403, "{path}: {body}");
+        assert_eq!(body["code"], "TENANT_VIOLATION", "{path}");
+    }
+    let (status, body) = ts
+        .get("/api/events/poll?tenantId=tenant-b", Some(&alice), &[])
+        .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (403, Some("TENANT_VIOLATION"))
+    );
+    for (path, body) in [
+        (
+            "/api/messages",
+            json!({"type": "t", "payload": 1, "recipientId": "bob"}),
+        ),
+        ("/api/events", json!({"eventType": "x.y", "payload": 1})),
+        (
+            "/api/transactions",
+            json!({"transactionType": "pay", "payload": {}}),
+        ),
+    ] {
+        let (status, answer) = ts
+            .post(
+                path,
+                Some(&alice),
+                body,
+                &[("X-Tenant-ID", "tenant-b"), ("Idempotency-Key", "k")],
+            )
+            .await;
+        assert_eq!(
+            (status, answer["code"].as_str()),
+            (403, Some("TENANT_VIOLATION")),
+            "{path}"
+        );
+    }
+    // The upgrade too, before upgrading.
+    let (status, body) = ts
+        .ws_raw(Some(&alice), "", &other)
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (403, Some("TENANT_VIOLATION"))
+    );
+    // The same tenant named explicitly is fine.
+    let (status, _) = ts
+        .get(
+            "/api/events/poll",
+            Some(&alice),
+            &[("X-Tenant-ID", "tenant-a")],
+        )
+        .await;
+    assert_eq!(status, 200);
+    // Every attempt is an audit record, readable by admins of both tenants.
+    let entries = audit_entries(&ts, "tenant-a").await;
+    let violations: Vec<&Value> = entries
+        .iter()
+        .filter(|e| e["action"] == "security.tenant_violation")
+        .collect();
+    assert!(violations.len() >= 9, "{}", violations.len());
+    let v = violations[0];
+    assert_eq!(v["tenantId"], "tenant-a");
+    assert_eq!(v["targetTenantId"], "tenant-b");
+    assert_eq!(v["actorId"], "alice");
+    assert_eq!(v["result"], "FAILURE");
+    let seen_by_b = audit_entries(&ts, "tenant-b").await;
+    assert!(
+        seen_by_b
+            .iter()
+            .any(|e| e["action"] == "security.tenant_violation")
+    );
+}
+
+#[tokio::test]
+async fn super_admin_needs_a_justification_and_is_audited_either_way() {
+    let ts = TestServer::start(|_| {}).await;
+    let bob = ts.token("tenant-b", "bob", &[]);
+    let (status, _) = ts
+        .post(
+            "/api/messages",
+            Some(&bob),
+            json!({"type": "note", "payload": {"n": 1}, "recipientId": "bob"}),
+            &[],
+        )
+        .await;
+    assert_eq!(status, 201);
+    let root = ts.token("platform", "root", &["super_admin"]);
+    let (status, body) = ts
+        .get(
+            "/api/events/poll",
+            Some(&root),
+            &[("X-Tenant-ID", "tenant-b")],
+        )
+        .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (403, Some("AUTHZ_FAILED")),
+        "{body}"
+    );
+    let (status, body) = ts
+        .get(
+            "/api/events/poll",
+            Some(&root),
+            &[("X-Tenant-ID", "tenant-b"), ("X-Admin-Justification", "  ")],
+        )
+        .await;
+    assert_eq!(status, 403, "{body}");
+    let (status, body) = ts
+        .get(
+            "/api/admin/audit",
+            Some(&root),
+            &[
+                ("X-Tenant-ID", "tenant-b"),
+                ("X-Admin-Justification", "ticket #4471"),
+            ],
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let entries = audit_entries(&ts, "tenant-b").await;
+    let accesses: Vec<&Value> = entries
+        .iter()
+        .filter(|e| e["action"] == "admin.cross_tenant_access")
+        .collect();
+    assert_eq!(accesses.len(), 3, "{entries:?}");
+    assert!(accesses.iter().any(|e| e["result"] == "SUCCESS"
+        && e["justification"] == "ticket #4471"
+        && e["actorType"] == "SUPER_ADMIN"));
+    assert_eq!(
+        accesses.iter().filter(|e| e["result"] == "FAILURE").count(),
+        2
+    );
+    // Reading the audit log is audited too.
+    assert!(
+        entries
+            .iter()
+            .any(|e| e["action"] == "audit.read" && e["justification"] == "ticket #4471")
+    );
+    // On the WebSocket: the connection acts in the named tenant.
+    let (status, _) = ts
+        .ws_raw(Some(&root), "", &[("X-Tenant-ID", "tenant-b")])
+        .await
+        .err()
+        .expect("refused without justification");
+    assert_eq!(status, 403);
+    let (mut ws, ()) = ts
+        .ws_raw(
+            Some(&root),
+            "",
+            &[
+                ("X-Tenant-ID", "tenant-b"),
+                ("X-Admin-Justification", "ticket #4471"),
+            ],
+        )
+        .await
+        .ok()
+        .expect("upgrade");
+    assert_eq!(ws.next_frame().await["event"], "connected");
+    // A non-admin cannot read the audit log.
+    let (status, body) = ts.get("/api/admin/audit", Some(&bob), &[]).await;
+    assert_eq!((status, body["code"].as_str()), (403, Some("AUTHZ_FAILED")));
+}
