@@ -211,7 +211,7 @@ impl Store {
         conn.busy_timeout(config.busy_timeout)?;
         // Reading the header first turns "not a database" into an error here.
         let _: i64 = conn.query_row("PRAGMA schema_version", [], |r| r.get(0))?;
-        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+        let mode = set_wal(&conn, config.busy_timeout)?;
         if path.is_some() && !mode.eq_ignore_ascii_case("wal") {
             return Err(StoreError::Invalid {
                 field: "journal_mode",
@@ -235,7 +235,7 @@ impl Store {
                 supported: schema::latest_version(),
             });
         }
-        schema::migrations().to_latest(&mut conn)?;
+        migrate(&mut conn)?;
         let client_id = Self::load_or_make_client_id(&conn)?;
         let store = Store {
             conn,
@@ -334,6 +334,54 @@ impl Store {
                 field: "integrity_check",
                 message: result,
             })
+        }
+    }
+}
+
+/// `PRAGMA journal_mode = WAL`, returning the mode SQLite reports.
+///
+/// Switching a new file to WAL takes an exclusive lock; when two processes open a new
+/// file together, each can hold the shared lock the other waits on, and SQLite answers
+/// "database is locked" at once instead of calling the busy handler. Once the file is
+/// in WAL (it stays so) this is a plain read. Retried with short sleeps, for at most
+/// `timeout`.
+fn set_wal(conn: &Connection, timeout: Duration) -> Result<String, StoreError> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)) {
+            Ok(mode) => return Ok(mode),
+            Err(e)
+                if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy)
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Migrates to the latest schema, also when another process does it at the same time.
+///
+/// Two processes opening a new file together both read version 0 and both run the
+/// first migration; the second one's transaction fails ("table … already exists") and
+/// rolls back whole (each run is one transaction). When the version moved meanwhile,
+/// running again reads what the other committed and does the rest, if anything.
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let version = |conn: &Connection| -> Result<i64, StoreError> {
+        Ok(conn.query_row("PRAGMA user_version", [], |r| r.get(0))?)
+    };
+    // Each retry follows a version change: at most one per migration.
+    let mut retries = schema::latest_version();
+    loop {
+        let before = version(conn)?;
+        match schema::migrations().to_latest(conn) {
+            Ok(()) => return Ok(()),
+            Err(e) if retries > 0 && version(conn)? != before => {
+                retries -= 1;
+                let _ = e; // another process migrated: try again from its version
+            }
+            Err(e) => return Err(e.into()),
         }
     }
 }
