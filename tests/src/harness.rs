@@ -81,6 +81,15 @@ impl TestServer {
             .token(tenant, user, &[])
     }
 
+    /// A token for `user` of `tenant` that expires after `ttl_secs`.
+    pub fn token_expiring(&self, tenant: &str, user: &str, ttl_secs: i64) -> String {
+        self.running
+            .as_ref()
+            .expect("the server is running")
+            .keys()
+            .mint(tenant, user, &[], ttl_secs)
+    }
+
     /// Stops the server gracefully (its data stays).
     pub async fn stop(&mut self) {
         if let Some(running) = self.running.take() {

@@ -6,3 +6,4 @@
 
 pub mod bench;
 pub mod harness;
+pub mod proxy;

@@ -449,11 +449,7 @@ impl Client {
 
     /// The rooms this client is (or will be, once connected) a member of.
     pub async fn rooms(&self) -> Result<Vec<String>, ClientError> {
-        let rooms = self
-            .shared
-            .store
-            .call(supervisor::load_rooms)
-            .await?;
+        let rooms = self.shared.store.call(supervisor::load_rooms).await?;
         Ok(rooms.into_iter().collect())
     }
 

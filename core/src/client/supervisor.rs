@@ -162,6 +162,8 @@ enum Io {
         failure: Option<Failure>,
     },
     Pulled(Result<(), HttpError>),
+    /// The catch-up of a connection opened without a cursor ended.
+    CaughtUp(u64, Result<(), HttpError>),
 }
 
 /// The supervisor's state. See the module docs.
@@ -196,6 +198,10 @@ pub(crate) struct Supervisor {
     isolate_ops: bool,
     last_pull: Option<Instant>,
     last_tx_check: Option<Instant>,
+    /// While a connection opened without a cursor catches up by polling, its durable
+    /// deliveries wait here (then go through the same dedupe), so that the cursor never
+    /// jumps over an event the catch-up has not reached yet.
+    held_back: Option<Vec<ServerEvent>>,
     shutdown: Option<oneshot::Sender<()>>,
 }
 
@@ -245,6 +251,7 @@ impl Supervisor {
             isolate_ops: false,
             last_pull: None,
             last_tx_check: None,
+            held_back: None,
             shutdown: None,
         })
     }
@@ -312,7 +319,8 @@ impl Supervisor {
             Action::Flush(route) => self.pump(route).await,
             Action::StateChanged(change) => {
                 info!(from = ?change.from, to = ?change.to, reason = ?change.reason, "connection state");
-                let _ = self.state_tx.send(change.to);
+                // The update first, then the watch: whoever saw the new state in the
+                // watch and then subscribes does not get this change twice.
                 self.emit(Update::State(StateUpdate {
                     from: change.from,
                     to: change.to,
@@ -321,6 +329,7 @@ impl Supervisor {
                         .next_retry_at
                         .map(|t| t.saturating_duration_since(change.at)),
                 }));
+                let _ = self.state_tx.send(change.to);
                 if change.to.is_connected() && !change.from.is_connected() {
                     // Some transport works again: catch up with entity changes too.
                     self.last_pull = None;
@@ -359,9 +368,35 @@ impl Supervisor {
         });
     }
 
+    /// A connection without a cursor (first run, or after a resync found no events)
+    /// cannot ask the server to resume: poll from the start of retention first.
+    async fn catch_up_if_no_cursor(&mut self, generation: u64) {
+        let has_cursor = matches!(self.store.call(|s| s.cursor()).await, Ok(Some(_)));
+        if has_cursor {
+            return;
+        }
+        self.held_back = Some(Vec::new());
+        let (store, http, tokens, io, updates) = self.task_parts();
+        self.tasks.spawn(async move {
+            let mut result = Ok(());
+            for _ in 0..RESYNC_MAX_PAGES {
+                match poll_once(&store, &http, &tokens, &updates).await {
+                    Ok(true) => continue,
+                    Ok(false) => break,
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                }
+            }
+            let _ = io.send(Io::CaughtUp(generation, result));
+        });
+    }
+
     fn close_ws(&mut self) {
         // Abandons an attempt too: its reports carry an old generation.
         self.ws_gen += 1;
+        self.held_back = None;
         if let Some(ws) = self.ws.take() {
             ws.close();
         }
@@ -393,6 +428,7 @@ impl Supervisor {
             WsEvent::Closed(kind, reason) => {
                 info!(%reason, "WebSocket closed");
                 self.ws = None;
+                self.held_back = None;
                 self.requeue_ws_in_flight("the connection closed before the ack")
                     .await;
                 self.machine.on_ws_closed(now, kind);
@@ -402,6 +438,12 @@ impl Supervisor {
     }
 
     async fn on_frame(&mut self, event: ServerEvent, reference: Option<String>) {
+        if let Some(held) = self.held_back.as_mut()
+            && matches!(event, ServerEvent::Message(_) | ServerEvent::Event(_))
+        {
+            held.push(event);
+            return;
+        }
         match event {
             ServerEvent::Connected(c) => {
                 self.machine
@@ -887,6 +929,7 @@ impl Supervisor {
                     Ok(handle) => {
                         self.ws = Some(handle);
                         self.machine.on_ws_open(now);
+                        self.catch_up_if_no_cursor(generation).await;
                     }
                     Err(ConnectError::CursorExpired) => {
                         // The poll that follows gets the same answer and starts the resync.
@@ -927,6 +970,27 @@ impl Supervisor {
                     None => {
                         self.machine.on_http_ok(now);
                         self.pump(Route::Http).await;
+                    }
+                }
+            }
+            Io::CaughtUp(generation, result) => {
+                if generation != self.ws_gen {
+                    return;
+                }
+                let held = self.held_back.take().unwrap_or_default();
+                match result {
+                    Ok(()) => {
+                        for event in held {
+                            Box::pin(self.on_frame(event, None)).await;
+                        }
+                    }
+                    Err(e) => {
+                        // Without the catch-up the held deliveries could skip events:
+                        // drop the connection; the next one catches up again.
+                        warn!(error = %e, "catch-up failed; reconnecting");
+                        self.close_ws();
+                        self.machine
+                            .on_ws_closed(now, crate::machine::CloseKind::Lost);
                     }
                 }
             }

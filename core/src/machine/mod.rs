@@ -300,6 +300,8 @@ pub struct Machine {
     http_works: bool,
     /// This connection attempt already tried HTTP because the WebSocket was slow.
     slow_checked: bool,
+    /// The WebSocket attempt of this connection attempt failed.
+    ws_failed: bool,
     http_failures: u32,
     /// Offline/Suspended: next attempt. Polling: next WebSocket probe.
     retry_at: Option<Instant>,
@@ -337,6 +339,7 @@ impl Machine {
             next_poll: None,
             http_works: false,
             slow_checked: false,
+            ws_failed: false,
             http_failures: 0,
             retry_at: None,
             offline_since: None,
@@ -452,6 +455,7 @@ impl Machine {
             return;
         }
         self.ws = Ws::Closed;
+        self.ws_failed = true;
         self.note_retry_after(now, failure);
         if failure == Failure::Auth {
             self.auth_refused(now);
@@ -512,8 +516,14 @@ impl Machine {
         self.auth_ok();
         self.http_failures = 0;
         self.http_works = true;
-        if self.state == ConnectionState::Connecting && !matches!(self.ws, Ws::Open { .. }) {
-            // HTTP works and the WebSocket has not opened: poll while it keeps trying.
+        // HTTP works and the WebSocket failed, or is slow: poll (while a slow attempt
+        // keeps trying). A WebSocket attempt just begun is given its chance first.
+        let ws_struggles = match self.ws {
+            Ws::Closed => self.ws_failed,
+            Ws::Opening { .. } => self.slow_checked,
+            Ws::Open { .. } => false,
+        };
+        if self.state == ConnectionState::Connecting && ws_struggles {
             if self.needs_resync {
                 self.enter(ConnectionState::Resyncing, Reason::HttpWorks, now);
                 self.start_resync();
@@ -826,6 +836,7 @@ impl Machine {
         }
         self.http_works = false;
         self.slow_checked = false;
+        self.ws_failed = false;
         self.enter(ConnectionState::Connecting, reason, now);
         self.open_ws(now);
     }

@@ -1,0 +1,232 @@
+//! A fault-injecting TCP proxy between clients and the server, on loopback.
+//!
+//! Tests point clients at the proxy and change its [`Mode`] or act on the live
+//! connections to simulate the networks mobile apps meet:
+//!
+//! - [`Mode::Pass`]: forward everything;
+//! - [`Mode::RefuseWebSocket`]: answer WebSocket upgrade requests with 503 (a corporate
+//!   proxy or captive portal that lets plain HTTP through), forward the rest;
+//! - [`Mode::Refuse`]: close new connections at once (server down, connection refused);
+//! - [`Mode::BlackHole`]: accept new connections and never answer (a dead route, no RST);
+//! - [`Proxy::cut_all`]: drop every live connection (the network changed);
+//! - [`Proxy::freeze_all`]: stop forwarding on the live connections without closing
+//!   them (the OS still reports them open: only heartbeats can tell);
+//! - [`Proxy::set_latency`]: delay every chunk, each way.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// How the proxy treats new connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Forward.
+    Pass,
+    /// Refuse WebSocket upgrades with 503; forward other requests.
+    RefuseWebSocket,
+    /// Close at once.
+    Refuse,
+    /// Accept and never answer.
+    BlackHole,
+}
+
+#[derive(Debug)]
+struct Shared {
+    target: SocketAddr,
+    mode: Mutex<Mode>,
+    latency_ms: AtomicU64,
+    /// Bumped by `cut_all`: connections of an older epoch end.
+    epoch: watch::Sender<u64>,
+    /// True while live connections must not forward.
+    frozen: watch::Sender<bool>,
+    accepted: AtomicU64,
+}
+
+/// The proxy. Dropping it stops accepting (live connections end with their peers).
+#[derive(Debug)]
+pub struct Proxy {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.cut_all();
+    }
+}
+
+impl Proxy {
+    /// Starts a proxy on a free loopback port forwarding to `target`.
+    pub async fn start(target: SocketAddr) -> std::io::Result<Proxy> {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            target,
+            mode: Mutex::new(Mode::Pass),
+            latency_ms: AtomicU64::new(0),
+            epoch: watch::channel(0).0,
+            frozen: watch::channel(false).0,
+            accepted: AtomicU64::new(0),
+        });
+        let accept_shared = shared.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((socket, _)) = listener.accept().await else {
+                    continue;
+                };
+                let _ = socket.set_nodelay(true);
+                accept_shared.accepted.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(handle(socket, accept_shared.clone()));
+            }
+        });
+        Ok(Proxy { addr, shared, task })
+    }
+
+    /// Where clients connect.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://addr`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// How new connections are treated from now on.
+    pub fn set_mode(&self, mode: Mode) {
+        if let Ok(mut m) = self.shared.mode.lock() {
+            *m = mode;
+        }
+    }
+
+    /// Delay added to every chunk, each way.
+    pub fn set_latency(&self, latency: Duration) {
+        let ms = u64::try_from(latency.as_millis()).unwrap_or(u64::MAX);
+        self.shared.latency_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Drops every live connection.
+    pub fn cut_all(&self) {
+        self.shared.epoch.send_modify(|e| *e += 1);
+    }
+
+    /// Stops (`true`) or resumes (`false`) forwarding on every live connection.
+    pub fn freeze_all(&self, frozen: bool) {
+        self.shared.frozen.send_replace(frozen);
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> u64 {
+        self.shared.accepted.load(Ordering::Relaxed)
+    }
+}
+
+async fn handle(mut client: TcpStream, shared: Arc<Shared>) {
+    let mode = shared.mode.lock().map(|m| *m).unwrap_or(Mode::Pass);
+    let mut epoch = shared.epoch.subscribe();
+    let born = *epoch.borrow_and_update();
+    match mode {
+        Mode::Refuse => return,
+        Mode::BlackHole => {
+            // Keep the socket open, read and discard, until cut.
+            let mut buf = [0u8; 4096];
+            loop {
+                tokio::select! {
+                    r = client.read(&mut buf) => if matches!(r, Ok(0) | Err(_)) { return },
+                    _ = epoch.changed() => return,
+                }
+            }
+        }
+        Mode::Pass | Mode::RefuseWebSocket => {}
+    }
+    // Read the first request's head, to recognise a WebSocket upgrade.
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 64 * 1024 {
+        match client.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let is_upgrade = String::from_utf8_lossy(&head)
+        .to_ascii_lowercase()
+        .contains("upgrade: websocket");
+    if mode == Mode::RefuseWebSocket && is_upgrade {
+        let _ = client
+            .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+            .await;
+        return;
+    }
+    let Ok(mut server) = TcpStream::connect(shared.target).await else {
+        return;
+    };
+    let _ = server.set_nodelay(true);
+    if server.write_all(&head).await.is_err() {
+        return;
+    }
+    let (cr, cw) = client.into_split();
+    let (sr, sw) = server.into_split();
+    let up = pump(cr, sw, shared.clone(), born);
+    let down = pump(sr, cw, shared.clone(), born);
+    // When either direction ends, the connection ends.
+    tokio::select! {
+        _ = up => {}
+        _ = down => {}
+    }
+}
+
+/// Copies one direction, honouring latency, freezes and cuts.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    shared: Arc<Shared>,
+    born: u64,
+) {
+    let mut epoch = shared.epoch.subscribe();
+    let mut frozen = shared.frozen.subscribe();
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        if *epoch.borrow_and_update() != born {
+            return;
+        }
+        // While frozen, read nothing (the peer's data waits in kernel buffers).
+        while *frozen.borrow_and_update() {
+            tokio::select! {
+                r = frozen.changed() => if r.is_err() { return },
+                _ = epoch.changed() => return,
+            }
+        }
+        let n = tokio::select! {
+            r = from.read(&mut buf) => match r {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            },
+            _ = epoch.changed() => return,
+            _ = frozen.changed() => continue,
+        };
+        let latency = shared.latency_ms.load(Ordering::Relaxed);
+        if latency > 0 {
+            tokio::time::sleep(Duration::from_millis(latency)).await;
+        }
+        if *frozen.borrow() {
+            // Frozen while this chunk was in hand: hold it until thawed.
+            while *frozen.borrow_and_update() {
+                tokio::select! {
+                    r = frozen.changed() => if r.is_err() { return },
+                    _ = epoch.changed() => return,
+                }
+            }
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,423 @@
+//! End to end under faults: the client behind the fault-injecting proxy
+//! (`webwaka_e2e::proxy`), against the real server. The WebSocket refused or cut
+//! (traffic continues over polling, then climbs back to realtime), a socket that goes
+//! silent without closing (the heartbeat finds it), a token expiring mid-session, a
+//! token refused for good, and each reconciliation strategy with offline edits.
+
+// Tests may panic on what they did not expect: that is how they fail.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use serde_json::json;
+use webwaka_e2e::harness::{TestServer, client_config, collect, open_client, wait_state};
+use webwaka_e2e::proxy::{Mode, Proxy};
+use webwaka_realtime::client::{
+    Client, OutgoingMessage, Resolution, Target, TokenError, TokenRequest, Update,
+};
+use webwaka_realtime::machine::ConnectionState;
+use webwaka_realtime::protocol::WebSocketMessage;
+
+const WITHIN: Duration = Duration::from_secs(15);
+
+fn dm(to: &str, text: &str) -> OutgoingMessage {
+    OutgoingMessage::new(Target::User(to.into()), "dm", json!({ "text": text }))
+}
+
+fn messages(update: Update) -> Option<WebSocketMessage> {
+    match update {
+        Update::Message(m) => Some(m),
+        _ => None,
+    }
+}
+
+fn texts(messages: &[WebSocketMessage]) -> Vec<String> {
+    messages
+        .iter()
+        .map(|m| m.payload["text"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+async fn wait_until<F, Fut>(within: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_websocket_falls_to_polling_then_climbs_back_with_nothing_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let proxy = Proxy::start(server.addr).await.unwrap();
+    let alice = open_client(
+        client_config(&proxy.url(), &dir.path().join("alice.db")),
+        server.token("t1", "alice"),
+    )
+    .await;
+    let bob = open_client(
+        client_config(&server.url(), &dir.path().join("bob.db")),
+        server.token("t1", "bob"),
+    )
+    .await;
+    assert!(wait_state(&alice, ConnectionState::Realtime, WITHIN).await);
+    assert!(wait_state(&bob, ConnectionState::Realtime, WITHIN).await);
+    let mut at_alice = alice.subscribe();
+    let mut at_bob = bob.subscribe();
+
+    // The WebSocket dies and cannot come back; plain HTTP still works.
+    proxy.set_mode(Mode::RefuseWebSocket);
+    proxy.cut_all();
+    assert!(wait_state(&alice, ConnectionState::Polling, WITHIN).await);
+    for i in 0..5 {
+        alice
+            .send_message(dm("bob", &format!("a{i}")))
+            .await
+            .unwrap();
+        bob.send_message(dm("alice", &format!("b{i}")))
+            .await
+            .unwrap();
+    }
+    let at_b = collect(&mut at_bob, 5, WITHIN, messages).await;
+    let at_a = collect(&mut at_alice, 5, WITHIN, messages).await;
+    assert_eq!(texts(&at_b), ["a0", "a1", "a2", "a3", "a4"]);
+    assert_eq!(texts(&at_a), ["b0", "b1", "b2", "b3", "b4"]);
+
+    // The network heals: the client climbs back on its own.
+    proxy.set_mode(Mode::Pass);
+    assert!(wait_state(&alice, ConnectionState::Realtime, WITHIN).await);
+    for i in 5..8 {
+        bob.send_message(dm("alice", &format!("b{i}")))
+            .await
+            .unwrap();
+    }
+    let at_a = collect(&mut at_alice, 3, WITHIN, messages).await;
+    assert_eq!(texts(&at_a), ["b5", "b6", "b7"]);
+    // No duplicates, either way.
+    assert!(
+        collect(&mut at_alice, 1, Duration::from_millis(600), messages)
+            .await
+            .is_empty()
+    );
+    assert!(
+        collect(&mut at_bob, 1, Duration::from_millis(100), messages)
+            .await
+            .is_empty()
+    );
+    alice.shutdown().await;
+    bob.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_socket_is_found_by_the_heartbeat_and_missed_messages_are_resumed() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let proxy = Proxy::start(server.addr).await.unwrap();
+    let alice = open_client(
+        client_config(&proxy.url(), &dir.path().join("alice.db")),
+        server.token("t1", "alice"),
+    )
+    .await;
+    let bob = open_client(
+        client_config(&server.url(), &dir.path().join("bob.db")),
+        server.token("t1", "bob"),
+    )
+    .await;
+    assert!(wait_state(&alice, ConnectionState::Realtime, WITHIN).await);
+    assert!(wait_state(&bob, ConnectionState::Realtime, WITHIN).await);
+    let mut at_alice = alice.subscribe();
+    let mut states = alice.watch_state();
+    states.borrow_and_update();
+
+    // The route goes dead without a close: the OS still reports the socket open.
+    proxy.freeze_all(true);
+    for i in 0..3 {
+        bob.send_message(dm("alice", &format!("while silent {i}")))
+            .await
+            .unwrap();
+    }
+    // The pong timeout (3 s in the test settings) finds it; the reconnect (new
+    // connections pass) resumes from the cursor.
+    let left = tokio::time::timeout(WITHIN, states.changed()).await;
+    assert!(left.is_ok(), "the dead socket was never noticed");
+    assert_ne!(*states.borrow(), ConnectionState::Realtime);
+    proxy.freeze_all(false);
+    let got = collect(&mut at_alice, 3, WITHIN, messages).await;
+    assert_eq!(
+        texts(&got),
+        ["while silent 0", "while silent 1", "while silent 2"]
+    );
+    assert!(wait_state(&alice, ConnectionState::Realtime, WITHIN).await);
+    assert!(
+        collect(&mut at_alice, 1, Duration::from_millis(600), messages)
+            .await
+            .is_empty()
+    );
+    alice.shutdown().await;
+    bob.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_expiring_mid_session_is_refreshed_once_and_the_session_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(&dir.path().join("server"), |c| c.jwt_leeway_ms = 0).await;
+    let short = server.token_expiring("t1", "alice", 2);
+    let long = server.token("t1", "alice");
+    let refreshes = Arc::new(AtomicUsize::new(0));
+    let counter = refreshes.clone();
+    let provider = move |request: TokenRequest| {
+        let (short, long, counter) = (short.clone(), long.clone(), counter.clone());
+        async move {
+            match request {
+                TokenRequest::Initial => Ok(short),
+                TokenRequest::Refresh => {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    Ok(long)
+                }
+            }
+        }
+    };
+    let alice = Client::open(
+        client_config(&server.url(), &dir.path().join("alice.db")),
+        Arc::new(provider),
+    )
+    .await
+    .unwrap();
+    assert!(wait_state(&alice, ConnectionState::Realtime, WITHIN).await);
+    let mut states = alice.subscribe();
+    // The server closes the socket when the token expires (1008 AUTH_EXPIRED).
+    let seen = collect(&mut states, 2, WITHIN, |u| match u {
+        Update::State(s) => Some(s.to),
+        _ => None,
+    })
+    .await;
+    assert_eq!(
+        seen,
+        [ConnectionState::Connecting, ConnectionState::Realtime]
+    );
+    assert_eq!(refreshes.load(Ordering::SeqCst), 1, "one refresh");
+    alice.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_refused_for_good_is_auth_failed_until_a_new_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let good = server.token("t1", "alice");
+    let fixed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = fixed.clone();
+    let provider = move |_: TokenRequest| {
+        let good = good.clone();
+        let fixed = flag.load(Ordering::SeqCst);
+        async move {
+            if fixed {
+                Ok(good)
+            } else {
+                // Well-formed claims, wrong signature.
+                let mut parts: Vec<&str> = good.split('.').collect();
+                parts[2] = "AAAA";
+                Ok::<_, TokenError>(parts.join("."))
+            }
+        }
+    };
+    let alice = Client::open(
+        client_config(&server.url(), &dir.path().join("alice.db")),
+        Arc::new(provider),
+    )
+    .await
+    .unwrap();
+    assert!(wait_state(&alice, ConnectionState::AuthFailed, WITHIN).await);
+    // Offline work still lands in the outbox meanwhile.
+    let item = alice.send_message(dm("bob", "queued")).await.unwrap();
+    fixed.store(true, Ordering::SeqCst);
+    alice.reauthenticate();
+    assert!(wait_state(&alice, ConnectionState::Realtime, WITHIN).await);
+    let item = alice
+        .wait_settled(
+            &item.id,
+            &[webwaka_realtime::store::ItemState::Accepted],
+            WITHIN,
+        )
+        .await
+        .unwrap();
+    assert_eq!(item.state, webwaka_realtime::store::ItemState::Accepted);
+    alice.shutdown().await;
+}
+
+/// Two clients edit the same entity while the server is down, then converge.
+async fn offline_conflict(
+    configure: impl Fn(&mut webwaka_server_stub::Config) + Send + Sync + 'static,
+    entity_type: &str,
+    create: serde_json::Value,
+    edit_a: serde_json::Value,
+    edit_b: serde_json::Value,
+) -> (Client, Client, TestServer, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = TestServer::start_with(&dir.path().join("server"), configure).await;
+    let a = open_client(
+        client_config(&server.url(), &dir.path().join("a.db")),
+        server.token("t1", "alice"),
+    )
+    .await;
+    let b = open_client(
+        client_config(&server.url(), &dir.path().join("b.db")),
+        server.token("t1", "bob"),
+    )
+    .await;
+    assert!(wait_state(&a, ConnectionState::Realtime, WITHIN).await);
+    a.create_entity(entity_type, "e1", create.clone())
+        .await
+        .unwrap();
+    let seen = wait_until(WITHIN, || async {
+        b.entity(entity_type, "e1")
+            .await
+            .unwrap()
+            .is_some_and(|e| e.value.data == create)
+    })
+    .await;
+    assert!(seen, "the create reached the other client");
+    server.stop().await;
+    assert!(wait_state(&a, ConnectionState::Offline, WITHIN).await);
+    assert!(wait_state(&b, ConnectionState::Offline, WITHIN).await);
+    a.update_entity(entity_type, "e1", edit_a).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    b.update_entity(entity_type, "e1", edit_b).await.unwrap();
+    server.restart().await;
+    let converged = wait_until(WITHIN, || async {
+        let va = a
+            .entity(entity_type, "e1")
+            .await
+            .unwrap()
+            .map(|e| (e.value, e.pending.len()));
+        let vb = b
+            .entity(entity_type, "e1")
+            .await
+            .unwrap()
+            .map(|e| (e.value, e.pending.len()));
+        va.is_some() && va == vb && va.as_ref().is_some_and(|(_, p)| *p == 0)
+    })
+    .await;
+    assert!(
+        converged,
+        "replicas differ: {:?} vs {:?}",
+        a.entity(entity_type, "e1").await.unwrap(),
+        b.entity(entity_type, "e1").await.unwrap()
+    );
+    (a, b, server, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_edits_converge_under_field_level_merge() {
+    let (a, b, _server, _dir) = offline_conflict(
+        |c| c.reconciliation_type_strategies = "task=FIELD_LEVEL_MERGE".into(),
+        "task",
+        json!({"title": "t", "done": false, "owner": "x"}),
+        json!({"title": "renamed by a"}),
+        json!({"done": true}),
+    )
+    .await;
+    let value = a.entity("task", "e1").await.unwrap().unwrap().value.data;
+    assert_eq!(
+        value,
+        json!({"title": "renamed by a", "done": true, "owner": "x"}),
+        "both fields kept"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_increments_converge_under_a_counter_merge() {
+    let (a, b, _server, _dir) = offline_conflict(
+        |c| c.reconciliation_counter_types = "stock".into(),
+        "stock",
+        json!({"count": 10}),
+        json!({"count": -3}),
+        json!({"count": 5}),
+    )
+    .await;
+    let value = a.entity("stock", "e1").await.unwrap().unwrap().value.data;
+    assert_eq!(value, json!({"count": 12}), "both deltas applied");
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manual_conflict_keeps_both_sides_until_the_app_resolves_it() {
+    let (a, b, _server, _dir) = offline_conflict(
+        |c| c.reconciliation_type_strategies = "contract=MANUAL".into(),
+        "contract",
+        json!({"price": 100}),
+        json!({"price": 110}),
+        json!({"price": 120}),
+    )
+    .await;
+    // One of the two edits was applied first; the other is held in an open conflict that
+    // carries both sides, reported to the client that sent it.
+    let value = a
+        .entity("contract", "e1")
+        .await
+        .unwrap()
+        .unwrap()
+        .value
+        .data;
+    let mut conflicts = a.conflicts().await.unwrap();
+    conflicts.extend(b.conflicts().await.unwrap());
+    assert_eq!(conflicts.len(), 1, "one open conflict");
+    let conflict = conflicts.remove(0);
+    let prices: Vec<i64> = conflict
+        .operations
+        .iter()
+        .map(|o| o.payload["price"].as_i64().unwrap())
+        .collect();
+    assert!(
+        prices.contains(&110) && prices.contains(&120),
+        "both sides: {prices:?}"
+    );
+    assert!(value == json!({"price": 110}) || value == json!({"price": 120}));
+    // The side that holds the conflict resolves it with a value of its own.
+    let resolver = if a.conflicts().await.unwrap().is_empty() {
+        &b
+    } else {
+        &a
+    };
+    resolver
+        .resolve_conflict(
+            &conflict.conflict_id,
+            Resolution::Value(json!({"price": 115})),
+        )
+        .await
+        .unwrap();
+    let settled = wait_until(WITHIN, || async {
+        let va = a
+            .entity("contract", "e1")
+            .await
+            .unwrap()
+            .unwrap()
+            .value
+            .data;
+        let vb = b
+            .entity("contract", "e1")
+            .await
+            .unwrap()
+            .unwrap()
+            .value
+            .data;
+        va == json!({"price": 115}) && vb == va
+    })
+    .await;
+    assert!(settled, "the resolution reached both replicas");
+    assert!(resolver.conflicts().await.unwrap().is_empty());
+    a.shutdown().await;
+    b.shutdown().await;
+}
