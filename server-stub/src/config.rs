@@ -30,7 +30,7 @@ pub mod defaults {
     /// `WS_MAX_FRAME_BYTES`.
     pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
     /// `WS_READ_BUFFER_BYTES`: tungstenite's read buffer, allocated per connection.
-    pub const WS_READ_BUFFER_BYTES: usize = 4096;
+    pub const WS_READ_BUFFER_BYTES: usize = 2048;
     /// `WS_SEND_QUEUE`: deliveries queued per connection before it counts as too slow.
     pub const WS_SEND_QUEUE: usize = 1024;
     /// `JWT_LEEWAY_MS`: clock skew allowed on `exp` (at most 60 s).

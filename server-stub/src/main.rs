@@ -2,6 +2,7 @@
 //! (`token`), or checks the audit chain (`verify-audit`). Settings come from flags or
 //! the environment (see `.env.example` and `docs/server.md`).
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -130,18 +131,26 @@ fn serve(config: Config) -> ExitCode {
 
 /// What a newcomer needs: where it listens, where the data is, how to get a token.
 fn print_banner(config: &Config, server: &Server) {
+    // Writes that fail (a closed stdout) must not stop the server.
+    let mut out = std::io::stdout().lock();
     let addr = server.local_addr();
     let data_dir =
         std::fs::canonicalize(&config.data_dir).unwrap_or_else(|_| config.data_dir.clone());
-    println!("WebWaka Realtime server {}", env!("CARGO_PKG_VERSION"));
-    println!(
+    let _ = writeln!(out, "WebWaka Realtime server {}", env!("CARGO_PKG_VERSION"));
+    let _ = writeln!(
+        out,
         "  listening   http://{addr}  (WebSocket ws://{addr}{})",
         config.ws_path
     );
-    println!("  data        {}", data_dir.display());
-    println!("  health      http://{addr}/health    metrics http://{addr}/metrics");
+    let _ = writeln!(out, "  data        {}", data_dir.display());
+    let _ = writeln!(
+        out,
+        "  health      http://{addr}/health    metrics http://{addr}/metrics"
+    );
     match server.secret_source() {
-        SecretSource::Configured => println!("  JWT secret  from JWT_SECRET"),
+        SecretSource::Configured => {
+            let _ = writeln!(out, "  JWT secret  from JWT_SECRET");
+        }
         SecretSource::DevFile | SecretSource::DevGenerated => {
             let path = config.dev_secret_path();
             let secret = std::fs::read_to_string(&path).unwrap_or_default();
@@ -150,20 +159,25 @@ fn print_banner(config: &Config, server: &Server) {
             } else {
                 "kept from an earlier run"
             };
-            println!(
+            let _ = writeln!(
+                out,
                 "  JWT secret  dev mode, {how}: {} (in {})",
                 secret.trim(),
                 path.display()
             );
             let demo = server.keys().mint("demo", "alice", &[], 86_400);
-            println!("  demo token  (tenant demo, user alice, 24 h):");
-            println!("              {demo}");
+            let _ = writeln!(out, "  demo token  (tenant demo, user alice, 24 h):");
+            let _ = writeln!(out, "              {demo}");
         }
     }
-    println!(
+    let _ = writeln!(
+        out,
         "  more tokens cargo run --release -p webwaka-server-stub -- token --tenant T --user U --roles admin,service"
     );
-    println!("  stop        Ctrl-C (closes WebSockets with 1001, flushes storage)");
+    let _ = writeln!(
+        out,
+        "  stop        Ctrl-C (closes WebSockets with 1001, flushes storage)"
+    );
 }
 
 /// Completes on SIGINT (Ctrl-C) or SIGTERM.

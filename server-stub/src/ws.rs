@@ -286,7 +286,7 @@ impl Connection {
             return f;
         }
         if let Some((cursor, seq)) = cursor {
-            match self.replay(&cursor, seq, None).await {
+            match Box::pin(self.replay(&cursor, seq, None)).await {
                 Flow::Continue => {}
                 other => return other,
             }
@@ -323,7 +323,9 @@ impl Connection {
                     Some(Err(error)) => read_error(error),
                     Some(Ok(message)) => {
                         self.last_heard = Instant::now();
-                        self.on_message(message).await
+                        // Boxed: frame handling needs a large future, and keeping it
+                        // out of this loop keeps every idle connection's task small.
+                        Box::pin(self.on_message(message)).await
                     }
                 },
             };

@@ -15,6 +15,7 @@ mod auth;
 mod bus;
 mod common;
 mod http;
+mod memory;
 mod reconcile;
 mod restart;
 mod transactions;
