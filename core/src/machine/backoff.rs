@@ -4,9 +4,9 @@
 //! up to one more delay on top ("delay + random(0, delay)"); we want *full* jitter
 //! (AWS's "exponential backoff and jitter": a uniform pick below the envelope), which
 //! spreads the reconnects of many clients that lost the same server evenly over the
-//! whole window. So the pick is made here, with a seedable RNG so that tests are
-//! deterministic. Every delay is at least the schedule's minimum: a client never retries
-//! in a hot loop.
+//! whole window, from the very first retry. So the pick is made here, with a seedable
+//! RNG so that tests are deterministic: the delay is `min + uniform(0, envelope)`,
+//! capped at `max`. The floor keeps a client out of hot loops.
 
 use std::time::Duration;
 
@@ -20,6 +20,7 @@ pub(crate) struct Backoff {
     builder: ExponentialBuilder,
     schedule: ExponentialBackoff,
     min: Duration,
+    max: Duration,
     rng: StdRng,
     attempts: u32,
 }
@@ -37,16 +38,17 @@ impl Backoff {
             schedule: builder.build(),
             builder,
             min,
+            max,
             rng: StdRng::seed_from_u64(seed),
             attempts: 0,
         }
     }
 
-    /// The next delay: uniform in `[min, envelope]`.
+    /// The next delay: `min + uniform(0, envelope)`, at most `max`.
     pub(crate) fn next_delay(&mut self) -> Duration {
         self.attempts = self.attempts.saturating_add(1);
         let envelope = self.schedule.next().unwrap_or(self.min).max(self.min);
-        self.jitter(self.min, envelope)
+        (self.min + self.jitter(Duration::ZERO, envelope)).min(self.max)
     }
 
     /// A uniform pick in `[low, high]` from this schedule's RNG.
@@ -79,18 +81,23 @@ mod tests {
         let min = Duration::from_millis(500);
         let max = Duration::from_secs(30);
         let mut b = Backoff::new(min, max, 7);
+        let first: Vec<Duration> = (0..50u64)
+            .map(|seed| Backoff::new(min, max, seed).next_delay())
+            .collect();
+        assert!(
+            *first.iter().max().unwrap() - *first.iter().min().unwrap() > min / 2,
+            "even the first retries of many clients are spread: {first:?}"
+        );
         let mut envelope = min;
         for _ in 0..20 {
             let d = b.next_delay();
-            assert!(
-                d >= min && d <= envelope,
-                "{d:?} outside [{min:?}, {envelope:?}]"
-            );
+            let high = (min + envelope).min(max);
+            assert!(d >= min && d <= high, "{d:?} outside [{min:?}, {high:?}]");
             envelope = (envelope * 2).min(max);
         }
         b.reset();
         assert_eq!(b.attempts(), 0);
-        assert!(b.next_delay() <= min);
+        assert!(b.next_delay() <= min * 2, "the schedule starts again");
     }
 
     #[test]

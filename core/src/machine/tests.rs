@@ -188,7 +188,7 @@ fn websocket_and_http_both_failing_goes_offline_with_a_retry_time() {
     assert_eq!((c[0].to, c[0].reason), (Offline, Reason::HttpFailed));
     let retry = c[0].next_retry_at.unwrap();
     let delay = retry - h.now;
-    assert!(delay >= Duration::from_millis(500) && delay <= Duration::from_millis(500));
+    assert!(delay >= Duration::from_millis(500) && delay <= Duration::from_millis(1000));
     h.advance(delay);
     let a = h.actions();
     assert!(matches!(
@@ -226,9 +226,10 @@ fn retry_delays_grow_to_the_maximum_with_jitter_and_differ_between_clients() {
     let a = delays(1);
     let mut envelope = Duration::from_millis(500);
     for d in &a {
+        let high = (Duration::from_millis(500) + envelope).min(Duration::from_secs(30));
         assert!(
-            *d >= Duration::from_millis(500) && *d <= envelope,
-            "{d:?} > {envelope:?}"
+            *d >= Duration::from_millis(500) && *d <= high,
+            "{d:?} > {high:?}"
         );
         envelope = (envelope * 2).min(Duration::from_secs(30));
     }
@@ -368,7 +369,7 @@ fn a_flapping_websocket_backs_off_and_a_stable_one_resets_the_probe_schedule() {
     h.m.on_ws_failed(h.now, Failure::Network);
     h.m.on_poll_ok(h.now, false);
     let first = h.m.next_retry_at().unwrap() - h.now;
-    assert!(first <= Duration::from_secs(2), "{first:?}");
+    assert!(first <= Duration::from_secs(4), "{first:?}");
 }
 
 #[test]
