@@ -299,26 +299,46 @@ pub(crate) fn cursor_seq(
     }
 }
 
-/// Up to `limit` events after `after_seq` that `user` may see, in sequence order, as
-/// `(sequence, Event JSON)`.
+/// Whose view of the log a read takes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Viewer<'a> {
+    /// A user: tenant-wide events, their own, theirs as recipient, their rooms'.
+    User(&'a str),
+    /// A super admin acting in the tenant (with a justification): every event.
+    Everything,
+}
+
+/// Up to `limit` events after `after_seq` that `viewer` may see, in sequence order,
+/// as `(sequence, Event JSON)`.
 pub(crate) fn visible_after(
     conn: &Connection,
     tenant: &str,
-    user: &str,
+    viewer: Viewer<'_>,
     after_seq: u64,
     cutoff_ms: i64,
     limit: u32,
 ) -> Result<Vec<(u64, String)>, StoreError> {
+    let (user, everything) = match viewer {
+        Viewer::User(user) => (user, false),
+        Viewer::Everything => ("", true),
+    };
     let mut stmt = conn.prepare_cached(
         "SELECT seq, body FROM events
          WHERE tenant = ?1 AND seq > ?2 AND created_ms >= ?5
-           AND ((recipient_id IS NULL AND room_id IS NULL)
+           AND (?6 OR (recipient_id IS NULL AND room_id IS NULL)
                 OR recipient_id = ?3 OR sender_id = ?3
                 OR room_id IN (SELECT room_id FROM room_members WHERE tenant = ?1 AND user_id = ?3))
          ORDER BY seq LIMIT ?4",
     )?;
     let rows = stmt.query_map(
-        params![tenant, after_seq as i64, user, i64::from(limit), cutoff_ms],
+        params![
+            tenant,
+            after_seq as i64,
+            user,
+            i64::from(limit),
+            cutoff_ms,
+            everything
+        ],
         |row| Ok((row.get::<_, i64>(0)? as u64, row.get::<_, String>(1)?)),
     )?;
     let mut out = Vec::new();

@@ -450,13 +450,10 @@ impl Connection {
                 )
                 .await
                 {
-                    Ok(ack) => {
-                        if let Some(seq) = ack.sequence {
-                            // Our own message is not delivered back to this connection.
-                            self.last_seq = self.last_seq.max(seq);
-                        }
-                        self.send(&ServerEvent::MessageAck(ack), r).await
-                    }
+                    // The message itself is not queued for this connection (the
+                    // fan-out skips it), so `last_seq` stays: an event of a lower
+                    // sequence may still be waiting in the queue.
+                    Ok(ack) => self.send(&ServerEvent::MessageAck(ack), r).await,
                     Err(error) => self.refuse(error, r).await,
                 }
             }
@@ -548,7 +545,14 @@ impl Connection {
         let mut last_id: Option<String> = None;
         while after < head {
             let rows = match app.db.read(|conn| {
-                log::visible_after(conn, &self.tenant, &self.user, after, cutoff, REPLAY_PAGE)
+                log::visible_after(
+                    conn,
+                    &self.tenant,
+                    log::Viewer::User(&self.user),
+                    after,
+                    cutoff,
+                    REPLAY_PAGE,
+                )
             }) {
                 Ok(rows) => rows,
                 Err(error) => return self.refuse(error.into(), reference).await,

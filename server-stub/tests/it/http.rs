@@ -289,3 +289,90 @@ async fn publishing_needs_a_role_is_idempotent_and_reaches_its_audience() {
         (403, Some("TENANT_VIOLATION"))
     );
 }
+
+#[tokio::test]
+async fn events_older_than_retention_are_gone_and_their_cursors_expire() {
+    let ts = TestServer::start(|c| {
+        c.event_bus_retention_period_ms = 300;
+        c.maintenance_interval_ms = 50;
+    })
+    .await;
+    let alice = ts.token("t1", "alice", &[]);
+    let (_, ack) = ts
+        .post(
+            "/api/messages",
+            Some(&alice),
+            message(Some("bob"), None, "soon gone"),
+            &[],
+        )
+        .await;
+    let id = ack["eventId"].as_str().unwrap().to_owned();
+    let (status, _) = ts
+        .get(
+            &format!("/api/events/poll?lastEventId={id}"),
+            Some(&alice),
+            &[],
+        )
+        .await;
+    assert_eq!(status, 200);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let (status, error) = ts
+        .get(
+            &format!("/api/events/poll?lastEventId={id}"),
+            Some(&alice),
+            &[],
+        )
+        .await;
+    assert_eq!(
+        (status, error["code"].as_str()),
+        (410, Some("CURSOR_EXPIRED"))
+    );
+    let (status, _) = ts
+        .ws_raw(Some(&alice), &format!("lastEventId={id}"), &[])
+        .await
+        .err()
+        .expect("410 before the upgrade");
+    assert_eq!(status, 410);
+    let (_, page) = ts.get("/api/events/poll", Some(&alice), &[]).await;
+    assert_eq!(page["events"], json!([]));
+    // Sequences do not restart after the log emptied.
+    let (_, ack2) = ts
+        .post(
+            "/api/messages",
+            Some(&alice),
+            message(Some("bob"), None, "next"),
+            &[],
+        )
+        .await;
+    assert_eq!(
+        ack2["sequence"].as_u64(),
+        ack["sequence"].as_u64().map(|s| s + 1)
+    );
+}
+
+#[tokio::test]
+async fn a_justified_super_admin_polls_every_event_of_the_tenant() {
+    let ts = TestServer::start(|_| {}).await;
+    let alice = ts.token("t-b", "alice", &[]);
+    ts.post(
+        "/api/messages",
+        Some(&alice),
+        message(Some("bob"), None, "private"),
+        &[],
+    )
+    .await;
+    let root = ts.token("platform", "root", &["super_admin"]);
+    let (status, page) = ts
+        .get(
+            "/api/events/poll",
+            Some(&root),
+            &[
+                ("X-Tenant-ID", "t-b"),
+                ("X-Admin-Justification", "incident 12"),
+            ],
+        )
+        .await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["events"].as_array().unwrap().len(), 1);
+    assert_eq!(page["events"][0]["tenantId"], "t-b");
+}

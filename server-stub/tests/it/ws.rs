@@ -501,3 +501,60 @@ async fn tenants_never_mix_on_the_websocket() {
     let (_, page) = ts.get("/api/events/poll", Some(&bob_b), &[]).await;
     assert_eq!(page["events"], json!([]));
 }
+
+#[tokio::test]
+async fn repeated_violations_close_with_1008() {
+    let ts = TestServer::start(|_| {}).await;
+    let token = ts.token("t1", "alice", &[]);
+    let mut ws = ts.ws(&token).await;
+    for i in 0..100 {
+        let error = ws.call("nonsense", json!({}), &format!("n{i}")).await;
+        assert_eq!(error["event"], "error");
+    }
+    // The 101st refusal within a minute closes the connection.
+    ws.send(json!({"event": "nonsense", "data": {}, "ref": "last"}))
+        .await;
+    assert_eq!(ws.expect_close(Duration::from_secs(3)).await, Some(1008));
+}
+
+#[tokio::test]
+async fn a_client_too_slow_to_read_is_closed_with_1013_and_resumes() {
+    let ts = TestServer::start(|c| c.ws_send_queue = 2).await;
+    let svc = ts.token("t1", "svc", &["service"]);
+    let bob = ts.token("t1", "bob", &[]);
+    let mut slow = ts.ws(&bob).await;
+    // Far more than the socket buffers hold while bob reads nothing.
+    let blob = "x".repeat(200_000);
+    let mut last = String::new();
+    for i in 0..60 {
+        let (status, published) = ts
+            .post(
+                "/api/events",
+                Some(&svc),
+                json!({"eventType": "blob", "payload": {"i": i, "blob": blob}}),
+                &[],
+            )
+            .await;
+        assert_eq!(status, 201);
+        last = published["eventId"].as_str().unwrap().to_owned();
+    }
+    assert_eq!(slow.expect_close(Duration::from_secs(10)).await, Some(1013));
+    // Nothing is lost: a poll from the start has all 60.
+    let mut count = 0;
+    let mut cursor: Option<String> = None;
+    for _ in 0..10 {
+        let path = match &cursor {
+            Some(c) => format!("/api/events/poll?limit=1000&lastEventId={c}"),
+            None => "/api/events/poll?limit=1000".to_owned(),
+        };
+        let (_, page) = ts.get(&path, Some(&bob), &[]).await;
+        let n = page["events"].as_array().unwrap().len();
+        count += n;
+        cursor = page["nextEventId"].as_str().map(str::to_owned);
+        if n == 0 || page["hasMore"] == false {
+            break;
+        }
+    }
+    assert_eq!(count, 60);
+    assert_eq!(cursor.as_deref(), Some(last.as_str()));
+}
