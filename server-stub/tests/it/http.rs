@@ -376,3 +376,50 @@ async fn a_justified_super_admin_polls_every_event_of_the_tenant() {
     assert_eq!(page["events"].as_array().unwrap().len(), 1);
     assert_eq!(page["events"][0]["tenantId"], "t-b");
 }
+
+#[tokio::test]
+async fn publish_and_reconciliation_have_their_own_limits() {
+    let ts = TestServer::start(|c| {
+        c.publish_rate_limit = 2;
+        c.reconciliation_rate_limit = 1;
+    })
+    .await;
+    let svc = ts.token("t1", "svc", &["service"]);
+    for _ in 0..2 {
+        let (status, _) = ts
+            .post(
+                "/api/events",
+                Some(&svc),
+                json!({"eventType": "a.b", "payload": 1}),
+                &[],
+            )
+            .await;
+        assert_eq!(status, 201);
+    }
+    let (status, error) = ts
+        .post(
+            "/api/events",
+            Some(&svc),
+            json!({"eventType": "a.b", "payload": 1}),
+            &[],
+        )
+        .await;
+    assert_eq!((status, error["code"].as_str()), (429, Some("RATE_LIMIT")));
+    let pull = json!({"requestId": "r", "clientId": "c", "tenantId": "t1", "operations": [], "requestedAt": "2026-01-30T10:00:00Z"});
+    let (status, _) = ts
+        .post(
+            "/api/reconciliation/reconcile",
+            Some(&svc),
+            pull.clone(),
+            &[],
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, error) = ts
+        .post("/api/reconciliation/reconcile", Some(&svc), pull, &[])
+        .await;
+    assert_eq!((status, error["code"].as_str()), (429, Some("RATE_LIMIT")));
+    // The published events were not affected by the refusal.
+    let (_, page) = ts.get("/api/events/poll", Some(&svc), &[]).await;
+    assert_eq!(page["events"].as_array().unwrap().len(), 2);
+}
