@@ -10,7 +10,7 @@
 //! Tenants never mix: every lookup starts from the tenant, so equal user or room ids in
 //! two tenants are unrelated.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -83,7 +83,12 @@ struct User {
     rooms: HashSet<String>,
     conns: Vec<Conn>,
     presence: Option<Presence>,
+    /// Ids of the user's latest live (`CLASS_A`) messages, to drop resends.
+    recent_live: VecDeque<String>,
 }
+
+/// Live message ids remembered per user.
+const RECENT_LIVE: usize = 64;
 
 #[derive(Default)]
 struct Tenant {
@@ -242,6 +247,23 @@ impl Hub {
                 t.users.remove(user);
             }
         }
+    }
+
+    /// True when `user` sent live message `message_id` lately (a resend, not to be
+    /// delivered again); otherwise remembers it. Bounded per user.
+    pub(crate) fn live_resend(&self, tenant: &str, user: &str, message_id: &str) -> bool {
+        let mut tenants = self.write();
+        let Some(u) = tenants.get_mut(tenant).and_then(|t| t.users.get_mut(user)) else {
+            return false;
+        };
+        if u.recent_live.iter().any(|m| m == message_id) {
+            return true;
+        }
+        if u.recent_live.len() >= RECENT_LIVE {
+            u.recent_live.pop_front();
+        }
+        u.recent_live.push_back(message_id.to_owned());
+        false
     }
 
     /// Queues `delivery` on every connection of `audience`, except `exclude`. Returns

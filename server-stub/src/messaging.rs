@@ -39,6 +39,18 @@ pub(crate) async fn send(
     }
     app.limits.messages.check(&app.metrics, tenant, sender)?;
     let class = message.interaction_class;
+    // A resent live message is acknowledged again and not delivered twice (durable
+    // ones are deduplicated by the log).
+    if class == InteractionClass::ClassA
+        && let Some(id) = &message.message_id
+        && app.hub.live_resend(tenant, sender, id)
+    {
+        return Ok(MessageAck {
+            message_id: id.clone(),
+            event_id: None,
+            sequence: None,
+        });
+    }
     let delivered = WebSocketMessage {
         message_id: message
             .message_id

@@ -137,11 +137,16 @@ async fn direct_messages_are_durable_acked_and_delivered_once() {
     // CLASS_A: live only, acked without eventId.
     let mut live = message(Some("bob"), None, "typing");
     live["interactionClass"] = json!("CLASS_A");
-    let ack = a1.call("message", live, "c-3").await;
+    live["messageId"] = json!("live-1");
+    let ack = a1.call("message", live.clone(), "c-3").await;
     assert!(ack["data"].get("eventId").is_none(), "{ack}");
     let got = b.expect("message").await;
     assert_eq!(got["data"]["interactionClass"], "CLASS_A");
     assert!(got["data"].get("sequence").is_none());
+    // A live resend is acked and not delivered again either.
+    let ack = a1.call("message", live, "c-4").await;
+    assert_eq!(ack["data"]["messageId"], "live-1");
+    b.expect_none("message", Duration::from_millis(300)).await;
     // Only the durable one is in the log.
     let (_, page) = ts.get("/api/events/poll", Some(&bob), &[]).await;
     assert_eq!(page["events"].as_array().unwrap().len(), 1);
