@@ -130,16 +130,16 @@ pub struct Config {
     pub ws_send_queue: usize,
     /// HS256 secret of the JWTs. Missing in dev mode: generated, kept in the data
     /// directory and printed.
-    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true, global = true)]
     pub jwt_secret: Option<String>,
     /// Clock skew allowed on a token's `exp`, in ms (at most 60000).
     #[arg(long = "jwt-leeway", env = "JWT_LEEWAY_MS", default_value_t = defaults::JWT_LEEWAY_MS)]
     pub jwt_leeway_ms: u64,
     /// `dev` or `production`.
-    #[arg(long, env = "WEBWAKA_MODE", value_enum, default_value_t = Mode::Dev)]
+    #[arg(long, env = "WEBWAKA_MODE", value_enum, default_value_t = Mode::Dev, global = true)]
     pub mode: Mode,
     /// Directory of the SQLite database (created on first run).
-    #[arg(long, env = "DATA_DIR", default_value = defaults::DATA_DIR)]
+    #[arg(long, env = "DATA_DIR", default_value = defaults::DATA_DIR, global = true)]
     pub data_dir: PathBuf,
     /// SQLite durability: `normal` (process crash) or `full` (power cut).
     #[arg(long, env = "SQLITE_SYNCHRONOUS", value_enum, default_value_t = Durability::Normal)]
