@@ -6,6 +6,20 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use webwaka_realtime::protocol::{DecodeError, ErrorBody, ErrorCode};
 
+/// Longest id (room, user, message, event, entity, type) accepted, in bytes.
+pub(crate) const MAX_ID_LEN: usize = 256;
+
+/// Refuses an id longer than [`MAX_ID_LEN`], naming the field.
+pub(crate) fn check_id_len(path: &str, value: Option<&str>) -> Result<(), ApiError> {
+    match value {
+        Some(v) if v.len() > MAX_ID_LEN => Err(ApiError::invalid(
+            path,
+            format!("at most {MAX_ID_LEN} bytes, got {}", v.len()),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// A refusal, in the protocol's one error shape.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{body}")]

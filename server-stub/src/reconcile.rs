@@ -21,7 +21,7 @@ use webwaka_realtime::reconcile::{ApplyError, EntityKey, EntityState};
 
 use crate::app::App;
 use crate::db::Writer;
-use crate::error::{ApiError, JobError, StoreError};
+use crate::error::{ApiError, JobError, StoreError, check_id_len};
 
 /// The snapshot of an entity's state, taken at `now`.
 pub(crate) fn snapshot(tenant: &str, state: &EntityState, now: Timestamp) -> StateSnapshot {
@@ -93,6 +93,14 @@ pub(crate) fn validate(
     for (i, op) in request.operations.iter().enumerate() {
         op.validate()
             .map_err(|e| ApiError::invalid(format!("operations[{i}].{}", e.path), e.message))?;
+        for (field, value) in [
+            ("operationId", &op.operation_id),
+            ("clientId", &op.client_id),
+            ("entityType", &op.entity_type),
+            ("entityId", &op.entity_id),
+        ] {
+            check_id_len(&format!("operations[{i}].{field}"), Some(value))?;
+        }
     }
     request
         .last_known_version

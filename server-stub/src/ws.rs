@@ -28,7 +28,7 @@ use webwaka_realtime::protocol::{
 };
 
 use crate::app::{App, Slot};
-use crate::error::ApiError;
+use crate::error::{ApiError, check_id_len};
 use crate::http::extract::{Caller, QueryMap, authenticate, header_str, resolve_tenant};
 use crate::log;
 use crate::metrics::label;
@@ -124,6 +124,7 @@ async fn prepare(
             Some((cursor.to_owned(), seq))
         }
     };
+    check_id_len("clientId", query.get("clientId"))?;
     let client_id = query
         .get("clientId")
         .map(str::trim)
@@ -428,6 +429,19 @@ impl Connection {
         };
         if let Err(error) = event.validate() {
             return self.refuse(error.into(), r).await;
+        }
+        let lengths = match &event {
+            ClientEvent::Message(message) => crate::messaging::check_ids(message, "data."),
+            ClientEvent::JoinRoom { room_id } | ClientEvent::LeaveRoom { room_id } => {
+                check_id_len("data.roomId", Some(room_id))
+            }
+            ClientEvent::Resume { last_event_id } => {
+                check_id_len("data.lastEventId", Some(last_event_id))
+            }
+            _ => Ok(()),
+        };
+        if let Err(error) = lengths {
+            return self.refuse(error, r).await;
         }
         match event {
             ClientEvent::Message(message) => {

@@ -14,7 +14,7 @@ use webwaka_realtime::protocol::{
 
 use crate::app::App;
 use crate::auth::{ROLE_ADMIN, ROLE_SERVICE};
-use crate::error::{ApiError, StoreError};
+use crate::error::{ApiError, StoreError, check_id_len};
 use crate::http::extract::{Caller, JsonBody, QueryMap};
 use crate::log::{self, Fanout, NewEvent};
 use crate::metrics::label;
@@ -85,6 +85,14 @@ pub(crate) async fn publish(
         .await?;
     caller.require_role(&[ROLE_SERVICE, ROLE_ADMIN])?;
     publish.validate()?;
+    for (field, value) in [
+        ("eventType", Some(publish.event_type.as_str())),
+        ("eventId", publish.event_id.as_deref()),
+        ("recipientId", publish.recipient_id.as_deref()),
+        ("roomId", publish.room_id.as_deref()),
+    ] {
+        check_id_len(field, value)?;
+    }
     if publish.event_type == MESSAGE_EVENT_TYPE {
         return Err(ApiError::invalid(
             "eventType",
@@ -167,6 +175,7 @@ pub(crate) async fn send_message(
         .await?;
     let message = body.value;
     message.validate()?;
+    crate::messaging::check_ids(&message, "")?;
     match message.interaction_class {
         InteractionClass::ClassA => {
             return Err(ApiError::invalid(

@@ -12,7 +12,7 @@ use webwaka_realtime::protocol::{
 
 use crate::app::App;
 use crate::auth::{ROLE_ADMIN, ROLE_SUPER_ADMIN};
-use crate::error::ApiError;
+use crate::error::{ApiError, check_id_len};
 use crate::http::extract::{Caller, JsonBody, header_str};
 use crate::metrics::label;
 use crate::transactions::{self, Submission, Submitted};
@@ -49,6 +49,7 @@ pub(crate) async fn submit(
     if request.transaction_type.trim().is_empty() {
         return Err(ApiError::invalid("transactionType", "must not be empty"));
     }
+    check_id_len("transactionType", Some(&request.transaction_type))?;
     let submission = Submission {
         tenant: caller.tenant.clone(),
         user: caller.user().to_owned(),

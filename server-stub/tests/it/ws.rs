@@ -611,3 +611,55 @@ async fn a_silent_user_goes_offline_for_the_others() {
     assert_eq!(offline["data"]["status"], "offline");
     drop(b);
 }
+
+#[tokio::test]
+async fn odd_frames_are_refused_and_never_hurt_the_server() {
+    let ts = TestServer::start(|_| {}).await;
+    let token = ts.token("t1", "alice", &[]);
+    let mut ws = ts.ws(&token).await;
+    let long = "r".repeat(300);
+    let deep = format!("{}{}", "[".repeat(5000), "]".repeat(5000));
+    let frames = [
+        "null".to_owned(),
+        "\"text\"".to_owned(),
+        "{}".to_owned(),
+        r#"{"event": null}"#.to_owned(),
+        r#"{"event": "message", "data": []}"#.to_owned(),
+        r#"{"event": "message", "data": {"type": 5, "payload": 1, "roomId": "r"}}"#.to_owned(),
+        r#"{"event": "ping", "ref": 17}"#.to_owned(),
+        r#"{"event": "join_room", "data": {"roomId": "a", "tenantId": 5}}"#.to_owned(),
+        format!(r#"{{"event": "join_room", "data": {{"roomId": "{long}"}}}}"#),
+        format!(
+            r#"{{"event": "message", "data": {{"type": "t", "payload": 1, "recipientId": "{long}"}}}}"#
+        ),
+        format!(
+            r#"{{"event": "message", "data": {{"type": "t", "payload": {deep}, "recipientId": "b"}}}}"#
+        ),
+        "{\"event\": \"ping\"} trailing".to_owned(),
+        "\u{feff}{\"event\": \"ping\"}".to_owned(),
+    ];
+    for frame in frames {
+        ws.send_raw(Message::Text(frame.clone().into())).await;
+        let error = ws.expect("error").await;
+        assert_eq!(
+            error["data"]["code"], "INVALID_REQUEST",
+            "{frame:.80}: {error}"
+        );
+    }
+    ws.assert_usable().await;
+    let (status, health) = ts.get("/health", None, &[]).await;
+    assert_eq!((status, health["status"].as_str()), (200, Some("healthy")));
+    // Over HTTP too.
+    let long_id = message(Some(&long), None, "x");
+    let (status, error) = ts.post("/api/messages", Some(&token), long_id, &[]).await;
+    assert_eq!(
+        (status, error["details"]["path"].as_str()),
+        (400, Some("recipientId"))
+    );
+    let (status, _) = ts
+        .ws_raw(Some(&token), &format!("clientId={long}"), &[])
+        .await
+        .err()
+        .expect("400");
+    assert_eq!(status, 400);
+}
