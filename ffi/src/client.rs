@@ -28,7 +28,7 @@ const MAX_WAIT: Duration = Duration::from_secs(3600);
 /// The offline-first realtime client: one per signed-in user and store file.
 #[derive(uniffi::Object)]
 pub struct RealtimeClient {
-    client: Client,
+    pub(crate) client: Client,
     client_id: String,
     _live: Live,
 }

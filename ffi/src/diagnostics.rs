@@ -56,3 +56,10 @@ pub fn live_objects() -> LiveObjects {
         listener_threads: LISTENER_THREADS.load(Ordering::Acquire),
     }
 }
+
+/// Returns `value` at once: an async call that does nothing, for measuring the cost of
+/// one FFI round trip from Kotlin or Swift (`docs/bindings.md` has the figures).
+#[uniffi::export]
+pub async fn ping(value: u64) -> u64 {
+    value
+}

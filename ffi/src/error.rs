@@ -118,7 +118,7 @@ impl RealtimeError {
 }
 
 /// What the app's implementation of a foreign trait (token provider, listener, logger)
-/// may throw. Any other exception it throws arrives as [`CallbackError::Failed`] too,
+/// may throw. Any other exception it throws arrives as `Failed` too,
 /// with the exception's description.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, uniffi::Error)]
 pub enum CallbackError {

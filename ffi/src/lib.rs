@@ -31,8 +31,11 @@ mod subscription;
 mod token;
 pub mod types;
 
+#[cfg(test)]
+mod tests;
+
 pub use client::RealtimeClient;
-pub use diagnostics::{LiveObjects, live_objects};
+pub use diagnostics::{LiveObjects, live_objects, ping};
 pub use error::{CallbackError, RealtimeError};
 pub use logging::{LogLevel, LogRecord, Logger, set_log_level, set_logger};
 pub use options::{ClientOptions, Durability};

@@ -869,7 +869,7 @@ impl From<sdk::ClientMetrics> for ClientMetrics {
 }
 
 /// Everything a listener receives, in order. The first update of every subscription
-/// is [`ClientUpdate::CurrentState`].
+/// is `CurrentState`.
 #[derive(Debug, Clone, PartialEq, uniffi::Enum)]
 pub enum ClientUpdate {
     /// The connection state when the subscription started (always first).

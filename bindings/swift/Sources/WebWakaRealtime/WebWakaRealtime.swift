@@ -4189,7 +4189,7 @@ public func FfiConverterTypeUserPresence_lower(_ value: UserPresence) -> RustBuf
 
 /**
  * What the app's implementation of a foreign trait (token provider, listener, logger)
- * may throw. Any other exception it throws arrives as [`CallbackError::Failed`] too,
+ * may throw. Any other exception it throws arrives as `Failed` too,
  * with the exception's description.
  */
 public 
@@ -4275,7 +4275,7 @@ public func FfiConverterTypeCallbackError_lower(_ value: CallbackError) -> RustB
 
 /**
  * Everything a listener receives, in order. The first update of every subscription
- * is [`ClientUpdate::CurrentState`].
+ * is `CurrentState`.
  */
 
 public enum ClientUpdate: Equatable, Hashable {
@@ -6863,6 +6863,25 @@ public func liveObjects() -> LiveObjects  {
 })
 }
 /**
+ * Returns `value` at once: an async call that does nothing, for measuring the cost of
+ * one FFI round trip from Kotlin or Swift (`docs/bindings.md` has the figures).
+ */
+public func ping(value: UInt64)async  -> UInt64  {
+    return
+        try!  await uniffiRustCallAsync(
+            rustFutureFunc: {
+                uniffi_webwaka_realtime_ffi_fn_func_ping(FfiConverterUInt64.lower(value)
+                )
+            },
+            pollFunc: ffi_webwaka_realtime_ffi_rust_future_poll_u64,
+            completeFunc: ffi_webwaka_realtime_ffi_rust_future_complete_u64,
+            freeFunc: ffi_webwaka_realtime_ffi_rust_future_free_u64,
+            liftFunc: FfiConverterUInt64.lift,
+            errorHandler: nil
+            
+        )
+}
+/**
  * Changes the level of the current logger.
  */
 public func setLogLevel(level: LogLevel)  {try! rustCall() {
@@ -6906,6 +6925,9 @@ private let initializationResult: InitializationResult = {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_webwaka_realtime_ffi_checksum_func_live_objects() != 40102) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_webwaka_realtime_ffi_checksum_func_ping() != 14826) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_webwaka_realtime_ffi_checksum_func_set_log_level() != 63179) {

@@ -552,6 +552,11 @@ RustBuffer uniffi_webwaka_realtime_ffi_fn_func_live_objects(RustCallStatus *_Non
     
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_WEBWAKA_REALTIME_FFI_FN_FUNC_PING
+#define UNIFFI_FFIDEF_UNIFFI_WEBWAKA_REALTIME_FFI_FN_FUNC_PING
+uint64_t uniffi_webwaka_realtime_ffi_fn_func_ping(uint64_t value
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_WEBWAKA_REALTIME_FFI_FN_FUNC_SET_LOG_LEVEL
 #define UNIFFI_FFIDEF_UNIFFI_WEBWAKA_REALTIME_FFI_FN_FUNC_SET_LOG_LEVEL
 void uniffi_webwaka_realtime_ffi_fn_func_set_log_level(RustBuffer level, RustCallStatus *_Nonnull out_status
@@ -831,6 +836,12 @@ uint16_t uniffi_webwaka_realtime_ffi_checksum_func_sdk_version(void
 #ifndef UNIFFI_FFIDEF_UNIFFI_WEBWAKA_REALTIME_FFI_CHECKSUM_FUNC_LIVE_OBJECTS
 #define UNIFFI_FFIDEF_UNIFFI_WEBWAKA_REALTIME_FFI_CHECKSUM_FUNC_LIVE_OBJECTS
 uint16_t uniffi_webwaka_realtime_ffi_checksum_func_live_objects(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_WEBWAKA_REALTIME_FFI_CHECKSUM_FUNC_PING
+#define UNIFFI_FFIDEF_UNIFFI_WEBWAKA_REALTIME_FFI_CHECKSUM_FUNC_PING
+uint16_t uniffi_webwaka_realtime_ffi_checksum_func_ping(void
     
 );
 #endif

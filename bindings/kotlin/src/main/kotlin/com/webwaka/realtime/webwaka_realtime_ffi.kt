@@ -752,6 +752,8 @@ internal object IntegrityCheckingUniffiLib {
     ): Int
     external fun uniffi_webwaka_realtime_ffi_checksum_func_live_objects(
     ): Int
+    external fun uniffi_webwaka_realtime_ffi_checksum_func_ping(
+    ): Int
     external fun uniffi_webwaka_realtime_ffi_checksum_func_set_log_level(
     ): Int
     external fun uniffi_webwaka_realtime_ffi_checksum_func_set_logger(
@@ -957,6 +959,8 @@ internal object UniffiLib {
     ): RustBuffer.ByValue
     external fun uniffi_webwaka_realtime_ffi_fn_func_live_objects(uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
+    external fun uniffi_webwaka_realtime_ffi_fn_func_ping(`value`: Long,
+    ): Long
     external fun uniffi_webwaka_realtime_ffi_fn_func_set_log_level(`level`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): Unit
     external fun uniffi_webwaka_realtime_ffi_fn_func_set_logger(`logger`: RustBuffer.ByValue,`level`: RustBuffer.ByValue,`includeDependencies`: Byte,uniffi_out_err: UniffiRustCallStatus, 
@@ -1084,6 +1088,9 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_webwaka_realtime_ffi_checksum_func_live_objects() and 0xFFFF) != 40102) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_webwaka_realtime_ffi_checksum_func_ping() and 0xFFFF) != 14826) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_webwaka_realtime_ffi_checksum_func_set_log_level() and 0xFFFF) != 63179) {
@@ -5567,7 +5574,7 @@ public object FfiConverterTypeUserPresence: FfiConverterRustBuffer<UserPresence>
 
 /**
  * What the app's implementation of a foreign trait (token provider, listener, logger)
- * may throw. Any other exception it throws arrives as [`CallbackError::Failed`] too,
+ * may throw. Any other exception it throws arrives as `Failed` too,
  * with the exception's description.
  */
 sealed class CallbackException: kotlin.Exception() {
@@ -5638,7 +5645,7 @@ public object FfiConverterTypeCallbackError : FfiConverterRustBuffer<CallbackExc
 
 /**
  * Everything a listener receives, in order. The first update of every subscription
- * is [`ClientUpdate::CurrentState`].
+ * is `CurrentState`.
  */
 sealed class ClientUpdate {
     
@@ -7838,6 +7845,25 @@ public object FfiConverterSequenceTypeOutboxItemState: FfiConverterRustBuffer<Li
     )
     }
     
+
+        /**
+         * Returns `value` at once: an async call that does nothing, for measuring the cost of
+         * one FFI round trip from Kotlin or Swift (`docs/bindings.md` has the figures).
+         */
+    @Suppress("ASSIGNED_BUT_NEVER_ACCESSED_VARIABLE")
+     suspend fun `ping`(`value`: kotlin.ULong) : kotlin.ULong {
+        return uniffiRustCallAsync(
+        UniffiLib.uniffi_webwaka_realtime_ffi_fn_func_ping(
+        FfiConverterULong.lower(`value`),),
+        { future, callback, continuation -> UniffiLib.ffi_webwaka_realtime_ffi_rust_future_poll_u64(future, callback, continuation) },
+        { future, continuation -> UniffiLib.ffi_webwaka_realtime_ffi_rust_future_complete_u64(future, continuation) },
+        { future -> UniffiLib.ffi_webwaka_realtime_ffi_rust_future_free_u64(future) },
+        // lift function
+        { FfiConverterULong.lift(it) },
+        // Error FFI converter
+        UniffiNullRustCallStatusErrorHandler,
+    )
+    }
 
         /**
          * Changes the level of the current logger.
