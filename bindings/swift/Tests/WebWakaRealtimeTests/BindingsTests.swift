@@ -116,6 +116,66 @@ final class BindingsTests: XCTestCase {
         let settled = try await alice.waitSettled(id: sent.id, states: [.accepted], timeoutMs: 10_000)
         XCTAssertEqual(settled.state, .accepted)
         XCTAssertNotNil(settled.serverRef)
+        // Live-only traffic: a typing indicator and a presence change.
+        try await alice.sendLive(target: .room(roomId: "room-2"), messageType: "typing", payloadJson: "{\"on\":true}")
+        try await bob.setPresence(status: .away, metadataJson: "{\"note\":\"lunch\"}")
+        try await b.waitFor("bob receives alice's typing (Class A)") { _ in
+            b.messages().contains { $0.messageType == "typing" && $0.interactionClass == .classA }
+        }
+        try await a.waitFor("alice sees bob away") { updates in
+            updates.contains {
+                if case .presenceChanged(let p) = $0 { return p.userId == "bob" && p.status == .away }
+                return false
+            }
+        }
+    }
+
+    /// Concurrent offline edits of a MANUAL entity: one open conflict with both sides,
+    /// resolved by the app.
+    func testAManualConflictShowsBothSidesAndIsResolved() async throws {
+        let (a, b) = (Recorder(), Recorder())
+        let alice = try await open("s12", "alice")
+        let bob = try await open("s12", "bob")
+        let ha = try alice.subscribe(listener: a)
+        let hb = try bob.subscribe(listener: b)
+        defer { ha.cancel(); hb.cancel() }
+        try await a.waitForState(.realtime)
+        try await b.waitForState(.realtime)
+        _ = try await alice.createEntity(entityType: "contract", entityId: "c1", valueJson: "{\"price\":100}")
+        try await waitUntil("bob sees the contract") {
+            try bob.syncEntities()
+            return try await bob.entity(entityType: "contract", entityId: "c1")?.valueJson == "{\"price\":100}"
+        }
+        let server = try self.server
+        server.stop()
+        try await waitUntil("both offline") {
+            alice.connectionState() != .realtime && bob.connectionState() != .realtime
+        }
+        _ = try await alice.updateEntity(entityType: "contract", entityId: "c1", patchJson: "{\"price\":110}")
+        try await Task.sleep(nanoseconds: 20_000_000)
+        _ = try await bob.updateEntity(entityType: "contract", entityId: "c1", patchJson: "{\"price\":120}")
+        try server.start()
+        try await waitUntil("both replicas settled") {
+            guard let ea = try await alice.entity(entityType: "contract", entityId: "c1"),
+                  let eb = try await bob.entity(entityType: "contract", entityId: "c1") else { return false }
+            return ea.pendingEdits == 0 && eb.pendingEdits == 0 && ea.valueJson == eb.valueJson
+        }
+        let (ca, cb) = (try await alice.conflicts(), try await bob.conflicts())
+        try check(ca.count + cb.count == 1, "open conflicts: \(ca) \(cb)")
+        let (holder, conflict) = ca.isEmpty ? (bob, cb[0]) : (alice, ca[0])
+        XCTAssertEqual(Set(conflict.operations.map { $0.payloadJson }), ["{\"price\":110}", "{\"price\":120}"])
+        XCTAssertEqual(conflict.operations.filter { $0.isLocal }.count, 1)
+        XCTAssertNil(conflict.outcome)
+        _ = try await holder.resolveConflict(conflictId: conflict.conflictId, choice: .value(valueJson: "{\"price\":115}"))
+        try await waitUntil("the resolution reaches both") {
+            try alice.syncEntities()
+            try bob.syncEntities()
+            let va = try await alice.entity(entityType: "contract", entityId: "c1")?.valueJson
+            let vb = try await bob.entity(entityType: "contract", entityId: "c1")?.valueJson
+            return va == "{\"price\":115}" && vb == va
+        }
+        let left = try await holder.conflicts()
+        XCTAssert(left.isEmpty, "the conflict is still open")
     }
 
     func testMessagesQueueWhileTheServerIsDownAndDeliverAfterItRestarts() async throws {

@@ -121,6 +121,8 @@ final class ServerProcess: @unchecked Sendable {
             "TRANSACTION_CONFIRM_DELAY_MS": "50",
             "SHUTDOWN_GRACE_MS": "500",
             "LOG_LEVEL": "warn",
+            // Entities of type `contract` keep concurrent edits as open conflicts.
+            "RECONCILIATION_TYPE_STRATEGIES": "contract=MANUAL",
         ]
     }
 

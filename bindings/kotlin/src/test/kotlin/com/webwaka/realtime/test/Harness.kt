@@ -69,6 +69,8 @@ class ServerProcess(private val binary: String, private val dataDir: File) {
             put("TRANSACTION_CONFIRM_DELAY_MS", "50")
             put("SHUTDOWN_GRACE_MS", "500")
             put("LOG_LEVEL", "warn")
+            // Entities of type `contract` keep concurrent edits as open conflicts.
+            put("RECONCILIATION_TYPE_STRATEGIES", "contract=MANUAL")
         }
         return builder
     }

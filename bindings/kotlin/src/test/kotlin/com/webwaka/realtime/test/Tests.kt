@@ -103,6 +103,17 @@ fun twoClientsExchangeMessages() {
                     check(a.snapshot().any { it is ClientUpdate.OutboxChanged && it.change.id == sent.id && it.change.state == OutboxItemState.ACCEPTED }) {
                         "no OutboxChanged ACCEPTED for ${sent.id}"
                     }
+                    // Live-only traffic: a typing indicator and a presence change.
+                    runBlocking {
+                        alice.sendLive(MessageTarget.Room("room-2"), "typing", """{"on":true}""")
+                        bob.setPresence(PresenceStatus.AWAY, """{"note":"lunch"}""")
+                    }
+                    b.waitFor("bob receives alice's typing (Class A)") { _ ->
+                        b.messages().any { it.messageType == "typing" && it.interactionClass == InteractionClass.CLASS_A }
+                    }
+                    a.waitFor("alice sees bob away") { u ->
+                        u.any { it is ClientUpdate.PresenceChanged && it.presence.userId == "bob" && it.presence.status == PresenceStatus.AWAY }
+                    }
                 }
             }
         }
@@ -322,6 +333,49 @@ fun theLoggerReceivesRecordsWithoutTokens() {
     }
 }
 
+/** Concurrent offline edits of a MANUAL entity: one open conflict with both sides, resolved by the app. */
+fun aManualConflictShowsBothSidesAndIsResolved() {
+    val (a, b) = Recorder() to Recorder()
+    open("k12", "alice").use { alice ->
+        open("k12", "bob").use { bob ->
+            alice.subscribe(a).use { bob.subscribe(b).use {
+                a.waitForState(ConnectionState.REALTIME)
+                b.waitForState(ConnectionState.REALTIME)
+                runBlocking { alice.createEntity("contract", "c1", """{"price":100}""") }
+                waitUntil("bob sees the contract") {
+                    bob.syncEntities()
+                    runBlocking { bob.entity("contract", "c1") }?.valueJson == """{"price":100}"""
+                }
+                server.stop()
+                waitUntil("both offline") {
+                    alice.connectionState() != ConnectionState.REALTIME && bob.connectionState() != ConnectionState.REALTIME
+                }
+                runBlocking { alice.updateEntity("contract", "c1", """{"price":110}""") }
+                Thread.sleep(20)
+                runBlocking { bob.updateEntity("contract", "c1", """{"price":120}""") }
+                server.start()
+                waitUntil("both replicas settled") {
+                    val (ea, eb) = runBlocking { alice.entity("contract", "c1") to bob.entity("contract", "c1") }
+                    ea != null && eb != null && ea.pendingEdits == 0u && eb.pendingEdits == 0u && ea.valueJson == eb.valueJson
+                }
+                val (ca, cb) = runBlocking { alice.conflicts() to bob.conflicts() }
+                check(ca.size + cb.size == 1) { "open conflicts: $ca $cb" }
+                val (holder, conflict) = if (ca.isNotEmpty()) alice to ca[0] else bob to cb[0]
+                val sides = conflict.operations.map { it.payloadJson }.toSet()
+                check(sides == setOf("""{"price":110}""", """{"price":120}""")) { "sides $sides" }
+                check(conflict.operations.count { it.isLocal } == 1 && conflict.outcome == null) { "$conflict" }
+                runBlocking { holder.resolveConflict(conflict.conflictId, ConflictChoice.Value("""{"price":115}""")) }
+                waitUntil("the resolution reaches both") {
+                    bob.syncEntities(); alice.syncEntities()
+                    val (ea, eb) = runBlocking { alice.entity("contract", "c1") to bob.entity("contract", "c1") }
+                    ea?.valueJson == """{"price":115}""" && eb?.valueJson == ea?.valueJson
+                }
+                check(runBlocking { holder.conflicts() }.isEmpty()) { "the conflict is still open" }
+            } }
+        }
+    }
+}
+
 /**
  * Thousands of clients and subscriptions created and freed from Kotlin: the SDK's
  * live-object counts return to zero, file descriptors to where they were, and RSS
@@ -394,6 +448,7 @@ val tests = listOf(
     TestCase("messages queue while the server is down and deliver after it restarts", ::messagesQueueWhileTheServerIsDownAndDeliverAfterItRestarts),
     TestCase("an entity edited offline reconciles", ::anEntityEditedOfflineReconciles),
     TestCase("a Class D transaction is confirmed", ::aClassDTransactionIsConfirmed),
+    TestCase("a MANUAL conflict shows both sides and is resolved", ::aManualConflictShowsBothSidesAndIsResolved),
     TestCase("errors arrive as Kotlin exceptions", ::errorsArriveAsKotlinExceptions),
     TestCase("a failing token provider means AUTH_FAILED until reauthenticate", ::aFailingTokenProviderMeansAuthFailedUntilReauthenticate),
     TestCase("slow and throwing listeners do not stall the client", ::slowAndThrowingListenersDoNotStallTheClient),
