@@ -531,7 +531,7 @@ impl Client {
             .call(move |s| s.local_edit(edit, now))
             .await?;
         let _ = self.shared.updates.send(Update::Entity(entity.clone()));
-        let _ = self.command(Command::Pump);
+        let _ = self.command(Command::Reconcile);
         Ok(entity)
     }
 

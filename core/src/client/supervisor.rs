@@ -93,6 +93,8 @@ pub(crate) enum Command {
     },
     /// Pull entity changes now.
     PullEntities,
+    /// Local edits were made: send them (in a batch) when connected.
+    Reconcile,
     Hint(Hint),
     Reauthenticate,
     Metrics(oneshot::Sender<Result<ClientMetrics, ClientError>>),
@@ -196,6 +198,9 @@ pub(crate) struct Supervisor {
     reconcile_in_flight: bool,
     /// Ops sent one per request after a batch was refused as invalid, to find the bad one.
     isolate_ops: bool,
+    /// Entity operations may be waiting (an edit was made, a batch failed, or an earlier
+    /// run left some): the tick looks for them until a look finds none.
+    ops_waiting: bool,
     last_pull: Option<Instant>,
     last_tx_check: Option<Instant>,
     /// While a connection opened without a cursor catches up by polling, its durable
@@ -249,6 +254,7 @@ impl Supervisor {
             http_in_flight: BTreeSet::new(),
             reconcile_in_flight: false,
             isolate_ops: false,
+            ops_waiting: true,
             last_pull: None,
             last_tx_check: None,
             held_back: None,
@@ -681,10 +687,11 @@ impl Supervisor {
                         self.submit_transaction(item).await;
                     }
                 }
+                // Operations go in batches to the reconcile endpoint (on an edit, and
+                // on the tick), not one by one.
                 ItemKind::Operation => {}
             }
         }
-        self.spawn_reconcile(false).await;
     }
 
     async fn send_over_ws(&mut self, item: OutboxItem) {
@@ -897,8 +904,11 @@ impl Supervisor {
         else {
             return;
         };
-        if ops.is_empty() && !pull {
-            return;
+        if ops.is_empty() {
+            self.ops_waiting = false;
+            if !pull {
+                return;
+            }
         }
         self.reconcile_in_flight = true;
         self.last_pull = Some(Instant::now());
@@ -1005,8 +1015,12 @@ impl Supervisor {
                     Err(e) if e.is_permanent() => {
                         // One bad operation must not hold back the others: isolate it.
                         self.isolate_ops = true;
+                        self.ops_waiting = true;
                     }
-                    Err(e) => self.machine.on_http_failed(now, e.failure()),
+                    Err(e) => {
+                        self.ops_waiting = true;
+                        self.machine.on_http_failed(now, e.failure());
+                    }
                 }
             }
         }
@@ -1045,6 +1059,8 @@ impl Supervisor {
             .is_none_or(|t| now.duration_since(t) >= self.cfg.entity_pull_interval)
         {
             self.spawn_reconcile(true).await;
+        } else if self.ops_waiting {
+            self.spawn_reconcile(false).await;
         }
         if self
             .last_tx_check
@@ -1078,6 +1094,10 @@ impl Supervisor {
                 self.send_frame(&event, None);
             }
             Command::PullEntities => self.spawn_reconcile(true).await,
+            Command::Reconcile => {
+                self.ops_waiting = true;
+                self.spawn_reconcile(false).await;
+            }
             Command::Hint(Hint::NetworkAvailable) => self.machine.network_available(now),
             Command::Hint(Hint::NetworkLost) => self.machine.network_lost(now),
             Command::Hint(Hint::Foreground) => self.machine.foreground(now),

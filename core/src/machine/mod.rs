@@ -265,7 +265,7 @@ impl Default for MachineConfig {
             ping_interval: Duration::from_secs(25),
             pong_timeout: Duration::from_secs(10),
             foreground_check: Duration::from_secs(3),
-            poll_interval: Duration::from_secs(2),
+            poll_interval: Duration::from_secs(1),
             probe_min: Duration::from_secs(2),
             probe_max: Duration::from_secs(60),
             stable_after: Duration::from_secs(30),

@@ -12,6 +12,9 @@ struct H {
 fn cfg() -> MachineConfig {
     MachineConfig {
         jitter_seed: 1,
+        // The tests' timings are written for these two (the defaults may change).
+        poll_interval: Duration::from_secs(2),
+        probe_min: Duration::from_secs(2),
         ..MachineConfig::default()
     }
 }

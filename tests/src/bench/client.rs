@@ -1,0 +1,529 @@
+//! Client benchmarks (issue 5): how fast the SDK falls back and climbs up, its message
+//! round trip against a raw WebSocket baseline measured in the same run, and its
+//! memory when idle and with 10,000 queued items.
+//!
+//! Everything runs on loopback against the real server (in-process) with real SQLite
+//! files on disk. The memory figures come from a child process (this binary run again
+//! with `WEBWAKA_BENCH_CHILD=client-memory`) so that the server and the benchmark
+//! itself are not counted.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::Message;
+use webwaka_realtime::client::{
+    Client, ClientConfig, Next, OutgoingMessage, StaticToken, Subscription, Target, Update,
+};
+use webwaka_realtime::machine::{ConnectionState, MachineConfig};
+use webwaka_realtime::store::Durability;
+
+use super::Row;
+use crate::harness::{TestServer, wait_state};
+use crate::proxy::{Mode, Proxy};
+
+/// The environment variable that turns the bench binary into the memory probe.
+pub const CHILD_ENV: &str = "WEBWAKA_BENCH_CHILD";
+
+/// Round trips measured per path.
+const ROUND_TRIPS: usize = 500;
+/// Failovers measured.
+const FAILOVERS: usize = 5;
+/// Clients in the reconnect-spread measurement.
+const HERD: usize = 40;
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn sorted(mut v: Vec<f64>) -> Vec<f64> {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v
+}
+
+/// Runs the client benchmarks.
+pub fn run() -> Result<Vec<Row>, String> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut rows = runtime.block_on(async {
+        let mut rows = Vec::new();
+        rows.extend(round_trip().await?);
+        rows.extend(failover().await?);
+        rows.extend(herd_return().await?);
+        Ok::<_, String>(rows)
+    })?;
+    rows.extend(memory()?);
+    Ok(rows)
+}
+
+fn config(url: &str, store: &std::path::Path, machine: MachineConfig) -> ClientConfig {
+    let mut c = ClientConfig::new(url, store);
+    c.machine = machine;
+    c
+}
+
+async fn open(config: ClientConfig, token: String) -> Result<Client, String> {
+    Client::open(config, Arc::new(StaticToken(token)))
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Waits for the next message at `sub`, at most `within`.
+async fn next_message(sub: &mut Subscription, within: Duration) -> Option<Instant> {
+    tokio::time::timeout(within, async {
+        loop {
+            match sub.next().await {
+                Next::Update(u) if matches!(*u, Update::Message(_)) => return Some(Instant::now()),
+                Next::Closed => return None,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// A raw tokio-tungstenite relay: what a WebSocket round trip costs with nothing else.
+/// Two connections; a frame from one is relayed to the other by the "server" task.
+async fn raw_relay_samples() -> Result<Vec<f64>, String> {
+    let listener = TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .map_err(|e| e.to_string())?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let server = tokio::spawn(async move {
+        // One at a time: the sender's handshake completes before the receiver connects.
+        let (a, _) = listener.accept().await.ok()?;
+        let mut a = tokio_tungstenite::accept_async(a).await.ok()?;
+        let (b, _) = listener.accept().await.ok()?;
+        let mut b = tokio_tungstenite::accept_async(b).await.ok()?;
+        while let Some(Ok(msg)) = a.next().await {
+            if b.send(msg).await.is_err() {
+                break;
+            }
+        }
+        Some(())
+    });
+    let url = format!("ws://{addr}/");
+    let (mut sender, _) = tokio_tungstenite::connect_async(&url)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut receiver, _) = tokio_tungstenite::connect_async(&url)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut samples = Vec::with_capacity(ROUND_TRIPS);
+    let payload = json!({"type": "chat.text", "payload": {"text": "hello"}}).to_string();
+    for _ in 0..ROUND_TRIPS {
+        let t = Instant::now();
+        sender
+            .send(Message::Text(payload.clone().into()))
+            .await
+            .map_err(|e| e.to_string())?;
+        match tokio::time::timeout(Duration::from_secs(5), receiver.next()).await {
+            Ok(Some(Ok(_))) => samples.push(t.elapsed().as_secs_f64() * 1e6),
+            _ => return Err("raw relay: no frame".into()),
+        }
+    }
+    server.abort();
+    Ok(samples)
+}
+
+/// Sender SDK → server → recipient SDK, one message at a time, with the stores at
+/// `durability`.
+async fn sdk_samples(durability: Durability) -> Result<Vec<f64>, String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let mut server = TestServer::start(&dir.path().join("server")).await;
+    let mut ca = config(
+        &server.url(),
+        &dir.path().join("a.db"),
+        MachineConfig::default(),
+    );
+    ca.store.durability = durability;
+    let mut cb = config(
+        &server.url(),
+        &dir.path().join("b.db"),
+        MachineConfig::default(),
+    );
+    cb.store.durability = durability;
+    let a = open(ca, server.token("bench", "alice")).await?;
+    let b = open(cb, server.token("bench", "bob")).await?;
+    for c in [&a, &b] {
+        if !wait_state(c, ConnectionState::Realtime, Duration::from_secs(10)).await {
+            return Err("round trip: not realtime".into());
+        }
+    }
+    let mut at_b = b.subscribe();
+    let mut samples = Vec::with_capacity(ROUND_TRIPS);
+    for i in 0..ROUND_TRIPS + 20 {
+        let t = Instant::now();
+        a.send_message(OutgoingMessage::new(
+            Target::User("bob".into()),
+            "chat.text",
+            json!({"text": "hello", "i": i}),
+        ))
+        .await
+        .map_err(|e| e.to_string())?;
+        let Some(arrived) = next_message(&mut at_b, Duration::from_secs(5)).await else {
+            return Err("round trip: message not delivered".into());
+        };
+        if i >= 20 {
+            // The first ones warm caches and connections.
+            samples.push((arrived - t).as_secs_f64() * 1e6);
+        }
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+    server.stop().await;
+    Ok(samples)
+}
+
+async fn round_trip() -> Result<Vec<Row>, String> {
+    let raw = sorted(raw_relay_samples().await?);
+    let normal = sorted(sdk_samples(Durability::Normal).await?);
+    let full = sorted(sdk_samples(Durability::Full).await?);
+    let (raw50, raw99) = (percentile(&raw, 0.5), percentile(&raw, 0.99));
+    let row = |name: &str, s: &[f64]| Row {
+        name: name.into(),
+        figure: format!(
+            "p50 {:.0} µs ({:.1}× raw), p99 {:.0} µs ({:.1}× raw)",
+            percentile(s, 0.5),
+            percentile(s, 0.5) / raw50,
+            percentile(s, 0.99),
+            percentile(s, 0.99) / raw99
+        ),
+        method: format!(
+            "{ROUND_TRIPS} messages one at a time, send_message → server → the other client's update stream; loopback, in-process server"
+        ),
+    };
+    Ok(vec![
+        Row {
+            name: "client: raw WebSocket relay (baseline)".into(),
+            figure: format!("p50 {raw50:.0} µs, p99 {raw99:.0} µs"),
+            method: format!(
+                "{ROUND_TRIPS} text frames, tokio-tungstenite client → relay task → second client, same run"
+            ),
+        },
+        row("client: SDK round trip, stores synchronous=NORMAL", &normal),
+        row(
+            "client: SDK round trip, stores synchronous=FULL (default)",
+            &full,
+        ),
+    ])
+}
+
+/// WebSocket dies (and cannot come back) → first message delivered over polling; then
+/// the network heals → Realtime again. Default client settings.
+async fn failover() -> Result<Vec<Row>, String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let proxy = Proxy::start(server.addr).await.map_err(|e| e.to_string())?;
+    let alice = open(
+        config(
+            &proxy.url(),
+            &dir.path().join("a.db"),
+            MachineConfig::default(),
+        ),
+        server.token("bench", "alice"),
+    )
+    .await?;
+    let bob = open(
+        config(
+            &server.url(),
+            &dir.path().join("b.db"),
+            MachineConfig::default(),
+        ),
+        server.token("bench", "bob"),
+    )
+    .await?;
+    let mut down = Vec::new();
+    let mut up = Vec::new();
+    for i in 0..FAILOVERS {
+        for c in [&alice, &bob] {
+            if !wait_state(c, ConnectionState::Realtime, Duration::from_secs(90)).await {
+                return Err("failover: not realtime".into());
+            }
+        }
+        // Let the connection settle (a probe that just succeeded starts the hysteresis).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut at_alice = alice.subscribe();
+        proxy.set_mode(Mode::RefuseWebSocket);
+        let t = Instant::now();
+        proxy.cut_all();
+        bob.send_message(OutgoingMessage::new(
+            Target::User("alice".into()),
+            "chat.text",
+            json!({"text": "during failover", "i": i}),
+        ))
+        .await
+        .map_err(|e| e.to_string())?;
+        let Some(arrived) = next_message(&mut at_alice, Duration::from_secs(30)).await else {
+            return Err("failover: message not delivered".into());
+        };
+        down.push((arrived - t).as_secs_f64() * 1e3);
+        if !wait_state(&alice, ConnectionState::Polling, Duration::from_secs(10)).await {
+            return Err(format!(
+                "failover: not polling but {:?}",
+                alice.connection_state()
+            ));
+        }
+        proxy.set_mode(Mode::Pass);
+        let healed = Instant::now();
+        if !wait_state(&alice, ConnectionState::Realtime, Duration::from_secs(90)).await {
+            return Err("failover: did not climb back".into());
+        }
+        up.push(healed.elapsed().as_secs_f64() * 1e3);
+    }
+    alice.shutdown().await;
+    bob.shutdown().await;
+    let down = sorted(down);
+    let up = sorted(up);
+    Ok(vec![
+        Row {
+            name: "client: WebSocket dies → first message over polling".into(),
+            figure: format!(
+                "median {:.0} ms (max {:.0} ms; target ≤ 2000)",
+                percentile(&down, 0.5),
+                down.last().copied().unwrap_or(0.0)
+            ),
+            method: format!(
+                "{FAILOVERS} runs, default settings; a proxy cuts the socket and refuses upgrades, the peer sends at once; clock from the cut to the message at the app"
+            ),
+        },
+        Row {
+            name: "client: network heals → Realtime (WebSocket probe)".into(),
+            figure: format!(
+                "median {:.0} ms (max {:.0} ms)",
+                percentile(&up, 0.5),
+                up.last().copied().unwrap_or(0.0)
+            ),
+            method: "same runs; from the proxy passing upgrades again to Realtime: the probe schedule (2 s + up to 2 s jitter, growing while it flaps) plus one round trip".into(),
+        },
+    ])
+}
+
+/// Many clients lose the server; it returns. How long after its scheduled retry does
+/// each client reach Realtime, and how spread are the reconnects (no burst)?
+async fn herd_return() -> Result<Vec<Row>, String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let mut server = TestServer::start(&dir.path().join("server")).await;
+    let mut clients = Vec::new();
+    for i in 0..HERD {
+        let c = open(
+            config(
+                &server.url(),
+                &dir.path().join(format!("c{i}.db")),
+                MachineConfig::default(),
+            ),
+            server.token("bench", &format!("user{i}")),
+        )
+        .await?;
+        clients.push(c);
+    }
+    for c in &clients {
+        if !wait_state(c, ConnectionState::Realtime, Duration::from_secs(30)).await {
+            return Err("herd: not realtime".into());
+        }
+    }
+    // One recorder per client, so that each change is timed when it happens.
+    let recorders: Vec<_> = clients
+        .iter()
+        .map(|c| {
+            let mut sub = c.subscribe();
+            tokio::spawn(async move {
+                let mut scheduled: Option<Instant> = None;
+                let realtime = tokio::time::timeout(Duration::from_secs(60), async {
+                    loop {
+                        match sub.next().await {
+                            Next::Update(u) => {
+                                if let Update::State(s) = *u {
+                                    if let Some(wait) = s.next_retry_in {
+                                        scheduled = Some(Instant::now() + wait);
+                                    }
+                                    if s.to == ConnectionState::Realtime {
+                                        return Some(Instant::now());
+                                    }
+                                }
+                            }
+                            Next::Missed(_) => {}
+                            Next::Closed => return None,
+                        }
+                    }
+                })
+                .await
+                .ok()
+                .flatten();
+                (scheduled, realtime)
+            })
+        })
+        .collect();
+    server.stop().await;
+    // Let the clients fail a few times so that their schedules have grown.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    server.restart().await;
+    let restarted_at = Instant::now();
+    // For each client: its last scheduled retry, and when it was Realtime again.
+    let mut overheads = Vec::new();
+    let mut reconnects = Vec::new();
+    for recorder in recorders {
+        let Ok((scheduled, Some(at))) = recorder.await else {
+            return Err("herd: a client did not come back".into());
+        };
+        reconnects.push((at.saturating_duration_since(restarted_at)).as_secs_f64() * 1e3);
+        let due = scheduled.map_or(restarted_at, |s| s.max(restarted_at));
+        overheads.push((at.saturating_duration_since(due)).as_secs_f64() * 1e3);
+    }
+    for c in &clients {
+        c.shutdown().await;
+    }
+    server.stop().await;
+    let overheads = sorted(overheads);
+    let reconnects = sorted(reconnects);
+    Ok(vec![
+        Row {
+            name: "client: server returns → Realtime, after the scheduled retry".into(),
+            figure: format!(
+                "median {:.1} ms, p90 {:.1} ms",
+                percentile(&overheads, 0.5),
+                percentile(&overheads, 0.9)
+            ),
+            method: format!(
+                "{HERD} clients, default settings; server stopped 3 s then restarted; per client: Realtime time minus max(restart, its last scheduled retry)"
+            ),
+        },
+        Row {
+            name: "client: reconnect spread after a server restart".into(),
+            figure: format!(
+                "p10 {:.0} ms, p50 {:.0} ms, p90 {:.0} ms after restart",
+                percentile(&reconnects, 0.1),
+                percentile(&reconnects, 0.5),
+                percentile(&reconnects, 0.9)
+            ),
+            method: format!(
+                "same {HERD} clients: full jitter spreads the reconnects instead of a burst"
+            ),
+        },
+    ])
+}
+
+/// A memory figure of this process from `/proc/self/status`, in KiB (`VmRSS`: all
+/// resident memory; `RssAnon`: heap and stacks, without the binary's code pages).
+pub fn status_kib(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with(field))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Runs this binary again as the memory probe and reads its two figures.
+fn memory() -> Result<Vec<Row>, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let out = std::process::Command::new(exe)
+        .env(CHILD_ENV, "client-memory")
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(format!(
+            "memory probe failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |name: &str| -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    let (Some(idle), Some(queued), Some(idle_anon), Some(queued_anon)) = (
+        field("idle_kib="),
+        field("queued_kib="),
+        field("idle_anon_kib="),
+        field("queued_anon_kib="),
+    ) else {
+        return Err(format!("memory probe said: {text}"));
+    };
+    let mib = |k: u64| k as f64 / 1024.0;
+    Ok(vec![
+        Row {
+            name: "client: memory when idle".into(),
+            figure: format!(
+                "{:.1} MiB RSS, of which {:.1} MiB heap (target ≤ 10)",
+                mib(idle),
+                mib(idle_anon)
+            ),
+            method: "separate process (the bench binary, which also holds the server's code): tokio runtime (2 workers) + one open client (store, supervisor), offline, after 2 s; VmRSS and RssAnon".into(),
+        },
+        Row {
+            name: "client: memory with 10,000 queued items".into(),
+            figure: format!(
+                "{:.1} MiB RSS, of which {:.1} MiB heap (target ≤ 20)",
+                mib(queued),
+                mib(queued_anon)
+            ),
+            method: "same process after send_message × 10,000 (200-byte payloads) while offline; VmRSS and RssAnon".into(),
+        },
+    ])
+}
+
+/// The memory probe (in the child process): prints `idle_kib=` and `queued_kib=`.
+pub fn memory_child() -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    runtime.block_on(async {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        // Nothing listens on port 9 of loopback: the client stays offline.
+        let mut config = ClientConfig::new("http://127.0.0.1:9", dir.path().join("m.db"));
+        config.store.durability = Durability::Normal;
+        let token = fake_token();
+        let client = open(config, token).await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let idle = status_kib("VmRSS:").unwrap_or(0);
+        let idle_anon = status_kib("RssAnon:").unwrap_or(0);
+        let payload = "x".repeat(180);
+        for i in 0..10_000 {
+            client
+                .send_message(OutgoingMessage::new(
+                    Target::Room("general".into()),
+                    "chat.text",
+                    json!({"text": payload, "i": i}),
+                ))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let queued = status_kib("VmRSS:").unwrap_or(0);
+        let queued_anon = status_kib("RssAnon:").unwrap_or(0);
+        client.shutdown().await;
+        println!("idle_kib={idle}");
+        println!("idle_anon_kib={idle_anon}");
+        println!("queued_kib={queued}");
+        println!("queued_anon_kib={queued_anon}");
+        Ok(())
+    })
+}
+
+/// A well-formed (unsigned) token: the probe never reaches a server.
+fn fake_token() -> String {
+    use base64::Engine;
+    let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    format!(
+        "{}.{}.sig",
+        b64(r#"{"alg":"HS256","typ":"JWT"}"#),
+        b64(r#"{"tenantId":"bench","userId":"probe","exp":4102444800}"#)
+    )
+}
