@@ -1,10 +1,10 @@
 //! A property test of the outbox against an in-memory model: random sequences of
-//! enqueue (several lanes, past the bounds, duplicate ids, batches), take, ack, confirm,
-//! reject, fail, dead, retry, discard, prune, reopen and the passing of time, run on a
-//! real SQLite file and on a plain `Vec` model written from the documented rules (not
-//! from the SQL). After every step the store's observable state (every item with every
-//! field, per-state lists, depth, next sendable items) and every result or error must
-//! equal the model's.
+//! enqueue (several lanes, past the bounds, duplicate ids, batches), take and ack (one
+//! by one and batched), confirm, reject, fail, dead, retry, discard, prune, reopen and
+//! the passing of time, run on a real SQLite file and on a plain `Vec` model written
+//! from the documented rules (not from the SQL). After every step the store's
+//! observable state (every item with every field, per-state lists, depth, next
+//! sendable items) and every result or error must equal the model's.
 
 // Tests may panic on what they did not expect: that is how they fail.
 #![allow(clippy::unwrap_used)]
@@ -73,6 +73,14 @@ enum Op {
     Take {
         limit: usize,
     },
+    /// The same in one call: `take_sendable(limit)`.
+    TakeBatch {
+        limit: usize,
+    },
+    /// `mark_accepted_many` of several known ids (some unknown or refused).
+    AckMany {
+        picks: Vec<Index>,
+    },
     /// `mark_in_flight` on any known id.
     Send {
         pick: Index,
@@ -122,7 +130,9 @@ fn op_strategy() -> impl Strategy<Value = Op> {
             .prop_map(|(pick, lane, len)| Op::EnqueueKnownId { pick, lane, len }),
         1 => (lane, prop::collection::vec(0usize..30, 1..4))
             .prop_map(|(lane, lens)| Op::EnqueueMany { lane, lens }),
-        4 => (1usize..4).prop_map(|limit| Op::Take { limit }),
+        3 => (1usize..4).prop_map(|limit| Op::Take { limit }),
+        2 => (1usize..4).prop_map(|limit| Op::TakeBatch { limit }),
+        2 => prop::collection::vec(any::<Index>(), 1..4).prop_map(|picks| Op::AckMany { picks }),
         1 => any::<Index>().prop_map(|pick| Op::Send { pick }),
         3 => (any::<Index>(), any::<bool>()).prop_map(|(pick, with_ref)| Op::Ack { pick, with_ref }),
         1 => any::<Index>().prop_map(|pick| Op::Confirm { pick }),
@@ -473,6 +483,34 @@ fn step(store: &mut Option<Store>, path: &std::path::Path, model: &mut Model, op
                 let want = model.send(&item.id);
                 assert_eq!(observed(s.mark_in_flight(&item.id, now)), want);
             }
+        }
+        Op::TakeBatch { limit } => {
+            let want: Vec<Expect> = model
+                .sendable(*limit)
+                .iter()
+                .map(|head| model.send(&head.id))
+                .collect();
+            let got: Vec<Expect> = s
+                .take_sendable(now, *limit)
+                .unwrap()
+                .into_iter()
+                .map(Expect::Ok)
+                .collect();
+            assert_eq!(got, want, "take_sendable({limit})");
+        }
+        Op::AckMany { picks } => {
+            let ids: Vec<String> = picks.iter().map(|p| model.pick(p)).collect();
+            let acks: Vec<(&str, Option<&str>)> =
+                ids.iter().map(|id| (id.as_str(), Some("many"))).collect();
+            // In order: an id acked twice in one call is a no-op the second time.
+            let want: Vec<Expect> = ids.iter().map(|id| model.ack(id, Some("many"))).collect();
+            let got: Vec<Expect> = s
+                .mark_accepted_many(&acks, now)
+                .unwrap()
+                .into_iter()
+                .map(observed)
+                .collect();
+            assert_eq!(got, want, "mark_accepted_many({ids:?})");
         }
         Op::Send { pick } => {
             let id = model.pick(pick);

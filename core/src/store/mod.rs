@@ -209,6 +209,9 @@ impl Store {
         config: StoreConfig,
     ) -> Result<Store, StoreError> {
         conn.busy_timeout(config.busy_timeout)?;
+        // Room for every statement of the outbox and entity cache (default 16): the hot
+        // paths use prepared statements from this cache instead of parsing SQL per call.
+        conn.set_prepared_statement_cache_capacity(64);
         // Reading the header first turns "not a database" into an error here.
         let _: i64 = conn.query_row("PRAGMA schema_version", [], |r| r.get(0))?;
         let mode = set_wal(&conn, config.busy_timeout)?;

@@ -85,6 +85,49 @@ pub(crate) const MIGRATIONS: &[M<'static>] = &[
          ) STRICT;
          CREATE INDEX entity_conflicts_by_entity ON entity_conflicts (entity_type, entity_id);",
     ),
+    // 3: the outbox's pending count and bytes (persisted, in flight or dead), kept by
+    // triggers so that checking the bounds at each enqueue reads one row instead of
+    // counting the whole outbox. Triggers see every change, whoever makes it. (`=`/`OR`
+    // rather than `IN (…)`: SQLite builds a temporary table per row for a 3-value `IN`.)
+    M::up(
+        "CREATE TABLE outbox_depth (
+            id    INTEGER PRIMARY KEY CHECK (id = 1),
+            items INTEGER NOT NULL,
+            bytes INTEGER NOT NULL
+         ) STRICT;
+         INSERT INTO outbox_depth (id, items, bytes)
+            SELECT 1, COUNT(*), COALESCE(SUM(bytes), 0) FROM outbox
+             WHERE state IN ('persisted', 'in_flight', 'dead');
+
+         CREATE TRIGGER outbox_depth_insert AFTER INSERT ON outbox
+            WHEN NEW.state = 'persisted' OR NEW.state = 'in_flight' OR NEW.state = 'dead'
+         BEGIN
+            UPDATE outbox_depth SET items = items + 1, bytes = bytes + NEW.bytes WHERE id = 1;
+         END;
+
+         CREATE TRIGGER outbox_depth_delete AFTER DELETE ON outbox
+            WHEN OLD.state = 'persisted' OR OLD.state = 'in_flight' OR OLD.state = 'dead'
+         BEGIN
+            UPDATE outbox_depth SET items = items - 1, bytes = bytes - OLD.bytes WHERE id = 1;
+         END;
+
+         CREATE TRIGGER outbox_depth_update AFTER UPDATE OF state, bytes ON outbox
+            WHEN (OLD.state = 'persisted' OR OLD.state = 'in_flight' OR OLD.state = 'dead')
+                 != (NEW.state = 'persisted' OR NEW.state = 'in_flight' OR NEW.state = 'dead')
+              OR OLD.bytes != NEW.bytes
+         BEGIN
+            UPDATE outbox_depth
+               SET items = items
+                     - (OLD.state = 'persisted' OR OLD.state = 'in_flight' OR OLD.state = 'dead')
+                     + (NEW.state = 'persisted' OR NEW.state = 'in_flight' OR NEW.state = 'dead'),
+                   bytes = bytes
+                     - CASE WHEN OLD.state = 'persisted' OR OLD.state = 'in_flight'
+                                 OR OLD.state = 'dead' THEN OLD.bytes ELSE 0 END
+                     + CASE WHEN NEW.state = 'persisted' OR NEW.state = 'in_flight'
+                                 OR NEW.state = 'dead' THEN NEW.bytes ELSE 0 END
+             WHERE id = 1;
+         END;",
+    ),
 ];
 
 /// The migrations as the crate's runner wants them.

@@ -389,29 +389,39 @@ fn write_group(
     items: Vec<(NewItem, Timestamp)>,
 ) -> Result<Vec<Result<OutboxItem, StoreError>>, StoreError> {
     let config = &store.config;
-    let mut tx = store
+    let tx = store
         .conn
         .transaction_with_behavior(TransactionBehavior::Immediate)?;
     // Counted once: the immediate transaction holds the write lock, so nobody else
     // changes the outbox until commit, and each insert advances the count.
     let mut depth = outbox::pending_depth(&tx)?;
     let mut outcomes = Vec::with_capacity(items.len());
+    // The savepoint statements are prepared once (rusqlite's `Savepoint` would parse
+    // their text for every item).
+    let run = |sql: &str| -> Result<(), StoreError> {
+        tx.prepare_cached(sql)?.execute([])?;
+        Ok(())
+    };
     for (item, now) in items {
-        let savepoint = tx.savepoint()?;
-        match outbox::insert_counted(&savepoint, vec![item], now, config, &mut depth) {
+        run("SAVEPOINT writer_item")?;
+        match outbox::insert_counted(&tx, vec![item], now, config, &mut depth) {
             Ok(mut stored) => {
-                savepoint.commit()?;
+                run("RELEASE writer_item")?;
                 outcomes.push(stored.pop().ok_or(StoreError::Invalid {
                     field: "enqueue",
                     message: "no item was stored".into(),
                 }));
             }
-            // Refused on its own merits: only this item is rolled back (on drop).
+            // Refused on its own merits: only this item is rolled back.
             Err(
                 e @ (StoreError::QueueFull { .. }
                 | StoreError::Duplicate(_)
                 | StoreError::Invalid { .. }),
-            ) => outcomes.push(Err(e)),
+            ) => {
+                run("ROLLBACK TO writer_item")?;
+                run("RELEASE writer_item")?;
+                outcomes.push(Err(e));
+            }
             // Anything else is the storage failing: the transaction cannot be trusted
             // (SQLite may have rolled it back already); the whole group fails.
             Err(e) => return Err(e),
