@@ -24,7 +24,7 @@ read -r -a abis <<<"${ANDROID_ABIS:-arm64-v8a armeabi-v7a x86_64}"
 scripts/gen-bindings.sh --check
 
 target_dir="$(cargo metadata --format-version 1 --no-deps --locked \
-    | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')"
+    | grep -o '"target_directory":"[^"]*"' | cut -d'"' -f4)"
 module="$target_dir/mobile/android/webwaka-realtime"
 rm -rf "$module"
 mkdir -p "$module/src/main/jniLibs" "$module/src/main/kotlin/com/webwaka/realtime"

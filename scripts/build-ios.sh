@@ -20,7 +20,7 @@ command -v xcodebuild >/dev/null 2>&1 || die "xcodebuild not found (install Xcod
 scripts/gen-bindings.sh --check
 
 target_dir="$(cargo metadata --format-version 1 --no-deps --locked \
-    | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')"
+    | grep -o '"target_directory":"[^"]*"' | cut -d'"' -f4)"
 out="$target_dir/mobile/ios"
 package="$out/WebWakaRealtime"
 rm -rf "$out"

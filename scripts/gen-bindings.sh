@@ -28,8 +28,9 @@ esac
 die() { echo "gen-bindings: error: $*" >&2; exit 1; }
 
 target_dir="$(cargo metadata --format-version 1 --no-deps --locked \
-    | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')" \
+    | grep -o '"target_directory":"[^"]*"' | cut -d'"' -f4)" \
     || die "cargo metadata failed"
+[ -n "$target_dir" ] || die "cargo metadata gave no target directory"
 lib="$target_dir/debug/libwebwaka_realtime_ffi.so"
 
 # The library and the generator, in one cargo invocation (the generator is this crate's

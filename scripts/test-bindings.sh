@@ -56,7 +56,7 @@ step "library, bindings freshness, server"
 scripts/gen-bindings.sh --check
 cargo build --quiet --locked -p webwaka-server-stub --bin webwaka-server-stub
 target_dir="$(cargo metadata --format-version 1 --no-deps --locked \
-    | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')"
+    | grep -o '"target_directory":"[^"]*"' | cut -d'"' -f4)"
 lib_dir="$target_dir/debug"
 server_bin="$lib_dir/webwaka-server-stub"
 [ -f "$lib_dir/libwebwaka_realtime_ffi.so" ] && [ -x "$server_bin" ] || die "build outputs missing in $lib_dir"

@@ -76,8 +76,13 @@ impl RealtimeClient {
     ) -> Result<Arc<Self>, RealtimeError> {
         let config = options.into_config()?;
         let provider = Arc::new(ForeignTokens::new(tokens, TOKEN_TIMEOUT));
-        let client = run(async move { Ok(Client::open(config, provider).await?) }).await?;
-        Ok(Arc::new(Self::from_client(client)))
+        // Wrapped on the runtime: if the app stops waiting, the client it would have
+        // got is dropped there, which shuts it down.
+        run(async move {
+            let client = Client::open(config, provider).await?;
+            Ok(Arc::new(Self::from_client(client)))
+        })
+        .await
     }
 
     /// This installation's id (kept in the store).

@@ -64,7 +64,8 @@ impl SubscriptionHandle {
         self.pump.abort();
     }
 
-    /// True once cancelled, or once the client is gone and everything was delivered.
+    /// True once cancelled, or once the client is gone and its last updates were
+    /// queued (they may still be in delivery).
     pub fn is_finished(&self) -> bool {
         self.cancelled.load(Ordering::Acquire) || self.pump.is_finished()
     }

@@ -380,3 +380,49 @@ async fn the_logger_gets_the_sdks_records_and_never_the_token() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_may_cancel_its_own_subscription() {
+    /// Cancels its own handle on the first update.
+    #[derive(Default)]
+    struct SelfCancelling {
+        handle: Mutex<Option<Arc<crate::SubscriptionHandle>>>,
+        calls: AtomicUsize,
+    }
+    impl ClientListener for SelfCancelling {
+        fn on_update(&self, _update: ClientUpdate) -> Result<(), CallbackError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            // Wait (bounded) for the test to hand the handle over.
+            for _ in 0..500 {
+                if let Some(h) = self.handle.lock().unwrap().as_ref() {
+                    h.cancel();
+                    return Ok(());
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Ok(())
+        }
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let client = RealtimeClient::open(
+        options("http://127.0.0.1:1", &dir.path().join("c.db")),
+        Arc::new(Fixed(offline_token())),
+    )
+    .await
+    .unwrap();
+    let listener = Arc::new(SelfCancelling::default());
+    let handle = client.subscribe(listener.clone()).unwrap();
+    *listener.handle.lock().unwrap() = Some(handle.clone());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !handle.is_finished() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(handle.is_finished());
+    // The offline client keeps changing state; the listener hears nothing more.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert_eq!(listener.calls.load(Ordering::SeqCst), 1);
+    // Break the cycle listener -> handle (the app's job when it keeps one like this).
+    listener.handle.lock().unwrap().take();
+    client.shutdown().await.unwrap();
+}

@@ -1854,7 +1854,8 @@ public protocol SubscriptionHandleProtocol: AnyObject, Sendable {
     func cancel() 
     
     /**
-     * True once cancelled, or once the client is gone and everything was delivered.
+     * True once cancelled, or once the client is gone and its last updates were
+     * queued (they may still be in delivery).
      */
     func isFinished()  -> Bool
     
@@ -1929,7 +1930,8 @@ open func cancel()  {try! rustCall() {
 }
     
     /**
-     * True once cancelled, or once the client is gone and everything was delivered.
+     * True once cancelled, or once the client is gone and its last updates were
+     * queued (they may still be in delivery).
      */
 open func isFinished() -> Bool  {
     return try!  FfiConverterBool.lift(try! rustCall() {
@@ -7038,7 +7040,7 @@ private let initializationResult: InitializationResult = {
     if (uniffi_webwaka_realtime_ffi_checksum_method_subscriptionhandle_cancel() != 26920) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_webwaka_realtime_ffi_checksum_method_subscriptionhandle_is_finished() != 15605) {
+    if (uniffi_webwaka_realtime_ffi_checksum_method_subscriptionhandle_is_finished() != 42977) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_webwaka_realtime_ffi_checksum_method_tokenprovider_token() != 19799) {

@@ -1201,7 +1201,7 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_webwaka_realtime_ffi_checksum_method_subscriptionhandle_cancel() and 0xFFFF) != 26920) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_webwaka_realtime_ffi_checksum_method_subscriptionhandle_is_finished() and 0xFFFF) != 15605) {
+    if ((lib.uniffi_webwaka_realtime_ffi_checksum_method_subscriptionhandle_is_finished() and 0xFFFF) != 42977) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_webwaka_realtime_ffi_checksum_method_tokenprovider_token() and 0xFFFF) != 19799) {
@@ -3591,7 +3591,8 @@ public interface SubscriptionHandleInterface {
     fun `cancel`()
     
     /**
-     * True once cancelled, or once the client is gone and everything was delivered.
+     * True once cancelled, or once the client is gone and its last updates were
+     * queued (they may still be in delivery).
      */
     fun `isFinished`(): kotlin.Boolean
     
@@ -3721,7 +3722,8 @@ open class SubscriptionHandle: Disposable, AutoCloseable, SubscriptionHandleInte
 
     
     /**
-     * True once cancelled, or once the client is gone and everything was delivered.
+     * True once cancelled, or once the client is gone and its last updates were
+     * queued (they may still be in delivery).
      */override fun `isFinished`(): kotlin.Boolean {
             return FfiConverterBoolean.lift(
     callWithHandle {
