@@ -436,3 +436,27 @@ where
     }
     false
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_shutdown_nothing_new_is_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let alice = open_client(
+        client_config(&server.url(), &dir.path().join("alice.db")),
+        server.token("t1", "alice"),
+    )
+    .await;
+    alice.shutdown().await;
+    assert_eq!(alice.connection_state(), ConnectionState::Closed);
+    let err = alice
+        .send_message(chat("general", "late"))
+        .await
+        .unwrap_err();
+    assert_eq!(err, ClientError::Closed);
+    let err = alice
+        .submit_transaction("payment", json!({}), None)
+        .await
+        .unwrap_err();
+    assert_eq!(err, ClientError::Closed);
+    assert!(alice.outbox(None).await.unwrap().is_empty());
+}

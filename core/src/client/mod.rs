@@ -260,6 +260,16 @@ impl Client {
         })
     }
 
+    /// After `shutdown()` the client takes nothing new (not even into the outbox):
+    /// [`ClientError::Closed`]. Open a new client to go on.
+    fn ensure_open(&self) -> Result<(), ClientError> {
+        if self.shared.commands.is_closed() {
+            Err(ClientError::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
     fn command(&self, command: Command) -> Result<(), ClientError> {
         self.shared
             .commands
@@ -321,6 +331,7 @@ impl Client {
     /// returns, then delivered whenever a transport works, in order within its target.
     /// Follow it with [`Client::item`] or the [`Update::Outbox`] stream.
     pub async fn send_message(&self, message: OutgoingMessage) -> Result<OutboxItem, ClientError> {
+        self.ensure_open()?;
         self.check_payload("payload", &message.payload)?;
         let id = uuid::Uuid::now_v7().to_string();
         let (class, wire_class) = match message.class {
@@ -431,6 +442,7 @@ impl Client {
     }
 
     async fn change_rooms(&self, room_id: String, join: bool) -> Result<(), ClientError> {
+        self.ensure_open()?;
         let room = room_id.clone();
         self.shared
             .store
@@ -464,6 +476,7 @@ impl Client {
         metadata: Option<JsonObject>,
     ) -> Result<OutboxItem, ClientError> {
         let transaction_type = transaction_type.into();
+        self.ensure_open()?;
         if transaction_type.trim().is_empty() {
             return Err(ClientError::InvalidInput {
                 field: "transactionType".into(),
@@ -507,6 +520,7 @@ impl Client {
         payload: Value,
     ) -> Result<CachedEntity, ClientError> {
         for (field, value) in [("entityType", &entity_type), ("entityId", &entity_id)] {
+            self.ensure_open()?;
             if value.trim().is_empty() {
                 return Err(ClientError::InvalidInput {
                     field: field.into(),
@@ -672,6 +686,7 @@ impl Client {
 
     /// Sends a dead item again (the app decided the cause is fixed).
     pub async fn retry(&self, id: &str) -> Result<OutboxItem, ClientError> {
+        self.ensure_open()?;
         let id = id.to_owned();
         let now = chrono::Utc::now();
         let item = self.shared.store.call(move |s| s.retry(&id, now)).await?;

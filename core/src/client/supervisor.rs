@@ -104,14 +104,28 @@ pub(crate) enum Command {
 /// The current token, shared by the tasks; fetched from the provider when missing.
 pub(crate) struct TokenCell {
     provider: SharedTokenProvider,
-    current: tokio::sync::Mutex<Option<(String, Claims)>>,
+    current: std::sync::Mutex<Option<(String, Claims)>>,
+    /// Held while the provider is asked, so that there is one request at a time. The
+    /// current token stays readable meanwhile.
+    fetching: tokio::sync::Mutex<()>,
 }
 
 impl TokenCell {
     pub(crate) fn new(provider: SharedTokenProvider) -> Self {
         Self {
             provider,
-            current: tokio::sync::Mutex::new(None),
+            current: std::sync::Mutex::new(None),
+            fetching: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn current(&self) -> Option<(String, Claims)> {
+        self.current.lock().ok().and_then(|c| c.clone())
+    }
+
+    fn set(&self, fresh: (String, Claims)) {
+        if let Ok(mut current) = self.current.lock() {
+            *current = Some(fresh);
         }
     }
 
@@ -121,32 +135,36 @@ impl TokenCell {
         Ok((token, claims))
     }
 
-    /// The current token, asking the provider when there is none (one request at a time).
+    /// The current token, asking the provider when there is none (one request at a
+    /// time; no lock is held while the provider runs, except the one that keeps a
+    /// second request from starting).
     pub(crate) async fn get(&self) -> Result<String, TokenError> {
-        let mut current = self.current.lock().await;
-        if let Some((token, _)) = current.as_ref() {
-            return Ok(token.clone());
+        if let Some((token, _)) = self.current() {
+            return Ok(token);
+        }
+        let _one_at_a_time = self.fetching.lock().await;
+        if let Some((token, _)) = self.current() {
+            return Ok(token); // fetched by whoever held the lock before us
         }
         let fresh = self.fetch(TokenRequest::Initial).await?;
         let token = fresh.0.clone();
-        *current = Some(fresh);
+        self.set(fresh);
         Ok(token)
     }
 
     /// The claims of the current token.
     pub(crate) async fn claims(&self) -> Result<Claims, ClientError> {
         self.get().await.map_err(|_| ClientError::Reauthenticate)?;
-        let current = self.current.lock().await;
-        current
-            .as_ref()
-            .map(|(_, c)| c.clone())
+        self.current()
+            .map(|(_, c)| c)
             .ok_or(ClientError::Reauthenticate)
     }
 
     /// Replaces the token with a fresh one from the provider.
     async fn refresh(&self) -> Result<(), TokenError> {
+        let _one_at_a_time = self.fetching.lock().await;
         let fresh = self.fetch(TokenRequest::Refresh).await?;
-        *self.current.lock().await = Some(fresh);
+        self.set(fresh);
         Ok(())
     }
 }
@@ -203,10 +221,13 @@ pub(crate) struct Supervisor {
     ops_waiting: bool,
     last_pull: Option<Instant>,
     last_tx_check: Option<Instant>,
-    /// While a connection opened without a cursor catches up by polling, its durable
-    /// deliveries wait here (then go through the same dedupe), so that the cursor never
-    /// jumps over an event the catch-up has not reached yet.
-    held_back: Option<Vec<ServerEvent>>,
+    /// Inbound streams must not interleave: the cursor only moves forward, so an event
+    /// processed from one stream would make an older one of the other look like a
+    /// replay. While a poll, a catch-up or a resync is processing events
+    /// (`inbound_tasks` > 0), the WebSocket's durable deliveries wait here, then go
+    /// through the same dedupe in their order.
+    held_back: Vec<ServerEvent>,
+    inbound_tasks: usize,
     shutdown: Option<oneshot::Sender<()>>,
 }
 
@@ -257,7 +278,8 @@ impl Supervisor {
             ops_waiting: true,
             last_pull: None,
             last_tx_check: None,
-            held_back: None,
+            held_back: Vec::new(),
+            inbound_tasks: 0,
             shutdown: None,
         })
     }
@@ -288,7 +310,12 @@ impl Supervisor {
                         None => std::future::pending().await,
                     }
                 } => self.machine.handle_timeout(Instant::now()),
-                Some(command) = self.commands.recv() => self.on_command(command).await,
+                command = self.commands.recv() => match command {
+                    Some(command) => self.on_command(command).await,
+                    // Every `Client` handle was dropped without `shutdown()`: stop too,
+                    // rather than keep a store and sockets alive for no one.
+                    None => self.machine.shutdown(Instant::now()),
+                },
                 Some((generation, event)) = self.ws_rx.recv() => self.on_ws(generation, event).await,
                 Some(io) = self.io_rx.recv() => self.on_io(io).await,
                 _ = tick.tick() => self.on_tick().await,
@@ -374,6 +401,26 @@ impl Supervisor {
         });
     }
 
+    /// A poll, catch-up or resync finished processing: when none is left, the held
+    /// WebSocket deliveries are processed, in order.
+    async fn inbound_done(&mut self) {
+        self.inbound_tasks = self.inbound_tasks.saturating_sub(1);
+        if self.inbound_tasks > 0 {
+            return;
+        }
+        let mut pending = std::mem::take(&mut self.held_back).into_iter();
+        while let Some(event) = pending.next() {
+            Box::pin(self.on_frame(event, None)).await;
+            if self.inbound_tasks > 0 {
+                // Another inbound task started meanwhile: the rest waits again, first.
+                let mut rest: Vec<ServerEvent> = pending.collect();
+                rest.append(&mut self.held_back);
+                self.held_back = rest;
+                return;
+            }
+        }
+    }
+
     /// A connection without a cursor (first run, or after a resync found no events)
     /// cannot ask the server to resume: poll from the start of retention first.
     async fn catch_up_if_no_cursor(&mut self, generation: u64) {
@@ -381,7 +428,7 @@ impl Supervisor {
         if has_cursor {
             return;
         }
-        self.held_back = Some(Vec::new());
+        self.inbound_tasks += 1;
         let (store, http, tokens, io, updates) = self.task_parts();
         self.tasks.spawn(async move {
             let mut result = Ok(());
@@ -402,7 +449,8 @@ impl Supervisor {
     fn close_ws(&mut self) {
         // Abandons an attempt too: its reports carry an old generation.
         self.ws_gen += 1;
-        self.held_back = None;
+        // Not recorded, so not lost: the next connection resumes from the cursor.
+        self.held_back.clear();
         if let Some(ws) = self.ws.take() {
             ws.close();
         }
@@ -434,7 +482,7 @@ impl Supervisor {
             WsEvent::Closed(kind, reason) => {
                 info!(%reason, "WebSocket closed");
                 self.ws = None;
-                self.held_back = None;
+                self.held_back.clear();
                 self.requeue_ws_in_flight("the connection closed before the ack")
                     .await;
                 self.machine.on_ws_closed(now, kind);
@@ -444,10 +492,10 @@ impl Supervisor {
     }
 
     async fn on_frame(&mut self, event: ServerEvent, reference: Option<String>) {
-        if let Some(held) = self.held_back.as_mut()
+        if self.inbound_tasks > 0
             && matches!(event, ServerEvent::Message(_) | ServerEvent::Event(_))
         {
-            held.push(event);
+            self.held_back.push(event);
             return;
         }
         match event {
@@ -623,6 +671,7 @@ impl Supervisor {
     // ---- polling and resync ---------------------------------------------------------------
 
     async fn spawn_poll(&mut self) {
+        self.inbound_tasks += 1;
         let store = self.store.clone();
         let http = self.http.clone();
         let tokens = self.tokens.clone();
@@ -635,6 +684,7 @@ impl Supervisor {
     }
 
     fn spawn_resync(&mut self) {
+        self.inbound_tasks += 1;
         let store = self.store.clone();
         let http = self.http.clone();
         let tokens = self.tokens.clone();
@@ -957,18 +1007,25 @@ impl Supervisor {
                 self.machine.on_token_unavailable(now);
             }
             Io::Poll(Ok(more)) => {
+                self.inbound_done().await;
                 self.machine.on_poll_ok(now, more);
             }
             Io::Poll(Err(e)) if e.code() == Some(ErrorCode::CursorExpired) => {
+                self.inbound_done().await;
                 self.machine.on_poll_cursor_expired(now);
             }
             Io::Poll(Err(e)) => {
                 debug!(error = %e, "poll failed");
+                self.inbound_done().await;
                 self.machine.on_poll_failed(now, e.failure());
             }
-            Io::Resync(Ok(())) => self.machine.on_resync_done(now),
+            Io::Resync(Ok(())) => {
+                self.inbound_done().await;
+                self.machine.on_resync_done(now);
+            }
             Io::Resync(Err(e)) => {
                 warn!(error = %e, "resync failed");
+                self.inbound_done().await;
                 self.machine.on_resync_failed(now, e.failure());
             }
             Io::HttpDone { id, failure } => {
@@ -983,27 +1040,18 @@ impl Supervisor {
                     }
                 }
             }
-            Io::CaughtUp(generation, result) => {
-                if generation != self.ws_gen {
-                    return;
+            Io::CaughtUp(generation, result) => match result {
+                Err(e) if generation == self.ws_gen => {
+                    // Without the catch-up the held deliveries could skip events: drop
+                    // them and the connection; the next one catches up again.
+                    warn!(error = %e, "catch-up failed; reconnecting");
+                    self.inbound_tasks = self.inbound_tasks.saturating_sub(1);
+                    self.close_ws();
+                    self.machine
+                        .on_ws_closed(now, crate::machine::CloseKind::Lost);
                 }
-                let held = self.held_back.take().unwrap_or_default();
-                match result {
-                    Ok(()) => {
-                        for event in held {
-                            Box::pin(self.on_frame(event, None)).await;
-                        }
-                    }
-                    Err(e) => {
-                        // Without the catch-up the held deliveries could skip events:
-                        // drop the connection; the next one catches up again.
-                        warn!(error = %e, "catch-up failed; reconnecting");
-                        self.close_ws();
-                        self.machine
-                            .on_ws_closed(now, crate::machine::CloseKind::Lost);
-                    }
-                }
-            }
+                _ => self.inbound_done().await,
+            },
             Io::Pulled(result) => {
                 self.reconcile_in_flight = false;
                 match result {

@@ -284,6 +284,11 @@ impl Store {
         self.path.as_deref()
     }
 
+    /// The schema version this SDK creates and migrates to.
+    pub fn latest_schema_version() -> usize {
+        schema::latest_version()
+    }
+
     /// The schema version of the open database.
     pub fn schema_version(&self) -> Result<usize, StoreError> {
         let v: i64 = self

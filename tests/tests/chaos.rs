@@ -1,0 +1,455 @@
+//! Fault injection: several clients do random work (room and direct messages, presence,
+//! offline counter and document edits, Class D transactions) while a seeded random
+//! schedule breaks their network (refused WebSockets, refused or black-holed
+//! connections, cuts, frozen sockets, latency) and restarts the server. Then the
+//! network heals and the invariants must hold:
+//!
+//! - every message an SDK call accepted reaches each recipient exactly once, in order
+//!   per sender and target;
+//! - every entity operation is applied exactly once: each counter equals the sum of
+//!   every delta any client committed, and every replica equals the server's snapshot;
+//! - every Class D transaction is confirmed, once, with one server id;
+//! - no Class A item was ever stored; outboxes drain; nothing is left dead.
+//!
+//! Seeded and bounded: `WEBWAKA_CHAOS_SEED` replays a run, `WEBWAKA_CHAOS_STEPS` makes
+//! it longer (default 30 steps, about 20 s). A failure prints the seed and the history.
+
+// Tests may panic on what they did not expect: that is how they fail.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{Value, json};
+use webwaka_e2e::harness::{TestServer, client_config, wait_state};
+use webwaka_e2e::proxy::{Mode, Proxy};
+use webwaka_realtime::client::{Client, Next, OutgoingMessage, StaticToken, Target, Update};
+use webwaka_realtime::machine::ConnectionState;
+use webwaka_realtime::protocol::{PresenceStatus, StateSnapshot};
+use webwaka_realtime::reconcile::CounterMerge;
+use webwaka_realtime::store::{ItemKind, ItemState};
+
+const USERS: [&str; 3] = ["ana", "ben", "cho"];
+const ROOM: &str = "chaos";
+const COUNTERS: [&str; 2] = ["c1", "c2"];
+const DOCS: [&str; 2] = ["d1", "d2"];
+
+/// What one client received, per (sender, target) lane: the message numbers in order.
+type Inbox = Arc<std::sync::Mutex<BTreeMap<(String, String), Vec<u64>>>>;
+
+struct Node {
+    user: &'static str,
+    client: Client,
+    proxy: Proxy,
+    inbox: Inbox,
+}
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+async fn open_node(server: &TestServer, dir: &std::path::Path, user: &'static str) -> Node {
+    let proxy = Proxy::start(server.addr).await.unwrap();
+    let mut config = client_config(&proxy.url(), &dir.join(format!("{user}.db")));
+    config
+        .store
+        .merges
+        .insert("counter".into(), Arc::new(CounterMerge));
+    let client = Client::open(config, Arc::new(StaticToken(server.token("t1", user))))
+        .await
+        .unwrap();
+    let inbox: Inbox = Arc::default();
+    let mut sub = client.subscribe();
+    let record = inbox.clone();
+    tokio::spawn(async move {
+        loop {
+            match sub.next().await {
+                Next::Update(u) => {
+                    // Live (Class A) typing indicators are not part of the ledger.
+                    if let Update::Message(m) = *u
+                        && m.message_type == "chat"
+                    {
+                        let target = m.room_id.clone().map_or_else(
+                            || format!("@{}", m.recipient_id.unwrap_or_default()),
+                            |r| format!("#{r}"),
+                        );
+                        let n = m.payload["n"].as_u64().unwrap_or(u64::MAX);
+                        record
+                            .lock()
+                            .unwrap()
+                            .entry((m.sender_id.clone(), target))
+                            .or_default()
+                            .push(n);
+                    }
+                }
+                Next::Missed(n) => panic!("a test subscriber missed {n} updates"),
+                Next::Closed => return,
+            }
+        }
+    });
+    Node {
+        user,
+        client,
+        proxy,
+        inbox,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invariants_hold_after_a_random_schedule_of_faults() {
+    let seed = env_u64("WEBWAKA_CHAOS_SEED").unwrap_or_else(rand::random);
+    let steps = env_u64("WEBWAKA_CHAOS_STEPS").unwrap_or(30);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut history: Vec<String> = vec![format!("seed {seed}, {steps} steps")];
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = TestServer::start_with(&dir.path().join("server"), |c| {
+        c.reconciliation_counter_types = "counter".into();
+        c.transaction_confirm_delay_ms = 20;
+    })
+    .await;
+
+    let mut nodes = Vec::new();
+    for user in USERS {
+        nodes.push(open_node(&server, dir.path(), user).await);
+    }
+    for node in &nodes {
+        assert!(
+            wait_state(
+                &node.client,
+                ConnectionState::Realtime,
+                Duration::from_secs(15)
+            )
+            .await
+        );
+        node.client.join_room(ROOM).await.unwrap();
+    }
+    // Everyone is in the room before the first room message; the counters exist
+    // everywhere (at 0) before the first increment, so that every later write is a delta.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for counter in COUNTERS {
+        nodes[0]
+            .client
+            .create_entity("counter", counter, json!({ "v": 0 }))
+            .await
+            .unwrap();
+    }
+    for node in &nodes {
+        let ready = wait_for(Duration::from_secs(15), || async {
+            let mut all = true;
+            for counter in COUNTERS {
+                all &= node
+                    .client
+                    .entity("counter", counter)
+                    .await
+                    .unwrap()
+                    .is_some_and(|e| e.pending.is_empty());
+            }
+            all
+        })
+        .await;
+        assert!(ready, "the counters reached {}", node.user);
+    }
+
+    // What the SDK calls accepted.
+    let mut sent: BTreeMap<(String, String), Vec<u64>> = BTreeMap::new();
+    let mut deltas: HashMap<&str, i64> = HashMap::new();
+    let mut transactions: Vec<(usize, String)> = Vec::new();
+    let mut next_n = 0u64;
+
+    for step in 0..steps {
+        // A fault, or a repair.
+        let victim = rng.random_range(0..nodes.len());
+        let fault = rng.random_range(0..10);
+        let what = match fault {
+            0 => {
+                nodes[victim].proxy.set_mode(Mode::RefuseWebSocket);
+                nodes[victim].proxy.cut_all();
+                "refuse WebSocket + cut"
+            }
+            1 => {
+                nodes[victim].proxy.set_mode(Mode::Refuse);
+                nodes[victim].proxy.cut_all();
+                "refuse everything + cut"
+            }
+            2 => {
+                nodes[victim].proxy.set_mode(Mode::BlackHole);
+                nodes[victim].proxy.cut_all();
+                "black hole + cut"
+            }
+            3 => {
+                nodes[victim].proxy.freeze_all(true);
+                "freeze"
+            }
+            4 => {
+                nodes[victim]
+                    .proxy
+                    .set_latency(Duration::from_millis(rng.random_range(10..200)));
+                "latency"
+            }
+            5 if rng.random_bool(0.4) => {
+                server.restart().await;
+                "server restart"
+            }
+            _ => {
+                let p = &nodes[victim].proxy;
+                p.set_mode(Mode::Pass);
+                p.freeze_all(false);
+                p.set_latency(Duration::ZERO);
+                "heal"
+            }
+        };
+        history.push(format!("step {step}: {what} ({})", nodes[victim].user));
+
+        // Random work by every client.
+        for (i, node) in nodes.iter().enumerate() {
+            for _ in 0..rng.random_range(1..4) {
+                let kind = rng.random_range(0..10);
+                match kind {
+                    0..=3 => {
+                        let (target, key) = if rng.random_bool(0.5) {
+                            (Target::Room(ROOM.into()), format!("#{ROOM}"))
+                        } else {
+                            let to = USERS[(i + 1 + rng.random_range(0..2)) % USERS.len()];
+                            (Target::User(to.into()), format!("@{to}"))
+                        };
+                        next_n += 1;
+                        let message = OutgoingMessage::new(target, "chat", json!({ "n": next_n }));
+                        if node.client.send_message(message).await.is_ok() {
+                            sent.entry((node.user.to_owned(), key))
+                                .or_default()
+                                .push(next_n);
+                        }
+                    }
+                    4 => {
+                        // Class A: sent if live, else refused at once; never stored.
+                        let _ = node.client.set_presence(PresenceStatus::Online, None).await;
+                        let _ = node
+                            .client
+                            .send_live(Target::Room(ROOM.into()), "typing", json!({}))
+                            .await;
+                    }
+                    5..=7 => {
+                        let counter = COUNTERS[rng.random_range(0..COUNTERS.len())];
+                        let delta = rng.random_range(-5i64..10);
+                        if node
+                            .client
+                            .update_entity("counter", counter, json!({ "v": delta }))
+                            .await
+                            .is_ok()
+                        {
+                            *deltas.entry(counter).or_default() += delta;
+                        }
+                    }
+                    8 => {
+                        let doc = DOCS[rng.random_range(0..DOCS.len())];
+                        let _ = node
+                            .client
+                            .update_entity("doc", doc, json!({ node.user: step }))
+                            .await;
+                    }
+                    _ => {
+                        let item = node
+                            .client
+                            .submit_transaction("payment", json!({ "amount": step }), None)
+                            .await
+                            .unwrap();
+                        transactions.push((i, item.id));
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(rng.random_range(50..600))).await;
+    }
+
+    // The network heals.
+    history.push("heal all".into());
+    for node in &nodes {
+        node.proxy.set_mode(Mode::Pass);
+        node.proxy.freeze_all(false);
+        node.proxy.set_latency(Duration::ZERO);
+        node.client.network_available();
+    }
+    let report = |why: &str, history: &[String]| -> String {
+        format!(
+            "{why}\nreplay with WEBWAKA_CHAOS_SEED={seed} WEBWAKA_CHAOS_STEPS={steps}\nhistory:\n  {}",
+            history.join("\n  ")
+        )
+    };
+
+    // Outboxes drain (nothing persisted, in flight or dead).
+    for node in &nodes {
+        let drained = wait_for(Duration::from_secs(60), || async {
+            let items = node.client.outbox(None).await.unwrap();
+            items
+                .iter()
+                .all(|i| matches!(i.state, ItemState::Accepted | ItemState::Confirmed))
+        })
+        .await;
+        let left: Vec<_> = node
+            .client
+            .outbox(None)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|i| !matches!(i.state, ItemState::Accepted | ItemState::Confirmed))
+            .map(|i| format!("{:?} {:?} {:?}", i.kind, i.state, i.last_error))
+            .collect();
+        assert!(
+            drained,
+            "{}",
+            report(
+                &format!("{}'s outbox did not drain: {left:?}", node.user),
+                &history
+            )
+        );
+        // No Class A item was ever stored: only messages, operations and transactions.
+        assert!(
+            node.client
+                .outbox(None)
+                .await
+                .unwrap()
+                .iter()
+                .all(|i| { i.kind != ItemKind::Message || i.body["type"] == "chat" })
+        );
+    }
+
+    // Messages: exactly once, in order, to every recipient.
+    let _all_delivered = wait_for(Duration::from_secs(30), || async {
+        nodes
+            .iter()
+            .all(|node| expected_inbox(node.user, &sent) == *node.inbox.lock().unwrap())
+    })
+    .await;
+    for node in &nodes {
+        let got = node.inbox.lock().unwrap().clone();
+        let want = expected_inbox(node.user, &sent);
+        assert!(
+            got == want,
+            "{}",
+            report(
+                &format!("{} received {got:?}\nexpected {want:?}", node.user),
+                &history
+            )
+        );
+    }
+
+    // Transactions: each confirmed, with one server id.
+    for (i, id) in &transactions {
+        let item = nodes[*i].client.item(id).await.unwrap().unwrap();
+        assert_eq!(
+            item.state,
+            ItemState::Confirmed,
+            "{}",
+            report(&format!("transaction {id} is {:?}", item.state), &history)
+        );
+        assert!(item.server_ref.is_some());
+    }
+
+    // Entities: every replica equals the server's snapshot; counters add up.
+    let http = reqwest::Client::new();
+    let token = server.token("t1", "ana");
+    for (entity_type, ids) in [("counter", &COUNTERS[..]), ("doc", &DOCS[..])] {
+        for id in ids {
+            let url = format!(
+                "{}/api/reconciliation/snapshot/{entity_type}/{id}",
+                server.url()
+            );
+            let resp = http.get(&url).bearer_auth(&token).send().await.unwrap();
+            if resp.status() == 404 {
+                continue; // never written
+            }
+            let snapshot: StateSnapshot = resp.json().await.unwrap();
+            let converged = wait_for(Duration::from_secs(20), || async {
+                let mut all = true;
+                for node in &nodes {
+                    node.client.sync_entities().unwrap();
+                    let value = node.client.entity(entity_type, *id).await.unwrap();
+                    all &= value
+                        .is_some_and(|e| e.value.data == snapshot.data && e.pending.is_empty());
+                }
+                all
+            })
+            .await;
+            let values: Vec<Option<Value>> = {
+                let mut v = Vec::new();
+                for node in &nodes {
+                    v.push(
+                        node.client
+                            .entity(entity_type, *id)
+                            .await
+                            .unwrap()
+                            .map(|e| e.value.data),
+                    );
+                }
+                v
+            };
+            assert!(
+                converged,
+                "{}",
+                report(
+                    &format!(
+                        "{entity_type}/{id}: server {} but replicas {values:?}",
+                        snapshot.data
+                    ),
+                    &history
+                )
+            );
+        }
+    }
+    for counter in COUNTERS {
+        let entity = nodes[0]
+            .client
+            .entity("counter", counter)
+            .await
+            .unwrap()
+            .unwrap();
+        let value = entity.value.data["v"].as_i64().unwrap_or(i64::MIN);
+        let want = deltas.get(counter).copied().unwrap_or(0);
+        assert_eq!(
+            value,
+            want,
+            "{}",
+            report(
+                &format!("counter {counter}: every delta exactly once"),
+                &history
+            )
+        );
+    }
+
+    for node in &nodes {
+        node.client.shutdown().await;
+    }
+    server.stop().await;
+}
+
+/// Who should have received what: room messages go to every member but the sender;
+/// direct messages to their recipient.
+fn expected_inbox(
+    user: &str,
+    sent: &BTreeMap<(String, String), Vec<u64>>,
+) -> BTreeMap<(String, String), Vec<u64>> {
+    sent.iter()
+        .filter(|((sender, target), _)| {
+            sender != user && (target == &format!("#{ROOM}") || target == &format!("@{user}"))
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+async fn wait_for<F, Fut>(within: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
