@@ -12,7 +12,8 @@
 //! - no Class A item was ever stored; outboxes drain; nothing is left dead.
 //!
 //! Seeded and bounded: `WEBWAKA_CHAOS_SEED` replays a run, `WEBWAKA_CHAOS_STEPS` makes
-//! it longer (default 30 steps, about 20 s). A failure prints the seed and the history.
+//! it longer (default 30 steps, about 20 s), `WEBWAKA_CHAOS_MINUTES` runs new seeds for
+//! that long (the soak run). A failure prints the seed and the history.
 
 // Tests may panic on what they did not expect: that is how they fail.
 #![allow(clippy::unwrap_used)]
@@ -98,10 +99,58 @@ async fn open_node(server: &TestServer, dir: &std::path::Path, user: &'static st
     }
 }
 
+/// What one scenario checked.
+#[derive(Debug, Default)]
+struct Stats {
+    faults: u64,
+    messages: u64,
+    operations: u64,
+    transactions: u64,
+    entities: u64,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invariants_hold_after_a_random_schedule_of_faults() {
-    let seed = env_u64("WEBWAKA_CHAOS_SEED").unwrap_or_else(rand::random);
+    // One scenario in CI; `WEBWAKA_CHAOS_MINUTES=30` keeps running new seeds for that
+    // long (the soak run), stopping at the first violation.
+    let minutes = env_u64("WEBWAKA_CHAOS_MINUTES");
     let steps = env_u64("WEBWAKA_CHAOS_STEPS").unwrap_or(30);
+    let started = std::time::Instant::now();
+    let mut total = Stats::default();
+    let mut iterations = 0u64;
+    loop {
+        let seed = match (iterations, env_u64("WEBWAKA_CHAOS_SEED")) {
+            (0, Some(seed)) => seed,
+            _ => rand::random(),
+        };
+        let stats = scenario(seed, steps).await;
+        iterations += 1;
+        total.faults += stats.faults;
+        total.messages += stats.messages;
+        total.operations += stats.operations;
+        total.transactions += stats.transactions;
+        total.entities += stats.entities;
+        let budget = Duration::from_secs(minutes.unwrap_or(0) * 60);
+        if started.elapsed() >= budget {
+            break;
+        }
+    }
+    eprintln!(
+        "chaos: {iterations} scenarios of {steps} steps in {:.1} min: {} faults injected; \
+         checked {} message deliveries, {} entity operations, {} transactions, {} entity \
+         replicas; 0 violations",
+        started.elapsed().as_secs_f64() / 60.0,
+        total.faults,
+        total.messages,
+        total.operations,
+        total.transactions,
+        total.entities
+    );
+}
+
+/// One seeded scenario; panics (with the seed and the history) on a violation.
+async fn scenario(seed: u64, steps: u64) -> Stats {
+    let mut stats = Stats::default();
     let mut rng = StdRng::seed_from_u64(seed);
     let mut history: Vec<String> = vec![format!("seed {seed}, {steps} steps")];
     let dir = tempfile::tempdir().unwrap();
@@ -201,6 +250,9 @@ async fn invariants_hold_after_a_random_schedule_of_faults() {
                 "heal"
             }
         };
+        if what != "heal" {
+            stats.faults += 1;
+        }
         history.push(format!("step {step}: {what} ({})", nodes[victim].user));
 
         // Random work by every client.
@@ -241,6 +293,7 @@ async fn invariants_hold_after_a_random_schedule_of_faults() {
                             .is_ok()
                         {
                             *deltas.entry(counter).or_default() += delta;
+                            stats.operations += 1;
                         }
                     }
                     8 => {
@@ -326,6 +379,7 @@ async fn invariants_hold_after_a_random_schedule_of_faults() {
     for node in &nodes {
         let got = node.inbox.lock().unwrap().clone();
         let want = expected_inbox(node.user, &sent);
+        stats.messages += want.values().map(|v| v.len() as u64).sum::<u64>();
         assert!(
             got == want,
             "{}",
@@ -337,6 +391,7 @@ async fn invariants_hold_after_a_random_schedule_of_faults() {
     }
 
     // Transactions: each confirmed, with one server id.
+    stats.transactions = transactions.len() as u64;
     for (i, id) in &transactions {
         let item = nodes[*i].client.item(id).await.unwrap().unwrap();
         assert_eq!(
@@ -419,10 +474,12 @@ async fn invariants_hold_after_a_random_schedule_of_faults() {
         );
     }
 
+    stats.entities = (nodes.len() * (COUNTERS.len() + DOCS.len())) as u64;
     for node in &nodes {
         node.client.shutdown().await;
     }
     server.stop().await;
+    stats
 }
 
 /// Who should have received what: room messages go to every member but the sender;
