@@ -527,3 +527,55 @@ fn fake_token() -> String {
         b64(r#"{"tenantId":"bench","userId":"probe","exp":4102444800}"#)
     )
 }
+
+/// The size of the library apps link (`libwebwaka_realtime_ffi.so`, release), as built
+/// and stripped. Builds it first (the same target dir).
+pub fn library_size() -> Result<Vec<Row>, String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = std::process::Command::new(&cargo)
+        .args([
+            "build",
+            "--release",
+            "--quiet",
+            "-p",
+            "webwaka-realtime-ffi",
+            "--lib",
+        ])
+        .status()
+        .map_err(|e| format!("cargo: {e}"))?;
+    if !status.success() {
+        return Err("building the ffi library failed".into());
+    }
+    let target = std::env::current_exe()
+        .map_err(|e| e.to_string())?
+        .parent()
+        .map(|p| p.join("libwebwaka_realtime_ffi.so"))
+        .ok_or("no target dir")?;
+    let built = std::fs::metadata(&target).map_err(|e| format!("{}: {e}", target.display()))?;
+    let stripped_path = std::env::temp_dir().join("webwaka-bench-lib-stripped.so");
+    let stripped = std::process::Command::new("strip")
+        .arg("-o")
+        .arg(&stripped_path)
+        .arg(&target)
+        .status()
+        .ok()
+        .filter(|s| s.success())
+        .and_then(|_| std::fs::metadata(&stripped_path).ok())
+        .map(|m| m.len());
+    let _ = std::fs::remove_file(&stripped_path);
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    Ok(vec![Row {
+        name: "cdylib size (libwebwaka_realtime_ffi.so, x86_64 Linux)".into(),
+        figure: match stripped {
+            Some(s) => format!(
+                "{:.1} MiB stripped ({:.1} MiB as built)",
+                mib(s),
+                mib(built.len())
+            ),
+            None => format!("{:.1} MiB as built", mib(built.len())),
+        },
+        method:
+            "cargo build --release -p webwaka-realtime-ffi (workspace release profile), then strip"
+                .into(),
+    }])
+}
