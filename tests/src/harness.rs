@@ -198,3 +198,67 @@ pub async fn collect<T>(
     .await;
     out
 }
+
+/// Polls `check` every 50 ms until it holds or `within` passes; whether it held.
+pub async fn wait_until<F, Fut>(within: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// The message an update carries, if it is one (for [`collect`]).
+pub fn messages(update: Update) -> Option<webwaka_realtime::protocol::WebSocketMessage> {
+    match update {
+        Update::Message(m) => Some(m),
+        _ => None,
+    }
+}
+
+/// The `text` field of each message's payload.
+pub fn texts(messages: &[webwaka_realtime::protocol::WebSocketMessage]) -> Vec<String> {
+    messages
+        .iter()
+        .map(|m| m.payload["text"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+/// A number from the environment (test sizes, seeds).
+pub fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+/// Kills a child process when dropped, also when a test fails half-way.
+pub struct ChildGuard(pub Option<std::process::Child>);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The lines a child prints, read on a thread (the pipe is blocking).
+pub fn lines_of(stdout: std::process::ChildStdout) -> tokio::sync::mpsc::UnboundedReceiver<String> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}

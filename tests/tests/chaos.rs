@@ -25,7 +25,7 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
-use webwaka_e2e::harness::{TestServer, client_config, wait_state};
+use webwaka_e2e::harness::{TestServer, client_config, env_u64, wait_state, wait_until};
 use webwaka_e2e::proxy::{Mode, Proxy};
 use webwaka_realtime::client::{Client, Next, OutgoingMessage, StaticToken, Target, Update};
 use webwaka_realtime::machine::ConnectionState;
@@ -46,10 +46,6 @@ struct Node {
     client: Client,
     proxy: Proxy,
     inbox: Inbox,
-}
-
-fn env_u64(name: &str) -> Option<u64> {
-    std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
 async fn open_node(server: &TestServer, dir: &std::path::Path, user: &'static str) -> Node {
@@ -186,7 +182,7 @@ async fn scenario(seed: u64, steps: u64) -> Stats {
             .unwrap();
     }
     for node in &nodes {
-        let ready = wait_for(Duration::from_secs(15), || async {
+        let ready = wait_until(Duration::from_secs(15), || async {
             let mut all = true;
             for counter in COUNTERS {
                 all &= node
@@ -334,7 +330,7 @@ async fn scenario(seed: u64, steps: u64) -> Stats {
 
     // Outboxes drain (nothing persisted, in flight or dead).
     for node in &nodes {
-        let drained = wait_for(Duration::from_secs(60), || async {
+        let drained = wait_until(Duration::from_secs(60), || async {
             let items = node.client.outbox(None).await.unwrap();
             items
                 .iter()
@@ -370,7 +366,7 @@ async fn scenario(seed: u64, steps: u64) -> Stats {
     }
 
     // Messages: exactly once, in order, to every recipient.
-    let _all_delivered = wait_for(Duration::from_secs(30), || async {
+    let _all_delivered = wait_until(Duration::from_secs(30), || async {
         nodes
             .iter()
             .all(|node| expected_inbox(node.user, &sent) == *node.inbox.lock().unwrap())
@@ -417,7 +413,7 @@ async fn scenario(seed: u64, steps: u64) -> Stats {
                 continue; // never written
             }
             let snapshot: StateSnapshot = resp.json().await.unwrap();
-            let converged = wait_for(Duration::from_secs(20), || async {
+            let converged = wait_until(Duration::from_secs(20), || async {
                 let mut all = true;
                 for node in &nodes {
                     node.client.sync_entities().unwrap();
@@ -494,19 +490,4 @@ fn expected_inbox(
         })
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect()
-}
-
-async fn wait_for<F, Fut>(within: Duration, mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + within;
-    while tokio::time::Instant::now() < deadline {
-        if check().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    false
 }

@@ -9,20 +9,15 @@
 use std::time::Duration;
 
 use serde_json::json;
-use webwaka_e2e::harness::{TestServer, client_config, collect, open_client, wait_state};
+use webwaka_e2e::harness::{
+    TestServer, client_config, collect, messages, open_client, texts, wait_state, wait_until,
+};
 use webwaka_realtime::client::{ClientError, OutgoingMessage, Target, Update};
 use webwaka_realtime::machine::ConnectionState;
-use webwaka_realtime::protocol::{PresenceStatus, WebSocketMessage};
+use webwaka_realtime::protocol::PresenceStatus;
 use webwaka_realtime::store::ItemState;
 
 const WITHIN: Duration = Duration::from_secs(15);
-
-fn texts(messages: &[WebSocketMessage]) -> Vec<String> {
-    messages
-        .iter()
-        .map(|m| m.payload["text"].as_str().unwrap_or_default().to_owned())
-        .collect()
-}
 
 fn chat(room: &str, text: &str) -> OutgoingMessage {
     OutgoingMessage::new(
@@ -30,13 +25,6 @@ fn chat(room: &str, text: &str) -> OutgoingMessage {
         "chat.text",
         json!({ "text": text }),
     )
-}
-
-fn messages(update: Update) -> Option<WebSocketMessage> {
-    match update {
-        Update::Message(m) => Some(m),
-        _ => None,
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -419,22 +407,6 @@ async fn a_client_restarted_with_a_full_outbox_sends_it_all() {
     assert!(settled, "the outbox drained");
     alice.shutdown().await;
     bob.shutdown().await;
-}
-
-/// Polls `check` every 50 ms until it holds or `within` passes.
-async fn wait_until<F, Fut>(within: Duration, mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + within;
-    while tokio::time::Instant::now() < deadline {
-        if check().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

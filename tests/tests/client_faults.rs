@@ -12,47 +12,19 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde_json::json;
-use webwaka_e2e::harness::{TestServer, client_config, collect, open_client, wait_state};
+use webwaka_e2e::harness::{
+    TestServer, client_config, collect, messages, open_client, texts, wait_state, wait_until,
+};
 use webwaka_e2e::proxy::{Mode, Proxy};
 use webwaka_realtime::client::{
     Client, OutgoingMessage, Resolution, Target, TokenError, TokenRequest, Update,
 };
 use webwaka_realtime::machine::ConnectionState;
-use webwaka_realtime::protocol::WebSocketMessage;
 
 const WITHIN: Duration = Duration::from_secs(15);
 
 fn dm(to: &str, text: &str) -> OutgoingMessage {
     OutgoingMessage::new(Target::User(to.into()), "dm", json!({ "text": text }))
-}
-
-fn messages(update: Update) -> Option<WebSocketMessage> {
-    match update {
-        Update::Message(m) => Some(m),
-        _ => None,
-    }
-}
-
-fn texts(messages: &[WebSocketMessage]) -> Vec<String> {
-    messages
-        .iter()
-        .map(|m| m.payload["text"].as_str().unwrap_or_default().to_owned())
-        .collect()
-}
-
-async fn wait_until<F, Fut>(within: Duration, mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + within;
-    while tokio::time::Instant::now() < deadline {
-        if check().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

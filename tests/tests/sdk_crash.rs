@@ -24,42 +24,13 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
-use webwaka_e2e::harness::{TestServer, client_config, open_client, wait_state};
+use webwaka_e2e::harness::{
+    ChildGuard, TestServer, client_config, env_u64, lines_of, open_client, wait_state,
+};
 use webwaka_realtime::client::{Next, Update};
 use webwaka_realtime::machine::ConnectionState;
 use webwaka_realtime::protocol::StateSnapshot;
 use webwaka_realtime::store::{ItemKind, ItemState, Store, StoreConfig};
-
-/// Kills a child process when dropped (also when the test fails).
-struct Guard(Option<Child>);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// The lines a child prints, read on a thread (the pipe is blocking).
-fn lines_of(stdout: std::process::ChildStdout) -> tokio::sync::mpsc::UnboundedReceiver<String> {
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout).lines() {
-            let Ok(line) = line else { return };
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    rx
-}
-
-fn env_u64(name: &str) -> Option<u64> {
-    std::env::var(name).ok().and_then(|v| v.parse().ok())
-}
 
 fn child(server: &str, store: &std::path::Path, token: &str, seed: u64, mode: &str) -> Child {
     Command::new(env!("CARGO_BIN_EXE_sdk_crash_child"))
@@ -129,7 +100,7 @@ async fn a_killed_app_keeps_every_promise_after_restart() {
     let mut printed_ops: Vec<(String, i64)> = Vec::new();
     let mut printed_txs: Vec<String> = Vec::new();
     for round in 0..kills {
-        let mut guard = Guard(Some(child(
+        let mut guard = ChildGuard(Some(child(
             &server.url(),
             &store,
             &alice_token,

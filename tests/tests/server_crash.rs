@@ -10,34 +10,19 @@
 #![allow(clippy::unwrap_used)]
 
 use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
-use webwaka_e2e::harness::{client_config, open_client, wait_state};
+use webwaka_e2e::harness::{ChildGuard, client_config, env_u64, open_client, wait_state};
 use webwaka_realtime::client::{Next, OutgoingMessage, Target, Update};
 use webwaka_realtime::machine::ConnectionState;
 use webwaka_realtime::store::ItemState;
 
-struct Guard(Option<Child>);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn env_u64(name: &str) -> Option<u64> {
-    std::env::var(name).ok().and_then(|v| v.parse().ok())
-}
-
-fn start_server(dir: &std::path::Path, port: u16) -> Guard {
+fn start_server(dir: &std::path::Path, port: u16) -> ChildGuard {
     let mut child = Command::new(env!("CARGO_BIN_EXE_server_child"))
         .args([dir.to_str().unwrap(), &port.to_string()])
         .stdout(Stdio::piped())
@@ -57,7 +42,7 @@ fn start_server(dir: &std::path::Path, port: u16) -> Guard {
         for _ in lines {}
     });
     let _ = rx.recv_timeout(Duration::from_secs(10));
-    Guard(Some(child))
+    ChildGuard(Some(child))
 }
 
 /// A secret both the test and every server run agree on (dev mode keeps it in the

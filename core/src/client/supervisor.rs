@@ -323,6 +323,8 @@ impl Supervisor {
             }
         }
         self.tasks.abort_all();
+        // Closed before `shutdown()` returns, so that the API refuses new work at once.
+        self.commands.close();
         if let Some(done) = self.shutdown.take() {
             let _ = done.send(());
         }
@@ -744,18 +746,29 @@ impl Supervisor {
         }
     }
 
-    async fn send_over_ws(&mut self, item: OutboxItem) {
+    /// Reads a message item's body and marks it in flight; `None` when it cannot be
+    /// sent (an unreadable body makes it dead; a refused transition leaves it).
+    async fn start_message(&mut self, item: &OutboxItem) -> Option<(SendMessage, OutboxItem)> {
         let message: SendMessage = match serde_json::from_value(item.body.clone()) {
             Ok(m) => m,
             Err(e) => {
                 self.kill(&item.id, format!("unreadable message body: {e}"))
                     .await;
-                return;
+                return None;
             }
         };
         let id = item.id.clone();
         let now = now_wall();
-        let Ok(sent) = self.store.call(move |s| s.mark_in_flight(&id, now)).await else {
+        let sent = self
+            .store
+            .call(move |s| s.mark_in_flight(&id, now))
+            .await
+            .ok()?;
+        Some((message, sent))
+    }
+
+    async fn send_over_ws(&mut self, item: OutboxItem) {
+        let Some((message, sent)) = self.start_message(&item).await else {
             return;
         };
         if self.send_frame(&ClientEvent::Message(message), Some(&item.id)) {
@@ -763,6 +776,7 @@ impl Supervisor {
             self.emit(Update::Outbox((&sent).into()));
         } else {
             let id = item.id.clone();
+            let now = now_wall();
             let _ = self
                 .store
                 .call(move |s| s.mark_failed(&id, "the connection closed", now, now))
@@ -783,17 +797,7 @@ impl Supervisor {
     }
 
     async fn send_over_http(&mut self, item: OutboxItem) {
-        let message: SendMessage = match serde_json::from_value(item.body.clone()) {
-            Ok(m) => m,
-            Err(e) => {
-                self.kill(&item.id, format!("unreadable message body: {e}"))
-                    .await;
-                return;
-            }
-        };
-        let id = item.id.clone();
-        let now = now_wall();
-        let Ok(sent) = self.store.call(move |s| s.mark_in_flight(&id, now)).await else {
+        let Some((message, sent)) = self.start_message(&item).await else {
             return;
         };
         self.emit(Update::Outbox((&sent).into()));
