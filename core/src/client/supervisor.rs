@@ -172,7 +172,8 @@ impl TokenCell {
 /// What the spawned tasks report.
 #[derive(Debug)]
 enum Io {
-    WsOpened(u64, Result<WsHandle, ConnectError>),
+    /// The WebSocket attempt failed (success arrives as `WsEvent::Opened`).
+    WsFailed(u64, ConnectError),
     Token(Result<(), TokenError>),
     Poll(Result<bool, HttpError>),
     Resync(Result<(), HttpError>),
@@ -399,7 +400,9 @@ impl Supervisor {
                 Err(e) => Err(ConnectError::Failed(Failure::Auth, e.to_string())),
                 Ok(token) => ws::open(&url, &token, max_frame, timeout, generation, report).await,
             };
-            let _ = io.send(Io::WsOpened(generation, result));
+            if let Err(e) = result {
+                let _ = io.send(Io::WsFailed(generation, e));
+            }
         });
     }
 
@@ -474,11 +477,22 @@ impl Supervisor {
     }
 
     async fn on_ws(&mut self, generation: u64, event: WsEvent) {
+        let now = Instant::now();
+        if let WsEvent::Opened(handle) = event {
+            if generation != self.ws_gen {
+                handle.close(); // an abandoned attempt: close what it opened
+                return;
+            }
+            self.ws = Some(handle);
+            self.machine.on_ws_open(now);
+            self.catch_up_if_no_cursor(generation).await;
+            return;
+        }
         if generation != self.ws_gen || self.ws.is_none() {
             return;
         }
-        let now = Instant::now();
         match event {
+            WsEvent::Opened(_) => {}
             WsEvent::Activity => self.machine.on_ws_activity(now),
             WsEvent::Undecodable(e) => warn!(error = %e, "undecodable frame ignored"),
             WsEvent::Closed(kind, reason) => {
@@ -981,25 +995,16 @@ impl Supervisor {
     async fn on_io(&mut self, io: Io) {
         let now = Instant::now();
         match io {
-            Io::WsOpened(generation, result) => {
+            Io::WsFailed(generation, error) => {
                 if generation != self.ws_gen {
-                    // Abandoned attempt: close what it opened.
-                    if let Ok(ws) = result {
-                        ws.close();
-                    }
-                    return;
+                    return; // an abandoned attempt
                 }
-                match result {
-                    Ok(handle) => {
-                        self.ws = Some(handle);
-                        self.machine.on_ws_open(now);
-                        self.catch_up_if_no_cursor(generation).await;
-                    }
-                    Err(ConnectError::CursorExpired) => {
+                match error {
+                    ConnectError::CursorExpired => {
                         // The poll that follows gets the same answer and starts the resync.
                         self.machine.on_ws_failed(now, Failure::Server);
                     }
-                    Err(ConnectError::Failed(failure, reason)) => {
+                    ConnectError::Failed(failure, reason) => {
                         debug!(%reason, "WebSocket attempt failed");
                         self.machine.on_ws_failed(now, failure);
                     }

@@ -24,9 +24,12 @@ pub(crate) enum ConnectError {
     CursorExpired,
 }
 
-/// What a connection reports.
+/// What a connection reports, in order on one channel.
 #[derive(Debug)]
 pub(crate) enum WsEvent {
+    /// The connection is open: its handle. Always the first report of a connection, so
+    /// that no frame of it can be seen before it.
+    Opened(WsHandle),
     /// A decoded frame and the `ref` of its envelope.
     Frame(Box<ServerEvent>, Option<String>),
     /// A frame that could not be decoded (logged, then ignored: the connection stays).
@@ -74,7 +77,8 @@ fn ws_config(max_frame: usize) -> WebSocketConfig {
 }
 
 /// Opens the WebSocket at `url` and starts its reader and writer, which report to
-/// `report` as `(generation, event)`.
+/// `report` as `(generation, event)`: first [`WsEvent::Opened`] with the handle, then
+/// the frames.
 pub(crate) async fn open(
     url: &str,
     token: &str,
@@ -82,7 +86,7 @@ pub(crate) async fn open(
     timeout: Duration,
     generation: u64,
     report: mpsc::UnboundedSender<(u64, WsEvent)>,
-) -> Result<WsHandle, ConnectError> {
+) -> Result<(), ConnectError> {
     let mut request = url
         .into_client_request()
         .map_err(|e| ConnectError::Failed(Failure::Server, format!("bad WebSocket URL: {e}")))?;
@@ -123,6 +127,14 @@ pub(crate) async fn open(
         let _ = sink.close().await;
     });
 
+    // The handle goes first on the same channel as the frames.
+    if report
+        .send((generation, WsEvent::Opened(WsHandle { out })))
+        .is_err()
+    {
+        return Ok(()); // the client is gone; dropping the handle closes the socket
+    }
+
     // Reader: until the socket ends.
     tokio::spawn(async move {
         let (kind, reason) = loop {
@@ -159,7 +171,7 @@ pub(crate) async fn open(
         let _ = report.send((generation, WsEvent::Closed(kind, reason)));
     });
 
-    Ok(WsHandle { out })
+    Ok(())
 }
 
 fn close_kind(code: u16, reason: &str) -> CloseKind {
