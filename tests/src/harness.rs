@@ -262,3 +262,13 @@ pub fn lines_of(stdout: std::process::ChildStdout) -> tokio::sync::mpsc::Unbound
     });
     rx
 }
+
+/// True when an outbox item needs nothing more: a message or operation the server
+/// accepted, a transaction it confirmed or rejected.
+pub fn is_settled(item: &webwaka_realtime::store::OutboxItem) -> bool {
+    use webwaka_realtime::store::{ItemKind, ItemState};
+    match item.kind {
+        ItemKind::Transaction => matches!(item.state, ItemState::Confirmed | ItemState::Rejected),
+        _ => item.state == ItemState::Accepted,
+    }
+}

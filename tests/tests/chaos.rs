@@ -25,7 +25,9 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
-use webwaka_e2e::harness::{TestServer, client_config, env_u64, wait_state, wait_until};
+use webwaka_e2e::harness::{
+    TestServer, client_config, env_u64, is_settled, wait_state, wait_until,
+};
 use webwaka_e2e::proxy::{Mode, Proxy};
 use webwaka_realtime::client::{Client, Next, OutgoingMessage, StaticToken, Target, Update};
 use webwaka_realtime::machine::ConnectionState;
@@ -328,13 +330,11 @@ async fn scenario(seed: u64, steps: u64) -> Stats {
         )
     };
 
-    // Outboxes drain (nothing persisted, in flight or dead).
+    // Outboxes drain (nothing persisted, in flight or dead; transactions decided).
     for node in &nodes {
         let drained = wait_until(Duration::from_secs(60), || async {
             let items = node.client.outbox(None).await.unwrap();
-            items
-                .iter()
-                .all(|i| matches!(i.state, ItemState::Accepted | ItemState::Confirmed))
+            items.iter().all(is_settled)
         })
         .await;
         let left: Vec<_> = node
@@ -343,7 +343,7 @@ async fn scenario(seed: u64, steps: u64) -> Stats {
             .await
             .unwrap()
             .into_iter()
-            .filter(|i| !matches!(i.state, ItemState::Accepted | ItemState::Confirmed))
+            .filter(|i| !is_settled(i))
             .map(|i| format!("{:?} {:?} {:?}", i.kind, i.state, i.last_error))
             .collect();
         assert!(

@@ -17,7 +17,6 @@ use rand::{Rng, SeedableRng};
 use serde_json::json;
 use webwaka_realtime::client::{Client, OutgoingMessage, StaticToken, Target};
 use webwaka_realtime::reconcile::CounterMerge;
-use webwaka_realtime::store::ItemState;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -62,11 +61,10 @@ async fn run(server: &str, store: &str, token: &str, seed: &str, mode: &str) -> 
     if mode == "drain" {
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
-            let settled = client.outbox(None).await.is_ok_and(|items| {
-                items
-                    .iter()
-                    .all(|i| matches!(i.state, ItemState::Accepted | ItemState::Confirmed))
-            });
+            let settled = client
+                .outbox(None)
+                .await
+                .is_ok_and(|items| items.iter().all(webwaka_e2e::harness::is_settled));
             if settled {
                 say("drained".into());
                 client.shutdown().await;
