@@ -199,6 +199,32 @@ fn finish(raw: (OutboxItem, String, String, String, String)) -> Result<OutboxIte
     Ok(item)
 }
 
+/// The items that may be sent now, as the table `sendable(seq)` for the statement that
+/// follows (`?1`: now in ms, `?2`: the limit): the head of each lane if it is persisted
+/// and due, oldest first. The heads are found by walking the lanes that hold items (one
+/// seek per lane in the partial index `outbox_by_lane`) rather than by grouping every
+/// pending item: O(lanes × log n), not O(n). `INDEXED BY`: without statistics SQLite
+/// prefers `outbox_by_state` and reads every pending row.
+const SENDABLE_HEADS: &str = "
+    WITH RECURSIVE lanes(lane) AS (
+        SELECT MIN(lane) FROM outbox INDEXED BY outbox_by_lane
+         WHERE state IN ('persisted', 'in_flight')
+        UNION ALL
+        SELECT (SELECT MIN(o.lane) FROM outbox AS o INDEXED BY outbox_by_lane
+                 WHERE o.state IN ('persisted', 'in_flight') AND o.lane > lanes.lane)
+          FROM lanes WHERE lanes.lane IS NOT NULL
+    ),
+    heads(seq) AS (
+        SELECT (SELECT MIN(o.seq) FROM outbox AS o INDEXED BY outbox_by_lane
+                 WHERE o.state IN ('persisted', 'in_flight') AND o.lane = lanes.lane)
+          FROM lanes WHERE lanes.lane IS NOT NULL
+    ),
+    sendable(seq) AS (
+        SELECT seq FROM outbox
+         WHERE seq IN heads AND state = 'persisted' AND next_attempt_ms <= ?1
+         ORDER BY seq LIMIT ?2
+    )";
+
 /// How much the outbox holds that is not yet settled (persisted, in flight or dead).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct OutboxDepth {
@@ -274,28 +300,8 @@ impl Store {
         now: Timestamp,
         limit: usize,
     ) -> Result<Vec<OutboxItem>, StoreError> {
-        // The head of each lane, found by walking the lanes that hold items (one seek
-        // per lane in the partial index `outbox_by_lane`) rather than grouping every
-        // pending item: O(lanes × log n), not O(n), per call. `INDEXED BY`: without
-        // statistics SQLite prefers `outbox_by_state` and reads every pending row.
         let mut stmt = self.conn.prepare_cached(&format!(
-            "WITH RECURSIVE lanes(lane) AS (
-                 SELECT MIN(lane) FROM outbox INDEXED BY outbox_by_lane
-                  WHERE state IN ('persisted', 'in_flight')
-                 UNION ALL
-                 SELECT (SELECT MIN(o.lane) FROM outbox AS o INDEXED BY outbox_by_lane
-                          WHERE o.state IN ('persisted', 'in_flight') AND o.lane > lanes.lane)
-                   FROM lanes WHERE lanes.lane IS NOT NULL
-             ),
-             heads(seq) AS (
-                 SELECT (SELECT MIN(o.seq) FROM outbox AS o INDEXED BY outbox_by_lane
-                          WHERE o.state IN ('persisted', 'in_flight') AND o.lane = lanes.lane)
-                   FROM lanes WHERE lanes.lane IS NOT NULL
-             )
-             SELECT {COLUMNS} FROM outbox
-              WHERE seq IN (SELECT seq FROM heads)
-                AND state = 'persisted' AND next_attempt_ms <= ?1
-              ORDER BY seq LIMIT ?2"
+            "{SENDABLE_HEADS} SELECT {COLUMNS} FROM outbox WHERE seq IN sendable ORDER BY seq"
         ))?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = stmt
@@ -312,18 +318,24 @@ impl Store {
         now: Timestamp,
         limit: usize,
     ) -> Result<Vec<OutboxItem>, StoreError> {
-        // Immediate: the write lock first, so that another process cannot change the
-        // heads between the read and the writes.
-        let tx = rusqlite::Transaction::new_unchecked(
-            &self.conn,
-            rusqlite::TransactionBehavior::Immediate,
-        )?;
-        let heads = self.next_sendable(now, limit)?;
-        let taken = heads
-            .iter()
-            .map(|head| self.mark_in_flight(&head.id, now))
+        // One statement: the heads are chosen and marked (as `mark_in_flight` does:
+        // one more attempt) in one pass, and come back changed.
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "{SENDABLE_HEADS}
+             UPDATE outbox SET state = 'in_flight', attempts = attempts + 1, updated_ms = ?1
+              WHERE seq IN sendable
+             RETURNING {COLUMNS}"
+        ))?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = stmt
+            .query_map(params![to_ms(now), limit], read_item)?
             .collect::<Result<Vec<_>, _>>()?;
-        tx.commit()?;
+        let mut taken = rows
+            .into_iter()
+            .map(finish)
+            .collect::<Result<Vec<_>, _>>()?;
+        // RETURNING gives no order: oldest first, as next_sendable.
+        taken.sort_by_key(|item| item.seq);
         Ok(taken)
     }
 
@@ -373,16 +385,19 @@ impl Store {
         server_ref: Option<&str>,
         now: Timestamp,
     ) -> Result<OutboxItem, StoreError> {
-        let current = self.require(id)?;
-        if current.state == ItemState::Accepted {
-            return Ok(current);
-        }
         let change = Change {
             server_ref,
             ..Change::to(ItemState::Accepted)
         };
         let from = [ItemState::Persisted, ItemState::InFlight];
-        self.transition(id, &from, "accept", now, change)
+        match self.transition(id, &from, "accept", now, change) {
+            // Accepted already: the ack came twice; nothing changes.
+            Err(StoreError::InvalidState {
+                state: ItemState::Accepted,
+                ..
+            }) => self.require(id),
+            other => other,
+        }
     }
 
     /// A failed attempt that may succeed later: back to `persisted`, not before `retry_at`.
@@ -551,35 +566,48 @@ impl Store {
             Attempts::Bump => "attempts + 1",
             Attempts::Reset => "0",
         };
-        let from_list = from
+        // `state = 'a' OR state = 'b'` rather than `IN (…)`, for which SQLite builds a
+        // temporary table on each run.
+        let from_states = from
             .iter()
-            .map(|s| format!("'{}'", s.as_str()))
+            .map(|s| format!("state = '{}'", s.as_str()))
             .collect::<Vec<_>>()
-            .join(", ");
+            .join(" OR ");
+        // RETURNING: the changed row comes back from the update itself.
         let sql = format!(
             "UPDATE outbox SET state = ?2, attempts = {attempts}, updated_ms = ?3,
                     last_error = COALESCE(?4, last_error),
                     next_attempt_ms = COALESCE(?5, next_attempt_ms),
                     server_ref = COALESCE(?6, server_ref)
-             WHERE id = ?1 AND state IN ({from_list})"
+             WHERE id = ?1 AND ({from_states})
+             RETURNING {COLUMNS}"
         );
-        let changed = self.conn.prepare_cached(&sql)?.execute(params![
-            id,
-            change.state.as_str(),
-            to_ms(now),
-            change.error,
-            change.retry_at.map(to_ms),
-            change.server_ref
-        ])?;
-        if changed == 0 {
-            let item = self.require(id)?;
-            return Err(StoreError::InvalidState {
-                id: id.to_owned(),
-                state: item.state,
-                action,
-            });
+        let changed = self
+            .conn
+            .prepare_cached(&sql)?
+            .query_row(
+                params![
+                    id,
+                    change.state.as_str(),
+                    to_ms(now),
+                    change.error,
+                    change.retry_at.map(to_ms),
+                    change.server_ref
+                ],
+                read_item,
+            )
+            .optional()?;
+        match changed {
+            Some(raw) => finish(raw),
+            None => {
+                let item = self.require(id)?;
+                Err(StoreError::InvalidState {
+                    id: id.to_owned(),
+                    state: item.state,
+                    action,
+                })
+            }
         }
-        self.require(id)
     }
 }
 
