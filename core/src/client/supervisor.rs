@@ -738,7 +738,9 @@ impl Supervisor {
         for item in heads {
             match item.kind {
                 ItemKind::Message if realtime => {
-                    if self.ws_in_flight.len() >= window {
+                    // A head already on the wire keeps its lane waiting for the ack.
+                    if self.ws_in_flight.contains_key(&item.id) || self.ws_in_flight.len() >= window
+                    {
                         continue;
                     }
                     self.send_over_ws(item).await;
@@ -781,20 +783,24 @@ impl Supervisor {
         Some((message, sent))
     }
 
+    /// Sends a message over the WebSocket. Its "in flight" state is kept in memory only
+    /// (the store still says `persisted`): a crash resends it with the same id, which
+    /// is what recovering `in_flight` at open would do anyway, and the send costs no
+    /// commit (no fsync). The ack commits `accepted`.
     async fn send_over_ws(&mut self, item: OutboxItem) {
-        let Some((message, sent)) = self.start_message(&item).await else {
-            return;
+        let message: SendMessage = match serde_json::from_value(item.body.clone()) {
+            Ok(m) => m,
+            Err(e) => {
+                self.kill(&item.id, format!("unreadable message body: {e}"))
+                    .await;
+                return;
+            }
         };
         if self.send_frame(&ClientEvent::Message(message), Some(&item.id)) {
             self.ws_in_flight.insert(item.id.clone(), Instant::now());
-            self.emit(Update::Outbox((&sent).into()));
-        } else {
-            let id = item.id.clone();
-            let now = now_wall();
-            let _ = self
-                .store
-                .call(move |s| s.mark_failed(&id, "the connection closed", now, now))
-                .await;
+            let mut update = OutboxUpdate::from(&item);
+            update.state = ItemState::InFlight;
+            self.emit(Update::Outbox(update));
         }
     }
 

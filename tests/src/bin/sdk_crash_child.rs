@@ -6,7 +6,7 @@
 //! `sdk_crash_child SERVER_URL STORE TOKEN SEED work|drain`
 //!
 //! - `work`: loop until killed (bounded: 20,000 items or 120 s);
-//! - `drain`: open, wait until the outbox is settled (at most 60 s), print `drained`.
+//! - `drain`: open, wait until the outbox is settled (at most 180 s), print `drained`.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -59,7 +59,7 @@ async fn run(server: &str, store: &str, token: &str, seed: &str, mode: &str) -> 
         }
     };
     if mode == "drain" {
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + Duration::from_secs(180);
         while Instant::now() < deadline {
             let settled = client
                 .outbox(None)
@@ -77,7 +77,7 @@ async fn run(server: &str, store: &str, token: &str, seed: &str, mode: &str) -> 
     }
     // Wait until the counter (made by the parent) is in the cache: every edit is then a
     // delta on top of it.
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(60);
     while client.entity("counter", "k").await.ok().flatten().is_none() {
         if Instant::now() > deadline {
             eprintln!("the counter never arrived");
