@@ -31,6 +31,9 @@ pub mod defaults {
     pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
     /// `WS_READ_BUFFER_BYTES`: tungstenite's read buffer, allocated per connection.
     pub const WS_READ_BUFFER_BYTES: usize = 2048;
+    /// `WS_WRITE_BUFFER_BYTES`: frames buffered per connection before a write (every
+    /// batch is flushed anyway); 0 writes each frame at once.
+    pub const WS_WRITE_BUFFER_BYTES: usize = 4096;
     /// `WS_SEND_QUEUE`: deliveries queued per connection before it counts as too slow.
     pub const WS_SEND_QUEUE: usize = 1024;
     /// `JWT_LEEWAY_MS`: clock skew allowed on `exp` (at most 60 s).
@@ -124,6 +127,10 @@ pub struct Config {
     /// Read buffer allocated per WebSocket connection, in bytes.
     #[arg(long, env = "WS_READ_BUFFER_BYTES", default_value_t = defaults::WS_READ_BUFFER_BYTES)]
     pub ws_read_buffer_bytes: usize,
+    /// Output buffered per WebSocket connection before it is written, in bytes (each
+    /// batch of frames is flushed anyway; 0: every frame is written at once).
+    #[arg(long, env = "WS_WRITE_BUFFER_BYTES", default_value_t = defaults::WS_WRITE_BUFFER_BYTES)]
+    pub ws_write_buffer_bytes: usize,
     /// Deliveries queued per connection; a connection that falls further behind is
     /// closed (1013) and catches up with `resume`.
     #[arg(long, env = "WS_SEND_QUEUE", default_value_t = defaults::WS_SEND_QUEUE)]
@@ -330,6 +337,7 @@ impl Config {
             message_rate_limit: defaults::MESSAGE_RATE_LIMIT,
             max_frame_bytes: defaults::MAX_FRAME_BYTES,
             ws_read_buffer_bytes: defaults::WS_READ_BUFFER_BYTES,
+            ws_write_buffer_bytes: defaults::WS_WRITE_BUFFER_BYTES,
             ws_send_queue: defaults::WS_SEND_QUEUE,
             jwt_secret: None,
             jwt_leeway_ms: defaults::JWT_LEEWAY_MS,

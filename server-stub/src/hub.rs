@@ -83,8 +83,10 @@ struct User {
     rooms: HashSet<String>,
     conns: Vec<Conn>,
     presence: Option<Presence>,
-    /// Ids of the user's latest live (`CLASS_A`) messages, to drop resends.
-    recent_live: VecDeque<String>,
+    /// Hashes of the ids of the user's latest live (`CLASS_A`) messages, to drop
+    /// resends (comparing 64 hashes is much cheaper than 64 strings; a false match
+    /// needs a 64-bit collision between two of one user's last 64 ids).
+    recent_live: VecDeque<u64>,
 }
 
 /// Live message ids remembered per user.
@@ -101,6 +103,8 @@ pub(crate) struct Hub {
     tenants: RwLock<HashMap<String, Tenant>>,
     next_conn: AtomicU64,
     metrics: Arc<Metrics>,
+    /// Keys of the live-id hashes (random per server).
+    id_hasher: std::collections::hash_map::RandomState,
 }
 
 /// A connection's registration: its id and its queue's receiving side.
@@ -119,6 +123,7 @@ impl Hub {
             tenants: RwLock::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
             metrics,
+            id_hasher: std::collections::hash_map::RandomState::new(),
         }
     }
 
@@ -252,17 +257,19 @@ impl Hub {
     /// True when `user` sent live message `message_id` lately (a resend, not to be
     /// delivered again); otherwise remembers it. Bounded per user.
     pub(crate) fn live_resend(&self, tenant: &str, user: &str, message_id: &str) -> bool {
+        use std::hash::BuildHasher;
+        let hash = self.id_hasher.hash_one(message_id);
         let mut tenants = self.write();
         let Some(u) = tenants.get_mut(tenant).and_then(|t| t.users.get_mut(user)) else {
             return false;
         };
-        if u.recent_live.iter().any(|m| m == message_id) {
+        if u.recent_live.contains(&hash) {
             return true;
         }
         if u.recent_live.len() >= RECENT_LIVE {
             u.recent_live.pop_front();
         }
-        u.recent_live.push_back(message_id.to_owned());
+        u.recent_live.push_back(hash);
         false
     }
 

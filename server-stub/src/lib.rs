@@ -221,6 +221,13 @@ async fn serve(
     spawn_maintenance(&app);
     let stop = app.shutdown.clone();
     let router = http::router(Arc::clone(&app));
+    // Small frames must leave at once: no Nagle delay on accepted connections.
+    let listener =
+        axum::serve::ListenerExt::tap_io(listener, |stream: &mut tokio::net::TcpStream| {
+            if let Err(error) = stream.set_nodelay(true) {
+                tracing::debug!(%error, "cannot set TCP_NODELAY");
+            }
+        });
     let server = axum::serve(listener, router)
         .with_graceful_shutdown(stop.clone().cancelled_owned())
         .into_future();

@@ -17,7 +17,6 @@ use crate::app::App;
 use crate::error::{ApiError, check_id_len};
 use crate::hub::{Audience, Delivery};
 use crate::log::{self, Fanout};
-use crate::metrics::label;
 
 /// Checks the lengths of a message's ids; paths are prefixed with `prefix` (`data.`
 /// on the WebSocket, nothing over HTTP).
@@ -81,10 +80,7 @@ pub(crate) async fn send(
         event_id: None,
         sequence: None,
     };
-    app.metrics
-        .messages_in
-        .get_or_create(&label("transport", transport))
-        .inc();
+    app.metrics.message_in(transport);
     let ack = if class == InteractionClass::ClassA {
         // Live only: never stored, never replayed.
         let message_id = delivered.message_id.clone();

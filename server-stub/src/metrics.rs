@@ -51,6 +51,20 @@ pub(crate) struct Metrics {
     pub(crate) server_full: Counter,
     /// Class D transactions, by outcome (`submitted`, `confirmed`, `rejected`).
     pub(crate) transactions: Family<Labels, Counter>,
+    /// The hot label sets, resolved once (a family lookup per message hashes and
+    /// allocates its labels): `messages_in` for `ws` and `http`, `events_delivered` for
+    /// `ws`, `resume`, `poll`, `claim`.
+    hot: Hot,
+}
+
+/// Handles on the counters bumped for every message (they share the family's values).
+struct Hot {
+    in_ws: Counter,
+    in_http: Counter,
+    delivered_ws: Counter,
+    delivered_resume: Counter,
+    delivered_poll: Counter,
+    delivered_claim: Counter,
 }
 
 /// One label pair.
@@ -62,14 +76,27 @@ impl Metrics {
     /// A registry with every metric at zero.
     pub(crate) fn new() -> Self {
         let mut registry = Registry::with_prefix("webwaka");
+        let messages_in: Family<Labels, Counter> = Family::default();
+        let events_delivered: Family<Labels, Counter> = Family::default();
+        let resolve = |family: &Family<Labels, Counter>, key, value| {
+            family.get_or_create(&label(key, value)).clone()
+        };
+        let hot = Hot {
+            in_ws: resolve(&messages_in, "transport", "ws"),
+            in_http: resolve(&messages_in, "transport", "http"),
+            delivered_ws: resolve(&events_delivered, "via", "ws"),
+            delivered_resume: resolve(&events_delivered, "via", "resume"),
+            delivered_poll: resolve(&events_delivered, "via", "poll"),
+            delivered_claim: resolve(&events_delivered, "via", "claim"),
+        };
         let m = Self {
             registry: Mutex::new(Registry::default()),
             active_connections: Gauge::default(),
-            messages_in: Family::default(),
+            messages_in,
             messages_out: Counter::default(),
             message_latency: Histogram::new(exponential_buckets(0.000_025, 2.0, 18)),
             events_published: Counter::default(),
-            events_delivered: Family::default(),
+            events_delivered,
             consumer_lag: Family::default(),
             dlq_size: Gauge::default(),
             log_length: Gauge::default(),
@@ -80,6 +107,7 @@ impl Metrics {
             auth_failures: Counter::default(),
             server_full: Counter::default(),
             transactions: Family::default(),
+            hot,
         };
         registry.register(
             "ws_active_connections",
@@ -173,6 +201,32 @@ impl Metrics {
         }
         *m.registry.lock().unwrap_or_else(|p| p.into_inner()) = registry;
         m
+    }
+
+    /// Counts a message accepted over `transport` (`ws`, `http`).
+    pub(crate) fn message_in(&self, transport: &str) {
+        match transport {
+            "ws" => self.hot.in_ws.inc(),
+            "http" => self.hot.in_http.inc(),
+            other => self
+                .messages_in
+                .get_or_create(&label("transport", other))
+                .inc(),
+        };
+    }
+
+    /// Counts `n` durable events handed out `via` (`ws`, `resume`, `poll`, `claim`).
+    pub(crate) fn delivered(&self, via: &str, n: u64) {
+        match via {
+            "ws" => self.hot.delivered_ws.inc_by(n),
+            "resume" => self.hot.delivered_resume.inc_by(n),
+            "poll" => self.hot.delivered_poll.inc_by(n),
+            "claim" => self.hot.delivered_claim.inc_by(n),
+            other => self
+                .events_delivered
+                .get_or_create(&label("via", other))
+                .inc_by(n),
+        };
     }
 
     /// The Prometheus text exposition of every metric.

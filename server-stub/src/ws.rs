@@ -7,8 +7,13 @@
 //!
 //! After: one task owns the socket and waits on everything at once: frames from the
 //! client, deliveries queued by the hub, the ping timer, the token's expiry, and the
-//! server's shutdown. Buffers are sized on purpose (a small read buffer, no write
-//! buffering) so that an idle connection costs little memory.
+//! server's shutdown. Buffers are sized on purpose (a small read buffer, a small write
+//! buffer) so that an idle connection costs little memory.
+//!
+//! Writes are batched: answers and deliveries are buffered, and after each wake-up the
+//! task also handles whatever else is ready at once (queued deliveries, frames already
+//! received), then writes it all with one flush. Under load that is one write system
+//! call for many frames; one frame alone is written at once, as before.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +23,7 @@ use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
+use futures_util::{FutureExt, SinkExt};
 use serde_json::Value;
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::Instrument;
@@ -31,7 +37,6 @@ use crate::app::{App, Slot};
 use crate::error::{ApiError, check_id_len};
 use crate::http::extract::{Caller, QueryMap, authenticate, header_str, resolve_tenant};
 use crate::log;
-use crate::metrics::label;
 
 /// Refused frames within a minute after which a connection is closed (1008).
 const MAX_REFUSALS_PER_MINUTE: u32 = 100;
@@ -39,6 +44,9 @@ const MAX_REFUSALS_PER_MINUTE: u32 = 100;
 const CLOSE_HANDSHAKE: Duration = Duration::from_secs(1);
 /// Events read per page while replaying.
 const REPLAY_PAGE: u32 = 256;
+/// Most queued deliveries and ready frames handled after one wake-up before the
+/// buffered output is flushed (and the other branches get a turn).
+const MAX_BATCH: usize = 64;
 
 /// `GET {WS_PATH}`: the checks, then the upgrade.
 pub(crate) async fn handler(
@@ -57,7 +65,7 @@ pub(crate) async fn handler(
                 let app = Arc::clone(&app);
                 upgrade
                     .read_buffer_size(config.ws_read_buffer_bytes)
-                    .write_buffer_size(0)
+                    .write_buffer_size(config.ws_write_buffer_bytes)
                     .max_message_size(config.max_frame_bytes)
                     .max_frame_size(config.max_frame_bytes)
                     .on_upgrade(move |socket| tasks.track_future(run(app, socket, prepared)))
@@ -299,12 +307,23 @@ impl Connection {
         tokio::pin!(expiry);
         let mut ticker = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // Made once: a cancellation future registers itself (under a lock) when first
+        // polled, which is worth doing once per connection, not once per frame.
         let shutdown = self.app.shutdown.clone();
+        let shutdown = shutdown.cancelled();
+        tokio::pin!(shutdown);
+        let kill = kill.cancelled();
+        tokio::pin!(kill);
         loop {
+            // Whatever else is ready now, then one flush of everything buffered.
+            match self.drain_ready(&mut inbox).await {
+                Flow::Continue => {}
+                other => return other,
+            }
             let flow = tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => Flow::Close(close_code::GOING_AWAY, "server shutting down"),
-                _ = kill.cancelled() => Flow::Close(close_code::TRY_AGAIN_LATER, "SLOW_CONSUMER"),
+                () = &mut shutdown => Flow::Close(close_code::GOING_AWAY, "server shutting down"),
+                () = &mut kill => Flow::Close(close_code::TRY_AGAIN_LATER, "SLOW_CONSUMER"),
                 _ = &mut expiry => Flow::Close(close_code::POLICY_VIOLATION, AUTH_EXPIRED_CLOSE_REASON),
                 _ = ticker.tick() => {
                     if self.last_heard.elapsed() >= ping_timeout {
@@ -337,7 +356,51 @@ impl Connection {
         }
     }
 
-    /// Sends a queued delivery, unless this connection already sent that event.
+    /// Handles what is ready without waiting: queued deliveries and frames already
+    /// received (at most [`MAX_BATCH`] of each round), then flushes the buffered output
+    /// with one write.
+    async fn drain_ready(
+        &mut self,
+        inbox: &mut tokio::sync::mpsc::Receiver<Arc<crate::hub::Delivery>>,
+    ) -> Flow {
+        for _ in 0..MAX_BATCH {
+            let mut progressed = false;
+            for _ in 0..MAX_BATCH {
+                let Ok(delivery) = inbox.try_recv() else {
+                    break;
+                };
+                progressed = true;
+                if let f @ (Flow::Stop | Flow::Close(..)) = self.deliver(&delivery).await {
+                    return f;
+                }
+            }
+            // A frame already received (or already in the read buffer); `recv` is
+            // cancel-safe, so giving up on a pending one loses nothing.
+            if let Some(frame) = self.socket.recv().now_or_never() {
+                progressed = true;
+                let flow = match frame {
+                    None => Flow::Stop,
+                    Some(Err(error)) => read_error(error),
+                    Some(Ok(message)) => {
+                        self.last_heard = Instant::now();
+                        Box::pin(self.on_message(message)).await
+                    }
+                };
+                if let f @ (Flow::Stop | Flow::Close(..)) = flow {
+                    return f;
+                }
+            }
+            if !progressed {
+                break;
+            }
+        }
+        match self.socket.flush().await {
+            Ok(()) => Flow::Continue,
+            Err(_) => Flow::Stop,
+        }
+    }
+
+    /// Buffers a queued delivery, unless this connection already sent that event.
     async fn deliver(&mut self, delivery: &crate::hub::Delivery) -> Flow {
         if let Some(seq) = delivery.seq {
             if seq <= self.last_seq {
@@ -345,15 +408,17 @@ impl Connection {
             }
             self.last_seq = seq;
         }
-        match self.socket.send(Message::Text(delivery.text.clone())).await {
-            Ok(()) => Flow::Continue,
-            Err(_) => Flow::Stop,
-        }
+        self.feed(Message::Text(delivery.text.clone())).await
     }
 
+    /// Buffers `event` (written at the next flush, or sooner when the buffer is full).
     async fn send(&mut self, event: &ServerEvent, reference: Option<&str>) -> Flow {
         let text = event.encode(reference);
-        match self.socket.send(Message::Text(Utf8Bytes::from(text))).await {
+        self.feed(Message::Text(Utf8Bytes::from(text))).await
+    }
+
+    async fn feed(&mut self, message: Message) -> Flow {
+        match self.socket.feed(message).await {
             Ok(()) => Flow::Continue,
             Err(_) => Flow::Stop,
         }
@@ -572,7 +637,7 @@ impl Connection {
                 Err(error) => return self.refuse(error.into(), reference).await,
             };
             let full_page = rows.len() == REPLAY_PAGE as usize;
-            for (seq, body) in rows {
+            for log::Stored { seq, body, .. } in rows {
                 if seq > head {
                     after = head;
                     break;
@@ -596,10 +661,7 @@ impl Connection {
                 break;
             }
         }
-        app.metrics
-            .events_delivered
-            .get_or_create(&label("via", "resume"))
-            .inc_by(replayed);
+        app.metrics.delivered("resume", replayed);
         let resumed = ServerEvent::Resumed {
             last_event_id: Some(last_id.unwrap_or_else(|| cursor.to_owned())),
             replayed,

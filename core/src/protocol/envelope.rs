@@ -343,9 +343,63 @@ impl ClientEvent {
     }
 
     /// The JSON text of this event's frame, carrying `reference` as its `ref`.
+    ///
+    /// Written in one pass from the typed data (no intermediate [`Value`]); the JSON is
+    /// the same as [`ClientEvent::to_frame`]'s, fields in declaration order.
     pub fn encode(&self, reference: Option<&str>) -> String {
-        self.to_frame(reference).encode()
+        let name = self.name();
+        let text = match self {
+            ClientEvent::Message(message) => encode_frame(name, message, reference),
+            ClientEvent::JoinRoom { room_id } | ClientEvent::LeaveRoom { room_id } => {
+                encode_frame(name, &RoomDataRef { room_id }, reference)
+            }
+            ClientEvent::PresenceUpdate(update) => encode_frame(name, update, reference),
+            ClientEvent::Resume { last_event_id } => {
+                encode_frame(name, &ResumeDataRef { last_event_id }, reference)
+            }
+            ClientEvent::Ping => encode_frame(name, &Value::Null, reference),
+            ClientEvent::Unknown { data, .. } => encode_frame(name, data, reference),
+        };
+        text.unwrap_or_else(|| self.to_frame(reference).encode())
     }
+}
+
+/// A frame as written: the event name, its typed `data`, and the `ref` when set.
+#[derive(Serialize)]
+struct FrameOut<'a, T: Serialize + ?Sized> {
+    event: &'a str,
+    data: &'a T,
+    #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+    reference: Option<&'a str>,
+}
+
+/// `data` of the room events, borrowed.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RoomDataRef<'a> {
+    room_id: &'a str,
+}
+
+/// `data` of `resume`, borrowed.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ResumeDataRef<'a> {
+    last_event_id: &'a str,
+}
+
+/// Writes a frame straight from typed data; `None` if serialisation failed (the
+/// protocol types cannot fail; callers fall back to the `Value` path).
+fn encode_frame<T: Serialize + ?Sized>(
+    event: &str,
+    data: &T,
+    reference: Option<&str>,
+) -> Option<String> {
+    serde_json::to_string(&FrameOut {
+        event,
+        data,
+        reference,
+    })
+    .ok()
 }
 
 /// A typed server → client frame.
@@ -511,8 +565,45 @@ impl ServerEvent {
     }
 
     /// The JSON text of this event's frame, carrying `reference` as its `ref`.
+    ///
+    /// Written in one pass from the typed data (no intermediate [`Value`]: the server
+    /// encodes every frame it sends with this); the JSON is the same as
+    /// [`ServerEvent::to_frame`]'s, fields in declaration order.
     pub fn encode(&self, reference: Option<&str>) -> String {
-        self.to_frame(reference).encode()
+        let name = self.name();
+        let text = match self {
+            ServerEvent::Connected(connected) => encode_frame(name, connected, reference),
+            ServerEvent::Message(message) => encode_frame(name, message, reference),
+            ServerEvent::Event(event) => encode_frame(name, event, reference),
+            ServerEvent::Presence(presence) => encode_frame(name, presence, reference),
+            ServerEvent::MessageAck(ack) => encode_frame(name, ack, reference),
+            ServerEvent::RoomJoined { room_id } | ServerEvent::RoomLeft { room_id } => {
+                encode_frame(name, &RoomDataRef { room_id }, reference)
+            }
+            ServerEvent::Resumed {
+                last_event_id,
+                replayed,
+            } => encode_frame(
+                name,
+                &ResumedData {
+                    last_event_id: last_event_id.clone(),
+                    replayed: *replayed,
+                },
+                reference,
+            ),
+            ServerEvent::Pong { server_time } => encode_frame(
+                name,
+                &PongData {
+                    server_time: *server_time,
+                },
+                reference,
+            ),
+            // The `ref` goes into `data.ref` too (rare: the Value path is fine).
+            ServerEvent::Error(body) if body.reference.is_none() && reference.is_some() => None,
+            ServerEvent::Error(body) => encode_frame(name, body, reference),
+            ServerEvent::Unknown { data, .. } => encode_frame(name, data, reference),
+        };
+        text.unwrap_or_else(|| self.to_frame(reference).encode())
     }
 }
 
@@ -563,6 +654,57 @@ mod tests {
         let frame = Frame::decode(r#"{"event":"ping"}"#).unwrap();
         assert_eq!(frame.data, Value::Null);
         assert_eq!(frame.encode(), r#"{"event":"ping","data":null}"#);
+    }
+
+    #[test]
+    fn direct_encoding_equals_the_value_path() {
+        let now = chrono::DateTime::parse_from_rfc3339("2026-01-30T10:00:00Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        let server = [
+            ServerEvent::RoomJoined {
+                room_id: "r".into(),
+            },
+            ServerEvent::Resumed {
+                last_event_id: None,
+                replayed: 3,
+            },
+            ServerEvent::Pong { server_time: now },
+            ServerEvent::MessageAck(MessageAck {
+                message_id: "m".into(),
+                event_id: Some("e".into()),
+                sequence: Some(7),
+            }),
+            ServerEvent::Error(ErrorBody::new(
+                super::super::error::ErrorCode::NotFound,
+                "x",
+            )),
+            ServerEvent::Unknown {
+                event: "later".into(),
+                data: serde_json::json!({"a": [1, 2]}),
+            },
+        ];
+        for event in &server {
+            for reference in [None, Some("r1")] {
+                let direct: Value = serde_json::from_str(&event.encode(reference)).unwrap();
+                assert_eq!(direct, event.to_frame(reference).to_value(), "{event:?}");
+            }
+        }
+        let client = [
+            ClientEvent::JoinRoom {
+                room_id: "r".into(),
+            },
+            ClientEvent::Resume {
+                last_event_id: "e".into(),
+            },
+            ClientEvent::Ping,
+        ];
+        for event in &client {
+            for reference in [None, Some("r1")] {
+                let direct: Value = serde_json::from_str(&event.encode(reference)).unwrap();
+                assert_eq!(direct, event.to_frame(reference).to_value(), "{event:?}");
+            }
+        }
     }
 
     #[test]

@@ -16,7 +16,6 @@ use crate::bus::{self, Claim};
 use crate::db::now_ms;
 use crate::error::ApiError;
 use crate::http::extract::{Caller, JsonBody, QueryMap};
-use crate::metrics::label;
 
 /// Longest lease a claim may ask for (1 day).
 const MAX_VISIBILITY_MS: u64 = 86_400_000;
@@ -75,10 +74,7 @@ pub(crate) async fn claim(
         .db
         .write(move |w| bus::claim(w, &claim, now_ms(), max_retries))
         .await?;
-    app.metrics
-        .events_delivered
-        .get_or_create(&label("via", "claim"))
-        .inc_by(events.len() as u64);
+    app.metrics.delivered("claim", events.len() as u64);
     Ok(Json(ClaimResponse { events }))
 }
 
