@@ -5,6 +5,7 @@
 //! way it was obtained.
 
 pub mod reconcile;
+pub mod server;
 
 use std::time::Duration;
 

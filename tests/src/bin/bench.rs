@@ -1,15 +1,27 @@
 //! `bench`: runs the project's benchmarks and prints one table.
 //!
 //! `cargo run --release -p webwaka-e2e --bin bench [NAME…]` runs the named groups
-//! (all when none is named). Groups: `reconcile`.
+//! (all when none is named). Groups: `reconcile`, `server`.
 
 use std::process::ExitCode;
 
 use webwaka_e2e::bench::{self, Row};
 
-const GROUPS: &[&str] = &["reconcile"];
+const GROUPS: &[&str] = &["reconcile", "server"];
 
 fn main() -> ExitCode {
+    // The server benchmarks run the server and the raw relay as child processes.
+    if let Ok(kind) = std::env::var(bench::server::CHILD_ENV)
+        && (kind == bench::server::CHILD_SERVER || kind == bench::server::CHILD_RELAY)
+    {
+        return match bench::server::child(&kind) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("bench: {kind} child: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let wanted: Vec<String> = std::env::args().skip(1).collect();
     if let Some(bad) = wanted.iter().find(|w| !GROUPS.contains(&w.as_str())) {
         eprintln!(
@@ -23,10 +35,24 @@ fn main() -> ExitCode {
     }
     let run = |g: &str| wanted.is_empty() || wanted.iter().any(|w| w == g);
     let mut rows: Vec<Row> = Vec::new();
+    let mut failed = false;
     if run("reconcile") {
         rows.extend(bench::reconcile::run());
     }
+    if run("server") {
+        match bench::server::run() {
+            Ok(server_rows) => rows.extend(server_rows),
+            Err(e) => {
+                eprintln!("bench: server: {e}");
+                failed = true;
+            }
+        }
+    }
     println!();
     bench::print_table(&rows);
-    ExitCode::SUCCESS
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }

@@ -1,0 +1,1100 @@
+//! Server benchmarks (issue 4, "Performance"): the real server on loopback, driven by
+//! raw tokio-tungstenite clients and a minimal HTTP/1.1 client speaking the protocol.
+//!
+//! The server runs in a child process (this bench binary run again with
+//! `WEBWAKA_BENCH_CHILD=server`: the same `webwaka_server_stub::Server` as the release
+//! binary, on a default multi-threaded tokio runtime like `main.rs`), so that its CPU
+//! time (`/proc/PID/stat`, utime + stime) and resident memory (`VmRSS`) are its own and
+//! nobody else's. The raw WebSocket baseline (a tokio-tungstenite relay) runs in a
+//! child process of the same kind (`WEBWAKA_BENCH_CHILD=relay`), so both sides of each
+//! comparison are measured the same way in the same run.
+//!
+//! Figures: message round trip p50/p99 against the raw relay; messages per second with
+//! 100 connections and server CPU per message; fan-out of one room message to 1,000
+//! members; polls per second with 50 keep-alive clients; memory per idle connection at
+//! 10,000 connections. Every wait is bounded in time and every loop in count; every
+//! child is stopped (killed when it does not stop) also when a benchmark fails.
+
+use std::io::{BufRead, BufReader, Read as _, Write as _};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use webwaka_realtime::protocol::{ClientEvent, InteractionClass, SendMessage, ServerEvent};
+use webwaka_server_stub::{Config, Keys, Options, Server};
+
+use super::{Row, fmt_rate};
+
+/// The environment variable that turns the bench binary into a child process (the
+/// same variable the client benchmarks use for their memory probe).
+pub const CHILD_ENV: &str = "WEBWAKA_BENCH_CHILD";
+
+/// `WEBWAKA_BENCH_CHILD` value: run the server.
+pub const CHILD_SERVER: &str = "server";
+/// `WEBWAKA_BENCH_CHILD` value: run the raw tokio-tungstenite relay.
+pub const CHILD_RELAY: &str = "relay";
+/// The server child's data directory.
+const DIR_ENV: &str = "WEBWAKA_BENCH_SERVER_DIR";
+/// Names the server benchmarks to run (`roundtrip,throughput,fanout,poll,idle`; all
+/// when unset), and makes each child's pid visible on stderr (for `perf`).
+pub const ONLY_ENV: &str = "WEBWAKA_BENCH_SERVER";
+/// The JWT secret of the server child.
+const SECRET: &str = "server-bench-secret-0123456789abcdef";
+/// Every benchmark user is in this tenant.
+const TENANT: &str = "bench";
+
+/// Round trips measured per path (after [`WARMUP`] unmeasured ones).
+const ROUND_TRIPS: usize = 2_000;
+const WARMUP: usize = 200;
+/// Connections of the throughput benchmark, messages each sends, and how many of its
+/// messages may await their `message_ack` at once.
+const THROUGHPUT_CONNS: usize = 100;
+const THROUGHPUT_PER_CONN: usize = 1_000;
+const THROUGHPUT_WINDOW: usize = 16;
+/// Members of the fan-out room, and the messages sent to it (one at a time).
+const FANOUT_MEMBERS: usize = 1_000;
+const FANOUT_RUNS: usize = 21;
+/// Keep-alive HTTP clients polling, and how long they poll (after a warm-up).
+const POLL_CLIENTS: usize = 50;
+const POLL_WARMUP: Duration = Duration::from_millis(500);
+const POLL_TIME: Duration = Duration::from_secs(3);
+/// Idle connections held, and what the issue asks to extrapolate to.
+const IDLE_CONNS: usize = 10_000;
+const IDLE_EXTRAPOLATE: usize = 50_000;
+/// Idle connections opened before the memory baseline (runtime threads, caches).
+const IDLE_WARM: usize = 100;
+/// Connections opened at once while setting up many.
+const CONNECT_BATCH: usize = 100;
+/// The longest any single wait of a benchmark may take.
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A WebSocket client connection.
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+// ---------------------------------------------------------------------------------
+// The child processes
+// ---------------------------------------------------------------------------------
+
+/// The child side: runs the server or the relay until its stdin closes. Prints
+/// `addr=IP:PORT` on stdout once it listens.
+pub fn child(kind: &str) -> Result<(), String> {
+    // The same runtime as `main.rs`: multi-threaded, one worker per core.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    runtime.block_on(async {
+        let stop = stdin_closed();
+        match kind {
+            CHILD_SERVER => {
+                let dir = std::env::var(DIR_ENV).map_err(|_| format!("{DIR_ENV} is not set"))?;
+                let config = server_config(Path::new(&dir));
+                webwaka_server_stub::telemetry::init(&config);
+                let server = Server::bind(config, Options::default())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                announce(server.local_addr())?;
+                server
+                    .run(async move {
+                        let _ = stop.await;
+                    })
+                    .await;
+                Ok(())
+            }
+            CHILD_RELAY => {
+                let listener = TcpListener::bind(("127.0.0.1", 0))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                announce(listener.local_addr().map_err(|e| e.to_string())?)?;
+                tokio::select! {
+                    _ = stop => {}
+                    () = relay(listener) => {}
+                }
+                Ok(())
+            }
+            other => Err(format!("unknown child kind {other:?}")),
+        }
+    })
+}
+
+/// The server's settings in the benchmark: the defaults, on a free loopback port, with
+/// the per-user message limit off (each benchmark user sends far more than 100 a
+/// minute) and the poll limit raised out of the way (it is still checked).
+fn server_config(dir: &Path) -> Config {
+    let mut config = Config::new(dir);
+    config.port = 0;
+    config.jwt_secret = Some(SECRET.to_owned());
+    config.message_rate_limit = 0;
+    config.poll_rate_limit = 1_000_000_000;
+    config.log_level = "warn".to_owned();
+    config
+}
+
+/// Prints the address the parent waits for.
+fn announce(addr: SocketAddr) -> Result<(), String> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "addr={addr}").map_err(|e| e.to_string())?;
+    out.flush().map_err(|e| e.to_string())
+}
+
+/// Completes when stdin reaches its end: the parent closed it, or died.
+fn stdin_closed() -> tokio::sync::oneshot::Receiver<()> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let mut sink = Vec::new();
+        let _ = std::io::stdin().read_to_end(&mut sink);
+        let _ = tx.send(());
+    });
+    rx
+}
+
+/// The raw relay: connections come in pairs (sender, then recipient); every frame the
+/// sender sends is written to the recipient by the same task. Nothing else.
+async fn relay(listener: TcpListener) {
+    // One handshake at a time: the sender's completes before the recipient connects.
+    // The parent opens a handful of connections; a failed handshake ends that pair.
+    loop {
+        let (Some(mut a), Some(mut b)) = (handshake(&listener).await, handshake(&listener).await)
+        else {
+            // Not a pair: wait a little (an accept error may repeat) and start over.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        tokio::spawn(async move {
+            while let Some(Ok(message)) = a.next().await {
+                if message.is_close() || b.send(message).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+/// Accepts one connection and completes its WebSocket handshake (bounded in time).
+async fn handshake(listener: &TcpListener) -> Option<WebSocketStream<TcpStream>> {
+    let (stream, _) = listener.accept().await.ok()?;
+    let _ = stream.set_nodelay(true);
+    tokio::time::timeout(WAIT, tokio_tungstenite::accept_async(stream))
+        .await
+        .ok()?
+        .ok()
+}
+
+/// A child process (server or relay), stopped when dropped: stdin closed, then killed
+/// if it has not exited within a few seconds.
+struct ChildProc {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    addr: SocketAddr,
+    /// The server's data directory (removed after the child).
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl ChildProc {
+    /// Starts this binary as a `kind` child and waits for its address.
+    fn spawn(kind: &str) -> Result<Self, String> {
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let dir = if kind == CHILD_SERVER {
+            Some(tempfile::tempdir().map_err(|e| e.to_string())?)
+        } else {
+            None
+        };
+        let mut command = Command::new(exe);
+        command
+            .env(CHILD_ENV, kind)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        if let Some(dir) = &dir {
+            command.env(DIR_ENV, dir.path());
+        }
+        let mut child = command.spawn().map_err(|e| e.to_string())?;
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take();
+        // From here on, `proc` kills the child if anything fails.
+        let mut proc = Self {
+            child,
+            stdin,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            _dir: dir,
+        };
+        let stdout = stdout.ok_or("the child has no stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            // Read the address, then keep draining so the child never blocks on stdout.
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.trim().strip_prefix("addr=") {
+                    let _ = tx.send(addr.to_owned());
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(WAIT)
+            .map_err(|_| format!("the {kind} child did not say where it listens"))?;
+        proc.addr = addr
+            .parse()
+            .map_err(|e| format!("bad address {addr}: {e}"))?;
+        if std::env::var_os(ONLY_ENV).is_some() {
+            eprintln!("bench: {kind} child pid {} on {}", proc.pid(), proc.addr);
+        }
+        Ok(proc)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// CPU time (user + system) the child used so far, in seconds.
+    fn cpu_secs(&self) -> Result<f64, String> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))
+            .map_err(|e| e.to_string())?;
+        // Fields after the command name (which is in parentheses and may hold spaces):
+        // state is field 3, utime field 14, stime field 15.
+        let after = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest)
+            .ok_or("unreadable /proc/PID/stat")?;
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let ticks = |i: usize| -> Result<u64, String> {
+            fields
+                .get(i - 3)
+                .and_then(|f| f.parse().ok())
+                .ok_or_else(|| "unreadable /proc/PID/stat".to_owned())
+        };
+        Ok((ticks(14)? + ticks(15)?) as f64 / clock_ticks_per_sec())
+    }
+
+    /// The child's resident memory, in KiB.
+    fn rss_kib(&self) -> Result<u64, String> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .map_err(|e| e.to_string())?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .ok_or_else(|| "no VmRSS".to_owned())
+    }
+
+    /// Stops the child: closes its stdin (it shuts down gracefully), waits up to 10 s,
+    /// then kills it.
+    fn stop(mut self) {
+        self.shut();
+    }
+
+    fn shut(&mut self) {
+        drop(self.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            match self.child.try_wait() {
+                Ok(Some(_)) => return,
+                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                Err(_) => break,
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ChildProc {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.shut();
+        }
+    }
+}
+
+/// `getconf CLK_TCK` (the unit of `/proc/PID/stat` times); 100 when unknown.
+fn clock_ticks_per_sec() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+// ---------------------------------------------------------------------------------
+// Clients
+// ---------------------------------------------------------------------------------
+
+/// A token of the server child for `user`.
+fn token(user: &str) -> String {
+    Keys::new(SECRET.as_bytes(), 0).mint(TENANT, user, &[], 86_400)
+}
+
+/// Client settings: small buffers (thousands of these live in this process).
+fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+}
+
+/// Opens a WebSocket to the server as `user` and reads `connected`.
+async fn connect_user(addr: SocketAddr, user: &str) -> Result<Ws, String> {
+    let url = format!("ws://{addr}/ws?token={}&clientId={user}", token(user));
+    let (mut ws, _) = tokio::time::timeout(
+        WAIT,
+        tokio_tungstenite::connect_async_with_config(url, Some(ws_config()), true),
+    )
+    .await
+    .map_err(|_| format!("{user}: connect timed out"))?
+    .map_err(|e| format!("{user}: {e}"))?;
+    match next_event(&mut ws).await? {
+        ServerEvent::Connected(_) => Ok(ws),
+        other => Err(format!("{user}: expected connected, got {}", other.name())),
+    }
+}
+
+/// Opens a WebSocket to the raw relay.
+async fn connect_raw(addr: SocketAddr) -> Result<Ws, String> {
+    let url = format!("ws://{addr}/");
+    let (ws, _) = tokio::time::timeout(
+        WAIT,
+        tokio_tungstenite::connect_async_with_config(url, Some(ws_config()), true),
+    )
+    .await
+    .map_err(|_| "relay: connect timed out".to_owned())?
+    .map_err(|e| e.to_string())?;
+    Ok(ws)
+}
+
+/// The next text frame's text (pings are answered by tungstenite and skipped).
+async fn next_text(ws: &mut Ws) -> Result<String, String> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    for _ in 0..1_000 {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Err(_) => return Err("no frame in time".into()),
+            Ok(None) => return Err("connection closed".into()),
+            Ok(Some(Err(e))) => return Err(e.to_string()),
+            Ok(Some(Ok(Message::Text(text)))) => return Ok(text.as_str().to_owned()),
+            Ok(Some(Ok(Message::Close(frame)))) => return Err(format!("closed: {frame:?}")),
+            Ok(Some(Ok(_))) => {}
+        }
+    }
+    Err("only control frames".into())
+}
+
+/// The next server event, decoded with core's decoder.
+async fn next_event(ws: &mut Ws) -> Result<ServerEvent, String> {
+    let text = next_text(ws).await?;
+    ServerEvent::decode(&text)
+        .map(|(event, _)| event)
+        .map_err(|e| e.to_string())
+}
+
+/// Reads until an event named `name` (skipping presence and the like).
+async fn expect_event(ws: &mut Ws, name: &str) -> Result<ServerEvent, String> {
+    for _ in 0..10_000 {
+        let event = next_event(ws).await?;
+        if event.name() == name {
+            return Ok(event);
+        }
+        if let ServerEvent::Error(body) = &event {
+            return Err(format!("expected {name}, got error {body}"));
+        }
+    }
+    Err(format!("no {name} within 10,000 frames"))
+}
+
+/// A `message` frame from the client, encoded with core's encoder.
+fn message_frame(
+    id: &str,
+    class: InteractionClass,
+    recipient: Option<&str>,
+    room: Option<&str>,
+) -> String {
+    ClientEvent::Message(SendMessage {
+        message_id: Some(id.to_owned()),
+        message_type: "chat.text".to_owned(),
+        interaction_class: class,
+        recipient_id: recipient.map(str::to_owned),
+        room_id: room.map(str::to_owned),
+        payload: json!({"text": "hello, this is a benchmark message"}),
+        metadata: None,
+    })
+    .encode(Some(id))
+}
+
+/// Opens `n` connections (users `{prefix}{i}`), [`CONNECT_BATCH`] at a time.
+async fn connect_many(addr: SocketAddr, prefix: &str, n: usize) -> Result<Vec<Ws>, String> {
+    let mut out = Vec::with_capacity(n);
+    let mut start = 0;
+    while start < n {
+        let end = (start + CONNECT_BATCH).min(n);
+        let mut set = tokio::task::JoinSet::new();
+        for i in start..end {
+            let user = format!("{prefix}{i}");
+            set.spawn(async move { (i, connect_user(addr, &user).await) });
+        }
+        let mut batch = Vec::with_capacity(end - start);
+        while let Some(joined) = set.join_next().await {
+            let (i, ws) = joined.map_err(|e| e.to_string())?;
+            batch.push((i, ws?));
+        }
+        batch.sort_by_key(|(i, _)| *i);
+        out.extend(batch.into_iter().map(|(_, ws)| ws));
+        start = end;
+    }
+    Ok(out)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn sorted(mut v: Vec<f64>) -> Vec<f64> {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v
+}
+
+// ---------------------------------------------------------------------------------
+// The benchmarks
+// ---------------------------------------------------------------------------------
+
+/// Runs the server benchmarks.
+pub fn run() -> Result<Vec<Row>, String> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    // `WEBWAKA_BENCH_SERVER=poll,idle` runs only those (for profiling one of them).
+    let only = std::env::var(ONLY_ENV).unwrap_or_default();
+    let wanted = |name: &str| only.is_empty() || only.split(',').any(|o| o.trim() == name);
+    runtime.block_on(async {
+        let mut rows = Vec::new();
+        if wanted("roundtrip") {
+            rows.extend(round_trip().await?);
+        }
+        if wanted("throughput") {
+            rows.extend(throughput().await?);
+        }
+        if wanted("fanout") {
+            rows.extend(fanout().await?);
+        }
+        if wanted("poll") {
+            rows.extend(polls().await?);
+        }
+        if wanted("idle") {
+            rows.extend(idle().await?);
+        }
+        Ok(rows)
+    })
+}
+
+/// One message at a time from `sender` to `recipient`; the clock runs from the send to
+/// the recipient's read of the frame. `next` makes the i-th frame; `after` runs once
+/// the recipient has it (e.g. to read the sender's ack).
+async fn round_trips(
+    sender: &mut Ws,
+    recipient: &mut Ws,
+    next: impl Fn(usize) -> String,
+    expect_ack: bool,
+) -> Result<Vec<f64>, String> {
+    let mut samples = Vec::with_capacity(ROUND_TRIPS);
+    for i in 0..WARMUP + ROUND_TRIPS {
+        let frame = next(i);
+        let t = Instant::now();
+        sender
+            .send(Message::Text(frame.into()))
+            .await
+            .map_err(|e| e.to_string())?;
+        let text = next_text(recipient).await?;
+        let elapsed = t.elapsed();
+        if i >= WARMUP {
+            samples.push(elapsed.as_secs_f64() * 1e6);
+        }
+        if expect_ack {
+            // Outside the clock: the delivery is a `message`, the sender gets its ack.
+            if !text.contains("\"event\":\"message\"") {
+                return Err(format!("expected a message, got {text}"));
+            }
+            expect_event(sender, "message_ack").await?;
+        }
+    }
+    Ok(sorted(samples))
+}
+
+async fn round_trip() -> Result<Vec<Row>, String> {
+    // The baseline: a raw relay in its own process.
+    let relay = ChildProc::spawn(CHILD_RELAY)?;
+    let mut a = connect_raw(relay.addr).await?;
+    let mut b = connect_raw(relay.addr).await?;
+    let raw_frame = message_frame("m", InteractionClass::ClassC, Some("bob"), None);
+    let raw = round_trips(&mut a, &mut b, |_| raw_frame.clone(), false).await?;
+    drop((a, b));
+    relay.stop();
+
+    let server = ChildProc::spawn(CHILD_SERVER)?;
+    let mut alice = connect_user(server.addr, "alice").await?;
+    let mut bob = connect_user(server.addr, "bob").await?;
+    let durable = round_trips(
+        &mut alice,
+        &mut bob,
+        |i| {
+            message_frame(
+                &format!("c-{i}"),
+                InteractionClass::ClassC,
+                Some("bob"),
+                None,
+            )
+        },
+        true,
+    )
+    .await?;
+    let live = round_trips(
+        &mut alice,
+        &mut bob,
+        |i| {
+            message_frame(
+                &format!("a-{i}"),
+                InteractionClass::ClassA,
+                Some("bob"),
+                None,
+            )
+        },
+        true,
+    )
+    .await?;
+    drop((alice, bob));
+    server.stop();
+
+    let (raw50, raw99) = (percentile(&raw, 0.5), percentile(&raw, 0.99));
+    let row = |name: &str, s: &[f64]| {
+        let (p50, p99) = (percentile(s, 0.5), percentile(s, 0.99));
+        Row {
+            name: name.into(),
+            figure: format!(
+                "p50 {p50:.0} µs ({:.2}× raw), p99 {p99:.0} µs ({:.2}× raw); target ≤ 1.3× / ≤ 2×",
+                p50 / raw50,
+                p99 / raw99
+            ),
+            method: format!(
+                "{ROUND_TRIPS} direct messages one at a time (after {WARMUP} unmeasured), raw \
+                 tokio-tungstenite clients speaking the protocol; clock from the sender's \
+                 write to the recipient's read of the `message` frame; server in its own process"
+            ),
+        }
+    };
+    Ok(vec![
+        Row {
+            name: "server: raw WebSocket relay (baseline)".into(),
+            figure: format!("p50 {raw50:.0} µs, p99 {raw99:.0} µs"),
+            method: format!(
+                "{ROUND_TRIPS} frames (after {WARMUP}), client → tokio-tungstenite relay task \
+                 in its own process → second client; same frame text, same run"
+            ),
+        },
+        row(
+            "server: round trip, CLASS_C (durable, stored first)",
+            &durable,
+        ),
+        row("server: round trip, CLASS_A (live)", &live),
+    ])
+}
+
+/// What one throughput run found.
+struct Throughput {
+    rate: f64,
+    cpu_us_per_message: f64,
+}
+
+/// [`THROUGHPUT_CONNS`] connections, each sending [`THROUGHPUT_PER_CONN`] direct
+/// messages of `class` to the next user round the ring, at most
+/// [`THROUGHPUT_WINDOW`] awaiting their ack; the clock runs until every message has
+/// been delivered.
+async fn throughput_run(class: InteractionClass) -> Result<Throughput, String> {
+    let server = ChildProc::spawn(CHILD_SERVER)?;
+    let conns = connect_many(server.addr, "t", THROUGHPUT_CONNS).await?;
+    let total = THROUGHPUT_CONNS * THROUGHPUT_PER_CONN;
+    let delivered = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(tokio::sync::Notify::new());
+    let cpu_before = server.cpu_secs()?;
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, ws) in conns.into_iter().enumerate() {
+        let (mut tx, mut rx) = ws.split();
+        let window = Arc::new(tokio::sync::Semaphore::new(THROUGHPUT_WINDOW));
+        let recipient = format!("t{}", (i + 1) % THROUGHPUT_CONNS);
+        let w = Arc::clone(&window);
+        tasks.spawn(async move {
+            for n in 0..THROUGHPUT_PER_CONN {
+                let permit = tokio::time::timeout(WAIT, w.acquire())
+                    .await
+                    .map_err(|_| "no ack in time".to_owned())?
+                    .map_err(|e| e.to_string())?;
+                permit.forget();
+                let frame = message_frame(&format!("{n}"), class, Some(&recipient), None);
+                tx.send(Message::Text(frame.into()))
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok::<_, String>(())
+        });
+        let delivered = Arc::clone(&delivered);
+        let done = Arc::clone(&done);
+        tasks.spawn(async move {
+            // Acks open the window; deliveries are counted. Each connection gets as many
+            // of each as it sends.
+            let (mut acks, mut messages) = (0, 0);
+            while acks < THROUGHPUT_PER_CONN || messages < THROUGHPUT_PER_CONN {
+                let frame = tokio::time::timeout(WAIT, rx.next()).await.map_err(|_| {
+                    format!("conn {i}: stalled at {acks} acks, {messages} messages")
+                })?;
+                let Some(Ok(Message::Text(text))) = frame else {
+                    match frame {
+                        Some(Ok(_)) => continue,
+                        _ => return Err(format!("conn {i}: closed")),
+                    }
+                };
+                if text.starts_with("{\"event\":\"message_ack\"") {
+                    acks += 1;
+                    window.add_permits(1);
+                } else if text.starts_with("{\"event\":\"message\"") {
+                    messages += 1;
+                    if delivered.fetch_add(1, Ordering::AcqRel) + 1 == total {
+                        done.notify_one();
+                    }
+                } else {
+                    return Err(format!("conn {i}: unexpected {text}"));
+                }
+            }
+            Ok(())
+        });
+    }
+    // Until every message is delivered; a task's error ends the run at once.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        tokio::select! {
+            () = done.notified() => break,
+            joined = tasks.join_next() => match joined {
+                Some(Ok(Ok(()))) => {}
+                Some(Ok(Err(e))) => return Err(format!("throughput: {e}")),
+                Some(Err(e)) => return Err(format!("throughput: {e}")),
+                None => break,
+            },
+            () = tokio::time::sleep_until(deadline) => {
+                return Err("throughput: not every message was delivered in 120 s".into());
+            }
+        }
+    }
+    let elapsed = started.elapsed();
+    let cpu = server.cpu_secs()? - cpu_before;
+    if delivered.load(Ordering::Acquire) < total {
+        return Err("throughput: not every message was delivered".into());
+    }
+    while let Some(joined) = tasks.join_next().await {
+        joined.map_err(|e| e.to_string())??;
+    }
+    server.stop();
+    Ok(Throughput {
+        rate: total as f64 / elapsed.as_secs_f64(),
+        cpu_us_per_message: cpu * 1e6 / total as f64,
+    })
+}
+
+async fn throughput() -> Result<Vec<Row>, String> {
+    let mut rows = Vec::new();
+    for (name, class) in [
+        ("CLASS_C (durable)", InteractionClass::ClassC),
+        ("CLASS_A (live)", InteractionClass::ClassA),
+    ] {
+        let t = throughput_run(class).await?;
+        let method = format!(
+            "{THROUGHPUT_CONNS} WebSocket connections (one user each) each send \
+             {THROUGHPUT_PER_CONN} direct messages to the next user, at most \
+             {THROUGHPUT_WINDOW} awaiting their message_ack; clock until all \
+             {} are delivered; load generator on the same 2 cores",
+            THROUGHPUT_CONNS * THROUGHPUT_PER_CONN
+        );
+        rows.push(Row {
+            name: format!("server: messages/s, 100 connections, {name}"),
+            figure: fmt_rate(t.rate),
+            method: method.clone(),
+        });
+        rows.push(Row {
+            name: format!("server: CPU per message, {name}"),
+            figure: format!(
+                "{:.2} µs (target ≤ 7; Node.js original ≈ 10)",
+                t.cpu_us_per_message
+            ),
+            method: "same run: server process utime + stime (/proc/PID/stat) over the run ÷ \
+                     messages (each: frame in, stored if durable, ack out, delivery out)"
+                .into(),
+        });
+    }
+    Ok(rows)
+}
+
+/// One room of [`FANOUT_MEMBERS`] members; a sender sends one message at a time to
+/// it; the clock runs from the send until the last member has read it.
+async fn fanout() -> Result<Vec<Row>, String> {
+    /// What a member's reader reports.
+    enum Seen {
+        Joined,
+        Run(usize, Instant),
+    }
+    let server = ChildProc::spawn(CHILD_SERVER)?;
+    let room = "fanout";
+    let members = connect_many(server.addr, "f", FANOUT_MEMBERS).await?;
+    // A reader per member reads everything from the start (joins make a storm of
+    // presence announcements that must be drained) and reports `room_joined` and the
+    // marker of each run.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Seen>();
+    let frames = Arc::new(AtomicU64::new(0));
+    let mut readers = tokio::task::JoinSet::new();
+    let mut sinks = Vec::with_capacity(FANOUT_MEMBERS);
+    for ws in members {
+        let (sink, mut stream) = ws.split();
+        sinks.push(sink);
+        let tx = tx.clone();
+        let frames = Arc::clone(&frames);
+        readers.spawn(async move {
+            let mut next_run = 0;
+            while next_run < FANOUT_RUNS {
+                let Ok(Some(Ok(frame))) = tokio::time::timeout(WAIT * 6, stream.next()).await
+                else {
+                    return;
+                };
+                frames.fetch_add(1, Ordering::Relaxed);
+                let Message::Text(text) = frame else {
+                    continue;
+                };
+                if text.contains(&format!("\"fanout-{next_run}\"")) {
+                    let _ = tx.send(Seen::Run(next_run, Instant::now()));
+                    next_run += 1;
+                } else if text.starts_with("{\"event\":\"room_joined\"") {
+                    let _ = tx.send(Seen::Joined);
+                }
+            }
+        });
+    }
+    drop(tx);
+    let join = |r: &str| {
+        ClientEvent::JoinRoom {
+            room_id: room.to_owned(),
+        }
+        .encode(Some(r))
+    };
+    for sink in &mut sinks {
+        sink.send(Message::Text(join("join").into()))
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    for _ in 0..FANOUT_MEMBERS {
+        match tokio::time::timeout(WAIT, rx.recv()).await {
+            Ok(Some(Seen::Joined)) => {}
+            _ => return Err("fan-out: not every member joined".into()),
+        }
+    }
+    let mut sender = connect_user(server.addr, "fanout-sender").await?;
+    sender
+        .send(Message::Text(join("join").into()))
+        .await
+        .map_err(|e| e.to_string())?;
+    expect_event(&mut sender, "room_joined").await?;
+    // Wait (bounded) until the presence storm is over: no frame for 500 ms.
+    let mut last = u64::MAX;
+    for _ in 0..120 {
+        let now = frames.load(Ordering::Relaxed);
+        if now == last {
+            break;
+        }
+        last = now;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // The sender reads its own presence announcements too; drop what is pending.
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(100), sender.next()).await {}
+    let mut samples = Vec::with_capacity(FANOUT_RUNS);
+    for r in 0..FANOUT_RUNS {
+        let frame = message_frame(
+            &format!("fanout-{r}"),
+            InteractionClass::ClassC,
+            None,
+            Some(room),
+        );
+        let t = Instant::now();
+        sender
+            .send(Message::Text(frame.into()))
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut last = t;
+        for _ in 0..FANOUT_MEMBERS {
+            match tokio::time::timeout(WAIT, rx.recv()).await {
+                Ok(Some(Seen::Run(run, at))) if run == r => last = last.max(at),
+                Ok(Some(_)) => return Err(format!("fan-out: unexpected report during run {r}")),
+                _ => return Err(format!("fan-out: run {r} did not reach every member")),
+            }
+        }
+        samples.push((last - t).as_secs_f64() * 1e3);
+        expect_event(&mut sender, "message_ack").await?;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    readers.abort_all();
+    while readers.join_next().await.is_some() {}
+    drop((sender, sinks));
+    server.stop();
+    let s = sorted(samples);
+    Ok(vec![Row {
+        name: "server: fan-out to 1,000 room members".into(),
+        figure: format!(
+            "p50 {:.2} ms, max {:.2} ms (target ≤ 8 ms p50)",
+            percentile(&s, 0.5),
+            s.last().copied().unwrap_or(0.0)
+        ),
+        method: format!(
+            "{FANOUT_MEMBERS} WebSocket connections (one user each) in one room; one CLASS_C \
+             message at a time to the room, {FANOUT_RUNS} runs; clock from the sender's write \
+             to the last member's read; readers in this process on the same 2 cores"
+        ),
+    }])
+}
+
+/// A minimal keep-alive HTTP/1.1 client: one request at a time on one connection.
+struct HttpConn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl HttpConn {
+    async fn open(addr: SocketAddr) -> Result<Self, String> {
+        let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        stream.set_nodelay(true).map_err(|e| e.to_string())?;
+        Ok(Self {
+            stream,
+            buf: Vec::with_capacity(8192),
+        })
+    }
+
+    /// Sends `request` (complete bytes) and reads one response; returns its status and
+    /// body.
+    async fn call(&mut self, request: &[u8]) -> Result<(u16, Vec<u8>), String> {
+        self.stream
+            .write_all(request)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.buf.clear();
+        // Headers: read until the blank line.
+        let head_end = loop {
+            if let Some(i) = find(&self.buf, b"\r\n\r\n") {
+                break i + 4;
+            }
+            if self.buf.len() > 64 * 1024 {
+                return Err("response headers too long".into());
+            }
+            let mut chunk = [0u8; 8192];
+            let n = self
+                .stream
+                .read(&mut chunk)
+                .await
+                .map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err("connection closed".into());
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = std::str::from_utf8(&self.buf[..head_end]).map_err(|e| e.to_string())?;
+        let status: u16 = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or("no status")?;
+        let length: usize = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().ok())?
+            })
+            .ok_or("no content-length")?;
+        while self.buf.len() < head_end + length {
+            let mut chunk = [0u8; 8192];
+            let n = self
+                .stream
+                .read(&mut chunk)
+                .await
+                .map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err("connection closed in the body".into());
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+        Ok((status, self.buf[head_end..head_end + length].to_vec()))
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// [`POLL_CLIENTS`] keep-alive connections, one user each, polling with their cursor in
+/// a loop: each poll returns the one event after the cursor.
+async fn polls() -> Result<Vec<Row>, String> {
+    let server = ChildProc::spawn(CHILD_SERVER)?;
+    // Two messages to each polling user; each polls from the first (one event back).
+    let mut sender = connect_user(server.addr, "poll-sender").await?;
+    let mut cursors = Vec::with_capacity(POLL_CLIENTS);
+    for i in 0..POLL_CLIENTS {
+        let user = format!("p{i}");
+        let mut first = None;
+        for k in 0..2 {
+            let id = format!("poll-{i}-{k}");
+            let frame = message_frame(&id, InteractionClass::ClassC, Some(&user), None);
+            sender
+                .send(Message::Text(frame.into()))
+                .await
+                .map_err(|e| e.to_string())?;
+            if let ServerEvent::MessageAck(ack) = expect_event(&mut sender, "message_ack").await?
+                && k == 0
+            {
+                first = ack.event_id;
+            }
+        }
+        cursors.push(first.ok_or("no event id in the ack")?);
+    }
+    drop(sender);
+    let count = Arc::new(AtomicU64::new(0));
+    let measuring = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_at = Instant::now() + POLL_WARMUP + POLL_TIME;
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, cursor) in cursors.into_iter().enumerate() {
+        let mut conn = HttpConn::open(server.addr).await?;
+        let request = format!(
+            "GET /api/events/poll?lastEventId={cursor}&limit=100 HTTP/1.1\r\n\
+             Host: {}\r\nAuthorization: Bearer {}\r\n\r\n",
+            server.addr,
+            token(&format!("p{i}"))
+        )
+        .into_bytes();
+        let count = Arc::clone(&count);
+        let measuring = Arc::clone(&measuring);
+        tasks.spawn(async move {
+            let mut checked = false;
+            while Instant::now() < stop_at {
+                let (status, body) = tokio::time::timeout(WAIT, conn.call(&request))
+                    .await
+                    .map_err(|_| "poll timed out".to_owned())??;
+                if status != 200 {
+                    return Err(format!(
+                        "poll answered {status}: {}",
+                        String::from_utf8_lossy(&body)
+                    ));
+                }
+                if !checked {
+                    // Once per client: the answer is a real page with one event.
+                    let page: webwaka_realtime::protocol::PollResponse =
+                        serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+                    if page.events.len() != 1 {
+                        return Err(format!("poll gave {} events", page.events.len()));
+                    }
+                    checked = true;
+                }
+                if measuring.load(Ordering::Relaxed) {
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Ok::<_, String>(())
+        });
+    }
+    tokio::time::sleep(POLL_WARMUP).await;
+    let cpu_before = server.cpu_secs()?;
+    let t = Instant::now();
+    measuring.store(true, Ordering::Relaxed);
+    tokio::time::sleep(POLL_TIME).await;
+    measuring.store(false, Ordering::Relaxed);
+    let elapsed = t.elapsed();
+    let n = count.load(Ordering::Relaxed);
+    let cpu = server.cpu_secs()? - cpu_before;
+    while let Some(joined) = tasks.join_next().await {
+        joined.map_err(|e| e.to_string())??;
+    }
+    server.stop();
+    Ok(vec![Row {
+        name: "server: polls/s, 50 keep-alive clients".into(),
+        figure: format!(
+            "{} ({:.1} µs server CPU per poll; target ≥ 50,000/s)",
+            fmt_rate(n as f64 / elapsed.as_secs_f64()),
+            cpu * 1e6 / n.max(1) as f64
+        ),
+        method: format!(
+            "{POLL_CLIENTS} HTTP/1.1 keep-alive connections (one user each, minimal client), \
+             GET /api/events/poll with the user's cursor: token check, rate-limit check, \
+             cursor and page reads from SQLite, one event back as JSON; {} s after {} ms \
+             warm-up; load generator on the same 2 cores",
+            POLL_TIME.as_secs(),
+            POLL_WARMUP.as_millis()
+        ),
+    }])
+}
+
+/// The open-file limit of this process (soft), from `/proc/self/limits`.
+fn open_file_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// [`IDLE_CONNS`] idle WebSocket connections (one user each); the server child's RSS
+/// growth divided by the connections.
+async fn idle() -> Result<Vec<Row>, String> {
+    let limit = open_file_limit().unwrap_or(0);
+    if limit < (IDLE_CONNS + IDLE_WARM + 200) as u64 {
+        return Err(format!(
+            "the open-file limit ({limit}) is too low for {IDLE_CONNS} connections"
+        ));
+    }
+    let server = ChildProc::spawn(CHILD_SERVER)?;
+    let warm = connect_many(server.addr, "w", IDLE_WARM).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = server.rss_kib()?;
+    let started = Instant::now();
+    let conns = connect_many(server.addr, "i", IDLE_CONNS).await?;
+    let connect_time = started.elapsed();
+    // Keep them alive: a task per connection answers the server's pings.
+    let mut holders = tokio::task::JoinSet::new();
+    for mut ws in conns.into_iter().chain(warm) {
+        holders.spawn(async move {
+            while let Ok(Some(Ok(_))) = tokio::time::timeout(WAIT * 6, ws.next()).await {}
+        });
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = server.rss_kib()?;
+    holders.abort_all();
+    while holders.join_next().await.is_some() {}
+    server.stop();
+    let per_conn = (after.saturating_sub(before) * 1024) as f64 / IDLE_CONNS as f64;
+    let at_50k = per_conn * IDLE_EXTRAPOLATE as f64 / (1024.0 * 1024.0);
+    Ok(vec![Row {
+        name: "server: memory per idle connection".into(),
+        figure: format!(
+            "{:.2} KiB ({before} → {after} KiB RSS for {IDLE_CONNS}; 50,000 ≈ {at_50k:.0} MiB \
+             more; target ≤ 8 KiB, Node.js original ≈ 15)",
+            per_conn / 1024.0
+        ),
+        method: format!(
+            "server child process; {IDLE_WARM} connections first (runtime warm), then VmRSS \
+             before and 1 s after opening {IDLE_CONNS} more (one user each, `connected` read, \
+             pings answered), opened in {:.1} s; growth ÷ {IDLE_CONNS}; open-file limit {limit}",
+            connect_time.as_secs_f64()
+        ),
+    }])
+}
