@@ -3,9 +3,8 @@
 //! memory when idle and with 10,000 queued items.
 //!
 //! Everything runs on loopback against the real server (in-process) with real SQLite
-//! files on disk. The memory figures come from a child process (this binary run again
-//! with `WEBWAKA_BENCH_CHILD=client-memory`) so that the server and the benchmark
-//! itself are not counted.
+//! files on disk. The memory figures come from a child process linking only the client
+//! (`bin/client_memory.rs`), so that the server and the benchmark are not counted.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,7 +23,8 @@ use super::Row;
 use crate::harness::{TestServer, wait_state};
 use crate::proxy::{Mode, Proxy};
 
-/// The environment variable that turns the bench binary into the memory probe.
+/// The environment variable that turns the bench binary into a child process of a
+/// benchmark (the server benchmarks use it).
 pub const CHILD_ENV: &str = "WEBWAKA_BENCH_CHILD";
 
 /// Round trips measured per path.
@@ -427,11 +427,29 @@ pub fn status_kib(field: &str) -> Option<u64> {
         .ok()
 }
 
-/// Runs this binary again as the memory probe and reads its two figures.
+/// Builds and runs the memory probe (`client_memory`, a binary with only the client
+/// linked) and reads its figures.
 fn memory() -> Result<Vec<Row>, String> {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let built = std::process::Command::new(&cargo)
+        .args([
+            "build",
+            "--release",
+            "--quiet",
+            "-p",
+            "webwaka-e2e",
+            "--bin",
+            "client_memory",
+        ])
+        .status()
+        .map_err(|e| format!("cargo: {e}"))?;
+    if !built.success() {
+        return Err("building the memory probe failed".into());
+    }
+    let exe = std::env::current_exe()
+        .map_err(|e| e.to_string())?
+        .with_file_name("client_memory");
     let out = std::process::Command::new(exe)
-        .env(CHILD_ENV, "client-memory")
         .output()
         .map_err(|e| e.to_string())?;
     if !out.status.success() {
@@ -463,7 +481,7 @@ fn memory() -> Result<Vec<Row>, String> {
                 mib(idle),
                 mib(idle_anon)
             ),
-            method: "separate process (the bench binary, which also holds the server's code): tokio runtime (2 workers) + one open client (store, supervisor), offline, after 2 s; VmRSS and RssAnon".into(),
+            method: "separate process linking only the client (bin client_memory): tokio runtime (2 workers) + one open client (store, supervisor), offline, after 2 s; VmRSS (code pages included) and RssAnon (heap and stacks)".into(),
         },
         Row {
             name: "client: memory with 10,000 queued items".into(),

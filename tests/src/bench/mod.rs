@@ -4,6 +4,7 @@
 //! the median of several runs and the method, so a figure is never quoted without the
 //! way it was obtained.
 
+pub mod client;
 pub mod reconcile;
 pub mod server;
 

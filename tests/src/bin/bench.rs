@@ -1,13 +1,13 @@
 //! `bench`: runs the project's benchmarks and prints one table.
 //!
 //! `cargo run --release -p webwaka-e2e --bin bench [NAME…]` runs the named groups
-//! (all when none is named). Groups: `reconcile`, `server`.
+//! (all when none is named). Groups: `reconcile`, `client`, `server`, `size`.
 
 use std::process::ExitCode;
 
 use webwaka_e2e::bench::{self, Row};
 
-const GROUPS: &[&str] = &["reconcile", "server"];
+const GROUPS: &[&str] = &["reconcile", "client", "server", "size"];
 
 fn main() -> ExitCode {
     // The server benchmarks run the server and the raw relay as child processes.
@@ -39,11 +39,29 @@ fn main() -> ExitCode {
     if run("reconcile") {
         rows.extend(bench::reconcile::run());
     }
+    if run("client") {
+        match bench::client::run() {
+            Ok(client_rows) => rows.extend(client_rows),
+            Err(e) => {
+                eprintln!("bench: client: {e}");
+                failed = true;
+            }
+        }
+    }
     if run("server") {
         match bench::server::run() {
             Ok(server_rows) => rows.extend(server_rows),
             Err(e) => {
                 eprintln!("bench: server: {e}");
+                failed = true;
+            }
+        }
+    }
+    if run("size") {
+        match bench::client::library_size() {
+            Ok(size_rows) => rows.extend(size_rows),
+            Err(e) => {
+                eprintln!("bench: size: {e}");
                 failed = true;
             }
         }
