@@ -63,6 +63,8 @@ pub(crate) struct App {
     pub(crate) slots: AtomicUsize,
     /// Where the JWT secret came from.
     pub(crate) secret_source: SecretSource,
+    /// The chaos layer, when enabled (`CHAOS=1`).
+    pub(crate) chaos: Option<Arc<crate::chaos::Chaos>>,
 }
 
 impl App {
@@ -105,6 +107,7 @@ impl App {
             background: TaskTracker::new(),
             slots: AtomicUsize::new(0),
             secret_source,
+            chaos: config.chaos.then(|| Arc::new(crate::chaos::Chaos::new())),
             config,
         })
     }

@@ -30,6 +30,8 @@ pub struct Identity {
     pub roles: Vec<String>,
     /// Expiry, seconds since the Unix epoch.
     pub exp: i64,
+    /// Issue time, seconds since the Unix epoch, when the token says.
+    pub iat: Option<i64>,
 }
 
 impl Identity {
@@ -157,6 +159,7 @@ impl Keys {
             user_id,
             roles: claims.roles,
             exp: claims.exp,
+            iat: claims.iat,
         })
     }
 

@@ -215,6 +215,15 @@ pub struct Config {
     /// `text` or `json`.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Enables the chaos layer (`/api/admin/chaos`): development only, refused in
+    /// production mode. See docs/server.md "Chaos".
+    #[arg(
+        long,
+        env = "CHAOS",
+        action = clap::ArgAction::SetTrue,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub chaos: bool,
     /// Accepted for compatibility with the original's `.env`; not used (no Redis here).
     #[arg(long, env = "REDIS_URL", hide = true)]
     pub redis_url: Option<String>,
@@ -365,6 +374,7 @@ impl Config {
             maintenance_interval_ms: defaults::MAINTENANCE_INTERVAL_MS,
             log_level: "info".to_owned(),
             log_format: LogFormat::Text,
+            chaos: false,
             redis_url: None,
         }
     }
@@ -482,6 +492,12 @@ impl Config {
             return Err(ConfigError::new(
                 "MAINTENANCE_INTERVAL_MS",
                 "must be at least 1 ms",
+            ));
+        }
+        if self.chaos && self.mode == Mode::Production {
+            return Err(ConfigError::new(
+                "CHAOS",
+                "the chaos layer is for development only: not with WEBWAKA_MODE=production",
             ));
         }
         if let Some(secret) = &self.jwt_secret

@@ -70,6 +70,22 @@ struct Conn {
     id: u64,
     outbox: Outbox,
     kill: CancellationToken,
+    /// When the connection's token was issued (seconds; `None`: not said).
+    iat: Option<i64>,
+    /// Why `kill` was cancelled.
+    reason: KillReason,
+}
+
+/// Why the hub closed a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum KillReason {
+    /// Its delivery queue overflowed (close 1013, it resumes from its cursor).
+    #[default]
+    SlowConsumer,
+    /// The chaos layer dropped it: no close frame, as if the network failed.
+    Dropped,
+    /// The chaos layer expired its token (close 1008 `AUTH_EXPIRED`).
+    AuthExpired,
 }
 
 struct Presence {
@@ -148,8 +164,15 @@ impl Hub {
         }
     }
 
-    /// Registers a new connection of `user` with a queue of `capacity` frames.
-    pub(crate) fn register(&self, tenant: &str, user: &str, capacity: usize) -> Registration {
+    /// Registers a new connection of `user` (token issued at `iat`) with a queue of
+    /// `capacity` frames.
+    pub(crate) fn register(
+        &self,
+        tenant: &str,
+        user: &str,
+        iat: Option<i64>,
+        capacity: usize,
+    ) -> Registration {
         let conn_id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let (outbox, inbox) = mpsc::channel(capacity.max(1));
         let kill = CancellationToken::new();
@@ -165,6 +188,8 @@ impl Hub {
             id: conn_id,
             outbox,
             kill: kill.clone(),
+            iat,
+            reason: KillReason::SlowConsumer,
         });
         if first {
             u.presence = Some(Presence {
@@ -200,6 +225,56 @@ impl Hub {
             }
         }
         last
+    }
+
+    /// Closes the connections of `target` for `reason` (only those whose token was
+    /// issued before `issued_before`, when given). Returns how many.
+    pub(crate) fn kill(
+        &self,
+        target: crate::chaos::Target<'_>,
+        reason: KillReason,
+        issued_before: Option<i64>,
+    ) -> usize {
+        use crate::chaos::Target;
+        let mut tenants = self.write();
+        let mut killed = 0;
+        let mut kill_user = |u: &mut User| {
+            for conn in &mut u.conns {
+                let old = issued_before.is_none_or(|cutoff| conn.iat.is_none_or(|i| i < cutoff));
+                if old && !conn.kill.is_cancelled() {
+                    conn.reason = reason;
+                    conn.kill.cancel();
+                    killed += 1;
+                }
+            }
+        };
+        match target {
+            Target::Everyone => {
+                for t in tenants.values_mut() {
+                    t.users.values_mut().for_each(&mut kill_user);
+                }
+            }
+            Target::Tenant(tenant) => {
+                if let Some(t) = tenants.get_mut(tenant) {
+                    t.users.values_mut().for_each(&mut kill_user);
+                }
+            }
+            Target::User { tenant, user } => {
+                if let Some(u) = tenants.get_mut(tenant).and_then(|t| t.users.get_mut(user)) {
+                    kill_user(u);
+                }
+            }
+        }
+        killed
+    }
+
+    /// Why connection `conn_id` was closed by the hub.
+    pub(crate) fn kill_reason(&self, tenant: &str, user: &str, conn_id: u64) -> KillReason {
+        self.read()
+            .get(tenant)
+            .and_then(|t| t.users.get(user))
+            .and_then(|u| u.conns.iter().find(|c| c.id == conn_id))
+            .map_or(KillReason::SlowConsumer, |c| c.reason)
     }
 
     /// True when `user` is a member of `room`.

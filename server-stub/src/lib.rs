@@ -35,6 +35,7 @@
 //! | `reconcile` | core's engine on stored entities, snapshots |
 //! | `transactions` | Class D: idempotency, processor, status |
 //! | `audit` | the hash-chained audit log |
+//! | `chaos` | the development-only chaos layer (`CHAOS=1`) |
 //! | `http` | routes, extractors (token, tenancy, JSON), health, metrics |
 //! | `ratelimit`, `metrics`, `telemetry` | governor limits, Prometheus, tracing |
 
@@ -42,6 +43,7 @@ mod app;
 pub mod audit;
 pub mod auth;
 mod bus;
+pub mod chaos;
 pub mod config;
 mod db;
 mod error;
@@ -67,6 +69,7 @@ use tokio::task::JoinHandle;
 
 pub use app::StartError;
 pub use auth::{Keys, SecretSource};
+pub use chaos::{ChaosControl, ChaosSettings, ChaosState, DropAcks, HttpFailures};
 pub use config::Config;
 pub use error::ApiError;
 pub use transactions::{Decision, DelayProcessor, PendingTransaction, TransactionProcessor};
@@ -200,6 +203,11 @@ impl RunningServer {
     /// The configuration it runs with.
     pub fn config(&self) -> &Config {
         &self.app.config
+    }
+
+    /// The chaos layer's controls, when the server runs with `config.chaos` (`CHAOS=1`).
+    pub fn chaos(&self) -> Option<ChaosControl> {
+        ChaosControl::of(&self.app)
     }
 
     /// Stops it gracefully and waits until storage is flushed.

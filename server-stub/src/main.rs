@@ -174,6 +174,12 @@ fn print_banner(config: &Config, server: &Server) {
         out,
         "  more tokens cargo run --release -p webwaka-server-stub -- token --tenant T --user U --roles admin,service"
     );
+    if config.chaos {
+        let _ = writeln!(
+            out,
+            "  chaos       ON (development only): http://{addr}/api/admin/chaos, role admin"
+        );
+    }
     let _ = writeln!(
         out,
         "  stop        Ctrl-C (closes WebSockets with 1001, flushes storage)"

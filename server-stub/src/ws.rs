@@ -36,6 +36,7 @@ use webwaka_realtime::protocol::{
 use crate::app::{App, Slot};
 use crate::error::{ApiError, check_id_len};
 use crate::http::extract::{Caller, QueryMap, authenticate, header_str, resolve_tenant};
+use crate::hub::KillReason;
 use crate::log;
 
 /// Refused frames within a minute after which a connection is closed (1008).
@@ -55,6 +56,16 @@ pub(crate) async fn handler(
     query: QueryMap,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
+    // The chaos layer may play a proxy that lets only plain HTTP through.
+    if app.chaos.as_ref().is_some_and(|c| c.refuses_websocket()) {
+        let mut error = ApiError::new(
+            ErrorCode::ServerFull,
+            "chaos: WebSocket upgrades are refused (use polling)",
+        )
+        .with_detail("chaos", "REFUSE_WEBSOCKET");
+        error.retry_after_secs = Some(1);
+        return error.into_response();
+    }
     match prepare(&app, &headers, &query).await {
         Err(error) => error.into_response(),
         Ok(prepared) => match upgrade {
@@ -177,9 +188,12 @@ async fn run(app: Arc<App>, socket: WebSocket, prepared: Prepared) {
         cursor,
         slot,
     } = prepared;
-    let registration = app
-        .hub
-        .register(&caller.tenant, caller.user(), app.config.ws_send_queue);
+    let registration = app.hub.register(
+        &caller.tenant,
+        caller.user(),
+        caller.identity.iat,
+        app.config.ws_send_queue,
+    );
     let span = tracing::info_span!(
         "ws",
         conn = registration.conn_id,
@@ -323,7 +337,14 @@ impl Connection {
             let flow = tokio::select! {
                 biased;
                 () = &mut shutdown => Flow::Close(close_code::GOING_AWAY, "server shutting down"),
-                () = &mut kill => Flow::Close(close_code::TRY_AGAIN_LATER, "SLOW_CONSUMER"),
+                () = &mut kill => match app.hub.kill_reason(&self.tenant, &self.user, self.conn_id) {
+                    KillReason::SlowConsumer => Flow::Close(close_code::TRY_AGAIN_LATER, "SLOW_CONSUMER"),
+                    // Chaos: gone without a word, as if the network failed.
+                    KillReason::Dropped => Flow::Stop,
+                    KillReason::AuthExpired => {
+                        Flow::Close(close_code::POLICY_VIOLATION, AUTH_EXPIRED_CLOSE_REASON)
+                    }
+                },
                 _ = &mut expiry => Flow::Close(close_code::POLICY_VIOLATION, AUTH_EXPIRED_CLOSE_REASON),
                 _ = ticker.tick() => {
                     if self.last_heard.elapsed() >= ping_timeout {
@@ -446,6 +467,11 @@ impl Connection {
     }
 
     async fn on_message(&mut self, message: Message) -> Flow {
+        if let Some(chaos) = &self.app.chaos
+            && matches!(message, Message::Text(_) | Message::Binary(_))
+        {
+            chaos.wait().await;
+        }
         match message {
             Message::Text(text) => self.on_text(text.as_str()).await,
             Message::Binary(_) => {
@@ -532,6 +558,8 @@ impl Connection {
                     // The message itself is not queued for this connection (the
                     // fan-out skips it), so `last_seq` stays: an event of a lower
                     // sequence may still be waiting in the queue.
+                    // Chaos: stored and delivered, but the sender never hears of it.
+                    Ok(_) if crate::chaos::drops_ack(&self.app) => Flow::Continue,
                     Ok(ack) => self.send(&ServerEvent::MessageAck(ack), r).await,
                     Err(error) => self.refuse(error, r).await,
                 }

@@ -166,6 +166,9 @@ pub(crate) async fn publish(
         .db
         .write(move |w| log::append_event(w, fanout, &tenant, new))
         .await?;
+    if crate::chaos::drops_ack(&app) {
+        return Err(crate::chaos::ack_dropped());
+    }
     Ok((
         StatusCode::CREATED,
         Json(Published {
@@ -209,6 +212,10 @@ pub(crate) async fn send_message(
     }
     let ack =
         crate::messaging::send(&app, &caller.tenant, caller.user(), message, None, "http").await?;
+    // Chaos: stored and delivered, but the 201 is lost; the resend is deduplicated.
+    if crate::chaos::drops_ack(&app) {
+        return Err(crate::chaos::ack_dropped());
+    }
     let (Some(event_id), Some(sequence)) = (ack.event_id, ack.sequence) else {
         return Err(ApiError::internal());
     };

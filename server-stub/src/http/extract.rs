@@ -82,6 +82,11 @@ pub(crate) async fn authenticate(
         None => Err(crate::auth::AuthError::Missing),
         Some(token) => app.keys.verify(token),
     };
+    // The chaos layer may have expired the tokens issued until some moment.
+    let result = result.and_then(|identity| match &app.chaos {
+        Some(chaos) if chaos.token_expired(identity.iat) => Err(crate::auth::AuthError::Expired),
+        _ => Ok(identity),
+    });
     match result {
         Ok(identity) => Ok(identity),
         Err(reason) => {

@@ -2,6 +2,7 @@
 //! that keep even unknown paths in the protocol's error shape.
 
 pub(crate) mod admin;
+pub(crate) mod chaos;
 pub(crate) mod eventbus;
 pub(crate) mod events;
 pub(crate) mod extract;
@@ -27,7 +28,7 @@ use crate::error::ApiError;
 pub(crate) fn router(app: Arc<App>) -> Router {
     let ws_path = app.config.ws_path.clone();
     let body_limit = app.config.http_max_body_bytes;
-    Router::new()
+    let router = Router::new()
         .route(&ws_path, get(crate::ws::handler))
         .route("/health", get(health::health))
         .route("/metrics", get(health::metrics))
@@ -50,9 +51,28 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         )
         .route("/api/admin/audit", get(admin::page))
         .route("/api/admin/audit/verify", get(admin::verify))
+        .route(
+            chaos::PATH,
+            get(chaos::get).put(chaos::put).delete(chaos::delete),
+        )
+        .route(
+            "/api/admin/chaos/drop-connections",
+            post(chaos::drop_connections),
+        )
+        .route("/api/admin/chaos/expire-tokens", post(chaos::expire_tokens))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(DefaultBodyLimit::max(body_limit));
+    // The chaos layer's latency and failures, only when it is enabled.
+    let router = if app.chaos.is_some() {
+        router.layer(middleware::from_fn_with_state(
+            Arc::clone(&app),
+            chaos::middleware,
+        ))
+    } else {
+        router
+    };
+    router
         .layer(middleware::from_fn(trace_request))
         .with_state(app)
 }

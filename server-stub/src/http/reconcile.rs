@@ -48,13 +48,26 @@ pub(crate) async fn reconcile(
         .db
         .write(move |w| crate::reconcile::apply(w, &app2, &tenant, request, last_known));
     let timeout = Duration::from_millis(app.config.reconciliation_processing_timeout_ms);
+    // Chaos: the work is done, but the answer is the timeout, when the timeout is up.
+    if app.chaos.as_ref().is_some_and(|c| c.reconcile_times_out()) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let applied = tokio::time::timeout(timeout, work).await.is_ok();
+        tokio::time::sleep_until(deadline).await;
+        tracing::warn!(applied, "chaos: reconciliation answered with a timeout");
+        return Err(timeout_error().with_detail("chaos", "RECONCILE_TIMEOUT"));
+    }
     match tokio::time::timeout(timeout, work).await {
         Ok(result) => Ok(Json(result?)),
         Err(_) => {
             tracing::warn!("reconciliation timed out");
-            Err(ApiError::internal().with_detail("reason", "RECONCILIATION_PROCESSING_TIMEOUT"))
+            Err(timeout_error())
         }
     }
+}
+
+/// What a client gets when reconciliation runs past its time.
+fn timeout_error() -> ApiError {
+    ApiError::internal().with_detail("reason", "RECONCILIATION_PROCESSING_TIMEOUT")
 }
 
 /// `GET /api/reconciliation/snapshot/{entityType}/{entityId}` (counts as polling).

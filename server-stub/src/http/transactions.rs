@@ -60,22 +60,27 @@ pub(crate) async fn submit(
         payload: request.payload,
         metadata: request.metadata,
     };
-    match app
+    let submitted = app
         .db
         .write(move |w| transactions::submit(w, submission))
-        .await?
-    {
+        .await?;
+    let accepted = match submitted {
         Submitted::New(accepted, pending) => {
             app.metrics
                 .transactions
                 .get_or_create(&label("outcome", "submitted"))
                 .inc();
             transactions::spawn_processing(&app, pending);
-            Ok((StatusCode::ACCEPTED, Json(accepted)))
+            accepted
         }
-        Submitted::Replay(accepted) => Ok((StatusCode::ACCEPTED, Json(accepted))),
-        Submitted::Conflict => Err(transactions::conflict(key)),
+        Submitted::Replay(accepted) => accepted,
+        Submitted::Conflict => return Err(transactions::conflict(key)),
+    };
+    // Chaos: accepted (and decided later), but the client never hears of it.
+    if crate::chaos::drops_ack(&app) {
+        return Err(crate::chaos::ack_dropped());
     }
+    Ok((StatusCode::ACCEPTED, Json(accepted)))
 }
 
 /// `GET /api/transactions/{id}`: readable by its submitter and the tenant's admins.

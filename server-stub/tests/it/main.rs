@@ -13,6 +13,7 @@
 mod audit;
 mod auth;
 mod bus;
+mod chaos;
 mod common;
 mod http;
 mod memory;
