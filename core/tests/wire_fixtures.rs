@@ -14,11 +14,11 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use webwaka_realtime::protocol::{
     self, AckRequest, AckResponse, ActorType, AuditPage, AuditResult, AuditVerify, ClaimRequest,
-    ClaimResponse, ClientEvent, DlqResponse, ErrorBody, ErrorCode, Frame, Health, HealthState,
-    InteractionClass, MessageAccepted, OperationType, PollResponse, PresenceStatus, PublishEvent,
-    Published, ReconciliationRequest, ReconciliationResponse, ResolutionStrategy, SendMessage,
-    ServerEvent, StateSnapshot, TransactionAccepted, TransactionRequest, TransactionState,
-    TransactionStatus,
+    ClaimResponse, ClientEvent, DlqReplayed, DlqResponse, ErrorBody, ErrorCode, Frame, Health,
+    HealthState, InteractionClass, MessageAccepted, OperationType, PollResponse, PresenceStatus,
+    PublishEvent, Published, ReconciliationRequest, ReconciliationResponse, ResolutionStrategy,
+    SendMessage, ServerEvent, StateSnapshot, TransactionAccepted, TransactionRequest,
+    TransactionState, TransactionStatus,
 };
 
 /// Every fixture file (without `.json`); each is exercised by a test below.
@@ -49,6 +49,7 @@ const FIXTURES: &[&str] = &[
     "http_ack_request",
     "http_ack_response",
     "http_dlq_response",
+    "http_dlq_replayed",
     "http_reconcile_request",
     "http_reconcile_response",
     "http_state_snapshot",
@@ -424,6 +425,15 @@ fn dlq_response() {
     );
     assert_eq!(entry.original_event.event_type, "order.placed");
     assert!(entry.first_failed_at < entry.last_failed_at);
+}
+
+#[test]
+fn dlq_replayed() {
+    let replayed: DlqReplayed = body("http_dlq_replayed");
+    assert_eq!(replayed.dlq_id, "dlq-2c7e9a41");
+    assert_eq!(replayed.event_id, "01947a3f-1c04-7d2e-b815-4f3c0d7e6b29");
+    assert_eq!(replayed.consumer_group, "billing");
+    assert!(replayed.replayed);
 }
 
 #[test]

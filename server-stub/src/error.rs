@@ -6,10 +6,12 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use webwaka_realtime::protocol::{DecodeError, ErrorBody, ErrorCode};
 
-/// Longest id (room, user, message, event, entity, type) accepted, in bytes.
-pub(crate) const MAX_ID_LEN: usize = 256;
+/// Longest id (room, user, message, event, entity, type) accepted, in bytes: core's
+/// limit, which the protocol types' `validate` functions check.
+pub(crate) const MAX_ID_LEN: usize = webwaka_realtime::protocol::MAX_ID_BYTES;
 
-/// Refuses an id longer than [`MAX_ID_LEN`], naming the field.
+/// Refuses an id longer than [`MAX_ID_LEN`], naming the field (for ids that no protocol
+/// type's `validate` covers: query parameters, headers, admin bodies).
 pub(crate) fn check_id_len(path: &str, value: Option<&str>) -> Result<(), ApiError> {
     match value {
         Some(v) if v.len() > MAX_ID_LEN => Err(ApiError::invalid(

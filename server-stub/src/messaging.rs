@@ -14,23 +14,9 @@ use webwaka_realtime::protocol::{
 };
 
 use crate::app::App;
-use crate::error::{ApiError, check_id_len};
+use crate::error::ApiError;
 use crate::hub::{Audience, Delivery};
 use crate::log::{self, Fanout};
-
-/// Checks the lengths of a message's ids; paths are prefixed with `prefix` (`data.`
-/// on the WebSocket, nothing over HTTP).
-pub(crate) fn check_ids(message: &SendMessage, prefix: &str) -> Result<(), ApiError> {
-    for (field, value) in [
-        ("type", Some(message.message_type.as_str())),
-        ("messageId", message.message_id.as_deref()),
-        ("recipientId", message.recipient_id.as_deref()),
-        ("roomId", message.room_id.as_deref()),
-    ] {
-        check_id_len(&format!("{prefix}{field}"), value)?;
-    }
-    Ok(())
-}
 
 /// Accepts `message` from `sender` of `tenant`; `exclude` is the sending connection.
 pub(crate) async fn send(

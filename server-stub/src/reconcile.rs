@@ -21,7 +21,7 @@ use webwaka_realtime::reconcile::{ApplyError, EntityKey, EntityState};
 
 use crate::app::App;
 use crate::db::Writer;
-use crate::error::{ApiError, JobError, StoreError, check_id_len};
+use crate::error::{ApiError, JobError, StoreError};
 
 /// The snapshot of an entity's state, taken at `now`.
 pub(crate) fn snapshot(tenant: &str, state: &EntityState, now: Timestamp) -> StateSnapshot {
@@ -90,18 +90,8 @@ pub(crate) fn validate(
             ),
         ));
     }
-    for (i, op) in request.operations.iter().enumerate() {
-        op.validate()
-            .map_err(|e| ApiError::invalid(format!("operations[{i}].{}", e.path), e.message))?;
-        for (field, value) in [
-            ("operationId", &op.operation_id),
-            ("clientId", &op.client_id),
-            ("entityType", &op.entity_type),
-            ("entityId", &op.entity_id),
-        ] {
-            check_id_len(&format!("operations[{i}].{field}"), Some(value))?;
-        }
-    }
+    // Ids (lengths included) and every operation, named `operations[i].field`.
+    request.validate()?;
     request
         .last_known_version
         .as_deref()

@@ -518,21 +518,9 @@ impl Connection {
             Ok(event) => event,
             Err(error) => return self.refuse(error.into(), r).await,
         };
+        // Shape, targets and id lengths (core's checks, fields named `data.…`).
         if let Err(error) = event.validate() {
             return self.refuse(error.into(), r).await;
-        }
-        let lengths = match &event {
-            ClientEvent::Message(message) => crate::messaging::check_ids(message, "data."),
-            ClientEvent::JoinRoom { room_id } | ClientEvent::LeaveRoom { room_id } => {
-                check_id_len("data.roomId", Some(room_id))
-            }
-            ClientEvent::Resume { last_event_id } => {
-                check_id_len("data.lastEventId", Some(last_event_id))
-            }
-            _ => Ok(()),
-        };
-        if let Err(error) = lengths {
-            return self.refuse(error, r).await;
         }
         match event {
             ClientEvent::Message(message) => {

@@ -301,19 +301,24 @@ impl ClientEvent {
     }
 
     /// Checks what decoding cannot (see [`SendMessage::validate`]); room ids and
-    /// cursors must not be blank. Paths are relative to the frame (`data.roomId`).
+    /// cursors must not be blank nor longer than [`super::MAX_ID_BYTES`]. Paths are
+    /// relative to the frame (`data.roomId`).
     pub fn validate(&self) -> Result<(), DecodeError> {
         match self {
             ClientEvent::Message(message) => message
                 .validate()
                 .map_err(|e| DecodeError::new(format!("data.{}", e.path), e.message)),
-            ClientEvent::JoinRoom { room_id } | ClientEvent::LeaveRoom { room_id }
-                if room_id.trim().is_empty() =>
-            {
-                Err(DecodeError::new("data.roomId", "must not be empty"))
+            ClientEvent::JoinRoom { room_id } | ClientEvent::LeaveRoom { room_id } => {
+                if room_id.trim().is_empty() {
+                    return Err(DecodeError::new("data.roomId", "must not be empty"));
+                }
+                super::check_id_len("data.roomId", room_id)
             }
-            ClientEvent::Resume { last_event_id } if last_event_id.trim().is_empty() => {
-                Err(DecodeError::new("data.lastEventId", "must not be empty"))
+            ClientEvent::Resume { last_event_id } => {
+                if last_event_id.trim().is_empty() {
+                    return Err(DecodeError::new("data.lastEventId", "must not be empty"));
+                }
+                super::check_id_len("data.lastEventId", last_event_id)
             }
             _ => Ok(()),
         }
@@ -607,23 +612,15 @@ impl ServerEvent {
     }
 }
 
-/// Decodes a frame's `data`; error paths are relative to the frame (`data.roomId`), and
-/// a missing field is named in the path.
+/// Decodes a frame's `data`; error paths are relative to the frame (`data.roomId`; a
+/// missing field is named by [`decode_value`] already).
 fn decode_data<T: DeserializeOwned>(data: Value) -> Result<T, DecodeError> {
     decode_value(data).map_err(|err| {
-        let mut path = if err.path == "input" {
+        let path = if err.path == "input" {
             "data".to_owned()
         } else {
             format!("data.{}", err.path)
         };
-        if let Some(field) = err
-            .message
-            .strip_prefix("missing field `")
-            .and_then(|rest| rest.strip_suffix('`'))
-        {
-            path.push('.');
-            path.push_str(field);
-        }
         DecodeError::new(path, err.message)
     })
 }

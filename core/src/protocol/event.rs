@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::message::WebSocketMessage;
-use super::{DecodeError, JsonObject, Timestamp, decode_value};
+use super::{DecodeError, JsonObject, Timestamp, check_id_len, check_opt_id_len, decode_value};
 
 /// `eventType` of an event that carries a durable message as its payload.
 pub const MESSAGE_EVENT_TYPE: &str = "message";
@@ -150,7 +150,8 @@ pub struct PublishEvent {
 }
 
 impl PublishEvent {
-    /// Checks what serde cannot: a non-blank `eventType`, and at most one target.
+    /// Checks what serde cannot: a non-blank `eventType`, at most one target, and no id
+    /// longer than [`super::MAX_ID_BYTES`].
     pub fn validate(&self) -> Result<(), DecodeError> {
         if self.event_type.trim().is_empty() {
             return Err(DecodeError::new("eventType", "must not be empty"));
@@ -161,7 +162,10 @@ impl PublishEvent {
                 "at most one of recipientId and roomId may be set, got both",
             ));
         }
-        Ok(())
+        check_id_len("eventType", &self.event_type)?;
+        check_opt_id_len("eventId", self.event_id.as_deref())?;
+        check_opt_id_len("recipientId", self.recipient_id.as_deref())?;
+        check_opt_id_len("roomId", self.room_id.as_deref())
     }
 }
 
@@ -191,13 +195,18 @@ pub struct ClaimRequest {
 }
 
 impl ClaimRequest {
-    /// Checks what serde cannot: a non-blank `consumerId` and `max` ≥ 1.
+    /// Checks what serde cannot: a non-blank `consumerId`, `max` ≥ 1, and no id (the
+    /// consumer's, an event type) longer than [`super::MAX_ID_BYTES`].
     pub fn validate(&self) -> Result<(), DecodeError> {
         if self.consumer_id.trim().is_empty() {
             return Err(DecodeError::new("consumerId", "must not be empty"));
         }
         if self.max == 0 {
             return Err(DecodeError::new("max", "must be at least 1"));
+        }
+        check_id_len("consumerId", &self.consumer_id)?;
+        for (i, event_type) in self.event_types.iter().flatten().enumerate() {
+            check_id_len(&format!("eventTypes[{i}]"), event_type)?;
         }
         Ok(())
     }
@@ -281,6 +290,21 @@ pub struct DlqResponse {
     /// The dead-lettered events.
     #[serde(default)]
     pub entries: Vec<DlqEntry>,
+}
+
+/// Answer to `POST /api/eventbus/dlq/{dlqId}/replay`: the entry left the DLQ and its
+/// event is claimable again in its group (a fresh delivery count).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DlqReplayed {
+    /// The replayed DLQ entry.
+    pub dlq_id: String,
+    /// Its event.
+    pub event_id: String,
+    /// The group it is redelivered to.
+    pub consumer_group: String,
+    /// Always `true` in a success answer.
+    pub replayed: bool,
 }
 
 #[cfg(test)]

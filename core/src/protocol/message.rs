@@ -11,7 +11,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{DecodeError, JsonObject, Timestamp};
+use super::{DecodeError, JsonObject, Timestamp, check_id_len, check_opt_id_len};
 
 /// How a message may travel, and whether it is stored.
 ///
@@ -105,8 +105,9 @@ pub struct SendMessage {
 }
 
 impl SendMessage {
-    /// Checks what serde cannot: a non-blank `type` and `messageId`, and exactly one of
-    /// `recipientId` / `roomId`, non-blank.
+    /// Checks what serde cannot: a non-blank `type` and `messageId`, exactly one of
+    /// `recipientId` / `roomId`, non-blank, and no id longer than
+    /// [`super::MAX_ID_BYTES`].
     ///
     /// The error names the field (`type`, `messageId`, `recipientId` or `roomId`),
     /// relative to the message.
@@ -137,7 +138,12 @@ impl SendMessage {
             (None, Some(room)) if room.trim().is_empty() => {
                 Err(DecodeError::new("roomId", "must not be empty"))
             }
-            _ => Ok(()),
+            _ => {
+                check_id_len("type", &self.message_type)?;
+                check_opt_id_len("messageId", self.message_id.as_deref())?;
+                check_opt_id_len("recipientId", self.recipient_id.as_deref())?;
+                check_opt_id_len("roomId", self.room_id.as_deref())
+            }
         }
     }
 }

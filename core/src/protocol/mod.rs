@@ -66,23 +66,52 @@ pub(crate) fn json_kind(value: &serde_json::Value) -> &'static str {
     }
 }
 
+/// The longest id the protocol accepts, in bytes: room, user, message, event, entity
+/// and type ids, client and consumer ids. Longer ones are refused by the `validate`
+/// functions, naming the field.
+pub const MAX_ID_BYTES: usize = 256;
+
+/// Refuses `value` when it is longer than [`MAX_ID_BYTES`], naming `field`.
+pub fn check_id_len(field: &str, value: &str) -> Result<(), DecodeError> {
+    if value.len() > MAX_ID_BYTES {
+        return Err(DecodeError::new(
+            field,
+            format!("at most {MAX_ID_BYTES} bytes, got {}", value.len()),
+        ));
+    }
+    Ok(())
+}
+
+/// The same for an optional id.
+pub(crate) fn check_opt_id_len(field: &str, value: Option<&str>) -> Result<(), DecodeError> {
+    value.map_or(Ok(()), |v| check_id_len(field, v))
+}
+
 fn path_error(err: serde_path_to_error::Error<serde_json::Error>) -> DecodeError {
     let path = err.path().to_string();
-    let path = if path == "." {
-        "input".to_owned()
-    } else {
-        path
-    };
     let inner = err.into_inner();
     // serde_json appends " at line L column C" to data errors; the path says more.
     let mut message = inner.to_string();
     if let Some(cut) = message.rfind(" at line ") {
         message.truncate(cut);
     }
+    // A missing field is reported at the object that lacks it: name the field itself
+    // (`operations[0]` → `operations[0].entityId`).
+    let missing = message
+        .strip_prefix("missing field `")
+        .and_then(|rest| rest.strip_suffix('`'));
+    // `.` is the whole value; `?` means serde could not tell (e.g. the text ended).
+    let path = match (path.as_str(), missing) {
+        (".", Some(field)) => field.to_owned(),
+        (".", None) | ("?", _) => "input".to_owned(),
+        (_, Some(field)) => format!("{path}.{field}"),
+        (_, None) => path,
+    };
     DecodeError { path, message }
 }
 
-/// Decodes a protocol value from JSON text; the error names the offending field.
+/// Decodes a protocol value from JSON text; the error names the offending field (a
+/// missing field by its own path, e.g. `operations[0].entityId`).
 pub fn decode<T: DeserializeOwned>(json: &str) -> Result<T, DecodeError> {
     let mut de = serde_json::Deserializer::from_str(json);
     let value = serde_path_to_error::deserialize(&mut de).map_err(path_error)?;
@@ -91,7 +120,7 @@ pub fn decode<T: DeserializeOwned>(json: &str) -> Result<T, DecodeError> {
     Ok(value)
 }
 
-/// Decodes a protocol value from an already parsed JSON value.
+/// Decodes a protocol value from an already parsed JSON value; errors as [`decode`]'s.
 pub fn decode_value<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, DecodeError> {
     serde_path_to_error::deserialize(value).map_err(path_error)
 }
@@ -104,7 +133,7 @@ pub use envelope::{ClientEvent, Connected, Frame, ServerEvent};
 pub use error::{ErrorBody, ErrorCode};
 pub use event::{
     AckRequest, AckResponse, ClaimRequest, ClaimResponse, ClaimedEvent, ConsumerInfo, DlqEntry,
-    DlqResponse, Event, EventMetadata, PollResponse, PublishEvent, Published,
+    DlqReplayed, DlqResponse, Event, EventMetadata, PollResponse, PublishEvent, Published,
 };
 pub use health::{Health, HealthServices, HealthState, ServiceHealth};
 pub use message::{InteractionClass, MessageAccepted, MessageAck, SendMessage, WebSocketMessage};
@@ -113,3 +142,99 @@ pub use transaction::{
     IDEMPOTENCY_KEY_HEADER, TransactionAccepted, TransactionRequest, TransactionState,
     TransactionStatus,
 };
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn a_missing_field_is_named_in_the_path() {
+        let err = decode::<SendMessage>(r#"{"payload":1}"#).unwrap_err();
+        assert_eq!(err.path, "type");
+        let request = json!({
+            "requestId": "r", "clientId": "c", "tenantId": "t",
+            "requestedAt": "2026-01-30T10:20:00Z",
+            "operations": [{
+                "operationId": "o1", "clientId": "c", "tenantId": "t", "entityType": "task",
+                "operationType": "CREATE", "payload": {}, "timestamp": "2026-01-30T09:00:00Z",
+                "vectorClock": {"c": 1},
+            }],
+        });
+        let err = decode_value::<ReconciliationRequest>(request.clone()).unwrap_err();
+        assert_eq!(err.path, "operations[0].entityId");
+        assert_eq!(err.message, "missing field `entityId`");
+        let err = decode::<ReconciliationRequest>(&request.to_string()).unwrap_err();
+        assert_eq!(err.path, "operations[0].entityId");
+        // Other errors keep their path.
+        let err = decode::<SendMessage>(r#"{"type":5,"payload":1}"#).unwrap_err();
+        assert_eq!(err.path, "type");
+        assert_eq!(decode::<SendMessage>("{").unwrap_err().path, "input");
+    }
+
+    #[test]
+    fn ids_longer_than_the_limit_are_refused_by_field() {
+        let long = "x".repeat(MAX_ID_BYTES + 1);
+        let fits = "é".repeat(MAX_ID_BYTES / 2); // 256 bytes
+        let message = |room: &str| SendMessage {
+            message_id: Some("m".into()),
+            message_type: "chat".into(),
+            interaction_class: InteractionClass::ClassC,
+            recipient_id: None,
+            room_id: Some(room.into()),
+            payload: serde_json::Value::Null,
+            metadata: None,
+        };
+        assert!(message(&fits).validate().is_ok());
+        let err = message(&long).validate().unwrap_err();
+        assert_eq!(err.path, "roomId");
+        assert_eq!(err.message, "at most 256 bytes, got 257");
+        let mut m = message("r");
+        m.message_id = Some(long.clone());
+        assert_eq!(m.validate().unwrap_err().path, "messageId");
+        let event = ClientEvent::JoinRoom {
+            room_id: long.clone(),
+        };
+        assert_eq!(event.validate().unwrap_err().path, "data.roomId");
+        let event = ClientEvent::Message(message(&long));
+        assert_eq!(event.validate().unwrap_err().path, "data.roomId");
+        let event = ClientEvent::Resume {
+            last_event_id: long.clone(),
+        };
+        assert_eq!(event.validate().unwrap_err().path, "data.lastEventId");
+        let publish: PublishEvent =
+            decode(&json!({"eventType": "a.b", "payload": 1, "eventId": long}).to_string())
+                .unwrap();
+        assert_eq!(publish.validate().unwrap_err().path, "eventId");
+        let claim = ClaimRequest {
+            consumer_id: "c".into(),
+            max: 1,
+            visibility_timeout_ms: 1,
+            event_types: Some(vec!["a".into(), long.clone()]),
+        };
+        assert_eq!(claim.validate().unwrap_err().path, "eventTypes[1]");
+        let request = json!({
+            "requestId": "r", "clientId": "c", "tenantId": "t",
+            "requestedAt": "2026-01-30T10:20:00Z",
+            "operations": [{
+                "operationId": "o1", "clientId": "c", "tenantId": "t", "entityType": "task",
+                "entityId": long, "operationType": "CREATE", "payload": {},
+                "timestamp": "2026-01-30T09:00:00Z", "vectorClock": {"c": 1},
+            }],
+        });
+        let mut request: ReconciliationRequest = decode_value(request).unwrap();
+        assert_eq!(
+            request.operations[0].validate().unwrap_err().path,
+            "entityId"
+        );
+        assert_eq!(
+            request.validate().unwrap_err().path,
+            "operations[0].entityId"
+        );
+        request.operations.clear();
+        assert!(request.validate().is_ok());
+        request.request_id = long;
+        assert_eq!(request.validate().unwrap_err().path, "requestId");
+    }
+}

@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{DecodeError, JsonObject, Timestamp};
+use super::{DecodeError, JsonObject, Timestamp, check_id_len};
 use crate::clock::VectorClock;
 
 /// What an operation does to its entity.
@@ -73,8 +73,9 @@ pub struct Operation {
 pub const MAX_CLOCK_COUNTER: u64 = 1 << 53;
 
 impl Operation {
-    /// Checks what serde cannot: ids are non-blank, the author counts itself in the
-    /// clock, counters are at most [`MAX_CLOCK_COUNTER`] and a create's value is an object.
+    /// Checks what serde cannot: ids are non-blank and at most
+    /// [`super::MAX_ID_BYTES`] long, the author counts itself in the clock, counters are
+    /// at most [`MAX_CLOCK_COUNTER`] and a create's value is an object.
     ///
     /// The error names the field (`operationId`, `entityId`, …).
     pub fn validate(&self) -> Result<(), DecodeError> {
@@ -88,6 +89,7 @@ impl Operation {
             if value.trim().is_empty() {
                 return Err(DecodeError::new(field, "must not be empty"));
             }
+            check_id_len(field, value)?;
         }
         if self.vector_clock.get(&self.client_id) == 0 {
             return Err(DecodeError::new(
@@ -182,6 +184,21 @@ pub struct ReconciliationRequest {
     /// Overrides the per-type and default strategies for this request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strategy: Option<ResolutionStrategy>,
+}
+
+impl ReconciliationRequest {
+    /// Checks what serde cannot: `requestId` and `clientId` at most
+    /// [`super::MAX_ID_BYTES`] long, and every operation ([`Operation::validate`]); an
+    /// operation's error is named within the request (`operations[2].entityId`).
+    pub fn validate(&self) -> Result<(), DecodeError> {
+        check_id_len("requestId", &self.request_id)?;
+        check_id_len("clientId", &self.client_id)?;
+        for (i, op) in self.operations.iter().enumerate() {
+            op.validate()
+                .map_err(|e| DecodeError::new(format!("operations[{i}].{}", e.path), e.message))?;
+        }
+        Ok(())
+    }
 }
 
 /// Answer to a [`ReconciliationRequest`].
@@ -290,7 +307,7 @@ mod tests {
                 "operationType":"UPDATE","payload":{},"timestamp":"2026-01-30T10:00:00Z","vectorClock":{"c":1}}]}"#,
         )
         .unwrap_err();
-        assert_eq!(err.path, "operations[0]");
+        assert_eq!(err.path, "operations[0].entityId");
         assert!(err.message.contains("entityId"), "{err}");
     }
 

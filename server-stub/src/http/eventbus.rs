@@ -5,9 +5,9 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::{Path, State};
-use serde_json::{Value, json};
+
 use webwaka_realtime::protocol::{
-    AckRequest, AckResponse, ClaimRequest, ClaimResponse, DlqResponse,
+    AckRequest, AckResponse, ClaimRequest, ClaimResponse, DlqReplayed, DlqResponse,
 };
 
 use crate::app::App;
@@ -134,15 +134,15 @@ pub(crate) async fn replay(
     State(app): State<Arc<App>>,
     caller: Caller,
     Path(dlq_id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<DlqReplayed>, ApiError> {
     caller.require_role(&[ROLE_SERVICE, ROLE_ADMIN])?;
     let tenant = caller.tenant.clone();
     let id = dlq_id.clone();
     let (group, event_id) = app.db.write(move |w| bus::replay(w, &tenant, &id)).await?;
-    Ok(Json(json!({
-        "dlqId": dlq_id,
-        "eventId": event_id,
-        "consumerGroup": group,
-        "replayed": true,
-    })))
+    Ok(Json(DlqReplayed {
+        dlq_id,
+        event_id,
+        consumer_group: group,
+        replayed: true,
+    }))
 }

@@ -15,7 +15,7 @@ use webwaka_realtime::protocol::{
 
 use crate::app::App;
 use crate::auth::{ROLE_ADMIN, ROLE_SERVICE};
-use crate::error::{ApiError, check_id_len};
+use crate::error::ApiError;
 use crate::http::extract::{Caller, JsonBody, QueryMap};
 use crate::log::{self, Fanout, NewEvent};
 
@@ -100,15 +100,8 @@ pub(crate) async fn publish(
         .check_named(&app, body.tenant_field.as_deref(), "body.tenantId", "event")
         .await?;
     caller.require_role(&[ROLE_SERVICE, ROLE_ADMIN])?;
+    // Shape and id lengths (core's checks).
     publish.validate()?;
-    for (field, value) in [
-        ("eventType", Some(publish.event_type.as_str())),
-        ("eventId", publish.event_id.as_deref()),
-        ("recipientId", publish.recipient_id.as_deref()),
-        ("roomId", publish.room_id.as_deref()),
-    ] {
-        check_id_len(field, value)?;
-    }
     if publish.event_type == MESSAGE_EVENT_TYPE {
         return Err(ApiError::invalid(
             "eventType",
@@ -193,8 +186,8 @@ pub(crate) async fn send_message(
         )
         .await?;
     let message = body.value;
+    // Shape, target and id lengths (core's checks).
     message.validate()?;
-    crate::messaging::check_ids(&message, "")?;
     match message.interaction_class {
         InteractionClass::ClassA => {
             return Err(ApiError::invalid(

@@ -281,25 +281,12 @@ impl<T: DeserializeOwned> FromRequest<Arc<App>> for JsonBody<T> {
             Some(Value::String(t)) => Some(t.clone()),
             Some(_) => return Err(ApiError::invalid("tenantId", "must be a string")),
         };
-        let value = decode_value::<T>(raw.clone()).map_err(name_missing_field)?;
+        // Core's decoder names a missing field in the path (`operations[0].entityId`).
+        let value = decode_value::<T>(raw.clone())?;
         Ok(Self {
             value,
             raw,
             tenant_field,
         })
-    }
-}
-
-/// Puts a missing field's name into the error's path (`operations[0]` →
-/// `operations[0].entityId`), as the WebSocket decoder does.
-pub(crate) fn name_missing_field(err: DecodeError) -> DecodeError {
-    let field = err
-        .message
-        .strip_prefix("missing field `")
-        .and_then(|rest| rest.strip_suffix('`'));
-    match field {
-        Some(field) if err.path == "input" => DecodeError::new(field, err.message.clone()),
-        Some(field) => DecodeError::new(format!("{}.{field}", err.path), err.message.clone()),
-        None => err,
     }
 }
