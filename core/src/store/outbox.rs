@@ -827,4 +827,65 @@ mod tests {
             assert_eq!(kept(&conn), counted(&conn), "after {change} on {id}");
         }
     }
+
+    /// Migration 4 rebuilds the table: every row stays as it was, and a seq handed out
+    /// before (here to items deleted since) is never handed out again.
+    #[test]
+    fn rebuilding_the_outbox_keeps_rows_and_the_sequence() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        schema::migrations().to_version(&mut conn, 3).unwrap();
+        for n in 0..10 {
+            conn.execute(
+                "INSERT INTO outbox (id, class, kind, lane, body, bytes, state, attempts,
+                                     next_attempt_ms, last_error, server_ref, created_ms,
+                                     updated_ms)
+                 VALUES (?1, 'CLASS_D', 'transaction', 'l', '{}', 2, ?2, 3, 4, 'e', 'r', 5, 6)",
+                rusqlite::params![format!("id{n}"), ["persisted", "dead"][n % 2]],
+            )
+            .unwrap();
+        }
+        conn.execute("DELETE FROM outbox WHERE seq > 7", [])
+            .unwrap();
+        let dump = |conn: &Connection| -> Vec<String> {
+            let mut stmt = conn
+                .prepare(
+                    "SELECT seq, id, class, kind, lane, body, bytes, state, attempts,
+                                 next_attempt_ms, last_error, server_ref, created_ms, updated_ms
+                            FROM outbox ORDER BY seq",
+                )
+                .unwrap();
+            stmt.query_map([], |r| {
+                Ok((0..14)
+                    .map(|i| format!("{:?}", r.get_ref(i).unwrap()))
+                    .collect::<Vec<_>>()
+                    .join("|"))
+            })
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+        };
+        let before = dump(&conn);
+        schema::migrations().to_version(&mut conn, 4).unwrap();
+        assert_eq!(dump(&conn), before);
+        assert_eq!(kept(&conn), counted(&conn));
+        conn.execute(
+            "INSERT INTO outbox (id, class, kind, lane, body, bytes, state, next_attempt_ms,
+                                 created_ms, updated_ms)
+             VALUES ('new', 'CLASS_C', 'message', 'l', '{}', 2, 'persisted', 0, 0, 0)",
+            [],
+        )
+        .unwrap();
+        let seq: i64 = conn
+            .query_row("SELECT seq FROM outbox WHERE id = 'new'", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(
+            seq, 11,
+            "past the 10 handed out before, not after the 7 left"
+        );
+        // The constraints still hold.
+        assert!(
+            conn.execute("UPDATE outbox SET state = 'lost' WHERE id = 'new'", [])
+                .is_err()
+        );
+    }
 }

