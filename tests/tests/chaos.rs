@@ -123,6 +123,11 @@ async fn invariants_hold_after_a_random_schedule_of_faults() {
         };
         let stats = scenario(seed, steps).await;
         iterations += 1;
+        eprintln!(
+            "chaos: scenario {iterations} (seed {seed}) held: {} faults, {} deliveries, {} \
+             operations, {} transactions checked",
+            stats.faults, stats.messages, stats.operations, stats.transactions
+        );
         total.faults += stats.faults;
         total.messages += stats.messages;
         total.operations += stats.operations;
