@@ -29,11 +29,17 @@
 //! to the load by itself: one caller gets one-item commits (no added latency, no
 //! timer), a thousand callers share a few fsyncs.
 //!
+//! The thread is the bottleneck, so it does as little per item as it can: callers of
+//! the blocking [`StoreWriter::enqueue`] all wait on one condition variable that the
+//! thread signals once per group, not once per item.
+//!
 //! ## Shutdown
 //!
 //! [`StoreWriter::close`], or dropping the last handle, refuses new work
 //! ([`StoreError::WriterClosed`]), lets the thread finish everything already queued,
-//! and joins it; the `Store` is dropped (closed) on its thread.
+//! and joins it; the `Store` is dropped (closed) on its thread. Should the thread ever
+//! stop otherwise (a panic in its own code), whatever is still queued is answered
+//! `WriterClosed`: no caller waits forever.
 //!
 //! ```
 //! use serde_json::json;
@@ -93,8 +99,76 @@ struct Shared {
     queue: Mutex<Queue>,
     /// Signalled when a job is queued or the writer is closed.
     wake: Condvar,
+    /// Signalled once per group, after its replies are in: blocking callers wait on it.
+    replied: Arc<Replied>,
     batches: AtomicU64,
     items: AtomicU64,
+}
+
+/// Where blocking callers wait for their replies. One signal per group wakes them all:
+/// the writer does not pay a wake-up per item (it did: 22 against 12 µs per item).
+#[derive(Default)]
+struct Replied {
+    /// Counts the signals; its mutex is the one the condition variable needs.
+    signals: Mutex<u64>,
+    done: Condvar,
+}
+
+impl Replied {
+    fn signal(&self) {
+        *self.signals.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+        self.done.notify_all();
+    }
+}
+
+/// A blocking caller's reply: filled by the writer, or with `WriterClosed` if the job is
+/// dropped without being run (the thread stopped), so that the caller never waits for
+/// a reply that cannot come.
+struct ReplySlot {
+    result: Arc<Mutex<Option<Result<OutboxItem, StoreError>>>>,
+    replied: Arc<Replied>,
+    filled: bool,
+}
+
+impl ReplySlot {
+    fn fill(mut self, result: Result<OutboxItem, StoreError>) {
+        *self.result.lock().unwrap_or_else(PoisonError::into_inner) = Some(result);
+        self.filled = true;
+        // The writer signals once for the whole group (see `commit_group`).
+    }
+}
+
+/// Waits until `result` is filled (see [`ReplySlot`]).
+fn wait_for(
+    result: &Mutex<Option<Result<OutboxItem, StoreError>>>,
+    replied: &Replied,
+) -> Result<OutboxItem, StoreError> {
+    // Check and wait under the signal's mutex: a signal cannot slip in between.
+    // Bounded: the slot is filled when the group commits, or when the job is dropped
+    // unrun (see `ReplySlot`); each fill is followed by a signal.
+    let mut signals = replied
+        .signals
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    loop {
+        if let Some(outcome) = result.lock().unwrap_or_else(PoisonError::into_inner).take() {
+            return outcome;
+        }
+        signals = replied
+            .done
+            .wait(signals)
+            .unwrap_or_else(PoisonError::into_inner);
+    }
+}
+
+impl Drop for ReplySlot {
+    fn drop(&mut self) {
+        if !self.filled {
+            *self.result.lock().unwrap_or_else(PoisonError::into_inner) =
+                Some(Err(StoreError::WriterClosed));
+            self.replied.signal();
+        }
+    }
 }
 
 impl Shared {
@@ -176,6 +250,7 @@ impl StoreWriter {
                 closed: false,
             }),
             wake: Condvar::new(),
+            replied: Arc::new(Replied::default()),
             batches: AtomicU64::new(0),
             items: AtomicU64::new(0),
         });
@@ -184,7 +259,28 @@ impl StoreWriter {
             .name("webwaka-store-writer".into())
             .spawn(move || {
                 let mut store = store;
-                run(&mut store, &for_thread);
+                // `run` returns when closed and drained. Should it panic (a bug: user
+                // code is caught where it runs), the writer closes and every job still
+                // queued is answered `WriterClosed` instead of being waited for forever.
+                let outcome =
+                    panic::catch_unwind(AssertUnwindSafe(|| run(&mut store, &for_thread)));
+                let left: Vec<Job> = {
+                    let mut queue = for_thread.lock();
+                    queue.closed = true;
+                    queue.jobs.drain(..).collect()
+                };
+                for job in left {
+                    if let Job::Enqueue { reply, .. } = job {
+                        let _ = panic::catch_unwind(AssertUnwindSafe(move || {
+                            reply(Err(StoreError::WriterClosed))
+                        }));
+                    }
+                    // A `Run` job dropped unrun: its caller sees `WriterClosed`.
+                }
+                for_thread.replied.signal();
+                if let Err(panic_payload) = outcome {
+                    panic::resume_unwind(panic_payload);
+                }
             })?;
         let thread_id = handle.thread().id();
         Ok(StoreWriter {
@@ -209,13 +305,15 @@ impl StoreWriter {
     /// would wait for itself: it returns [`StoreError::Invalid`] instead.
     pub fn enqueue(&self, item: NewItem, now: Timestamp) -> Result<OutboxItem, StoreError> {
         self.refuse_on_writer_thread("enqueue")?;
-        let (tx, rx) = mpsc::sync_channel(1);
-        self.submit(item, now, move |result| {
-            // The caller waits on `rx`; if it is gone there is no one to tell.
-            let _ = tx.send(result);
-        });
-        // A dropped sender without a reply means the thread died: the job did not run.
-        rx.recv().unwrap_or(Err(StoreError::WriterClosed))
+        let replied = Arc::clone(&self.owner.shared.replied);
+        let result = Arc::new(Mutex::new(None));
+        let slot = ReplySlot {
+            result: Arc::clone(&result),
+            replied: Arc::clone(&replied),
+            filled: false,
+        };
+        self.submit(item, now, move |outcome| slot.fill(outcome));
+        wait_for(&result, &replied)
     }
 
     /// Queues `item` and returns at once; `reply` is called with the result once the
@@ -380,6 +478,8 @@ fn commit_group(store: &mut Store, shared: &Shared, group: Vec<Pending>) {
         // A panicking callback must not take the writer (and every later caller) down.
         let _ = panic::catch_unwind(AssertUnwindSafe(move || reply(outcome)));
     }
+    // One wake-up for every blocking caller of the group.
+    shared.replied.signal();
 }
 
 /// Inserts each item in its own savepoint of one immediate transaction and commits it.
@@ -711,6 +811,27 @@ mod tests {
             })
             .unwrap();
         recv(&rx).unwrap();
+    }
+
+    #[test]
+    fn a_blocking_caller_whose_job_is_dropped_unrun_hears_writer_closed() {
+        let replied = Arc::new(Replied::default());
+        let result = Arc::new(Mutex::new(None));
+        let slot = ReplySlot {
+            result: Arc::clone(&result),
+            replied: Arc::clone(&replied),
+            filled: false,
+        };
+        let waiter = {
+            let (result, replied) = (Arc::clone(&result), Arc::clone(&replied));
+            thread::spawn(move || wait_for(&result, &replied))
+        };
+        thread::sleep(Duration::from_millis(20));
+        drop(slot); // as when the writer thread stops with the job still queued
+        assert!(matches!(
+            waiter.join().unwrap(),
+            Err(StoreError::WriterClosed)
+        ));
     }
 
     #[test]
