@@ -46,6 +46,8 @@ pub enum StartError {
 pub(crate) struct App {
     pub(crate) config: Config,
     pub(crate) keys: Keys,
+    /// Tokens verified before (a lookup instead of a signature check).
+    pub(crate) verified: crate::auth::VerifiedTokens,
     pub(crate) db: Db,
     pub(crate) hub: Arc<Hub>,
     pub(crate) metrics: Arc<Metrics>,
@@ -96,6 +98,7 @@ impl App {
         Ok(Self {
             limits: Limits::new(&config),
             policy: config.parsed_room_policy()?,
+            verified: crate::auth::VerifiedTokens::new(config.jwt_leeway_ms / 1000),
             keys,
             db,
             hub,

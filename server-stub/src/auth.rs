@@ -185,6 +185,55 @@ impl Keys {
     }
 }
 
+/// Tokens already verified, so that a client repeating its token (a poll every few
+/// seconds, reconnects) costs a map lookup instead of a signature check and two JSON
+/// decodes. Only tokens that verified are kept, by their full text; a hit is still
+/// checked against its expiry. Bounded: when full it starts over.
+pub(crate) struct VerifiedTokens {
+    map: std::sync::Mutex<std::collections::HashMap<String, Identity>>,
+    leeway_secs: i64,
+}
+
+/// Verified tokens remembered at most (about 400 bytes each).
+const VERIFIED_TOKENS: usize = 1024;
+
+impl VerifiedTokens {
+    /// An empty cache for tokens checked with `leeway_secs` of skew on `exp`.
+    pub(crate) fn new(leeway_secs: u64) -> Self {
+        Self {
+            map: std::sync::Mutex::new(std::collections::HashMap::new()),
+            leeway_secs: i64::try_from(leeway_secs.min(60)).unwrap_or(60),
+        }
+    }
+
+    /// `token` verified with `keys`, from the cache when it was verified before and has
+    /// not expired since.
+    pub(crate) fn verify(&self, keys: &Keys, token: &str) -> Result<Identity, AuthError> {
+        let lock = || self.map.lock().unwrap_or_else(|p| p.into_inner());
+        // A token that expired since it was cached goes through the full check below,
+        // which refuses it (and drops it from the cache).
+        if let Some(identity) = lock().get(token)
+            && identity.exp + self.leeway_secs >= chrono::Utc::now().timestamp()
+        {
+            return Ok(identity.clone());
+        }
+        let result = keys.verify(token);
+        let mut map = lock();
+        match &result {
+            Ok(identity) => {
+                if map.len() >= VERIFIED_TOKENS {
+                    map.clear();
+                }
+                map.insert(token.to_owned(), identity.clone());
+            }
+            Err(_) => {
+                map.remove(token);
+            }
+        }
+        result
+    }
+}
+
 /// Where the secret came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SecretSource {
@@ -291,6 +340,41 @@ mod tests {
         assert_eq!(id.tenant_id, "t1");
         assert_eq!(id.user_id, "u1");
         assert!(id.has_role("admin"));
+    }
+
+    #[test]
+    fn the_verified_cache_answers_like_the_keys() {
+        let keys = Keys::new(SECRET, 0);
+        let cache = VerifiedTokens::new(0);
+        let token = keys.mint("t1", "u1", &[], 60);
+        assert_eq!(cache.verify(&keys, &token), keys.verify(&token));
+        assert_eq!(cache.verify(&keys, &token).unwrap().user_id, "u1");
+        // A token that expired is refused even after a cached success.
+        let expired = keys.sign(&serde_json::json!({
+            "tenantId": "t", "userId": "u", "exp": chrono::Utc::now().timestamp() - 5,
+        }));
+        cache.map.lock().unwrap().insert(
+            expired.clone(),
+            Identity {
+                tenant_id: "t".into(),
+                user_id: "u".into(),
+                roles: vec![],
+                exp: chrono::Utc::now().timestamp() - 5,
+                iat: None,
+            },
+        );
+        assert_eq!(
+            cache.verify(&keys, &expired).unwrap_err(),
+            AuthError::Expired
+        );
+        assert!(!cache.map.lock().unwrap().contains_key(&expired));
+        // Another secret's token never verifies, cached or not.
+        let other = Keys::new(b"another-secret-of-32-bytes-long!", 0);
+        let foreign = other.mint("t", "u", &[], 60);
+        assert_eq!(
+            cache.verify(&keys, &foreign).unwrap_err(),
+            AuthError::Signature
+        );
     }
 
     #[test]

@@ -181,6 +181,14 @@ CREATE INDEX events_by_sender ON events (tenant, sender_id, seq)
 CREATE INDEX events_to_everyone ON events (tenant, seq)
     WHERE recipient_id IS NULL AND room_id IS NULL;
 "#,
+    r#"
+-- Undone: every durable message paid two more scattered index pages per commit (by
+-- recipient and by sender), which cost more than the polls they sped up.
+DROP INDEX events_by_recipient;
+DROP INDEX events_by_room;
+DROP INDEX events_by_sender;
+DROP INDEX events_to_everyone;
+"#,
 ];
 
 /// What the writer thread remembers between jobs. Cleared whenever a job or a commit

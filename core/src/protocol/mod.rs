@@ -113,6 +113,10 @@ fn path_error(err: serde_path_to_error::Error<serde_json::Error>) -> DecodeError
 /// Decodes a protocol value from JSON text; the error names the offending field (a
 /// missing field by its own path, e.g. `operations[0].entityId`).
 pub fn decode<T: DeserializeOwned>(json: &str) -> Result<T, DecodeError> {
+    // Fast path: plain serde. Only a failure pays for tracking the path (again).
+    if let Ok(value) = serde_json::from_str(json) {
+        return Ok(value);
+    }
     let mut de = serde_json::Deserializer::from_str(json);
     let value = serde_path_to_error::deserialize(&mut de).map_err(path_error)?;
     de.end()
@@ -122,6 +126,10 @@ pub fn decode<T: DeserializeOwned>(json: &str) -> Result<T, DecodeError> {
 
 /// Decodes a protocol value from an already parsed JSON value; errors as [`decode`]'s.
 pub fn decode_value<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, DecodeError> {
+    // Fast path from a borrowed value; only a failure pays for tracking the path.
+    if let Ok(decoded) = T::deserialize(&value) {
+        return Ok(decoded);
+    }
     serde_path_to_error::deserialize(value).map_err(path_error)
 }
 
