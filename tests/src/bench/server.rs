@@ -33,7 +33,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use webwaka_realtime::protocol::{ClientEvent, InteractionClass, SendMessage, ServerEvent};
 use webwaka_server_stub::{Config, Keys, Options, Server};
 
-use super::{Row, fmt_rate};
+use super::{Row, fmt_rate, median};
 
 /// The environment variable that turns the bench binary into a child process (the
 /// same variable the client benchmarks use for their memory probe).
@@ -56,6 +56,11 @@ const TENANT: &str = "bench";
 /// Round trips measured per path (after [`WARMUP`] unmeasured ones).
 const ROUND_TRIPS: usize = 2_000;
 const WARMUP: usize = 200;
+/// Rounds the round trips are measured in (each path in turn).
+const ROUNDS: usize = 20;
+/// Runs of the throughput and poll benchmarks (each on a fresh server; the median is
+/// reported with the range).
+const RUNS: usize = 3;
 /// Connections of the throughput benchmark, messages each sends, and how many of its
 /// messages may await their `message_ack` at once.
 const THROUGHPUT_CONNS: usize = 100;
@@ -501,17 +506,19 @@ pub fn run() -> Result<Vec<Row>, String> {
     })
 }
 
-/// One message at a time from `sender` to `recipient`; the clock runs from the send to
-/// the recipient's read of the frame. `next` makes the i-th frame; `after` runs once
-/// the recipient has it (e.g. to read the sender's ack).
+/// `count` messages one at a time from `sender` to `recipient`, the `i`-th made by
+/// `next(first + i)`; the clock runs from the send to the recipient's read of the
+/// frame. With `expect_ack`, the sender's `message_ack` is read after the clock stops.
 async fn round_trips(
     sender: &mut Ws,
     recipient: &mut Ws,
     next: impl Fn(usize) -> String,
+    first: usize,
+    count: usize,
     expect_ack: bool,
 ) -> Result<Vec<f64>, String> {
-    let mut samples = Vec::with_capacity(ROUND_TRIPS);
-    for i in 0..WARMUP + ROUND_TRIPS {
+    let mut samples = Vec::with_capacity(count);
+    for i in first..first + count {
         let frame = next(i);
         let t = Instant::now();
         sender
@@ -519,10 +526,7 @@ async fn round_trips(
             .await
             .map_err(|e| e.to_string())?;
         let text = next_text(recipient).await?;
-        let elapsed = t.elapsed();
-        if i >= WARMUP {
-            samples.push(elapsed.as_secs_f64() * 1e6);
-        }
+        samples.push(t.elapsed().as_secs_f64() * 1e6);
         if expect_ack {
             // Outside the clock: the delivery is a `message`, the sender gets its ack.
             if !text.contains("\"event\":\"message\"") {
@@ -531,52 +535,53 @@ async fn round_trips(
             expect_event(sender, "message_ack").await?;
         }
     }
-    Ok(sorted(samples))
+    Ok(samples)
 }
 
+/// The three paths (raw relay, durable, live) measured in alternation, a slice of each
+/// per round, so that all three meet the same load on a shared machine.
 async fn round_trip() -> Result<Vec<Row>, String> {
-    // The baseline: a raw relay in its own process.
     let relay = ChildProc::spawn(CHILD_RELAY)?;
+    let server = ChildProc::spawn(CHILD_SERVER)?;
     let mut a = connect_raw(relay.addr).await?;
     let mut b = connect_raw(relay.addr).await?;
-    let raw_frame = message_frame("m", InteractionClass::ClassC, Some("bob"), None);
-    let raw = round_trips(&mut a, &mut b, |_| raw_frame.clone(), false).await?;
-    drop((a, b));
-    relay.stop();
-
-    let server = ChildProc::spawn(CHILD_SERVER)?;
     let mut alice = connect_user(server.addr, "alice").await?;
     let mut bob = connect_user(server.addr, "bob").await?;
-    let durable = round_trips(
-        &mut alice,
-        &mut bob,
-        |i| {
-            message_frame(
-                &format!("c-{i}"),
-                InteractionClass::ClassC,
-                Some("bob"),
-                None,
-            )
-        },
-        true,
-    )
-    .await?;
-    let live = round_trips(
-        &mut alice,
-        &mut bob,
-        |i| {
-            message_frame(
-                &format!("a-{i}"),
-                InteractionClass::ClassA,
-                Some("bob"),
-                None,
-            )
-        },
-        true,
-    )
-    .await?;
-    drop((alice, bob));
+    let raw_frame = message_frame("m", InteractionClass::ClassC, Some("bob"), None);
+    let raw_next = |_| raw_frame.clone();
+    let durable_next = |i: usize| {
+        message_frame(
+            &format!("c-{i}"),
+            InteractionClass::ClassC,
+            Some("bob"),
+            None,
+        )
+    };
+    let live_next = |i: usize| {
+        message_frame(
+            &format!("a-{i}"),
+            InteractionClass::ClassA,
+            Some("bob"),
+            None,
+        )
+    };
+    // Warm-up, unmeasured.
+    round_trips(&mut a, &mut b, raw_next, 0, WARMUP, false).await?;
+    round_trips(&mut alice, &mut bob, durable_next, 0, WARMUP, true).await?;
+    round_trips(&mut alice, &mut bob, live_next, 0, WARMUP, true).await?;
+    let per_round = ROUND_TRIPS / ROUNDS;
+    let (mut raw, mut durable, mut live) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        let first = WARMUP + round * per_round;
+        raw.extend(round_trips(&mut a, &mut b, raw_next, first, per_round, false).await?);
+        durable
+            .extend(round_trips(&mut alice, &mut bob, durable_next, first, per_round, true).await?);
+        live.extend(round_trips(&mut alice, &mut bob, live_next, first, per_round, true).await?);
+    }
+    drop((a, b, alice, bob));
+    relay.stop();
     server.stop();
+    let (raw, durable, live) = (sorted(raw), sorted(durable), sorted(live));
 
     let (raw50, raw99) = (percentile(&raw, 0.5), percentile(&raw, 0.99));
     let row = |name: &str, s: &[f64]| {
@@ -591,7 +596,8 @@ async fn round_trip() -> Result<Vec<Row>, String> {
             method: format!(
                 "{ROUND_TRIPS} direct messages one at a time (after {WARMUP} unmeasured), raw \
                  tokio-tungstenite clients speaking the protocol; clock from the sender's \
-                 write to the recipient's read of the `message` frame; server in its own process"
+                 write to the recipient's read of the `message` frame; server in its own \
+                 process; measured in {ROUNDS} rounds alternating with the baseline"
             ),
         }
     };
@@ -601,7 +607,7 @@ async fn round_trip() -> Result<Vec<Row>, String> {
             figure: format!("p50 {raw50:.0} µs, p99 {raw99:.0} µs"),
             method: format!(
                 "{ROUND_TRIPS} frames (after {WARMUP}), client → tokio-tungstenite relay task \
-                 in its own process → second client; same frame text, same run"
+                 in its own process → second client; same frame text, same rounds"
             ),
         },
         row(
@@ -718,28 +724,43 @@ async fn throughput() -> Result<Vec<Row>, String> {
         ("CLASS_C (durable)", InteractionClass::ClassC),
         ("CLASS_A (live)", InteractionClass::ClassA),
     ] {
-        let t = throughput_run(class).await?;
+        // A fresh server per run; the median run of each figure is reported.
+        let (mut rates, mut cpus) = (Vec::new(), Vec::new());
+        for _ in 0..RUNS {
+            let t = throughput_run(class).await?;
+            rates.push(t.rate);
+            cpus.push(t.cpu_us_per_message);
+        }
         let method = format!(
             "{THROUGHPUT_CONNS} WebSocket connections (one user each) each send \
              {THROUGHPUT_PER_CONN} direct messages to the next user, at most \
              {THROUGHPUT_WINDOW} awaiting their message_ack; clock until all \
-             {} are delivered; load generator on the same 2 cores",
+             {} are delivered; load generator on the same 2 cores; median of {RUNS} runs",
             THROUGHPUT_CONNS * THROUGHPUT_PER_CONN
         );
+        let (rate, cpu) = (median(&mut rates), median(&mut cpus));
         rows.push(Row {
             name: format!("server: messages/s, 100 connections, {name}"),
-            figure: fmt_rate(t.rate),
+            figure: format!(
+                "{} (runs {}–{})",
+                fmt_rate(rate),
+                fmt_rate(rates[0]),
+                fmt_rate(rates[RUNS - 1])
+            ),
             method: method.clone(),
         });
         rows.push(Row {
             name: format!("server: CPU per message, {name}"),
             figure: format!(
-                "{:.2} µs (target ≤ 7; Node.js original ≈ 10)",
-                t.cpu_us_per_message
+                "{cpu:.1} µs (runs {:.1}–{:.1}; target ≤ 7; Node.js original ≈ 10)",
+                cpus[0],
+                cpus[RUNS - 1]
             ),
-            method: "same run: server process utime + stime (/proc/PID/stat) over the run ÷ \
-                     messages (each: frame in, stored if durable, ack out, delivery out)"
-                .into(),
+            method: format!(
+                "same runs: server process utime + stime (/proc/PID/stat) over the run ÷ \
+                 messages (each: frame in, stored if durable, ack out, delivery out); \
+                 median of {RUNS}"
+            ),
         });
     }
     Ok(rows)
@@ -946,9 +967,39 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
-/// [`POLL_CLIENTS`] keep-alive connections, one user each, polling with their cursor in
-/// a loop: each poll returns the one event after the cursor.
+/// [`RUNS`] poll runs on fresh servers; the median.
 async fn polls() -> Result<Vec<Row>, String> {
+    let (mut rates, mut cpus) = (Vec::new(), Vec::new());
+    for _ in 0..RUNS {
+        let (rate, cpu) = poll_run().await?;
+        rates.push(rate);
+        cpus.push(cpu);
+    }
+    let (rate, cpu) = (median(&mut rates), median(&mut cpus));
+    Ok(vec![Row {
+        name: "server: polls/s, 50 keep-alive clients".into(),
+        figure: format!(
+            "{} (runs {}–{}; {cpu:.1} µs server CPU per poll; target ≥ 50,000/s)",
+            fmt_rate(rate),
+            fmt_rate(rates[0]),
+            fmt_rate(rates[RUNS - 1])
+        ),
+        method: format!(
+            "{POLL_CLIENTS} HTTP/1.1 keep-alive connections (one user each, minimal client), \
+             GET /api/events/poll with the user's cursor: token check, rate-limit check, \
+             cursor and page reads from SQLite (the page scans the tenant's log after the \
+             cursor: here ~50 events on average), one event back as JSON; {} s after {} ms \
+             warm-up; load generator on the same 2 cores; median of {RUNS} runs",
+            POLL_TIME.as_secs(),
+            POLL_WARMUP.as_millis()
+        ),
+    }])
+}
+
+/// [`POLL_CLIENTS`] keep-alive connections, one user each, polling with their cursor in
+/// a loop: each poll returns the one event after the cursor. Returns polls per second
+/// and server CPU µs per poll.
+async fn poll_run() -> Result<(f64, f64), String> {
     let server = ChildProc::spawn(CHILD_SERVER)?;
     // Two messages to each polling user; each polls from the first (one event back).
     let mut sender = connect_user(server.addr, "poll-sender").await?;
@@ -1028,22 +1079,10 @@ async fn polls() -> Result<Vec<Row>, String> {
         joined.map_err(|e| e.to_string())??;
     }
     server.stop();
-    Ok(vec![Row {
-        name: "server: polls/s, 50 keep-alive clients".into(),
-        figure: format!(
-            "{} ({:.1} µs server CPU per poll; target ≥ 50,000/s)",
-            fmt_rate(n as f64 / elapsed.as_secs_f64()),
-            cpu * 1e6 / n.max(1) as f64
-        ),
-        method: format!(
-            "{POLL_CLIENTS} HTTP/1.1 keep-alive connections (one user each, minimal client), \
-             GET /api/events/poll with the user's cursor: token check, rate-limit check, \
-             cursor and page reads from SQLite, one event back as JSON; {} s after {} ms \
-             warm-up; load generator on the same 2 cores",
-            POLL_TIME.as_secs(),
-            POLL_WARMUP.as_millis()
-        ),
-    }])
+    Ok((
+        n as f64 / elapsed.as_secs_f64(),
+        cpu * 1e6 / n.max(1) as f64,
+    ))
 }
 
 /// The open-file limit of this process (soft), from `/proc/self/limits`.
