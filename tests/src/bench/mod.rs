@@ -7,6 +7,7 @@
 pub mod client;
 pub mod reconcile;
 pub mod server;
+pub mod store;
 
 use std::time::Duration;
 

@@ -1,13 +1,13 @@
 //! `bench`: runs the project's benchmarks and prints one table.
 //!
 //! `cargo run --release -p webwaka-e2e --bin bench [NAME…]` runs the named groups
-//! (all when none is named). Groups: `reconcile`, `client`, `server`, `size`.
+//! (all when none is named). Groups: `reconcile`, `store`, `client`, `server`, `size`.
 
 use std::process::ExitCode;
 
 use webwaka_e2e::bench::{self, Row};
 
-const GROUPS: &[&str] = &["reconcile", "client", "server", "size"];
+const GROUPS: &[&str] = &["reconcile", "store", "client", "server", "size"];
 
 fn main() -> ExitCode {
     // The server benchmarks run the server and the raw relay as child processes.
@@ -38,6 +38,15 @@ fn main() -> ExitCode {
     let mut failed = false;
     if run("reconcile") {
         rows.extend(bench::reconcile::run());
+    }
+    if run("store") {
+        match bench::store::run() {
+            Ok(store_rows) => rows.extend(store_rows),
+            Err(e) => {
+                eprintln!("bench: store: {e}");
+                failed = true;
+            }
+        }
     }
     if run("client") {
         match bench::client::run() {
