@@ -385,9 +385,18 @@ impl Hub {
                     }
                 }
             }
+            // A user listed twice gets it once. The list is one or two users for a
+            // message, but every user sharing a room for a presence announcement: a
+            // set then, not a scan of the list so far (quadratic in a big room).
+            let mut seen: HashSet<&str> = HashSet::new();
+            let short = audience.users.len() <= 8;
             for (i, user) in audience.users.iter().enumerate() {
                 let in_room = members.is_some_and(|m| m.contains(user));
-                let repeated = audience.users[..i].contains(user);
+                let repeated = if short {
+                    audience.users[..i].contains(user)
+                } else {
+                    !seen.insert(user)
+                };
                 if !in_room
                     && !repeated
                     && let Some(u) = t.users.get(user)
