@@ -846,6 +846,7 @@ async fn fanout() -> Result<Vec<Row>, String> {
     // The sender reads its own presence announcements too; drop what is pending.
     while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(100), sender.next()).await {}
     let mut samples = Vec::with_capacity(FANOUT_RUNS);
+    let cpu_before = server.cpu_secs()?;
     for r in 0..FANOUT_RUNS {
         let frame = message_frame(
             &format!("fanout-{r}"),
@@ -870,17 +871,22 @@ async fn fanout() -> Result<Vec<Row>, String> {
         expect_event(&mut sender, "message_ack").await?;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let cpu = server.cpu_secs()? - cpu_before;
     readers.abort_all();
     while readers.join_next().await.is_some() {}
     drop((sender, sinks));
     server.stop();
     let s = sorted(samples);
+    let per_fanout_us = cpu * 1e6 / FANOUT_RUNS as f64;
     Ok(vec![Row {
         name: "server: fan-out to 1,000 room members".into(),
         figure: format!(
-            "p50 {:.2} ms, max {:.2} ms (target ≤ 8 ms p50)",
+            "p50 {:.2} ms, max {:.2} ms (target ≤ 8 ms p50); server CPU {:.1} ms per \
+             fan-out ({:.1} µs per member)",
             percentile(&s, 0.5),
-            s.last().copied().unwrap_or(0.0)
+            s.last().copied().unwrap_or(0.0),
+            per_fanout_us / 1e3,
+            per_fanout_us / FANOUT_MEMBERS as f64
         ),
         method: format!(
             "{FANOUT_MEMBERS} WebSocket connections (one user each) in one room; one CLASS_C \
