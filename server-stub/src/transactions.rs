@@ -223,18 +223,47 @@ pub(crate) fn submit(w: &mut Writer<'_>, s: Submission) -> Result<Submitted, Job
 
 /// Hands `pending` to the processor on a background task, then stores the decision.
 pub(crate) fn spawn_processing(app: &Arc<App>, pending: PendingTransaction) {
-    let app2 = Arc::clone(app);
-    app.background.spawn(async move {
-        let decision = tokio::select! {
-            decision = app2.processor.process(pending.clone()) => decision,
-            // Still PENDING in the database: decided after the next start.
-            _ = app2.shutdown.cancelled() => return,
-        };
-        if let Err(error) = decide(&app2, pending, decision).await {
-            tracing::error!(%error, "storing a transaction decision failed");
-        }
-    });
+    spawn_processing_on(app, pending, &tokio::runtime::Handle::current());
 }
+
+/// [`spawn_processing`] from outside the runtime (the storage writer's thread, after
+/// the commit that stored the submission).
+pub(crate) fn spawn_processing_on(
+    app: &Arc<App>,
+    pending: PendingTransaction,
+    runtime: &tokio::runtime::Handle,
+) {
+    let app2 = Arc::clone(app);
+    app.background.spawn_on(
+        async move {
+            let decision = tokio::select! {
+                decision = app2.processor.process(pending.clone()) => decision,
+                // Still PENDING in the database: decided after the next start.
+                _ = app2.shutdown.cancelled() => return,
+            };
+            // A decision that cannot be stored now (storage busy or failing) is tried
+            // again a few times; if it still fails, the transaction stays PENDING and
+            // is handed to the processor again at the next start.
+            for attempt in 1..=DECIDE_ATTEMPTS {
+                match decide(&app2, pending.clone(), decision.clone()).await {
+                    Ok(()) => return,
+                    Err(error) => {
+                        tracing::error!(%error, attempt, transaction_id = %pending.transaction_id,
+                            "storing a transaction decision failed");
+                    }
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))) => {}
+                    _ = app2.shutdown.cancelled() => return,
+                }
+            }
+        },
+        runtime,
+    );
+}
+
+/// How many times a decision is offered to storage before waiting for a restart.
+const DECIDE_ATTEMPTS: u32 = 5;
 
 /// Stores a decision: status, audit record, and the durable event to the submitter.
 async fn decide(

@@ -60,17 +60,30 @@ pub(crate) async fn submit(
         payload: request.payload,
         metadata: request.metadata,
     };
+    // The processor is started by the commit itself, not by this handler: if the
+    // client goes away mid-request, hyper drops the handler, but a transaction that
+    // reached storage must still be decided (else it stays pending until a restart).
+    let runtime = tokio::runtime::Handle::current();
+    let app2 = Arc::clone(&app);
     let submitted = app
         .db
-        .write(move |w| transactions::submit(w, submission))
+        .write(move |w| {
+            let submitted = transactions::submit(w, submission)?;
+            if let Submitted::New(_, pending) = &submitted {
+                let pending = pending.clone();
+                w.after_commit(move || {
+                    transactions::spawn_processing_on(&app2, pending, &runtime);
+                });
+            }
+            Ok(submitted)
+        })
         .await?;
     let accepted = match submitted {
-        Submitted::New(accepted, pending) => {
+        Submitted::New(accepted, _) => {
             app.metrics
                 .transactions
                 .get_or_create(&label("outcome", "submitted"))
                 .inc();
-            transactions::spawn_processing(&app, pending);
             accepted
         }
         Submitted::Replay(accepted) => accepted,

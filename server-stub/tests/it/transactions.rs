@@ -182,3 +182,50 @@ async fn the_processor_is_pluggable() {
     .await;
     assert_eq!(processor.0.load(Ordering::SeqCst), 1);
 }
+
+/// A client that disconnects while its submission is being stored (an app killed, a
+/// network cut) must not leave the transaction pending forever: what was committed is
+/// decided, whether or not the handler lived to answer.
+#[tokio::test]
+async fn a_submission_whose_client_vanished_is_still_decided() {
+    use tokio::io::AsyncWriteExt;
+
+    let ts = TestServer::start(|c| c.transaction_confirm_delay_ms = 5).await;
+    let alice = ts.token("t1", "alice", &[]);
+    let addr = ts.running().local_addr();
+    let body = json!({"transactionType": "pay", "payload": {"amount": 1}}).to_string();
+    const CUTS: usize = 40;
+    for i in 0..CUTS {
+        let request = format!(
+            "POST /api/transactions HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {alice}\r\n\
+             content-type: application/json\r\nidempotency-key: cut-{i}\r\n\
+             content-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+        socket.write_all(request.as_bytes()).await.unwrap();
+        // Gone before the answer: the server sees the connection close mid-request.
+        tokio::time::sleep(std::time::Duration::from_micros(50 * (i as u64 % 8))).await;
+        drop(socket);
+    }
+    // The app comes back and submits each again with its key: the same transaction
+    // (or a new one if the first never reached storage), decided either way.
+    for i in 0..CUTS {
+        let key = format!("cut-{i}");
+        let (status, accepted) = ts
+            .post(
+                "/api/transactions",
+                Some(&alice),
+                serde_json::from_str(&body).unwrap(),
+                &[("Idempotency-Key", key.as_str())],
+            )
+            .await;
+        assert_eq!(status, 202, "{accepted}");
+        let id = accepted["transactionId"].as_str().unwrap().to_owned();
+        eventually(&format!("transaction {key} decided"), || {
+            let (ts, alice, id) = (&ts, alice.clone(), id.clone());
+            async move { status_of(ts, &alice, &id).await.1["status"] == "CONFIRMED" }
+        })
+        .await;
+    }
+}
