@@ -61,17 +61,11 @@ async fn run(server: &str, store: &str, token: &str, seed: &str, mode: &str) -> 
     if mode == "drain" {
         let deadline = Instant::now() + Duration::from_secs(180);
         while Instant::now() < deadline {
-            // Every item the server has: messages and operations accepted, transactions
-            // accepted (with the server's id) or decided. (Waiting for every decision
-            // is not done here: a known open issue, see docs/benchmarks.md.)
-            let settled = client.outbox(None).await.is_ok_and(|items| {
-                items.iter().all(|i| {
-                    webwaka_e2e::harness::is_settled(i)
-                        || (i.kind == webwaka_realtime::store::ItemKind::Transaction
-                            && i.state == webwaka_realtime::store::ItemState::Accepted
-                            && i.server_ref.is_some())
-                })
-            });
+            // Messages and operations accepted, transactions decided.
+            let settled = client
+                .outbox(None)
+                .await
+                .is_ok_and(|items| items.iter().all(webwaka_e2e::harness::is_settled));
             if settled {
                 say("drained".into());
                 client.shutdown().await;
