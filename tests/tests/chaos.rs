@@ -14,6 +14,8 @@
 //! Seeded and bounded: `WEBWAKA_CHAOS_SEED` replays a run, `WEBWAKA_CHAOS_STEPS` makes
 //! it longer (default 30 steps, about 20 s), `WEBWAKA_CHAOS_MINUTES` runs new seeds for
 //! that long (the soak run). A failure prints the seed and the history.
+//! `WEBWAKA_CHAOS_LOG=DIR` also keeps the SDK's and server's logs (`RUST_LOG`, default
+//! debug for both) of each failed scenario in `DIR/chaos-SEED.log`.
 
 // Tests may panic on what they did not expect: that is how they fail.
 #![allow(clippy::unwrap_used)]
@@ -97,6 +99,43 @@ async fn open_node(server: &TestServer, dir: &std::path::Path, user: &'static st
     }
 }
 
+/// Where the current scenario's logs go, when `WEBWAKA_CHAOS_LOG` asks for them.
+static LOG_FILE: std::sync::Mutex<Option<std::fs::File>> = std::sync::Mutex::new(None);
+
+/// A writer into [`LOG_FILE`] (nothing when no file is open).
+struct ScenarioLog;
+
+impl std::io::Write for ScenarioLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match LOG_FILE.lock().unwrap().as_mut() {
+            Some(file) => file.write(buf),
+            None => Ok(buf.len()),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match LOG_FILE.lock().unwrap().as_mut() {
+            Some(file) => file.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Installs the log subscriber when `WEBWAKA_CHAOS_LOG` names a directory.
+fn log_dir() -> Option<std::path::PathBuf> {
+    let dir = std::path::PathBuf::from(std::env::var_os("WEBWAKA_CHAOS_LOG")?);
+    std::fs::create_dir_all(&dir).unwrap();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("webwaka_realtime=debug,webwaka_server_stub=debug")
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_writer(|| ScenarioLog)
+        .init();
+    Some(dir)
+}
+
 /// What one scenario checked.
 #[derive(Debug, Default)]
 struct Stats {
@@ -113,6 +152,7 @@ async fn invariants_hold_after_a_random_schedule_of_faults() {
     // long (the soak run), stopping at the first violation.
     let minutes = env_u64("WEBWAKA_CHAOS_MINUTES");
     let steps = env_u64("WEBWAKA_CHAOS_STEPS").unwrap_or(30);
+    let log_dir = log_dir();
     let started = std::time::Instant::now();
     let mut total = Stats::default();
     let mut iterations = 0u64;
@@ -121,7 +161,18 @@ async fn invariants_hold_after_a_random_schedule_of_faults() {
             (0, Some(seed)) => seed,
             _ => rand::random(),
         };
+        let log = log_dir
+            .as_ref()
+            .map(|d| d.join(format!("chaos-{seed}.log")));
+        if let Some(path) = &log {
+            *LOG_FILE.lock().unwrap() = Some(std::fs::File::create(path).unwrap());
+        }
         let stats = scenario(seed, steps).await;
+        // Held: its log is not needed (a failure panics above and keeps it).
+        if let Some(path) = &log {
+            *LOG_FILE.lock().unwrap() = None;
+            let _ = std::fs::remove_file(path);
+        }
         iterations += 1;
         eprintln!(
             "chaos: scenario {iterations} (seed {seed}) held: {} faults, {} deliveries, {} \
