@@ -86,6 +86,10 @@ pub struct ClientOptions {
     /// How often pending transactions' status is checked while connected.
     #[uniffi(default)]
     pub transaction_check_interval_ms: Option<u64>,
+    /// Extra trusted root certificates (PEM texts) for an `https://` server under a
+    /// private CA; the bundled public roots stay trusted.
+    #[uniffi(default)]
+    pub tls_root_certificates: Option<Vec<String>>,
 }
 
 /// Sets `target` to `value` ms when given; zero is refused (it would spin).
@@ -143,6 +147,7 @@ impl ClientOptions {
             ack_timeout_ms: None,
             entity_pull_interval_ms: None,
             transaction_check_interval_ms: None,
+            tls_root_certificates: None,
         }
     }
 
@@ -238,6 +243,9 @@ impl ClientOptions {
             "transactionCheckIntervalMs",
             self.transaction_check_interval_ms,
         )?;
+        if let Some(roots) = self.tls_root_certificates {
+            c.tls_root_certificates = roots;
+        }
         Ok(c)
     }
 }

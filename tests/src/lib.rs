@@ -7,3 +7,4 @@
 pub mod bench;
 pub mod harness;
 pub mod proxy;
+pub mod tls;

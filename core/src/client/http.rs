@@ -95,9 +95,14 @@ pub(crate) struct HttpApi {
 
 impl HttpApi {
     /// An API client for `base` (e.g. `http://127.0.0.1:3000`), each request bounded by
-    /// `timeout`.
-    pub(crate) fn new(base: &str, timeout: Duration) -> Result<Self, HttpError> {
+    /// `timeout`, `https://` with `tls`.
+    pub(crate) fn new(
+        base: &str,
+        timeout: Duration,
+        tls: std::sync::Arc<rustls::ClientConfig>,
+    ) -> Result<Self, HttpError> {
         let client = reqwest::Client::builder()
+            .tls_backend_preconfigured((*tls).clone())
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .pool_idle_timeout(Duration::from_secs(30))

@@ -20,6 +20,7 @@
 mod error;
 mod http;
 mod supervisor;
+mod tls;
 mod token;
 mod types;
 mod ws;
@@ -83,6 +84,10 @@ pub struct ClientConfig {
     pub transaction_check_interval: Duration,
     /// Capacity of each subscriber's update buffer.
     pub update_buffer: usize,
+    /// Extra trusted root certificates (PEM) for an `https://` server whose
+    /// certificate is not issued under the bundled public roots (a private CA, a test
+    /// server). The public roots stay trusted.
+    pub tls_root_certificates: Vec<String>,
 }
 
 impl ClientConfig {
@@ -102,6 +107,7 @@ impl ClientConfig {
             entity_pull_interval: Duration::from_secs(10),
             transaction_check_interval: Duration::from_secs(5),
             update_buffer: 4096,
+            tls_root_certificates: Vec::new(),
         }
     }
 
@@ -218,6 +224,8 @@ impl Client {
         config: ClientConfig,
         tokens: SharedTokenProvider,
     ) -> Result<Client, ClientError> {
+        // Bad input is refused before anything is opened.
+        let tls = tls::client_config(&config.tls_root_certificates)?;
         let path = config.store_path.clone();
         let store_config = config.store.clone();
         let store = tokio::task::spawn_blocking(move || Store::open(path, store_config))
@@ -233,6 +241,7 @@ impl Client {
         let supervisor = Supervisor::new(
             config.clone(),
             config.ws_url(),
+            tls,
             store.clone(),
             tokens.clone(),
             updates.clone(),

@@ -191,6 +191,8 @@ enum Io {
 pub(crate) struct Supervisor {
     cfg: ClientConfig,
     ws_url: String,
+    /// TLS for `wss://` (shared with the HTTP client).
+    tls: Arc<rustls::ClientConfig>,
     machine: Machine,
     store: StoreHandle,
     http: HttpApi,
@@ -241,6 +243,7 @@ impl Supervisor {
     pub(crate) fn new(
         cfg: ClientConfig,
         ws_url: String,
+        tls: Arc<rustls::ClientConfig>,
         store: StoreHandle,
         tokens: Arc<TokenCell>,
         updates: broadcast::Sender<Update>,
@@ -249,13 +252,14 @@ impl Supervisor {
         client_id: String,
         commands: mpsc::UnboundedReceiver<Command>,
     ) -> Result<Self, HttpError> {
-        let http = HttpApi::new(&cfg.server_url, cfg.request_timeout)?;
+        let http = HttpApi::new(&cfg.server_url, cfg.request_timeout, tls.clone())?;
         let (io_tx, io_rx) = mpsc::unbounded_channel();
         let (ws_tx, ws_rx) = mpsc::unbounded_channel();
         Ok(Self {
             machine: Machine::new(cfg.machine.clone(), Instant::now()),
             cfg,
             ws_url,
+            tls,
             store,
             http,
             tokens,
@@ -395,10 +399,20 @@ impl Supervisor {
         let report = self.ws_tx.clone();
         let timeout = self.cfg.machine.connect_timeout;
         let max_frame = crate::protocol::envelope::DEFAULT_MAX_FRAME_BYTES;
+        let tls = self.tls.clone();
         self.tasks.spawn(async move {
             let result = match tokens.get().await {
                 Err(e) => Err(ConnectError::Failed(Failure::Auth, e.to_string())),
-                Ok(token) => ws::open(&url, &token, max_frame, timeout, generation, report).await,
+                Ok(token) => {
+                    let params = ws::Params {
+                        url: &url,
+                        token: &token,
+                        max_frame,
+                        timeout,
+                        tls,
+                    };
+                    ws::open(params, generation, report).await
+                }
             };
             if let Err(e) = result {
                 let _ = io.send(Io::WsFailed(generation, e));

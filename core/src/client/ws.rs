@@ -3,10 +3,12 @@
 //! server frames and reports them (tagged with the connection's generation, so that
 //! reports of an abandoned connection are ignored) and a writer fed by a channel.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
+use tokio_tungstenite::Connector;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
@@ -76,29 +78,43 @@ fn ws_config(max_frame: usize) -> WebSocketConfig {
         .max_frame_size(Some(max_frame))
 }
 
-/// Opens the WebSocket at `url` and starts its reader and writer, which report to
+/// Where and how to connect.
+pub(crate) struct Params<'a> {
+    /// `ws://` or `wss://` URL with its query.
+    pub(crate) url: &'a str,
+    /// The bearer token.
+    pub(crate) token: &'a str,
+    /// The largest frame accepted.
+    pub(crate) max_frame: usize,
+    /// Bound of the whole connect (TCP, TLS, upgrade).
+    pub(crate) timeout: Duration,
+    /// TLS for `wss://`.
+    pub(crate) tls: Arc<rustls::ClientConfig>,
+}
+
+/// Opens the WebSocket at `p.url` and starts its reader and writer, which report to
 /// `report` as `(generation, event)`: first [`WsEvent::Opened`] with the handle, then
 /// the frames.
 pub(crate) async fn open(
-    url: &str,
-    token: &str,
-    max_frame: usize,
-    timeout: Duration,
+    p: Params<'_>,
     generation: u64,
     report: mpsc::UnboundedSender<(u64, WsEvent)>,
 ) -> Result<(), ConnectError> {
-    let mut request = url
+    let mut request = p
+        .url
         .into_client_request()
         .map_err(|e| ConnectError::Failed(Failure::Server, format!("bad WebSocket URL: {e}")))?;
-    let bearer = format!("Bearer {token}")
+    let bearer = format!("Bearer {}", p.token)
         .parse()
         .map_err(|_| ConnectError::Failed(Failure::Auth, "token is not a valid header".into()))?;
     request.headers_mut().insert("Authorization", bearer);
-    let connect = tokio_tungstenite::connect_async_with_config(
+    let connect = tokio_tungstenite::connect_async_tls_with_config(
         request,
-        Some(ws_config(max_frame)),
+        Some(ws_config(p.max_frame)),
         true, // no Nagle: frames are small and latency matters
+        Some(Connector::Rustls(p.tls)),
     );
+    let timeout = p.timeout;
     let (stream, _response) = match tokio::time::timeout(timeout, connect).await {
         Err(_) => {
             return Err(ConnectError::Failed(

@@ -2741,6 +2741,11 @@ public struct ClientOptions: Equatable, Hashable {
      * How often pending transactions' status is checked while connected.
      */
     public var transactionCheckIntervalMs: UInt64?
+    /**
+     * Extra trusted root certificates (PEM texts) for an `https://` server under a
+     * private CA; the bundled public roots stay trusted.
+     */
+    public var tlsRootCertificates: [String]?
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
@@ -2810,7 +2815,11 @@ public struct ClientOptions: Equatable, Hashable {
          */entityPullIntervalMs: UInt64? = nil, 
         /**
          * How often pending transactions' status is checked while connected.
-         */transactionCheckIntervalMs: UInt64? = nil) {
+         */transactionCheckIntervalMs: UInt64? = nil, 
+        /**
+         * Extra trusted root certificates (PEM texts) for an `https://` server under a
+         * private CA; the bundled public roots stay trusted.
+         */tlsRootCertificates: [String]? = nil) {
         self.serverUrl = serverUrl
         self.storePath = storePath
         self.wsPath = wsPath
@@ -2833,6 +2842,7 @@ public struct ClientOptions: Equatable, Hashable {
         self.ackTimeoutMs = ackTimeoutMs
         self.entityPullIntervalMs = entityPullIntervalMs
         self.transactionCheckIntervalMs = transactionCheckIntervalMs
+        self.tlsRootCertificates = tlsRootCertificates
     }
 
     
@@ -2872,7 +2882,8 @@ public struct FfiConverterTypeClientOptions: FfiConverterRustBuffer {
                 stableAfterMs: FfiConverterOptionUInt64.read(from: &buf), 
                 ackTimeoutMs: FfiConverterOptionUInt64.read(from: &buf), 
                 entityPullIntervalMs: FfiConverterOptionUInt64.read(from: &buf), 
-                transactionCheckIntervalMs: FfiConverterOptionUInt64.read(from: &buf)
+                transactionCheckIntervalMs: FfiConverterOptionUInt64.read(from: &buf), 
+                tlsRootCertificates: FfiConverterOptionSequenceString.read(from: &buf)
         )
     }
 
@@ -2899,6 +2910,7 @@ public struct FfiConverterTypeClientOptions: FfiConverterRustBuffer {
         FfiConverterOptionUInt64.write(value.ackTimeoutMs, into: &buf)
         FfiConverterOptionUInt64.write(value.entityPullIntervalMs, into: &buf)
         FfiConverterOptionUInt64.write(value.transactionCheckIntervalMs, into: &buf)
+        FfiConverterOptionSequenceString.write(value.tlsRootCertificates, into: &buf)
     }
 }
 
@@ -6552,6 +6564,30 @@ fileprivate struct FfiConverterOptionTypeOutboxItemState: FfiConverterRustBuffer
         switch try readInt(&buf) as Int8 {
         case 0: return nil
         case 1: return try FfiConverterTypeOutboxItemState.read(from: &buf)
+        default: throw UniffiInternalError.unexpectedOptionalTag
+        }
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterOptionSequenceString: FfiConverterRustBuffer {
+    typealias SwiftType = [String]?
+
+    public static func write(_ value: SwiftType, into buf: inout [UInt8]) {
+        guard let value = value else {
+            writeInt(&buf, Int8(0))
+            return
+        }
+        writeInt(&buf, Int8(1))
+        FfiConverterSequenceString.write(value, into: &buf)
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> SwiftType {
+        switch try readInt(&buf) as Int8 {
+        case 0: return nil
+        case 1: return try FfiConverterSequenceString.read(from: &buf)
         default: throw UniffiInternalError.unexpectedOptionalTag
         }
     }

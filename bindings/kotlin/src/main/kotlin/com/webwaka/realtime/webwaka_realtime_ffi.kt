@@ -4559,6 +4559,12 @@ data class ClientOptions (
      * How often pending transactions' status is checked while connected.
      */
     var `transactionCheckIntervalMs`: kotlin.ULong? = null 
+    , 
+    /**
+     * Extra trusted root certificates (PEM texts) for an `https://` server under a
+     * private CA; the bundled public roots stay trusted.
+     */
+    var `tlsRootCertificates`: List<kotlin.String>? = null 
     
 ){
     
@@ -4597,6 +4603,7 @@ public object FfiConverterTypeClientOptions: FfiConverterRustBuffer<ClientOption
             FfiConverterOptionalULong.read(buf),
             FfiConverterOptionalULong.read(buf),
             FfiConverterOptionalULong.read(buf),
+            FfiConverterOptionalSequenceString.read(buf),
         )
     }
 
@@ -4622,7 +4629,8 @@ public object FfiConverterTypeClientOptions: FfiConverterRustBuffer<ClientOption
             FfiConverterOptionalULong.allocationSize(value.`stableAfterMs`) +
             FfiConverterOptionalULong.allocationSize(value.`ackTimeoutMs`) +
             FfiConverterOptionalULong.allocationSize(value.`entityPullIntervalMs`) +
-            FfiConverterOptionalULong.allocationSize(value.`transactionCheckIntervalMs`)
+            FfiConverterOptionalULong.allocationSize(value.`transactionCheckIntervalMs`) +
+            FfiConverterOptionalSequenceString.allocationSize(value.`tlsRootCertificates`)
     )
 
     override fun write(value: ClientOptions, buf: ByteBuffer) {
@@ -4648,6 +4656,7 @@ public object FfiConverterTypeClientOptions: FfiConverterRustBuffer<ClientOption
             FfiConverterOptionalULong.write(value.`ackTimeoutMs`, buf)
             FfiConverterOptionalULong.write(value.`entityPullIntervalMs`, buf)
             FfiConverterOptionalULong.write(value.`transactionCheckIntervalMs`, buf)
+            FfiConverterOptionalSequenceString.write(value.`tlsRootCertificates`, buf)
     }
 }
 
@@ -7643,6 +7652,38 @@ public object FfiConverterOptionalTypeOutboxItemState: FfiConverterRustBuffer<Ou
         } else {
             buf.put(1)
             FfiConverterTypeOutboxItemState.write(value, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterOptionalSequenceString: FfiConverterRustBuffer<List<kotlin.String>?> {
+    override fun read(buf: ByteBuffer): List<kotlin.String>? {
+        if (buf.get().toInt() == 0) {
+            return null
+        }
+        return FfiConverterSequenceString.read(buf)
+    }
+
+    override fun allocationSize(value: List<kotlin.String>?): ULong {
+        if (value == null) {
+            return 1UL
+        } else {
+            return 1UL + FfiConverterSequenceString.allocationSize(value)
+        }
+    }
+
+    override fun write(value: List<kotlin.String>?, buf: ByteBuffer) {
+        if (value == null) {
+            buf.put(0)
+        } else {
+            buf.put(1)
+            FfiConverterSequenceString.write(value, buf)
         }
     }
 }

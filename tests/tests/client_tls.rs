@@ -1,0 +1,126 @@
+//! The client over TLS: `https://` and `wss://` through a TLS front (a test CA, the
+//! server behind it on loopback), with realtime and with polling; a server whose
+//! certificate is not trusted is never talked to; a bad root is refused at open.
+
+// Tests may panic on what they did not expect: that is how they fail.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use serde_json::json;
+use webwaka_e2e::harness::{TestServer, client_config, collect, messages, texts, wait_state};
+use webwaka_e2e::tls::TlsFront;
+use webwaka_realtime::client::{Client, ClientError, OutgoingMessage, StaticToken, Target};
+use webwaka_realtime::machine::ConnectionState;
+use webwaka_realtime::store::ItemState;
+
+const WITHIN: Duration = Duration::from_secs(15);
+
+fn to(user: &str, text: &str) -> OutgoingMessage {
+    OutgoingMessage::new(
+        Target::User(user.into()),
+        "chat.text",
+        json!({ "text": text }),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_flow_over_wss_and_over_https_polling() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let front = TlsFront::start(server.addr).await.unwrap();
+
+    // Alice on wss://; Bob's WebSocket path does not exist, so he polls over https://.
+    let mut alice_config = client_config(&front.url(), &dir.path().join("alice.db"));
+    alice_config.tls_root_certificates = vec![front.ca_pem.clone()];
+    let mut bob_config = client_config(&front.url(), &dir.path().join("bob.db"));
+    bob_config.tls_root_certificates = vec![front.ca_pem.clone()];
+    bob_config.ws_path = "/no-websocket-here".into();
+    let alice = Client::open(
+        alice_config,
+        std::sync::Arc::new(StaticToken(server.token("t1", "alice"))),
+    )
+    .await
+    .unwrap();
+    let bob = Client::open(
+        bob_config,
+        std::sync::Arc::new(StaticToken(server.token("t1", "bob"))),
+    )
+    .await
+    .unwrap();
+    assert!(wait_state(&alice, ConnectionState::Realtime, WITHIN).await);
+    assert!(wait_state(&bob, ConnectionState::Polling, WITHIN).await);
+
+    let mut alice_updates = alice.subscribe();
+    let mut bob_updates = bob.subscribe();
+    for i in 0..5 {
+        alice
+            .send_message(to("bob", &format!("a{i}")))
+            .await
+            .unwrap();
+        bob.send_message(to("alice", &format!("b{i}")))
+            .await
+            .unwrap();
+    }
+    let to_bob = collect(&mut bob_updates, 5, WITHIN, messages).await;
+    let to_alice = collect(&mut alice_updates, 5, WITHIN, messages).await;
+    assert_eq!(texts(&to_bob), ["a0", "a1", "a2", "a3", "a4"]);
+    assert_eq!(texts(&to_alice), ["b0", "b1", "b2", "b3", "b4"]);
+    alice.shutdown().await;
+    bob.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_untrusted_certificate_is_never_talked_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let front = TlsFront::start(server.addr).await.unwrap();
+    // The test CA is not among the bundled public roots.
+    let config = client_config(&front.url(), &dir.path().join("mallory.db"));
+    let client = Client::open(
+        config,
+        std::sync::Arc::new(StaticToken(server.token("t1", "alice"))),
+    )
+    .await
+    .unwrap();
+    let mut states = client.watch_state();
+    let connected = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            if states.borrow_and_update().is_connected() {
+                return;
+            }
+            if states.changed().await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(
+        connected.is_err(),
+        "connected through an untrusted certificate"
+    );
+    // What the app sent meanwhile waits in the outbox, not lost.
+    let handle = client.send_message(to("bob", "later")).await.unwrap();
+    let item = client.item(&handle.id).await.unwrap().unwrap();
+    assert!(
+        matches!(item.state, ItemState::Persisted | ItemState::InFlight),
+        "{:?}",
+        item.state
+    );
+    client.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_bad_root_certificate_is_refused_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = client_config("https://127.0.0.1:1", &dir.path().join("x.db"));
+    config.tls_root_certificates = vec!["not a certificate".into()];
+    let err = Client::open(config, std::sync::Arc::new(StaticToken("t".into())))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ClientError::InvalidInput { field, .. } if field == "tls_root_certificates[0]"),
+        "{err:?}"
+    );
+    assert!(!dir.path().join("x.db").exists(), "nothing opened");
+}
