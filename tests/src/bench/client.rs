@@ -5,6 +5,9 @@
 //! Everything runs on loopback against the real server (in-process) with real SQLite
 //! files on disk. The memory figures come from a child process linking only the client
 //! (`bin/client_memory.rs`), so that the server and the benchmark are not counted.
+//!
+//! `WEBWAKA_BENCH_CLIENT=round_trip,failover` runs only the named parts: `round_trip`,
+//! `failover`, `herd` (the return after a server restart), `memory`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -56,13 +59,29 @@ pub fn run() -> Result<Vec<Row>, String> {
         .map_err(|e| e.to_string())?;
     let mut rows = runtime.block_on(async {
         let mut rows = Vec::new();
-        rows.extend(round_trip().await?);
-        rows.extend(failover().await?);
-        rows.extend(herd_return().await?);
+        if wanted("round_trip") {
+            rows.extend(round_trip().await?);
+        }
+        if wanted("failover") {
+            rows.extend(failover().await?);
+        }
+        if wanted("herd") {
+            rows.extend(herd_return().await?);
+        }
         Ok::<_, String>(rows)
     })?;
-    rows.extend(memory()?);
+    if wanted("memory") {
+        rows.extend(memory()?);
+    }
     Ok(rows)
+}
+
+/// Whether `part` is to run (`WEBWAKA_BENCH_CLIENT` unset: all).
+fn wanted(part: &str) -> bool {
+    match std::env::var("WEBWAKA_BENCH_CLIENT") {
+        Ok(parts) => parts.split(',').any(|p| p.trim() == part),
+        Err(_) => true,
+    }
 }
 
 fn config(url: &str, store: &std::path::Path, machine: MachineConfig) -> ClientConfig {
