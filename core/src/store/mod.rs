@@ -212,6 +212,13 @@ impl Store {
         // Room for every statement of the outbox and entity cache (default 16): the hot
         // paths use prepared statements from this cache instead of parsing SQL per call.
         conn.set_prepared_statement_cache_capacity(64);
+        // Stable query plans: without this, SQLite (built with STAT4) marks a statement
+        // whose plan looked at a bound value (e.g. `LIMIT ?2`) to be parsed and planned
+        // again every time that parameter is bound: `take_sendable` did, on every call.
+        conn.set_db_config(
+            rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+            true,
+        )?;
         // Reading the header first turns "not a database" into an error here.
         let _: i64 = conn.query_row("PRAGMA schema_version", [], |r| r.get(0))?;
         let mode = set_wal(&conn, config.busy_timeout)?;

@@ -552,7 +552,12 @@ impl Store {
     }
 
     /// Moves `id` from one of the states `from` as `change` says; other states are
-    /// refused with `InvalidState`. One statement: atomic.
+    /// refused with `InvalidState`. Atomic: the row is read, checked and written in one
+    /// write transaction (the caller's, or one of its own).
+    ///
+    /// Read, then write by `seq`, rather than one `UPDATE … RETURNING`: SQLite gathers
+    /// RETURNING rows in a temporary table, opened and freed per call, which cost more
+    /// than the update itself. The changed item is the read one with the change applied.
     fn transition(
         &self,
         id: &str,
@@ -561,54 +566,93 @@ impl Store {
         now: Timestamp,
         change: Change<'_>,
     ) -> Result<OutboxItem, StoreError> {
+        in_write_transaction(&self.conn, || {
+            self.transition_in_transaction(id, from, action, now, change)
+        })
+    }
+
+    fn transition_in_transaction(
+        &self,
+        id: &str,
+        from: &[ItemState],
+        action: &'static str,
+        now: Timestamp,
+        change: Change<'_>,
+    ) -> Result<OutboxItem, StoreError> {
+        let mut item = self.require(id)?;
+        if !from.contains(&item.state) {
+            return Err(StoreError::InvalidState {
+                id: id.to_owned(),
+                state: item.state,
+                action,
+            });
+        }
         let attempts = match change.attempts {
             Attempts::Keep => "attempts",
             Attempts::Bump => "attempts + 1",
             Attempts::Reset => "0",
         };
-        // `state = 'a' OR state = 'b'` rather than `IN (…)`, for which SQLite builds a
-        // temporary table on each run.
-        let from_states = from
-            .iter()
-            .map(|s| format!("state = '{}'", s.as_str()))
-            .collect::<Vec<_>>()
-            .join(" OR ");
-        // RETURNING: the changed row comes back from the update itself.
         let sql = format!(
             "UPDATE outbox SET state = ?2, attempts = {attempts}, updated_ms = ?3,
                     last_error = COALESCE(?4, last_error),
                     next_attempt_ms = COALESCE(?5, next_attempt_ms),
                     server_ref = COALESCE(?6, server_ref)
-             WHERE id = ?1 AND ({from_states})
-             RETURNING {COLUMNS}"
+             WHERE seq = ?1"
         );
-        let changed = self
-            .conn
-            .prepare_cached(&sql)?
-            .query_row(
-                params![
-                    id,
-                    change.state.as_str(),
-                    to_ms(now),
-                    change.error,
-                    change.retry_at.map(to_ms),
-                    change.server_ref
-                ],
-                read_item,
-            )
-            .optional()?;
-        match changed {
-            Some(raw) => finish(raw),
-            None => {
-                let item = self.require(id)?;
-                Err(StoreError::InvalidState {
-                    id: id.to_owned(),
-                    state: item.state,
-                    action,
-                })
-            }
+        let now_ms = to_ms(now);
+        let retry_ms = change.retry_at.map(to_ms);
+        let changed = self.conn.prepare_cached(&sql)?.execute(params![
+            item.seq,
+            change.state.as_str(),
+            now_ms,
+            change.error,
+            retry_ms,
+            change.server_ref
+        ])?;
+        if changed != 1 {
+            // Read in this write transaction a moment ago: cannot happen.
+            return Err(StoreError::NotFound(id.to_owned()));
         }
+        item.state = change.state;
+        item.attempts = match change.attempts {
+            Attempts::Keep => item.attempts,
+            Attempts::Bump => item.attempts.saturating_add(1),
+            Attempts::Reset => 0,
+        };
+        item.updated_at = from_ms(now_ms);
+        if let Some(error) = change.error {
+            item.last_error = Some(error.to_owned());
+        }
+        if let Some(ms) = retry_ms {
+            item.next_attempt_at = from_ms(ms);
+        }
+        if let Some(server_ref) = change.server_ref {
+            item.server_ref = Some(server_ref.to_owned());
+        }
+        Ok(item)
     }
+}
+
+/// Runs `f` in a write transaction: the caller's when one is open on `conn` (it
+/// commits), else one of its own (`BEGIN IMMEDIATE`), committed when `f` succeeds and
+/// rolled back when it fails.
+fn in_write_transaction<T>(
+    conn: &Connection,
+    f: impl FnOnce() -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    if !conn.is_autocommit() {
+        return f();
+    }
+    conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+    let result = f().and_then(|value| {
+        conn.prepare_cached("COMMIT")?.execute([])?;
+        Ok(value)
+    });
+    if result.is_err() && !conn.is_autocommit() {
+        // Nothing of `f` is kept; a failed rollback leaves nothing more to undo.
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    result
 }
 
 /// What a state transition changes besides the state.
