@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use webwaka_realtime::client::{Client, ClientConfig, Next, StaticToken, Update};
+use webwaka_realtime::client::{
+    Client, ClientConfig, Next, OutgoingMessage, StaticToken, Target, Update,
+};
 use webwaka_realtime::machine::{ConnectionState, MachineConfig};
 use webwaka_server_stub::{Config, Options, RunningServer, Server};
 
@@ -271,4 +273,32 @@ pub fn is_settled(item: &webwaka_realtime::store::OutboxItem) -> bool {
         ItemKind::Transaction => matches!(item.state, ItemState::Confirmed | ItemState::Rejected),
         _ => item.state == ItemState::Accepted,
     }
+}
+
+/// A direct message `{"text": text}` of type `dm` to `user`.
+pub fn direct(user: &str, text: &str) -> OutgoingMessage {
+    OutgoingMessage::new(
+        Target::User(user.into()),
+        "dm",
+        serde_json::json!({ "text": text }),
+    )
+}
+
+/// Two users each send `n` direct messages (`a0…`, `b0…`) to the other; each must get
+/// the other's, in order, exactly once, within `within`.
+pub async fn exchange(a: (&Client, &str), b: (&Client, &str), n: usize, within: Duration) {
+    let (mut at_a, mut at_b) = (a.0.subscribe(), b.0.subscribe());
+    for i in 0..n {
+        a.0.send_message(direct(b.1, &format!("a{i}")))
+            .await
+            .expect("a's message is taken");
+        b.0.send_message(direct(a.1, &format!("b{i}")))
+            .await
+            .expect("b's message is taken");
+    }
+    let got_b = texts(&collect(&mut at_b, n, within, messages).await);
+    let got_a = texts(&collect(&mut at_a, n, within, messages).await);
+    let want = |p: &str| (0..n).map(|i| format!("{p}{i}")).collect::<Vec<_>>();
+    assert_eq!(got_b, want("a"), "{} received", b.1);
+    assert_eq!(got_a, want("b"), "{} received", a.1);
 }

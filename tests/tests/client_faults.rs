@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use serde_json::json;
 use webwaka_e2e::harness::{
-    TestServer, client_config, collect, messages, open_client, texts, wait_state, wait_until,
+    TestServer, client_config, collect, exchange, messages, open_client, texts, wait_state,
+    wait_until,
 };
 use webwaka_e2e::proxy::{Mode, Proxy};
 use webwaka_realtime::client::{
@@ -44,26 +45,14 @@ async fn a_refused_websocket_falls_to_polling_then_climbs_back_with_nothing_lost
     .await;
     assert!(wait_state(&alice, ConnectionState::Realtime, WITHIN).await);
     assert!(wait_state(&bob, ConnectionState::Realtime, WITHIN).await);
-    let mut at_alice = alice.subscribe();
-    let mut at_bob = bob.subscribe();
 
     // The WebSocket dies and cannot come back; plain HTTP still works.
     proxy.set_mode(Mode::RefuseWebSocket);
     proxy.cut_all();
     assert!(wait_state(&alice, ConnectionState::Polling, WITHIN).await);
-    for i in 0..5 {
-        alice
-            .send_message(dm("bob", &format!("a{i}")))
-            .await
-            .unwrap();
-        bob.send_message(dm("alice", &format!("b{i}")))
-            .await
-            .unwrap();
-    }
-    let at_b = collect(&mut at_bob, 5, WITHIN, messages).await;
-    let at_a = collect(&mut at_alice, 5, WITHIN, messages).await;
-    assert_eq!(texts(&at_b), ["a0", "a1", "a2", "a3", "a4"]);
-    assert_eq!(texts(&at_a), ["b0", "b1", "b2", "b3", "b4"]);
+    exchange((&alice, "alice"), (&bob, "bob"), 5, WITHIN).await;
+    let mut at_alice = alice.subscribe();
+    let mut at_bob = bob.subscribe();
 
     // The network heals: the client climbs back on its own.
     proxy.set_mode(Mode::Pass);

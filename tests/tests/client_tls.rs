@@ -7,22 +7,13 @@
 
 use std::time::Duration;
 
-use serde_json::json;
-use webwaka_e2e::harness::{TestServer, client_config, collect, messages, texts, wait_state};
+use webwaka_e2e::harness::{TestServer, client_config, direct, exchange, wait_state};
 use webwaka_e2e::tls::TlsFront;
-use webwaka_realtime::client::{Client, ClientError, OutgoingMessage, StaticToken, Target};
+use webwaka_realtime::client::{Client, ClientError, StaticToken};
 use webwaka_realtime::machine::ConnectionState;
 use webwaka_realtime::store::ItemState;
 
 const WITHIN: Duration = Duration::from_secs(15);
-
-fn to(user: &str, text: &str) -> OutgoingMessage {
-    OutgoingMessage::new(
-        Target::User(user.into()),
-        "chat.text",
-        json!({ "text": text }),
-    )
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_flow_over_wss_and_over_https_polling() {
@@ -51,21 +42,7 @@ async fn messages_flow_over_wss_and_over_https_polling() {
     assert!(wait_state(&alice, ConnectionState::Realtime, WITHIN).await);
     assert!(wait_state(&bob, ConnectionState::Polling, WITHIN).await);
 
-    let mut alice_updates = alice.subscribe();
-    let mut bob_updates = bob.subscribe();
-    for i in 0..5 {
-        alice
-            .send_message(to("bob", &format!("a{i}")))
-            .await
-            .unwrap();
-        bob.send_message(to("alice", &format!("b{i}")))
-            .await
-            .unwrap();
-    }
-    let to_bob = collect(&mut bob_updates, 5, WITHIN, messages).await;
-    let to_alice = collect(&mut alice_updates, 5, WITHIN, messages).await;
-    assert_eq!(texts(&to_bob), ["a0", "a1", "a2", "a3", "a4"]);
-    assert_eq!(texts(&to_alice), ["b0", "b1", "b2", "b3", "b4"]);
+    exchange((&alice, "alice"), (&bob, "bob"), 5, WITHIN).await;
     alice.shutdown().await;
     bob.shutdown().await;
 }
@@ -100,7 +77,7 @@ async fn an_untrusted_certificate_is_never_talked_to() {
         "connected through an untrusted certificate"
     );
     // What the app sent meanwhile waits in the outbox, not lost.
-    let handle = client.send_message(to("bob", "later")).await.unwrap();
+    let handle = client.send_message(direct("bob", "later")).await.unwrap();
     let item = client.item(&handle.id).await.unwrap().unwrap();
     assert!(
         matches!(item.state, ItemState::Persisted | ItemState::InFlight),
