@@ -58,6 +58,7 @@ mod rooms;
 pub mod telemetry;
 pub mod transactions;
 mod ws;
+mod wsframe;
 
 use std::future::Future;
 use std::net::SocketAddr;

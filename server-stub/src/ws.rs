@@ -30,7 +30,7 @@ use tracing::Instrument;
 use webwaka_realtime::protocol::envelope::{AUTH_EXPIRED_CLOSE_REASON, close_code};
 use webwaka_realtime::protocol::{
     ADMIN_JUSTIFICATION_HEADER, ClientEvent, Connected, ErrorCode, Frame, InteractionClass,
-    PresenceInfo, PresenceStatus, ServerEvent, TENANT_HEADER,
+    PresenceInfo, PresenceStatus, SendMessage, ServerEvent, TENANT_HEADER,
 };
 
 use crate::app::{App, Slot};
@@ -490,6 +490,20 @@ impl Connection {
     }
 
     async fn on_text(&mut self, text: &str) -> Flow {
+        // Most frames are messages: read those in one pass into their typed value. Any
+        // frame that pass does not take exactly as the general path would (including
+        // every bad one) is decoded below instead.
+        if let Some(frame) = crate::wsframe::decode_message(text, &self.tenant) {
+            let event = ClientEvent::Message(frame.message);
+            let r = frame.reference.as_deref();
+            // Shape, targets and id lengths (core's checks, fields named `data.…`).
+            if let Err(error) = event.validate() {
+                return self.refuse(error.into(), r).await;
+            }
+            if let ClientEvent::Message(message) = event {
+                return self.on_send(message, r).await;
+            }
+        }
         let frame = match Frame::decode(text) {
             Ok(frame) => frame,
             Err(error) => return self.refuse(error.into(), None).await,
@@ -523,35 +537,7 @@ impl Connection {
             return self.refuse(error.into(), r).await;
         }
         match event {
-            ClientEvent::Message(message) => {
-                if !message.interaction_class.realtime_allowed() {
-                    let error = ApiError::new(
-                        ErrorCode::RealtimeNotAllowed,
-                        "CLASS_D is never sent over realtime: use POST /api/transactions",
-                    )
-                    .with_detail("path", "data.interactionClass");
-                    return self.refuse(error, r).await;
-                }
-                let app = Arc::clone(&self.app);
-                match crate::messaging::send(
-                    &app,
-                    &self.tenant,
-                    &self.user,
-                    message,
-                    Some(self.conn_id),
-                    "ws",
-                )
-                .await
-                {
-                    // The message itself is not queued for this connection (the
-                    // fan-out skips it), so `last_seq` stays: an event of a lower
-                    // sequence may still be waiting in the queue.
-                    // Chaos: stored and delivered, but the sender never hears of it.
-                    Ok(_) if crate::chaos::drops_ack(&self.app) => Flow::Continue,
-                    Ok(ack) => self.send(&ServerEvent::MessageAck(ack), r).await,
-                    Err(error) => self.refuse(error, r).await,
-                }
-            }
+            ClientEvent::Message(message) => self.on_send(message, r).await,
             ClientEvent::JoinRoom { room_id } => {
                 let app = Arc::clone(&self.app);
                 match crate::rooms::join(&app, &self.tenant, &self.user, &self.roles, &room_id)
@@ -618,6 +604,37 @@ impl Connection {
                 let error = ApiError::invalid("event", format!("unknown event {event:?}"));
                 self.refuse(error, r).await
             }
+        }
+    }
+
+    /// A `message` frame, decoded and checked: the class, then the send.
+    async fn on_send(&mut self, message: SendMessage, r: Option<&str>) -> Flow {
+        if !message.interaction_class.realtime_allowed() {
+            let error = ApiError::new(
+                ErrorCode::RealtimeNotAllowed,
+                "CLASS_D is never sent over realtime: use POST /api/transactions",
+            )
+            .with_detail("path", "data.interactionClass");
+            return self.refuse(error, r).await;
+        }
+        let app = Arc::clone(&self.app);
+        match crate::messaging::send(
+            &app,
+            &self.tenant,
+            &self.user,
+            message,
+            Some(self.conn_id),
+            "ws",
+        )
+        .await
+        {
+            // The message itself is not queued for this connection (the
+            // fan-out skips it), so `last_seq` stays: an event of a lower
+            // sequence may still be waiting in the queue.
+            // Chaos: stored and delivered, but the sender never hears of it.
+            Ok(_) if crate::chaos::drops_ack(&self.app) => Flow::Continue,
+            Ok(ack) => self.send(&ServerEvent::MessageAck(ack), r).await,
+            Err(error) => self.refuse(error, r).await,
         }
     }
 
