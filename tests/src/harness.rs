@@ -47,6 +47,9 @@ impl TestServer {
         data_dir: &Path,
         configure: impl Fn(&mut Config) + Send + Sync + 'static,
     ) -> Self {
+        // Tests build their own reqwest clients; reqwest has the SDK's TLS without a
+        // provider of its own and needs the default the SDK installs.
+        webwaka_realtime::client::tls::install_default_provider();
         let configure: Arc<dyn Fn(&mut Config) + Send + Sync> = Arc::new(configure);
         let mut config = test_config(data_dir);
         configure(&mut config);
@@ -90,6 +93,20 @@ impl TestServer {
             .expect("the server is running")
             .keys()
             .mint(tenant, user, &[], ttl_secs)
+    }
+
+    /// The server's signing keys (the same across restarts: the secret is in the config).
+    pub fn keys(&self) -> webwaka_server_stub::Keys {
+        self.running
+            .as_ref()
+            .expect("the server is running")
+            .keys()
+            .clone()
+    }
+
+    /// The chaos layer's controls, when the server was configured with `chaos = true`.
+    pub fn chaos(&self) -> Option<webwaka_server_stub::ChaosControl> {
+        self.running.as_ref().and_then(RunningServer::chaos)
     }
 
     /// Stops the server gracefully (its data stays).

@@ -20,7 +20,7 @@
 mod error;
 mod http;
 mod supervisor;
-mod tls;
+pub mod tls;
 mod token;
 mod types;
 mod ws;

@@ -7,6 +7,12 @@
 //! hook to initialise, the same answer on every OS). Apps that talk to a server with a
 //! private CA add its root in [`ClientConfig::tls_root_certificates`](super::ClientConfig).
 //! Plain `http://` and `ws://` URLs (the local server) do not use any of this.
+//!
+//! Process-wide side effect: the first client opened installs `ring` as rustls's
+//! default crypto provider when the process has none. reqwest, built with TLS but
+//! without a provider of its own (as here), panics in `reqwest::Client::new()` when
+//! no default is installed; an app that builds its own reqwest clients in the same
+//! process gets a working default this way (one that chose another provider keeps it).
 
 use std::sync::Arc;
 
@@ -43,6 +49,7 @@ pub(crate) fn client_config(
             return Err(invalid("no `BEGIN CERTIFICATE` block".into()));
         }
     }
+    install_default_provider();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -53,6 +60,14 @@ pub(crate) fn client_config(
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(Arc::new(config))
+}
+
+/// Installs `ring` as the process's default rustls provider unless one is installed.
+pub fn install_default_provider() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // Lost a race with another installer: theirs stays, which is as good.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
 }
 
 #[cfg(test)]

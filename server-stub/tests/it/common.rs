@@ -63,6 +63,8 @@ impl TestServer {
         let server = Server::start_with(config.clone(), options)
             .await
             .expect("server starts");
+        // reqwest without a TLS provider of its own (see Cargo.toml) needs a default.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         Self {
             server: Some(server),
             config,
