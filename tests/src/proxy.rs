@@ -11,7 +11,9 @@
 //! - [`Proxy::cut_all`]: drop every live connection (the network changed);
 //! - [`Proxy::freeze_all`]: stop forwarding on the live connections without closing
 //!   them (the OS still reports them open: only heartbeats can tell);
-//! - [`Proxy::set_latency`]: delay every chunk, each way.
+//! - [`Proxy::reset_all`]: reset every live connection (RST, a forgetful middlebox);
+//! - [`Proxy::set_latency`]: delay every chunk, each way;
+//! - [`Proxy::set_throttle`]: limit the bandwidth of each direction (a weak signal).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,6 +43,11 @@ struct Shared {
     target: SocketAddr,
     mode: Mutex<Mode>,
     latency_ms: AtomicU64,
+    /// Bandwidth per direction of each connection, bytes per second (0: unlimited).
+    throttle_bps: AtomicU64,
+    /// Set by `reset_all` before it bumps the epoch: the cut connections end with a
+    /// TCP reset instead of a close.
+    reset: std::sync::atomic::AtomicBool,
     /// Bumped by `cut_all`: connections of an older epoch end.
     epoch: watch::Sender<u64>,
     /// True while live connections must not forward.
@@ -72,6 +79,8 @@ impl Proxy {
             target,
             mode: Mutex::new(Mode::Pass),
             latency_ms: AtomicU64::new(0),
+            throttle_bps: AtomicU64::new(0),
+            reset: std::sync::atomic::AtomicBool::new(false),
             epoch: watch::channel(0).0,
             frozen: watch::channel(false).0,
             accepted: AtomicU64::new(0),
@@ -113,8 +122,23 @@ impl Proxy {
         self.shared.latency_ms.store(ms, Ordering::Relaxed);
     }
 
-    /// Drops every live connection.
+    /// Limits each direction of every connection to `bytes_per_sec` (`None`: no limit).
+    pub fn set_throttle(&self, bytes_per_sec: Option<u64>) {
+        self.shared
+            .throttle_bps
+            .store(bytes_per_sec.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// Drops every live connection (each side sees the connection closed).
     pub fn cut_all(&self) {
+        self.shared.reset.store(false, Ordering::Relaxed);
+        self.shared.epoch.send_modify(|e| *e += 1);
+    }
+
+    /// Resets every live connection: each side sees a TCP reset (RST), as when a NAT or
+    /// a middlebox forgets the connection.
+    pub fn reset_all(&self) {
+        self.shared.reset.store(true, Ordering::Relaxed);
         self.shared.epoch.send_modify(|e| *e += 1);
     }
 
@@ -174,13 +198,30 @@ async fn handle(mut client: TcpStream, shared: Arc<Shared>) {
     }
     let (cr, cw) = client.into_split();
     let (sr, sw) = server.into_split();
-    let up = pump(cr, sw, shared.clone(), born);
-    let down = pump(sr, cw, shared.clone(), born);
-    // When either direction ends, the connection ends.
-    tokio::select! {
-        _ = up => {}
-        _ = down => {}
+    let mut up = std::pin::pin!(pump(cr, sw, shared.clone(), born));
+    let mut down = std::pin::pin!(pump(sr, cw, shared.clone(), born));
+    // When either direction ends, the connection ends; after a reset the other
+    // direction is let to see it too (dropping it now would close, not reset).
+    let up_ended = tokio::select! {
+        () = &mut up => true,
+        () = &mut down => false,
+    };
+    if shared.reset.load(Ordering::Relaxed) {
+        let rest = async { if up_ended { down.await } else { up.await } };
+        let _ = tokio::time::timeout(Duration::from_secs(1), rest).await;
     }
+}
+
+/// Ends one direction after a cut: closed (FIN), or reset when `reset_all` asked. A
+/// reset sets SO_LINGER 0 on both sockets and leaves the write half without its
+/// shutdown (which would send a FIN first), so that the closing sends RST.
+fn cut(from: tokio::net::tcp::OwnedReadHalf, to: tokio::net::tcp::OwnedWriteHalf, shared: &Shared) {
+    if shared.reset.load(Ordering::Relaxed) {
+        let _ = from.as_ref().set_zero_linger();
+        let _ = to.as_ref().set_zero_linger();
+        to.forget();
+    }
+    drop(from);
 }
 
 /// Copies one direction, honouring latency, freezes and cuts.
@@ -195,7 +236,7 @@ async fn pump(
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         if *epoch.borrow_and_update() != born {
-            return;
+            return cut(from, to, &shared);
         }
         // While frozen, read nothing (the peer's data waits in kernel buffers).
         while *frozen.borrow_and_update() {
@@ -204,17 +245,30 @@ async fn pump(
                 _ = epoch.changed() => return,
             }
         }
+        // Throttled: small reads, each followed by the time it takes at that rate.
+        let throttle = shared.throttle_bps.load(Ordering::Relaxed);
+        let chunk = if throttle > 0 {
+            usize::try_from(throttle / 20)
+                .unwrap_or(buf.len())
+                .clamp(64, buf.len())
+        } else {
+            buf.len()
+        };
         let n = tokio::select! {
-            r = from.read(&mut buf) => match r {
+            r = from.read(&mut buf[..chunk]) => match r {
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             },
-            _ = epoch.changed() => return,
+            _ = epoch.changed() => return cut(from, to, &shared),
             _ = frozen.changed() => continue,
         };
         let latency = shared.latency_ms.load(Ordering::Relaxed);
         if latency > 0 {
             tokio::time::sleep(Duration::from_millis(latency)).await;
+        }
+        let n_bytes = u64::try_from(n).unwrap_or(u64::MAX);
+        if let Some(us) = n_bytes.saturating_mul(1_000_000).checked_div(throttle) {
+            tokio::time::sleep(Duration::from_micros(us)).await;
         }
         if *frozen.borrow() {
             // Frozen while this chunk was in hand: hold it until thawed.
@@ -228,5 +282,68 @@ async fn pump(
         if to.write_all(&buf[..n]).await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// An echo server on loopback.
+    async fn echo() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = socket.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn reset_all_ends_live_connections_with_a_reset() {
+        let proxy = Proxy::start(echo().await).await.unwrap();
+        let mut client = TcpStream::connect(proxy.addr()).await.unwrap();
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut buf = [0u8; 64];
+        let n = client.read(&mut buf).await.unwrap();
+        assert!(n > 0, "echoed through the proxy");
+        proxy.reset_all();
+        let read = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
+            .await
+            .unwrap();
+        assert_eq!(
+            read.map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::ConnectionReset)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_throttle_bounds_the_rate() {
+        let proxy = Proxy::start(echo().await).await.unwrap();
+        proxy.set_throttle(Some(20_000));
+        let mut client = TcpStream::connect(proxy.addr()).await.unwrap();
+        let head = b"GET / HTTP/1.1\r\n\r\n";
+        let body = vec![b'x'; 8_000];
+        let started = std::time::Instant::now();
+        client.write_all(head).await.unwrap();
+        client.write_all(&body).await.unwrap();
+        let mut got = 0;
+        let mut buf = [0u8; 4096];
+        while got < head.len() + body.len() {
+            got += client.read(&mut buf).await.unwrap();
+        }
+        // 8 KB at 20 KB/s each way: at least 0.4 s (the head went through unthrottled
+        // reads, so the body alone is counted).
+        assert!(
+            started.elapsed() >= Duration::from_millis(350),
+            "{:?}",
+            started.elapsed()
+        );
     }
 }

@@ -1,7 +1,10 @@
 //! Fault injection: several clients do random work (room and direct messages, presence,
 //! offline counter and document edits, Class D transactions) while a seeded random
-//! schedule breaks their network (refused WebSockets, refused or black-holed
-//! connections, cuts, frozen sockets, latency) and restarts the server. Then the
+//! schedule breaks their network through a proxy each (refused WebSockets, refused or
+//! black-holed connections, cuts, resets, frozen sockets, latency, throttled
+//! bandwidth), turns on the server's chaos switch (failed and rate-limited HTTP
+//! requests, acknowledgements dropped after the commit, reconciliation timeouts, a
+//! user's connections dropped, tokens expired early) and restarts the server. Then the
 //! network heals and the invariants must hold:
 //!
 //! - every message an SDK call accepted reaches each recipient exactly once, in order
@@ -31,11 +34,15 @@ use webwaka_e2e::harness::{
     TestServer, client_config, env_u64, is_settled, wait_state, wait_until,
 };
 use webwaka_e2e::proxy::{Mode, Proxy};
-use webwaka_realtime::client::{Client, Next, OutgoingMessage, StaticToken, Target, Update};
+use webwaka_realtime::client::{
+    Client, Next, OutgoingMessage, Target, TokenError, TokenRequest, Update,
+};
 use webwaka_realtime::machine::ConnectionState;
 use webwaka_realtime::protocol::{PresenceStatus, StateSnapshot};
 use webwaka_realtime::reconcile::CounterMerge;
 use webwaka_realtime::store::{ItemKind, ItemState};
+use webwaka_server_stub::chaos::Target as ChaosTarget;
+use webwaka_server_stub::{DropAcks, HttpFailures};
 
 const USERS: [&str; 3] = ["ana", "ben", "cho"];
 const ROOM: &str = "chaos";
@@ -59,9 +66,14 @@ async fn open_node(server: &TestServer, dir: &std::path::Path, user: &'static st
         .store
         .merges
         .insert("counter".into(), Arc::new(CounterMerge));
-    let client = Client::open(config, Arc::new(StaticToken(server.token("t1", user))))
-        .await
-        .unwrap();
+    // A fresh token on every request, as an app's auth layer gives (the chaos switch
+    // expires tokens early).
+    let keys = server.keys();
+    let tokens = move |_: TokenRequest| {
+        let token = keys.mint("t1", user, &[], 3600);
+        async move { Ok::<_, TokenError>(token) }
+    };
+    let client = Client::open(config, Arc::new(tokens)).await.unwrap();
     let inbox: Inbox = Arc::default();
     let mut sub = client.subscribe();
     let record = inbox.clone();
@@ -211,6 +223,7 @@ async fn scenario(seed: u64, steps: u64) -> Stats {
     let mut server = TestServer::start_with(&dir.path().join("server"), |c| {
         c.reconciliation_counter_types = "counter".into();
         c.transaction_confirm_delay_ms = 20;
+        c.chaos = true;
     })
     .await;
 
@@ -265,46 +278,101 @@ async fn scenario(seed: u64, steps: u64) -> Stats {
     for step in 0..steps {
         // A fault, or a repair.
         let victim = rng.random_range(0..nodes.len());
-        let fault = rng.random_range(0..10);
+        let fault = rng.random_range(0..16);
+        let chaos = server.chaos().expect("the chaos switch is on");
         let what = match fault {
             0 => {
                 nodes[victim].proxy.set_mode(Mode::RefuseWebSocket);
                 nodes[victim].proxy.cut_all();
-                "refuse WebSocket + cut"
+                "refuse WebSocket + cut".to_owned()
             }
             1 => {
                 nodes[victim].proxy.set_mode(Mode::Refuse);
                 nodes[victim].proxy.cut_all();
-                "refuse everything + cut"
+                "refuse everything + cut".to_owned()
             }
             2 => {
                 nodes[victim].proxy.set_mode(Mode::BlackHole);
                 nodes[victim].proxy.cut_all();
-                "black hole + cut"
+                "black hole + cut".to_owned()
             }
             3 => {
                 nodes[victim].proxy.freeze_all(true);
-                "freeze"
+                "freeze".to_owned()
             }
             4 => {
-                nodes[victim]
-                    .proxy
-                    .set_latency(Duration::from_millis(rng.random_range(10..200)));
-                "latency"
+                let ms = rng.random_range(10..200);
+                nodes[victim].proxy.set_latency(Duration::from_millis(ms));
+                format!("latency {ms} ms")
             }
             5 if rng.random_bool(0.4) => {
                 server.restart().await;
-                "server restart"
+                "server restart".to_owned()
+            }
+            6 => {
+                nodes[victim].proxy.reset_all();
+                "reset (RST)".to_owned()
+            }
+            7 => {
+                let bps = rng.random_range(2_000..50_000);
+                nodes[victim].proxy.set_throttle(Some(bps));
+                format!("throttle {bps} B/s")
+            }
+            8 => {
+                let fraction = rng.random_range(0.1..0.4);
+                let status = [500, 503, 429][rng.random_range(0..3)];
+                chaos
+                    .fail_http(Some(HttpFailures {
+                        fraction,
+                        status,
+                        seed: rng.random(),
+                    }))
+                    .unwrap();
+                format!(
+                    "server: {status} on {:.0} % of HTTP requests",
+                    fraction * 100.0
+                )
+            }
+            9 => {
+                let fraction = rng.random_range(0.2..0.5);
+                chaos
+                    .drop_acks(Some(DropAcks {
+                        fraction,
+                        seed: rng.random(),
+                    }))
+                    .unwrap();
+                format!("server: drop {:.0} % of acknowledgements", fraction * 100.0)
+            }
+            10 => {
+                chaos.reconcile_timeout(true);
+                "server: reconciliation times out".to_owned()
+            }
+            11 if rng.random_bool(0.5) => {
+                chaos.drop_connections(ChaosTarget::User {
+                    tenant: "t1",
+                    user: nodes[victim].user,
+                });
+                "server: drop the user's connections".to_owned()
+            }
+            11 => {
+                chaos.expire_tokens();
+                "server: expire every token".to_owned()
             }
             _ => {
                 let p = &nodes[victim].proxy;
                 p.set_mode(Mode::Pass);
                 p.freeze_all(false);
                 p.set_latency(Duration::ZERO);
-                "heal"
+                p.set_throttle(None);
+                if rng.random_bool(0.3) {
+                    chaos.reset();
+                    "heal + server chaos off".to_owned()
+                } else {
+                    "heal".to_owned()
+                }
             }
         };
-        if what != "heal" {
+        if !what.starts_with("heal") {
             stats.faults += 1;
         }
         history.push(format!("step {step}: {what} ({})", nodes[victim].user));
@@ -373,10 +441,12 @@ async fn scenario(seed: u64, steps: u64) -> Stats {
 
     // The network heals.
     history.push("heal all".into());
+    server.chaos().expect("the chaos switch is on").reset();
     for node in &nodes {
         node.proxy.set_mode(Mode::Pass);
         node.proxy.freeze_all(false);
         node.proxy.set_latency(Duration::ZERO);
+        node.proxy.set_throttle(None);
         node.client.network_available();
     }
     let report = |why: &str, history: &[String]| -> String {
