@@ -34,9 +34,14 @@ pub(crate) struct Delivery {
 impl Delivery {
     /// A frame for `event`, durable when `seq` is set.
     pub(crate) fn new(event: &ServerEvent, seq: Option<u64>) -> Arc<Self> {
+        Self::text(event.encode(None), seq)
+    }
+
+    /// A frame already encoded, durable when `seq` is set.
+    pub(crate) fn text(text: String, seq: Option<u64>) -> Arc<Self> {
         Arc::new(Self {
             seq,
-            text: Utf8Bytes::from(event.encode(None)),
+            text: Utf8Bytes::from(text),
         })
     }
 }

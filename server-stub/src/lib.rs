@@ -47,6 +47,7 @@ pub mod chaos;
 pub mod config;
 mod db;
 mod error;
+mod frames;
 mod http;
 mod hub;
 mod log;

@@ -9,9 +9,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use webwaka_realtime::protocol::{
-    InteractionClass, MessageAck, SendMessage, ServerEvent, WebSocketMessage,
-};
+use webwaka_realtime::protocol::{InteractionClass, MessageAck, SendMessage, WebSocketMessage};
 
 use crate::app::App;
 use crate::error::ApiError;
@@ -78,7 +76,7 @@ pub(crate) async fn send(
                 None => vec![sender.to_owned()],
             },
         };
-        let frame = Delivery::new(&ServerEvent::Message(delivered), None);
+        let frame = Delivery::text(crate::frames::message_frame(&delivered), None);
         app.hub.deliver(tenant, &audience, &frame, exclude);
         MessageAck {
             message_id,
