@@ -15,6 +15,7 @@ use webwaka_realtime::protocol::{ErrorCode, Event, EventMetadata, ServerEvent, W
 
 use crate::db::{Writer, now_ms};
 use crate::error::{ApiError, JobError, StoreError};
+use crate::frames::{MessageOut, Rfc3339};
 use crate::hub::{Audience, Delivery, Hub};
 use crate::metrics::Metrics;
 
@@ -115,8 +116,8 @@ struct MessageEvent<'a> {
     event_id: &'a str,
     event_type: &'a str,
     tenant_id: &'a str,
-    timestamp: &'a webwaka_realtime::protocol::Timestamp,
-    payload: &'a WebSocketMessage,
+    timestamp: Rfc3339<'a>,
+    payload: MessageOut<'a>,
     metadata: &'a EventMetadata,
     schema_version: &'a str,
     sequence: u64,
@@ -163,8 +164,8 @@ pub(crate) fn append_message(
         event_id: &event_id,
         event_type: MESSAGE_EVENT_TYPE,
         tenant_id: &tenant,
-        timestamp: &message.timestamp,
-        payload: &message,
+        timestamp: Rfc3339(&message.timestamp),
+        payload: MessageOut::new(&message),
         metadata: &metadata,
         schema_version: DEFAULT_SCHEMA_VERSION,
         sequence: seq,
@@ -192,7 +193,7 @@ pub(crate) fn append_message(
             None => vec![message.sender_id.clone()],
         },
     };
-    let delivery = Delivery::new(&ServerEvent::Message(message), Some(seq));
+    let delivery = Delivery::text(crate::frames::message_frame(&message), Some(seq));
     w.after_commit(move || {
         fanout.metrics.events_published.inc();
         let sent = fanout
@@ -452,8 +453,8 @@ mod tests {
             event_id: "e1",
             event_type: MESSAGE_EVENT_TYPE,
             tenant_id: "t",
-            timestamp: &message.timestamp,
-            payload: &message,
+            timestamp: Rfc3339(&message.timestamp),
+            payload: MessageOut::new(&message),
             metadata: &metadata,
             schema_version: DEFAULT_SCHEMA_VERSION,
             sequence: 9,
