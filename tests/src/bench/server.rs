@@ -45,8 +45,9 @@ pub const CHILD_SERVER: &str = "server";
 pub const CHILD_RELAY: &str = "relay";
 /// The server child's data directory.
 const DIR_ENV: &str = "WEBWAKA_BENCH_SERVER_DIR";
-/// Names the server benchmarks to run (`roundtrip,throughput,fanout,poll,idle`; all
-/// when unset), and makes each child's pid visible on stderr (for `perf`).
+/// Names the server benchmarks to run (`roundtrip,throughput,fanout,poll,idle`, or
+/// `live` / `durable` for one class of `throughput`; all when unset), and makes each
+/// child's pid visible on stderr (for `perf`).
 pub const ONLY_ENV: &str = "WEBWAKA_BENCH_SERVER";
 /// The JWT secret of the server child.
 const SECRET: &str = "server-bench-secret-0123456789abcdef";
@@ -490,8 +491,17 @@ pub fn run() -> Result<Vec<Row>, String> {
         if wanted("roundtrip") {
             rows.extend(round_trip().await?);
         }
-        if wanted("throughput") {
-            rows.extend(throughput().await?);
+        // `live` or `durable` alone: one class of the throughput benchmark.
+        let classes: Vec<_> = [
+            ("CLASS_C (durable)", InteractionClass::ClassC, "durable"),
+            ("CLASS_A (live)", InteractionClass::ClassA, "live"),
+        ]
+        .into_iter()
+        .filter(|(_, _, short)| wanted("throughput") || (!only.is_empty() && wanted(short)))
+        .map(|(name, class, _)| (name, class))
+        .collect();
+        if !classes.is_empty() {
+            rows.extend(throughput(&classes).await?);
         }
         if wanted("fanout") {
             rows.extend(fanout().await?);
@@ -718,12 +728,9 @@ async fn throughput_run(class: InteractionClass) -> Result<Throughput, String> {
     })
 }
 
-async fn throughput() -> Result<Vec<Row>, String> {
+async fn throughput(classes: &[(&str, InteractionClass)]) -> Result<Vec<Row>, String> {
     let mut rows = Vec::new();
-    for (name, class) in [
-        ("CLASS_C (durable)", InteractionClass::ClassC),
-        ("CLASS_A (live)", InteractionClass::ClassA),
-    ] {
+    for &(name, class) in classes {
         // A fresh server per run; the median run of each figure is reported.
         let (mut rates, mut cpus) = (Vec::new(), Vec::new());
         for _ in 0..RUNS {
