@@ -202,21 +202,21 @@ fn finish(raw: (OutboxItem, String, String, String, String)) -> Result<OutboxIte
 /// The items that may be sent now, as the table `sendable(seq)` for the statement that
 /// follows (`?1`: now in ms, `?2`: the limit): the head of each lane if it is persisted
 /// and due, oldest first. The heads are found by walking the lanes that hold items (one
-/// seek per lane in the partial index `outbox_by_lane`) rather than by grouping every
-/// pending item: O(lanes × log n), not O(n). `INDEXED BY`: without statistics SQLite
-/// prefers `outbox_by_state` and reads every pending row.
+/// seek per lane in the partial index `outbox_by_lane`, whose condition is `in_lane =
+/// 1`: persisted or in flight) rather than by grouping every pending item:
+/// O(lanes × log n), not O(n). `INDEXED BY`: a plan that reads every pending row is
+/// never chosen.
 const SENDABLE_HEADS: &str = "
     WITH RECURSIVE lanes(lane) AS (
-        SELECT MIN(lane) FROM outbox INDEXED BY outbox_by_lane
-         WHERE state IN ('persisted', 'in_flight')
+        SELECT MIN(lane) FROM outbox INDEXED BY outbox_by_lane WHERE in_lane = 1
         UNION ALL
         SELECT (SELECT MIN(o.lane) FROM outbox AS o INDEXED BY outbox_by_lane
-                 WHERE o.state IN ('persisted', 'in_flight') AND o.lane > lanes.lane)
+                 WHERE o.in_lane = 1 AND o.lane > lanes.lane)
           FROM lanes WHERE lanes.lane IS NOT NULL
     ),
     heads(seq) AS (
         SELECT (SELECT MIN(o.seq) FROM outbox AS o INDEXED BY outbox_by_lane
-                 WHERE o.state IN ('persisted', 'in_flight') AND o.lane = lanes.lane)
+                 WHERE o.in_lane = 1 AND o.lane = lanes.lane)
           FROM lanes WHERE lanes.lane IS NOT NULL
     ),
     sendable(seq) AS (
@@ -253,12 +253,9 @@ impl Store {
         items: Vec<NewItem>,
         now: Timestamp,
     ) -> Result<Vec<OutboxItem>, StoreError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let stored = insert_items(&tx, items, now, &self.config)?;
-        tx.commit()?;
-        Ok(stored)
+        in_write_transaction(&self.conn, || {
+            insert_items(&self.conn, items, now, &self.config)
+        })
     }
 
     /// The item `id`, if stored.
@@ -273,22 +270,27 @@ impl Store {
 
     /// Items in `state` (all when `None`), in enqueue order.
     pub fn list(&self, state: Option<ItemState>) -> Result<Vec<OutboxItem>, StoreError> {
-        let (sql, arg) = match state {
-            Some(s) => (
-                format!("SELECT {COLUMNS} FROM outbox WHERE state = ?1 ORDER BY seq"),
-                Some(s.as_str()),
+        // The state is written into the statement (one cached statement per state):
+        // SQLite uses a partial index only when the query's own terms imply its
+        // condition, which a bound value cannot.
+        let sql = match state {
+            None => format!("SELECT {COLUMNS} FROM outbox ORDER BY seq"),
+            // Persisted items are in their lanes: the lane index holds them.
+            Some(ItemState::Persisted) => format!(
+                "SELECT {COLUMNS} FROM outbox INDEXED BY outbox_by_lane
+                  WHERE in_lane = 1 AND state = 'persisted' ORDER BY seq"
             ),
-            None => (format!("SELECT {COLUMNS} FROM outbox ORDER BY seq"), None),
+            // In `outbox_by_rare_state`, or (accepted) most of the table.
+            Some(s) => format!(
+                "SELECT {COLUMNS} FROM outbox WHERE state = '{}' ORDER BY seq",
+                s.as_str()
+            ),
         };
-        let mut stmt = self.conn.prepare_cached(&sql)?;
-        let rows = match arg {
-            Some(a) => stmt
-                .query_map([a], read_item)?
-                .collect::<Result<Vec<_>, _>>()?,
-            None => stmt
-                .query_map([], read_item)?
-                .collect::<Result<Vec<_>, _>>()?,
-        };
+        let rows = self
+            .conn
+            .prepare_cached(&sql)?
+            .query_map([], read_item)?
+            .collect::<Result<Vec<_>, _>>()?;
         rows.into_iter().map(finish).collect()
     }
 
@@ -348,19 +350,16 @@ impl Store {
         acks: &[(&str, Option<&str>)],
         now: Timestamp,
     ) -> Result<Vec<Result<OutboxItem, StoreError>>, StoreError> {
-        let tx = rusqlite::Transaction::new_unchecked(
-            &self.conn,
-            rusqlite::TransactionBehavior::Immediate,
-        )?;
-        let mut results = Vec::with_capacity(acks.len());
-        for (id, server_ref) in acks {
-            match self.mark_accepted(id, *server_ref, now) {
-                Err(StoreError::Sqlite(e)) => return Err(e.into()),
-                other => results.push(other),
+        in_write_transaction(&self.conn, || {
+            let mut results = Vec::with_capacity(acks.len());
+            for (id, server_ref) in acks {
+                match self.mark_accepted(id, *server_ref, now) {
+                    Err(StoreError::Sqlite(e)) => return Err(e.into()),
+                    other => results.push(other),
+                }
             }
-        }
-        tx.commit()?;
-        Ok(results)
+            Ok(results)
+        })
     }
 
     /// How much is pending (persisted, in flight or dead).
@@ -592,8 +591,17 @@ impl Store {
             Attempts::Bump => "attempts + 1",
             Attempts::Reset => "0",
         };
+        // `in_lane` is set only by a change that may leave or re-enter the lane: setting
+        // it (even to its value) rewrites the item's entry in the lane index.
+        let in_lane = if in_lane(change.state) && from.iter().all(|s| in_lane(*s)) {
+            ""
+        } else if in_lane(change.state) {
+            "in_lane = 1,"
+        } else {
+            "in_lane = 0,"
+        };
         let sql = format!(
-            "UPDATE outbox SET state = ?2, attempts = {attempts}, updated_ms = ?3,
+            "UPDATE outbox SET state = ?2, {in_lane} attempts = {attempts}, updated_ms = ?3,
                     last_error = COALESCE(?4, last_error),
                     next_attempt_ms = COALESCE(?5, next_attempt_ms),
                     server_ref = COALESCE(?6, server_ref)
@@ -633,9 +641,15 @@ impl Store {
     }
 }
 
+/// Whether an item in `state` holds its place in its lane (column `in_lane`).
+fn in_lane(state: ItemState) -> bool {
+    matches!(state, ItemState::Persisted | ItemState::InFlight)
+}
+
 /// Runs `f` in a write transaction: the caller's when one is open on `conn` (it
 /// commits), else one of its own (`BEGIN IMMEDIATE`), committed when `f` succeeds and
-/// rolled back when it fails.
+/// rolled back when it fails. Its `BEGIN` and `COMMIT` are cached statements (rusqlite's
+/// `Transaction` parses them on every use).
 fn in_write_transaction<T>(
     conn: &Connection,
     f: impl FnOnce() -> Result<T, StoreError>,
@@ -724,9 +738,12 @@ pub(crate) fn insert_counted(
     let mut stored = Vec::with_capacity(items.len());
     {
         let mut insert = tx.prepare_cached(
-            "INSERT INTO outbox (id, class, kind, lane, body, bytes, state, attempts,
-                                 next_attempt_ms, created_ms, updated_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'persisted', 0, ?7, ?7, ?7)",
+            // The next seq after the highest ever handed out (kept by the insert
+            // trigger in `outbox_depth`, a row this insert writes anyway).
+            "INSERT INTO outbox (seq, id, class, kind, lane, body, bytes, state, in_lane,
+                                 attempts, next_attempt_ms, created_ms, updated_ms)
+             VALUES ((SELECT last_seq + 1 FROM outbox_depth WHERE id = 1),
+                     ?1, ?2, ?3, ?4, ?5, ?6, 'persisted', 1, 0, ?7, ?7, ?7)",
         )?;
         for item in items {
             let body = serde_json::to_string(&item.body).map_err(|e| StoreError::Invalid {
@@ -800,8 +817,8 @@ pub(crate) fn accept_if_pending(
 ) -> Result<bool, StoreError> {
     Ok(conn
         .prepare_cached(
-            "UPDATE outbox SET state = 'accepted', server_ref = ?2, updated_ms = ?3
-              WHERE id = ?1 AND state IN ('persisted', 'in_flight', 'dead')",
+            "UPDATE outbox SET state = 'accepted', in_lane = 0, server_ref = ?2, updated_ms = ?3
+              WHERE id = ?1 AND (state = 'persisted' OR state = 'in_flight' OR state = 'dead')",
         )?
         .execute(params![id, server_ref, to_ms(now)])?
         > 0)
@@ -862,10 +879,12 @@ mod tests {
         for n in 0..60 {
             let id = format!("id{n}");
             let change = match n % 4 {
-                0 => "UPDATE outbox SET state = 'accepted' WHERE id = ?1",
-                1 => "UPDATE outbox SET state = 'dead', bytes = bytes + 7 WHERE id = ?1",
+                0 => "UPDATE outbox SET state = 'accepted', in_lane = 0 WHERE id = ?1",
+                1 => {
+                    "UPDATE outbox SET state = 'dead', in_lane = 0, bytes = bytes + 7 WHERE id = ?1"
+                }
                 2 => "DELETE FROM outbox WHERE id = ?1",
-                _ => "UPDATE outbox SET state = 'persisted' WHERE id = ?1",
+                _ => "UPDATE outbox SET state = 'persisted', in_lane = 1 WHERE id = ?1",
             };
             conn.execute(change, [&id]).unwrap();
             assert_eq!(kept(&conn), counted(&conn), "after {change} on {id}");
@@ -931,5 +950,134 @@ mod tests {
             conn.execute("UPDATE outbox SET state = 'lost' WHERE id = 'new'", [])
                 .is_err()
         );
+    }
+
+    /// Migration 5 rebuilds the table without AUTOINCREMENT and with `in_lane`: every
+    /// row and field stays, `in_lane` says whether the item holds its lane, the depth
+    /// is kept, and a seq handed out before (here to items deleted since) is never
+    /// handed out again, also by the store's own enqueue.
+    #[test]
+    fn migration_5_keeps_rows_and_the_high_water_mark() {
+        use super::super::{Store, StoreConfig};
+        use super::{ItemKind, ItemState, NewItem, OutboxClass};
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v4.db");
+        let mut conn = Connection::open(&path).unwrap();
+        schema::migrations().to_version(&mut conn, 4).unwrap();
+        let states = [
+            "persisted",
+            "in_flight",
+            "accepted",
+            "confirmed",
+            "rejected",
+            "dead",
+        ];
+        for n in 0..14 {
+            conn.execute(
+                "INSERT INTO outbox (id, class, kind, lane, body, bytes, state, attempts,
+                                     next_attempt_ms, last_error, server_ref, created_ms,
+                                     updated_ms)
+                 VALUES (?1, 'CLASS_D', 'transaction', ?2, '{}', ?3, ?4, ?5, 4, 'e', 'r', 5, 6)",
+                rusqlite::params![
+                    format!("id{n}"),
+                    format!("lane{}", n % 2),
+                    n as i64 + 2,
+                    states[n % 6],
+                    n as i64
+                ],
+            )
+            .unwrap();
+        }
+        conn.execute("DELETE FROM outbox WHERE seq > 12", [])
+            .unwrap();
+        let columns = "seq, id, class, kind, lane, body, bytes, state, attempts, \
+                       next_attempt_ms, last_error, server_ref, created_ms, updated_ms";
+        let dump = |conn: &Connection| -> Vec<String> {
+            let mut stmt = conn
+                .prepare(&format!("SELECT {columns} FROM outbox ORDER BY seq"))
+                .unwrap();
+            stmt.query_map([], |r| {
+                Ok((0..14)
+                    .map(|i| format!("{:?}", r.get_ref(i).unwrap()))
+                    .collect::<Vec<_>>()
+                    .join("|"))
+            })
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+        };
+        let before = dump(&conn);
+        let depth_before = kept(&conn);
+        schema::migrations().to_version(&mut conn, 5).unwrap();
+        assert_eq!(dump(&conn), before);
+        assert_eq!(kept(&conn), depth_before);
+        assert_eq!(kept(&conn), counted(&conn));
+        let wrong_lane: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM outbox
+                  WHERE in_lane != (state = 'persisted' OR state = 'in_flight')",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(wrong_lane, 0);
+        let last_seq: i64 = conn
+            .query_row("SELECT last_seq FROM outbox_depth WHERE id = 1", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(last_seq, 14, "the 14 handed out, not the 12 left");
+        // A state change that forgets `in_lane` is refused.
+        assert!(
+            conn.execute(
+                "UPDATE outbox SET state = 'accepted' WHERE state = 'persisted'",
+                []
+            )
+            .is_err()
+        );
+        drop(conn);
+
+        let config = StoreConfig {
+            max_items: 1000,
+            ..StoreConfig::default()
+        };
+        let mut store = Store::open(&path, config).unwrap();
+        let now = chrono::Utc::now();
+        let new = store
+            .enqueue(
+                NewItem::new(
+                    OutboxClass::C,
+                    ItemKind::Message,
+                    "lane0",
+                    serde_json::json!({}),
+                ),
+                now,
+            )
+            .unwrap();
+        assert_eq!(new.seq, 15);
+        // In flight at the last close: persisted again, found through the lane index.
+        let persisted: Vec<i64> = store
+            .list(Some(ItemState::Persisted))
+            .unwrap()
+            .iter()
+            .map(|i| i.seq)
+            .collect();
+        assert_eq!(persisted, vec![1, 2, 7, 8, 15]);
+        let dead: Vec<i64> = store
+            .list(Some(ItemState::Dead))
+            .unwrap()
+            .iter()
+            .map(|i| i.seq)
+            .collect();
+        assert_eq!(dead, vec![6, 12]);
+        let heads: Vec<i64> = store
+            .next_sendable(now, 10)
+            .unwrap()
+            .iter()
+            .map(|i| i.seq)
+            .collect();
+        assert_eq!(heads, vec![1, 2]);
+        store.integrity_check().unwrap();
     }
 }

@@ -203,6 +203,100 @@ pub(crate) const MIGRATIONS: &[M<'static>] = &[
              WHERE id = 1;
          END;",
     ),
+    // 5: fewer pages written per enqueue and per state change.
+    //
+    // - `in_lane` (1 when persisted or in flight, as a CHECK keeps it) is what the lane
+    //   index filters on. Its condition used to name `state`, so every state change,
+    //   also persisted → in flight within the lane, deleted and re-inserted the item's
+    //   lane entry; now only a change that leaves or re-enters the lane touches it.
+    // - The state index holds only the rare states (in flight, dead, confirmed,
+    //   rejected): persisted items are found through the lane index and accepted ones
+    //   are most of the table. An enqueue no longer writes it, an ack no longer adds to
+    //   it.
+    // - No AUTOINCREMENT: it rewrote `sqlite_sequence` on every enqueue. The high-water
+    //   mark moves to `outbox_depth.last_seq` (the row the depth triggers write anyway),
+    //   which the store reads to number new items: a seq once handed out, of an item
+    //   discarded or pruned since too, still never comes back.
+    //
+    // Rows keep their seq and every field.
+    M::up(
+        "ALTER TABLE outbox_depth ADD COLUMN last_seq INTEGER NOT NULL DEFAULT 0;
+         UPDATE outbox_depth
+            SET last_seq = MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'outbox'), 0),
+                               COALESCE((SELECT MAX(seq) FROM outbox), 0))
+          WHERE id = 1;
+
+         CREATE TABLE outbox_new (
+            seq             INTEGER PRIMARY KEY,
+            id              TEXT NOT NULL UNIQUE,
+            class           TEXT NOT NULL
+                            CHECK (class = 'CLASS_B' OR class = 'CLASS_C' OR class = 'CLASS_D'),
+            kind            TEXT NOT NULL
+                            CHECK (kind = 'message' OR kind = 'operation' OR kind = 'transaction'),
+            lane            TEXT NOT NULL,
+            body            TEXT NOT NULL,
+            bytes           INTEGER NOT NULL,
+            state           TEXT NOT NULL
+                            CHECK (state = 'persisted' OR state = 'in_flight' OR state = 'accepted'
+                                   OR state = 'confirmed' OR state = 'rejected' OR state = 'dead'),
+            in_lane         INTEGER NOT NULL
+                            CHECK (in_lane = (state = 'persisted' OR state = 'in_flight')),
+            attempts        INTEGER NOT NULL DEFAULT 0,
+            next_attempt_ms INTEGER NOT NULL,
+            last_error      TEXT,
+            server_ref      TEXT,
+            created_ms      INTEGER NOT NULL,
+            updated_ms      INTEGER NOT NULL
+         ) STRICT;
+         INSERT INTO outbox_new (seq, id, class, kind, lane, body, bytes, state, in_lane,
+                                 attempts, next_attempt_ms, last_error, server_ref,
+                                 created_ms, updated_ms)
+            SELECT seq, id, class, kind, lane, body, bytes, state,
+                   state = 'persisted' OR state = 'in_flight',
+                   attempts, next_attempt_ms, last_error, server_ref, created_ms, updated_ms
+              FROM outbox;
+         DROP TABLE outbox;
+         ALTER TABLE outbox_new RENAME TO outbox;
+         CREATE INDEX outbox_by_lane ON outbox (lane, seq) WHERE in_lane = 1;
+         CREATE INDEX outbox_by_rare_state ON outbox (state, seq)
+            WHERE state = 'in_flight' OR state = 'dead' OR state = 'confirmed'
+               OR state = 'rejected';
+
+         CREATE TRIGGER outbox_depth_insert AFTER INSERT ON outbox
+         BEGIN
+            UPDATE outbox_depth
+               SET items = items
+                     + (NEW.state = 'persisted' OR NEW.state = 'in_flight' OR NEW.state = 'dead'),
+                   bytes = bytes
+                     + CASE WHEN NEW.state = 'persisted' OR NEW.state = 'in_flight'
+                                 OR NEW.state = 'dead' THEN NEW.bytes ELSE 0 END,
+                   last_seq = MAX(last_seq, NEW.seq)
+             WHERE id = 1;
+         END;
+
+         CREATE TRIGGER outbox_depth_delete AFTER DELETE ON outbox
+            WHEN OLD.state = 'persisted' OR OLD.state = 'in_flight' OR OLD.state = 'dead'
+         BEGIN
+            UPDATE outbox_depth SET items = items - 1, bytes = bytes - OLD.bytes WHERE id = 1;
+         END;
+
+         CREATE TRIGGER outbox_depth_update AFTER UPDATE OF state, bytes ON outbox
+            WHEN (OLD.state = 'persisted' OR OLD.state = 'in_flight' OR OLD.state = 'dead')
+                 != (NEW.state = 'persisted' OR NEW.state = 'in_flight' OR NEW.state = 'dead')
+              OR OLD.bytes != NEW.bytes
+         BEGIN
+            UPDATE outbox_depth
+               SET items = items
+                     - (OLD.state = 'persisted' OR OLD.state = 'in_flight' OR OLD.state = 'dead')
+                     + (NEW.state = 'persisted' OR NEW.state = 'in_flight' OR NEW.state = 'dead'),
+                   bytes = bytes
+                     - CASE WHEN OLD.state = 'persisted' OR OLD.state = 'in_flight'
+                                 OR OLD.state = 'dead' THEN OLD.bytes ELSE 0 END
+                     + CASE WHEN NEW.state = 'persisted' OR NEW.state = 'in_flight'
+                                 OR NEW.state = 'dead' THEN NEW.bytes ELSE 0 END
+             WHERE id = 1;
+         END;",
+    ),
 ];
 
 /// The migrations as the crate's runner wants them.
@@ -231,6 +325,26 @@ mod tests {
             .unwrap()
     }
 
+    /// The rows of the store's own bookkeeping tables (the depth counter, and what
+    /// AUTOINCREMENT keeps).
+    fn rows(conn: &Connection) -> Vec<String> {
+        let mut stmt = conn
+            .prepare(
+                "SELECT 'depth', items, bytes, last_seq FROM outbox_depth
+                 UNION ALL SELECT name, seq, NULL, NULL FROM sqlite_sequence",
+            )
+            .unwrap();
+        stmt.query_map([], |r| {
+            Ok((0..4)
+                .map(|i| format!("{:?}", r.get_ref(i).unwrap()))
+                .collect::<Vec<_>>()
+                .join("|"))
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+    }
+
     #[test]
     fn migrations_are_valid() {
         migrations().validate().unwrap();
@@ -249,6 +363,13 @@ mod tests {
                 .query_row("PRAGMA user_version", [], |r| r.get(0))
                 .unwrap();
             assert_eq!(v as usize, latest_version());
+            // The rows the migrations make, not only the schema: the depth counter and
+            // its high-water mark start as in a fresh file, and the file is sound.
+            assert_eq!(rows(&old), rows(&fresh), "from version {version}");
+            let check: String = old
+                .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(check, "ok", "from version {version}");
         }
     }
 }
