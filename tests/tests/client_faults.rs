@@ -170,6 +170,66 @@ async fn a_token_expiring_mid_session_is_refreshed_once_and_the_session_goes_on(
     alice.shutdown().await;
 }
 
+/// Tokens expire while many requests are out over HTTP (polling): each comes back 401.
+/// One refresh serves them all, and a refusal of the token already replaced is not
+/// taken for a refusal of the fresh one: the session goes on, nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_expiring_under_many_requests_in_flight_are_refreshed_not_fatal() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(&dir.path().join("server"), |c| c.chaos = true).await;
+    let proxy = Proxy::start(server.addr).await.unwrap();
+    proxy.set_mode(Mode::RefuseWebSocket);
+    let keys = server.keys();
+    let provider = move |_: TokenRequest| {
+        let token = keys.mint("t1", "alice", &[], 3600);
+        async move { Ok::<_, TokenError>(token) }
+    };
+    let alice = Client::open(
+        client_config(&proxy.url(), &dir.path().join("alice.db")),
+        Arc::new(provider),
+    )
+    .await
+    .unwrap();
+    assert!(wait_state(&alice, ConnectionState::Polling, WITHIN).await);
+    // Requests take 100 ms each way and a send starts every 10 ms: when the tokens
+    // expire, refusals come back one after the other, most after the refresh.
+    proxy.set_latency(Duration::from_millis(100));
+    let mut updates = alice.subscribe();
+    let chaos = server.chaos().unwrap();
+    let mut ids = Vec::new();
+    for i in 0..300 {
+        if i % 100 == 50 {
+            chaos.expire_tokens();
+        }
+        let item = alice.send_message(dm("bob", &format!("m{i}"))).await;
+        ids.push(item.unwrap().id);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    proxy.set_latency(Duration::ZERO);
+    for id in &ids {
+        let item = alice
+            .wait_settled(id, &[webwaka_realtime::store::ItemState::Accepted], WITHIN)
+            .await
+            .unwrap();
+        assert_eq!(item.state, webwaka_realtime::store::ItemState::Accepted);
+    }
+    let states = collect(
+        &mut updates,
+        usize::MAX,
+        Duration::from_millis(10),
+        |u| match u {
+            Update::State(s) => Some(s.to),
+            _ => None,
+        },
+    )
+    .await;
+    assert!(
+        !states.contains(&ConnectionState::AuthFailed),
+        "went through AuthFailed: {states:?}"
+    );
+    alice.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_refused_for_good_is_auth_failed_until_a_new_token() {
     let dir = tempfile::tempdir().unwrap();

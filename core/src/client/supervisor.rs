@@ -108,6 +108,9 @@ pub(crate) struct TokenCell {
     /// Held while the provider is asked, so that there is one request at a time. The
     /// current token stays readable meanwhile.
     fetching: tokio::sync::Mutex<()>,
+    /// Bumped at every new token: a refusal of an older generation is not a refusal
+    /// of the current token.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl TokenCell {
@@ -116,7 +119,35 @@ impl TokenCell {
             provider,
             current: std::sync::Mutex::new(None),
             fetching: tokio::sync::Mutex::new(()),
+            generation: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The current token and its generation (read together: `set` changes both under
+    /// the same lock).
+    pub(crate) async fn get_tagged(&self) -> Result<(String, u64), TokenError> {
+        let token = self.get().await?;
+        let tagged = self.current.lock().ok().and_then(|current| {
+            current
+                .as_ref()
+                .map(|(token, _)| (token.clone(), self.generation()))
+        });
+        Ok(tagged.unwrap_or((token, 0)))
+    }
+
+    /// After the server refused the token of generation `used`: the token to try
+    /// again with when it has been replaced since (a refresh in progress is waited
+    /// for), or `None` when `used` is still the current one and the refusal stands.
+    pub(crate) async fn replaced_since(&self, used: u64) -> Option<String> {
+        let _settled = self.fetching.lock().await;
+        if self.generation() == used {
+            return None;
+        }
+        self.current().map(|(token, _)| token)
     }
 
     fn current(&self) -> Option<(String, Claims)> {
@@ -126,6 +157,8 @@ impl TokenCell {
     fn set(&self, fresh: (String, Claims)) {
         if let Ok(mut current) = self.current.lock() {
             *current = Some(fresh);
+            self.generation
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
     }
 
@@ -401,11 +434,11 @@ impl Supervisor {
         let max_frame = crate::protocol::envelope::DEFAULT_MAX_FRAME_BYTES;
         let tls = self.tls.clone();
         self.tasks.spawn(async move {
-            let result = match tokens.get().await {
-                Err(e) => Err(ConnectError::Failed(Failure::Auth, e.to_string())),
-                Ok(token) => {
+            let open = |token: String| {
+                let (url, tls, report) = (&url, tls.clone(), report.clone());
+                async move {
                     let params = ws::Params {
-                        url: &url,
+                        url,
                         token: &token,
                         max_frame,
                         timeout,
@@ -413,6 +446,20 @@ impl Supervisor {
                     };
                     ws::open(params, generation, report).await
                 }
+            };
+            let result = match tokens.get_tagged().await {
+                Err(e) => Err(ConnectError::Failed(Failure::Auth, e.to_string())),
+                // A token replaced while the upgrade was refused: once more with the
+                // current one (as `with_token` does for HTTP).
+                Ok((token, used)) => match open(token).await {
+                    Err(ConnectError::Failed(Failure::Auth, why)) => {
+                        match tokens.replaced_since(used).await {
+                            Some(current) => open(current).await,
+                            None => Err(ConnectError::Failed(Failure::Auth, why)),
+                        }
+                    }
+                    other => other,
+                },
             };
             if let Err(e) = result {
                 let _ = io.send(Io::WsFailed(generation, e));
@@ -838,15 +885,11 @@ impl Supervisor {
         self.http_in_flight.insert(item.id.clone());
         let (store, http, tokens, io, updates) = self.task_parts();
         self.tasks.spawn(async move {
-            let result = match tokens.get().await {
-                Err(e) => Err(HttpError::Status {
-                    status: 401,
-                    body: None,
-                    retry_after: None,
-                })
-                .inspect_err(|_| debug!(error = %e, "no token")),
-                Ok(token) => http.post_message(&token, &message).await,
-            };
+            let result = with_token(&tokens, |token| {
+                let (http, message) = (&http, &message);
+                async move { http.post_message(&token, message).await }
+            })
+            .await;
             let failure = settle_http(
                 &store,
                 &updates,
@@ -878,14 +921,11 @@ impl Supervisor {
         self.http_in_flight.insert(item.id.clone());
         let (store, http, tokens, io, updates) = self.task_parts();
         self.tasks.spawn(async move {
-            let result = match tokens.get().await {
-                Err(_) => Err(HttpError::Status {
-                    status: 401,
-                    body: None,
-                    retry_after: None,
-                }),
-                Ok(token) => http.submit_transaction(&token, &sent.id, &request).await,
-            };
+            let result = with_token(&tokens, |token| {
+                let (http, id, request) = (&http, &sent.id, &request);
+                async move { http.submit_transaction(&token, id, request).await }
+            })
+            .await;
             let accepted = result.as_ref().ok().map(|a| a.transaction_id.clone());
             let failure =
                 settle_http(&store, &updates, &sent, result.map(|a| a.transaction_id)).await;
@@ -925,16 +965,19 @@ impl Supervisor {
             let (store, http, tokens, io, updates) = self.task_parts();
             self.tasks.spawn(async move {
                 let mut failure = None;
-                if let Ok(token) = tokens.get().await {
-                    match http.transaction_status(&token, &transaction_id).await {
-                        Ok(status) => {
-                            for u in settle_transaction(&store, &item.id, status).await {
-                                let _ = updates.send(u);
-                            }
+                let status = with_token(&tokens, |token| {
+                    let (http, transaction_id) = (&http, &transaction_id);
+                    async move { http.transaction_status(&token, transaction_id).await }
+                })
+                .await;
+                match status {
+                    Ok(status) => {
+                        for u in settle_transaction(&store, &item.id, status).await {
+                            let _ = updates.send(u);
                         }
-                        Err(e) if is_not_found(&e) => {}
-                        Err(e) => failure = Some(e.failure()),
                     }
+                    Err(e) if is_not_found(&e) => {}
+                    Err(e) => failure = Some(e.failure()),
                 }
                 let _ = io.send(Io::HttpDone {
                     id: Some(key),
@@ -1390,6 +1433,38 @@ fn item_backoff(attempts: u32) -> Duration {
     (Duration::from_millis(500) * 2u32.pow(exp)).min(Duration::from_secs(30))
 }
 
+/// The error of a request made without a token (the provider gave none).
+fn no_token() -> HttpError {
+    HttpError::Status {
+        status: 401,
+        body: None,
+        retry_after: None,
+    }
+}
+
+/// Runs `call` with the current token. A 401 for a token that was replaced while the
+/// request was out (another request's refusal brought a fresh one meanwhile) is not a
+/// refusal of the current token: the call is made once more, with the current one.
+/// Only a refusal of the current token reaches the state machine (which refreshes it
+/// once, then gives up with `AuthFailed`).
+async fn with_token<T, F, Fut>(tokens: &TokenCell, call: F) -> Result<T, HttpError>
+where
+    F: Fn(String) -> Fut,
+    Fut: Future<Output = Result<T, HttpError>>,
+{
+    let (token, used) = tokens.get_tagged().await.map_err(|e| {
+        debug!(error = %e, "no token");
+        no_token()
+    })?;
+    let result = call(token).await;
+    if matches!(&result, Err(e) if e.failure() == Failure::Auth)
+        && let Some(current) = tokens.replaced_since(used).await
+    {
+        return call(current).await;
+    }
+    result
+}
+
 /// One poll from the cursor: records and emits the events; `Ok(more)`.
 async fn poll_once(
     store: &StoreHandle,
@@ -1397,17 +1472,16 @@ async fn poll_once(
     tokens: &TokenCell,
     updates: &broadcast::Sender<Update>,
 ) -> Result<bool, HttpError> {
-    let token = tokens.get().await.map_err(|_| HttpError::Status {
-        status: 401,
-        body: None,
-        retry_after: None,
-    })?;
     let cursor = store
         .call(|s| s.cursor())
         .await
         .map_err(|e| HttpError::Protocol(e.to_string()))?
         .map(|c| c.last_event_id);
-    let page = http.poll(&token, cursor.as_deref(), POLL_LIMIT).await?;
+    let page = with_token(tokens, |token| {
+        let cursor = cursor.as_deref();
+        async move { http.poll(&token, cursor, POLL_LIMIT).await }
+    })
+    .await?;
     for event in page.events {
         for u in process_event(store, event).await {
             let _ = updates.send(u);
@@ -1502,7 +1576,12 @@ async fn reconcile(
         requested_at: now,
         strategy: None,
     };
-    let response = match http.reconcile(&token, &request).await {
+    let response = match with_token(tokens, |token| {
+        let request = &request;
+        async move { http.reconcile(&token, request).await }
+    })
+    .await
+    {
         Ok(r) => r,
         Err(e) => {
             let dead = e.is_permanent() && isolate && ops.len() == 1;

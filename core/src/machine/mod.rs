@@ -23,7 +23,7 @@
 //!   Polling ───── HTTP failing ────────────────────────────▶ Offline (backoff)
 //!   Realtime, Polling ── cursor expired ───────────────────▶ Resyncing ── done ──▶ back
 //!   Offline ───── offline longer than `suspend_after` ─────▶ Suspended (slow retries)
-//!   any ───────── token refused twice / no token ──────────▶ AuthFailed (until a new token)
+//!   any ─── fresh tokens refused 3× in a row / no token ───▶ AuthFailed (until a new token)
 //!   any ───────── shutdown ────────────────────────────────▶ Closed
 //! ```
 //!
@@ -49,6 +49,10 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use backoff::Backoff;
+
+/// Fresh tokens refused one after the other, with no request accepted in between,
+/// before the client gives up with [`ConnectionState::AuthFailed`].
+pub const MAX_UNPROVEN_REFRESHES: u32 = 3;
 
 /// Where the client stands. Observable by the app through [`StateChange`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -311,8 +315,9 @@ pub struct Machine {
     /// Earliest retry the server asked for (503 `Retry-After`).
     not_before: Option<Instant>,
     refreshing_token: bool,
-    /// A refreshed token was tried and refused again: the next refusal is final.
-    token_refreshed: bool,
+    /// Fresh tokens obtained since the last request that the server accepted. A
+    /// refusal when [`MAX_UNPROVEN_REFRESHES`] of them went unproven is final.
+    unproven_refreshes: u32,
     resync_in_flight: bool,
     needs_resync: bool,
     actions: VecDeque<Action>,
@@ -347,7 +352,7 @@ impl Machine {
             probe_backoff,
             not_before: None,
             refreshing_token: false,
-            token_refreshed: false,
+            unproven_refreshes: 0,
             resync_in_flight: false,
             needs_resync: false,
             actions: VecDeque::new(),
@@ -644,11 +649,11 @@ impl Machine {
         let was_failed = self.state == ConnectionState::AuthFailed;
         let was_refreshing = std::mem::replace(&mut self.refreshing_token, false);
         if was_failed {
-            self.token_refreshed = false;
+            self.unproven_refreshes = 0;
             self.backoff.reset();
             self.connect(now, Reason::NewToken);
         } else if was_refreshing {
-            self.token_refreshed = true;
+            self.unproven_refreshes = self.unproven_refreshes.saturating_add(1);
             if !matches!(self.ws, Ws::Opening { .. } | Ws::Open { .. }) {
                 self.connect(now, Reason::NewToken);
             }
@@ -919,11 +924,15 @@ impl Machine {
     }
 
     fn auth_ok(&mut self) {
-        self.token_refreshed = false;
+        self.unproven_refreshes = 0;
     }
 
+    /// The server refused the current token: refresh it, unless the last fresh ones
+    /// were all refused before any request got through (the provider's tokens are not
+    /// accepted: only the app can help, `AuthFailed`). A token refused long after it was
+    /// obtained (expired while offline, revoked) is simply refreshed again.
     fn auth_refused(&mut self, now: Instant) {
-        if self.token_refreshed {
+        if self.unproven_refreshes >= MAX_UNPROVEN_REFRESHES {
             self.auth_failed(now);
             return;
         }

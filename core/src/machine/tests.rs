@@ -421,15 +421,17 @@ fn a_long_time_offline_becomes_suspended_with_slow_retries_until_a_hint() {
 }
 
 #[test]
-fn a_refused_token_is_refreshed_once_then_the_state_is_auth_failed() {
+fn refused_fresh_tokens_are_refreshed_up_to_the_limit_then_the_state_is_auth_failed() {
     let mut h = H::new();
     h.m.start(h.now);
     h.actions();
     h.m.on_ws_failed(h.now, Failure::Auth);
-    assert_eq!(h.work(), vec![Action::RefreshToken]);
-    h.m.on_token(h.now);
-    assert_eq!(h.work(), vec![Action::OpenWebSocket]);
-    h.m.on_ws_failed(h.now, Failure::Auth);
+    for _ in 0..MAX_UNPROVEN_REFRESHES {
+        assert_eq!(h.work(), vec![Action::RefreshToken]);
+        h.m.on_token(h.now);
+        assert_eq!(h.work(), vec![Action::OpenWebSocket]);
+        h.m.on_ws_failed(h.now, Failure::Auth);
+    }
     let a = h.actions();
     assert!(matches!(
         a[0],
@@ -470,6 +472,43 @@ fn a_token_expiring_mid_session_is_refreshed_and_the_session_resumes() {
     // A later expiry is again refreshed (the earlier refresh was proven good).
     h.m.on_ws_closed(h.now, CloseKind::AuthExpired);
     assert_eq!(h.work(), vec![Action::RefreshToken]);
+}
+
+#[test]
+fn a_fresh_token_that_expires_before_it_was_ever_used_is_refreshed_again() {
+    // Refreshed, then offline for longer than the token lives: when the network
+    // returns the server refuses it. That is no reason to give up.
+    let mut h = H::new();
+    h.m.start(h.now);
+    h.actions();
+    h.m.on_ws_failed(h.now, Failure::Auth);
+    assert_eq!(h.work(), vec![Action::RefreshToken]);
+    h.m.on_token(h.now);
+    assert_eq!(h.work(), vec![Action::OpenWebSocket]);
+    h.m.on_ws_failed(h.now, Failure::Network);
+    h.m.on_http_failed(h.now, Failure::Network);
+    h.ms(3_600_000);
+    h.actions();
+    h.m.network_available(h.now);
+    h.actions();
+    h.m.on_http_failed(h.now, Failure::Auth);
+    assert_eq!(h.work(), vec![Action::RefreshToken]);
+    assert_ne!(h.state(), AuthFailed);
+    // Once a request gets through, the count starts again.
+    h.m.on_token(h.now);
+    h.actions();
+    h.m.on_ws_open(h.now);
+    assert_eq!(h.state(), Realtime);
+    h.actions();
+    for _ in 0..MAX_UNPROVEN_REFRESHES {
+        h.m.on_ws_closed(h.now, CloseKind::AuthExpired);
+        assert_eq!(h.work(), vec![Action::RefreshToken]);
+        h.m.on_token(h.now);
+        h.work();
+        h.m.on_ws_open(h.now);
+        assert_eq!(h.state(), Realtime);
+        h.actions();
+    }
 }
 
 #[test]
