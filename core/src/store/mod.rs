@@ -164,6 +164,8 @@ pub struct Store {
 }
 
 const CLIENT_ID_KEY: &str = "client_id";
+/// The page size of a new store file, in bytes.
+const PAGE_SIZE: u32 = 2048;
 const KV_PREFIX: &str = "kv.";
 
 impl Store {
@@ -221,6 +223,12 @@ impl Store {
         )?;
         // Reading the header first turns "not a database" into an error here.
         let _: i64 = conn.query_row("PRAGMA schema_version", [], |r| r.get(0))?;
+        // A new file gets 2 KiB pages (SQLite's default is 4 KiB): a single-item
+        // enqueue writes 4 pages to the WAL and fsyncs them, and half the bytes per
+        // commit brought it nearer the disk's own fsync rate (about 0.74 → 0.85-0.9 ×
+        // in alternating runs), at some cost to batched state changes (take+ack about
+        // 25 → 29 µs of CPU per item). A file that exists keeps its page size.
+        conn.execute_batch(&format!("PRAGMA page_size = {PAGE_SIZE};"))?;
         let mode = set_wal(&conn, config.busy_timeout)?;
         if path.is_some() && !mode.eq_ignore_ascii_case("wal") {
             return Err(StoreError::Invalid {

@@ -1079,5 +1079,15 @@ mod tests {
             .collect();
         assert_eq!(heads, vec![1, 2]);
         store.integrity_check().unwrap();
+        // A file that existed keeps its page size; a new one gets the store's.
+        let page_size = |store: &Store| -> i64 {
+            store
+                .conn
+                .query_row("PRAGMA page_size", [], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(page_size(&store), 4096);
+        let new_file = Store::open(dir.path().join("new.db"), StoreConfig::default()).unwrap();
+        assert_eq!(page_size(&new_file), i64::from(super::super::PAGE_SIZE));
     }
 }
