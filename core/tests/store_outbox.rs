@@ -341,3 +341,58 @@ fn test_settled_items_are_pruned_but_unconfirmed_transactions_stay() {
         "waits for its confirmation"
     );
 }
+
+#[test]
+fn test_undecided_transactions_and_lookups_by_server_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(&dir);
+    let m = store.enqueue(msg("l", 1), at(0)).unwrap();
+    store.mark_accepted(&m.id, Some("7"), at(1)).unwrap();
+    let tx = |store: &mut Store| {
+        store
+            .enqueue(
+                NewItem::new(OutboxClass::D, ItemKind::Transaction, "tx", json!({})),
+                at(0),
+            )
+            .unwrap()
+    };
+    let (t1, t2, t3) = (tx(&mut store), tx(&mut store), tx(&mut store));
+    assert!(
+        store.undecided_transactions().unwrap().is_empty(),
+        "none accepted yet"
+    );
+    store.mark_accepted(&t1.id, Some("txn-1"), at(1)).unwrap();
+    store.mark_accepted(&t2.id, Some("txn-2"), at(1)).unwrap();
+    let ids = |items: Vec<webwaka_realtime::store::OutboxItem>| {
+        items.into_iter().map(|i| i.id).collect::<Vec<_>>()
+    };
+    // Accepted transactions only, oldest first: not the message, not the unsent one.
+    assert_eq!(
+        ids(store.undecided_transactions().unwrap()),
+        [t1.id.clone(), t2.id.clone()]
+    );
+    store.mark_confirmed(&t1.id, at(2)).unwrap();
+    assert_eq!(ids(store.undecided_transactions().unwrap()), [t2.id]);
+    // Found by the server's id whatever their state; a message's sequence is not a
+    // transaction id.
+    let found = store
+        .find_by_server_ref(ItemKind::Transaction, "txn-1")
+        .unwrap()
+        .unwrap();
+    assert_eq!(found.id, t1.id);
+    assert!(
+        store
+            .find_by_server_ref(ItemKind::Transaction, "7")
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(
+        store
+            .find_by_server_ref(ItemKind::Message, "7")
+            .unwrap()
+            .unwrap()
+            .id,
+        m.id
+    );
+    assert!(store.get(&t3.id).unwrap().is_some());
+}

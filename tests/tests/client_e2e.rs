@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use serde_json::json;
 use webwaka_e2e::harness::{
-    TestServer, client_config, collect, messages, open_client, texts, wait_state, wait_until,
+    TestServer, client_config, collect, direct, messages, open_client, texts, wait_state,
+    wait_until,
 };
 use webwaka_realtime::client::{ClientError, OutgoingMessage, Target, Update};
 use webwaka_realtime::machine::ConnectionState;
@@ -431,4 +432,28 @@ async fn after_shutdown_nothing_new_is_taken() {
         .unwrap_err();
     assert_eq!(err, ClientError::Closed);
     assert!(alice.outbox(None).await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settled_items_are_pruned_after_their_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let mut config = client_config(&server.url(), &dir.path().join("alice.db"));
+    config.settled_retention = Some(Duration::ZERO);
+    let alice = open_client(config, server.token("t1", "alice")).await;
+    assert!(wait_state(&alice, ConnectionState::Realtime, WITHIN).await);
+    let message = alice.send_message(direct("bob", "hi")).await.unwrap();
+    let tx = alice
+        .submit_transaction("payment", json!({ "amount": 1 }), None)
+        .await
+        .unwrap();
+    // Accepted, confirmed, then gone: the outbox keeps what is still to do.
+    let gone = wait_until(WITHIN, || async {
+        alice.item(&tx.id).await.unwrap().is_none()
+            && alice.item(&message.id).await.unwrap().is_none()
+    })
+    .await;
+    assert!(gone, "the settled message and transaction were pruned");
+    assert!(alice.outbox(None).await.unwrap().is_empty());
+    alice.shutdown().await;
 }

@@ -84,6 +84,11 @@ pub struct ClientConfig {
     pub transaction_check_interval: Duration,
     /// Capacity of each subscriber's update buffer.
     pub update_buffer: usize,
+    /// How long settled outbox items (accepted messages and operations, confirmed or
+    /// rejected transactions) stay readable through `item()` and `outbox()` before they
+    /// are deleted; `None` keeps them forever (the file then grows with every item ever
+    /// sent). Dead items and undecided transactions are always kept.
+    pub settled_retention: Option<Duration>,
     /// Extra trusted root certificates (PEM) for an `https://` server whose
     /// certificate is not issued under the bundled public roots (a private CA, a test
     /// server). The public roots stay trusted.
@@ -107,6 +112,7 @@ impl ClientConfig {
             entity_pull_interval: Duration::from_secs(10),
             transaction_check_interval: Duration::from_secs(5),
             update_buffer: 4096,
+            settled_retention: Some(Duration::from_secs(24 * 3600)),
             tls_root_certificates: Vec::new(),
         }
     }

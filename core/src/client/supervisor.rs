@@ -47,6 +47,9 @@ const RESYNC_MAX_PAGES: usize = 10_000;
 /// HTTP message sends in flight at most.
 const HTTP_SEND_WINDOW: usize = 16;
 
+/// How often settled outbox items older than `settled_retention` are deleted (at most).
+const PRUNE_INTERVAL: Duration = Duration::from_secs(600);
+
 /// The rooms the user wants to be in (kept across restarts).
 pub(crate) fn load_rooms(store: &mut Store) -> Result<BTreeSet<String>, StoreError> {
     match store.kv_get(ROOMS_KEY)? {
@@ -257,6 +260,8 @@ pub(crate) struct Supervisor {
     ops_waiting: bool,
     last_pull: Option<Instant>,
     last_tx_check: Option<Instant>,
+    /// When settled outbox items were last pruned.
+    last_prune: Option<Instant>,
     /// Inbound streams must not interleave: the cursor only moves forward, so an event
     /// processed from one stream would make an older one of the other look like a
     /// replay. While a poll, a catch-up or a resync is processing events
@@ -316,6 +321,7 @@ impl Supervisor {
             ops_waiting: true,
             last_pull: None,
             last_tx_check: None,
+            last_prune: None,
             held_back: Vec::new(),
             inbound_tasks: 0,
             shutdown: None,
@@ -947,13 +953,10 @@ impl Supervisor {
     /// Checks the status of accepted, undecided transactions (events may have been
     /// missed while offline; the status endpoint is the truth).
     async fn check_transactions(&mut self) {
-        let Ok(accepted) = self.store.call(|s| s.list(Some(ItemState::Accepted))).await else {
+        let Ok(undecided) = self.store.call(|s| s.undecided_transactions()).await else {
             return;
         };
-        for item in accepted
-            .into_iter()
-            .filter(|i| i.kind == ItemKind::Transaction)
-        {
+        for item in undecided {
             let Some(transaction_id) = item.server_ref.clone() else {
                 continue;
             };
@@ -1170,6 +1173,7 @@ impl Supervisor {
                 })
                 .await;
         }
+        self.prune_settled(now).await;
         if !self.machine.state().is_connected() {
             return;
         }
@@ -1188,6 +1192,31 @@ impl Supervisor {
         {
             self.last_tx_check = Some(now);
             self.check_transactions().await;
+        }
+    }
+
+    /// Deletes outbox items settled longer ago than `settled_retention` (accepted
+    /// messages and operations, decided transactions), every `PRUNE_INTERVAL`, so that
+    /// the outbox holds what is still to do plus a recent history, not everything ever
+    /// sent. Dead items and undecided transactions are never pruned.
+    async fn prune_settled(&mut self, now: Instant) {
+        let Some(retention) = self.cfg.settled_retention else {
+            return;
+        };
+        // A short retention is kept short: pruned at least once per retention period.
+        let interval = PRUNE_INTERVAL.min(retention.max(Duration::from_secs(1)));
+        if self
+            .last_prune
+            .is_some_and(|t| now.duration_since(t) < interval)
+        {
+            return;
+        }
+        self.last_prune = Some(now);
+        let before = now_wall() - chrono::Duration::from_std(retention).unwrap_or_default();
+        match self.store.call(move |s| s.prune_settled(before)).await {
+            Ok(0) => {}
+            Ok(n) => debug!(pruned = n, "settled outbox items pruned"),
+            Err(e) => warn!(error = %e, "pruning settled outbox items failed"),
         }
     }
 

@@ -495,15 +495,33 @@ impl Store {
         kind: ItemKind,
         server_ref: &str,
     ) -> Result<Option<OutboxItem>, StoreError> {
+        // The kind is written into the statement so that, for transactions, SQLite can
+        // use the partial index `outbox_transaction_ref` (a bound value cannot imply a
+        // partial index's condition).
         let raw = self
             .conn
             .prepare_cached(&format!(
-                "SELECT {COLUMNS} FROM outbox WHERE kind = ?1 AND server_ref = ?2
-                 ORDER BY seq DESC LIMIT 1"
+                "SELECT {COLUMNS} FROM outbox WHERE kind = '{}' AND server_ref = ?1
+                 ORDER BY seq DESC LIMIT 1",
+                kind.as_str()
             ))?
-            .query_row(params![kind.as_str(), server_ref], read_item)
+            .query_row(params![server_ref], read_item)
             .optional()?;
         raw.map(finish).transpose()
+    }
+
+    /// Transactions the server accepted and has not yet decided, oldest first (the
+    /// client checks their status while connected).
+    pub fn undecided_transactions(&self) -> Result<Vec<OutboxItem>, StoreError> {
+        let rows = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM outbox INDEXED BY outbox_undecided
+                  WHERE kind = 'transaction' AND state = 'accepted' ORDER BY seq"
+            ))?
+            .query_map([], read_item)?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter().map(finish).collect()
     }
 
     /// Removes a dead item for good (the app decided). Only dead items can be discarded.

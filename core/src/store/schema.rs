@@ -297,6 +297,15 @@ pub(crate) const MIGRATIONS: &[M<'static>] = &[
              WHERE id = 1;
          END;",
     ),
+    // 6: the client asks, every few seconds, for the transactions still undecided, and
+    // looks each confirmation up by the server's transaction id: both had to read the
+    // whole table (accepted items included). Two partial indexes over transactions.
+    M::up(
+        "CREATE INDEX outbox_undecided ON outbox (seq)
+            WHERE kind = 'transaction' AND state = 'accepted';
+         CREATE INDEX outbox_transaction_ref ON outbox (server_ref)
+            WHERE kind = 'transaction';",
+    ),
 ];
 
 /// The migrations as the crate's runner wants them.
