@@ -33,7 +33,7 @@ ndk_args=()
 for abi in "${abis[@]}"; do ndk_args+=(-t "$abi"); done
 # API 24 (Android 7): the oldest that the NDK's current toolchains and JNA support well.
 cargo ndk "${ndk_args[@]}" --platform 24 -o "$module/src/main/jniLibs" \
-    build --locked --release -p webwaka-realtime-ffi --lib
+    build --locked --profile mobile -p webwaka-realtime-ffi --lib
 
 cp bindings/kotlin/src/main/kotlin/com/webwaka/realtime/webwaka_realtime_ffi.kt \
     "$module/src/main/kotlin/com/webwaka/realtime/"

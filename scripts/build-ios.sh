@@ -29,21 +29,21 @@ mkdir -p "$out/headers" "$out/sim" "$package/Sources/WebWakaRealtime"
 # A static library per target: the crate's cdylib is for JNA and tests; iOS apps link
 # static code (`cargo rustc --crate-type` adds it without changing Cargo.toml).
 for target in aarch64-apple-ios aarch64-apple-ios-sim x86_64-apple-ios; do
-    cargo rustc --locked --release -p webwaka-realtime-ffi --lib --target "$target" --crate-type staticlib
+    cargo rustc --locked --profile mobile -p webwaka-realtime-ffi --lib --target "$target" --crate-type staticlib
 done
 lib=libwebwaka_realtime_ffi.a
 
 # The simulator slices (Apple silicon, Intel) go into one fat library.
 lipo -create \
-    "$target_dir/aarch64-apple-ios-sim/release/$lib" \
-    "$target_dir/x86_64-apple-ios/release/$lib" \
+    "$target_dir/aarch64-apple-ios-sim/mobile/$lib" \
+    "$target_dir/x86_64-apple-ios/mobile/$lib" \
     -output "$out/sim/$lib"
 
 cp bindings/swift/Sources/WebWakaRealtimeFFI/WebWakaRealtimeFFI.h "$out/headers/"
 cp bindings/swift/Sources/WebWakaRealtimeFFI/module.modulemap "$out/headers/"
 
 xcodebuild -create-xcframework \
-    -library "$target_dir/aarch64-apple-ios/release/$lib" -headers "$out/headers" \
+    -library "$target_dir/aarch64-apple-ios/mobile/$lib" -headers "$out/headers" \
     -library "$out/sim/$lib" -headers "$out/headers" \
     -output "$package/WebWakaRealtimeFFI.xcframework"
 

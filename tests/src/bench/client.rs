@@ -469,7 +469,8 @@ fn memory() -> Result<Vec<Row>, String> {
     let built = std::process::Command::new(&cargo)
         .args([
             "build",
-            "--release",
+            "--profile",
+            "mobile",
             "--quiet",
             "-p",
             "webwaka-e2e",
@@ -481,9 +482,13 @@ fn memory() -> Result<Vec<Row>, String> {
     if !built.success() {
         return Err("building the memory probe failed".into());
     }
+    // target/<profile>/bench → target/mobile/client_memory (the profile apps embed).
     let exe = std::env::current_exe()
         .map_err(|e| e.to_string())?
-        .with_file_name("client_memory");
+        .parent()
+        .and_then(|dir| dir.parent())
+        .map(|target| target.join("mobile").join("client_memory"))
+        .ok_or("no target directory above the bench binary")?;
     let out = std::process::Command::new(exe)
         .output()
         .map_err(|e| e.to_string())?;
@@ -516,7 +521,7 @@ fn memory() -> Result<Vec<Row>, String> {
                 mib(idle),
                 mib(idle_anon)
             ),
-            method: "separate process linking only the client (bin client_memory): tokio runtime (2 workers) + one open client (store, supervisor), offline, after 2 s; VmRSS (code pages included) and RssAnon (heap and stacks)".into(),
+            method: "separate process linking only the client (bin client_memory, built with the `mobile` profile apps embed: opt-level s, fat LTO): tokio runtime (2 workers) + one open client (store, supervisor), offline, after 2 s; VmRSS (code pages included) and RssAnon (heap and stacks)".into(),
         },
         Row {
             name: "client: memory with 10,000 queued items".into(),
