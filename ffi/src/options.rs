@@ -90,6 +90,10 @@ pub struct ClientOptions {
     /// private CA; the bundled public roots stay trusted.
     #[uniffi(default)]
     pub tls_root_certificates: Option<Vec<String>>,
+    /// How long settled outbox items stay readable before they are deleted (default
+    /// 24 h); `0` keeps them forever.
+    #[uniffi(default)]
+    pub settled_retention_ms: Option<u64>,
 }
 
 /// Sets `target` to `value` ms when given; zero is refused (it would spin).
@@ -148,6 +152,7 @@ impl ClientOptions {
             entity_pull_interval_ms: None,
             transaction_check_interval_ms: None,
             tls_root_certificates: None,
+            settled_retention_ms: None,
         }
     }
 
@@ -246,6 +251,11 @@ impl ClientOptions {
         if let Some(roots) = self.tls_root_certificates {
             c.tls_root_certificates = roots;
         }
+        match self.settled_retention_ms {
+            None => {}
+            Some(0) => c.settled_retention = None,
+            Some(ms) => c.settled_retention = Some(Duration::from_millis(ms)),
+        }
         Ok(c)
     }
 }
@@ -268,6 +278,17 @@ mod tests {
         assert_eq!(c.machine.backoff_min, d.machine.backoff_min);
         assert_eq!(c.ws_path, d.ws_path);
         assert_eq!(c.store.max_items, d.store.max_items);
+        assert_eq!(c.settled_retention, d.settled_retention);
+    }
+
+    #[test]
+    fn settled_retention_is_given_in_ms_and_zero_keeps_items_forever() {
+        let mut o = minimal("http://127.0.0.1:1", "/tmp/x.db");
+        o.settled_retention_ms = Some(60_000);
+        let c = o.clone().into_config().unwrap();
+        assert_eq!(c.settled_retention, Some(Duration::from_secs(60)));
+        o.settled_retention_ms = Some(0);
+        assert_eq!(o.into_config().unwrap().settled_retention, None);
     }
 
     #[test]

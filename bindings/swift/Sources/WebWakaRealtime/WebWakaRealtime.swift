@@ -2746,6 +2746,11 @@ public struct ClientOptions: Equatable, Hashable {
      * private CA; the bundled public roots stay trusted.
      */
     public var tlsRootCertificates: [String]?
+    /**
+     * How long settled outbox items stay readable before they are deleted (default
+     * 24 h); `0` keeps them forever.
+     */
+    public var settledRetentionMs: UInt64?
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
@@ -2819,7 +2824,11 @@ public struct ClientOptions: Equatable, Hashable {
         /**
          * Extra trusted root certificates (PEM texts) for an `https://` server under a
          * private CA; the bundled public roots stay trusted.
-         */tlsRootCertificates: [String]? = nil) {
+         */tlsRootCertificates: [String]? = nil, 
+        /**
+         * How long settled outbox items stay readable before they are deleted (default
+         * 24 h); `0` keeps them forever.
+         */settledRetentionMs: UInt64? = nil) {
         self.serverUrl = serverUrl
         self.storePath = storePath
         self.wsPath = wsPath
@@ -2843,6 +2852,7 @@ public struct ClientOptions: Equatable, Hashable {
         self.entityPullIntervalMs = entityPullIntervalMs
         self.transactionCheckIntervalMs = transactionCheckIntervalMs
         self.tlsRootCertificates = tlsRootCertificates
+        self.settledRetentionMs = settledRetentionMs
     }
 
     
@@ -2883,7 +2893,8 @@ public struct FfiConverterTypeClientOptions: FfiConverterRustBuffer {
                 ackTimeoutMs: FfiConverterOptionUInt64.read(from: &buf), 
                 entityPullIntervalMs: FfiConverterOptionUInt64.read(from: &buf), 
                 transactionCheckIntervalMs: FfiConverterOptionUInt64.read(from: &buf), 
-                tlsRootCertificates: FfiConverterOptionSequenceString.read(from: &buf)
+                tlsRootCertificates: FfiConverterOptionSequenceString.read(from: &buf), 
+                settledRetentionMs: FfiConverterOptionUInt64.read(from: &buf)
         )
     }
 
@@ -2911,6 +2922,7 @@ public struct FfiConverterTypeClientOptions: FfiConverterRustBuffer {
         FfiConverterOptionUInt64.write(value.entityPullIntervalMs, into: &buf)
         FfiConverterOptionUInt64.write(value.transactionCheckIntervalMs, into: &buf)
         FfiConverterOptionSequenceString.write(value.tlsRootCertificates, into: &buf)
+        FfiConverterOptionUInt64.write(value.settledRetentionMs, into: &buf)
     }
 }
 

@@ -4565,6 +4565,12 @@ data class ClientOptions (
      * private CA; the bundled public roots stay trusted.
      */
     var `tlsRootCertificates`: List<kotlin.String>? = null 
+    , 
+    /**
+     * How long settled outbox items stay readable before they are deleted (default
+     * 24 h); `0` keeps them forever.
+     */
+    var `settledRetentionMs`: kotlin.ULong? = null 
     
 ){
     
@@ -4604,6 +4610,7 @@ public object FfiConverterTypeClientOptions: FfiConverterRustBuffer<ClientOption
             FfiConverterOptionalULong.read(buf),
             FfiConverterOptionalULong.read(buf),
             FfiConverterOptionalSequenceString.read(buf),
+            FfiConverterOptionalULong.read(buf),
         )
     }
 
@@ -4630,7 +4637,8 @@ public object FfiConverterTypeClientOptions: FfiConverterRustBuffer<ClientOption
             FfiConverterOptionalULong.allocationSize(value.`ackTimeoutMs`) +
             FfiConverterOptionalULong.allocationSize(value.`entityPullIntervalMs`) +
             FfiConverterOptionalULong.allocationSize(value.`transactionCheckIntervalMs`) +
-            FfiConverterOptionalSequenceString.allocationSize(value.`tlsRootCertificates`)
+            FfiConverterOptionalSequenceString.allocationSize(value.`tlsRootCertificates`) +
+            FfiConverterOptionalULong.allocationSize(value.`settledRetentionMs`)
     )
 
     override fun write(value: ClientOptions, buf: ByteBuffer) {
@@ -4657,6 +4665,7 @@ public object FfiConverterTypeClientOptions: FfiConverterRustBuffer<ClientOption
             FfiConverterOptionalULong.write(value.`entityPullIntervalMs`, buf)
             FfiConverterOptionalULong.write(value.`transactionCheckIntervalMs`, buf)
             FfiConverterOptionalSequenceString.write(value.`tlsRootCertificates`, buf)
+            FfiConverterOptionalULong.write(value.`settledRetentionMs`, buf)
     }
 }
 
