@@ -22,7 +22,7 @@ use webwaka_realtime::client::{
 use webwaka_realtime::machine::{ConnectionState, MachineConfig};
 use webwaka_realtime::store::Durability;
 
-use super::Row;
+use super::{Row, percentile, sorted, wanted};
 use crate::harness::{TestServer, wait_state};
 use crate::proxy::{Mode, Proxy};
 
@@ -30,25 +30,15 @@ use crate::proxy::{Mode, Proxy};
 /// benchmark (the server benchmarks use it).
 pub const CHILD_ENV: &str = "WEBWAKA_BENCH_CHILD";
 
+/// Names the parts to run, e.g. `round_trip,memory` (unset: all).
+const ONLY_ENV: &str = "WEBWAKA_BENCH_CLIENT";
+
 /// Round trips measured per path.
 const ROUND_TRIPS: usize = 500;
 /// Failovers measured.
 const FAILOVERS: usize = 5;
 /// Clients in the reconnect-spread measurement.
 const HERD: usize = 40;
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-fn sorted(mut v: Vec<f64>) -> Vec<f64> {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v
-}
 
 /// Runs the client benchmarks.
 pub fn run() -> Result<Vec<Row>, String> {
@@ -59,29 +49,21 @@ pub fn run() -> Result<Vec<Row>, String> {
         .map_err(|e| e.to_string())?;
     let mut rows = runtime.block_on(async {
         let mut rows = Vec::new();
-        if wanted("round_trip") {
+        if wanted(ONLY_ENV, "round_trip") {
             rows.extend(round_trip().await?);
         }
-        if wanted("failover") {
+        if wanted(ONLY_ENV, "failover") {
             rows.extend(failover().await?);
         }
-        if wanted("herd") {
+        if wanted(ONLY_ENV, "herd") {
             rows.extend(herd_return().await?);
         }
         Ok::<_, String>(rows)
     })?;
-    if wanted("memory") {
+    if wanted(ONLY_ENV, "memory") {
         rows.extend(memory()?);
     }
     Ok(rows)
-}
-
-/// Whether `part` is to run (`WEBWAKA_BENCH_CLIENT` unset: all).
-fn wanted(part: &str) -> bool {
-    match std::env::var("WEBWAKA_BENCH_CLIENT") {
-        Ok(parts) => parts.split(',').any(|p| p.trim() == part),
-        Err(_) => true,
-    }
 }
 
 fn config(url: &str, store: &std::path::Path, machine: MachineConfig) -> ClientConfig {
@@ -465,30 +447,12 @@ pub fn status_kib(field: &str) -> Option<u64> {
 /// Builds and runs the memory probe (`client_memory`, a binary with only the client
 /// linked) and reads its figures.
 fn memory() -> Result<Vec<Row>, String> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let built = std::process::Command::new(&cargo)
-        .args([
-            "build",
-            "--profile",
-            "mobile",
-            "--quiet",
-            "-p",
-            "webwaka-e2e",
-            "--bin",
-            "client_memory",
-        ])
-        .status()
-        .map_err(|e| format!("cargo: {e}"))?;
-    if !built.success() {
-        return Err("building the memory probe failed".into());
-    }
-    // target/<profile>/bench → target/mobile/client_memory (the profile apps embed).
-    let exe = std::env::current_exe()
-        .map_err(|e| e.to_string())?
-        .parent()
-        .and_then(|dir| dir.parent())
-        .map(|target| target.join("mobile").join("client_memory"))
-        .ok_or("no target directory above the bench binary")?;
+    // The profile apps embed.
+    let exe = cargo_artifact(
+        "mobile",
+        &["-p", "webwaka-e2e", "--bin", "client_memory"],
+        "client_memory",
+    )?;
     let out = std::process::Command::new(exe)
         .output()
         .map_err(|e| e.to_string())?;
@@ -586,29 +550,38 @@ fn fake_token() -> String {
     )
 }
 
+/// Builds with `cargo build --profile <profile> <args>` (the cargo running this bench)
+/// and returns `file` in that profile's output directory, next to the bench's own.
+fn cargo_artifact(profile: &str, args: &[&str], file: &str) -> Result<std::path::PathBuf, String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let built = std::process::Command::new(&cargo)
+        .args(["build", "--quiet", "--profile", profile])
+        .args(args)
+        .status()
+        .map_err(|e| format!("cargo: {e}"))?;
+    if !built.success() {
+        return Err(format!(
+            "cargo build --profile {profile} {} failed",
+            args.join(" ")
+        ));
+    }
+    // target/<profile of the bench>/bench → target/<profile>/<file>.
+    std::env::current_exe()
+        .map_err(|e| e.to_string())?
+        .parent()
+        .and_then(|dir| dir.parent())
+        .map(|target| target.join(profile).join(file))
+        .ok_or_else(|| "no target directory above the bench binary".into())
+}
+
 /// The size of the library apps link (`libwebwaka_realtime_ffi.so`, release), as built
 /// and stripped. Builds it first (the same target dir).
 pub fn library_size() -> Result<Vec<Row>, String> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = std::process::Command::new(&cargo)
-        .args([
-            "build",
-            "--release",
-            "--quiet",
-            "-p",
-            "webwaka-realtime-ffi",
-            "--lib",
-        ])
-        .status()
-        .map_err(|e| format!("cargo: {e}"))?;
-    if !status.success() {
-        return Err("building the ffi library failed".into());
-    }
-    let target = std::env::current_exe()
-        .map_err(|e| e.to_string())?
-        .parent()
-        .map(|p| p.join("libwebwaka_realtime_ffi.so"))
-        .ok_or("no target dir")?;
+    let target = cargo_artifact(
+        "release",
+        &["-p", "webwaka-realtime-ffi", "--lib"],
+        "libwebwaka_realtime_ffi.so",
+    )?;
     let built = std::fs::metadata(&target).map_err(|e| format!("{}: {e}", target.display()))?;
     let stripped_path = std::env::temp_dir().join("webwaka-bench-lib-stripped.so");
     let stripped = std::process::Command::new("strip")

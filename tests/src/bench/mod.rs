@@ -31,6 +31,30 @@ pub fn median(samples: &mut [f64]) -> f64 {
     samples[samples.len() / 2]
 }
 
+/// The `p` quantile (0..=1) of `sorted` samples, nearest rank; zero when empty.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// `v` sorted ascending (for [`percentile`]).
+pub fn sorted(mut v: Vec<f64>) -> Vec<f64> {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v
+}
+
+/// Whether `part` of a group is to run: the environment variable `var` (e.g.
+/// `WEBWAKA_BENCH_STORE=single,take`) names the parts; unset or empty, all run.
+pub fn wanted(var: &str, part: &str) -> bool {
+    match std::env::var(var) {
+        Ok(parts) if !parts.trim().is_empty() => parts.split(',').any(|p| p.trim() == part),
+        _ => true,
+    }
+}
+
 /// Operations per second for `count` operations taking `elapsed`.
 pub fn per_second(count: usize, elapsed: Duration) -> f64 {
     count as f64 / elapsed.as_secs_f64().max(1e-9)

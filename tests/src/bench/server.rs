@@ -33,7 +33,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use webwaka_realtime::protocol::{ClientEvent, InteractionClass, SendMessage, ServerEvent};
 use webwaka_server_stub::{Config, Keys, Options, Server};
 
-use super::{Row, fmt_rate, median};
+use super::{Row, fmt_rate, median, percentile, sorted, wanted};
 
 /// The environment variable that turns the bench binary into a child process (the
 /// same variable the client benchmarks use for their memory probe).
@@ -459,19 +459,6 @@ async fn connect_many(addr: SocketAddr, prefix: &str, n: usize) -> Result<Vec<Ws
     Ok(out)
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-fn sorted(mut v: Vec<f64>) -> Vec<f64> {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v
-}
-
 // ---------------------------------------------------------------------------------
 // The benchmarks
 // ---------------------------------------------------------------------------------
@@ -485,7 +472,7 @@ pub fn run() -> Result<Vec<Row>, String> {
         .map_err(|e| e.to_string())?;
     // `WEBWAKA_BENCH_SERVER=poll,idle` runs only those (for profiling one of them).
     let only = std::env::var(ONLY_ENV).unwrap_or_default();
-    let wanted = |name: &str| only.is_empty() || only.split(',').any(|o| o.trim() == name);
+    let wanted = |name: &str| wanted(ONLY_ENV, name);
     runtime.block_on(async {
         let mut rows = Vec::new();
         if wanted("roundtrip") {

@@ -34,7 +34,7 @@ use webwaka_realtime::store::{
     ItemKind, NewItem, OutboxClass, Store, StoreConfig, StoreError, StoreWriter,
 };
 
-use super::{Row, fmt_rate, median, per_second};
+use super::{Row, fmt_rate, median, per_second, wanted};
 
 /// Runs per figure (the median is reported).
 const RUNS: usize = 5;
@@ -137,7 +137,7 @@ pub fn run() -> Result<Vec<Row>, StoreError> {
     let ms = RUN_TIME.as_millis();
     let mut rows = Vec::new();
 
-    if wanted("single") {
+    if wanted("WEBWAKA_BENCH_STORE", "single") {
         let (mut fsyncs, mut singles, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..RUNS {
             let fsync = fsync_rate(&dir.file("fsync.log"))?;
@@ -168,7 +168,7 @@ pub fn run() -> Result<Vec<Row>, StoreError> {
         });
     }
 
-    if wanted("writer") {
+    if wanted("WEBWAKA_BENCH_STORE", "writer") {
         let blocking = runs(|| writer_enqueue(&dir))?;
         rows.push(Row {
             name: "store: group commit, StoreWriter::enqueue".into(),
@@ -195,7 +195,7 @@ pub fn run() -> Result<Vec<Row>, StoreError> {
         });
     }
 
-    if wanted("many") {
+    if wanted("WEBWAKA_BENCH_STORE", "many") {
         let many = runs(|| enqueue_many(&dir))?;
         rows.push(Row {
             name: "store: group commit, enqueue_many".into(),
@@ -207,7 +207,7 @@ pub fn run() -> Result<Vec<Row>, StoreError> {
         });
     }
 
-    if wanted("take") {
+    if wanted("WEBWAKA_BENCH_STORE", "take") {
         let take = runs(|| take_ack(&dir))?;
         rows.push(Row {
             name: "store: take+ack".into(),
@@ -221,7 +221,7 @@ pub fn run() -> Result<Vec<Row>, StoreError> {
         });
     }
 
-    if wanted("open") {
+    if wanted("WEBWAKA_BENCH_STORE", "open") {
         let (open_ms, file_bytes) = open_and_size(&dir)?;
         rows.push(Row {
             name: "store: open with 100,000 queued".into(),
@@ -242,14 +242,6 @@ pub fn run() -> Result<Vec<Row>, StoreError> {
         });
     }
     Ok(rows)
-}
-
-/// Whether `part` is to run (`WEBWAKA_BENCH_STORE` unset: all).
-fn wanted(part: &str) -> bool {
-    match std::env::var("WEBWAKA_BENCH_STORE") {
-        Ok(parts) => parts.split(',').any(|p| p.trim() == part),
-        Err(_) => true,
-    }
 }
 
 /// A 200-byte item on `lane`.
