@@ -603,8 +603,14 @@ impl ServerEvent {
                 },
                 reference,
             ),
-            // The `ref` goes into `data.ref` too (rare: the Value path is fine).
-            ServerEvent::Error(body) if body.reference.is_none() && reference.is_some() => None,
+            // The `ref` goes into `data.ref` too.
+            ServerEvent::Error(body) if body.reference.is_none() && reference.is_some() => {
+                let body = ErrorBody {
+                    reference: reference.map(str::to_owned),
+                    ..body.clone()
+                };
+                encode_frame(name, &body, reference)
+            }
             ServerEvent::Error(body) => encode_frame(name, body, reference),
             ServerEvent::Unknown { data, .. } => encode_frame(name, data, reference),
         };
@@ -702,6 +708,22 @@ mod tests {
                 assert_eq!(direct, event.to_frame(reference).to_value(), "{event:?}");
             }
         }
+    }
+
+    /// CI found this with the fuzzing test: an `error` with an envelope `ref` but none
+    /// in `data` was written with sorted keys the first time and in declaration order
+    /// once it had gained `data.ref`, so encoding was not stable.
+    #[test]
+    fn an_error_gaining_data_ref_is_encoded_stably() {
+        let text = r#"{"event":"error","data":{"error":"slow down","code":"RATE_LIMIT","status":429,"details":{"retryAfterMs":1200}},"ref":"c-18"}"#;
+        let (event, reference) = ServerEvent::decode(text).unwrap();
+        let once = event.encode(reference.as_deref());
+        assert_eq!(
+            once,
+            r#"{"event":"error","data":{"error":"slow down","code":"RATE_LIMIT","status":429,"ref":"c-18","details":{"retryAfterMs":1200}},"ref":"c-18"}"#
+        );
+        let (again, again_ref) = ServerEvent::decode(&once).unwrap();
+        assert_eq!(again.encode(again_ref.as_deref()), once);
     }
 
     #[test]
