@@ -50,6 +50,8 @@ pub(crate) struct App {
     pub(crate) verified: crate::auth::VerifiedTokens,
     pub(crate) db: Db,
     pub(crate) hub: Arc<Hub>,
+    /// The recent end of each tenant's log, for polls and resumes.
+    pub(crate) tail: Arc<crate::tail::Tail>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) limits: Limits,
     pub(crate) policy: RoomPolicy,
@@ -102,6 +104,7 @@ impl App {
             keys,
             db,
             hub,
+            tail: Arc::new(crate::tail::Tail::new(config.event_bus_tail_bytes)),
             metrics,
             reconciler,
             processor,

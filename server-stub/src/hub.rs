@@ -290,6 +290,21 @@ impl Hub {
             .is_some_and(|members| members.contains(user))
     }
 
+    /// Runs `f` on the rooms `user` is a member of (`None`: none known), under the
+    /// directory's read lock.
+    pub(crate) fn with_rooms<R>(
+        &self,
+        tenant: &str,
+        user: &str,
+        f: impl FnOnce(Option<&HashSet<String>>) -> R,
+    ) -> R {
+        let tenants = self.read();
+        f(tenants
+            .get(tenant)
+            .and_then(|t| t.users.get(user))
+            .map(|u| &u.rooms))
+    }
+
     /// Users sharing at least one room with `user` (not `user`).
     pub(crate) fn sharing_users(&self, tenant: &str, user: &str) -> HashSet<String> {
         let tenants = self.read();

@@ -28,6 +28,7 @@
 //! | `auth` | JWT verify/mint, dev secret |
 //! | `db` | SQLite: one writer thread (group commit), read pool, schema |
 //! | `log` | the durable per-tenant log: append, fan-out, cursors, polls |
+//! | `tail` | each tenant's most recent events in memory, for polls and resumes |
 //! | `hub` | live connections, room membership cache, presence |
 //! | `ws` | the WebSocket endpoint and connection loop |
 //! | `messaging`, `rooms` | what WS and HTTP share for messages and rooms |
@@ -56,6 +57,7 @@ mod metrics;
 mod ratelimit;
 mod reconcile;
 mod rooms;
+mod tail;
 pub mod telemetry;
 pub mod transactions;
 mod ws;

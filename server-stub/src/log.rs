@@ -13,11 +13,13 @@ use rusqlite::{Connection, OptionalExtension, params};
 use webwaka_realtime::protocol::event::{DEFAULT_SCHEMA_VERSION, MESSAGE_EVENT_TYPE};
 use webwaka_realtime::protocol::{ErrorCode, Event, EventMetadata, ServerEvent, WebSocketMessage};
 
+use crate::app::App;
 use crate::db::{Writer, now_ms};
 use crate::error::{ApiError, JobError, StoreError};
 use crate::frames::{MessageOut, Rfc3339};
 use crate::hub::{Audience, Delivery, Hub};
 use crate::metrics::Metrics;
+use crate::tail::{CursorLookup, Tail, TailEvent};
 
 /// Where an appended event sits in the log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +46,8 @@ pub(crate) struct NewEvent {
 /// What the live fan-out needs besides the event.
 pub(crate) struct Fanout {
     pub(crate) hub: Arc<Hub>,
+    /// Gets every committed event, in order.
+    pub(crate) tail: Arc<Tail>,
     pub(crate) metrics: Arc<Metrics>,
     /// The sending connection (it gets an ack instead).
     pub(crate) exclude: Option<u64>,
@@ -194,7 +198,17 @@ pub(crate) fn append_message(
         },
     };
     let delivery = Delivery::text(crate::frames::message_frame(&message), Some(seq));
+    let recent = TailEvent {
+        seq,
+        event_id: event_id.as_str().into(),
+        created_ms: message.timestamp.timestamp_millis(),
+        recipient: message.recipient_id.as_deref().map(Into::into),
+        room: message.room_id.as_deref().map(Into::into),
+        sender: Some(message.sender_id.as_str().into()),
+        body: body.into(),
+    };
     w.after_commit(move || {
+        fanout.tail.push(&tenant, recent);
         fanout.metrics.events_published.inc();
         let sent = fanout
             .hub
@@ -250,6 +264,7 @@ pub(crate) fn append_event(
             .unwrap_or_else(|| DEFAULT_SCHEMA_VERSION.to_owned()),
         sequence: Some(seq),
     };
+    let body = serde_json::to_string(&event)?;
     insert(
         w,
         &Row {
@@ -263,8 +278,17 @@ pub(crate) fn append_event(
             sender: new.sender_id.as_deref(),
             message_id: None,
         },
-        &serde_json::to_string(&event)?,
+        &body,
     )?;
+    let recent = TailEvent {
+        seq,
+        event_id: event.event_id.as_str().into(),
+        created_ms: event.timestamp.timestamp_millis(),
+        recipient: new.recipient_id.as_deref().map(Into::into),
+        room: new.room_id.as_deref().map(Into::into),
+        sender: new.sender_id.as_deref().map(Into::into),
+        body: body.into(),
+    };
     let mut users: Vec<String> = new.recipient_id.iter().cloned().collect();
     users.extend(new.sender_id.iter().cloned());
     let audience = Audience {
@@ -275,6 +299,7 @@ pub(crate) fn append_event(
     let delivery = Delivery::new(&ServerEvent::Event(event.clone()), Some(seq));
     let tenant = tenant.to_owned();
     w.after_commit(move || {
+        fanout.tail.push(&tenant, recent);
         fanout.metrics.events_published.inc();
         let sent = fanout
             .hub
@@ -291,25 +316,48 @@ pub(crate) fn append_event(
     ))
 }
 
-/// The sequence of event `event_id` in `tenant`'s log, if it is still retained
-/// (created at or after `cutoff_ms`); otherwise `CURSOR_EXPIRED`.
-pub(crate) fn cursor_seq(
-    conn: &Connection,
+/// The sequence of cursor `event_id` in `tenant`'s log if it is still retained
+/// (created at or after `cutoff_ms`), otherwise `CURSOR_EXPIRED`: from the recent tail
+/// when the cursor is in it, from SQLite otherwise.
+pub(crate) fn find_cursor(
+    app: &App,
     tenant: &str,
     event_id: &str,
     cutoff_ms: i64,
 ) -> Result<u64, ApiError> {
-    let row = conn
-        .prepare_cached("SELECT seq, created_ms FROM events WHERE tenant = ?1 AND event_id = ?2")
-        .and_then(|mut stmt| {
-            stmt.query_row(params![tenant, event_id], |row| {
-                Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?))
-            })
-            .optional()
+    match app.tail.cursor(tenant, event_id) {
+        CursorLookup::Found { seq, created_ms } => {
+            judge_cursor(event_id, Some((seq, created_ms)), cutoff_ms)
+        }
+        CursorLookup::Unknown => {
+            let found = app.db.read(|conn| stored_cursor(conn, tenant, event_id))?;
+            judge_cursor(event_id, found, cutoff_ms)
+        }
+    }
+}
+
+/// The sequence and creation time of event `event_id` in SQLite, if it is there.
+fn stored_cursor(
+    conn: &Connection,
+    tenant: &str,
+    event_id: &str,
+) -> Result<Option<(u64, i64)>, StoreError> {
+    Ok(conn
+        .prepare_cached("SELECT seq, created_ms FROM events WHERE tenant = ?1 AND event_id = ?2")?
+        .query_row(params![tenant, event_id], |row| {
+            Ok((row.get::<_, i64>(0)? as u64, row.get::<_, i64>(1)?))
         })
-        .map_err(StoreError::from)?;
-    match row {
-        Some((seq, created)) if created >= cutoff_ms => Ok(seq as u64),
+        .optional()?)
+}
+
+/// A cursor found at (sequence, creation time), or not found: its sequence or why not.
+fn judge_cursor(
+    event_id: &str,
+    found: Option<(u64, i64)>,
+    cutoff_ms: i64,
+) -> Result<u64, ApiError> {
+    match found {
+        Some((seq, created)) if created >= cutoff_ms => Ok(seq),
         Some(_) => Err(ApiError::new(
             ErrorCode::CursorExpired,
             "lastEventId is older than the retention period: refresh from snapshots",
@@ -320,6 +368,104 @@ pub(crate) fn cursor_seq(
             "lastEventId is unknown (or no longer retained): refresh from snapshots",
         )
         .with_detail("lastEventId", event_id)),
+    }
+}
+
+/// A page of the log for a poll: up to `limit` events after cursor `cursor` (from the
+/// start of retention when `None`) that `viewer` may see. Answered from the recent
+/// tail when it has the cursor and everything after it; otherwise the cursor and the
+/// page are read from SQLite in one go, on one pooled connection.
+pub(crate) fn page(
+    app: &App,
+    tenant: &str,
+    viewer: Viewer<'_>,
+    cursor: Option<&str>,
+    cutoff_ms: i64,
+    limit: u32,
+) -> Result<Vec<Stored>, ApiError> {
+    let after = match cursor {
+        None => Some(0),
+        Some(cursor) => match app.tail.cursor(tenant, cursor) {
+            CursorLookup::Found { seq, created_ms } => {
+                Some(judge_cursor(cursor, Some((seq, created_ms)), cutoff_ms)?)
+            }
+            CursorLookup::Unknown => None,
+        },
+    };
+    if let Some(page) =
+        after.and_then(|after| from_tail(app, tenant, viewer, after, cutoff_ms, limit))
+    {
+        app.metrics.log_read(true);
+        return Ok(page);
+    }
+    app.metrics.log_read(false);
+    app.db.read(|conn| {
+        let after = match cursor {
+            None => 0,
+            Some(cursor) => {
+                match judge_cursor(cursor, stored_cursor(conn, tenant, cursor)?, cutoff_ms) {
+                    Ok(seq) => seq,
+                    Err(refused) => return Ok(Err(refused)),
+                }
+            }
+        };
+        visible_after(conn, tenant, viewer, after, cutoff_ms, limit).map(Ok)
+    })?
+}
+
+/// Up to `limit` events after `after_seq` that `viewer` may see, in sequence order:
+/// from the recent tail when it covers them, from SQLite otherwise.
+pub(crate) fn read_after(
+    app: &App,
+    tenant: &str,
+    viewer: Viewer<'_>,
+    after_seq: u64,
+    cutoff_ms: i64,
+    limit: u32,
+) -> Result<Vec<Stored>, StoreError> {
+    let page = from_tail(app, tenant, viewer, after_seq, cutoff_ms, limit);
+    app.metrics.log_read(page.is_some());
+    match page {
+        Some(page) => Ok(page),
+        None => app
+            .db
+            .read(|conn| visible_after(conn, tenant, viewer, after_seq, cutoff_ms, limit)),
+    }
+}
+
+/// [`visible_after`]'s answer from the recent tail, if it covers `after_seq`. The
+/// same rule: addressed to everyone, to the user, sent by the user, or to a room the
+/// user is a member of now (the hub mirrors the stored memberships).
+fn from_tail(
+    app: &App,
+    tenant: &str,
+    viewer: Viewer<'_>,
+    after_seq: u64,
+    cutoff_ms: i64,
+    limit: u32,
+) -> Option<Vec<Stored>> {
+    let take = |e: &TailEvent| Stored {
+        seq: e.seq,
+        event_id: e.event_id.to_string(),
+        body: e.body.to_string(),
+    };
+    let limit = limit as usize;
+    match viewer {
+        Viewer::Everything => app
+            .tail
+            .after(tenant, after_seq, cutoff_ms, limit, |_| true, take),
+        Viewer::User(user) => app.hub.with_rooms(tenant, user, |rooms| {
+            let visible = |e: &TailEvent| {
+                (e.recipient.is_none() && e.room.is_none())
+                    || e.recipient.as_deref() == Some(user)
+                    || e.sender.as_deref() == Some(user)
+                    || e.room
+                        .as_deref()
+                        .is_some_and(|room| rooms.is_some_and(|rooms| rooms.contains(room)))
+            };
+            app.tail
+                .after(tenant, after_seq, cutoff_ms, limit, visible, take)
+        }),
     }
 }
 
@@ -340,8 +486,9 @@ pub(crate) struct Stored {
     pub(crate) body: String,
 }
 
-/// Up to `limit` events after `after_seq` that `viewer` may see, in sequence order.
-pub(crate) fn visible_after(
+/// Up to `limit` events after `after_seq` that `viewer` may see, in sequence order,
+/// read from SQLite.
+fn visible_after(
     conn: &Connection,
     tenant: &str,
     viewer: Viewer<'_>,

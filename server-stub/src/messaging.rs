@@ -86,6 +86,7 @@ pub(crate) async fn send(
     } else {
         let fanout = Fanout {
             hub: Arc::clone(&app.hub),
+            tail: Arc::clone(&app.tail),
             metrics: Arc::clone(&app.metrics),
             exclude,
         };

@@ -51,6 +51,9 @@ pub(crate) struct Metrics {
     pub(crate) server_full: Counter,
     /// Class D transactions, by outcome (`submitted`, `confirmed`, `rejected`).
     pub(crate) transactions: Family<Labels, Counter>,
+    /// Pages of the log read for polls and resumes, by source (`tail`: memory,
+    /// `sqlite`).
+    pub(crate) log_reads: Family<Labels, Counter>,
     /// The hot label sets, resolved once (a family lookup per message hashes and
     /// allocates its labels): `messages_in` for `ws` and `http`, `events_delivered` for
     /// `ws`, `resume`, `poll`, `claim`.
@@ -65,6 +68,8 @@ struct Hot {
     delivered_resume: Counter,
     delivered_poll: Counter,
     delivered_claim: Counter,
+    read_tail: Counter,
+    read_sqlite: Counter,
 }
 
 /// One label pair.
@@ -78,6 +83,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("webwaka");
         let messages_in: Family<Labels, Counter> = Family::default();
         let events_delivered: Family<Labels, Counter> = Family::default();
+        let log_reads: Family<Labels, Counter> = Family::default();
         let resolve = |family: &Family<Labels, Counter>, key, value| {
             family.get_or_create(&label(key, value)).clone()
         };
@@ -88,6 +94,8 @@ impl Metrics {
             delivered_resume: resolve(&events_delivered, "via", "resume"),
             delivered_poll: resolve(&events_delivered, "via", "poll"),
             delivered_claim: resolve(&events_delivered, "via", "claim"),
+            read_tail: resolve(&log_reads, "source", "tail"),
+            read_sqlite: resolve(&log_reads, "source", "sqlite"),
         };
         let m = Self {
             registry: Mutex::new(Registry::default()),
@@ -107,6 +115,7 @@ impl Metrics {
             auth_failures: Counter::default(),
             server_full: Counter::default(),
             transactions: Family::default(),
+            log_reads,
             hot,
         };
         registry.register(
@@ -118,6 +127,11 @@ impl Metrics {
             "messages_in",
             "Messages accepted, by transport",
             m.messages_in.clone(),
+        );
+        registry.register(
+            "log_reads",
+            "Pages of the log read for polls and resumes, by source (tail: memory, sqlite)",
+            m.log_reads.clone(),
         );
         registry.register(
             "messages_out",
@@ -227,6 +241,15 @@ impl Metrics {
                 .get_or_create(&label("via", other))
                 .inc_by(n),
         };
+    }
+
+    /// Counts a page of the log read from the recent tail (`true`) or from SQLite.
+    pub(crate) fn log_read(&self, from_tail: bool) {
+        if from_tail {
+            self.hot.read_tail.inc();
+        } else {
+            self.hot.read_sqlite.inc();
+        }
     }
 
     /// The Prometheus text exposition of every metric.

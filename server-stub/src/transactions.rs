@@ -273,6 +273,7 @@ async fn decide(
 ) -> Result<(), ApiError> {
     let fanout = Fanout {
         hub: Arc::clone(&app.hub),
+        tail: Arc::clone(&app.tail),
         metrics: Arc::clone(&app.metrics),
         exclude: None,
     };

@@ -137,9 +137,7 @@ async fn prepare(
         None => None,
         Some(cursor) => {
             let cutoff = log::retention_cutoff(app.config.event_bus_retention_period_ms);
-            let seq = app
-                .db
-                .read(|conn| Ok(log::cursor_seq(conn, &caller.tenant, cursor, cutoff)))??;
+            let seq = log::find_cursor(app, &caller.tenant, cursor, cutoff)?;
             Some((cursor.to_owned(), seq))
         }
     };
@@ -581,14 +579,9 @@ impl Connection {
             }
             ClientEvent::Resume { last_event_id } => {
                 let cutoff = log::retention_cutoff(self.app.config.event_bus_retention_period_ms);
-                let found = self
-                    .app
-                    .db
-                    .read(|conn| Ok(log::cursor_seq(conn, &self.tenant, &last_event_id, cutoff)));
-                match found {
-                    Err(error) => self.refuse(error.into(), r).await,
-                    Ok(Err(error)) => self.refuse(error, r).await,
-                    Ok(Ok(seq)) => self.replay(&last_event_id, seq, r).await,
+                match log::find_cursor(&self.app, &self.tenant, &last_event_id, cutoff) {
+                    Err(error) => self.refuse(error, r).await,
+                    Ok(seq) => self.replay(&last_event_id, seq, r).await,
                 }
             }
             ClientEvent::Ping => {
@@ -656,16 +649,14 @@ impl Connection {
         let mut replayed = 0u64;
         let mut last_id: Option<String> = None;
         while after < head {
-            let rows = match app.db.read(|conn| {
-                log::visible_after(
-                    conn,
-                    &self.tenant,
-                    log::Viewer::User(&self.user),
-                    after,
-                    cutoff,
-                    REPLAY_PAGE,
-                )
-            }) {
+            let rows = match log::read_after(
+                &app,
+                &self.tenant,
+                log::Viewer::User(&self.user),
+                after,
+                cutoff,
+                REPLAY_PAGE,
+            ) {
                 Ok(rows) => rows,
                 Err(error) => return self.refuse(error.into(), reference).await,
             };

@@ -22,10 +22,10 @@ use crate::log::{self, Fanout, NewEvent};
 /// `GET /api/events/poll?lastEventId=&limit=`: the durable events after the cursor
 /// that the caller may see, as a `PollResponse`.
 ///
-/// The cursor and the page are read in one go from one pooled connection, and the
-/// answer is written around the stored event JSON as it is (each row holds the
-/// `Event` exactly as this server serialised it), without decoding and re-encoding
-/// every event.
+/// The cursor and the page come from the log's recent tail in memory when the cursor
+/// is in it, from SQLite otherwise (`log::page`), and the answer is written around
+/// the stored event JSON as it is (each row holds the `Event` exactly as this server
+/// serialised it), without decoding and re-encoding every event.
 pub(crate) async fn poll(
     State(app): State<Arc<App>>,
     caller: Caller,
@@ -48,16 +48,7 @@ pub(crate) async fn poll(
     } else {
         log::Viewer::User(caller.user())
     };
-    let rows = app.db.read(|conn| {
-        let after = match cursor {
-            None => 0,
-            Some(cursor) => match log::cursor_seq(conn, &caller.tenant, cursor, cutoff) {
-                Ok(seq) => seq,
-                Err(refused) => return Ok(Err(refused)),
-            },
-        };
-        log::visible_after(conn, &caller.tenant, viewer, after, cutoff, limit + 1).map(Ok)
-    })??;
+    let rows = log::page(&app, &caller.tenant, viewer, cursor, cutoff, limit + 1)?;
     // Checked once the request is known to be good: a refused one spends no budget.
     app.limits
         .poll
@@ -151,6 +142,7 @@ pub(crate) async fn publish(
     };
     let fanout = Fanout {
         hub: Arc::clone(&app.hub),
+        tail: Arc::clone(&app.tail),
         metrics: Arc::clone(&app.metrics),
         exclude: None,
     };

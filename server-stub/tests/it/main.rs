@@ -19,5 +19,6 @@ mod http;
 mod memory;
 mod reconcile;
 mod restart;
+mod tail;
 mod transactions;
 mod ws;

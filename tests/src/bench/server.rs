@@ -143,8 +143,15 @@ fn server_config(dir: &Path) -> Config {
     config.message_rate_limit = 0;
     config.poll_rate_limit = 1_000_000_000;
     config.log_level = "warn".to_owned();
+    if let Some(bytes) = std::env::var(TAIL_ENV).ok().and_then(|v| v.parse().ok()) {
+        config.event_bus_tail_bytes = bytes;
+    }
     config
 }
+
+/// Set on a server child: `EVENT_BUS_TAIL_BYTES` for it (the poll benchmark's SQLite
+/// row sets 0).
+const TAIL_ENV: &str = "WEBWAKA_BENCH_TAIL_BYTES";
 
 /// Prints the address the parent waits for.
 fn announce(addr: SocketAddr) -> Result<(), String> {
@@ -209,6 +216,11 @@ struct ChildProc {
 impl ChildProc {
     /// Starts this binary as a `kind` child and waits for its address.
     fn spawn(kind: &str) -> Result<Self, String> {
+        Self::spawn_with(kind, &[])
+    }
+
+    /// [`ChildProc::spawn`] with extra environment variables for the child.
+    fn spawn_with(kind: &str, env: &[(&str, &str)]) -> Result<Self, String> {
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         let dir = if kind == CHILD_SERVER {
             Some(tempfile::tempdir().map_err(|e| e.to_string())?)
@@ -217,6 +229,7 @@ impl ChildProc {
         };
         let mut command = Command::new(exe);
         command
+            .envs(env.iter().copied())
             .env(CHILD_ENV, kind)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -969,38 +982,59 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 
 /// [`RUNS`] poll runs on fresh servers; the median.
 async fn polls() -> Result<Vec<Row>, String> {
-    let (mut rates, mut cpus) = (Vec::new(), Vec::new());
-    for _ in 0..RUNS {
-        let (rate, cpu) = poll_run().await?;
-        rates.push(rate);
-        cpus.push(cpu);
+    let mut rows = Vec::new();
+    for from_tail in [true, false] {
+        let (mut rates, mut cpus) = (Vec::new(), Vec::new());
+        for _ in 0..RUNS {
+            let (rate, cpu) = poll_run(from_tail).await?;
+            rates.push(rate);
+            cpus.push(cpu);
+        }
+        let (rate, cpu) = (median(&mut rates), median(&mut cpus));
+        let (name, source) = if from_tail {
+            (
+                "server: polls/s, 50 keep-alive clients",
+                "the cursor and the page from the log's recent tail in memory (the usual \
+                 case: each cursor is recent), room memberships from the hub",
+            )
+        } else {
+            (
+                "server: polls/s, 50 keep-alive clients, tail off (SQLite)",
+                "EVENT_BUS_TAIL_BYTES=0: cursor and page read from SQLite (the page scans \
+                 the tenant's log after the cursor: here ~50 events on average)",
+            )
+        };
+        rows.push(Row {
+            name: name.into(),
+            figure: format!(
+                "{} (runs {}–{}; {cpu:.1} µs server CPU per poll; target ≥ 50,000/s)",
+                fmt_rate(rate),
+                fmt_rate(rates[0]),
+                fmt_rate(rates[RUNS - 1])
+            ),
+            method: format!(
+                "{POLL_CLIENTS} HTTP/1.1 keep-alive connections (one user each, minimal \
+                 client), GET /api/events/poll with the user's cursor, one event back as \
+                 JSON: token check, rate-limit check, {source}; {} s after {} ms warm-up; \
+                 load generator on the same 2 cores; median of {RUNS} runs",
+                POLL_TIME.as_secs(),
+                POLL_WARMUP.as_millis()
+            ),
+        });
     }
-    let (rate, cpu) = (median(&mut rates), median(&mut cpus));
-    Ok(vec![Row {
-        name: "server: polls/s, 50 keep-alive clients".into(),
-        figure: format!(
-            "{} (runs {}–{}; {cpu:.1} µs server CPU per poll; target ≥ 50,000/s)",
-            fmt_rate(rate),
-            fmt_rate(rates[0]),
-            fmt_rate(rates[RUNS - 1])
-        ),
-        method: format!(
-            "{POLL_CLIENTS} HTTP/1.1 keep-alive connections (one user each, minimal client), \
-             GET /api/events/poll with the user's cursor: token check, rate-limit check, \
-             cursor and page reads from SQLite (the page scans the tenant's log after the \
-             cursor: here ~50 events on average), one event back as JSON; {} s after {} ms \
-             warm-up; load generator on the same 2 cores; median of {RUNS} runs",
-            POLL_TIME.as_secs(),
-            POLL_WARMUP.as_millis()
-        ),
-    }])
+    Ok(rows)
 }
 
 /// [`POLL_CLIENTS`] keep-alive connections, one user each, polling with their cursor in
-/// a loop: each poll returns the one event after the cursor. Returns polls per second
-/// and server CPU µs per poll.
-async fn poll_run() -> Result<(f64, f64), String> {
-    let server = ChildProc::spawn(CHILD_SERVER)?;
+/// a loop: each poll returns the one event after the cursor (`from_tail`: the server keeps
+/// its default log tail; otherwise none). Returns polls per second and server CPU µs
+/// per poll.
+async fn poll_run(from_tail: bool) -> Result<(f64, f64), String> {
+    let server = if from_tail {
+        ChildProc::spawn(CHILD_SERVER)?
+    } else {
+        ChildProc::spawn_with(CHILD_SERVER, &[(TAIL_ENV, "0")])?
+    };
     // Two messages to each polling user; each polls from the first (one event back).
     let mut sender = connect_user(server.addr, "poll-sender").await?;
     let mut cursors = Vec::with_capacity(POLL_CLIENTS);
