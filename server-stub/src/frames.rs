@@ -28,6 +28,17 @@ pub(crate) fn message_frame(m: &WebSocketMessage) -> String {
     })
 }
 
+/// The text of the `message` frame around `data`, a message already written by
+/// [`MessageOut`] (the same text as [`message_frame`]).
+pub(crate) fn message_frame_around(data: &serde_json::value::RawValue) -> String {
+    let data = data.get();
+    let mut frame = String::with_capacity(data.len() + 28);
+    frame.push_str(r#"{"event":"message","data":"#);
+    frame.push_str(data);
+    frame.push('}');
+    frame
+}
+
 /// A [`WebSocketMessage`] as serialised, borrowed: same names, order and omissions.
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -224,5 +235,8 @@ mod tests {
             message_frame(&m),
             ServerEvent::Message(m.clone()).encode(None)
         );
+        // The durable path writes the message once and wraps it.
+        let data = serde_json::value::to_raw_value(&MessageOut::new(&m)).unwrap();
+        assert_eq!(message_frame_around(&data), message_frame(&m));
     }
 }

@@ -53,26 +53,38 @@ pub(crate) struct Fanout {
     pub(crate) exclude: Option<u64>,
 }
 
-/// Hands out the tenant's next sequence.
+/// The last sequence handed out in `tenant`'s log: the greatest in the log or, when
+/// retention emptied the log's end, the one [`purge`] recorded in `tenant_seq` before
+/// deleting it. (Appends write no counter row: the log's own primary key is the
+/// counter, read once per tenant by the writer and then kept in its cache.)
+pub(crate) fn last_seq(conn: &Connection, tenant: &str) -> rusqlite::Result<u64> {
+    conn.prepare_cached(
+        "SELECT max(coalesce((SELECT max(seq) FROM events WHERE tenant = ?1), 0),
+                    coalesce((SELECT last_seq FROM tenant_seq WHERE tenant = ?1), 0))",
+    )?
+    .query_row([tenant], |row| row.get::<_, i64>(0))
+    .map(|n| n as u64)
+}
+
+/// Hands out the tenant's next sequence (in the writer's cache; the event row that
+/// uses it is what makes it durable).
 fn next_seq(w: &mut Writer<'_>, tenant: &str) -> Result<u64, JobError> {
-    let last = match w.cache.tenant_seq.get(tenant) {
-        Some(last) => *last,
-        None => w
-            .conn
-            .prepare_cached("SELECT last_seq FROM tenant_seq WHERE tenant = ?1")?
-            .query_row([tenant], |row| row.get::<_, i64>(0))
-            .optional()?
-            .map_or(0, |n| n as u64),
-    };
-    let next = last + 1;
-    w.conn
-        .prepare_cached(
-            "INSERT INTO tenant_seq (tenant, last_seq) VALUES (?1, ?2)
-             ON CONFLICT (tenant) DO UPDATE SET last_seq = excluded.last_seq",
-        )?
-        .execute(params![tenant, next as i64])?;
+    if let Some(last) = w.cache.tenant_seq.get_mut(tenant) {
+        *last += 1;
+        return Ok(*last);
+    }
+    let next = last_seq(w.conn, tenant)? + 1;
     w.cache.tenant_seq.insert(tenant.to_owned(), next);
     Ok(next)
+}
+
+/// Gives back the sequence [`next_seq`] just handed out, unused.
+fn unuse_seq(w: &mut Writer<'_>, tenant: &str, seq: u64) {
+    if let Some(last) = w.cache.tenant_seq.get_mut(tenant)
+        && *last == seq
+    {
+        *last -= 1;
+    }
 }
 
 /// The columns of one event row besides its JSON body.
@@ -88,13 +100,18 @@ struct Row<'a> {
     message_id: Option<&'a str>,
 }
 
-/// Stores one event row; `body` is the event's JSON.
-fn insert(w: &Writer<'_>, row: &Row<'_>, body: &str) -> Result<(), JobError> {
-    w.conn
+/// Stores one event row; `body` is the event's JSON. Returns false, having written
+/// nothing, when the row would repeat a unique key (a message id already stored: the
+/// unique index finds it in the same descent that inserts, so appends need no lookup
+/// first).
+fn insert(w: &Writer<'_>, row: &Row<'_>, body: &str) -> Result<bool, JobError> {
+    let inserted = w
+        .conn
         .prepare_cached(
             "INSERT INTO events (tenant, seq, event_id, event_type, created_ms, recipient_id,
                                  room_id, sender_id, message_id, body)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+             ON CONFLICT DO NOTHING",
         )?
         .execute(params![
             row.tenant,
@@ -108,7 +125,7 @@ fn insert(w: &Writer<'_>, row: &Row<'_>, body: &str) -> Result<(), JobError> {
             row.message_id,
             body,
         ])?;
-    Ok(())
+    Ok(inserted == 1)
 }
 
 /// A durable message's [`Event`], borrowed, so that its JSON is written in one pass
@@ -121,7 +138,7 @@ struct MessageEvent<'a> {
     event_type: &'a str,
     tenant_id: &'a str,
     timestamp: Rfc3339<'a>,
-    payload: MessageOut<'a>,
+    payload: &'a serde_json::value::RawValue,
     metadata: &'a EventMetadata,
     schema_version: &'a str,
     sequence: u64,
@@ -140,41 +157,25 @@ pub(crate) fn append_message(
     mut message: WebSocketMessage,
 ) -> Result<Appended, JobError> {
     let tenant = message.tenant_id.clone();
-    let existing = w
-        .conn
-        .prepare_cached(
-            "SELECT event_id, seq FROM events
-             WHERE tenant = ?1 AND sender_id = ?2 AND message_id = ?3",
-        )?
-        .query_row(
-            params![tenant, message.sender_id, message.message_id],
-            |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?)),
-        )
-        .optional()?;
-    if let Some((event_id, seq)) = existing {
-        return Ok(Appended {
-            event_id,
-            seq: seq as u64,
-            duplicate: true,
-        });
-    }
     let seq = next_seq(w, &tenant)?;
     let event_id = new_event_id();
     message.event_id = Some(event_id.clone());
     message.sequence = Some(seq);
     let mut metadata = EventMetadata::from_source(message.sender_id.clone());
     metadata.user_id = Some(message.sender_id.clone());
+    // The message is written once: the event's payload and the delivery frame's data.
+    let data = serde_json::value::to_raw_value(&MessageOut::new(&message))?;
     let body = serde_json::to_string(&MessageEvent {
         event_id: &event_id,
         event_type: MESSAGE_EVENT_TYPE,
         tenant_id: &tenant,
         timestamp: Rfc3339(&message.timestamp),
-        payload: MessageOut::new(&message),
+        payload: &data,
         metadata: &metadata,
         schema_version: DEFAULT_SCHEMA_VERSION,
         sequence: seq,
     })?;
-    insert(
+    let inserted = insert(
         w,
         &Row {
             tenant: &tenant,
@@ -189,6 +190,25 @@ pub(crate) fn append_message(
         },
         &body,
     )?;
+    if !inserted {
+        // This sender's message id is stored already: answer with the stored one.
+        unuse_seq(w, &tenant, seq);
+        let (event_id, seq) = w
+            .conn
+            .prepare_cached(
+                "SELECT event_id, seq FROM events
+                 WHERE tenant = ?1 AND sender_id = ?2 AND message_id = ?3",
+            )?
+            .query_row(
+                params![tenant, message.sender_id, message.message_id],
+                |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?)),
+            )?;
+        return Ok(Appended {
+            event_id,
+            seq: seq as u64,
+            duplicate: true,
+        });
+    }
     let audience = Audience {
         everyone: false,
         room: message.room_id.clone(),
@@ -197,7 +217,7 @@ pub(crate) fn append_message(
             None => vec![message.sender_id.clone()],
         },
     };
-    let delivery = Delivery::text(crate::frames::message_frame(&message), Some(seq));
+    let delivery = Delivery::text(crate::frames::message_frame_around(&data), Some(seq));
     let recent = TailEvent {
         seq,
         event_id: event_id.as_str().into(),
@@ -205,7 +225,7 @@ pub(crate) fn append_message(
         recipient: message.recipient_id.as_deref().map(Into::into),
         room: message.room_id.as_deref().map(Into::into),
         sender: Some(message.sender_id.as_str().into()),
-        body: body.into(),
+        body: Arc::new(body),
     };
     w.after_commit(move || {
         fanout.tail.push(&tenant, recent);
@@ -265,7 +285,7 @@ pub(crate) fn append_event(
         sequence: Some(seq),
     };
     let body = serde_json::to_string(&event)?;
-    insert(
+    let inserted = insert(
         w,
         &Row {
             tenant,
@@ -280,6 +300,10 @@ pub(crate) fn append_event(
         },
         &body,
     )?;
+    if !inserted {
+        // The event id was looked up above: only a broken sequence can get here.
+        return Err(StoreError::Sqlite(rusqlite::Error::StatementChangedRows(0)).into());
+    }
     let recent = TailEvent {
         seq,
         event_id: event.event_id.as_str().into(),
@@ -287,7 +311,7 @@ pub(crate) fn append_event(
         recipient: new.recipient_id.as_deref().map(Into::into),
         room: new.room_id.as_deref().map(Into::into),
         sender: new.sender_id.as_deref().map(Into::into),
-        body: body.into(),
+        body: Arc::new(body),
     };
     let mut users: Vec<String> = new.recipient_id.iter().cloned().collect();
     users.extend(new.sender_id.iter().cloned());
@@ -447,7 +471,7 @@ fn from_tail(
     let take = |e: &TailEvent| Stored {
         seq: e.seq,
         event_id: e.event_id.to_string(),
-        body: e.body.to_string(),
+        body: e.body.as_str().to_owned(),
     };
     let limit = limit as usize;
     match viewer {
@@ -547,6 +571,16 @@ pub(crate) fn frame_for(event: Event) -> ServerEvent {
 /// Deletes events older than `cutoff_ms` (in chunks) and the consumer-group
 /// deliveries that pointed at them. Returns how many events went.
 pub(crate) fn purge(w: &mut Writer<'_>, cutoff_ms: i64) -> Result<u64, JobError> {
+    // The log's greatest sequence is its counter ([`last_seq`]): first keep it for
+    // every tenant losing events, in case the whole end of its log goes.
+    w.conn
+        .prepare_cached(
+            "INSERT INTO tenant_seq (tenant, last_seq)
+             SELECT t.tenant, (SELECT max(seq) FROM events e WHERE e.tenant = t.tenant)
+               FROM (SELECT DISTINCT tenant FROM events WHERE created_ms < ?1) t WHERE true
+             ON CONFLICT (tenant) DO UPDATE SET last_seq = max(last_seq, excluded.last_seq)",
+        )?
+        .execute([cutoff_ms])?;
     let removed = w
         .conn
         .prepare_cached(
@@ -601,7 +635,7 @@ mod tests {
             event_type: MESSAGE_EVENT_TYPE,
             tenant_id: "t",
             timestamp: Rfc3339(&message.timestamp),
-            payload: MessageOut::new(&message),
+            payload: &serde_json::value::to_raw_value(&MessageOut::new(&message)).unwrap(),
             metadata: &metadata,
             schema_version: DEFAULT_SCHEMA_VERSION,
             sequence: 9,

@@ -93,7 +93,7 @@ pub(crate) async fn send(
         let message_id = delivered.message_id.clone();
         let appended = app
             .db
-            .write(move |w| log::append_message(w, fanout, delivered))
+            .write_one(move |w| log::append_message(w, fanout, delivered))
             .await?;
         MessageAck {
             message_id,

@@ -29,8 +29,9 @@ pub(crate) struct TailEvent {
     pub(crate) recipient: Option<Box<str>>,
     pub(crate) room: Option<Box<str>>,
     pub(crate) sender: Option<Box<str>>,
-    /// The event's JSON, as stored.
-    pub(crate) body: Arc<str>,
+    /// The event's JSON, as stored (shared, not copied: the writer hands over the
+    /// string it inserted).
+    pub(crate) body: Arc<String>,
 }
 
 impl TailEvent {
@@ -212,7 +213,7 @@ mod tests {
             recipient: None,
             room: None,
             sender: None,
-            body: "x".repeat(body_len).into(),
+            body: Arc::new("x".repeat(body_len)),
         }
     }
 

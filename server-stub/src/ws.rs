@@ -636,12 +636,7 @@ impl Connection {
     async fn replay(&mut self, cursor: &str, after_seq: u64, reference: Option<&str>) -> Flow {
         let app = Arc::clone(&self.app);
         let cutoff = log::retention_cutoff(app.config.event_bus_retention_period_ms);
-        let head = match app.db.read(|conn| {
-            Ok(conn
-                .prepare_cached("SELECT last_seq FROM tenant_seq WHERE tenant = ?1")?
-                .query_row([&self.tenant], |row| row.get::<_, i64>(0))
-                .unwrap_or(0) as u64)
-        }) {
+        let head = match app.db.read(|conn| Ok(log::last_seq(conn, &self.tenant)?)) {
             Ok(head) => head,
             Err(error) => return self.refuse(error.into(), reference).await,
         };

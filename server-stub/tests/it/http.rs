@@ -292,7 +292,7 @@ async fn publishing_needs_a_role_is_idempotent_and_reaches_its_audience() {
 
 #[tokio::test]
 async fn events_older_than_retention_are_gone_and_their_cursors_expire() {
-    let ts = TestServer::start(|c| {
+    let mut ts = TestServer::start(|c| {
         c.event_bus_retention_period_ms = 300;
         c.maintenance_interval_ms = 50;
     })
@@ -347,6 +347,29 @@ async fn events_older_than_retention_are_gone_and_their_cursors_expire() {
     assert_eq!(
         ack2["sequence"].as_u64(),
         ack["sequence"].as_u64().map(|s| s + 1)
+    );
+    // Nor after a restart, when the only record of the purged sequences is the
+    // counter purge kept.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let (_, page) = ts.get("/api/events/poll", Some(&alice), &[]).await;
+    assert_eq!(
+        page["events"],
+        json!([]),
+        "the second message is purged too"
+    );
+    ts.restart().await;
+    let alice = ts.token("t1", "alice", &[]);
+    let (_, ack3) = ts
+        .post(
+            "/api/messages",
+            Some(&alice),
+            message(Some("bob"), None, "after restart"),
+            &[],
+        )
+        .await;
+    assert_eq!(
+        ack3["sequence"].as_u64(),
+        ack["sequence"].as_u64().map(|s| s + 2)
     );
 }
 

@@ -653,13 +653,15 @@ async fn throughput_run(class: InteractionClass) -> Result<Throughput, String> {
         let recipient = format!("t{}", (i + 1) % THROUGHPUT_CONNS);
         let w = Arc::clone(&window);
         tasks.spawn(async move {
-            for n in 0..THROUGHPUT_PER_CONN {
+            for _ in 0..THROUGHPUT_PER_CONN {
                 let permit = tokio::time::timeout(WAIT, w.acquire())
                     .await
                     .map_err(|_| "no ack in time".to_owned())?
                     .map_err(|e| e.to_string())?;
                 permit.forget();
-                let frame = message_frame(&format!("{n}"), class, Some(&recipient), None);
+                // A UUIDv7 id, as the SDK makes them.
+                let id = uuid::Uuid::now_v7().to_string();
+                let frame = message_frame(&id, class, Some(&recipient), None);
                 tx.send(Message::Text(frame.into()))
                     .await
                     .map_err(|e| e.to_string())?;
