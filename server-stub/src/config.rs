@@ -50,8 +50,8 @@ pub mod defaults {
     pub const EVENT_BUS_RETENTION_PERIOD_MS: u64 = 604_800_000;
     /// `EVENT_BUS_BATCH_SIZE`: the largest `max` a claim is granted.
     pub const EVENT_BUS_BATCH_SIZE: u32 = 100;
-    /// `EVENT_BUS_TAIL_BYTES`: memory for each tenant's recent events (8 MiB).
-    pub const EVENT_BUS_TAIL_BYTES: usize = 8 << 20;
+    /// `EVENT_BUS_TAIL_BYTES`: memory for the most recent events of all tenants (64 MiB).
+    pub const EVENT_BUS_TAIL_BYTES: usize = 64 << 20;
     /// `RECONCILIATION_MAX_QUEUE_SIZE`: most operations in one request.
     pub const RECONCILIATION_MAX_QUEUE_SIZE: usize = 10_000;
     /// `RECONCILIATION_PROCESSING_TIMEOUT`, ms.
@@ -168,8 +168,9 @@ pub struct Config {
     /// Largest `max` granted to one claim.
     #[arg(long, env = "EVENT_BUS_BATCH_SIZE", default_value_t = defaults::EVENT_BUS_BATCH_SIZE)]
     pub event_bus_batch_size: u32,
-    /// Bytes of each tenant's most recent events kept in memory, so that polls and
-    /// resumes from a recent cursor do not read SQLite (0: always read SQLite).
+    /// Bytes of the most recent events (of all tenants together; the oldest leave
+    /// first) kept in memory, so that polls and resumes from a recent cursor do not
+    /// read SQLite (0: always read SQLite).
     #[arg(long, env = "EVENT_BUS_TAIL_BYTES", default_value_t = defaults::EVENT_BUS_TAIL_BYTES)]
     pub event_bus_tail_bytes: usize,
     /// Strategy when neither the request nor the entity type names one.

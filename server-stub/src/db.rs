@@ -501,22 +501,54 @@ fn exec(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
     conn.prepare_cached(sql)?.execute([]).map(|_| ())
 }
 
+/// Runs a batch of jobs: in one transaction, committed once, then the effects of what
+/// was committed, then the answers. (In more than one transaction only when SQLite
+/// undid one by itself or a job without a savepoint panicked: see [`run_transaction`].)
 fn run_batch(conn: &Connection, cache: &mut WriterCache, batch: Vec<Queued>) {
+    let mut jobs = batch.into_iter().peekable();
+    // Bounded: each round takes at least one job off the queue (or all of them).
+    while jobs.peek().is_some() {
+        run_transaction(conn, cache, &mut jobs);
+    }
+}
+
+/// Forgets what the writer remembers: after anything was rolled back.
+fn forget(cache: &mut WriterCache) {
+    cache.tenant_seq.clear();
+    cache.audit_head = None;
+}
+
+/// Runs jobs from `jobs` in one transaction until there are no more, then commits.
+///
+/// Stops early, failing the jobs it ran (nothing of theirs is committed, fanned out or
+/// acknowledged) and leaving the rest to the next transaction, when the transaction is
+/// gone: SQLite may roll a whole transaction back by itself on some errors (`FULL`,
+/// `IOERR`, `NOMEM`, `BUSY`), and a job without a savepoint that panicked left unknown
+/// writes, so it is rolled back here. No job ever runs outside a transaction: one that
+/// did would commit on its own, unseen by the log's tail and the live fan-out.
+fn run_transaction(
+    conn: &Connection,
+    cache: &mut WriterCache,
+    jobs: &mut std::iter::Peekable<std::vec::IntoIter<Queued>>,
+) {
     if let Err(error) = exec(conn, "BEGIN IMMEDIATE") {
         tracing::error!(%error, "cannot begin a write transaction");
-        cache.tenant_seq.clear();
-        cache.audit_head = None;
-        // Run nothing; answer every job with the failure. A job closure is only called
-        // inside a transaction, so report through a throwaway writer is not possible:
-        // drop the jobs, their callers see WriterGone.
-        drop(batch);
+        forget(cache);
+        // Run nothing. A job's answer is made by running it, so the jobs are dropped:
+        // their callers see WriterGone.
+        jobs.for_each(drop);
         return;
     }
     let mut effects: Vec<Effect> = Vec::new();
-    let mut replies: Vec<Reply> = Vec::with_capacity(batch.len());
-    for Queued { job, guarded } in batch {
+    let mut replies: Vec<Reply> = Vec::new();
+    let mut lost = None;
+    for Queued { job, guarded } in jobs.by_ref() {
         if guarded && exec(conn, "SAVEPOINT job").is_err() {
             // Cannot isolate the job: skip it (its caller sees WriterGone).
+            if conn.is_autocommit() {
+                lost = Some("the transaction was lost");
+                break;
+            }
             continue;
         }
         let mut writer = Writer {
@@ -526,57 +558,59 @@ fn run_batch(conn: &Connection, cache: &mut WriterCache, batch: Vec<Queued>) {
         };
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| job(&mut writer)));
         let job_effects = std::mem::take(&mut writer.effects);
-        if !guarded {
-            match outcome {
-                Ok((true, reply)) => {
-                    effects.extend(job_effects);
-                    replies.push(reply);
+        let failed = match (outcome, guarded) {
+            (Ok((true, reply)), guarded) => {
+                if guarded {
+                    let _ = exec(conn, "RELEASE job");
                 }
-                // Its one statement failed and undid itself: nothing to roll back.
-                Ok((false, reply)) => {
-                    cache.tenant_seq.clear();
-                    cache.audit_head = None;
-                    replies.push(reply);
-                }
-                Err(_) => {
-                    // What it wrote is unknown: undo the whole batch. The jobs not
-                    // run yet are dropped (their callers see WriterGone).
-                    tracing::error!("a storage job panicked; its batch was rolled back");
-                    let _ = conn.execute_batch("ROLLBACK");
-                    cache.tenant_seq.clear();
-                    cache.audit_head = None;
-                    for reply in replies {
-                        reply(Some("the batch was rolled back: a job panicked".into()));
-                    }
-                    return;
-                }
-            }
-            continue;
-        }
-        match outcome {
-            Ok((true, reply)) => {
-                let _ = exec(conn, "RELEASE job");
                 effects.extend(job_effects);
                 replies.push(reply);
+                false
             }
-            Ok((false, reply)) => {
-                let _ = exec(conn, "ROLLBACK TO job").and_then(|()| exec(conn, "RELEASE job"));
-                cache.tenant_seq.clear();
-                cache.audit_head = None;
+            (Ok((false, reply)), guarded) => {
+                // Without a savepoint, its one statement failed and undid itself.
+                if guarded {
+                    let _ = exec(conn, "ROLLBACK TO job").and_then(|()| exec(conn, "RELEASE job"));
+                }
                 replies.push(reply);
+                true
             }
-            Err(_) => {
+            (Err(_), true) => {
                 tracing::error!("a storage job panicked; it was rolled back");
                 let _ = exec(conn, "ROLLBACK TO job").and_then(|()| exec(conn, "RELEASE job"));
-                cache.tenant_seq.clear();
-                cache.audit_head = None;
+                true
+            }
+            (Err(_), false) => {
+                tracing::error!("a storage job panicked; its transaction was rolled back");
+                let _ = conn.execute_batch("ROLLBACK");
+                lost = Some("the transaction was rolled back: a job panicked");
+                break;
+            }
+        };
+        if failed {
+            forget(cache);
+            if conn.is_autocommit() {
+                tracing::error!("SQLite rolled the transaction back after a failed job");
+                lost = Some("the transaction was rolled back by SQLite after an error");
+                break;
             }
         }
+    }
+    if let Some(why) = lost {
+        forget(cache);
+        for reply in replies {
+            reply(Some(why.to_owned()));
+        }
+        return;
     }
     match exec(conn, "COMMIT") {
         Ok(()) => {
             for effect in effects {
-                effect();
+                // One effect's panic must not cost the others (the log's tail, the
+                // fan-out of other events).
+                if std::panic::catch_unwind(AssertUnwindSafe(effect)).is_err() {
+                    tracing::error!("an after-commit effect panicked");
+                }
             }
             for reply in replies {
                 reply(None);
@@ -585,8 +619,7 @@ fn run_batch(conn: &Connection, cache: &mut WriterCache, batch: Vec<Queued>) {
         Err(error) => {
             tracing::error!(%error, "commit failed");
             let _ = conn.execute_batch("ROLLBACK");
-            cache.tenant_seq.clear();
-            cache.audit_head = None;
+            forget(cache);
             for reply in replies {
                 reply(Some(error.to_string()));
             }
@@ -608,6 +641,7 @@ pub(crate) fn ms_to_time(ms: i64) -> chrono::DateTime<chrono::Utc> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use std::sync::Arc;
 
     #[tokio::test]
     async fn a_failed_job_is_rolled_back_alone() {
@@ -645,6 +679,85 @@ mod tests {
             .await;
         assert!(update.is_err());
         db.shutdown();
+    }
+
+    /// Each job's name and answer (`None`: committed).
+    type Answers = Arc<Mutex<Vec<(char, Option<String>)>>>;
+
+    /// A job for [`run_batch`] whose answer lands in `answers`.
+    fn queued(
+        guarded: bool,
+        answers: &Answers,
+        name: char,
+        job: impl FnOnce(&Connection) -> Result<(), JobError> + Send + 'static,
+    ) -> Queued {
+        let answers = Arc::clone(answers);
+        Queued {
+            guarded,
+            job: Box::new(move |w: &mut Writer<'_>| {
+                let ok = job(w.conn).is_ok();
+                let reply: Reply = Box::new(move |commit_error| {
+                    let answer = if ok {
+                        commit_error
+                    } else {
+                        Some("failed".into())
+                    };
+                    lock(&answers).push((name, answer));
+                });
+                (ok, reply)
+            }),
+        }
+    }
+
+    #[test]
+    fn a_transaction_sqlite_undid_fails_its_jobs_and_the_rest_get_a_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.sqlite3");
+        Db::open(&path, Durability::Normal).unwrap().shutdown();
+        let conn = Connection::open(&path).unwrap();
+        let answers = Arc::new(Mutex::new(Vec::new()));
+        let insert = |key: &'static str| {
+            move |c: &Connection| -> Result<(), JobError> {
+                c.execute("INSERT INTO tenant_seq VALUES (?1, 1)", [key])?;
+                Ok(())
+            }
+        };
+        let batch = vec![
+            queued(false, &answers, 'a', insert("a")),
+            queued(true, &answers, 'b', insert("b")),
+            // As SQLite does on SQLITE_FULL or IOERR: the whole transaction is gone.
+            queued(false, &answers, 'x', |c| {
+                c.execute_batch("ROLLBACK")?;
+                Err(JobError::Refused(crate::error::ApiError::internal()))
+            }),
+            queued(false, &answers, 'c', insert("c")),
+            queued(true, &answers, 'd', insert("d")),
+        ];
+        run_batch(&conn, &mut WriterCache::default(), batch);
+        let answers = lock(&answers).clone();
+        let answer = |name| {
+            answers
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, a)| a.clone())
+        };
+        // a and b ran in the lost transaction: they fail (they are not stored); c and
+        // d ran in a new one and are committed, neither of them on its own.
+        assert!(matches!(answer('a'), Some(Some(_))), "{answers:?}");
+        assert!(matches!(answer('b'), Some(Some(_))), "{answers:?}");
+        assert!(matches!(answer('x'), Some(Some(_))), "{answers:?}");
+        assert_eq!(answer('c'), Some(None), "{answers:?}");
+        assert_eq!(answer('d'), Some(None), "{answers:?}");
+        let mut stored = conn
+            .prepare("SELECT tenant FROM tenant_seq ORDER BY tenant")
+            .unwrap();
+        let stored: Vec<String> = stored
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(stored, ["c", "d"]);
+        assert!(conn.is_autocommit(), "no transaction left open");
     }
 
     #[tokio::test]

@@ -321,6 +321,7 @@ fn spawn_maintenance(app: &Arc<App>) {
                 Err(error) => tracing::warn!(%error, "maintenance failed"),
             }
             app2.limits.retain_recent();
+            app2.tail.expire(cutoff);
         }
     });
 }

@@ -101,9 +101,9 @@ struct Row<'a> {
 }
 
 /// Stores one event row; `body` is the event's JSON. Returns false, having written
-/// nothing, when the row would repeat a unique key (a message id already stored: the
-/// unique index finds it in the same descent that inserts, so appends need no lookup
-/// first).
+/// nothing, when the sender's message id is stored already (the unique index finds it
+/// in the same descent that inserts, so appends need no lookup first); any other
+/// conflict is an error.
 fn insert(w: &Writer<'_>, row: &Row<'_>, body: &str) -> Result<bool, JobError> {
     let inserted = w
         .conn
@@ -111,7 +111,8 @@ fn insert(w: &Writer<'_>, row: &Row<'_>, body: &str) -> Result<bool, JobError> {
             "INSERT INTO events (tenant, seq, event_id, event_type, created_ms, recipient_id,
                                  room_id, sender_id, message_id, body)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
-             ON CONFLICT DO NOTHING",
+             ON CONFLICT (tenant, message_id, sender_id) WHERE message_id IS NOT NULL
+             DO NOTHING",
         )?
         .execute(params![
             row.tenant,
@@ -301,7 +302,7 @@ pub(crate) fn append_event(
         &body,
     )?;
     if !inserted {
-        // The event id was looked up above: only a broken sequence can get here.
+        // A bus event has no message id: its insert cannot be refused as a duplicate.
         return Err(StoreError::Sqlite(rusqlite::Error::StatementChangedRows(0)).into());
     }
     let recent = TailEvent {
@@ -468,28 +469,34 @@ fn from_tail(
     cutoff_ms: i64,
     limit: u32,
 ) -> Option<Vec<Stored>> {
+    // Shared, not copied, under the tail's lock.
     let take = |e: &TailEvent| Stored {
         seq: e.seq,
-        event_id: e.event_id.to_string(),
-        body: e.body.as_str().to_owned(),
+        event_id: Arc::clone(&e.event_id),
+        body: Arc::clone(&e.body),
     };
     let limit = limit as usize;
     match viewer {
         Viewer::Everything => app
             .tail
             .after(tenant, after_seq, cutoff_ms, limit, |_| true, take),
-        Viewer::User(user) => app.hub.with_rooms(tenant, user, |rooms| {
+        Viewer::User(user) => {
+            // The user's rooms now, copied so that no writer of the hub waits for the
+            // scan (usually a handful, often none).
+            let rooms = app.hub.with_rooms(tenant, user, |rooms| {
+                rooms.filter(|r| !r.is_empty()).cloned()
+            });
             let visible = |e: &TailEvent| {
                 (e.recipient.is_none() && e.room.is_none())
                     || e.recipient.as_deref() == Some(user)
                     || e.sender.as_deref() == Some(user)
                     || e.room
                         .as_deref()
-                        .is_some_and(|room| rooms.is_some_and(|rooms| rooms.contains(room)))
+                        .is_some_and(|room| rooms.as_ref().is_some_and(|r| r.contains(room)))
             };
             app.tail
                 .after(tenant, after_seq, cutoff_ms, limit, visible, take)
-        }),
+        }
     }
 }
 
@@ -502,12 +509,13 @@ pub(crate) enum Viewer<'a> {
     Everything,
 }
 
-/// One stored event as read back: its sequence, its id and its `Event` JSON.
+/// One stored event as read back: its sequence, its id and its `Event` JSON (shared
+/// with the log's tail when read from there).
 #[derive(Debug, Clone)]
 pub(crate) struct Stored {
     pub(crate) seq: u64,
-    pub(crate) event_id: String,
-    pub(crate) body: String,
+    pub(crate) event_id: Arc<str>,
+    pub(crate) body: Arc<String>,
 }
 
 /// Up to `limit` events after `after_seq` that `viewer` may see, in sequence order,
@@ -547,8 +555,8 @@ fn visible_after(
         |row| {
             Ok(Stored {
                 seq: row.get::<_, i64>(0)? as u64,
-                event_id: row.get(1)?,
-                body: row.get(2)?,
+                event_id: row.get::<_, String>(1)?.into(),
+                body: Arc::new(row.get(2)?),
             })
         },
     )?;
@@ -572,12 +580,15 @@ pub(crate) fn frame_for(event: Event) -> ServerEvent {
 /// deliveries that pointed at them. Returns how many events went.
 pub(crate) fn purge(w: &mut Writer<'_>, cutoff_ms: i64) -> Result<u64, JobError> {
     // The log's greatest sequence is its counter ([`last_seq`]): first keep it for
-    // every tenant losing events, in case the whole end of its log goes.
+    // every tenant losing events in this chunk, in case the whole end of its log goes.
+    // (The chunk is the same 5,000 rows the delete takes: never the whole backlog.)
     w.conn
         .prepare_cached(
             "INSERT INTO tenant_seq (tenant, last_seq)
              SELECT t.tenant, (SELECT max(seq) FROM events e WHERE e.tenant = t.tenant)
-               FROM (SELECT DISTINCT tenant FROM events WHERE created_ms < ?1) t WHERE true
+               FROM (SELECT DISTINCT tenant FROM
+                       (SELECT tenant FROM events WHERE created_ms < ?1 LIMIT 5000)) t
+              WHERE true
              ON CONFLICT (tenant) DO UPDATE SET last_seq = max(last_seq, excluded.last_seq)",
         )?
         .execute([cutoff_ms])?;

@@ -56,7 +56,7 @@ pub(crate) async fn poll(
     let has_more = rows.len() > limit as usize;
     let page = &rows[..rows.len().min(limit as usize)];
     app.metrics.delivered("poll", page.len() as u64);
-    let next_event_id = page.last().map(|e| e.event_id.as_str()).or(cursor);
+    let next_event_id = page.last().map(|e| &*e.event_id).or(cursor);
     Ok(poll_json(page, has_more, next_event_id))
 }
 
@@ -238,8 +238,8 @@ mod tests {
             .iter()
             .map(|e| log::Stored {
                 seq: e.sequence.unwrap(),
-                event_id: e.event_id.clone(),
-                body: serde_json::to_string(e).unwrap(),
+                event_id: e.event_id.as_str().into(),
+                body: std::sync::Arc::new(serde_json::to_string(e).unwrap()),
             })
             .collect();
         for (page, has_more, next) in [
