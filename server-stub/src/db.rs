@@ -643,29 +643,34 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
+    /// Stores a row in `tenant_seq` (a table with a unique key, handy to write to).
+    fn put(conn: &Connection, key: &str, n: i64) -> Result<(), JobError> {
+        conn.execute(
+            "INSERT INTO tenant_seq VALUES (?1, ?2)",
+            rusqlite::params![key, n],
+        )?;
+        Ok(())
+    }
+
+    /// Rows in `tenant_seq`.
+    fn count(db: &Db) -> i64 {
+        db.read(|c| Ok(c.query_row("SELECT count(*) FROM tenant_seq", [], |r| r.get(0))?))
+            .unwrap()
+    }
+
     #[tokio::test]
     async fn a_failed_job_is_rolled_back_alone() {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(&dir.path().join("t.sqlite3"), Durability::Normal).unwrap();
-        db.write(|w| {
-            w.conn
-                .execute("INSERT INTO tenant_seq VALUES ('a', 1)", [])?;
-            Ok(())
-        })
-        .await
-        .unwrap();
+        db.write(|w| put(w.conn, "a", 1)).await.unwrap();
         let failed = db
             .write(|w| {
-                w.conn
-                    .execute("INSERT INTO tenant_seq VALUES ('b', 1)", [])?;
+                put(w.conn, "b", 1)?;
                 Err::<(), _>(JobError::Refused(crate::error::ApiError::internal()))
             })
             .await;
         assert!(failed.is_err());
-        let n: i64 = db
-            .read(|c| Ok(c.query_row("SELECT count(*) FROM tenant_seq", [], |r| r.get(0))?))
-            .unwrap();
-        assert_eq!(n, 1);
+        assert_eq!(count(&db), 1);
         // The audit log refuses updates.
         let update = db
             .write(|w| {
@@ -716,12 +721,7 @@ mod tests {
         Db::open(&path, Durability::Normal).unwrap().shutdown();
         let conn = Connection::open(&path).unwrap();
         let answers = Arc::new(Mutex::new(Vec::new()));
-        let insert = |key: &'static str| {
-            move |c: &Connection| -> Result<(), JobError> {
-                c.execute("INSERT INTO tenant_seq VALUES (?1, 1)", [key])?;
-                Ok(())
-            }
-        };
+        let insert = |key: &'static str| move |c: &Connection| put(c, key, 1);
         let batch = vec![
             queued(false, &answers, 'a', insert("a")),
             queued(true, &answers, 'b', insert("b")),
@@ -764,44 +764,21 @@ mod tests {
     async fn unguarded_jobs_commit_fail_alone_and_a_panic_undoes_the_batch() {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(&dir.path().join("t.sqlite3"), Durability::Normal).unwrap();
-        let count = |db: &Db| -> i64 {
-            db.read(|c| Ok(c.query_row("SELECT count(*) FROM tenant_seq", [], |r| r.get(0))?))
-                .unwrap()
-        };
-        db.write_one(|w| {
-            w.conn
-                .execute("INSERT INTO tenant_seq VALUES ('a', 1)", [])?;
-            Ok(())
-        })
-        .await
-        .unwrap();
+        db.write_one(|w| put(w.conn, "a", 1)).await.unwrap();
         // Its one statement fails (the key exists) and undoes itself.
-        let failed = db
-            .write_one(|w| {
-                w.conn
-                    .execute("INSERT INTO tenant_seq VALUES ('a', 2)", [])?;
-                Ok(())
-            })
-            .await;
+        let failed = db.write_one(|w| put(w.conn, "a", 2)).await;
         assert!(failed.is_err());
         assert_eq!(count(&db), 1);
         // A panic after a write: the job's batch is rolled back, the writer goes on.
         let panicked = db
             .write_one(|w| -> Result<(), JobError> {
-                w.conn
-                    .execute("INSERT INTO tenant_seq VALUES ('b', 1)", [])?;
+                put(w.conn, "b", 1)?;
                 panic!("a bug after the write");
             })
             .await;
         assert!(panicked.is_err());
         assert_eq!(count(&db), 1);
-        db.write(|w| {
-            w.conn
-                .execute("INSERT INTO tenant_seq VALUES ('c', 1)", [])?;
-            Ok(())
-        })
-        .await
-        .unwrap();
+        db.write(|w| put(w.conn, "c", 1)).await.unwrap();
         assert_eq!(count(&db), 2);
         db.shutdown();
     }
