@@ -107,7 +107,9 @@ struct User {
     /// Hashes of the ids of the user's latest live (`CLASS_A`) messages, to drop
     /// resends (comparing 64 hashes is much cheaper than 64 strings; a false match
     /// needs a 64-bit collision between two of one user's last 64 ids).
-    recent_live: VecDeque<u64>,
+    /// Behind its own lock, so that checking a live message takes only the directory's
+    /// read lock (a write lock per live message held every other reader up).
+    recent_live: std::sync::Mutex<VecDeque<u64>>,
 }
 
 /// Live message ids remembered per user.
@@ -354,17 +356,18 @@ impl Hub {
     pub(crate) fn live_resend(&self, tenant: &str, user: &str, message_id: &str) -> bool {
         use std::hash::BuildHasher;
         let hash = self.id_hasher.hash_one(message_id);
-        let mut tenants = self.write();
-        let Some(u) = tenants.get_mut(tenant).and_then(|t| t.users.get_mut(user)) else {
+        let tenants = self.read();
+        let Some(u) = tenants.get(tenant).and_then(|t| t.users.get(user)) else {
             return false;
         };
-        if u.recent_live.contains(&hash) {
+        let mut recent = u.recent_live.lock().unwrap_or_else(|p| p.into_inner());
+        if recent.contains(&hash) {
             return true;
         }
-        if u.recent_live.len() >= RECENT_LIVE {
-            u.recent_live.pop_front();
+        if recent.len() >= RECENT_LIVE {
+            recent.pop_front();
         }
-        u.recent_live.push_back(hash);
+        recent.push_back(hash);
         false
     }
 
