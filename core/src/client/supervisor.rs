@@ -219,8 +219,9 @@ enum Io {
         failure: Option<Failure>,
     },
     Pulled(Result<(), HttpError>),
-    /// The catch-up of a connection opened without a cursor ended.
-    CaughtUp(u64, Result<(), HttpError>),
+    /// The catch-up of a connection opened without a cursor ended: `Ok(true)` when it
+    /// reached the end of the log.
+    CaughtUp(u64, Result<bool, HttpError>),
 }
 
 /// The supervisor's state. See the module docs.
@@ -246,6 +247,12 @@ pub(crate) struct Supervisor {
     ws: Option<WsHandle>,
     /// Generation of the current WebSocket attempt; reports of older ones are ignored.
     ws_gen: u64,
+    /// The current attempt asked the server to resume from a cursor (`lastEventId`).
+    /// Without one, the server's stream starts wherever the connection happens to be
+    /// registered: what came before must be caught up by polling, after `connected`.
+    ws_carried_cursor: bool,
+    /// The generation whose `connected` starts a catch-up.
+    catch_up_gen: Option<u64>,
     /// Messages sent over the WebSocket, awaiting their ack.
     ws_in_flight: HashMap<String, Instant>,
     /// Pings sent, for the clock offset.
@@ -313,6 +320,8 @@ impl Supervisor {
             tasks: JoinSet::new(),
             ws: None,
             ws_gen: 0,
+            ws_carried_cursor: false,
+            catch_up_gen: None,
             ws_in_flight: HashMap::new(),
             pings: HashMap::new(),
             http_in_flight: BTreeSet::new(),
@@ -430,6 +439,7 @@ impl Supervisor {
             .flatten()
             .map(|c| c.last_event_id);
         let mut url = format!("{}?clientId={}", self.ws_url, self.client_id);
+        self.ws_carried_cursor = cursor.is_some();
         if let Some(cursor) = cursor {
             url.push_str(&format!("&lastEventId={cursor}"));
         }
@@ -493,21 +503,26 @@ impl Supervisor {
         }
     }
 
-    /// A connection without a cursor (first run, or after a resync found no events)
-    /// cannot ask the server to resume: poll from the start of retention first.
-    async fn catch_up_if_no_cursor(&mut self, generation: u64) {
-        let has_cursor = matches!(self.store.call(|s| s.cursor()).await, Ok(Some(_)));
-        if has_cursor {
-            return;
-        }
+    /// Catches up a connection that was opened without a cursor (first run, after a
+    /// resync that found no events, or a cursor that only appeared while the
+    /// connection was opening): polls from the cursor until the end of the log, while
+    /// the connection's deliveries wait (held back). Started on `connected`, which the
+    /// server sends once the connection is registered for deliveries, so that the
+    /// polls are answered after that point: every event is in a page or delivered
+    /// live (a catch-up started when the upgrade answered could be answered before
+    /// the registration, and the events in between were lost).
+    async fn catch_up(&mut self, generation: u64) {
         self.inbound_tasks += 1;
         let (store, http, tokens, io, updates) = self.task_parts();
         self.tasks.spawn(async move {
-            let mut result = Ok(());
+            let mut result = Ok(false);
             for _ in 0..RESYNC_MAX_PAGES {
                 match poll_once(&store, &http, &tokens, &updates).await {
                     Ok(true) => continue,
-                    Ok(false) => break,
+                    Ok(false) => {
+                        result = Ok(true);
+                        break;
+                    }
                     Err(e) => {
                         result = Err(e);
                         break;
@@ -552,7 +567,7 @@ impl Supervisor {
             }
             self.ws = Some(handle);
             self.machine.on_ws_open(now);
-            self.catch_up_if_no_cursor(generation).await;
+            self.catch_up_gen = (!self.ws_carried_cursor).then_some(generation);
             return;
         }
         if generation != self.ws_gen || self.ws.is_none() {
@@ -583,6 +598,9 @@ impl Supervisor {
         }
         match event {
             ServerEvent::Connected(c) => {
+                if self.catch_up_gen.take() == Some(self.ws_gen) {
+                    self.catch_up(self.ws_gen).await;
+                }
                 self.machine
                     .set_ping_interval(Duration::from_millis(c.ping_interval));
                 let sent = now_wall();
@@ -1116,10 +1134,14 @@ impl Supervisor {
                 }
             }
             Io::CaughtUp(generation, result) => match result {
-                Err(e) if generation == self.ws_gen => {
-                    // Without the catch-up the held deliveries could skip events: drop
-                    // them and the connection; the next one catches up again.
-                    warn!(error = %e, "catch-up failed; reconnecting");
+                Err(_) | Ok(false) if generation == self.ws_gen => {
+                    // Without the whole catch-up the held deliveries could skip
+                    // events: drop them and the connection; the next one resumes from
+                    // the cursor (or catches up again).
+                    match result {
+                        Err(e) => warn!(error = %e, "catch-up failed; reconnecting"),
+                        Ok(_) => warn!("catch-up did not reach the end; reconnecting"),
+                    }
                     self.inbound_tasks = self.inbound_tasks.saturating_sub(1);
                     self.close_ws();
                     self.machine
