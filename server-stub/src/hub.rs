@@ -292,19 +292,14 @@ impl Hub {
             .is_some_and(|members| members.contains(user))
     }
 
-    /// Runs `f` on the rooms `user` is a member of (`None`: none known), under the
-    /// directory's read lock.
-    pub(crate) fn with_rooms<R>(
-        &self,
-        tenant: &str,
-        user: &str,
-        f: impl FnOnce(Option<&HashSet<String>>) -> R,
-    ) -> R {
-        let tenants = self.read();
-        f(tenants
+    /// The rooms `user` is a member of, copied (`None`: none), so that a caller can
+    /// scan with them without holding the directory's lock.
+    pub(crate) fn rooms_of(&self, tenant: &str, user: &str) -> Option<HashSet<String>> {
+        self.read()
             .get(tenant)
             .and_then(|t| t.users.get(user))
-            .map(|u| &u.rooms))
+            .filter(|u| !u.rooms.is_empty())
+            .map(|u| u.rooms.clone())
     }
 
     /// Users sharing at least one room with `user` (not `user`).

@@ -100,11 +100,11 @@ struct Row<'a> {
     message_id: Option<&'a str>,
 }
 
-/// Stores one event row; `body` is the event's JSON. Returns false, having written
-/// nothing, when the sender's message id is stored already (the unique index finds it
-/// in the same descent that inserts, so appends need no lookup first); any other
-/// conflict is an error.
-fn insert(w: &Writer<'_>, row: &Row<'_>, body: &str) -> Result<bool, JobError> {
+/// Stores one event row; `body` is the event's JSON. Returns the event as the log's
+/// tail keeps it, or `None`, having written nothing, when the sender's message id is
+/// stored already (the unique index finds it in the same descent that inserts, so
+/// appends need no lookup first); any other conflict is an error.
+fn insert(w: &Writer<'_>, row: &Row<'_>, body: String) -> Result<Option<TailEvent>, JobError> {
     let inserted = w
         .conn
         .prepare_cached(
@@ -126,7 +126,37 @@ fn insert(w: &Writer<'_>, row: &Row<'_>, body: &str) -> Result<bool, JobError> {
             row.message_id,
             body,
         ])?;
-    Ok(inserted == 1)
+    Ok((inserted == 1).then(|| TailEvent {
+        seq: row.seq,
+        event_id: row.event_id.into(),
+        created_ms: row.created_ms,
+        recipient: row.recipient.map(Into::into),
+        room: row.room.map(Into::into),
+        sender: row.sender.map(Into::into),
+        body: Arc::new(body),
+    }))
+}
+
+impl Fanout {
+    /// After the commit: the event joins the log's tail (in commit order), then goes
+    /// to the live connections of its audience.
+    fn publish(
+        self,
+        w: &mut Writer<'_>,
+        tenant: String,
+        recent: TailEvent,
+        audience: Audience,
+        delivery: Arc<Delivery>,
+    ) {
+        w.after_commit(move || {
+            self.tail.push(&tenant, recent);
+            self.metrics.events_published.inc();
+            let sent = self
+                .hub
+                .deliver(&tenant, &audience, &delivery, self.exclude);
+            self.metrics.delivered("ws", sent);
+        });
+    }
 }
 
 /// A durable message's [`Event`], borrowed, so that its JSON is written in one pass
@@ -189,9 +219,9 @@ pub(crate) fn append_message(
             sender: Some(&message.sender_id),
             message_id: Some(&message.message_id),
         },
-        &body,
+        body,
     )?;
-    if !inserted {
+    let Some(recent) = inserted else {
         // This sender's message id is stored already: answer with the stored one.
         unuse_seq(w, &tenant, seq);
         let (event_id, seq) = w
@@ -209,7 +239,7 @@ pub(crate) fn append_message(
             seq: seq as u64,
             duplicate: true,
         });
-    }
+    };
     let audience = Audience {
         everyone: false,
         room: message.room_id.clone(),
@@ -219,23 +249,7 @@ pub(crate) fn append_message(
         },
     };
     let delivery = Delivery::text(crate::frames::message_frame_around(&data), Some(seq));
-    let recent = TailEvent {
-        seq,
-        event_id: event_id.as_str().into(),
-        created_ms: message.timestamp.timestamp_millis(),
-        recipient: message.recipient_id.as_deref().map(Into::into),
-        room: message.room_id.as_deref().map(Into::into),
-        sender: Some(message.sender_id.as_str().into()),
-        body: Arc::new(body),
-    };
-    w.after_commit(move || {
-        fanout.tail.push(&tenant, recent);
-        fanout.metrics.events_published.inc();
-        let sent = fanout
-            .hub
-            .deliver(&tenant, &audience, &delivery, fanout.exclude);
-        fanout.metrics.delivered("ws", sent);
-    });
+    fanout.publish(w, tenant, recent, audience, delivery);
     Ok(Appended {
         event_id,
         seq,
@@ -299,21 +313,10 @@ pub(crate) fn append_event(
             sender: new.sender_id.as_deref(),
             message_id: None,
         },
-        &body,
+        body,
     )?;
-    if !inserted {
-        // A bus event has no message id: its insert cannot be refused as a duplicate.
-        return Err(StoreError::Sqlite(rusqlite::Error::StatementChangedRows(0)).into());
-    }
-    let recent = TailEvent {
-        seq,
-        event_id: event.event_id.as_str().into(),
-        created_ms: event.timestamp.timestamp_millis(),
-        recipient: new.recipient_id.as_deref().map(Into::into),
-        room: new.room_id.as_deref().map(Into::into),
-        sender: new.sender_id.as_deref().map(Into::into),
-        body: Arc::new(body),
-    };
+    // A bus event has no message id: its insert cannot be refused as a duplicate.
+    let recent = inserted.ok_or(StoreError::Sqlite(rusqlite::Error::StatementChangedRows(0)))?;
     let mut users: Vec<String> = new.recipient_id.iter().cloned().collect();
     users.extend(new.sender_id.iter().cloned());
     let audience = Audience {
@@ -322,15 +325,7 @@ pub(crate) fn append_event(
         users,
     };
     let delivery = Delivery::new(&ServerEvent::Event(event.clone()), Some(seq));
-    let tenant = tenant.to_owned();
-    w.after_commit(move || {
-        fanout.tail.push(&tenant, recent);
-        fanout.metrics.events_published.inc();
-        let sent = fanout
-            .hub
-            .deliver(&tenant, &audience, &delivery, fanout.exclude);
-        fanout.metrics.delivered("ws", sent);
-    });
+    fanout.publish(w, tenant.to_owned(), recent, audience, delivery);
     Ok((
         Appended {
             event_id,
@@ -350,14 +345,28 @@ pub(crate) fn find_cursor(
     event_id: &str,
     cutoff_ms: i64,
 ) -> Result<u64, ApiError> {
-    match app.tail.cursor(tenant, event_id) {
-        CursorLookup::Found { seq, created_ms } => {
-            judge_cursor(event_id, Some((seq, created_ms)), cutoff_ms)
-        }
-        CursorLookup::Unknown => {
+    match cursor_in_tail(app, tenant, event_id, cutoff_ms) {
+        Some(judged) => judged,
+        None => {
             let found = app.db.read(|conn| stored_cursor(conn, tenant, event_id))?;
             judge_cursor(event_id, found, cutoff_ms)
         }
+    }
+}
+
+/// [`find_cursor`]'s answer from the recent tail; `None` when the tail does not have
+/// the cursor (ask SQLite).
+fn cursor_in_tail(
+    app: &App,
+    tenant: &str,
+    event_id: &str,
+    cutoff_ms: i64,
+) -> Option<Result<u64, ApiError>> {
+    match app.tail.cursor(tenant, event_id) {
+        CursorLookup::Found { seq, created_ms } => {
+            Some(judge_cursor(event_id, Some((seq, created_ms)), cutoff_ms))
+        }
+        CursorLookup::Unknown => None,
     }
 }
 
@@ -410,20 +419,11 @@ pub(crate) fn page(
 ) -> Result<Vec<Stored>, ApiError> {
     let after = match cursor {
         None => Some(0),
-        Some(cursor) => match app.tail.cursor(tenant, cursor) {
-            CursorLookup::Found { seq, created_ms } => {
-                Some(judge_cursor(cursor, Some((seq, created_ms)), cutoff_ms)?)
-            }
-            CursorLookup::Unknown => None,
-        },
+        Some(cursor) => cursor_in_tail(app, tenant, cursor, cutoff_ms).transpose()?,
     };
-    if let Some(page) =
-        after.and_then(|after| from_tail(app, tenant, viewer, after, cutoff_ms, limit))
-    {
-        app.metrics.log_read(true);
+    if let Some(page) = from_tail(app, tenant, viewer, after, cutoff_ms, limit) {
         return Ok(page);
     }
-    app.metrics.log_read(false);
     app.db.read(|conn| {
         let after = match cursor {
             None => 0,
@@ -448,9 +448,7 @@ pub(crate) fn read_after(
     cutoff_ms: i64,
     limit: u32,
 ) -> Result<Vec<Stored>, StoreError> {
-    let page = from_tail(app, tenant, viewer, after_seq, cutoff_ms, limit);
-    app.metrics.log_read(page.is_some());
-    match page {
+    match from_tail(app, tenant, viewer, Some(after_seq), cutoff_ms, limit) {
         Some(page) => Ok(page),
         None => app
             .db
@@ -458,10 +456,25 @@ pub(crate) fn read_after(
     }
 }
 
-/// [`visible_after`]'s answer from the recent tail, if it covers `after_seq`. The
-/// same rule: addressed to everyone, to the user, sent by the user, or to a room the
-/// user is a member of now (the hub mirrors the stored memberships).
+/// [`visible_after`]'s answer from the recent tail, if it covers `after_seq` (`None`:
+/// a cursor the tail does not know); counts the read as from the tail or, when this
+/// gives `None`, from SQLite. The same rule: addressed to everyone, to the user, sent
+/// by the user, or to a room the user is a member of now (the hub mirrors the stored
+/// memberships).
 fn from_tail(
+    app: &App,
+    tenant: &str,
+    viewer: Viewer<'_>,
+    after_seq: Option<u64>,
+    cutoff_ms: i64,
+    limit: u32,
+) -> Option<Vec<Stored>> {
+    let page = after_seq.and_then(|after| tail_page(app, tenant, viewer, after, cutoff_ms, limit));
+    app.metrics.log_read(page.is_some());
+    page
+}
+
+fn tail_page(
     app: &App,
     tenant: &str,
     viewer: Viewer<'_>,
@@ -483,9 +496,7 @@ fn from_tail(
         Viewer::User(user) => {
             // The user's rooms now, copied so that no writer of the hub waits for the
             // scan (usually a handful, often none).
-            let rooms = app.hub.with_rooms(tenant, user, |rooms| {
-                rooms.filter(|r| !r.is_empty()).cloned()
-            });
+            let rooms = app.hub.rooms_of(tenant, user);
             let visible = |e: &TailEvent| {
                 (e.recipient.is_none() && e.room.is_none())
                     || e.recipient.as_deref() == Some(user)

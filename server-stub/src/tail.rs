@@ -68,8 +68,8 @@ struct TenantTail {
     /// Every committed event with a greater sequence is in `events`.
     covers_after: u64,
     events: VecDeque<TailEvent>,
-    /// Event id → (sequence, creation time), for the events in `events`.
-    ids: HashMap<Arc<str>, (u64, i64)>,
+    /// Event id → sequence, for the events in `events`.
+    ids: HashMap<Arc<str>, u64>,
 }
 
 impl TenantTail {
@@ -174,8 +174,7 @@ impl Tail {
                 tracing::warn!(tenant, seq, last, "log tail not contiguous; restarted");
                 order.bytes -= tail.restart(seq.saturating_sub(1));
             }
-            tail.ids
-                .insert(Arc::clone(&event.event_id), (seq, event.created_ms));
+            tail.ids.insert(Arc::clone(&event.event_id), seq);
             tail.events.push_back(event);
         }
         order.bytes += cost;
@@ -228,8 +227,16 @@ impl Tail {
             return CursorLookup::Unknown;
         };
         let tail = read(&slot);
-        match tail.ids.get(event_id) {
-            Some(&(seq, created_ms)) => CursorLookup::Found { seq, created_ms },
+        let Some(&seq) = tail.ids.get(event_id) else {
+            return CursorLookup::Unknown;
+        };
+        // Sequences increase along the deque.
+        let at = tail.events.partition_point(|e| e.seq < seq);
+        match tail.events.get(at) {
+            Some(e) => CursorLookup::Found {
+                seq,
+                created_ms: e.created_ms,
+            },
             None => CursorLookup::Unknown,
         }
     }

@@ -290,6 +290,21 @@ async fn publishing_needs_a_role_is_idempotent_and_reaches_its_audience() {
     );
 }
 
+/// Alice's direct message to Bob over HTTP; its acknowledgement.
+async fn alice_to_bob(ts: &TestServer, text: &str) -> Value {
+    let alice = ts.token("t1", "alice", &[]);
+    let (status, ack) = ts
+        .post(
+            "/api/messages",
+            Some(&alice),
+            message(Some("bob"), None, text),
+            &[],
+        )
+        .await;
+    assert_eq!(status, 201, "{ack}");
+    ack
+}
+
 #[tokio::test]
 async fn events_older_than_retention_are_gone_and_their_cursors_expire() {
     let mut ts = TestServer::start(|c| {
@@ -298,14 +313,7 @@ async fn events_older_than_retention_are_gone_and_their_cursors_expire() {
     })
     .await;
     let alice = ts.token("t1", "alice", &[]);
-    let (_, ack) = ts
-        .post(
-            "/api/messages",
-            Some(&alice),
-            message(Some("bob"), None, "soon gone"),
-            &[],
-        )
-        .await;
+    let ack = alice_to_bob(&ts, "soon gone").await;
     let id = ack["eventId"].as_str().unwrap().to_owned();
     let (status, _) = ts
         .get(
@@ -336,14 +344,7 @@ async fn events_older_than_retention_are_gone_and_their_cursors_expire() {
     let (_, page) = ts.get("/api/events/poll", Some(&alice), &[]).await;
     assert_eq!(page["events"], json!([]));
     // Sequences do not restart after the log emptied.
-    let (_, ack2) = ts
-        .post(
-            "/api/messages",
-            Some(&alice),
-            message(Some("bob"), None, "next"),
-            &[],
-        )
-        .await;
+    let ack2 = alice_to_bob(&ts, "next").await;
     assert_eq!(
         ack2["sequence"].as_u64(),
         ack["sequence"].as_u64().map(|s| s + 1)
@@ -358,15 +359,7 @@ async fn events_older_than_retention_are_gone_and_their_cursors_expire() {
         "the second message is purged too"
     );
     ts.restart().await;
-    let alice = ts.token("t1", "alice", &[]);
-    let (_, ack3) = ts
-        .post(
-            "/api/messages",
-            Some(&alice),
-            message(Some("bob"), None, "after restart"),
-            &[],
-        )
-        .await;
+    let ack3 = alice_to_bob(&ts, "after restart").await;
     assert_eq!(
         ack3["sequence"].as_u64(),
         ack["sequence"].as_u64().map(|s| s + 2)
