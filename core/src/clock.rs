@@ -29,9 +29,10 @@
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use serde::de::{self, MapAccess, Visitor};
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// How two vector clocks relate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -46,10 +47,17 @@ pub enum ClockOrdering {
     Concurrent,
 }
 
+/// One entry of a clock: a replica id and its counter (never 0).
+type Entry = (Arc<str>, u64);
+
 /// A vector clock: replica id → number of edits seen from that replica.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize)]
-#[serde(transparent)]
-pub struct VectorClock(BTreeMap<String, u64>);
+///
+/// Stored as an immutable, shared array of entries sorted by replica id (`None` when
+/// empty): copying a clock (every copy of an operation copies one) costs a reference
+/// count, comparing two walks two arrays, and merging a clock into one it dominates or
+/// that dominates it shares the greater one instead of building a new one.
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
+pub struct VectorClock(Option<Arc<[Entry]>>);
 
 impl VectorClock {
     /// The empty clock (every entry 0).
@@ -64,16 +72,35 @@ impl VectorClock {
         I: IntoIterator<Item = (S, u64)>,
         S: Into<String>,
     {
-        let mut clock = Self::new();
+        let mut map: BTreeMap<String, u64> = BTreeMap::new();
         for (replica, counter) in entries {
-            clock.observe(replica.into(), counter);
+            if counter > 0 {
+                let entry = map.entry(replica.into()).or_insert(0);
+                *entry = (*entry).max(counter);
+            }
         }
-        clock
+        Self::from_sorted(map.into_iter().map(|(k, v)| (Arc::from(k), v)).collect())
+    }
+
+    /// A clock from entries sorted by replica id, without zeros.
+    fn from_sorted(entries: Vec<Entry>) -> Self {
+        if entries.is_empty() {
+            Self(None)
+        } else {
+            Self(Some(entries.into()))
+        }
+    }
+
+    fn entries(&self) -> &[Entry] {
+        self.0.as_deref().unwrap_or(&[])
     }
 
     /// The counter of `replica` (0 when absent).
     pub fn get(&self, replica: &str) -> u64 {
-        self.0.get(replica).copied().unwrap_or(0)
+        let entries = self.entries();
+        entries
+            .binary_search_by(|(k, _)| (**k).cmp(replica))
+            .map_or(0, |i| entries[i].1)
     }
 
     /// Records one more edit by `replica` and returns its new counter.
@@ -81,16 +108,59 @@ impl VectorClock {
     /// The counter saturates at `u64::MAX` rather than wrapping (2^64 edits by one
     /// replica cannot happen in practice; wrapping would reorder history).
     pub fn increment(&mut self, replica: &str) -> u64 {
-        let counter = self.0.entry(replica.to_owned()).or_insert(0);
-        *counter = counter.saturating_add(1);
-        *counter
+        let mut entries = self.entries().to_vec();
+        let counter = match entries.binary_search_by(|(k, _)| (**k).cmp(replica)) {
+            Ok(i) => {
+                entries[i].1 = entries[i].1.saturating_add(1);
+                entries[i].1
+            }
+            Err(i) => {
+                entries.insert(i, (Arc::from(replica), 1));
+                1
+            }
+        };
+        *self = Self::from_sorted(entries);
+        counter
     }
 
     /// Merges `other` into `self`: each entry becomes the maximum of both.
     pub fn merge(&mut self, other: &VectorClock) {
-        for (replica, &counter) in &other.0 {
-            self.observe(replica.clone(), counter);
+        match self.compare(other) {
+            ClockOrdering::After | ClockOrdering::Equal => {}
+            ClockOrdering::Before => *self = other.clone(),
+            ClockOrdering::Concurrent => *self = self.union(other),
         }
+    }
+
+    /// The entry-wise maximum of two concurrent clocks, as a new array.
+    fn union(&self, other: &VectorClock) -> VectorClock {
+        let (a, b) = (self.entries(), other.entries());
+        let mut out = Vec::with_capacity(a.len().max(b.len()));
+        let (mut i, mut j) = (0, 0);
+        while i < a.len() && j < b.len() {
+            match a[i].0.cmp(&b[j].0) {
+                Ordering::Less => {
+                    out.push(a[i].clone());
+                    i += 1;
+                }
+                Ordering::Greater => {
+                    out.push(b[j].clone());
+                    j += 1;
+                }
+                Ordering::Equal => {
+                    out.push(if a[i].1 >= b[j].1 {
+                        a[i].clone()
+                    } else {
+                        b[j].clone()
+                    });
+                    i += 1;
+                    j += 1;
+                }
+            }
+        }
+        out.extend_from_slice(&a[i..]);
+        out.extend_from_slice(&b[j..]);
+        Self::from_sorted(out)
     }
 
     /// The entry-wise maximum of two clocks.
@@ -102,42 +172,50 @@ impl VectorClock {
 
     /// Compares two clocks; missing entries are 0.
     pub fn compare(&self, other: &VectorClock) -> ClockOrdering {
+        if let (Some(a), Some(b)) = (&self.0, &other.0)
+            && Arc::ptr_eq(a, b)
+        {
+            return ClockOrdering::Equal;
+        }
+        let (a, b) = (self.entries(), other.entries());
         let mut self_greater = false;
         let mut other_greater = false;
-        // Both maps are sorted: walk them together once.
-        let mut a = self.0.iter().peekable();
-        let mut b = other.0.iter().peekable();
-        loop {
-            let step = match (a.peek(), b.peek()) {
-                (None, None) => break,
-                (Some(_), None) => Ordering::Less,
-                (None, Some(_)) => Ordering::Greater,
-                (Some((ka, _)), Some((kb, _))) => ka.cmp(kb),
+        // Both arrays are sorted: walk them together once.
+        let (mut i, mut j) = (0, 0);
+        while i < a.len() && j < b.len() {
+            let (ka, va) = &a[i];
+            let (kb, vb) = &b[j];
+            let step = if Arc::ptr_eq(ka, kb) {
+                Ordering::Equal
+            } else {
+                ka.cmp(kb)
             };
             match step {
                 // Key only in `self` (counters are never 0): self is greater there.
                 Ordering::Less => {
                     self_greater = true;
-                    a.next();
+                    i += 1;
                 }
                 Ordering::Greater => {
                     other_greater = true;
-                    b.next();
+                    j += 1;
                 }
                 Ordering::Equal => {
-                    if let (Some((_, va)), Some((_, vb))) = (a.next(), b.next()) {
-                        match va.cmp(vb) {
-                            Ordering::Greater => self_greater = true,
-                            Ordering::Less => other_greater = true,
-                            Ordering::Equal => {}
-                        }
+                    match va.cmp(vb) {
+                        Ordering::Greater => self_greater = true,
+                        Ordering::Less => other_greater = true,
+                        Ordering::Equal => {}
                     }
+                    i += 1;
+                    j += 1;
                 }
             }
             if self_greater && other_greater {
                 return ClockOrdering::Concurrent;
             }
         }
+        self_greater |= i < a.len();
+        other_greater |= j < b.len();
         match (self_greater, other_greater) {
             (false, false) => ClockOrdering::Equal,
             (true, false) => ClockOrdering::After,
@@ -164,35 +242,51 @@ impl VectorClock {
     /// It grows strictly along causality (`a` before `b` implies `depth(a) < depth(b)`),
     /// which makes it a Lamport timestamp usable to order operations totally.
     pub fn depth(&self) -> u64 {
-        self.0.values().fold(0u64, |sum, c| sum.saturating_add(*c))
+        self.entries()
+            .iter()
+            .fold(0u64, |sum, (_, c)| sum.saturating_add(*c))
     }
 
     /// True when every entry is 0.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.0.is_none()
     }
 
     /// The non-zero entries, sorted by replica id.
     pub fn iter(&self) -> impl Iterator<Item = (&str, u64)> {
-        self.0.iter().map(|(k, v)| (k.as_str(), *v))
+        self.entries().iter().map(|(k, v)| (&**k, *v))
     }
+}
 
-    /// Raises `replica`'s entry to at least `counter`.
-    fn observe(&mut self, replica: String, counter: u64) {
-        if counter == 0 {
-            return;
-        }
-        let entry = self.0.entry(replica).or_insert(0);
-        if *entry < counter {
-            *entry = counter;
-        }
+impl fmt::Debug for VectorClock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("VectorClock")
+            .field(&DebugEntries(self.entries()))
+            .finish()
+    }
+}
+
+/// Prints entries as a map, `{"a": 1}`, as the clock printed when it was a map.
+struct DebugEntries<'a>(&'a [Entry]);
+
+impl fmt::Debug for DebugEntries<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(self.0.iter().map(|(k, v)| (&**k, v)))
+            .finish()
+    }
+}
+
+impl Serialize for VectorClock {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.iter())
     }
 }
 
 impl fmt::Display for VectorClock {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("{")?;
-        for (i, (replica, counter)) in self.0.iter().enumerate() {
+        for (i, (replica, counter)) in self.iter().enumerate() {
             if i > 0 {
                 f.write_str(", ")?;
             }
@@ -214,7 +308,8 @@ impl<'de> Deserialize<'de> for VectorClock {
             }
 
             fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<VectorClock, M::Error> {
-                let mut clock = VectorClock::new();
+                let mut entries: Vec<Entry> = Vec::with_capacity(map.size_hint().unwrap_or(0));
+                let mut sorted = true;
                 while let Some(replica) = map.next_key::<String>()? {
                     let counter: Counter = map.next_value()?;
                     if replica.is_empty() {
@@ -222,9 +317,19 @@ impl<'de> Deserialize<'de> for VectorClock {
                             "vector clock replica id must not be empty",
                         ));
                     }
-                    clock.observe(replica, counter.0);
+                    if counter.0 == 0 {
+                        continue;
+                    }
+                    sorted &= entries.last().is_none_or(|(k, _)| **k < *replica);
+                    entries.push((Arc::from(replica), counter.0));
                 }
-                Ok(clock)
+                if !sorted {
+                    // Out of order or repeated: sort, keeping a repeated replica's
+                    // greatest counter (as a map that raises entries would).
+                    entries.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+                    entries.dedup_by(|later, kept| later.0 == kept.0);
+                }
+                Ok(VectorClock::from_sorted(entries))
             }
         }
 

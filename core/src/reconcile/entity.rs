@@ -15,14 +15,47 @@
 //! - CUSTOM_MERGE: the registered [`CustomMerge`] step, in key order.
 //!
 //! Because the fold depends only on the set of operations (not their arrival order),
-//! replicas that saw the same operations hold the same value. Most operations arrive
-//! after everything they saw and sort last; they apply in O(1) on top of the current
-//! value. Only an operation that arrives out of order, or that wins a conflict under
-//! LAST_WRITE_WINS, makes the engine refold the retained history.
+//! replicas that saw the same operations hold the same value.
+//!
+//! # What keeps an operation's cost independent of the history's length
+//!
+//! The decisions are those of the engine before issue 16 (kept as `reference.rs` and
+//! compared with this one by `tests/reconcile_differential.rs`); what changed is what
+//! each decision costs:
+//!
+//! - **Indexes** (`Index`): hash tables of the retained operations by id and by
+//!   vector clock answer "seen before?" and "clock reused?" in O(1) (were scans).
+//! - **The fold's states** (`Fold`): the state after each retained operation, shared
+//!   (`Arc`) with the current value, with, for an operation concurrent with an earlier
+//!   one, the clock of everything applied up to it and the state its author saw. An
+//!   operation that sorts last applies on top of the last state; one that sorts at
+//!   position `p` refolds only the operations from `p` on, starting from the cached
+//!   state before `p` (the whole history was refolded).
+//! - **Scans from the end**: a concurrent operation looks for its rival, its greatest
+//!   predecessor and its successors walking back from the newest operation; every
+//!   successor sorts after the greatest predecessor, so the walk stops there once the
+//!   rival is found (or once it passes an applied predecessor that saw everything
+//!   applied before it: no earlier operation can be the rival). It visits the
+//!   operations after its place and those it is concurrent with, not the history.
+//! - **Local re-keying**: when an operation arrives after operations that saw it, only
+//!   those successors' effective times can rise (to the newcomer's): they are raised and
+//!   the tail re-sorted (every key was recomputed, comparing every pair). Keys that are
+//!   not what a full recomputation gives (checked once after a compaction or a load)
+//!   are recomputed in full, as before.
+//! - **All-or-nothing batches without copies** (`Journal`): a batch changes the
+//!   states in place; each entity remembers its small fields and, lazily, the part of
+//!   its history an operation changed (from that operation's place on), and puts them
+//!   back if a later operation of the batch fails (each entity was copied whole).
+//! - **Shared operations**: an operation is stored once (`Arc<Operation>`), vector
+//!   clocks are shared arrays ([`VectorClock`]), so copying them is a reference count.
 
+use std::collections::HashSet;
+use std::fmt;
+use std::hash::BuildHasher;
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
+use hashbrown::{DefaultHashBuilder, HashTable};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::Value;
 
 use super::merge::{CustomMerge, MergeError, MergeInput};
@@ -87,31 +120,249 @@ pub(crate) struct LoggedOp {
     pub(crate) strategy: ResolutionStrategy,
     /// Held by an open MANUAL conflict: remembered, but not part of the value.
     pub(crate) held: bool,
-    pub(crate) op: Operation,
+    /// The operation, shared with the indexes (re-keying copies the key, not this).
+    pub(crate) op: Arc<Operation>,
 }
 
 /// An entity's reconciliation state: what the server keeps per entity (and what a
 /// replica needs to apply operations the same way).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+///
+/// Its JSON form (the fields up to `open_conflicts`) is the one the engine has always
+/// written; the indexes and caches after them are rebuilt from it.
+#[derive(Clone)]
 pub struct EntityState {
     entity_type: String,
     entity_id: String,
-    value: EntityValue,
+    value: Arc<EntityValue>,
     version: u64,
     /// Merged clock of every operation seen (applied, discarded, held or compacted).
     clock: VectorClock,
     /// The value before the oldest retained operation.
-    base: EntityValue,
+    base: Arc<EntityValue>,
     /// Merged clock of the compacted operations.
     base_clock: VectorClock,
     /// Greatest effective time among compacted operations.
     base_time: Option<Timestamp>,
-    /// Retained operations, sorted by key. Shared, so that copying a state (to apply a
-    /// batch all-or-nothing) costs a reference count per operation, not a deep copy.
+    /// Retained operations, sorted by key.
     history: Vec<Arc<LoggedOp>>,
     /// MANUAL conflicts not yet settled by a dominating operation.
     open_conflicts: Vec<Conflict>,
+    /// The retained operations by id and by clock.
+    index: Index,
+    /// The fold's state after each retained operation; `None` until first needed
+    /// (after a load, a failed batch, or a change of merge function).
+    fold: Option<Fold>,
+    /// Whether every retained key is what a full re-keying would compute; `None` when
+    /// not known (after a load or a compaction), checked when first needed.
+    keys_canonical: Option<bool>,
+    /// What to restore if the batch being applied fails.
+    journal: Option<Box<Journal>>,
+}
+
+/// The retained operations by id (duplicates) and by vector clock (reused clocks).
+#[derive(Clone, Default)]
+struct Index {
+    hasher: DefaultHashBuilder,
+    ids: HashTable<Arc<Operation>>,
+    clocks: HashTable<Arc<Operation>>,
+}
+
+impl Index {
+    fn build(history: &[Arc<LoggedOp>]) -> Self {
+        let mut index = Self::default();
+        for l in history {
+            index.insert(&l.op);
+        }
+        index
+    }
+
+    fn find_id(&self, id: &str) -> Option<&Arc<Operation>> {
+        let hash = self.hasher.hash_one(id);
+        self.ids.find(hash, |o| o.operation_id == id)
+    }
+
+    fn find_clock(&self, clock: &VectorClock) -> Option<&Arc<Operation>> {
+        let hash = self.hasher.hash_one(clock);
+        self.clocks.find(hash, |o| o.vector_clock == *clock)
+    }
+
+    fn insert(&mut self, op: &Arc<Operation>) {
+        let hasher = &self.hasher;
+        self.ids
+            .insert_unique(hasher.hash_one(&*op.operation_id), op.clone(), |o| {
+                hasher.hash_one(&*o.operation_id)
+            });
+        self.clocks
+            .insert_unique(hasher.hash_one(&op.vector_clock), op.clone(), |o| {
+                hasher.hash_one(&o.vector_clock)
+            });
+    }
+
+    fn remove(&mut self, op: &Arc<Operation>) {
+        let id_hash = self.hasher.hash_one(&*op.operation_id);
+        if let Ok(entry) = self.ids.find_entry(id_hash, |o| Arc::ptr_eq(o, op)) {
+            entry.remove();
+        }
+        let clock_hash = self.hasher.hash_one(&op.vector_clock);
+        if let Ok(entry) = self.clocks.find_entry(clock_hash, |o| Arc::ptr_eq(o, op)) {
+            entry.remove();
+        }
+    }
+}
+
+/// The fold of the history over the base, cached: `entries[i]` is the state after
+/// `history[i]` exactly as a fold from the base computes it.
+#[derive(Clone)]
+struct Fold {
+    /// The merge function the states were computed with (a CUSTOM_MERGE step's result
+    /// depends on it): another one empties the cache.
+    merge: Option<Arc<dyn CustomMerge>>,
+    entries: Vec<FoldEntry>,
+}
+
+/// The fold after one operation.
+#[derive(Clone)]
+struct FoldEntry {
+    /// The state after the operation (a held one repeats the state before it).
+    state: Arc<EntityValue>,
+    /// Set for an applied operation concurrent with an earlier applied one.
+    concurrent: Option<Box<Concurrent>>,
+}
+
+/// What the fold knew of an operation concurrent with an earlier applied one.
+#[derive(Clone)]
+struct Concurrent {
+    /// Merged clock of the base and every applied operation up to this one. (For an
+    /// operation that saw everything before it, that is its own clock.)
+    applied: VectorClock,
+    /// The state its author saw: the state after its parent.
+    seen: Arc<EntityValue>,
+}
+
+/// What an entity must restore if the batch being applied fails: its small fields,
+/// and the history from `from` on as it was (before `from` nothing has changed since
+/// the batch began; an operation that changes the history at `p < from` first saves
+/// `history[p..from]` here).
+#[derive(Clone)]
+struct Journal {
+    value: Arc<EntityValue>,
+    clock: VectorClock,
+    base: Arc<EntityValue>,
+    base_clock: VectorClock,
+    base_time: Option<Timestamp>,
+    open_conflicts: Vec<Conflict>,
+    keys_canonical: Option<bool>,
+    from: usize,
+    saved: Vec<Arc<LoggedOp>>,
+    /// Operations added to the indexes since the batch began.
+    added: Vec<Arc<Operation>>,
+    /// A compaction removed operations from the indexes: rebuild them.
+    reindex: bool,
+}
+
+/// The JSON form of an [`EntityState`] (field order is the wire order).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct StoredRef<'a> {
+    entity_type: &'a str,
+    entity_id: &'a str,
+    value: &'a EntityValue,
+    version: u64,
+    clock: &'a VectorClock,
+    base: &'a EntityValue,
+    base_clock: &'a VectorClock,
+    base_time: Option<Timestamp>,
+    history: &'a [Arc<LoggedOp>],
+    open_conflicts: &'a [Conflict],
+}
+
+/// The JSON form of an [`EntityState`], read.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Stored {
+    entity_type: String,
+    entity_id: String,
+    value: EntityValue,
+    version: u64,
+    clock: VectorClock,
+    base: EntityValue,
+    base_clock: VectorClock,
+    base_time: Option<Timestamp>,
+    history: Vec<Arc<LoggedOp>>,
+    open_conflicts: Vec<Conflict>,
+}
+
+impl Serialize for EntityState {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        StoredRef {
+            entity_type: &self.entity_type,
+            entity_id: &self.entity_id,
+            value: &self.value,
+            version: self.version,
+            clock: &self.clock,
+            base: &self.base,
+            base_clock: &self.base_clock,
+            base_time: self.base_time,
+            history: &self.history,
+            open_conflicts: &self.open_conflicts,
+        }
+        .serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for EntityState {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let s = Stored::deserialize(deserializer)?;
+        Ok(Self {
+            index: Index::build(&s.history),
+            entity_type: s.entity_type,
+            entity_id: s.entity_id,
+            value: Arc::new(s.value),
+            version: s.version,
+            clock: s.clock,
+            base: Arc::new(s.base),
+            base_clock: s.base_clock,
+            base_time: s.base_time,
+            history: s.history,
+            open_conflicts: s.open_conflicts,
+            fold: None,
+            keys_canonical: None,
+            journal: None,
+        })
+    }
+}
+
+impl PartialEq for EntityState {
+    /// Equal when the JSON forms are (the caches are not compared).
+    fn eq(&self, other: &Self) -> bool {
+        self.entity_type == other.entity_type
+            && self.entity_id == other.entity_id
+            && self.value == other.value
+            && self.version == other.version
+            && self.clock == other.clock
+            && self.base == other.base
+            && self.base_clock == other.base_clock
+            && self.base_time == other.base_time
+            && self.history == other.history
+            && self.open_conflicts == other.open_conflicts
+    }
+}
+
+impl fmt::Debug for EntityState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EntityState")
+            .field("entity_type", &self.entity_type)
+            .field("entity_id", &self.entity_id)
+            .field("value", &self.value)
+            .field("version", &self.version)
+            .field("clock", &self.clock)
+            .field("base", &self.base)
+            .field("base_clock", &self.base_clock)
+            .field("base_time", &self.base_time)
+            .field("history", &self.history)
+            .field("open_conflicts", &self.open_conflicts)
+            .finish_non_exhaustive()
+    }
 }
 
 /// How the engine settled one incoming operation.
@@ -179,20 +430,47 @@ pub(crate) struct StepContext<'a> {
     pub(crate) now: Timestamp,
 }
 
+/// What the walk back from the newest operation found about an incoming operation
+/// that did not see everything.
+#[derive(Debug, Default)]
+struct Scan {
+    /// The greatest applied operation concurrent with it.
+    rival: Option<usize>,
+    /// The greatest operation it causally follows.
+    pred: Option<usize>,
+    /// The first operation that causally follows it (it arrived after them).
+    first_successor: Option<usize>,
+    /// It saw the last applied operation (or there is none).
+    follows_last_applied: bool,
+}
+
+/// What a compaction knew of a kept operation's fold step, to reuse its state when
+/// the new fold gives it the same inputs.
+struct Hint {
+    current: Arc<EntityValue>,
+    seen: Arc<EntityValue>,
+    concurrent: bool,
+    state: Arc<EntityValue>,
+}
+
 impl EntityState {
     /// A new, never-written entity.
     pub fn new(entity_type: impl Into<String>, entity_id: impl Into<String>) -> Self {
         Self {
             entity_type: entity_type.into(),
             entity_id: entity_id.into(),
-            value: EntityValue::default(),
+            value: Arc::default(),
             version: 0,
             clock: VectorClock::new(),
-            base: EntityValue::default(),
+            base: Arc::default(),
             base_clock: VectorClock::new(),
             base_time: None,
             history: Vec::new(),
             open_conflicts: Vec::new(),
+            index: Index::default(),
+            fold: None,
+            keys_canonical: Some(true),
+            journal: None,
         }
     }
 
@@ -209,6 +487,11 @@ impl EntityState {
     /// The current value.
     pub fn value(&self) -> &EntityValue {
         &self.value
+    }
+
+    /// The current value, shared (a batch compares it with the value after).
+    pub(crate) fn value_shared(&self) -> Arc<EntityValue> {
+        self.value.clone()
     }
 
     /// The version the owner gave the last change (the tenant counter on the server).
@@ -239,14 +522,65 @@ impl EntityState {
     /// The retained operations in the order they take effect, with their keys and
     /// whether an open MANUAL conflict holds them out of the value.
     pub fn operations(&self) -> impl Iterator<Item = (&OpKey, &Operation, bool)> {
-        self.history.iter().map(|l| (&l.key, &l.op, l.held))
+        self.history.iter().map(|l| (&l.key, &*l.op, l.held))
     }
 
     /// True when `operation_id` was seen and is still retained.
     pub fn has_seen(&self, operation_id: &str) -> bool {
-        self.history
-            .iter()
-            .any(|l| l.op.operation_id == operation_id)
+        self.index.find_id(operation_id).is_some()
+    }
+
+    /// Starts a batch: until [`Self::commit`], [`Self::rollback`] can undo every change.
+    pub(crate) fn begin(&mut self) {
+        self.journal = Some(Box::new(Journal {
+            value: self.value.clone(),
+            clock: self.clock.clone(),
+            base: self.base.clone(),
+            base_clock: self.base_clock.clone(),
+            base_time: self.base_time,
+            open_conflicts: self.open_conflicts.clone(),
+            keys_canonical: self.keys_canonical,
+            from: self.history.len(),
+            saved: Vec::new(),
+            added: Vec::new(),
+            reindex: false,
+        }));
+    }
+
+    /// Ends a batch, keeping its changes.
+    pub(crate) fn commit(&mut self) {
+        self.journal = None;
+    }
+
+    /// Ends a batch, undoing its changes: the state is again as at [`Self::begin`].
+    pub(crate) fn rollback(&mut self) {
+        let Some(journal) = self.journal.take() else {
+            return;
+        };
+        let j = *journal;
+        let only_appended = j.saved.is_empty() && !j.reindex;
+        self.history.truncate(j.from);
+        self.history.extend(j.saved);
+        if j.reindex {
+            self.index = Index::build(&self.history);
+        } else {
+            for op in &j.added {
+                self.index.remove(op);
+            }
+        }
+        // Entries before `from` were computed over the same operations; past it the
+        // cache is dropped (rebuilt when next needed).
+        match &mut self.fold {
+            Some(fold) if only_appended => fold.entries.truncate(j.from),
+            _ => self.fold = None,
+        }
+        self.value = j.value;
+        self.clock = j.clock;
+        self.base = j.base;
+        self.base_clock = j.base_clock;
+        self.base_time = j.base_time;
+        self.open_conflicts = j.open_conflicts;
+        self.keys_canonical = j.keys_canonical;
     }
 
     /// Applies one operation (see the module docs). On error nothing changed.
@@ -271,6 +605,7 @@ impl EntityState {
                 entity_type: self.entity_type.clone(),
             });
         }
+        self.check_fold_merge(ctx.merge);
         // Seen before: by id while retained; by clock once compacted (an operation the
         // compacted history dominates was part of it).
         if self.has_seen(&op.operation_id)
@@ -287,82 +622,46 @@ impl EntityState {
                 None => Outcome::Duplicate,
             });
         }
-
-        if let Some(other) = self
-            .history
-            .iter()
-            .find(|l| l.op.vector_clock == op.vector_clock)
-        {
+        if let Some(other) = self.index.find_clock(&op.vector_clock) {
             return Err(ApplyError::ClockReused {
                 operation_id: op.operation_id.clone(),
-                other: other.op.operation_id.clone(),
+                other: other.operation_id.clone(),
             });
         }
 
         // The usual case: the operation saw everything retained, so it sorts last and
         // follows the last applied operation.
         let in_order = op.vector_clock.descends_from(&self.clock);
-        // Otherwise: the applied operation it is concurrent with (the greatest, if several).
-        let rival = if in_order {
-            None
+        let scan = if in_order {
+            Scan {
+                follows_last_applied: true,
+                ..Scan::default()
+            }
         } else {
-            self.history
-                .iter()
-                .rev()
-                .find(|l| !l.held && l.op.vector_clock.is_concurrent_with(&op.vector_clock))
-                .map(|l| l.op.clone())
+            self.scan(&op.vector_clock)
         };
+        // The applied operation it is concurrent with (the greatest, if several).
+        let rival = scan.rival.map(|i| self.history[i].op.clone());
         let held = rival.is_some() && ctx.strategy == ResolutionStrategy::Manual;
-        let has_successor = !in_order
-            && self
-                .history
-                .iter()
-                .any(|l| op.vector_clock.compare(&l.op.vector_clock) == ClockOrdering::Before);
-        let logged = LoggedOp {
-            key: if in_order {
-                self.key_after_all(op)
-            } else {
-                self.key_for(op)
-            },
+        let has_successor = scan.first_successor.is_some();
+        let key = if in_order {
+            self.key_after_all(op)
+        } else {
+            self.key_for(op, scan.pred)
+        };
+        let fast = !has_successor
+            && scan.follows_last_applied
+            && self.history.last().is_none_or(|l| l.key < key);
+        let logged = Arc::new(LoggedOp {
+            key,
             strategy: ctx.strategy,
             held,
-            op: op.clone(),
-        };
-        let follows_last_applied = self
-            .history
-            .iter()
-            .rev()
-            .find(|l| !l.held)
-            .is_none_or(|l| op.vector_clock.descends_from(&l.op.vector_clock));
-        let fast = !has_successor
-            && follows_last_applied
-            && self.history.last().is_none_or(|l| l.key < logged.key);
-
+            op: Arc::new(op.clone()),
+        });
         if fast {
-            if !held {
-                let merge = ctx
-                    .merge
-                    .filter(|_| ctx.strategy == ResolutionStrategy::CustomMerge);
-                self.value = step(&self.value, &self.value, &logged, rival.is_some(), merge)?;
-            }
-            self.history.push(Arc::new(logged));
+            self.apply_last(logged, rival.is_some(), ctx)?;
         } else {
-            let backup = self.history.clone();
-            let pos = self.history.partition_point(|l| l.key < logged.key);
-            self.history.insert(pos, Arc::new(logged));
-            if has_successor {
-                // It precedes retained operations: their effective times may rise.
-                self.rekey();
-            }
-            if !held || has_successor {
-                match self.fold(ctx) {
-                    Ok(value) => self.value = value,
-                    Err(e) => {
-                        self.history = backup;
-                        return Err(e);
-                    }
-                }
-            }
+            self.insert(logged, scan.first_successor, ctx)?;
         }
         self.clock.merge(&op.vector_clock);
 
@@ -382,7 +681,7 @@ impl EntityState {
                     conflict_id: conflict_id(&op.operation_id, &rival.operation_id),
                     entity_type: self.entity_type.clone(),
                     entity_id: self.entity_id.clone(),
-                    operations: vec![op.clone(), rival],
+                    operations: vec![op.clone(), (*rival).clone()],
                     detected_at: ctx.now,
                     resolution: (!held).then(|| ConflictResolution {
                         strategy: ctx.strategy,
@@ -405,6 +704,68 @@ impl EntityState {
         Ok(outcome)
     }
 
+    /// Keeps the fold cache only if it was computed with `merge`; starts one for an
+    /// empty history.
+    fn check_fold_merge(&mut self, merge: Option<&Arc<dyn CustomMerge>>) {
+        let same = |cached: Option<&Arc<dyn CustomMerge>>| match (cached, merge) {
+            (None, None) => true,
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        };
+        if self.history.is_empty() {
+            self.fold = Some(Fold {
+                merge: merge.cloned(),
+                entries: Vec::new(),
+            });
+        } else if self.fold.as_ref().is_some_and(|f| !same(f.merge.as_ref())) {
+            self.fold = None;
+        }
+    }
+
+    /// Walks back from the newest operation to find `clock`'s rival, greatest
+    /// predecessor and first successor. Successors all sort after the greatest
+    /// predecessor (keys extend causality), so the walk ends there once the rival is
+    /// found, or once it passes an applied predecessor that saw everything applied
+    /// before it (no earlier applied operation is then concurrent with `clock`).
+    fn scan(&self, clock: &VectorClock) -> Scan {
+        let mut scan = Scan {
+            follows_last_applied: true,
+            ..Scan::default()
+        };
+        let mut met_applied = false;
+        let mut no_rival_before = false;
+        for (i, l) in self.history.iter().enumerate().rev() {
+            let ordering = l.op.vector_clock.compare(clock);
+            if !l.held && !met_applied {
+                met_applied = true;
+                scan.follows_last_applied =
+                    matches!(ordering, ClockOrdering::Before | ClockOrdering::Equal);
+            }
+            match ordering {
+                ClockOrdering::Before => {
+                    scan.pred.get_or_insert(i);
+                    if !l.held
+                        && self
+                            .fold
+                            .as_ref()
+                            .is_some_and(|f| f.entries[i].concurrent.is_none())
+                    {
+                        no_rival_before = true;
+                    }
+                }
+                ClockOrdering::After => scan.first_successor = Some(i),
+                ClockOrdering::Concurrent if !l.held => {
+                    scan.rival.get_or_insert(i);
+                }
+                ClockOrdering::Concurrent | ClockOrdering::Equal => {}
+            }
+            if scan.pred.is_some() && (scan.rival.is_some() || no_rival_before) {
+                break;
+            }
+        }
+        scan
+    }
+
     /// The key of an operation that descends from every retained one: its effective
     /// time is at least the greatest so far (the last key's, or the compacted base's).
     fn key_after_all(&self, op: &Operation) -> OpKey {
@@ -423,86 +784,381 @@ impl EntityState {
         }
     }
 
-    /// The key of `op` among the retained history.
-    fn key_for(&self, op: &Operation) -> OpKey {
+    /// The key of `op`, whose greatest retained predecessor is `pred`: its timestamp
+    /// raised to the effective time of every operation it follows. Effective times
+    /// grow along the history, so the greatest predecessor's is the greatest of them.
+    fn key_for(&self, op: &Operation, pred: Option<usize>) -> OpKey {
+        let base = self
+            .base_time
+            .filter(|_| op.vector_clock.descends_from(&self.base_clock));
+        let effective = pred
+            .map(|i| self.history[i].key.effective_time)
+            .into_iter()
+            .chain(base)
+            .fold(op.timestamp, Timestamp::max);
         OpKey {
-            effective_time: self.effective_time(op, &self.history),
+            effective_time: effective,
             depth: op.vector_clock.depth(),
             client_id: op.client_id.clone(),
             operation_id: op.operation_id.clone(),
         }
     }
 
-    /// `op`'s timestamp raised to the effective time of every operation in `keyed` it
-    /// causally follows (and of the compacted base, when it follows that).
-    fn effective_time(&self, op: &Operation, keyed: &[Arc<LoggedOp>]) -> Timestamp {
-        let clock = &op.vector_clock;
-        let base = self
-            .base_time
-            .filter(|_| clock.descends_from(&self.base_clock));
-        keyed
-            .iter()
-            .filter(|l| l.op.vector_clock.compare(clock) == ClockOrdering::Before)
-            .map(|l| l.key.effective_time)
-            .chain(base)
-            .fold(op.timestamp, Timestamp::max)
+    /// Appends an operation that sorts last and saw the last applied one.
+    fn apply_last(
+        &mut self,
+        logged: Arc<LoggedOp>,
+        rival: bool,
+        ctx: &StepContext<'_>,
+    ) -> Result<(), ApplyError> {
+        let value = if logged.held {
+            None
+        } else {
+            let merge = ctx
+                .merge
+                .filter(|_| ctx.strategy == ResolutionStrategy::CustomMerge);
+            Some(Arc::new(step(
+                &self.value,
+                &self.value,
+                &logged,
+                rival,
+                merge,
+            )?))
+        };
+        let entry = self
+            .fold
+            .as_ref()
+            .and_then(|fold| self.last_entry(fold, &logged, rival, value.as_ref(), ctx));
+        match (&mut self.fold, entry) {
+            (Some(fold), Some(entry)) => fold.entries.push(entry),
+            (fold, _) => *fold = None,
+        }
+        self.index.insert(&logged.op);
+        if let Some(j) = self.journal.as_deref_mut() {
+            j.added.push(logged.op.clone());
+        }
+        self.history.push(logged);
+        if let Some(value) = value {
+            self.value = value;
+        }
+        Ok(())
     }
 
-    /// Recomputes every retained key (in causal-depth order, so that predecessors are
-    /// keyed first) and re-sorts the history.
-    fn rekey(&mut self) {
-        self.history
-            .sort_by(|a, b| a.key.depth.cmp(&b.key.depth).then(a.key.cmp(&b.key)));
-        for i in 0..self.history.len() {
-            let effective = self.effective_time(&self.history[i].op, &self.history[..i]);
-            if self.history[i].key.effective_time != effective {
-                Arc::make_mut(&mut self.history[i]).key.effective_time = effective;
+    /// The fold's entry for `logged` appended last: usually the new value itself.
+    /// `None` when the fold cannot be extended (then it is dropped).
+    fn last_entry(
+        &self,
+        fold: &Fold,
+        logged: &LoggedOp,
+        rival: bool,
+        value: Option<&Arc<EntityValue>>,
+        ctx: &StepContext<'_>,
+    ) -> Option<FoldEntry> {
+        let current = fold.entries.last().map_or(&self.base, |e| &e.state);
+        if logged.held {
+            return Some(FoldEntry {
+                state: current.clone(),
+                concurrent: None,
+            });
+        }
+        let n = self.history.len();
+        let last_applied = (0..n).rev().find(|&j| !self.history[j].held);
+        let applied = self.applied_through(last_applied, &fold.entries);
+        let clock = &logged.op.vector_clock;
+        let concurrent = !clock.descends_from(applied);
+        // Its parent is the last applied operation (it saw it), whose state is the
+        // current one: the fast path computed the same step unless it passed another
+        // `concurrent` to a merge function or its value is not the fold's.
+        let state = match value {
+            Some(value)
+                if Arc::ptr_eq(&self.value, current)
+                    && (concurrent == rival
+                        || logged.strategy != ResolutionStrategy::CustomMerge) =>
+            {
+                value.clone()
+            }
+            _ => Arc::new(step(current, current, logged, concurrent, ctx.merge).ok()?),
+        };
+        Some(FoldEntry {
+            state,
+            concurrent: concurrent.then(|| {
+                Box::new(Concurrent {
+                    applied: applied.merged(clock),
+                    seen: current.clone(),
+                })
+            }),
+        })
+    }
+
+    /// The merged clock of the base and every applied operation up to `last_applied`.
+    fn applied_through<'a>(
+        &'a self,
+        last_applied: Option<usize>,
+        entries: &'a [FoldEntry],
+    ) -> &'a VectorClock {
+        match last_applied {
+            None => &self.base_clock,
+            Some(q) => match &entries[q].concurrent {
+                Some(c) => &c.applied,
+                None => &self.history[q].op.vector_clock,
+            },
+        }
+    }
+
+    /// Inserts an operation that does not simply go last: re-keys its successors (if
+    /// it arrived after them) and refolds from the first place that changed.
+    fn insert(
+        &mut self,
+        logged: Arc<LoggedOp>,
+        first_successor: Option<usize>,
+        ctx: &StepContext<'_>,
+    ) -> Result<(), ApplyError> {
+        let pos = self.history.partition_point(|l| l.key < logged.key);
+        let has_successor = first_successor.is_some();
+        let mut start = first_successor.map_or(pos, |s| s.min(pos));
+        let mut tail: Vec<Arc<LoggedOp>> = Vec::with_capacity(self.history.len() - start + 1);
+        tail.extend_from_slice(&self.history[start..pos]);
+        tail.push(logged.clone());
+        tail.extend_from_slice(&self.history[pos..]);
+        let mut keys_canonical = self.keys_canonical;
+        if has_successor {
+            if self.keys_canonical() {
+                // Only its successors' effective times change: they rise to its own.
+                let effective = logged.key.effective_time;
+                let clock = &logged.op.vector_clock;
+                for l in &mut tail {
+                    if l.key.effective_time < effective
+                        && clock.compare(&l.op.vector_clock) == ClockOrdering::Before
+                    {
+                        Arc::make_mut(l).key.effective_time = effective;
+                    }
+                }
+                tail.sort_by(|a, b| a.key.cmp(&b.key));
+            } else {
+                let mut all = self.history[..start].to_vec();
+                all.append(&mut tail);
+                tail = all;
+                start = 0;
+                self.rekey_all(&mut tail);
+                keys_canonical = Some(true);
             }
         }
-        self.history.sort_by(|a, b| a.key.cmp(&b.key));
+        let refold = !logged.held || has_successor;
+        if refold && self.fold.is_none() {
+            let mut all = self.history[..start].to_vec();
+            all.append(&mut tail);
+            tail = all;
+            start = 0;
+        }
+        let entries = match &self.fold {
+            Some(fold) if refold => Some(self.fold_tail(
+                &self.history[..start],
+                &fold.entries[..start],
+                &tail,
+                ctx.merge,
+                None,
+            )?),
+            Some(fold) => {
+                // A held operation without successors changes no other step: it
+                // repeats the state before it.
+                let before = start
+                    .checked_sub(1)
+                    .map_or(&self.base, |i| &fold.entries[i].state);
+                let mut entries = Vec::with_capacity(fold.entries.len() - start + 1);
+                entries.push(FoldEntry {
+                    state: before.clone(),
+                    concurrent: None,
+                });
+                entries.extend_from_slice(&fold.entries[start..]);
+                Some(entries)
+            }
+            None if refold => Some(self.fold_tail(&[], &[], &tail, ctx.merge, None)?),
+            None => None,
+        };
+
+        self.save_tail(start);
+        self.history.truncate(start);
+        self.history.append(&mut tail);
+        match entries {
+            Some(mut entries) => {
+                let fold = self.fold.get_or_insert_with(|| Fold {
+                    merge: ctx.merge.cloned(),
+                    entries: Vec::new(),
+                });
+                fold.entries.truncate(start);
+                fold.entries.append(&mut entries);
+                if refold {
+                    self.value = fold
+                        .entries
+                        .last()
+                        .map_or_else(|| self.base.clone(), |e| e.state.clone());
+                }
+            }
+            None => self.fold = None,
+        }
+        self.keys_canonical = keys_canonical;
+        self.index.insert(&logged.op);
+        if let Some(j) = self.journal.as_deref_mut() {
+            j.added.push(logged.op.clone());
+        }
+        Ok(())
     }
 
-    /// The value after every retained operation, each applied by its strategy's step,
-    /// starting from the base.
-    fn fold(&self, ctx: &StepContext<'_>) -> Result<EntityValue, ApplyError> {
-        Ok(self
-            .fold_states(ctx)?
-            .pop()
-            .unwrap_or_else(|| self.base.clone()))
+    /// Before the history changes from `start` on: saves what the batch's journal
+    /// does not have yet.
+    fn save_tail(&mut self, start: usize) {
+        if let Some(j) = self.journal.as_deref_mut()
+            && start < j.from
+        {
+            let mut saved = self.history[start..j.from].to_vec();
+            saved.append(&mut j.saved);
+            j.saved = saved;
+            j.from = start;
+        }
     }
 
-    /// The state after each retained operation (held ones repeat the state before).
-    /// The last entry is the current value.
-    fn fold_states(&self, ctx: &StepContext<'_>) -> Result<Vec<EntityValue>, ApplyError> {
-        let mut states: Vec<EntityValue> = Vec::with_capacity(self.history.len());
-        let mut current = self.base.clone();
-        // Merged clock of the applied operations so far, and the last one's index.
-        let mut applied = self.base_clock.clone();
-        let mut last_applied: Option<usize> = None;
-        for (i, l) in self.history.iter().enumerate() {
-            if !l.held {
-                let clock = &l.op.vector_clock;
-                // Earlier operations in key order are never causally after this one, so
-                // it is concurrent with one of them exactly when it misses part of
-                // their merged clock.
-                let concurrent = !clock.descends_from(&applied);
-                // Parent: the greatest applied operation this one causally follows.
-                let parent = if concurrent {
-                    (0..i).rev().find(|&j| {
-                        !self.history[j].held
-                            && clock.descends_from(&self.history[j].op.vector_clock)
-                    })
-                } else {
-                    last_applied
-                };
-                let seen = parent.map_or(&self.base, |j| &states[j]);
-                current = step(&current, seen, l, concurrent, ctx.merge)?;
-                applied.merge(clock);
+    /// Whether every retained key is what [`Self::rekey_all`] would compute: each
+    /// effective time is the operation's timestamp raised to its greatest
+    /// predecessor's (and the base's, when it follows the base). Checked once after a
+    /// load or a compaction, then kept up to date.
+    fn keys_canonical(&mut self) -> bool {
+        if let Some(known) = self.keys_canonical {
+            return known;
+        }
+        let h = &self.history;
+        let canonical = (0..h.len()).all(|i| {
+            let clock = &h[i].op.vector_clock;
+            let pred = (0..i)
+                .rev()
+                .find(|&j| h[j].op.vector_clock.compare(clock) == ClockOrdering::Before);
+            let base = self
+                .base_time
+                .filter(|_| clock.descends_from(&self.base_clock));
+            let effective = pred
+                .map(|j| h[j].key.effective_time)
+                .into_iter()
+                .chain(base)
+                .fold(h[i].op.timestamp, Timestamp::max);
+            effective == h[i].key.effective_time
+        });
+        self.keys_canonical = Some(canonical);
+        canonical
+    }
+
+    /// Recomputes every key of `history` (in causal-depth order, so that predecessors
+    /// are keyed first) and re-sorts it: the engine's original re-keying, for keys not
+    /// known to be canonical.
+    fn rekey_all(&self, history: &mut [Arc<LoggedOp>]) {
+        history.sort_by(|a, b| a.key.depth.cmp(&b.key.depth).then(a.key.cmp(&b.key)));
+        for i in 0..history.len() {
+            let clock = &history[i].op.vector_clock;
+            let base = self
+                .base_time
+                .filter(|_| clock.descends_from(&self.base_clock));
+            let effective = history[..i]
+                .iter()
+                .filter(|l| l.op.vector_clock.compare(clock) == ClockOrdering::Before)
+                .map(|l| l.key.effective_time)
+                .chain(base)
+                .fold(history[i].op.timestamp, Timestamp::max);
+            if history[i].key.effective_time != effective {
+                Arc::make_mut(&mut history[i]).key.effective_time = effective;
+            }
+        }
+        history.sort_by(|a, b| a.key.cmp(&b.key));
+    }
+
+    /// The fold's entries for `tail`, which follows `prefix` (whose entries are
+    /// `done`): each applied operation's strategy step on the state before it, given
+    /// the state its author saw (its parent's). `hints` (one per tail operation) are
+    /// steps known from before a compaction: a step with the same inputs keeps its
+    /// state instead of being run again.
+    fn fold_tail(
+        &self,
+        prefix: &[Arc<LoggedOp>],
+        done: &[FoldEntry],
+        tail: &[Arc<LoggedOp>],
+        merge: Option<&Arc<dyn CustomMerge>>,
+        hints: Option<&[Option<Hint>]>,
+    ) -> Result<Vec<FoldEntry>, ApplyError> {
+        let start = prefix.len();
+        let op_at = |i: usize| {
+            if i < start {
+                &prefix[i]
+            } else {
+                &tail[i - start]
+            }
+        };
+        let mut out: Vec<FoldEntry> = Vec::with_capacity(tail.len());
+        let mut current = done
+            .last()
+            .map_or_else(|| self.base.clone(), |e| e.state.clone());
+        let mut last_applied = (0..start).rev().find(|&j| !prefix[j].held);
+        for (k, l) in tail.iter().enumerate() {
+            let i = start + k;
+            if l.held {
+                out.push(FoldEntry {
+                    state: current.clone(),
+                    concurrent: None,
+                });
+                continue;
+            }
+            // After a compaction, an operation that saw everything applied before it
+            // still does (it saw every removed one), so it still follows the last
+            // applied operation: with the same state before it, its step is the same.
+            if let Some(h) = hints.and_then(|h| h[k].as_ref())
+                && !h.concurrent
+                && Arc::ptr_eq(&h.current, &current)
+            {
+                current = h.state.clone();
+                out.push(FoldEntry {
+                    state: h.state.clone(),
+                    concurrent: None,
+                });
                 last_applied = Some(i);
+                continue;
             }
-            states.push(current.clone());
+            let clock = &l.op.vector_clock;
+            let entry_at = |j: usize| if j < start { &done[j] } else { &out[j - start] };
+            let applied = match last_applied {
+                None => &self.base_clock,
+                Some(q) => match &entry_at(q).concurrent {
+                    Some(c) => &c.applied,
+                    None => &op_at(q).op.vector_clock,
+                },
+            };
+            // Earlier operations in key order are never causally after this one, so
+            // it is concurrent with one of them exactly when it misses part of their
+            // merged clock.
+            let concurrent = !clock.descends_from(applied);
+            // Parent: the greatest applied operation this one causally follows.
+            let parent = if concurrent {
+                (0..i).rev().find(|&j| {
+                    let o = op_at(j);
+                    !o.held && clock.descends_from(&o.op.vector_clock)
+                })
+            } else {
+                last_applied
+            };
+            let seen = parent.map_or_else(|| self.base.clone(), |j| entry_at(j).state.clone());
+            let applied_after = concurrent.then(|| applied.merged(clock));
+            let hint = hints.and_then(|h| h[k].as_ref()).filter(|h| {
+                Arc::ptr_eq(&h.current, &current)
+                    && Arc::ptr_eq(&h.seen, &seen)
+                    && h.concurrent == concurrent
+            });
+            let state = match hint {
+                Some(h) => h.state.clone(),
+                None => Arc::new(step(&current, &seen, l, concurrent, merge)?),
+            };
+            current = state.clone();
+            out.push(FoldEntry {
+                state,
+                concurrent: applied_after.map(|applied| Box::new(Concurrent { applied, seen })),
+            });
+            last_applied = Some(i);
         }
-        Ok(states)
+        Ok(out)
     }
 
     /// Moves the oldest operations into the base once the history is longer than
@@ -514,12 +1170,20 @@ impl EntityState {
         if self.history.len() <= max {
             return;
         }
-        let Ok(states) = self.fold_states(ctx) else {
-            // Cannot happen for a deterministic merge (the same steps succeeded when the
-            // operations were applied); keeping everything is always safe.
-            return;
-        };
-        let open: Vec<&str> = self
+        if self.fold.is_none() {
+            match self.fold_tail(&[], &[], &self.history, ctx.merge, None) {
+                Ok(entries) => {
+                    self.fold = Some(Fold {
+                        merge: ctx.merge.cloned(),
+                        entries,
+                    });
+                }
+                // Cannot happen for a deterministic merge (the same steps succeeded when
+                // the operations were applied); keeping everything is always safe.
+                Err(_) => return,
+            }
+        }
+        let open: HashSet<&str> = self
             .open_conflicts
             .iter()
             .flat_map(|c| c.operations.iter().map(|o| o.operation_id.as_str()))
@@ -535,36 +1199,29 @@ impl EntityState {
             .iter()
             .enumerate()
             .map(|(i, l)| {
-                Some(i) != last_applied && !(l.held && open.contains(&l.op.operation_id.as_str()))
+                Some(i) != last_applied && !(l.held && open.contains(l.op.operation_id.as_str()))
             })
             .collect();
-        let mut excess = self.history.len() - max * 3 / 4;
-        let seen_by_all_kept = |excess: usize| {
-            let mut removed_clock = VectorClock::new();
-            let mut left = excess;
-            let mut kept_clocks = Vec::new();
-            for (l, r) in self.history.iter().zip(&removable) {
-                if left > 0 && *r {
-                    left -= 1;
-                    removed_clock.merge(&l.op.vector_clock);
-                } else if !l.held {
-                    kept_clocks.push(&l.op.vector_clock);
-                }
-            }
-            kept_clocks.iter().all(|c| c.descends_from(&removed_clock))
-        };
-        while excess > 0 && !seen_by_all_kept(excess) {
-            excess -= 1;
-        }
+        drop(open);
+        let excess = self.removable_count(&removable, self.history.len() - max * 3 / 4);
         if excess == 0 {
             return;
         }
+        self.save_tail(0);
+        if let Some(j) = self.journal.as_deref_mut() {
+            j.reindex = true;
+        }
+        let Some(fold) = self.fold.take() else {
+            return;
+        };
+        let history = std::mem::take(&mut self.history);
+        let mut left = excess;
         let mut last_removed = None;
         let mut kept = Vec::with_capacity(max);
-        let history = std::mem::take(&mut self.history);
+        let mut hints = Vec::with_capacity(max);
         for (i, (l, r)) in history.into_iter().zip(removable).enumerate() {
-            if excess > 0 && r {
-                excess -= 1;
+            if left > 0 && r {
+                left -= 1;
                 if !l.held {
                     last_removed = Some(i);
                 }
@@ -572,14 +1229,131 @@ impl EntityState {
                 if self.base_time.is_none_or(|t| t < l.key.effective_time) {
                     self.base_time = Some(l.key.effective_time);
                 }
+                self.index.remove(&l.op);
             } else {
+                let current = i
+                    .checked_sub(1)
+                    .map_or(&self.base, |p| &fold.entries[p].state);
+                let entry = &fold.entries[i];
+                hints.push((!l.held).then(|| {
+                    Hint {
+                        current: current.clone(),
+                        seen: entry
+                            .concurrent
+                            .as_ref()
+                            .map_or_else(|| current.clone(), |c| c.seen.clone()),
+                        concurrent: entry.concurrent.is_some(),
+                        state: entry.state.clone(),
+                    }
+                }));
                 kept.push(l);
             }
         }
         self.history = kept;
         if let Some(i) = last_removed {
-            self.base = states[i].clone();
+            self.base = fold.entries[i].state.clone();
         }
+        self.fold = self
+            .fold_tail(&[], &[], &self.history, ctx.merge, Some(&hints))
+            .ok()
+            .map(|entries| Fold {
+                merge: ctx.merge.cloned(),
+                entries,
+            });
+        // Keys of kept operations that did not see every removed one may no longer be
+        // what a re-keying computes: checked when next needed.
+        self.keys_canonical = None;
+    }
+
+    /// How many of the removable operations (in order) a compaction removes: the
+    /// greatest count up to `excess` such that every kept applied operation saw every
+    /// removed one.
+    fn removable_count(&self, removable: &[bool], excess: usize) -> usize {
+        // Usually every kept operation saw the oldest `excess`: one pass.
+        if self.seen_by_all_kept(removable, excess) {
+            return excess;
+        }
+        // Otherwise fewer. Removing the first `e` removable ones is allowed when the
+        // entry-wise minimum of the kept applied clocks is at least the merge of the
+        // removed clocks: prefix merges and a running minimum, from the greatest `e` down.
+        let positions: Vec<usize> = (0..removable.len()).filter(|&i| removable[i]).collect();
+        let top = excess.min(positions.len()).saturating_sub(1);
+        if top == 0 {
+            return 0;
+        }
+        let mut prefix: Vec<VectorClock> = Vec::with_capacity(top + 1);
+        let mut merged = VectorClock::new();
+        prefix.push(merged.clone());
+        for &p in &positions[..top] {
+            merged.merge(&self.history[p].op.vector_clock);
+            prefix.push(merged.clone());
+        }
+        // Kept when `top` are removed: applied operations not among the first `top`.
+        let mut minimum: Option<Vec<(&str, u64)>> = None;
+        let first_kept_removable = positions[top];
+        for (i, l) in self.history.iter().enumerate() {
+            if !l.held && (!removable[i] || i >= first_kept_removable) {
+                minimum = Some(entrywise_min(minimum, &l.op.vector_clock));
+            }
+        }
+        for e in (1..=top).rev() {
+            let ok = match &minimum {
+                None => true,
+                Some(min) => prefix[e].iter().all(|(replica, counter)| {
+                    min.binary_search_by(|(k, _)| (*k).cmp(replica))
+                        .is_ok_and(|i| min[i].1 >= counter)
+                }),
+            };
+            if ok {
+                return e;
+            }
+            // One fewer removed: the `e`-th removable one is kept.
+            let l = &self.history[positions[e - 1]];
+            if !l.held {
+                minimum = Some(entrywise_min(minimum, &l.op.vector_clock));
+            }
+        }
+        0
+    }
+
+    /// The compaction check: every kept applied operation saw the first `excess`
+    /// removable ones.
+    fn seen_by_all_kept(&self, removable: &[bool], excess: usize) -> bool {
+        let mut removed_clock = VectorClock::new();
+        let mut left = excess;
+        for (l, r) in self.history.iter().zip(removable) {
+            if left > 0 && *r {
+                left -= 1;
+                removed_clock.merge(&l.op.vector_clock);
+            }
+        }
+        let mut left = excess;
+        self.history.iter().zip(removable).all(|(l, r)| {
+            if left > 0 && *r {
+                left -= 1;
+                true
+            } else {
+                l.held || l.op.vector_clock.descends_from(&removed_clock)
+            }
+        })
+    }
+}
+
+/// The entry-wise minimum of `acc` (`None`: no clock yet) and `clock`, as sorted
+/// `(replica, counter)` pairs; a replica missing from either counts 0 and is dropped.
+fn entrywise_min<'a>(
+    acc: Option<Vec<(&'a str, u64)>>,
+    clock: &'a VectorClock,
+) -> Vec<(&'a str, u64)> {
+    match acc {
+        None => clock.iter().collect(),
+        Some(acc) => acc
+            .into_iter()
+            .filter_map(|(replica, counter)| {
+                let theirs = clock.get(replica);
+                (theirs > 0).then_some((replica, counter.min(theirs)))
+            })
+            .collect(),
     }
 }
 

@@ -24,6 +24,9 @@
 pub mod entity;
 pub mod merge;
 pub mod order;
+#[cfg(any(test, feature = "reference-engine"))]
+#[doc(hidden)]
+pub mod reference;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -113,6 +116,11 @@ impl Reconciler {
         self
     }
 
+    /// The merge function registered for `entity_type`, if any.
+    pub(crate) fn merge_for(&self, entity_type: &str) -> Option<&Arc<dyn CustomMerge>> {
+        self.merges.get(entity_type)
+    }
+
     /// The retained-history bound.
     pub fn max_history(&self) -> usize {
         self.max_history
@@ -139,7 +147,7 @@ impl Reconciler {
     ) -> Result<Outcome, ApplyError> {
         let ctx = StepContext {
             strategy: self.strategy_for(&op.entity_type, requested),
-            merge: self.merges.get(&op.entity_type),
+            merge: self.merge_for(&op.entity_type),
             max_history: self.max_history,
             now,
         };
@@ -148,7 +156,10 @@ impl Reconciler {
 
     /// Applies `ops` in order to the entities in `states` (missing ones are created).
     ///
-    /// All or nothing: on error `states` is as it was.
+    /// All or nothing: on error (or if a merge function panics) `states` is as it
+    /// was. The entities are changed in place (taken out of the map while the batch
+    /// runs); each remembers what to restore until the batch ends, so a batch costs
+    /// what its operations cost, not a copy of every entity it touches.
     pub fn apply_batch(
         &self,
         states: &mut BTreeMap<EntityKey, EntityState>,
@@ -167,25 +178,45 @@ impl Reconciler {
                 });
             }
         }
-        // The values before the batch, to report what changed.
-        let mut before: BTreeMap<EntityKey, EntityValue> = BTreeMap::new();
-        let mut work: BTreeMap<EntityKey, EntityState> = BTreeMap::new();
+        // The entities touched, taken out of `states` until the batch ends (in
+        // first-touch order), with their values before. If the batch fails (or a merge
+        // function panics), the guard puts them back as they were.
+        let mut batch = Batch {
+            states,
+            touched: Vec::new(),
+        };
+        let mut slot_of: hashbrown::HashMap<(&str, &str), usize> = hashbrown::HashMap::new();
         for op in ops {
-            let key = (op.entity_type.clone(), op.entity_id.clone());
-            // Entities are changed on copies committed at the end: a merge function may
-            // refuse an operation (also a stored one, replayed by a refold). Copies are
-            // cheap: retained operations are shared.
-            let state = work.entry(key.clone()).or_insert_with(|| {
-                states
-                    .get(&key)
-                    .cloned()
-                    .unwrap_or_else(|| EntityState::new(&op.entity_type, &op.entity_id))
-            });
-            if !before.contains_key(&key) {
-                before.insert(key.clone(), state.value().clone());
-            }
-            let outcome = self.apply(state, op, requested, now)?;
-            out.touched.insert(key);
+            let slot = match slot_of.get(&(op.entity_type.as_str(), op.entity_id.as_str())) {
+                Some(&slot) => slot,
+                None => {
+                    let key = (op.entity_type.clone(), op.entity_id.clone());
+                    // An existing entity gives its stored key back: the one made for
+                    // the look-up then goes to the `touched` set.
+                    let (key, spare, mut state, created) = match batch.states.remove_entry(&key) {
+                        Some((stored, state)) => (stored, Some(key), state, false),
+                        None => {
+                            let state = EntityState::new(&op.entity_type, &op.entity_id);
+                            (key, None, state, true)
+                        }
+                    };
+                    state.begin();
+                    batch.touched.push(Touched {
+                        before: state.value_shared(),
+                        key,
+                        spare,
+                        state,
+                        created,
+                    });
+                    slot_of.insert(
+                        (op.entity_type.as_str(), op.entity_id.as_str()),
+                        batch.touched.len() - 1,
+                    );
+                    batch.touched.len() - 1
+                }
+            };
+            // On error the guard rolls every touched entity back.
+            let outcome = self.apply(&mut batch.touched[slot].state, op, requested, now)?;
             match outcome {
                 Outcome::Applied | Outcome::Duplicate => out.resolved_operations.push(op.clone()),
                 Outcome::Resolved(conflict) => {
@@ -195,12 +226,46 @@ impl Reconciler {
                 Outcome::Held(conflict) => out.conflicts.push(conflict),
             }
         }
-        states.extend(work);
-        for (key, old) in before {
-            if states.get(&key).is_some_and(|s| *s.value() != old) {
-                out.changed.insert(key);
+        for mut t in std::mem::take(&mut batch.touched) {
+            t.state.commit();
+            let value = t.state.value_shared();
+            if !Arc::ptr_eq(&value, &t.before) && *value != *t.before {
+                out.changed.insert(t.key.clone());
             }
+            out.touched.insert(t.spare.unwrap_or_else(|| t.key.clone()));
+            batch.states.insert(t.key, t.state);
         }
         Ok(out)
     }
+}
+
+/// The entities a batch took out of the caller's map. Dropped with entities still in
+/// it (an error, or a panic in a merge function), it rolls them back and puts them
+/// back, so that the map is as it was before the batch.
+struct Batch<'a> {
+    states: &'a mut BTreeMap<EntityKey, EntityState>,
+    touched: Vec<Touched>,
+}
+
+impl Drop for Batch<'_> {
+    fn drop(&mut self) {
+        for mut t in std::mem::take(&mut self.touched) {
+            if !t.created {
+                t.state.rollback();
+                self.states.insert(t.key, t.state);
+            }
+        }
+    }
+}
+
+/// An entity a batch touched.
+struct Touched {
+    key: EntityKey,
+    /// A second copy of the key, when one was made for nothing.
+    spare: Option<EntityKey>,
+    state: EntityState,
+    /// Its value before the batch.
+    before: Arc<EntityValue>,
+    /// It did not exist before the batch (not put back if the batch fails).
+    created: bool,
 }
