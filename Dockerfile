@@ -6,7 +6,8 @@
 #   docker run -p 3000:3000 -v webwaka-data:/data -e JWT_SECRET=... webwaka-server-stub
 
 # --- build ---------------------------------------------------------------------
-FROM rust:1.88-bookworm AS build
+# The server needs Rust 1.94 (socketioxide); the SDK crates build with 1.88.
+FROM rust:1.94-bookworm AS build
 WORKDIR /src
 # SQLite is compiled in (rusqlite "bundled"): only a C compiler is needed, which the
 # rust image has.

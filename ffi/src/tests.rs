@@ -29,6 +29,7 @@ async fn server(dir: &std::path::Path) -> RunningServer {
     config.shutdown_grace_ms = 500;
     let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
     Server::with_listener(config, Options::default(), listener)
+        .await
         .unwrap()
         .spawn()
 }

@@ -1,24 +1,29 @@
-//! The server's shared state ([`App`]): configuration, keys, database, live directory,
-//! limits, reconciliation engine, transaction processor, and the shutdown signal.
-//! Every handler gets an `Arc<App>`.
+//! The server's wiring ([`App`]): configuration, keys, storage, the live directory, the
+//! log's tail and feed, limits, the reconciliation engine, the transaction processor,
+//! and the shutdown signal. Handlers get an `Arc<App>`; the domain modules they call
+//! take only the pieces they use.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use webwaka_realtime::protocol::{AuditLogEntry, AuditResult};
+use webwaka_realtime::protocol::AuditResult;
 use webwaka_realtime::reconcile::{CounterMerge, Reconciler};
 
-use crate::audit::{self, AuditRecord};
+use crate::audit::AuditRecord;
 use crate::auth::{Keys, SecretError, SecretSource, resolve_secret};
+use crate::cluster::Node;
 use crate::config::{Config, ConfigError, RoomPolicy};
-use crate::db::Db;
 use crate::error::{ApiError, StoreError};
+use crate::feed::Feed;
 use crate::hub::Hub;
+use crate::log::Log;
 use crate::metrics::Metrics;
 use crate::ratelimit::Limits;
-use crate::transactions::TransactionProcessor;
+use crate::store::Storage;
+use crate::tail::Tail;
+use crate::transactions::{TransactionProcessor, Transactions};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -48,15 +53,18 @@ pub(crate) struct App {
     pub(crate) keys: Keys,
     /// Tokens verified before (a lookup instead of a signature check).
     pub(crate) verified: crate::auth::VerifiedTokens,
-    pub(crate) db: Db,
+    pub(crate) store: Arc<dyn Storage>,
+    /// Reading and appending to the durable log.
+    pub(crate) log: Log,
     pub(crate) hub: Arc<Hub>,
     /// The recent end of each tenant's log, for polls and resumes.
-    pub(crate) tail: Arc<crate::tail::Tail>,
+    pub(crate) tail: Arc<Tail>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) limits: Limits,
     pub(crate) policy: RoomPolicy,
-    pub(crate) reconciler: Reconciler,
-    pub(crate) processor: Arc<dyn TransactionProcessor>,
+    pub(crate) reconciler: Arc<Reconciler>,
+    /// Class D: storage and the processor.
+    pub(crate) transactions: Transactions,
     /// Cancelled when the server shuts down.
     pub(crate) shutdown: CancellationToken,
     /// WebSocket connection tasks (awaited on shutdown).
@@ -65,25 +73,52 @@ pub(crate) struct App {
     pub(crate) background: TaskTracker,
     /// WebSocket slots taken (reserved before the upgrade).
     pub(crate) slots: AtomicUsize,
+    /// Connections that are not WebSockets: their count and the limits.
+    pub(crate) connections: crate::listener::Connections,
     /// Where the JWT secret came from.
     pub(crate) secret_source: SecretSource,
     /// The chaos layer, when enabled (`CHAOS=1`).
     pub(crate) chaos: Option<Arc<crate::chaos::Chaos>>,
+    /// This instance among the others sharing its database.
+    pub(crate) node: Arc<Node>,
+    /// This instance's name (unique per process start).
+    pub(crate) instance: Arc<str>,
 }
 
 impl App {
     /// Opens the database and builds the state for `config`.
-    pub(crate) fn new(
+    pub(crate) async fn new(
         config: Config,
         processor: Option<Arc<dyn TransactionProcessor>>,
     ) -> Result<Self, StartError> {
         config.validate()?;
         let (secret, secret_source) = resolve_secret(&config)?;
         let keys = Keys::new(secret.as_bytes(), config.jwt_leeway_ms / 1000);
-        let db = Db::open(&config.database_path(), config.durability)?;
+        let instance: Arc<str> = format!("{}-{}", hostname(), uuid::Uuid::new_v4().simple())
+            .chars()
+            .take(64)
+            .collect::<String>()
+            .into();
         let metrics = Arc::new(Metrics::new());
         let hub = Arc::new(Hub::new(Arc::clone(&metrics)));
-        hub.load_memberships(crate::rooms::load_all(&db)?);
+        let tail = Arc::new(Tail::new(config.event_bus_tail_bytes));
+        let feed = Arc::new(Feed::new(
+            Arc::clone(&hub),
+            Arc::clone(&tail),
+            Arc::clone(&metrics),
+            config.database_url.is_none(),
+        ));
+        // The engine hands the stored memberships to the feed before it answers.
+        let chaos = config.chaos.then(|| Arc::new(crate::chaos::Chaos::new()));
+        let (out, outbox) = tokio::sync::mpsc::unbounded_channel();
+        let node = Arc::new(Node::new(
+            Arc::clone(&instance),
+            Arc::clone(&hub),
+            chaos.clone(),
+            config.database_url.is_some().then_some(out),
+        ));
+        let store =
+            crate::store::open(&config, Arc::clone(&feed), Arc::clone(&node), outbox).await?;
         let mut reconciler = Reconciler::new(config.reconciliation_default_strategy);
         for (entity_type, strategy) in config.type_strategies()? {
             reconciler = reconciler.with_strategy(entity_type, strategy);
@@ -97,30 +132,50 @@ impl App {
                 config.reject_types(),
             ))
         });
+        let shutdown = CancellationToken::new();
+        let background = TaskTracker::new();
         Ok(Self {
             limits: Limits::new(&config),
             policy: config.parsed_room_policy()?,
             verified: crate::auth::VerifiedTokens::new(config.jwt_leeway_ms / 1000),
             keys,
-            db,
+            log: Log {
+                store: Arc::clone(&store),
+                tail: Arc::clone(&tail),
+                hub: Arc::clone(&hub),
+                metrics: Arc::clone(&metrics),
+                retention_ms: config.event_bus_retention_period_ms,
+            },
+            transactions: Transactions {
+                store: Arc::clone(&store),
+                processor,
+                metrics: Arc::clone(&metrics),
+                owner: Arc::clone(&instance),
+                shutdown: shutdown.clone(),
+                background: background.clone(),
+            },
+            store,
             hub,
-            tail: Arc::new(crate::tail::Tail::new(config.event_bus_tail_bytes)),
+            tail,
             metrics,
-            reconciler,
-            processor,
-            shutdown: CancellationToken::new(),
+            reconciler: Arc::new(reconciler),
+            shutdown,
             ws_tasks: TaskTracker::new(),
-            background: TaskTracker::new(),
+            background,
             slots: AtomicUsize::new(0),
+            connections: crate::listener::Connections::new(&config),
             secret_source,
-            chaos: config.chaos.then(|| Arc::new(crate::chaos::Chaos::new())),
+            chaos,
+            node,
+            instance,
             config,
         })
     }
 
     /// Appends an audit record on its own.
-    pub(crate) async fn audit(&self, record: AuditRecord) -> Result<AuditLogEntry, ApiError> {
-        Ok(self.db.write(move |w| audit::append(w, record)).await?)
+    pub(crate) async fn audit(&self, record: AuditRecord) -> Result<(), ApiError> {
+        self.store.audit(record).await?;
+        Ok(())
     }
 
     /// Records a refused cross-tenant attempt (audit + metric) and returns the
@@ -173,6 +228,14 @@ impl App {
             app: Arc::clone(self),
         })
     }
+}
+
+/// The machine's name, for instance names (`HOSTNAME`, else `localhost`).
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.trim().is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
 }
 
 /// A taken WebSocket slot, given back when dropped.

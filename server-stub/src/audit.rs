@@ -3,16 +3,17 @@
 //! detectable.
 //!
 //! `hash = sha256_hex(prevHash ‖ JCS(entry without hash and prevHash))`, with the
-//! genesis `prevHash` of 64 zeros. The table also refuses UPDATE and DELETE (triggers),
-//! but the chain is what proves integrity: [`verify`] recomputes it.
+//! genesis `prevHash` of 64 zeros. The tables also refuse UPDATE and DELETE (triggers on
+//! both engines), but the chain is what proves integrity: [`ChainVerifier`] recomputes
+//! it. What is here is the same on both engines; an engine finds the chain's head under
+//! a lock (one writer thread, or a PostgreSQL lock held to the commit), [`seal`]s the
+//! record onto it and stores the row.
 
-use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use webwaka_realtime::protocol::{ActorType, AuditLogEntry, AuditResult, JsonObject};
 
-use crate::db::Writer;
-use crate::error::{JobError, StoreError};
+use crate::error::StoreError;
 
 /// `prevHash` of the first entry.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -112,17 +113,13 @@ fn content_of(entry: &AuditLogEntry) -> Result<Value, serde_json::Error> {
     Ok(value)
 }
 
-/// Appends `record` to the chain (inside the caller's write job).
-pub(crate) fn append(w: &mut Writer<'_>, record: AuditRecord) -> Result<AuditLogEntry, JobError> {
-    let (last_seq, prev_hash) = match w.cache.audit_head.clone() {
-        Some(head) => head,
-        None => w
-            .conn
-            .prepare_cached("SELECT sequence, hash FROM audit_log ORDER BY sequence DESC LIMIT 1")?
-            .query_row([], |row| Ok((row.get::<_, i64>(0)? as u64, row.get(1)?)))
-            .optional()?
-            .unwrap_or((0, GENESIS_HASH.to_owned())),
-    };
+/// Places `record` after the entry (`last_seq`, `prev_hash`) at the chain's head: the
+/// entry, and its content as stored (JSON without `hash` and `prevHash`).
+pub(crate) fn seal(
+    record: AuditRecord,
+    last_seq: u64,
+    prev_hash: String,
+) -> Result<(AuditLogEntry, String), StoreError> {
     let sequence = last_seq + 1;
     let mut entry = AuditLogEntry {
         audit_id: format!("aud-{sequence:06}"),
@@ -139,29 +136,15 @@ pub(crate) fn append(w: &mut Writer<'_>, record: AuditRecord) -> Result<AuditLog
         justification: record.justification,
         metadata: record.metadata,
         hash: String::new(),
-        prev_hash: prev_hash.clone(),
+        prev_hash,
     };
     let content = content_of(&entry)?;
-    entry.hash = chain_hash(&prev_hash, &content);
-    w.conn
-        .prepare_cached(
-            "INSERT INTO audit_log (sequence, audit_id, tenant_id, target_tenant_id, body, hash, prev_hash)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        )?
-        .execute(params![
-            sequence as i64,
-            entry.audit_id,
-            entry.tenant_id,
-            entry.target_tenant_id,
-            content.to_string(),
-            entry.hash,
-            entry.prev_hash,
-        ])?;
-    w.cache.audit_head = Some((sequence, entry.hash.clone()));
-    Ok(entry)
+    entry.hash = chain_hash(&entry.prev_hash, &content);
+    Ok((entry, content.to_string()))
 }
 
-fn entry_from_row(
+/// An entry from its stored row.
+pub(crate) fn entry_from_row(
     body: &str,
     hash: String,
     prev_hash: String,
@@ -172,31 +155,6 @@ fn entry_from_row(
         map.insert("prevHash".into(), Value::String(prev_hash));
     }
     Ok(serde_json::from_value(value)?)
-}
-
-/// A page of the entries that concern `tenant` (as actor's or target tenant), newest
-/// first, with `sequence < before`.
-pub(crate) fn page(
-    conn: &Connection,
-    tenant: &str,
-    before: Option<u64>,
-    limit: u32,
-) -> Result<Vec<AuditLogEntry>, StoreError> {
-    let before = before.map_or(i64::MAX, |b| b.min(i64::MAX as u64) as i64);
-    let mut stmt = conn.prepare_cached(
-        "SELECT body, hash, prev_hash FROM audit_log
-         WHERE (tenant_id = ?1 OR target_tenant_id = ?1) AND sequence < ?2
-         ORDER BY sequence DESC LIMIT ?3",
-    )?;
-    let rows = stmt.query_map(params![tenant, before, i64::from(limit)], |row| {
-        Ok((row.get::<_, String>(0)?, row.get(1)?, row.get(2)?))
-    })?;
-    let mut entries = Vec::new();
-    for row in rows {
-        let (body, hash, prev) = row?;
-        entries.push(entry_from_row(&body, hash, prev)?);
-    }
-    Ok(entries)
 }
 
 /// The result of checking the chain.
@@ -210,39 +168,48 @@ pub struct ChainCheck {
     pub first_bad: Option<(u64, String)>,
 }
 
-/// Recomputes the whole chain.
-pub(crate) fn verify(conn: &Connection) -> Result<ChainCheck, StoreError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT sequence, body, hash, prev_hash FROM audit_log ORDER BY sequence",
-    )?;
-    let mut rows = stmt.query([])?;
-    let mut expected_prev = GENESIS_HASH.to_owned();
-    let mut expected_seq = 1u64;
-    let mut entries = 0u64;
-    let mut first_bad = None;
-    while let Some(row) = rows.next()? {
-        let sequence = row.get::<_, i64>(0)? as u64;
-        let body: String = row.get(1)?;
-        let hash: String = row.get(2)?;
-        let prev: String = row.get(3)?;
-        entries += 1;
-        if first_bad.is_some() {
-            continue;
+/// Recomputes the chain one stored row at a time, in sequence order.
+#[derive(Debug)]
+pub(crate) struct ChainVerifier {
+    expected_prev: String,
+    expected_seq: u64,
+    entries: u64,
+    first_bad: Option<(u64, String)>,
+}
+
+impl Default for ChainVerifier {
+    fn default() -> Self {
+        Self {
+            expected_prev: GENESIS_HASH.to_owned(),
+            expected_seq: 1,
+            entries: 0,
+            first_bad: None,
         }
-        let problem = if sequence != expected_seq {
+    }
+}
+
+impl ChainVerifier {
+    /// Checks the next row: its sequence, its link to the previous one, its hash.
+    pub(crate) fn row(&mut self, sequence: u64, body: &str, hash: String, prev: &str) {
+        self.entries += 1;
+        if self.first_bad.is_some() {
+            return;
+        }
+        let problem = if sequence != self.expected_seq {
             Some(format!(
-                "expected sequence {expected_seq}, found {sequence}"
+                "expected sequence {}, found {sequence}",
+                self.expected_seq
             ))
-        } else if prev != expected_prev {
+        } else if prev != self.expected_prev {
             Some("prevHash does not match the previous entry's hash".to_owned())
         } else {
-            match serde_json::from_str::<Value>(&body) {
+            match serde_json::from_str::<Value>(body) {
                 Err(e) => Some(format!("unreadable entry: {e}")),
                 Ok(content) => {
                     let seq_in_body = content.get("sequence").and_then(Value::as_u64);
                     if seq_in_body != Some(sequence) {
                         Some("the entry's sequence was changed".to_owned())
-                    } else if chain_hash(&prev, &content) != hash {
+                    } else if chain_hash(prev, &content) != hash {
                         Some("hash does not match the entry's content".to_owned())
                     } else {
                         None
@@ -251,21 +218,18 @@ pub(crate) fn verify(conn: &Connection) -> Result<ChainCheck, StoreError> {
             }
         };
         if let Some(problem) = problem {
-            first_bad = Some((sequence, problem));
+            self.first_bad = Some((sequence, problem));
         }
-        expected_prev = hash;
-        expected_seq = sequence + 1;
+        self.expected_prev = hash;
+        self.expected_seq = sequence + 1;
     }
-    Ok(ChainCheck {
-        valid: first_bad.is_none(),
-        entries,
-        first_bad,
-    })
-}
 
-/// Verifies the audit chain of the database file at `path` (the `verify-audit`
-/// subcommand), opening it read-only.
-pub fn verify_file(path: &std::path::Path) -> Result<ChainCheck, StoreError> {
-    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-    verify(&conn)
+    /// The verdict.
+    pub(crate) fn finish(self) -> ChainCheck {
+        ChainCheck {
+            valid: self.first_bad.is_none(),
+            entries: self.entries,
+            first_bad: self.first_bad,
+        }
+    }
 }

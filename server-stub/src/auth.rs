@@ -18,6 +18,8 @@ pub const ROLE_SERVICE: &str = "service";
 pub const ROLE_ADMIN: &str = "admin";
 /// Platform administrator: may act in another tenant with a justification.
 pub const ROLE_SUPER_ADMIN: &str = "super_admin";
+/// The shortest `JWT_SECRET` accepted, in bytes: by the server and by `token` alike.
+pub const MIN_SECRET_BYTES: usize = 16;
 
 /// Who a verified token says the caller is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -251,6 +253,9 @@ pub enum SecretError {
     /// Production mode without `JWT_SECRET`.
     #[error("JWT_SECRET is required outside dev mode (WEBWAKA_MODE=production)")]
     Missing,
+    /// `JWT_SECRET` is shorter than [`MIN_SECRET_BYTES`].
+    #[error("invalid JWT_SECRET: must be at least {MIN_SECRET_BYTES} bytes long (it has {0})")]
+    TooShort(usize),
     /// The dev secret file could not be read or written.
     #[error("dev secret file {path}: {error}")]
     Io {
@@ -261,10 +266,15 @@ pub enum SecretError {
     },
 }
 
-/// The HS256 secret: `JWT_SECRET`, or in dev mode one kept in the data directory
-/// (generated on first use, so tokens stay valid across restarts).
+/// The HS256 secret: `JWT_SECRET` (at least [`MIN_SECRET_BYTES`]), or in dev mode one
+/// kept in the data directory (generated on first use, so tokens stay valid across
+/// restarts). The server and the `token` subcommand both get their secret here, so
+/// neither signs with a secret the other would refuse.
 pub fn resolve_secret(config: &Config) -> Result<(String, SecretSource), SecretError> {
     if let Some(secret) = &config.jwt_secret {
+        if secret.len() < MIN_SECRET_BYTES {
+            return Err(SecretError::TooShort(secret.len()));
+        }
         return Ok((secret.clone(), SecretSource::Configured));
     }
     if config.mode == Mode::Production {
@@ -276,7 +286,7 @@ pub fn resolve_secret(config: &Config) -> Result<(String, SecretSource), SecretE
         error,
     };
     match std::fs::read_to_string(&path) {
-        Ok(text) if text.trim().len() >= 16 => {
+        Ok(text) if text.trim().len() >= MIN_SECRET_BYTES => {
             return Ok((text.trim().to_owned(), SecretSource::DevFile));
         }
         Ok(_) => {}
@@ -404,6 +414,18 @@ mod tests {
         assert_eq!(keys.verify(&sub_only).unwrap().user_id, "s");
         let no_exp = keys.sign(&serde_json::json!({"tenantId": "t", "userId": "u"}));
         assert!(keys.verify(&no_exp).is_err());
+    }
+
+    #[test]
+    fn a_short_configured_secret_is_refused() {
+        let mut config = Config::new("unused-dir");
+        config.jwt_secret = Some("x".repeat(MIN_SECRET_BYTES - 1));
+        let error = resolve_secret(&config).unwrap_err();
+        assert!(matches!(error, SecretError::TooShort(15)), "{error}");
+        assert!(error.to_string().contains("JWT_SECRET"), "{error}");
+        config.jwt_secret = Some("x".repeat(MIN_SECRET_BYTES));
+        let (secret, source) = resolve_secret(&config).unwrap();
+        assert_eq!((secret.len(), source), (16, SecretSource::Configured));
     }
 
     fn hex_b64(text: &str) -> String {

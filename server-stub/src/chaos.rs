@@ -36,9 +36,9 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use webwaka_realtime::protocol::ErrorCode;
 
-use crate::app::App;
+use crate::cluster::{ChaosNotice, Node};
 use crate::error::ApiError;
-use crate::hub::KillReason;
+use crate::hub::{Hub, KillReason};
 
 /// Longest latency or jitter accepted, in ms.
 pub const MAX_LATENCY_MS: u64 = 60_000;
@@ -309,15 +309,20 @@ impl Chaos {
     /// the cutoff (seconds since the epoch).
     pub(crate) fn expire_tokens(&self) -> i64 {
         let cutoff = chrono::Utc::now().timestamp();
-        self.tokens_before.store(cutoff, Ordering::Release);
-        tracing::warn!(cutoff, "chaos: tokens issued before now are expired");
+        self.expire_tokens_before(cutoff);
         cutoff
+    }
+
+    /// From now on, tokens issued before `cutoff` (seconds) count as expired.
+    pub(crate) fn expire_tokens_before(&self, cutoff: i64) {
+        self.tokens_before.fetch_max(cutoff, Ordering::AcqRel);
+        tracing::warn!(cutoff, "chaos: tokens issued before the cutoff are expired");
     }
 }
 
-/// True when `app`'s chaos layer drops this acknowledgement.
-pub(crate) fn drops_ack(app: &App) -> bool {
-    app.chaos.as_ref().is_some_and(|c| c.drops_ack())
+/// True when the chaos layer (if enabled) drops this acknowledgement.
+pub(crate) fn drops_ack(chaos: Option<&Arc<Chaos>>) -> bool {
+    chaos.is_some_and(|c| c.drops_ack())
 }
 
 /// The answer a chaos-dropped HTTP acknowledgement gets instead of its 201/202: the
@@ -335,8 +340,9 @@ pub(crate) fn ack_dropped() -> ApiError {
 /// is).
 #[derive(Clone)]
 pub struct ChaosControl {
-    app: Arc<App>,
+    hub: Arc<Hub>,
     chaos: Arc<Chaos>,
+    node: Arc<Node>,
 }
 
 impl std::fmt::Debug for ChaosControl {
@@ -348,11 +354,13 @@ impl std::fmt::Debug for ChaosControl {
 }
 
 impl ChaosControl {
-    /// The handle of `app`, when its chaos layer is enabled.
-    pub(crate) fn of(app: &Arc<App>) -> Option<Self> {
+    /// The handle on `chaos` (when the layer is enabled), the connections of `hub`, and
+    /// the other instances (every change applies to all of them).
+    pub(crate) fn of(chaos: Option<&Arc<Chaos>>, hub: &Arc<Hub>, node: &Arc<Node>) -> Option<Self> {
         Some(Self {
-            chaos: Arc::clone(app.chaos.as_ref()?),
-            app: Arc::clone(app),
+            chaos: Arc::clone(chaos?),
+            hub: Arc::clone(hub),
+            node: Arc::clone(node),
         })
     }
 
@@ -361,21 +369,24 @@ impl ChaosControl {
         self.chaos.state()
     }
 
-    /// Replaces every switch at once.
+    /// Replaces every switch at once (on every instance).
     pub fn set(&self, settings: ChaosSettings) -> Result<(), ChaosError> {
-        self.chaos.set(settings)
+        self.chaos.set(settings.clone())?;
+        self.node.chaos(ChaosNotice::Set { settings });
+        Ok(())
     }
 
-    /// Everything off, and tokens no longer expire early.
+    /// Everything off, and tokens no longer expire early (on every instance).
     pub fn reset(&self) {
         self.chaos.reset();
+        self.node.chaos(ChaosNotice::Reset);
     }
 
     /// Changes some switches, keeping the others.
     pub fn update(&self, change: impl FnOnce(&mut ChaosSettings)) -> Result<(), ChaosError> {
         let mut settings = self.chaos.state().settings;
         change(&mut settings);
-        self.chaos.set(settings)
+        self.set(settings)
     }
 
     /// Refuses (or accepts again) WebSocket upgrades.
@@ -410,20 +421,33 @@ impl ChaosControl {
         let _ = self.update(|s| s.reconcile_timeout = on);
     }
 
-    /// Drops the WebSocket connections of `target` abruptly (no close frame). Returns
-    /// how many.
+    /// Drops the WebSocket connections of `target` abruptly (no close frame), on every
+    /// instance. Returns how many were dropped on this one.
     pub fn drop_connections(&self, target: Target<'_>) -> usize {
-        self.app.hub.kill(target, KillReason::Dropped, None)
+        let (tenant, user) = match target {
+            Target::Everyone => (None, None),
+            Target::Tenant(tenant) => (Some(tenant.to_owned()), None),
+            Target::User { tenant, user } => (Some(tenant.to_owned()), Some(user.to_owned())),
+        };
+        self.node.chaos(ChaosNotice::Drop { tenant, user });
+        self.hub.kill(target, KillReason::Dropped, None)
     }
 
     /// Expires every token issued before the current second: later requests with them
     /// are refused, open connections using them close with 1008 `AUTH_EXPIRED`.
     /// Returns how many connections were closed.
     pub fn expire_tokens(&self) -> usize {
+        self.expire_tokens_at().0
+    }
+
+    /// [`ChaosControl::expire_tokens`], with the cutoff (seconds since the epoch).
+    pub fn expire_tokens_at(&self) -> (usize, i64) {
         let cutoff = self.chaos.expire_tokens();
-        self.app
+        self.node.chaos(ChaosNotice::Expire { cutoff });
+        let closed = self
             .hub
-            .kill(Target::Everyone, KillReason::AuthExpired, Some(cutoff))
+            .kill(Target::Everyone, KillReason::AuthExpired, Some(cutoff));
+        (closed, cutoff)
     }
 }
 

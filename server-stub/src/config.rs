@@ -19,6 +19,8 @@ pub mod defaults {
     pub const PORT: u16 = 3000;
     /// `WS_PATH` (PROTOCOL.md §3; the original's `/socket.io` was Socket.IO's).
     pub const WS_PATH: &str = "/ws";
+    /// `SOCKETIO_PATH`: the socket.io endpoint (the original's `WS_PATH`).
+    pub const SOCKETIO_PATH: &str = "/socket.io";
     /// `WS_PING_INTERVAL`, ms.
     pub const PING_INTERVAL_MS: u64 = 30_000;
     /// `WS_PING_TIMEOUT`, ms.
@@ -66,10 +68,33 @@ pub mod defaults {
     pub const TRANSACTION_CONFIRM_DELAY_MS: u64 = 2000;
     /// `HTTP_MAX_BODY_BYTES`.
     pub const HTTP_MAX_BODY_BYTES: usize = 1024 * 1024;
+    /// `HTTP_HEADER_TIMEOUT`, ms: a request's headers must be complete within this.
+    pub const HTTP_HEADER_TIMEOUT_MS: u64 = 10_000;
+    /// `HTTP_IDLE_TIMEOUT`, ms: a keep-alive connection with no request is closed after this.
+    pub const HTTP_IDLE_TIMEOUT_MS: u64 = 60_000;
     /// `SHUTDOWN_GRACE_MS`.
     pub const SHUTDOWN_GRACE_MS: u64 = 10_000;
     /// `MAINTENANCE_INTERVAL_MS`: retention, lease expiry, limiter clean-up.
     pub const MAINTENANCE_INTERVAL_MS: u64 = 10_000;
+    /// `DATABASE_POOL_SIZE`: PostgreSQL connections per instance.
+    pub const DATABASE_POOL_SIZE: usize = 16;
+    /// `DATABASE_STATEMENT_TIMEOUT_MS`: the longest a PostgreSQL statement may run.
+    pub const DATABASE_STATEMENT_TIMEOUT_MS: u64 = 10_000;
+    /// `DATABASE_CONNECT_TIMEOUT_MS`: the longest a PostgreSQL connection may take.
+    pub const DATABASE_CONNECT_TIMEOUT_MS: u64 = 5_000;
+    /// `CLUSTER_CATCH_UP_MS`: how often an instance compares every tenant's log head
+    /// with what it delivered (the safety net under notifications).
+    pub const CLUSTER_CATCH_UP_MS: u64 = 1_000;
+}
+
+/// PostgreSQL's `synchronous_commit` for the server's sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SynchronousCommit {
+    /// Every commit waits for its WAL to be flushed (PostgreSQL's default).
+    On,
+    /// Commits return before the flush: a crash of PostgreSQL can lose the last
+    /// fraction of a second of commits (never corrupts).
+    Off,
 }
 
 /// Development or production: decides what a missing `JWT_SECRET` means.
@@ -111,6 +136,11 @@ pub struct Config {
     /// Path of the WebSocket endpoint.
     #[arg(long, env = "WS_PATH", default_value = defaults::WS_PATH)]
     pub ws_path: String,
+    /// Path of the socket.io v4 endpoint (the original's clients, npm
+    /// `socket.io-client`); `off` (or empty) turns it off. Must not share a path with
+    /// `WS_PATH`.
+    #[arg(long, env = "SOCKETIO_PATH", default_value = defaults::SOCKETIO_PATH)]
+    pub socketio_path: String,
     /// Interval between server pings, in ms.
     #[arg(long = "ping-interval", env = "WS_PING_INTERVAL", default_value_t = defaults::PING_INTERVAL_MS)]
     pub ping_interval_ms: u64,
@@ -153,6 +183,28 @@ pub struct Config {
     /// SQLite durability: `normal` (process crash) or `full` (power cut).
     #[arg(long, env = "SQLITE_SYNCHRONOUS", value_enum, default_value_t = Durability::Normal)]
     pub durability: Durability,
+    /// `postgres://user:password@host:port/database`: keep every piece of state in
+    /// PostgreSQL (several instances may share it) instead of the SQLite file in the
+    /// data directory.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
+    pub database_url: Option<String>,
+    /// PostgreSQL connections per instance.
+    #[arg(long, env = "DATABASE_POOL_SIZE", default_value_t = defaults::DATABASE_POOL_SIZE)]
+    pub database_pool_size: usize,
+    /// The longest a PostgreSQL statement may run, in ms (`statement_timeout`).
+    #[arg(long = "database-statement-timeout", env = "DATABASE_STATEMENT_TIMEOUT_MS", default_value_t = defaults::DATABASE_STATEMENT_TIMEOUT_MS)]
+    pub database_statement_timeout_ms: u64,
+    /// The longest connecting to PostgreSQL may take, in ms.
+    #[arg(long = "database-connect-timeout", env = "DATABASE_CONNECT_TIMEOUT_MS", default_value_t = defaults::DATABASE_CONNECT_TIMEOUT_MS)]
+    pub database_connect_timeout_ms: u64,
+    /// PostgreSQL `synchronous_commit` for the server's sessions (`on`, `off`); unset:
+    /// the database's own setting.
+    #[arg(long, env = "DATABASE_SYNCHRONOUS_COMMIT", value_enum)]
+    pub database_synchronous_commit: Option<SynchronousCommit>,
+    /// How often an instance on PostgreSQL compares every tenant's log head with what
+    /// it delivered live, in ms (notifications wake it sooner).
+    #[arg(long = "cluster-catch-up", env = "CLUSTER_CATCH_UP_MS", default_value_t = defaults::CLUSTER_CATCH_UP_MS)]
+    pub cluster_catch_up_ms: u64,
     /// Name of the event stream (informational: one log per tenant in SQLite).
     #[arg(long, env = "EVENT_BUS_STREAM_NAME", default_value = defaults::EVENT_BUS_STREAM_NAME)]
     pub event_bus_stream_name: String,
@@ -185,6 +237,16 @@ pub struct Config {
     /// Strategies per entity type, e.g. `task=FIELD_LEVEL_MERGE;note=MANUAL`.
     #[arg(long, env = "RECONCILIATION_TYPE_STRATEGIES", default_value = "")]
     pub reconciliation_type_strategies: String,
+    /// Apply reconciliation requests beside the storage's lock, in parallel (`true`),
+    /// or every one under it, one after another (`false`). The results are the same.
+    #[arg(
+        long,
+        env = "RECONCILIATION_PARALLEL",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub reconciliation_parallel: bool,
     /// Entity types merged as counters (CUSTOM_MERGE with core's `CounterMerge`),
     /// comma-separated.
     #[arg(long, env = "RECONCILIATION_COUNTER_TYPES", default_value = "")]
@@ -210,6 +272,19 @@ pub struct Config {
     /// Largest HTTP request body, in bytes.
     #[arg(long, env = "HTTP_MAX_BODY_BYTES", default_value_t = defaults::HTTP_MAX_BODY_BYTES)]
     pub http_max_body_bytes: usize,
+    /// Time a connection has to send a request's complete headers, in ms: from its
+    /// accept, or from the first byte of a later request on a keep-alive connection.
+    #[arg(long = "http-header-timeout", env = "HTTP_HEADER_TIMEOUT", default_value_t = defaults::HTTP_HEADER_TIMEOUT_MS)]
+    pub http_header_timeout_ms: u64,
+    /// Time a keep-alive connection may wait between requests, in ms (from the end of
+    /// its last response to the first byte of the next request).
+    #[arg(long = "http-idle-timeout", env = "HTTP_IDLE_TIMEOUT", default_value_t = defaults::HTTP_IDLE_TIMEOUT_MS)]
+    pub http_idle_timeout_ms: u64,
+    /// Most connections held at once that are not WebSockets (yet), on top of
+    /// `WS_MAX_CONNECTIONS`; more are closed as soon as they are accepted. Unset: a
+    /// quarter of the descriptors the process may open (found at start-up).
+    #[arg(long, env = "HTTP_MAX_CONNECTIONS")]
+    pub http_max_connections: Option<usize>,
     /// Time given to connections and requests to finish on shutdown, in ms.
     #[arg(long = "shutdown-grace", env = "SHUTDOWN_GRACE_MS", default_value_t = defaults::SHUTDOWN_GRACE_MS)]
     pub shutdown_grace_ms: u64,
@@ -347,6 +422,7 @@ impl Config {
             host: IpAddr::V4(Ipv4Addr::LOCALHOST),
             port: defaults::PORT,
             ws_path: defaults::WS_PATH.to_owned(),
+            socketio_path: defaults::SOCKETIO_PATH.to_owned(),
             ping_interval_ms: defaults::PING_INTERVAL_MS,
             ping_timeout_ms: defaults::PING_TIMEOUT_MS,
             max_connections: defaults::MAX_CONNECTIONS,
@@ -360,6 +436,12 @@ impl Config {
             mode: Mode::Dev,
             data_dir: data_dir.into(),
             durability: Durability::Normal,
+            database_url: None,
+            database_pool_size: defaults::DATABASE_POOL_SIZE,
+            database_statement_timeout_ms: defaults::DATABASE_STATEMENT_TIMEOUT_MS,
+            database_connect_timeout_ms: defaults::DATABASE_CONNECT_TIMEOUT_MS,
+            database_synchronous_commit: None,
+            cluster_catch_up_ms: defaults::CLUSTER_CATCH_UP_MS,
             event_bus_stream_name: defaults::EVENT_BUS_STREAM_NAME.to_owned(),
             event_bus_consumer_group: defaults::EVENT_BUS_CONSUMER_GROUP.to_owned(),
             event_bus_max_retries: defaults::EVENT_BUS_MAX_RETRIES,
@@ -371,6 +453,7 @@ impl Config {
             reconciliation_processing_timeout_ms: defaults::RECONCILIATION_PROCESSING_TIMEOUT_MS,
             reconciliation_type_strategies: String::new(),
             reconciliation_counter_types: String::new(),
+            reconciliation_parallel: true,
             poll_rate_limit: defaults::POLL_RATE_LIMIT,
             reconciliation_rate_limit: defaults::RECONCILIATION_RATE_LIMIT,
             publish_rate_limit: defaults::PUBLISH_RATE_LIMIT,
@@ -378,6 +461,9 @@ impl Config {
             transaction_confirm_delay_ms: defaults::TRANSACTION_CONFIRM_DELAY_MS,
             transaction_reject_types: String::new(),
             http_max_body_bytes: defaults::HTTP_MAX_BODY_BYTES,
+            http_header_timeout_ms: defaults::HTTP_HEADER_TIMEOUT_MS,
+            http_idle_timeout_ms: defaults::HTTP_IDLE_TIMEOUT_MS,
+            http_max_connections: None,
             shutdown_grace_ms: defaults::SHUTDOWN_GRACE_MS,
             maintenance_interval_ms: defaults::MAINTENANCE_INTERVAL_MS,
             log_level: "info".to_owned(),
@@ -402,6 +488,19 @@ impl Config {
         self.data_dir.join("dev-jwt-secret")
     }
 
+    /// `SOCKETIO_PATH`, without a trailing `/`; `None` when the endpoint is off.
+    pub fn socketio_path(&self) -> Option<&str> {
+        let path = self.socketio_path.trim();
+        if path.is_empty() || path.eq_ignore_ascii_case("off") {
+            return None;
+        }
+        Some(
+            path.strip_suffix('/')
+                .filter(|p| !p.is_empty())
+                .unwrap_or(path),
+        )
+    }
+
     /// `WS_PING_INTERVAL` as a duration.
     pub fn ping_interval(&self) -> Duration {
         Duration::from_millis(self.ping_interval_ms)
@@ -410,6 +509,16 @@ impl Config {
     /// `WS_PING_TIMEOUT` as a duration.
     pub fn ping_timeout(&self) -> Duration {
         Duration::from_millis(self.ping_timeout_ms)
+    }
+
+    /// `HTTP_HEADER_TIMEOUT` as a duration.
+    pub fn http_header_timeout(&self) -> Duration {
+        Duration::from_millis(self.http_header_timeout_ms)
+    }
+
+    /// `HTTP_IDLE_TIMEOUT` as a duration.
+    pub fn http_idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.http_idle_timeout_ms)
     }
 
     /// `ROOM_POLICY`, parsed.
@@ -449,6 +558,52 @@ impl Config {
         Ok(out)
     }
 
+    /// `SOCKETIO_PATH`: a path of its own. Engine.IO takes every request under its path,
+    /// so neither path may be the other or lie under it: an operator who copied the
+    /// original's `.env` (`WS_PATH=/socket.io`) is told what each setting means now.
+    fn check_socketio_path(&self) -> Result<(), ConfigError> {
+        let Some(socketio) = self.socketio_path() else {
+            return Ok(());
+        };
+        if !socketio.starts_with('/') {
+            return Err(ConfigError::new(
+                "SOCKETIO_PATH",
+                "must start with '/' (or be `off`)",
+            ));
+        }
+        if socketio.starts_with("/api/")
+            || socketio == "/api"
+            || socketio == "/health"
+            || socketio == "/metrics"
+        {
+            return Err(ConfigError::new(
+                "SOCKETIO_PATH",
+                "must not collide with the HTTP API",
+            ));
+        }
+        let ws = self.ws_path.strip_suffix('/').unwrap_or(&self.ws_path);
+        let under = |path: &str, base: &str| {
+            path == base || base == "/" || path.starts_with(&format!("{base}/"))
+        };
+        if under(ws, socketio) || under(socketio, ws) {
+            return Err(ConfigError::new(
+                "WS_PATH",
+                format!(
+                    "WS_PATH={} and SOCKETIO_PATH={} share a path. The original's WS_PATH named its \
+                     socket.io endpoint; here WS_PATH is the native WebSocket endpoint (default {}) and \
+                     SOCKETIO_PATH the socket.io one (default {}). Remove WS_PATH from the environment \
+                     (or set it to {}) to serve both, or set SOCKETIO_PATH to another path (or `off`)",
+                    self.ws_path,
+                    self.socketio_path,
+                    defaults::WS_PATH,
+                    defaults::SOCKETIO_PATH,
+                    defaults::WS_PATH,
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Checks the settings that clap cannot: every error names its variable.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if !self.ws_path.starts_with('/') {
@@ -460,6 +615,7 @@ impl Config {
                 "must not collide with the HTTP API",
             ));
         }
+        self.check_socketio_path()?;
         if self.ping_interval_ms == 0 {
             return Err(ConfigError::new(
                 "WS_PING_INTERVAL",
@@ -496,9 +652,50 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        if self.http_header_timeout_ms == 0 {
+            return Err(ConfigError::new(
+                "HTTP_HEADER_TIMEOUT",
+                "must be at least 1 ms",
+            ));
+        }
+        if self.http_idle_timeout_ms == 0 {
+            return Err(ConfigError::new(
+                "HTTP_IDLE_TIMEOUT",
+                "must be at least 1 ms",
+            ));
+        }
+        if self.http_max_connections == Some(0) {
+            return Err(ConfigError::new(
+                "HTTP_MAX_CONNECTIONS",
+                "must be at least 1",
+            ));
+        }
         if self.maintenance_interval_ms == 0 {
             return Err(ConfigError::new(
                 "MAINTENANCE_INTERVAL_MS",
+                "must be at least 1 ms",
+            ));
+        }
+        if let Some(url) = &self.database_url
+            && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
+        {
+            return Err(ConfigError::new(
+                "DATABASE_URL",
+                "must be a postgres:// or postgresql:// URL (unset: SQLite in DATA_DIR)",
+            ));
+        }
+        if self.database_pool_size < 2 {
+            return Err(ConfigError::new("DATABASE_POOL_SIZE", "must be at least 2"));
+        }
+        if self.database_statement_timeout_ms == 0 {
+            return Err(ConfigError::new(
+                "DATABASE_STATEMENT_TIMEOUT_MS",
+                "must be at least 1 ms",
+            ));
+        }
+        if self.cluster_catch_up_ms == 0 {
+            return Err(ConfigError::new(
+                "CLUSTER_CATCH_UP_MS",
                 "must be at least 1 ms",
             ));
         }
@@ -509,11 +706,14 @@ impl Config {
             ));
         }
         if let Some(secret) = &self.jwt_secret
-            && secret.len() < 16
+            && secret.len() < crate::auth::MIN_SECRET_BYTES
         {
             return Err(ConfigError::new(
                 "JWT_SECRET",
-                "must be at least 16 bytes long",
+                format!(
+                    "must be at least {} bytes long",
+                    crate::auth::MIN_SECRET_BYTES
+                ),
             ));
         }
         self.parsed_room_policy()?;
@@ -549,5 +749,73 @@ mod tests {
             config.validate().unwrap_err().name,
             "RECONCILIATION_TYPE_STRATEGIES"
         );
+    }
+
+    #[test]
+    fn the_socketio_path_never_shares_the_ws_path() {
+        let config = Config::new("x");
+        assert_eq!(config.socketio_path(), Some("/socket.io"));
+        let refused = |ws: &str, socketio: &str| {
+            let mut config = Config::new("x");
+            config.ws_path = ws.into();
+            config.socketio_path = socketio.into();
+            config.validate().err()
+        };
+        // The original's `.env`: WS_PATH=/socket.io.
+        let error = refused("/socket.io", "/socket.io").unwrap();
+        assert_eq!(error.name, "WS_PATH");
+        assert!(error.message.contains("SOCKETIO_PATH"), "{error}");
+        assert!(refused("/socket.io/", "/socket.io").is_some());
+        assert!(refused("/rt", "/rt/sio").is_some(), "one under the other");
+        assert!(refused("/rt/ws", "/rt").is_some(), "one under the other");
+        assert!(
+            refused("/", "/socket.io").is_some(),
+            "everything is under /"
+        );
+        assert_eq!(refused("/ws", "api/x").unwrap().name, "SOCKETIO_PATH");
+        assert_eq!(refused("/ws", "/api/sio").unwrap().name, "SOCKETIO_PATH");
+        // Apart: fine; `off` (or empty) turns socket.io off, and any WS_PATH goes.
+        assert!(refused("/ws", "/socket.io").is_none());
+        assert!(
+            refused("/wsx", "/ws").is_none(),
+            "a shared prefix is not a shared path"
+        );
+        assert!(refused("/socket.io", "off").is_none());
+        assert!(refused("/socket.io", "").is_none());
+        let mut config = Config::new("x");
+        config.socketio_path = "/sio/".into();
+        assert_eq!(config.socketio_path(), Some("/sio"));
+        config.socketio_path = " OFF ".into();
+        assert_eq!(config.socketio_path(), None);
+    }
+
+    #[test]
+    fn connection_settings_are_checked() {
+        let config = Config::new("x");
+        assert_eq!(config.http_header_timeout(), Duration::from_secs(10));
+        assert_eq!(config.http_idle_timeout(), Duration::from_secs(60));
+        assert_eq!(config.http_max_connections, None);
+        let refused = |tweak: fn(&mut Config)| {
+            let mut config = Config::new("x");
+            tweak(&mut config);
+            config.validate().unwrap_err().name
+        };
+        assert_eq!(
+            refused(|c| c.http_header_timeout_ms = 0),
+            "HTTP_HEADER_TIMEOUT"
+        );
+        assert_eq!(refused(|c| c.http_idle_timeout_ms = 0), "HTTP_IDLE_TIMEOUT");
+        assert_eq!(
+            refused(|c| c.http_max_connections = Some(0)),
+            "HTTP_MAX_CONNECTIONS"
+        );
+        assert_eq!(
+            refused(|c| c.jwt_secret = Some("fifteen-bytes!!".into())),
+            "JWT_SECRET"
+        );
+        let mut config = Config::new("x");
+        config.http_max_connections = Some(1);
+        config.jwt_secret = Some("sixteen-bytes!!!".into());
+        config.validate().unwrap();
     }
 }

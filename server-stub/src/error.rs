@@ -103,8 +103,24 @@ impl From<DecodeError> for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(err: StoreError) -> Self {
-        tracing::error!(error = %err, "storage failed");
-        ApiError::internal()
+        match err {
+            // The database is down or restarting: the client should come back soon
+            // (503 with Retry-After; nothing was written, or the retry is deduplicated).
+            StoreError::Unavailable(why) | StoreError::Conflict(why) => {
+                tracing::warn!(%why, "storage unavailable");
+                let mut error = ApiError::new(
+                    ErrorCode::ServerFull,
+                    "the database is unavailable: try again shortly",
+                )
+                .with_detail("reason", "STORAGE_UNAVAILABLE");
+                error.retry_after_secs = Some(1);
+                error
+            }
+            err => {
+                tracing::error!(error = %err, "storage failed");
+                ApiError::internal()
+            }
+        }
     }
 }
 
@@ -128,6 +144,15 @@ pub enum StoreError {
     /// SQLite refused.
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// PostgreSQL refused (a statement failed; the database itself is up).
+    #[error("postgres: {0}")]
+    Postgres(String),
+    /// The database cannot be reached or is restarting: retryable.
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
+    /// A concurrent transaction won (deadlock or serialization failure): run it again.
+    #[error("conflict with a concurrent transaction: {0}")]
+    Conflict(String),
     /// The schema could not be brought up to date.
     #[error("migration: {0}")]
     Migration(#[from] rusqlite_migration::Error),

@@ -64,6 +64,13 @@ pub(crate) struct MessageOut<'a> {
 }
 
 impl<'a> MessageOut<'a> {
+    /// The same message, placed at `sequence` of the log as `event_id`.
+    pub(crate) fn placed(mut self, event_id: &'a str, sequence: u64) -> Self {
+        self.event_id = Some(event_id);
+        self.sequence = Some(sequence);
+        self
+    }
+
     pub(crate) fn new(m: &'a WebSocketMessage) -> Self {
         Self {
             message_id: &m.message_id,

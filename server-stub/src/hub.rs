@@ -9,6 +9,12 @@
 //!
 //! Tenants never mix: every lookup starts from the tenant, so equal user or room ids in
 //! two tenants are unrelated.
+//!
+//! **Several instances.** Memberships are the same on every instance (the feed applies
+//! every instance's changes). Connections are each instance's own; a user's presence on
+//! another instance is kept beside (`remote`, per instance, from the cluster channel),
+//! so that a user is online while connected anywhere, and each instance tells only its
+//! own connections: every user hears of a change once.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -73,6 +79,8 @@ impl Audience {
 
 struct Conn {
     id: u64,
+    /// What carries it: `ws` or `socket.io`.
+    transport: &'static str,
     outbox: Outbox,
     kill: CancellationToken,
     /// When the connection's token was issued (seconds; `None`: not said).
@@ -93,23 +101,67 @@ pub(crate) enum KillReason {
     AuthExpired,
 }
 
+#[derive(Debug, Clone, PartialEq)]
 struct Presence {
     status: PresenceStatus,
     last_active: Timestamp,
     metadata: Option<JsonObject>,
 }
 
+impl Presence {
+    fn info(&self, tenant: &str, user: &str) -> PresenceInfo {
+        PresenceInfo {
+            user_id: user.to_owned(),
+            tenant_id: tenant.to_owned(),
+            status: self.status,
+            last_active: self.last_active,
+            metadata: self.metadata.clone(),
+        }
+    }
+
+    fn of(info: &PresenceInfo) -> Self {
+        Self {
+            status: info.status,
+            last_active: info.last_active,
+            metadata: info.metadata.clone(),
+        }
+    }
+}
+
 #[derive(Default)]
 struct User {
     rooms: HashSet<String>,
     conns: Vec<Conn>,
+    /// The presence set by this instance's connections (while it has some).
     presence: Option<Presence>,
+    /// The presence each other instance reports (while the user is connected there).
+    remote: HashMap<String, Presence>,
     /// Hashes of the ids of the user's latest live (`CLASS_A`) messages, to drop
     /// resends (comparing 64 hashes is much cheaper than 64 strings; a false match
     /// needs a 64-bit collision between two of one user's last 64 ids).
     /// Behind its own lock, so that checking a live message takes only the directory's
     /// read lock (a write lock per live message held every other reader up).
     recent_live: std::sync::Mutex<VecDeque<u64>>,
+}
+
+impl User {
+    /// Connected here or on another instance.
+    fn online(&self) -> bool {
+        !self.conns.is_empty() || !self.remote.is_empty()
+    }
+
+    /// The presence others see: the latest set anywhere.
+    fn current(&self) -> Option<&Presence> {
+        let here = self.presence.as_ref().filter(|_| !self.conns.is_empty());
+        here.into_iter()
+            .chain(self.remote.values())
+            .max_by_key(|p| p.last_active)
+    }
+
+    /// Nothing left to keep.
+    fn idle(&self) -> bool {
+        self.rooms.is_empty() && self.conns.is_empty() && self.remote.is_empty()
+    }
 }
 
 /// Live message ids remembered per user.
@@ -135,8 +187,19 @@ pub(crate) struct Registration {
     pub(crate) conn_id: u64,
     pub(crate) inbox: mpsc::Receiver<Arc<Delivery>>,
     pub(crate) kill: CancellationToken,
-    /// True when this is the user's first connection (the user just came online).
-    pub(crate) first: bool,
+    /// True when this is the user's first connection on this instance.
+    pub(crate) first_here: bool,
+    /// True when the user had no connection on any instance (just came online).
+    pub(crate) first_anywhere: bool,
+}
+
+/// What closing a connection meant for its user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Unregistered {
+    /// It was the user's last connection on this instance.
+    pub(crate) last_here: bool,
+    /// The user has no connection left on any instance (went offline).
+    pub(crate) last_anywhere: bool,
 }
 
 impl Hub {
@@ -158,27 +221,15 @@ impl Hub {
         self.tenants.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Loads stored memberships (at start).
-    pub(crate) fn load_memberships(&self, rows: Vec<(String, String, String)>) {
-        let mut tenants = self.write();
-        for (tenant, user, room) in rows {
-            let t = tenants.entry(tenant).or_default();
-            t.rooms
-                .entry(room.clone())
-                .or_default()
-                .insert(user.clone());
-            t.users.entry(user).or_default().rooms.insert(room);
-        }
-    }
-
-    /// Registers a new connection of `user` (token issued at `iat`) with a queue of
-    /// `capacity` frames.
+    /// Registers a new connection of `user` (token issued at `iat`) over `transport`
+    /// (`ws`, `socket.io`) with a queue of `capacity` frames.
     pub(crate) fn register(
         &self,
         tenant: &str,
         user: &str,
         iat: Option<i64>,
         capacity: usize,
+        transport: &'static str,
     ) -> Registration {
         let conn_id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let (outbox, inbox) = mpsc::channel(capacity.max(1));
@@ -190,15 +241,17 @@ impl Hub {
             .users
             .entry(user.to_owned())
             .or_default();
-        let first = u.conns.is_empty();
+        let first_here = u.conns.is_empty();
+        let first_anywhere = !u.online();
         u.conns.push(Conn {
             id: conn_id,
+            transport,
             outbox,
             kill: kill.clone(),
             iat,
             reason: KillReason::SlowConsumer,
         });
-        if first {
+        if first_here {
             u.presence = Some(Presence {
                 status: PresenceStatus::Online,
                 last_active: chrono::Utc::now(),
@@ -209,29 +262,129 @@ impl Hub {
             conn_id,
             inbox,
             kill,
-            first,
+            first_here,
+            first_anywhere,
         }
     }
 
-    /// Removes a connection; true when it was the user's last (the user went offline).
-    pub(crate) fn unregister(&self, tenant: &str, user: &str, conn_id: u64) -> bool {
+    /// How many connections this instance holds, by transport (`ws`, `socket.io`).
+    pub(crate) fn connections_by_transport(
+        &self,
+    ) -> std::collections::BTreeMap<&'static str, usize> {
+        let tenants = self.read();
+        let mut out = std::collections::BTreeMap::new();
+        for t in tenants.values() {
+            for u in t.users.values() {
+                for conn in &u.conns {
+                    *out.entry(conn.transport).or_insert(0) += 1;
+                }
+            }
+        }
+        out
+    }
+
+    /// Removes a connection: whether it was the user's last here, and anywhere.
+    pub(crate) fn unregister(&self, tenant: &str, user: &str, conn_id: u64) -> Unregistered {
+        let none = Unregistered {
+            last_here: false,
+            last_anywhere: false,
+        };
         let mut tenants = self.write();
         let Some(t) = tenants.get_mut(tenant) else {
-            return false;
+            return none;
         };
         let Some(u) = t.users.get_mut(user) else {
-            return false;
+            return none;
         };
         let before = u.conns.len();
         u.conns.retain(|c| c.id != conn_id);
-        let last = before > 0 && u.conns.is_empty();
-        if last {
-            u.presence = None;
-            if u.rooms.is_empty() {
-                t.users.remove(user);
+        let last_here = before > 0 && u.conns.is_empty();
+        if !last_here {
+            return none;
+        }
+        u.presence = None;
+        let last_anywhere = !u.online();
+        if u.idle() {
+            t.users.remove(user);
+        }
+        Unregistered {
+            last_here,
+            last_anywhere,
+        }
+    }
+
+    /// Another instance reports `user`'s presence there (`None`: no connection there
+    /// any more). Returns what this instance's connections should be told, if anything:
+    /// the user came online, changed presence, or went offline everywhere.
+    pub(crate) fn remote_presence(
+        &self,
+        instance: &str,
+        tenant: &str,
+        user: &str,
+        presence: Option<&PresenceInfo>,
+    ) -> Option<PresenceInfo> {
+        let mut tenants = self.write();
+        let t = tenants.entry(tenant.to_owned()).or_default();
+        let u = t.users.entry(user.to_owned()).or_default();
+        let before = u.current().cloned();
+        match presence {
+            Some(info) => {
+                u.remote.insert(instance.to_owned(), Presence::of(info));
+            }
+            None => {
+                u.remote.remove(instance);
             }
         }
-        last
+        let after = u.current().cloned();
+        if u.idle() {
+            t.users.remove(user);
+        }
+        presence_change(tenant, user, before, after)
+    }
+
+    /// Forgets everything another instance reported (it stopped, or went silent).
+    /// Returns the users who went offline with it.
+    pub(crate) fn forget_instance(&self, instance: &str) -> Vec<PresenceInfo> {
+        let mut tenants = self.write();
+        let mut gone = Vec::new();
+        for (tenant, t) in tenants.iter_mut() {
+            t.users.retain(|user, u| {
+                if u.remote.remove(instance).is_some() && !u.online() {
+                    gone.push(offline(tenant, user));
+                }
+                !u.idle()
+            });
+        }
+        gone
+    }
+
+    /// The users another instance reported as connected there.
+    pub(crate) fn remote_users(&self, instance: &str) -> Vec<(String, String)> {
+        let tenants = self.read();
+        let mut out = Vec::new();
+        for (tenant, t) in tenants.iter() {
+            for (user, u) in &t.users {
+                if u.remote.contains_key(instance) {
+                    out.push((tenant.clone(), user.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    /// The presence of every user connected to this instance (for another instance
+    /// that asks).
+    pub(crate) fn local_presence(&self) -> Vec<PresenceInfo> {
+        let tenants = self.read();
+        let mut out = Vec::new();
+        for (tenant, t) in tenants.iter() {
+            for (user, u) in &t.users {
+                if let Some(p) = u.presence.as_ref().filter(|_| !u.conns.is_empty()) {
+                    out.push(p.info(tenant, user));
+                }
+            }
+        }
+        out
     }
 
     /// Closes the connections of `target` for `reason` (only those whose token was
@@ -314,34 +467,93 @@ impl Hub {
     /// Records that `user` joined `room`.
     pub(crate) fn add_member(&self, tenant: &str, room: &str, user: &str) {
         let mut tenants = self.write();
-        let t = tenants.entry(tenant.to_owned()).or_default();
-        t.rooms
-            .entry(room.to_owned())
-            .or_default()
-            .insert(user.to_owned());
-        t.users
-            .entry(user.to_owned())
-            .or_default()
-            .rooms
-            .insert(room.to_owned());
+        add_member(tenants.entry(tenant.to_owned()).or_default(), room, user);
+    }
+
+    /// Records that `user` joined `room` and, when the user is online (here or on
+    /// another instance), tells this instance's connections of the members who shared
+    /// no room with them before (`before`: who did, taken before the join).
+    pub(crate) fn join_announcing(
+        &self,
+        tenant: &str,
+        room: &str,
+        user: &str,
+        before: &HashSet<String>,
+    ) {
+        self.add_member(tenant, room, user);
+        let (me, newly) = {
+            let tenants = self.read();
+            let Some(t) = tenants.get(tenant) else {
+                return;
+            };
+            let Some(me) = t
+                .users
+                .get(user)
+                .and_then(|u| u.current())
+                .map(|p| p.info(tenant, user))
+            else {
+                return;
+            };
+            let newly: HashSet<String> = t
+                .rooms
+                .get(room)
+                .into_iter()
+                .flatten()
+                .filter(|m| m.as_str() != user && !before.contains(*m))
+                .filter(|m| t.users.get(*m).is_some_and(|u| !u.conns.is_empty()))
+                .cloned()
+                .collect();
+            (me, newly)
+        };
+        if !newly.is_empty() {
+            self.announce(&me, Some(&newly));
+        }
     }
 
     /// Records that `user` left `room`.
     pub(crate) fn remove_member(&self, tenant: &str, room: &str, user: &str) {
         let mut tenants = self.write();
-        let Some(t) = tenants.get_mut(tenant) else {
-            return;
-        };
-        if let Some(members) = t.rooms.get_mut(room) {
-            members.remove(user);
-            if members.is_empty() {
-                t.rooms.remove(room);
+        if let Some(t) = tenants.get_mut(tenant) {
+            remove_member(t, room, user);
+        }
+    }
+
+    /// Makes the memberships known here exactly `all` (after a listener missed the
+    /// other instances' changes for a while).
+    pub(crate) fn sync_memberships(&self, all: Vec<crate::store::Membership>) {
+        // tenant → user → rooms
+        let mut want: HashMap<String, HashMap<String, HashSet<String>>> = HashMap::new();
+        for m in all {
+            want.entry(m.tenant)
+                .or_default()
+                .entry(m.user)
+                .or_default()
+                .insert(m.room);
+        }
+        let mut tenants = self.write();
+        for (tenant, t) in tenants.iter_mut() {
+            let wanted = want.get(tenant);
+            let mut gone = Vec::new();
+            for (user, u) in &t.users {
+                for room in &u.rooms {
+                    let kept = wanted
+                        .and_then(|w| w.get(user))
+                        .is_some_and(|rooms| rooms.contains(room));
+                    if !kept {
+                        gone.push((user.clone(), room.clone()));
+                    }
+                }
+            }
+            for (user, room) in gone {
+                remove_member(t, &room, &user);
             }
         }
-        if let Some(u) = t.users.get_mut(user) {
-            u.rooms.remove(room);
-            if u.rooms.is_empty() && u.conns.is_empty() {
-                t.users.remove(user);
+        for (tenant, users) in want {
+            let t = tenants.entry(tenant).or_default();
+            for (user, rooms) in users {
+                for room in rooms {
+                    add_member(t, &room, &user);
+                }
             }
         }
     }
@@ -440,7 +652,13 @@ impl Hub {
         if u.conns.is_empty() {
             return None;
         }
-        let now = chrono::Utc::now();
+        // Never earlier than what another instance reported: the latest set wins.
+        let now = u
+            .remote
+            .values()
+            .map(|p| p.last_active)
+            .max()
+            .map_or_else(chrono::Utc::now, |latest| latest.max(chrono::Utc::now()));
         u.presence = Some(Presence {
             status,
             last_active: now,
@@ -491,21 +709,63 @@ impl Hub {
         members
             .iter()
             .filter(|m| m.as_str() != except)
-            .filter_map(|m| {
-                let u = t.users.get(m)?;
-                let p = u.presence.as_ref()?;
-                if u.conns.is_empty() {
-                    return None;
-                }
-                Some(PresenceInfo {
-                    user_id: m.clone(),
-                    tenant_id: tenant.to_owned(),
-                    status: p.status,
-                    last_active: p.last_active,
-                    metadata: p.metadata.clone(),
-                })
-            })
+            .filter_map(|m| Some(t.users.get(m)?.current()?.info(tenant, m)))
             .collect()
+    }
+}
+
+/// An offline announcement.
+fn offline(tenant: &str, user: &str) -> PresenceInfo {
+    PresenceInfo {
+        user_id: user.to_owned(),
+        tenant_id: tenant.to_owned(),
+        status: PresenceStatus::Offline,
+        last_active: chrono::Utc::now(),
+        metadata: None,
+    }
+}
+
+/// What to announce when a user's visible presence went from `before` to `after`.
+fn presence_change(
+    tenant: &str,
+    user: &str,
+    before: Option<Presence>,
+    after: Option<Presence>,
+) -> Option<PresenceInfo> {
+    match (before, after) {
+        (None, None) => None,
+        (Some(_), None) => Some(offline(tenant, user)),
+        (None, Some(p)) => Some(p.info(tenant, user)),
+        (Some(b), Some(a)) => {
+            (b.status != a.status || b.metadata != a.metadata).then(|| a.info(tenant, user))
+        }
+    }
+}
+
+fn add_member(t: &mut Tenant, room: &str, user: &str) {
+    t.rooms
+        .entry(room.to_owned())
+        .or_default()
+        .insert(user.to_owned());
+    t.users
+        .entry(user.to_owned())
+        .or_default()
+        .rooms
+        .insert(room.to_owned());
+}
+
+fn remove_member(t: &mut Tenant, room: &str, user: &str) {
+    if let Some(members) = t.rooms.get_mut(room) {
+        members.remove(user);
+        if members.is_empty() {
+            t.rooms.remove(room);
+        }
+    }
+    if let Some(u) = t.users.get_mut(user) {
+        u.rooms.remove(room);
+        if u.idle() {
+            t.users.remove(user);
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! The local WebWaka Realtime server (axum) that the SDK talks to: the whole v1
 //! protocol (`../shared/design/PROTOCOL.md`, described as built in `docs/protocol.md`)
-//! on an embedded SQLite database.
+//! on an embedded SQLite database, or on PostgreSQL (`DATABASE_URL`) with several
+//! instances sharing it.
 //!
 //! It links core's wire types and reconciliation engine (`webwaka-realtime` without
 //! default features), so the server and the SDK cannot disagree on a message's shape
@@ -26,39 +27,48 @@
 //! |---|---|
 //! | `config` | settings, env names, defaults |
 //! | `auth` | JWT verify/mint, dev secret |
-//! | `db` | SQLite: one writer thread (group commit), read pool, schema |
-//! | `log` | the durable per-tenant log: append, fan-out, cursors, polls |
+//! | `store` | the storage interface; `store::sqlite`, `store::postgres` its engines |
+//! | `log` | the durable per-tenant log: event drafts, cursors, polls (tail first) |
+//! | `feed` | committed events to the tail and live connections, in sequence order |
 //! | `tail` | each tenant's most recent events in memory, for polls and resumes |
 //! | `hub` | live connections, room membership cache, presence |
 //! | `ws` | the WebSocket endpoint and connection loop |
+//! | `socketio` | the socket.io v4 endpoint beside `/ws` (socketioxide) |
+//! | `session` | what both endpoints share: the checks before connecting, each event's handling, replays |
 //! | `messaging`, `rooms` | what WS and HTTP share for messages and rooms |
-//! | `bus` | consumer groups, leases, DLQ |
 //! | `reconcile` | core's engine on stored entities, snapshots |
 //! | `transactions` | Class D: idempotency, processor, status |
 //! | `audit` | the hash-chained audit log |
 //! | `chaos` | the development-only chaos layer (`CHAOS=1`) |
 //! | `http` | routes, extractors (token, tenancy, JSON), health, metrics |
+//! | `listener` | the accept loop: `HTTP_MAX_CONNECTIONS`, header and idle timeouts |
 //! | `ratelimit`, `metrics`, `telemetry` | governor limits, Prometheus, tracing |
 
 mod app;
 pub mod audit;
 pub mod auth;
-mod bus;
 pub mod chaos;
+mod cluster;
 pub mod config;
-mod db;
 mod error;
+mod feed;
 mod frames;
 mod http;
 mod hub;
+mod listener;
 mod log;
 mod messaging;
 mod metrics;
 mod ratelimit;
 mod reconcile;
 mod rooms;
+mod session;
+mod socketio;
+mod store;
 mod tail;
 pub mod telemetry;
+pub mod testing;
+mod time;
 pub mod transactions;
 mod ws;
 mod wsframe;
@@ -76,6 +86,8 @@ pub use auth::{Keys, SecretSource};
 pub use chaos::{ChaosControl, ChaosSettings, ChaosState, DropAcks, HttpFailures};
 pub use config::Config;
 pub use error::ApiError;
+pub use listener::{ConnectionLimits, descriptor_limit, raise_descriptor_limit};
+pub use store::Engine;
 pub use transactions::{Decision, DelayProcessor, PendingTransaction, TransactionProcessor};
 pub use webwaka_realtime::protocol;
 
@@ -99,14 +111,12 @@ impl Server {
     /// Opens the database and binds `config.host:config.port` (port 0: any free port).
     pub async fn bind(config: Config, options: Options) -> Result<Self, StartError> {
         let addr = config.listen_addr();
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|error| StartError::Bind { addr, error })?;
-        Self::with_listener(config, options, listener)
+        let listener = listener::bind(addr).map_err(|error| StartError::Bind { addr, error })?;
+        Self::with_listener(config, options, listener).await
     }
 
     /// Uses an already bound `listener`.
-    pub fn with_listener(
+    pub async fn with_listener(
         config: Config,
         options: Options,
         listener: TcpListener,
@@ -115,7 +125,7 @@ impl Server {
             addr: config.listen_addr(),
             error,
         })?;
-        let app = Arc::new(App::new(config, options.processor)?);
+        let app = Arc::new(App::new(config, options.processor).await?);
         Ok(Self {
             app,
             listener,
@@ -146,6 +156,16 @@ impl Server {
     /// The token keys (to mint development tokens).
     pub fn keys(&self) -> &Keys {
         &self.app.keys
+    }
+
+    /// This instance's name (unique per start; several instances share a database).
+    pub fn instance(&self) -> &str {
+        &self.app.instance
+    }
+
+    /// The descriptor limit found at start-up and the connection caps.
+    pub fn connection_limits(&self) -> ConnectionLimits {
+        self.app.connections.limits()
     }
 
     /// Serves until `shutdown` completes (or the server is stopped otherwise), then
@@ -209,15 +229,50 @@ impl RunningServer {
         &self.app.config
     }
 
+    /// The descriptor limit found at start-up and the connection caps.
+    pub fn connection_limits(&self) -> ConnectionLimits {
+        self.app.connections.limits()
+    }
+
     /// The chaos layer's controls, when the server runs with `config.chaos` (`CHAOS=1`).
     pub fn chaos(&self) -> Option<ChaosControl> {
-        ChaosControl::of(&self.app)
+        ChaosControl::of(self.app.chaos.as_ref(), &self.app.hub, &self.app.node)
+    }
+
+    /// The storage engine it runs on.
+    pub fn engine(&self) -> Engine {
+        self.app.store.engine()
+    }
+
+    /// This instance's name (unique per start; several instances share a database).
+    pub fn instance(&self) -> &str {
+        &self.app.instance
     }
 
     /// Stops it gracefully and waits until storage is flushed.
     pub async fn shutdown(self) {
         self.app.shutdown.cancel();
         let _ = self.task.await;
+    }
+}
+
+/// Verifies the audit chain in the configured database (the `verify-audit` command):
+/// the SQLite file in the data directory, or PostgreSQL with `DATABASE_URL`.
+pub async fn verify_audit(config: &Config) -> Result<audit::ChainCheck, StartError> {
+    match &config.database_url {
+        None => {
+            let path = config.database_path();
+            if !path.exists() {
+                return Err(StartError::Store(error::StoreError::Io(
+                    std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        format!("no database at {}", path.display()),
+                    ),
+                )));
+            }
+            Ok(store::sqlite::audit::verify_file(&path)?)
+        }
+        Some(url) => Ok(store::postgres::verify_audit(url, config).await?),
     }
 }
 
@@ -228,35 +283,45 @@ async fn serve(
     addr: SocketAddr,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
-    tracing::info!(%addr, data_dir = %app.config.data_dir.display(), "serving");
-    resume_pending_transactions(&app);
+    let limits = app.connections.limits();
+    tracing::info!(
+        %addr,
+        engine = app.store.engine().name(),
+        instance = %app.instance,
+        descriptor_limit = ?limits.descriptor_limit,
+        http_max_connections = limits.http_max_connections,
+        "serving"
+    );
+    if let Err(error) = app.transactions.sweep().await {
+        tracing::error!(%error, "cannot read pending transactions");
+    }
     spawn_maintenance(&app);
+    spawn_heartbeat(&app);
     let stop = app.shutdown.clone();
-    let router = http::router(Arc::clone(&app));
-    // Small frames must leave at once: no Nagle delay on accepted connections.
-    let listener =
-        axum::serve::ListenerExt::tap_io(listener, |stream: &mut tokio::net::TcpStream| {
-            if let Err(error) = stream.set_nodelay(true) {
-                tracing::debug!(%error, "cannot set TCP_NODELAY");
-            }
-        });
-    let server = axum::serve(listener, router)
-        .with_graceful_shutdown(stop.clone().cancelled_owned())
-        .into_future();
-    let mut server = tokio::spawn(server);
+    let (router, socketio) = http::router(Arc::clone(&app));
+    // Our own accept loop: axum::serve has no cap and no header or idle timeout.
+    let mut server = tokio::spawn(listener::serve(Arc::clone(&app), listener, router));
     tokio::select! {
         () = shutdown => {}
         () = stop.cancelled() => {}
         result = &mut server => {
-            if let Ok(Err(error)) = result {
+            if let Err(error) = result {
                 tracing::error!(%error, "the HTTP server failed");
             }
         }
     }
     tracing::info!("shutting down");
-    // Stop accepting; WebSocket tasks see the same signal and close with 1001.
+    // Stop accepting (idle connections close, requests finish); WebSocket tasks see
+    // the same signal and close with 1001.
     stop.cancel();
     let grace = Duration::from_millis(app.config.shutdown_grace_ms);
+    // socket.io's transports close (its clients reconnect by themselves, to another
+    // instance or to this one restarted).
+    if let Some(io) = socketio
+        && tokio::time::timeout(grace, io.close()).await.is_err()
+    {
+        tracing::warn!("socket.io connections still open after the grace period");
+    }
     if !server.is_finished() && tokio::time::timeout(grace, &mut server).await.is_err() {
         tracing::warn!("requests still running after the grace period; dropping them");
         server.abort();
@@ -270,28 +335,38 @@ async fn serve(
     }
     app.background.close();
     let _ = tokio::time::timeout(grace, app.background.wait()).await;
-    // Flush: the writer finishes its queue and checkpoints the WAL.
-    let flush = Arc::clone(&app);
-    let _ = tokio::task::spawn_blocking(move || flush.db.shutdown()).await;
+    // The other instances forget this one's users at once.
+    app.node.bye();
+    // What this instance was still processing is taken by the next one to look.
+    if let Err(error) = app.store.release(&app.instance).await {
+        tracing::warn!(%error, "cannot let go of pending transactions");
+    }
+    // Flush: SQLite's writer finishes its queue and checkpoints the WAL; PostgreSQL's
+    // pool closes.
+    app.store.shutdown().await;
     tracing::info!("stopped");
 }
 
-/// Hands the transactions left pending by the last run to the processor.
-fn resume_pending_transactions(app: &Arc<App>) {
-    match app.db.read(transactions::pending) {
-        Ok(pending) => {
-            if !pending.is_empty() {
-                tracing::info!(count = pending.len(), "resuming pending transactions");
-            }
-            for transaction in pending {
-                transactions::spawn_processing(app, transaction);
+/// With several instances: says this one is alive and forgets silent ones, every
+/// `cluster::ALIVE_EVERY`.
+fn spawn_heartbeat(app: &Arc<App>) {
+    if !app.node.clustered() {
+        return;
+    }
+    let app2 = Arc::clone(app);
+    app.background.spawn(async move {
+        let mut ticker = tokio::time::interval(cluster::ALIVE_EVERY);
+        loop {
+            tokio::select! {
+                _ = app2.shutdown.cancelled() => return,
+                _ = ticker.tick() => app2.node.tick(),
             }
         }
-        Err(error) => tracing::error!(%error, "cannot read pending transactions"),
-    }
+    });
 }
 
-/// Retention, lease expiry and limiter clean-up, every `MAINTENANCE_INTERVAL_MS`.
+/// Retention, lease expiry, transactions whose holder is gone, and limiter clean-up,
+/// every `MAINTENANCE_INTERVAL_MS`.
 fn spawn_maintenance(app: &Arc<App>) {
     let app2 = Arc::clone(app);
     app.background.spawn(async move {
@@ -305,14 +380,16 @@ fn spawn_maintenance(app: &Arc<App>) {
             }
             let cutoff = log::retention_cutoff(app2.config.event_bus_retention_period_ms);
             let max_retries = app2.config.event_bus_max_retries;
-            let result = app2
-                .db
-                .write(move |w| {
-                    let purged = log::purge(w, cutoff)?;
-                    let dead = bus::expire_leases(w, None, db::now_ms(), max_retries)?;
-                    Ok((purged, dead))
-                })
-                .await;
+            let result = async {
+                let purged = app2.store.purge(cutoff).await?;
+                let dead = app2
+                    .store
+                    .expire_leases(time::now_ms(), max_retries)
+                    .await?;
+                app2.transactions.sweep().await?;
+                Ok::<_, error::StoreError>((purged, dead))
+            }
+            .await;
             match result {
                 Ok((purged, dead)) if purged > 0 || dead > 0 => {
                     tracing::debug!(purged, dead, "maintenance");

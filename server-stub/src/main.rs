@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use webwaka_server_stub::auth::{Keys, SecretSource, resolve_secret};
-use webwaka_server_stub::{Config, Options, Server};
+use webwaka_server_stub::{Config, ConnectionLimits, Options, Server};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -79,12 +79,17 @@ fn token(config: &Config, tenant: &str, user: &str, roles: &[String], ttl_ms: u6
 }
 
 fn verify_audit(config: &Config) -> ExitCode {
-    let path = config.database_path();
-    if !path.exists() {
-        eprintln!("error: no database at {}", path.display());
-        return ExitCode::FAILURE;
-    }
-    match webwaka_server_stub::audit::verify_file(&path) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(webwaka_server_stub::verify_audit(config)) {
         Ok(check) => {
             println!(
                 "{}",
@@ -115,6 +120,8 @@ fn serve(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Before the server reads the limit to derive HTTP_MAX_CONNECTIONS from it.
+    let raised = webwaka_server_stub::raise_descriptor_limit();
     runtime.block_on(async move {
         let server = match Server::bind(config.clone(), Options::default()).await {
             Ok(server) => server,
@@ -123,14 +130,15 @@ fn serve(config: Config) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        print_banner(&config, &server);
+        print_banner(&config, &server, raised);
         server.run(shutdown_signal()).await;
         ExitCode::SUCCESS
     })
 }
 
-/// What a newcomer needs: where it listens, where the data is, how to get a token.
-fn print_banner(config: &Config, server: &Server) {
+/// What a newcomer needs: where it listens, where the data is, how to get a token; and
+/// what an operator needs: the descriptor limit, the connection caps, the timeouts.
+fn print_banner(config: &Config, server: &Server, raised: Option<std::io::Result<(u64, u64)>>) {
     // Writes that fail (a closed stdout) must not stop the server.
     let mut out = std::io::stdout().lock();
     let addr = server.local_addr();
@@ -142,10 +150,43 @@ fn print_banner(config: &Config, server: &Server) {
         "  listening   http://{addr}  (WebSocket ws://{addr}{})",
         config.ws_path
     );
-    let _ = writeln!(out, "  data        {}", data_dir.display());
+    if let Some(path) = config.socketio_path() {
+        let options = if path == webwaka_server_stub::config::defaults::SOCKETIO_PATH {
+            String::new()
+        } else {
+            format!(", {{ path: \"{path}\" }}")
+        };
+        let _ = writeln!(
+            out,
+            "  socket.io   http://{addr}{path}  (socket.io v4 clients: io(\"http://{addr}\"{options}))"
+        );
+    }
+    match &config.database_url {
+        None => {
+            let _ = writeln!(out, "  data        {} (SQLite)", data_dir.display());
+        }
+        Some(url) => {
+            let _ = writeln!(
+                out,
+                "  database    {} (PostgreSQL; instance {})",
+                redact(url),
+                server.instance()
+            );
+        }
+    }
     let _ = writeln!(
         out,
         "  health      http://{addr}/health    metrics http://{addr}/metrics"
+    );
+    let _ = writeln!(
+        out,
+        "  connections {}",
+        connections_line(&server.connection_limits(), raised)
+    );
+    let _ = writeln!(
+        out,
+        "  timeouts    request headers {} ms (HTTP_HEADER_TIMEOUT), idle keep-alive {} ms (HTTP_IDLE_TIMEOUT)",
+        config.http_header_timeout_ms, config.http_idle_timeout_ms
     );
     match server.secret_source() {
         SecretSource::Configured => {
@@ -184,6 +225,50 @@ fn print_banner(config: &Config, server: &Server) {
         out,
         "  stop        Ctrl-C (closes WebSockets with 1001, flushes storage)"
     );
+}
+
+/// `url` without its password.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// `descriptors 20000 · HTTP_MAX_CONNECTIONS 4984 (derived) · WS_MAX_CONNECTIONS 50000`,
+/// with how the descriptor limit was raised and whether the caps exceed it.
+fn connections_line(
+    limits: &ConnectionLimits,
+    raised: Option<std::io::Result<(u64, u64)>>,
+) -> String {
+    let descriptors = match (limits.descriptor_limit, raised) {
+        (None, _) => "descriptors unlimited by the platform".to_owned(),
+        (Some(limit), Some(Ok((before, _)))) if before < limit => {
+            format!("descriptors {limit} (raised from {before})")
+        }
+        (Some(limit), Some(Err(error))) => format!("descriptors {limit} (not raised: {error})"),
+        (Some(limit), _) => format!("descriptors {limit}"),
+    };
+    let how = if limits.http_max_derived {
+        " (a quarter of the descriptors)"
+    } else {
+        ""
+    };
+    let mut line = format!(
+        "{descriptors} · HTTP_MAX_CONNECTIONS {}{how} · WS_MAX_CONNECTIONS {}",
+        limits.http_max_connections, limits.ws_max_connections
+    );
+    if limits.exceed_descriptors() {
+        line.push_str(
+            "\n              (the caps together exceed the descriptors: past them, new \
+             connections wait until others close)",
+        );
+    }
+    line
 }
 
 /// Completes on SIGINT (Ctrl-C) or SIGTERM.

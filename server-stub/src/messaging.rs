@@ -6,41 +6,60 @@
 //! `CLASS_B`/`CLASS_C` are appended to the log (idempotent by `messageId`) before the
 //! ack, then fanned out.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use webwaka_realtime::protocol::{InteractionClass, MessageAck, SendMessage, WebSocketMessage};
 
-use crate::app::App;
+use crate::cluster::Node;
 use crate::error::ApiError;
 use crate::hub::{Audience, Delivery};
-use crate::log::{self, Fanout};
+use crate::log::{Draft, Log};
+use crate::ratelimit::Limits;
 
-/// Accepts `message` from `sender` of `tenant`; `exclude` is the sending connection.
+/// Who sends: the user of a tenant, over which transport, from which connection (the
+/// sending connection gets an ack instead of the delivery).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Origin<'a> {
+    pub(crate) tenant: &'a str,
+    pub(crate) user: &'a str,
+    pub(crate) connection: Option<u64>,
+    /// `ws` or `http`, for the metrics.
+    pub(crate) transport: &'static str,
+}
+
+/// Accepts `message` from `origin`. A live message reaches the audience's connections
+/// on every instance (through `node`); a durable one is appended to the log, whose
+/// feed does the same.
 pub(crate) async fn send(
-    app: &Arc<App>,
-    tenant: &str,
-    sender: &str,
+    log: &Log,
+    node: &Node,
+    limits: &Limits,
+    origin: Origin<'_>,
     message: SendMessage,
-    exclude: Option<u64>,
-    transport: &'static str,
 ) -> Result<MessageAck, ApiError> {
+    let Origin {
+        tenant,
+        user: sender,
+        connection: exclude,
+        transport,
+    } = origin;
     let started = Instant::now();
+    let (hub, metrics) = (&log.hub, &log.metrics);
     if let Some(room) = &message.room_id
-        && !app.hub.is_member(tenant, room, sender)
+        && !hub.is_member(tenant, room, sender)
     {
         return Err(
             ApiError::forbidden(format!("not a member of room {room:?}: join it first"))
                 .with_detail("roomId", room.as_str()),
         );
     }
-    app.limits.messages.check(&app.metrics, tenant, sender)?;
+    limits.messages.check(metrics, tenant, sender)?;
     let class = message.interaction_class;
     // A resent live message is acknowledged again and not delivered twice (durable
     // ones are deduplicated by the log).
     if class == InteractionClass::ClassA
         && let Some(id) = &message.message_id
-        && app.hub.live_resend(tenant, sender, id)
+        && hub.live_resend(tenant, sender, id)
     {
         return Ok(MessageAck {
             message_id: id.clone(),
@@ -64,10 +83,10 @@ pub(crate) async fn send(
         event_id: None,
         sequence: None,
     };
-    app.metrics.message_in(transport);
+    metrics.message_in(transport);
+    let message_id = delivered.message_id.clone();
     let ack = if class == InteractionClass::ClassA {
         // Live only: never stored, never replayed.
-        let message_id = delivered.message_id.clone();
         let audience = Audience {
             everyone: false,
             room: delivered.room_id.clone(),
@@ -76,32 +95,30 @@ pub(crate) async fn send(
                 None => vec![sender.to_owned()],
             },
         };
-        let frame = Delivery::text(crate::frames::message_frame(&delivered), None);
-        app.hub.deliver(tenant, &audience, &frame, exclude);
+        let text = crate::frames::message_frame(&delivered);
+        // The other instances' connections too (several instances on one database).
+        if node.clustered() {
+            node.live(tenant, &audience, &text);
+        }
+        hub.deliver(tenant, &audience, &Delivery::text(text, None), exclude);
         MessageAck {
             message_id,
             event_id: None,
             sequence: None,
         }
     } else {
-        let fanout = Fanout {
-            hub: Arc::clone(&app.hub),
-            tail: Arc::clone(&app.tail),
-            metrics: Arc::clone(&app.metrics),
+        let draft = Draft::Message {
+            message: delivered,
             exclude,
         };
-        let message_id = delivered.message_id.clone();
-        let appended = app
-            .db
-            .write_one(move |w| log::append_message(w, fanout, delivered))
-            .await?;
+        let appended = log.append(tenant, draft).await?;
         MessageAck {
             message_id,
             event_id: Some(appended.event_id),
             sequence: Some(appended.seq),
         }
     };
-    app.metrics
+    metrics
         .message_latency
         .observe(started.elapsed().as_secs_f64());
     Ok(ack)

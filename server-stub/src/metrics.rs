@@ -52,8 +52,26 @@ pub(crate) struct Metrics {
     /// Class D transactions, by outcome (`submitted`, `confirmed`, `rejected`).
     pub(crate) transactions: Family<Labels, Counter>,
     /// Pages of the log read for polls and resumes, by source (`tail`: memory,
-    /// `sqlite`).
+    /// `storage`).
     pub(crate) log_reads: Family<Labels, Counter>,
+    /// Reads of the log by the feed to fill a gap in what it delivered live (another
+    /// instance's events whose notification was lost or too large).
+    pub(crate) feed_catch_up_reads: Counter,
+    /// Notifications heard from the database (PostgreSQL: every instance's appends and
+    /// membership changes).
+    pub(crate) cluster_notices: Counter,
+    /// Times the connection listening to the other instances was made again.
+    pub(crate) cluster_reconnects: Counter,
+    /// The database connection pool (PostgreSQL), read at scrape: `size`, `idle`,
+    /// `waiting`.
+    pub(crate) db_pool: Family<Labels, Gauge>,
+    /// Open connections that are not WebSockets (yet): HTTP requests, keep-alive
+    /// connections, handshakes, and connections that never sent a request.
+    pub(crate) http_connections: Gauge,
+    /// Connections the server closed, by reason: `header_timeout`
+    /// (`HTTP_HEADER_TIMEOUT`), `idle_timeout` (`HTTP_IDLE_TIMEOUT`), `shed`
+    /// (`HTTP_MAX_CONNECTIONS` reached: closed at accept).
+    pub(crate) http_connections_closed: Family<Labels, Counter>,
     /// The hot label sets, resolved once (a family lookup per message hashes and
     /// allocates its labels): `messages_in` for `ws` and `http`, `events_delivered` for
     /// `ws`, `resume`, `poll`, `claim`.
@@ -70,6 +88,20 @@ struct Hot {
     delivered_claim: Counter,
     read_tail: Counter,
     read_sqlite: Counter,
+    closed_header_timeout: Counter,
+    closed_idle_timeout: Counter,
+    closed_shed: Counter,
+}
+
+/// Why the server closed a connection that was not a WebSocket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Closed {
+    /// Its request headers were not complete within `HTTP_HEADER_TIMEOUT`.
+    HeaderTimeout,
+    /// It sent no request within `HTTP_IDLE_TIMEOUT` of its last response.
+    IdleTimeout,
+    /// `HTTP_MAX_CONNECTIONS` were open when it was accepted.
+    Shed,
 }
 
 /// One label pair.
@@ -84,6 +116,7 @@ impl Metrics {
         let messages_in: Family<Labels, Counter> = Family::default();
         let events_delivered: Family<Labels, Counter> = Family::default();
         let log_reads: Family<Labels, Counter> = Family::default();
+        let http_connections_closed: Family<Labels, Counter> = Family::default();
         let resolve = |family: &Family<Labels, Counter>, key, value| {
             family.get_or_create(&label(key, value)).clone()
         };
@@ -95,7 +128,10 @@ impl Metrics {
             delivered_poll: resolve(&events_delivered, "via", "poll"),
             delivered_claim: resolve(&events_delivered, "via", "claim"),
             read_tail: resolve(&log_reads, "source", "tail"),
-            read_sqlite: resolve(&log_reads, "source", "sqlite"),
+            read_sqlite: resolve(&log_reads, "source", "storage"),
+            closed_header_timeout: resolve(&http_connections_closed, "reason", "header_timeout"),
+            closed_idle_timeout: resolve(&http_connections_closed, "reason", "idle_timeout"),
+            closed_shed: resolve(&http_connections_closed, "reason", "shed"),
         };
         let m = Self {
             registry: Mutex::new(Registry::default()),
@@ -116,6 +152,12 @@ impl Metrics {
             server_full: Counter::default(),
             transactions: Family::default(),
             log_reads,
+            feed_catch_up_reads: Counter::default(),
+            cluster_notices: Counter::default(),
+            cluster_reconnects: Counter::default(),
+            db_pool: Family::default(),
+            http_connections: Gauge::default(),
+            http_connections_closed,
             hot,
         };
         registry.register(
@@ -130,8 +172,28 @@ impl Metrics {
         );
         registry.register(
             "log_reads",
-            "Pages of the log read for polls and resumes, by source (tail: memory, sqlite)",
+            "Pages of the log read for polls and resumes, by source (tail: memory, storage)",
             m.log_reads.clone(),
+        );
+        registry.register(
+            "cluster_notices",
+            "Notifications heard from the database (other instances' appends and changes)",
+            m.cluster_notices.clone(),
+        );
+        registry.register(
+            "cluster_reconnects",
+            "Times the connection listening to the other instances was made again",
+            m.cluster_reconnects.clone(),
+        );
+        registry.register(
+            "db_pool_connections",
+            "Database connections of the pool, by state (size, idle, waiting)",
+            m.db_pool.clone(),
+        );
+        registry.register(
+            "feed_catch_up_reads",
+            "Reads of the log to fill a gap in what was delivered live",
+            m.feed_catch_up_reads.clone(),
         );
         registry.register(
             "messages_out",
@@ -199,6 +261,16 @@ impl Metrics {
             "Class D transactions by outcome",
             m.transactions.clone(),
         );
+        registry.register(
+            "http_connections",
+            "Open connections that are not WebSockets (yet)",
+            m.http_connections.clone(),
+        );
+        registry.register(
+            "http_connections_closed",
+            "Connections closed by the server: header_timeout, idle_timeout, shed (HTTP_MAX_CONNECTIONS reached)",
+            m.http_connections_closed.clone(),
+        );
         // Families appear in the exposition once a label set exists: create the known
         // ones so that every metric is visible from the start.
         for transport in ["ws", "http"] {
@@ -250,6 +322,15 @@ impl Metrics {
         } else {
             self.hot.read_sqlite.inc();
         }
+    }
+
+    /// Counts a connection the server closed, and why.
+    pub(crate) fn closed(&self, why: Closed) {
+        match why {
+            Closed::HeaderTimeout => self.hot.closed_header_timeout.inc(),
+            Closed::IdleTimeout => self.hot.closed_idle_timeout.inc(),
+            Closed::Shed => self.hot.closed_shed.inc(),
+        };
     }
 
     /// The Prometheus text exposition of every metric.

@@ -6,22 +6,28 @@
 //! loads the entities it touches, runs `apply_batch` (all or nothing), gives every
 //! entity whose value changed the next value of the tenant's change counter, stores
 //! them, and answers with the snapshots of what it touched and of what changed after
-//! the client's `lastKnownVersion`. It runs on the writer thread, so requests of one
-//! tenant are applied one after another.
+//! the client's `lastKnownVersion`.
+//!
+//! **Both cores.** The engine's work runs off the storage's lock, so that requests for
+//! different entities are applied in parallel: a request reads the entities it touches,
+//! is [`prepare`]d on them (core's engine, on a blocking thread), and is then committed
+//! under the tenant's lock (SQLite's one writer; a PostgreSQL row lock on the tenant's
+//! counter) only if every entity it read is still exactly as read ([`Prepared::
+//! is_current`]); otherwise it is prepared again on what is there now. After a few such
+//! rounds (a hot entity) it is prepared under the lock itself. Either way the result is
+//! that of applying the requests one after another in commit order, and versions are
+//! given out at the commit, in commit order. [`Prepared`] and [`respond`] are what both
+//! engines share.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 
-use rusqlite::{Connection, OptionalExtension, params};
 use webwaka_realtime::protocol::reconciliation::parse_version;
 use webwaka_realtime::protocol::{
     Operation, ReconciliationRequest, ReconciliationResponse, StateSnapshot, Timestamp, checksum,
 };
-use webwaka_realtime::reconcile::{ApplyError, EntityKey, EntityState};
+use webwaka_realtime::reconcile::{ApplyError, BatchOutcome, EntityKey, EntityState, Reconciler};
 
-use crate::app::App;
-use crate::db::Writer;
-use crate::error::{ApiError, JobError, StoreError};
+use crate::error::ApiError;
 
 /// The snapshot of an entity's state, taken at `now`.
 pub(crate) fn snapshot(tenant: &str, state: &EntityState, now: Timestamp) -> StateSnapshot {
@@ -50,43 +56,22 @@ pub(crate) fn snapshot(tenant: &str, state: &EntityState, now: Timestamp) -> Sta
     }
 }
 
-/// One stored entity, if it exists and has ever changed.
-pub(crate) fn load(
-    conn: &Connection,
-    tenant: &str,
-    entity_type: &str,
-    entity_id: &str,
-) -> Result<Option<EntityState>, StoreError> {
-    let state = conn
-        .prepare_cached(
-            "SELECT state FROM entities WHERE tenant = ?1 AND entity_type = ?2 AND entity_id = ?3",
-        )?
-        .query_row(params![tenant, entity_type, entity_id], |row| {
-            row.get::<_, String>(0)
-        })
-        .optional()?;
-    match state {
-        None => Ok(None),
-        Some(json) => Ok(Some(serde_json::from_str(&json)?)),
-    }
-}
-
 /// Checks a request before it reaches the writer: sizes, fields, versions. Tenant ids
 /// are checked by the handler (they are audited).
 pub(crate) fn validate(
-    app: &App,
+    max_operations: usize,
     request: &ReconciliationRequest,
 ) -> Result<Option<u64>, ApiError> {
     if request.request_id.trim().is_empty() {
         return Err(ApiError::invalid("requestId", "must not be empty"));
     }
-    if request.operations.len() > app.config.reconciliation_max_queue_size {
+    if request.operations.len() > max_operations {
         return Err(ApiError::invalid(
             "operations",
             format!(
                 "{} operations is more than RECONCILIATION_MAX_QUEUE_SIZE ({}): send smaller batches",
                 request.operations.len(),
-                app.config.reconciliation_max_queue_size
+                max_operations
             ),
         ));
     }
@@ -137,102 +122,173 @@ fn apply_error(error: ApplyError, ops: &[Operation]) -> ApiError {
     }
 }
 
-/// Applies a checked request (on the writer) and builds the answer.
-pub(crate) fn apply(
-    w: &mut Writer<'_>,
-    app: &Arc<App>,
-    tenant: &str,
-    request: ReconciliationRequest,
-    last_known: Option<u64>,
-) -> Result<ReconciliationResponse, JobError> {
-    let now = chrono::Utc::now();
-    let mut states: BTreeMap<EntityKey, EntityState> = BTreeMap::new();
-    for op in &request.operations {
-        let key = (op.entity_type.clone(), op.entity_id.clone());
-        if states.contains_key(&key) {
-            continue;
-        }
-        if let Some(state) = load(w.conn, tenant, &op.entity_type, &op.entity_id)? {
-            states.insert(key, state);
+/// The stored JSON of the entities a request touches, as read (`None`: not stored).
+pub(crate) type Read = BTreeMap<EntityKey, Option<String>>;
+
+/// The entities `request` touches.
+pub(crate) fn touched(request: &ReconciliationRequest) -> Vec<EntityKey> {
+    let keys: BTreeSet<EntityKey> = request
+        .operations
+        .iter()
+        .map(|op| (op.entity_type.clone(), op.entity_id.clone()))
+        .collect();
+    keys.into_iter().collect()
+}
+
+/// What applying a request did: the engine's outcome and the tenant's counter after.
+pub(crate) struct Applied {
+    pub(crate) outcome: BatchOutcome,
+    pub(crate) counter: u64,
+}
+
+/// A request applied by the engine to the entities as [`Read`], before versions are
+/// given out.
+pub(crate) struct Prepared {
+    read: Read,
+    states: BTreeMap<EntityKey, EntityState>,
+    outcome: BatchOutcome,
+    now: Timestamp,
+}
+
+/// Why a request could not be prepared.
+pub(crate) enum PrepareError {
+    /// The request is refused (nothing is stored).
+    Refused(ApiError),
+    /// A stored entity does not decode.
+    Stored(serde_json::Error),
+}
+
+/// Applies `request` to the entities as `read` (all or nothing): the engine's work,
+/// which needs no lock.
+pub(crate) fn prepare(
+    reconciler: &Reconciler,
+    read: Read,
+    request: &ReconciliationRequest,
+    now: Timestamp,
+) -> Result<Prepared, PrepareError> {
+    let mut states = BTreeMap::new();
+    for (key, json) in &read {
+        if let Some(json) = json {
+            let state: EntityState = serde_json::from_str(json).map_err(PrepareError::Stored)?;
+            states.insert(key.clone(), state);
         }
     }
-    let outcome = app
-        .reconciler
+    let outcome = reconciler
         .apply_batch(&mut states, &request.operations, request.strategy, now)
-        .map_err(|e| JobError::Refused(apply_error(e, &request.operations)))?;
-    let mut counter: u64 = w
-        .conn
-        .prepare_cached("SELECT counter FROM entity_counters WHERE tenant = ?1")?
-        .query_row([tenant], |row| row.get::<_, i64>(0))
-        .optional()?
-        .map_or(0, |n| n as u64);
-    let start_counter = counter;
-    for key in &outcome.changed {
-        if let Some(state) = states.get_mut(key) {
-            counter += 1;
-            state.set_version(counter);
+        .map_err(|e| PrepareError::Refused(apply_error(e, &request.operations)))?;
+    Ok(Prepared {
+        read,
+        states,
+        outcome,
+        now,
+    })
+}
+
+impl Prepared {
+    /// The entities it read.
+    pub(crate) fn keys(&self) -> impl Iterator<Item = &EntityKey> {
+        self.read.keys()
+    }
+
+    /// True when the entities, read again under the lock, are as this was prepared on.
+    pub(crate) fn is_current(&self, now: &Read) -> bool {
+        self.read == *now
+    }
+
+    /// Gives every entity whose value changed the next value of the tenant's
+    /// `counter` (under the lock); the entities to store are [`Committed::to_store`].
+    pub(crate) fn commit(self, counter: u64) -> Committed {
+        let Prepared {
+            mut states,
+            outcome,
+            now,
+            ..
+        } = self;
+        let mut next = counter;
+        for key in &outcome.changed {
+            if let Some(state) = states.get_mut(key) {
+                next += 1;
+                state.set_version(next);
+            }
+        }
+        Committed {
+            applied: Applied {
+                outcome,
+                counter: next,
+            },
+            states,
+            now,
         }
     }
-    let mut upsert = w.conn.prepare_cached(
-        "INSERT INTO entities (tenant, entity_type, entity_id, version, state)
-         VALUES (?1, ?2, ?3, ?4, ?5)
-         ON CONFLICT (tenant, entity_type, entity_id)
-         DO UPDATE SET version = excluded.version, state = excluded.state",
-    )?;
-    for key in &outcome.touched {
-        if let Some(state) = states.get(key)
-            && state.version() > 0
-        {
-            upsert.execute(params![
-                tenant,
-                key.0,
-                key.1,
-                state.version() as i64,
-                serde_json::to_string(state)?
-            ])?;
-        }
+}
+
+/// A prepared request with its versions, ready to store.
+pub(crate) struct Committed {
+    pub(crate) applied: Applied,
+    pub(crate) states: BTreeMap<EntityKey, EntityState>,
+    pub(crate) now: Timestamp,
+}
+
+impl Committed {
+    /// Every touched entity that has a version, to store.
+    pub(crate) fn to_store(&self) -> impl Iterator<Item = (&EntityKey, &EntityState)> {
+        to_store(&self.applied, &self.states)
     }
-    drop(upsert);
-    if counter != start_counter {
-        w.conn
-            .prepare_cached(
-                "INSERT INTO entity_counters (tenant, counter) VALUES (?1, ?2)
-                 ON CONFLICT (tenant) DO UPDATE SET counter = excluded.counter",
-            )?
-            .execute(params![tenant, counter as i64])?;
+
+    /// The answer, with `later`: what changed after the client's version, read after
+    /// the request was stored.
+    pub(crate) fn respond(
+        self,
+        tenant: &str,
+        request_id: String,
+        later: Vec<EntityState>,
+    ) -> ReconciliationResponse {
+        respond(
+            tenant,
+            request_id,
+            self.applied,
+            &self.states,
+            later,
+            self.now,
+        )
     }
-    // The deltas: what the request touched, and what changed after lastKnownVersion
-    // (every entity of the tenant when the client knows no version).
+}
+
+/// The entities to store: every touched one that has a version.
+fn to_store<'a>(
+    applied: &'a Applied,
+    states: &'a BTreeMap<EntityKey, EntityState>,
+) -> impl Iterator<Item = (&'a EntityKey, &'a EntityState)> {
+    applied
+        .outcome
+        .touched
+        .iter()
+        .filter_map(|key| Some((key, states.get(key)?)))
+        .filter(|(_, state)| state.version() > 0)
+}
+
+/// The answer: the snapshots of what the request touched and of what changed after
+/// the client's `lastKnownVersion` (`later`, read after the request was stored), by
+/// version.
+fn respond(
+    tenant: &str,
+    request_id: String,
+    applied: Applied,
+    states: &BTreeMap<EntityKey, EntityState>,
+    later: Vec<EntityState>,
+    now: Timestamp,
+) -> ReconciliationResponse {
     let mut seen: BTreeSet<EntityKey> = BTreeSet::new();
     let mut deltas = Vec::new();
-    for key in &outcome.touched {
-        if let Some(state) = states.get(key)
-            && state.version() > 0
-            && seen.insert(key.clone())
-        {
+    for (key, state) in to_store(&applied, states) {
+        if seen.insert(key.clone()) {
             deltas.push(snapshot(tenant, state, now));
         }
     }
-    {
-        let mut stmt = w.conn.prepare_cached(
-            "SELECT entity_type, entity_id, state FROM entities
-             WHERE tenant = ?1 AND version > ?2 ORDER BY version",
-        )?;
-        let after = last_known.map_or(0, |v| v.min(i64::MAX as u64) as i64);
-        let rows = stmt.query_map(params![tenant, after], |row| {
-            Ok((
-                row.get::<_, String>(0)?,
-                row.get::<_, String>(1)?,
-                row.get::<_, String>(2)?,
-            ))
-        })?;
-        for row in rows {
-            let (entity_type, entity_id, json) = row?;
-            let key = (entity_type, entity_id);
-            if seen.insert(key) {
-                let state: EntityState = serde_json::from_str(&json)?;
-                deltas.push(snapshot(tenant, &state, now));
-            }
+    for state in later {
+        let key = (state.entity_type().to_owned(), state.entity_id().to_owned());
+        if seen.insert(key) {
+            deltas.push(snapshot(tenant, &state, now));
         }
     }
     deltas.sort_by(|a, b| {
@@ -242,16 +298,12 @@ pub(crate) fn apply(
             .then_with(|| a.entity_type.cmp(&b.entity_type))
             .then_with(|| a.entity_id.cmp(&b.entity_id))
     });
-    app.metrics.reconciliation_requests.inc();
-    app.metrics
-        .reconciliation_conflicts
-        .inc_by(outcome.conflicts.len() as u64);
-    Ok(ReconciliationResponse {
-        request_id: request.request_id,
-        conflicts: outcome.conflicts,
-        resolved_operations: outcome.resolved_operations,
-        current_version: counter.to_string(),
+    ReconciliationResponse {
+        request_id,
+        conflicts: applied.outcome.conflicts,
+        resolved_operations: applied.outcome.resolved_operations,
+        current_version: applied.counter.to_string(),
         delta_updates: deltas,
         completed_at: chrono::Utc::now(),
-    })
+    }
 }

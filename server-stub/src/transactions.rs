@@ -4,8 +4,15 @@
 //!
 //! Submission stores the transaction as `PENDING` with its audit record in one write,
 //! answers `202`, and hands it to the processor. The decision is stored with its audit
-//! record and the event to the submitter, again in one write. Transactions still
-//! pending at shutdown are handed to the processor again at the next start.
+//! record and the event to the submitter, again in one write, and only while the
+//! transaction is still pending: each transaction is decided once.
+//!
+//! **Who processes.** A pending transaction is held by one server instance at a time: a
+//! lease ([`LEASE`]) taken when it is stored, renewed while the processor works, and
+//! taken over by another instance's sweep when it runs out (its holder died).
+//! Transactions still pending at shutdown are taken again at the next start. So every
+//! transaction is decided exactly once, by whichever instance holds it, even with
+//! several instances running the processor.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -13,9 +20,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use webwaka_realtime::protocol::event::{
     TRANSACTION_CONFIRMED_EVENT_TYPE, TRANSACTION_REJECTED_EVENT_TYPE,
 };
@@ -24,12 +32,19 @@ use webwaka_realtime::protocol::{
     TransactionStatus,
 };
 
-use crate::app::App;
-use crate::audit::{self, AuditRecord};
-use crate::db::{Writer, ms_to_time, now_ms};
-use crate::error::{ApiError, JobError, StoreError};
-use crate::log::{self, Fanout, NewEvent};
-use crate::metrics::label;
+use crate::audit::AuditRecord;
+use crate::error::{ApiError, StoreError};
+use crate::log::{Draft, NewEvent};
+use crate::metrics::{Metrics, label};
+use crate::store::Storage;
+use crate::time::ms_to_time;
+
+/// How long an instance holds a pending transaction without renewing.
+pub(crate) const LEASE: Duration = Duration::from_secs(15);
+/// How often a held lease is renewed while the processor works.
+const RENEW_EVERY: Duration = Duration::from_secs(5);
+/// Pending transactions taken per sweep.
+const SWEEP_BATCH: u32 = 100;
 
 /// A transaction waiting for a decision, as the processor sees it.
 #[derive(Debug, Clone, PartialEq)]
@@ -126,7 +141,7 @@ pub(crate) struct Submission {
 
 /// What a submission did.
 pub(crate) enum Submitted {
-    /// A new transaction, to be processed.
+    /// A new transaction, held by the submitting instance, to be processed.
     New(TransactionAccepted, PendingTransaction),
     /// The same key and body as before: the same answer.
     Replay(TransactionAccepted),
@@ -135,118 +150,250 @@ pub(crate) enum Submitted {
     Conflict,
 }
 
-/// Stores a submission (on the writer).
-pub(crate) fn submit(w: &mut Writer<'_>, s: Submission) -> Result<Submitted, JobError> {
-    let existing = w
-        .conn
-        .prepare_cached(
-            "SELECT transaction_id, body_hash, received_ms, submit_audit_id FROM transactions
-             WHERE tenant = ?1 AND user_id = ?2 AND idempotency_key = ?3",
-        )?
-        .query_row(params![s.tenant, s.user, s.key], |row| {
-            Ok((
-                row.get::<_, String>(0)?,
-                row.get::<_, String>(1)?,
-                row.get::<_, i64>(2)?,
-                row.get::<_, String>(3)?,
-            ))
-        })
-        .optional()?;
-    if let Some((transaction_id, hash, received, audit_id)) = existing {
-        if hash == s.hash {
-            return Ok(Submitted::Replay(TransactionAccepted {
-                transaction_id,
-                status: TransactionState::Pending,
-                received_at: ms_to_time(received),
-                audit_id,
-            }));
-        }
-        let record = AuditRecord::new(
-            &s.tenant,
-            &s.user,
-            "transaction.idempotency_conflict",
-            "transaction",
-            AuditResult::Failure,
-        )
-        .resource_id(transaction_id)
-        .meta("idempotencyKey", s.key.as_str());
-        audit::append(w, record)?;
-        return Ok(Submitted::Conflict);
+/// A transaction as stored, for its status.
+#[derive(Debug, Clone)]
+pub(crate) struct StoredStatus {
+    /// The submitting user.
+    pub(crate) user_id: String,
+    pub(crate) status: TransactionState,
+    pub(crate) reason: Option<String>,
+    pub(crate) updated_ms: i64,
+    pub(crate) audit_id: String,
+}
+
+/// A stored status name as a state.
+pub(crate) fn parse_state(status: &str) -> Result<TransactionState, StoreError> {
+    match status {
+        "PENDING" => Ok(TransactionState::Pending),
+        "CONFIRMED" => Ok(TransactionState::Confirmed),
+        "REJECTED" => Ok(TransactionState::Rejected),
+        other => Err(StoreError::Corrupt(format!("transaction status {other:?}"))),
     }
-    let transaction_id = format!("txn-{}", uuid::Uuid::now_v7());
-    let received = now_ms();
-    let record = AuditRecord::new(
+}
+
+/// The audit record of a stored submission.
+pub(crate) fn submit_record(s: &Submission, transaction_id: &str) -> AuditRecord {
+    AuditRecord::new(
         &s.tenant,
         &s.user,
         "transaction.submit",
         "transaction",
         AuditResult::Success,
     )
-    .resource_id(transaction_id.as_str())
+    .resource_id(transaction_id)
     .meta("transactionType", s.transaction_type.as_str())
-    .meta("idempotencyKey", s.key.as_str());
-    let entry = audit::append(w, record)?;
-    w.conn
-        .prepare_cached(
-            "INSERT INTO transactions (transaction_id, tenant, user_id, idempotency_key, body_hash,
-                                       request, status, reason, received_ms, updated_ms,
-                                       submit_audit_id, audit_id)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'PENDING', NULL, ?7, ?7, ?8, ?8)",
-        )?
-        .execute(params![
-            transaction_id,
-            s.tenant,
-            s.user,
-            s.key,
-            s.hash,
-            s.request.to_string(),
-            received,
-            entry.audit_id,
-        ])?;
-    Ok(Submitted::New(
-        TransactionAccepted {
-            transaction_id: transaction_id.clone(),
-            status: TransactionState::Pending,
-            received_at: ms_to_time(received),
-            audit_id: entry.audit_id,
-        },
-        PendingTransaction {
-            transaction_id,
-            tenant_id: s.tenant,
-            user_id: s.user,
-            transaction_type: s.transaction_type,
-            payload: s.payload,
-            metadata: s.metadata,
-        },
-    ))
+    .meta("idempotencyKey", s.key.as_str())
 }
 
-/// Hands `pending` to the processor on a background task, then stores the decision.
-pub(crate) fn spawn_processing(app: &Arc<App>, pending: PendingTransaction) {
-    spawn_processing_on(app, pending, &tokio::runtime::Handle::current());
+/// The audit record of a key reused with another body.
+pub(crate) fn conflict_record(s: &Submission, transaction_id: &str) -> AuditRecord {
+    AuditRecord::new(
+        &s.tenant,
+        &s.user,
+        "transaction.idempotency_conflict",
+        "transaction",
+        AuditResult::Failure,
+    )
+    .resource_id(transaction_id)
+    .meta("idempotencyKey", s.key.as_str())
 }
 
-/// [`spawn_processing`] from outside the runtime (the storage writer's thread, after
-/// the commit that stored the submission).
-pub(crate) fn spawn_processing_on(
-    app: &Arc<App>,
-    pending: PendingTransaction,
-    runtime: &tokio::runtime::Handle,
-) {
-    let app2 = Arc::clone(app);
-    app.background.spawn_on(
-        async move {
-            let decision = tokio::select! {
-                decision = app2.processor.process(pending.clone()) => decision,
-                // Still PENDING in the database: decided after the next start.
-                _ = app2.shutdown.cancelled() => return,
+/// A new transaction's id.
+pub(crate) fn new_transaction_id() -> String {
+    format!("txn-{}", uuid::Uuid::now_v7())
+}
+
+/// The pending transaction a stored request describes.
+pub(crate) fn pending_from_request(
+    transaction_id: String,
+    tenant_id: String,
+    user_id: String,
+    request: &str,
+) -> Result<PendingTransaction, StoreError> {
+    let request: Value = serde_json::from_str(request)?;
+    Ok(PendingTransaction {
+        transaction_id,
+        tenant_id,
+        user_id,
+        transaction_type: request
+            .get("transactionType")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned(),
+        payload: request.get("payload").cloned().unwrap_or(Value::Null),
+        metadata: request.get("metadata").and_then(Value::as_object).cloned(),
+    })
+}
+
+/// A decision as stored: the state, the reason, its audit record and the event type
+/// told to the submitter.
+pub(crate) struct DecisionParts {
+    pub(crate) state: TransactionState,
+    pub(crate) reason: Option<String>,
+    pub(crate) record: AuditRecord,
+    pub(crate) event_type: &'static str,
+}
+
+/// What storing `decision` about `pending` writes besides the status.
+pub(crate) fn decision_parts(pending: &PendingTransaction, decision: Decision) -> DecisionParts {
+    let (state, reason, action, event_type) = match decision {
+        Decision::Confirm => (
+            TransactionState::Confirmed,
+            None,
+            "transaction.confirm",
+            TRANSACTION_CONFIRMED_EVENT_TYPE,
+        ),
+        Decision::Reject(reason) => (
+            TransactionState::Rejected,
+            Some(reason),
+            "transaction.reject",
+            TRANSACTION_REJECTED_EVENT_TYPE,
+        ),
+    };
+    let mut record = AuditRecord::new(
+        &pending.tenant_id,
+        "transaction-processor",
+        action,
+        "transaction",
+        if state == TransactionState::Confirmed {
+            AuditResult::Success
+        } else {
+            AuditResult::Failure
+        },
+    )
+    .system()
+    .resource_id(pending.transaction_id.as_str())
+    .meta("userId", pending.user_id.as_str());
+    if let Some(reason) = &reason {
+        record = record.meta("reason", reason.as_str());
+    }
+    DecisionParts {
+        state,
+        reason,
+        record,
+        event_type,
+    }
+}
+
+/// The durable event that tells the submitter of the decision.
+pub(crate) fn decision_event(
+    pending: &PendingTransaction,
+    event_type: &str,
+    status: &TransactionStatus,
+) -> Result<Draft, StoreError> {
+    let mut metadata = EventMetadata::from_source("transaction-processor");
+    metadata.user_id = Some(pending.user_id.clone());
+    Ok(Draft::Event(NewEvent {
+        event_id: None,
+        event_type: event_type.to_owned(),
+        payload: serde_json::to_value(status)?,
+        metadata,
+        schema_version: None,
+        recipient_id: Some(pending.user_id.clone()),
+        room_id: None,
+        sender_id: None,
+    }))
+}
+
+/// Running the processor: storage, the processor, and this instance's name as the
+/// holder of the transactions it processes.
+#[derive(Clone)]
+pub(crate) struct Transactions {
+    pub(crate) store: Arc<dyn Storage>,
+    pub(crate) processor: Arc<dyn TransactionProcessor>,
+    pub(crate) metrics: Arc<Metrics>,
+    /// This instance, as a lease holder.
+    pub(crate) owner: Arc<str>,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) background: TaskTracker,
+}
+
+impl Transactions {
+    /// Stores a submission and, when it is new, hands it to the processor. Runs on a
+    /// task of its own: if the client goes away mid-request the handler is dropped,
+    /// but a transaction that reached storage must still be decided.
+    pub(crate) async fn submit(&self, submission: Submission) -> Result<Submitted, ApiError> {
+        let this = self.clone();
+        let task = tokio::spawn(async move {
+            let lease = i64::try_from(LEASE.as_millis()).unwrap_or(i64::MAX);
+            let submitted = this
+                .store
+                .submit_transaction(submission, &this.owner, lease)
+                .await?;
+            if let Submitted::New(_, pending) = &submitted {
+                this.metrics
+                    .transactions
+                    .get_or_create(&label("outcome", "submitted"))
+                    .inc();
+                this.spawn_processing(pending.clone());
+            }
+            Ok::<_, ApiError>(submitted)
+        });
+        task.await.map_err(|_| ApiError::internal())?
+    }
+
+    /// Takes the pending transactions no live instance holds and processes them (at
+    /// start, and at each maintenance tick). Returns how many were taken.
+    pub(crate) async fn sweep(&self) -> Result<usize, StoreError> {
+        let lease = i64::try_from(LEASE.as_millis()).unwrap_or(i64::MAX);
+        let taken = self
+            .store
+            .take_pending(&self.owner, lease, SWEEP_BATCH)
+            .await?;
+        let n = taken.len();
+        if n > 0 {
+            tracing::info!(count = n, "taking over pending transactions");
+        }
+        for pending in taken {
+            self.spawn_processing(pending);
+        }
+        Ok(n)
+    }
+
+    /// Hands `pending` (held by this instance) to the processor on a background task,
+    /// renewing the hold while it works, then stores the decision.
+    pub(crate) fn spawn_processing(&self, pending: PendingTransaction) {
+        let this = self.clone();
+        self.background.spawn(async move {
+            let process = this.processor.process(pending.clone());
+            tokio::pin!(process);
+            let mut renew = tokio::time::interval_at(
+                tokio::time::Instant::now() + RENEW_EVERY,
+                RENEW_EVERY,
+            );
+            let lease = i64::try_from(LEASE.as_millis()).unwrap_or(i64::MAX);
+            let decision = loop {
+                tokio::select! {
+                    decision = &mut process => break decision,
+                    // Still PENDING in the database: decided after the next start, or
+                    // by another instance once the hold runs out.
+                    _ = this.shutdown.cancelled() => return,
+                    _ = renew.tick() => {
+                        if let Err(error) = this.store.renew_lease(&this.owner, &pending.transaction_id, lease).await {
+                            tracing::warn!(%error, transaction_id = %pending.transaction_id, "renewing a transaction's hold failed");
+                        }
+                    }
+                }
             };
             // A decision that cannot be stored now (storage busy or failing) is tried
             // again a few times; if it still fails, the transaction stays PENDING and
-            // is handed to the processor again at the next start.
+            // is taken again when its hold runs out.
             for attempt in 1..=DECIDE_ATTEMPTS {
-                match decide(&app2, pending.clone(), decision.clone()).await {
-                    Ok(()) => return,
+                match this.store.decide(&pending, decision.clone()).await {
+                    Ok(decided) => {
+                        if decided {
+                            let outcome = if matches!(decision, Decision::Confirm) {
+                                "confirmed"
+                            } else {
+                                "rejected"
+                            };
+                            this.metrics
+                                .transactions
+                                .get_or_create(&label("outcome", outcome))
+                                .inc();
+                        }
+                        return;
+                    }
                     Err(error) => {
                         tracing::error!(%error, attempt, transaction_id = %pending.transaction_id,
                             "storing a transaction decision failed");
@@ -254,207 +401,40 @@ pub(crate) fn spawn_processing_on(
                 }
                 tokio::select! {
                     () = tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))) => {}
-                    _ = app2.shutdown.cancelled() => return,
+                    _ = this.shutdown.cancelled() => return,
                 }
             }
-        },
-        runtime,
-    );
-}
-
-/// How many times a decision is offered to storage before waiting for a restart.
-const DECIDE_ATTEMPTS: u32 = 5;
-
-/// Stores a decision: status, audit record, and the durable event to the submitter.
-async fn decide(
-    app: &Arc<App>,
-    pending: PendingTransaction,
-    decision: Decision,
-) -> Result<(), ApiError> {
-    let fanout = Fanout {
-        hub: Arc::clone(&app.hub),
-        tail: Arc::clone(&app.tail),
-        metrics: Arc::clone(&app.metrics),
-        exclude: None,
-    };
-    let outcome = if matches!(decision, Decision::Confirm) {
-        "confirmed"
-    } else {
-        "rejected"
-    };
-    app.db
-        .write(move |w| {
-            let status: Option<String> = w
-                .conn
-                .prepare_cached("SELECT status FROM transactions WHERE transaction_id = ?1")?
-                .query_row([&pending.transaction_id], |row| row.get(0))
-                .optional()?;
-            if status.as_deref() != Some("PENDING") {
-                return Ok(());
-            }
-            let (state, reason, action, event_type) = match decision {
-                Decision::Confirm => (
-                    TransactionState::Confirmed,
-                    None,
-                    "transaction.confirm",
-                    TRANSACTION_CONFIRMED_EVENT_TYPE,
-                ),
-                Decision::Reject(reason) => (
-                    TransactionState::Rejected,
-                    Some(reason),
-                    "transaction.reject",
-                    TRANSACTION_REJECTED_EVENT_TYPE,
-                ),
-            };
-            let mut record = AuditRecord::new(
-                &pending.tenant_id,
-                "transaction-processor",
-                action,
-                "transaction",
-                if state == TransactionState::Confirmed {
-                    AuditResult::Success
-                } else {
-                    AuditResult::Failure
-                },
-            )
-            .system()
-            .resource_id(pending.transaction_id.as_str())
-            .meta("userId", pending.user_id.as_str());
-            if let Some(reason) = &reason {
-                record = record.meta("reason", reason.as_str());
-            }
-            let entry = audit::append(w, record)?;
-            let updated = now_ms();
-            w.conn
-                .prepare_cached(
-                    "UPDATE transactions SET status = ?2, reason = ?3, updated_ms = ?4, audit_id = ?5
-                     WHERE transaction_id = ?1",
-                )?
-                .execute(params![
-                    pending.transaction_id,
-                    state.as_str(),
-                    reason,
-                    updated,
-                    entry.audit_id
-                ])?;
-            let status = TransactionStatus {
-                transaction_id: pending.transaction_id.clone(),
-                status: state,
-                reason,
-                updated_at: ms_to_time(updated),
-                audit_id: entry.audit_id,
-            };
-            let mut metadata = EventMetadata::from_source("transaction-processor");
-            metadata.user_id = Some(pending.user_id.clone());
-            log::append_event(
-                w,
-                fanout,
-                &pending.tenant_id,
-                NewEvent {
-                    event_id: None,
-                    event_type: event_type.to_owned(),
-                    payload: serde_json::to_value(&status)?,
-                    metadata,
-                    schema_version: None,
-                    recipient_id: Some(pending.user_id.clone()),
-                    room_id: None,
-                    sender_id: None,
-                },
-            )?;
-            Ok(())
-        })
-        .await?;
-    app.metrics
-        .transactions
-        .get_or_create(&label("outcome", outcome))
-        .inc();
-    Ok(())
-}
-
-/// The transactions still pending (handed to the processor at start).
-pub(crate) fn pending(conn: &Connection) -> Result<Vec<PendingTransaction>, StoreError> {
-    let mut stmt = conn.prepare(
-        "SELECT transaction_id, tenant, user_id, request FROM transactions
-         WHERE status = 'PENDING' ORDER BY received_ms",
-    )?;
-    let rows = stmt.query_map([], |row| {
-        Ok((
-            row.get::<_, String>(0)?,
-            row.get::<_, String>(1)?,
-            row.get::<_, String>(2)?,
-            row.get::<_, String>(3)?,
-        ))
-    })?;
-    let mut out = Vec::new();
-    for row in rows {
-        let (transaction_id, tenant_id, user_id, request) = row?;
-        let request: Value = serde_json::from_str(&request)?;
-        out.push(PendingTransaction {
-            transaction_id,
-            tenant_id,
-            user_id,
-            transaction_type: request
-                .get("transactionType")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_owned(),
-            payload: request.get("payload").cloned().unwrap_or(Value::Null),
-            metadata: request.get("metadata").and_then(Value::as_object).cloned(),
         });
     }
-    Ok(out)
+
+    /// A transaction's status, if `tenant` has it; `NOT_FOUND` for anyone but its
+    /// submitter and the tenant's admins.
+    pub(crate) async fn status(
+        &self,
+        tenant: &str,
+        user: &str,
+        is_admin: bool,
+        transaction_id: &str,
+    ) -> Result<TransactionStatus, ApiError> {
+        let not_found = || ApiError::not_found(format!("no transaction {transaction_id:?}"));
+        let Some(stored) = self.store.transaction(tenant, transaction_id).await? else {
+            return Err(not_found());
+        };
+        if stored.user_id != user && !is_admin {
+            return Err(not_found());
+        }
+        Ok(TransactionStatus {
+            transaction_id: transaction_id.to_owned(),
+            status: stored.status,
+            reason: stored.reason,
+            updated_at: ms_to_time(stored.updated_ms),
+            audit_id: stored.audit_id,
+        })
+    }
 }
 
-/// A transaction's status, if `tenant` has it; `NOT_FOUND` for anyone but its
-/// submitter and the tenant's admins.
-pub(crate) fn status(
-    conn: &Connection,
-    tenant: &str,
-    user: &str,
-    is_admin: bool,
-    transaction_id: &str,
-) -> Result<TransactionStatus, ApiError> {
-    let row = conn
-        .prepare_cached(
-            "SELECT user_id, status, reason, updated_ms, audit_id FROM transactions
-             WHERE transaction_id = ?1 AND tenant = ?2",
-        )
-        .and_then(|mut stmt| {
-            stmt.query_row(params![transaction_id, tenant], |row| {
-                Ok((
-                    row.get::<_, String>(0)?,
-                    row.get::<_, String>(1)?,
-                    row.get::<_, Option<String>>(2)?,
-                    row.get::<_, i64>(3)?,
-                    row.get::<_, String>(4)?,
-                ))
-            })
-            .optional()
-        })
-        .map_err(StoreError::from)?;
-    let not_found = || ApiError::not_found(format!("no transaction {transaction_id:?}"));
-    let Some((owner, status, reason, updated, audit_id)) = row else {
-        return Err(not_found());
-    };
-    if owner != user && !is_admin {
-        return Err(not_found());
-    }
-    let status = match status.as_str() {
-        "PENDING" => TransactionState::Pending,
-        "CONFIRMED" => TransactionState::Confirmed,
-        "REJECTED" => TransactionState::Rejected,
-        other => {
-            return Err(StoreError::Corrupt(format!("transaction status {other:?}")).into());
-        }
-    };
-    Ok(TransactionStatus {
-        transaction_id: transaction_id.to_owned(),
-        status,
-        reason,
-        updated_at: ms_to_time(updated),
-        audit_id,
-    })
-}
+/// How many times a decision is offered to storage before waiting for a retake.
+const DECIDE_ATTEMPTS: u32 = 5;
 
 /// The `IDEMPOTENCY_CONFLICT` answer.
 pub(crate) fn conflict(key: &str) -> ApiError {

@@ -24,27 +24,24 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgr
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::{FutureExt, SinkExt};
-use serde_json::Value;
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::Instrument;
 use webwaka_realtime::protocol::envelope::{AUTH_EXPIRED_CLOSE_REASON, close_code};
 use webwaka_realtime::protocol::{
-    ADMIN_JUSTIFICATION_HEADER, ClientEvent, Connected, ErrorCode, Frame, InteractionClass,
-    PresenceInfo, PresenceStatus, SendMessage, ServerEvent, TENANT_HEADER,
+    ADMIN_JUSTIFICATION_HEADER, ClientEvent, ErrorCode, Frame, SendMessage, ServerEvent,
+    TENANT_HEADER,
 };
 
-use crate::app::{App, Slot};
-use crate::error::{ApiError, check_id_len};
-use crate::http::extract::{Caller, QueryMap, authenticate, header_str, resolve_tenant};
+use crate::app::App;
+use crate::error::ApiError;
+use crate::http::extract::{QueryMap, header_str};
 use crate::hub::KillReason;
-use crate::log;
+use crate::session::{Admitted, Answer, Handshake, Peer, Refusals, Replay};
 
-/// Refused frames within a minute after which a connection is closed (1008).
-const MAX_REFUSALS_PER_MINUTE: u32 = 100;
+/// The hub's and the metrics' name of this transport.
+pub(crate) const TRANSPORT: &str = "ws";
 /// How long a closing connection waits for the client's close frame.
 const CLOSE_HANDSHAKE: Duration = Duration::from_secs(1);
-/// Events read per page while replaying.
-const REPLAY_PAGE: u32 = 256;
 /// Most queued deliveries and ready frames handled after one wake-up before the
 /// buffered output is flushed (and the other branches get a turn).
 const MAX_BATCH: usize = 64;
@@ -85,74 +82,27 @@ pub(crate) async fn handler(
     }
 }
 
-/// What the checks before the upgrade established.
-struct Prepared {
-    caller: Caller,
-    client_id: String,
-    cursor: Option<(String, u64)>,
-    slot: Slot,
-}
-
+/// The checks before the upgrade (shared with socket.io: [`crate::session::admit`]).
 async fn prepare(
     app: &Arc<App>,
     headers: &HeaderMap,
     query: &QueryMap,
-) -> Result<Prepared, ApiError> {
-    let identity = authenticate(
-        app,
-        header_str(headers, header::AUTHORIZATION.as_str()),
-        query.get("token"),
-        &app.config.ws_path,
-    )
-    .await?;
-    let (named, via) = match (header_str(headers, TENANT_HEADER), query.get("tenantId")) {
-        (Some(h), _) => (Some(h), TENANT_HEADER),
-        (None, Some(q)) => (Some(q), "query.tenantId"),
-        (None, None) => (None, TENANT_HEADER),
+) -> Result<Admitted, ApiError> {
+    let named_tenant = match (header_str(headers, TENANT_HEADER), query.get("tenantId")) {
+        (Some(h), _) => Some((h, TENANT_HEADER)),
+        (None, Some(q)) => Some((q, "query.tenantId")),
+        (None, None) => None,
     };
-    let caller = resolve_tenant(
-        app,
-        identity,
-        named,
-        via,
-        header_str(headers, ADMIN_JUSTIFICATION_HEADER),
-        "websocket",
-    )
-    .await?;
-    let full = || {
-        app.metrics.server_full.inc();
-        let mut error = ApiError::new(ErrorCode::ServerFull, "the server is full: try again later");
-        error.retry_after_secs = Some(1);
-        error
+    let handshake = Handshake {
+        path: &app.config.ws_path,
+        authorization: header_str(headers, header::AUTHORIZATION.as_str()),
+        token: query.get("token"),
+        named_tenant,
+        justification: header_str(headers, ADMIN_JUSTIFICATION_HEADER),
+        last_event_id: query.get("lastEventId"),
+        client_id: query.get("clientId"),
     };
-    if app.shutdown.is_cancelled() {
-        return Err(full());
-    }
-    let slot = app.take_slot().ok_or_else(full)?;
-    let cursor = match query
-        .get("lastEventId")
-        .map(str::trim)
-        .filter(|c| !c.is_empty())
-    {
-        None => None,
-        Some(cursor) => {
-            let cutoff = log::retention_cutoff(app.config.event_bus_retention_period_ms);
-            let seq = log::find_cursor(app, &caller.tenant, cursor, cutoff)?;
-            Some((cursor.to_owned(), seq))
-        }
-    };
-    check_id_len("clientId", query.get("clientId"))?;
-    let client_id = query
-        .get("clientId")
-        .map(str::trim)
-        .filter(|c| !c.is_empty())
-        .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
-    Ok(Prepared {
-        caller,
-        client_id,
-        cursor,
-        slot,
-    })
+    crate::session::admit(app, handshake).await
 }
 
 /// What the connection loop should do next.
@@ -168,30 +118,21 @@ enum Flow {
 struct Connection {
     app: Arc<App>,
     socket: WebSocket,
-    tenant: String,
-    user: String,
-    roles: Vec<String>,
-    conn_id: u64,
+    peer: Peer,
     /// Greatest durable sequence sent on this connection.
     last_seq: u64,
-    refusals: u32,
-    refusal_window: Instant,
+    refusals: Refusals,
     last_heard: Instant,
 }
 
-async fn run(app: Arc<App>, socket: WebSocket, prepared: Prepared) {
-    let Prepared {
+async fn run(app: Arc<App>, socket: WebSocket, admitted: Admitted) {
+    let Admitted {
         caller,
         client_id,
         cursor,
         slot,
-    } = prepared;
-    let registration = app.hub.register(
-        &caller.tenant,
-        caller.user(),
-        caller.identity.iat,
-        app.config.ws_send_queue,
-    );
+    } = admitted;
+    let (peer, registration) = crate::session::open(&app, &caller, TRANSPORT);
     let span = tracing::info_span!(
         "ws",
         conn = registration.conn_id,
@@ -199,29 +140,16 @@ async fn run(app: Arc<App>, socket: WebSocket, prepared: Prepared) {
         user = %caller.identity.user_id,
     );
     let mut conn = Connection {
-        tenant: caller.tenant.clone(),
-        user: caller.identity.user_id.clone(),
-        roles: caller.identity.roles.clone(),
-        conn_id: registration.conn_id,
+        peer,
         app,
         socket,
         last_seq: 0,
-        refusals: 0,
-        refusal_window: Instant::now(),
+        refusals: Refusals::new(),
         last_heard: Instant::now(),
     };
     let exp = caller.identity.exp;
     async move {
-        conn.app.metrics.active_connections.inc();
         tracing::debug!(client_id = %client_id, "connected");
-        if registration.first
-            && let Some(info) =
-                conn.app
-                    .hub
-                    .set_presence(&conn.tenant, &conn.user, PresenceStatus::Online, None)
-        {
-            conn.app.hub.announce(&info, None);
-        }
         let flow = conn
             .serve(
                 registration.inbox,
@@ -252,21 +180,7 @@ async fn run(app: Arc<App>, socket: WebSocket, prepared: Prepared) {
                 .await;
             }
         }
-        let last = conn
-            .app
-            .hub
-            .unregister(&conn.tenant, &conn.user, conn.conn_id);
-        if last {
-            let info = PresenceInfo {
-                user_id: conn.user.clone(),
-                tenant_id: conn.tenant.clone(),
-                status: PresenceStatus::Offline,
-                last_active: chrono::Utc::now(),
-                metadata: None,
-            };
-            conn.app.hub.announce(&info, None);
-        }
-        conn.app.metrics.active_connections.dec();
+        crate::session::close(&conn.app, &conn.peer);
         tracing::debug!(reason = flow_name(&flow), "disconnected");
         drop(slot);
     }
@@ -295,19 +209,12 @@ impl Connection {
         let config = &app.config;
         let ping_interval = config.ping_interval();
         let ping_timeout = config.ping_timeout();
-        let connected = ServerEvent::Connected(Connected {
-            connection_id: format!("conn-{}", self.conn_id),
-            client_id: Some(client_id),
-            server_time: chrono::Utc::now(),
-            interaction_classes: InteractionClass::REALTIME.to_vec(),
-            ping_interval: config.ping_interval_ms,
-            ping_timeout: config.ping_timeout_ms,
-        });
+        let connected = crate::session::connected(&app, &self.peer, client_id);
         if let f @ (Flow::Stop | Flow::Close(..)) = self.send(&connected, None).await {
             return f;
         }
         if let Some((cursor, seq)) = cursor {
-            match Box::pin(self.replay(&cursor, seq, None)).await {
+            match Box::pin(self.replay(cursor, seq, None)).await {
                 Flow::Continue => {}
                 other => return other,
             }
@@ -335,7 +242,7 @@ impl Connection {
             let flow = tokio::select! {
                 biased;
                 () = &mut shutdown => Flow::Close(close_code::GOING_AWAY, "server shutting down"),
-                () = &mut kill => match app.hub.kill_reason(&self.tenant, &self.user, self.conn_id) {
+                () = &mut kill => match app.hub.kill_reason(&self.peer.tenant, &self.peer.user, self.peer.conn_id) {
                     KillReason::SlowConsumer => Flow::Close(close_code::TRY_AGAIN_LATER, "SLOW_CONSUMER"),
                     // Chaos: gone without a word, as if the network failed.
                     KillReason::Dropped => Flow::Stop,
@@ -453,12 +360,7 @@ impl Connection {
         if let f @ Flow::Stop = self.send(&ServerEvent::Error(body), reference).await {
             return f;
         }
-        if self.refusal_window.elapsed() >= Duration::from_secs(60) {
-            self.refusal_window = Instant::now();
-            self.refusals = 0;
-        }
-        self.refusals += 1;
-        if self.refusals > MAX_REFUSALS_PER_MINUTE {
+        if self.refusals.refused() {
             return Flow::Close(close_code::POLICY_VIOLATION, "TOO_MANY_VIOLATIONS");
         }
         Flow::Continue
@@ -491,7 +393,7 @@ impl Connection {
         // Most frames are messages: read those in one pass into their typed value. Any
         // frame that pass does not take exactly as the general path would (including
         // every bad one) is decoded below instead.
-        if let Some(frame) = crate::wsframe::decode_message(text, &self.tenant) {
+        if let Some(frame) = crate::wsframe::decode_message(text, &self.peer.tenant) {
             let event = ClientEvent::Message(frame.message);
             let r = frame.reference.as_deref();
             // Shape, targets and id lengths (core's checks, fields named `data.…`).
@@ -502,190 +404,73 @@ impl Connection {
                 return self.on_send(message, r).await;
             }
         }
-        let frame = match Frame::decode(text) {
+        let mut frame = match Frame::decode(text) {
             Ok(frame) => frame,
             Err(error) => return self.refuse(error.into(), None).await,
         };
-        let reference = frame.reference.clone();
+        let reference = frame.reference.take();
         let r = reference.as_deref();
-        match frame.data.get("tenantId") {
-            None | Some(Value::Null) => {}
-            Some(Value::String(named)) if *named == self.tenant => {}
-            Some(Value::String(named)) => {
-                let named = named.clone();
-                let resource = frame.event.clone();
-                let error = self
-                    .app
-                    .tenant_violation(&self.tenant, &self.user, &named, "data.tenantId", &resource)
-                    .await;
-                return self.refuse(error, r).await;
-            }
-            Some(_) => {
-                return self
-                    .refuse(ApiError::invalid("data.tenantId", "must be a string"), r)
-                    .await;
-            }
-        }
-        let event = match ClientEvent::from_frame(frame) {
-            Ok(event) => event,
-            Err(error) => return self.refuse(error.into(), r).await,
+        let app = Arc::clone(&self.app);
+        let answer = match self.peer.decode(&app, frame).await {
+            Ok(event) => self.peer.handle(&app, event).await,
+            Err(error) => Answer::Refused(error),
         };
-        // Shape, targets and id lengths (core's checks, fields named `data.…`).
-        if let Err(error) = event.validate() {
-            return self.refuse(error.into(), r).await;
-        }
-        match event {
-            ClientEvent::Message(message) => self.on_send(message, r).await,
-            ClientEvent::JoinRoom { room_id } => {
-                let app = Arc::clone(&self.app);
-                match crate::rooms::join(&app, &self.tenant, &self.user, &self.roles, &room_id)
-                    .await
-                {
-                    Err(error) => self.refuse(error, r).await,
-                    Ok(present) => {
-                        if let f @ Flow::Stop =
-                            self.send(&ServerEvent::RoomJoined { room_id }, r).await
-                        {
-                            return f;
-                        }
-                        for info in present {
-                            if let f @ Flow::Stop =
-                                self.send(&ServerEvent::Presence(info), None).await
-                            {
-                                return f;
-                            }
-                        }
-                        Flow::Continue
+        self.answer(answer, r).await
+    }
+
+    /// A `message` frame, decoded and checked.
+    async fn on_send(&mut self, message: SendMessage, r: Option<&str>) -> Flow {
+        let app = Arc::clone(&self.app);
+        let answer = self.peer.send(&app, message).await;
+        self.answer(answer, r).await
+    }
+
+    /// Sends the answer to a frame, carrying its `ref`.
+    async fn answer(&mut self, answer: Answer, r: Option<&str>) -> Flow {
+        match answer {
+            Answer::Reply(event) => self.send(&event, r).await,
+            Answer::Joined { room_id, present } => {
+                if let f @ Flow::Stop = self.send(&ServerEvent::RoomJoined { room_id }, r).await {
+                    return f;
+                }
+                for info in present {
+                    if let f @ Flow::Stop = self.send(&ServerEvent::Presence(info), None).await {
+                        return f;
                     }
-                }
-            }
-            ClientEvent::LeaveRoom { room_id } => {
-                let app = Arc::clone(&self.app);
-                match crate::rooms::leave(&app, &self.tenant, &self.user, &room_id).await {
-                    Err(error) => self.refuse(error, r).await,
-                    Ok(()) => self.send(&ServerEvent::RoomLeft { room_id }, r).await,
-                }
-            }
-            ClientEvent::PresenceUpdate(update) => {
-                if let Some(info) = self.app.hub.set_presence(
-                    &self.tenant,
-                    &self.user,
-                    update.status,
-                    update.metadata,
-                ) {
-                    self.app.hub.announce(&info, None);
                 }
                 Flow::Continue
             }
-            ClientEvent::Resume { last_event_id } => {
-                let cutoff = log::retention_cutoff(self.app.config.event_bus_retention_period_ms);
-                match log::find_cursor(&self.app, &self.tenant, &last_event_id, cutoff) {
-                    Err(error) => self.refuse(error, r).await,
-                    Ok(seq) => self.replay(&last_event_id, seq, r).await,
-                }
+            Answer::Replay { cursor, after_seq } => {
+                Box::pin(self.replay(cursor, after_seq, r)).await
             }
-            ClientEvent::Ping => {
-                self.send(
-                    &ServerEvent::Pong {
-                        server_time: chrono::Utc::now(),
-                    },
-                    r,
-                )
-                .await
-            }
-            ClientEvent::Unknown { event, .. } => {
-                let error = ApiError::invalid("event", format!("unknown event {event:?}"));
-                self.refuse(error, r).await
-            }
-        }
-    }
-
-    /// A `message` frame, decoded and checked: the class, then the send.
-    async fn on_send(&mut self, message: SendMessage, r: Option<&str>) -> Flow {
-        if !message.interaction_class.realtime_allowed() {
-            let error = ApiError::new(
-                ErrorCode::RealtimeNotAllowed,
-                "CLASS_D is never sent over realtime: use POST /api/transactions",
-            )
-            .with_detail("path", "data.interactionClass");
-            return self.refuse(error, r).await;
-        }
-        let app = Arc::clone(&self.app);
-        match crate::messaging::send(
-            &app,
-            &self.tenant,
-            &self.user,
-            message,
-            Some(self.conn_id),
-            "ws",
-        )
-        .await
-        {
-            // The message itself is not queued for this connection (the
-            // fan-out skips it), so `last_seq` stays: an event of a lower
-            // sequence may still be waiting in the queue.
-            // Chaos: stored and delivered, but the sender never hears of it.
-            Ok(_) if crate::chaos::drops_ack(&self.app) => Flow::Continue,
-            Ok(ack) => self.send(&ServerEvent::MessageAck(ack), r).await,
-            Err(error) => self.refuse(error, r).await,
+            Answer::Presence(_) | Answer::Dropped => Flow::Continue,
+            Answer::Refused(error) => self.refuse(error, r).await,
         }
     }
 
     /// Sends the durable deliveries after `after_seq` that this user may see, up to the
     /// log's head now, then `resumed`.
-    async fn replay(&mut self, cursor: &str, after_seq: u64, reference: Option<&str>) -> Flow {
+    async fn replay(&mut self, cursor: String, after_seq: u64, reference: Option<&str>) -> Flow {
         let app = Arc::clone(&self.app);
-        let cutoff = log::retention_cutoff(app.config.event_bus_retention_period_ms);
-        let head = match app.db.read(|conn| Ok(log::last_seq(conn, &self.tenant)?)) {
-            Ok(head) => head,
-            Err(error) => return self.refuse(error.into(), reference).await,
+        let mut replay = match Replay::start(&app, &self.peer, cursor, after_seq).await {
+            Ok(replay) => replay,
+            Err(error) => return self.refuse(error, reference).await,
         };
-        let mut after = after_seq;
-        let mut replayed = 0u64;
-        let mut last_id: Option<String> = None;
-        while after < head {
-            let rows = match log::read_after(
-                &app,
-                &self.tenant,
-                log::Viewer::User(&self.user),
-                after,
-                cutoff,
-                REPLAY_PAGE,
-            ) {
-                Ok(rows) => rows,
-                Err(error) => return self.refuse(error.into(), reference).await,
-            };
-            let full_page = rows.len() == REPLAY_PAGE as usize;
-            for log::Stored { seq, body, .. } in rows {
-                if seq > head {
-                    after = head;
-                    break;
-                }
-                after = seq;
-                let event: webwaka_realtime::protocol::Event = match serde_json::from_str(&body) {
-                    Ok(event) => event,
-                    Err(error) => {
-                        tracing::error!(%error, seq, "stored event does not decode");
-                        continue;
+        loop {
+            match replay.next_page(&app, &self.peer).await {
+                Err(error) => return self.refuse(error, reference).await,
+                Ok(None) => break,
+                Ok(Some(page)) => {
+                    for (seq, event) in page {
+                        self.last_seq = self.last_seq.max(seq);
+                        if let f @ Flow::Stop = self.send(&event, None).await {
+                            return f;
+                        }
                     }
-                };
-                last_id = Some(event.event_id.clone());
-                replayed += 1;
-                self.last_seq = self.last_seq.max(seq);
-                if let f @ Flow::Stop = self.send(&log::frame_for(event), None).await {
-                    return f;
                 }
-            }
-            if !full_page {
-                break;
             }
         }
-        app.metrics.delivered("resume", replayed);
-        let resumed = ServerEvent::Resumed {
-            last_event_id: Some(last_id.unwrap_or_else(|| cursor.to_owned())),
-            replayed,
-        };
-        self.send(&resumed, reference).await
+        self.send(&replay.finish(&app), reference).await
     }
 }
 

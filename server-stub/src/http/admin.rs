@@ -8,7 +8,7 @@ use axum::extract::State;
 use webwaka_realtime::protocol::{AuditPage, AuditResult, AuditVerify};
 
 use crate::app::App;
-use crate::audit::{self, AuditRecord};
+use crate::audit::AuditRecord;
 use crate::auth::{ROLE_ADMIN, ROLE_SUPER_ADMIN};
 use crate::error::ApiError;
 use crate::http::extract::{Caller, QueryMap};
@@ -41,9 +41,7 @@ pub(crate) async fn page(
         None | Some("") => None,
         Some(_) => Some(query.int("before", 1, i64::MAX as u64, 0)?),
     };
-    let entries = app
-        .db
-        .read(|conn| audit::page(conn, &caller.tenant, before, limit))?;
+    let entries = app.store.audit_page(&caller.tenant, before, limit).await?;
     let mut record = read_record(&caller, "audit.read").meta("limit", limit);
     if let Some(before) = before {
         record = record.meta("before", before);
@@ -58,7 +56,7 @@ pub(crate) async fn verify(
     caller: Caller,
 ) -> Result<Json<AuditVerify>, ApiError> {
     caller.require_role(&[ROLE_ADMIN, ROLE_SUPER_ADMIN])?;
-    let check = app.db.read(audit::verify)?;
+    let check = app.store.audit_verify().await?;
     if let Some((sequence, problem)) = &check.first_bad {
         tracing::error!(sequence, problem, "the audit chain does not verify");
     }

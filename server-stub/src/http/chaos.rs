@@ -25,10 +25,9 @@ use webwaka_realtime::protocol::{AuditResult, decode};
 use crate::app::App;
 use crate::audit::AuditRecord;
 use crate::auth::ROLE_ADMIN;
-use crate::chaos::{Chaos, ChaosSettings, ChaosState, Target};
+use crate::chaos::{ChaosControl, ChaosSettings, ChaosState, Target};
 use crate::error::{ApiError, check_id_len};
 use crate::http::extract::{Caller, JsonBody};
-use crate::hub::KillReason;
 
 /// Where the chaos endpoints live.
 pub(crate) const PATH: &str = "/api/admin/chaos";
@@ -54,8 +53,8 @@ pub(crate) struct Closed {
 }
 
 /// The enabled layer, or 404 saying how to enable it; and the caller must be an admin.
-fn layer<'a>(app: &'a App, caller: &Caller) -> Result<&'a Arc<Chaos>, ApiError> {
-    let chaos = app.chaos.as_ref().ok_or_else(|| {
+fn layer(app: &App, caller: &Caller) -> Result<ChaosControl, ApiError> {
+    let chaos = ChaosControl::of(app.chaos.as_ref(), &app.hub, &app.node).ok_or_else(|| {
         ApiError::not_found(
             "the chaos layer is off: start the server with CHAOS=1 (development only)",
         )
@@ -118,7 +117,7 @@ pub(crate) async fn drop_connections(
     caller: Caller,
     body: Bytes,
 ) -> Result<Json<Closed>, ApiError> {
-    layer(&app, &caller)?;
+    let chaos = layer(&app, &caller)?;
     let request: DropRequest = if body.iter().all(u8::is_ascii_whitespace) {
         DropRequest::default()
     } else {
@@ -134,7 +133,7 @@ pub(crate) async fn drop_connections(
         },
         None => Target::Tenant(&caller.tenant),
     };
-    let closed = app.hub.kill(target, KillReason::Dropped, None);
+    let closed = chaos.drop_connections(target);
     audit(
         &app,
         &caller,
@@ -154,10 +153,7 @@ pub(crate) async fn expire_tokens(
     caller: Caller,
 ) -> Result<Json<Closed>, ApiError> {
     let chaos = layer(&app, &caller)?;
-    let cutoff = chaos.expire_tokens();
-    let closed = app
-        .hub
-        .kill(Target::Everyone, KillReason::AuthExpired, Some(cutoff));
+    let (closed, cutoff) = chaos.expire_tokens_at();
     audit(
         &app,
         &caller,

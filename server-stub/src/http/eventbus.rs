@@ -12,10 +12,10 @@ use webwaka_realtime::protocol::{
 
 use crate::app::App;
 use crate::auth::{ROLE_ADMIN, ROLE_SERVICE};
-use crate::bus::{self, Claim};
-use crate::db::now_ms;
 use crate::error::ApiError;
 use crate::http::extract::{Caller, JsonBody, QueryMap};
+use crate::store::Claim;
+use crate::time::now_ms;
 
 /// Longest lease a claim may ask for (1 day).
 const MAX_VISIBILITY_MS: u64 = 86_400_000;
@@ -56,11 +56,7 @@ pub(crate) async fn claim(
             format!("must be from 1 to {MAX_VISIBILITY_MS}"),
         ));
     }
-    let event_types = match &request.event_types {
-        None => None,
-        Some(types) if types.is_empty() => None,
-        Some(types) => Some(serde_json::to_string(types).map_err(|_| ApiError::internal())?),
-    };
+    let event_types = request.event_types.filter(|types| !types.is_empty());
     let claim = Claim {
         tenant: caller.tenant.clone(),
         group: group_name(&app, &group)?,
@@ -70,10 +66,7 @@ pub(crate) async fn claim(
         event_types,
     };
     let max_retries = app.config.event_bus_max_retries;
-    let events = app
-        .db
-        .write(move |w| bus::claim(w, &claim, now_ms(), max_retries))
-        .await?;
+    let events = app.store.claim(claim, now_ms(), max_retries).await?;
     app.metrics.delivered("claim", events.len() as u64);
     Ok(Json(ClaimResponse { events }))
 }
@@ -100,10 +93,7 @@ pub(crate) async fn ack(
     let group = group_name(&app, &group)?;
     let tenant = caller.tenant.clone();
     let ids = body.value.event_ids;
-    let acked = app
-        .db
-        .write(move |w| bus::ack(w, &tenant, &group, &ids))
-        .await?;
+    let acked = app.store.ack(&tenant, &group, ids).await?;
     Ok(Json(AckResponse { acked }))
 }
 
@@ -120,12 +110,8 @@ pub(crate) async fn dlq(
         .transpose()?;
     // Leases that ran out since the last claim or sweep count before listing.
     let max_retries = app.config.event_bus_max_retries;
-    app.db
-        .write(move |w| bus::expire_leases(w, None, now_ms(), max_retries))
-        .await?;
-    let entries = app
-        .db
-        .read(|conn| bus::dlq(conn, &caller.tenant, group.as_deref()))?;
+    app.store.expire_leases(now_ms(), max_retries).await?;
+    let entries = app.store.dlq(&caller.tenant, group.as_deref()).await?;
     Ok(Json(DlqResponse { entries }))
 }
 
@@ -138,7 +124,7 @@ pub(crate) async fn replay(
     caller.require_role(&[ROLE_SERVICE, ROLE_ADMIN])?;
     let tenant = caller.tenant.clone();
     let id = dlq_id.clone();
-    let (group, event_id) = app.db.write(move |w| bus::replay(w, &tenant, &id)).await?;
+    let (group, event_id) = app.store.replay(&tenant, &id).await?;
     Ok(Json(DlqReplayed {
         dlq_id,
         event_id,

@@ -17,13 +17,13 @@ use crate::app::App;
 use crate::auth::{ROLE_ADMIN, ROLE_SERVICE};
 use crate::error::ApiError;
 use crate::http::extract::{Caller, JsonBody, QueryMap};
-use crate::log::{self, Fanout, NewEvent};
+use crate::log::{self, Draft, NewEvent};
 
 /// `GET /api/events/poll?lastEventId=&limit=`: the durable events after the cursor
 /// that the caller may see, as a `PollResponse`.
 ///
 /// The cursor and the page come from the log's recent tail in memory when the cursor
-/// is in it, from SQLite otherwise (`log::page`), and the answer is written around
+/// is in it, from storage otherwise (`Log::page`), and the answer is written around
 /// the stored event JSON as it is (each row holds the `Event` exactly as this server
 /// serialised it), without decoding and re-encoding every event.
 pub(crate) async fn poll(
@@ -41,14 +41,16 @@ pub(crate) async fn poll(
         .get("lastEventId")
         .map(str::trim)
         .filter(|c| !c.is_empty());
-    let cutoff = log::retention_cutoff(app.config.event_bus_retention_period_ms);
     // A super admin acting in another tenant (justified, audited) reads all of it.
     let viewer = if caller.justification.is_some() {
         log::Viewer::Everything
     } else {
         log::Viewer::User(caller.user())
     };
-    let rows = log::page(&app, &caller.tenant, viewer, cursor, cutoff, limit + 1)?;
+    let rows = app
+        .log
+        .page(&caller.tenant, viewer, cursor, limit + 1)
+        .await?;
     // Checked once the request is known to be good: a refused one spends no budget.
     app.limits
         .poll
@@ -140,18 +142,8 @@ pub(crate) async fn publish(
         room_id: publish.room_id,
         sender_id: Some(caller.user().to_owned()),
     };
-    let fanout = Fanout {
-        hub: Arc::clone(&app.hub),
-        tail: Arc::clone(&app.tail),
-        metrics: Arc::clone(&app.metrics),
-        exclude: None,
-    };
-    let tenant = caller.tenant.clone();
-    let (appended, _) = app
-        .db
-        .write(move |w| log::append_event(w, fanout, &tenant, new))
-        .await?;
-    if crate::chaos::drops_ack(&app) {
+    let appended = app.log.append(&caller.tenant, Draft::Event(new)).await?;
+    if crate::chaos::drops_ack(app.chaos.as_ref()) {
         return Err(crate::chaos::ack_dropped());
     }
     Ok((
@@ -195,10 +187,15 @@ pub(crate) async fn send_message(
         }
         InteractionClass::ClassB | InteractionClass::ClassC => {}
     }
-    let ack =
-        crate::messaging::send(&app, &caller.tenant, caller.user(), message, None, "http").await?;
+    let origin = crate::messaging::Origin {
+        tenant: &caller.tenant,
+        user: caller.user(),
+        connection: None,
+        transport: "http",
+    };
+    let ack = crate::messaging::send(&app.log, &app.node, &app.limits, origin, message).await?;
     // Chaos: stored and delivered, but the 201 is lost; the resend is deduplicated.
-    if crate::chaos::drops_ack(&app) {
+    if crate::chaos::drops_ack(app.chaos.as_ref()) {
         return Err(crate::chaos::ack_dropped());
     }
     let (Some(event_id), Some(sequence)) = (ack.event_id, ack.sequence) else {

@@ -208,10 +208,15 @@ pub(crate) struct QueryMap(HashMap<String, String>);
 
 impl QueryMap {
     fn from_parts(parts: &Parts) -> Result<Self, ApiError> {
-        if parts.uri.query().is_none() {
+        Self::from_uri(&parts.uri)
+    }
+
+    /// The query parameters of `uri`.
+    pub(crate) fn from_uri(uri: &axum::http::Uri) -> Result<Self, ApiError> {
+        if uri.query().is_none() {
             return Ok(Self::default());
         }
-        let Query(map) = Query::<HashMap<String, String>>::try_from_uri(&parts.uri)
+        let Query(map) = Query::<HashMap<String, String>>::try_from_uri(uri)
             .map_err(|e| ApiError::invalid("query", e.body_text()))?;
         Ok(Self(map))
     }

@@ -32,60 +32,73 @@ fn service(
 
 /// `GET /health`: 200 when healthy or degraded, 503 when unhealthy.
 pub(crate) async fn health(State(app): State<Arc<App>>) -> Response {
-    // Storage: the writer answers a no-op job, a reader answers a query.
+    // Storage: a write can be committed, a read answers.
+    let engine = app.store.engine().name();
     let writer_ok = matches!(
-        tokio::time::timeout(Duration::from_secs(2), app.db.write(|_| Ok(()))).await,
+        tokio::time::timeout(Duration::from_secs(2), app.store.ping()).await,
         Ok(Ok(()))
     );
-    let figures = app.db.read(|conn| {
-        let count =
-            |sql: &str| -> Result<i64, rusqlite::Error> { conn.query_row(sql, [], |r| r.get(0)) };
-        Ok((
-            count("SELECT count(*) FROM events")?,
-            count("SELECT count(*) FROM consumer_groups")?,
-            count("SELECT count(*) FROM dlq")?,
-            count("SELECT count(*) FROM entities")?,
-            count("SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()")?,
-        ))
-    });
+    let figures = match tokio::time::timeout(Duration::from_secs(2), app.store.figures()).await {
+        Ok(result) => result.map_err(|e| e.to_string()),
+        Err(_) => Err("no answer within 2 s".to_owned()),
+    };
+    let pool = app
+        .store
+        .pool_status()
+        .map(|(size, idle, waiting)| json!({"size": size, "idle": idle, "waiting": waiting}));
     let storage = match (&figures, writer_ok) {
-        (Ok((.., bytes)), true) => {
-            service(HealthState::Healthy, None, json!({"databaseBytes": bytes}))
-        }
+        (Ok(f), true) => service(
+            HealthState::Healthy,
+            None,
+            json!({"engine": engine, "databaseBytes": f.database_bytes, "instance": &*app.instance, "pool": pool}),
+        ),
         (Ok(_), false) => service(
             HealthState::Unhealthy,
-            Some("the storage writer does not answer".into()),
-            json!({}),
+            Some("the database does not take writes".into()),
+            json!({"engine": engine, "instance": &*app.instance}),
         ),
         (Err(error), _) => service(
             HealthState::Unhealthy,
             Some(format!("reads fail: {error}")),
-            json!({}),
+            json!({"engine": engine, "instance": &*app.instance}),
         ),
     };
     let active = app.slots.load(Ordering::Relaxed);
     let max = app.config.max_connections;
+    let limits = app.connections.limits();
+    let http_open = app.connections.open();
+    let http_max = limits.http_max_connections;
+    let connections = json!({
+        "activeConnections": active,
+        "maxConnections": max,
+        "httpConnections": http_open,
+        "maxHttpConnections": http_max,
+        "descriptorLimit": limits.descriptor_limit,
+        "transports": app.hub.connections_by_transport(),
+    });
     let websocket = if app.shutdown.is_cancelled() {
         service(
             HealthState::Unhealthy,
             Some("shutting down".into()),
-            json!({"activeConnections": active, "maxConnections": max}),
+            connections,
         )
     } else if active.saturating_mul(10) >= max.saturating_mul(9) {
         service(
             HealthState::Degraded,
             Some("90% of WS_MAX_CONNECTIONS in use".into()),
-            json!({"activeConnections": active, "maxConnections": max}),
+            connections,
+        )
+    } else if http_open.saturating_mul(10) >= http_max.saturating_mul(9) {
+        service(
+            HealthState::Degraded,
+            Some("90% of HTTP_MAX_CONNECTIONS in use (new connections are shed past it)".into()),
+            connections,
         )
     } else {
-        service(
-            HealthState::Healthy,
-            None,
-            json!({"activeConnections": active, "maxConnections": max}),
-        )
+        service(HealthState::Healthy, None, connections)
     };
     let (eventbus, reconciliation) = match &figures {
-        Ok((log, groups, dlq, entities, _)) => (
+        Ok(f) => (
             service(
                 if writer_ok {
                     HealthState::Healthy
@@ -93,7 +106,7 @@ pub(crate) async fn health(State(app): State<Arc<App>>) -> Response {
                     HealthState::Unhealthy
                 },
                 None,
-                json!({"logLength": log, "consumerGroups": groups, "dlqSize": dlq}),
+                json!({"logLength": f.log_length, "consumerGroups": f.consumer_groups, "dlqSize": f.dlq_size}),
             ),
             service(
                 if writer_ok {
@@ -103,7 +116,7 @@ pub(crate) async fn health(State(app): State<Arc<App>>) -> Response {
                 },
                 None,
                 json!({
-                    "entities": entities,
+                    "entities": f.entities,
                     "requests": app.metrics.reconciliation_requests.get(),
                     "conflicts": app.metrics.reconciliation_conflicts.get(),
                 }),
@@ -144,14 +157,15 @@ pub(crate) async fn health(State(app): State<Arc<App>>) -> Response {
 
 /// `GET /metrics`: Prometheus (OpenMetrics) text.
 pub(crate) async fn metrics(State(app): State<Arc<App>>) -> Response {
-    let figures = app.db.read(|conn| {
-        let lag = crate::bus::lag(conn)?;
-        let dlq: i64 = conn.query_row("SELECT count(*) FROM dlq", [], |r| r.get(0))?;
-        let log: i64 = conn.query_row("SELECT count(*) FROM events", [], |r| r.get(0))?;
-        Ok((lag, dlq, log))
-    });
-    match figures {
-        Ok((lag, dlq, log)) => {
+    let figures = async {
+        let lag = app.store.lag().await?;
+        let figures = app.store.figures().await?;
+        Ok::<_, crate::error::StoreError>((lag, figures.dlq_size, figures.log_length))
+    };
+    match tokio::time::timeout(Duration::from_secs(5), figures).await {
+        Err(_) => tracing::warn!("reading figures for /metrics took over 5 s"),
+        Ok(Err(error)) => tracing::warn!(%error, "reading figures for /metrics failed"),
+        Ok(Ok((lag, dlq, log))) => {
             app.metrics.consumer_lag.clear();
             for (tenant, group, n) in lag {
                 let mut labels = label("tenant", &tenant);
@@ -160,8 +174,15 @@ pub(crate) async fn metrics(State(app): State<Arc<App>>) -> Response {
             }
             app.metrics.dlq_size.set(dlq);
             app.metrics.log_length.set(log);
+            if let Some((size, idle, waiting)) = app.store.pool_status() {
+                for (state, n) in [("size", size), ("idle", idle), ("waiting", waiting)] {
+                    app.metrics
+                        .db_pool
+                        .get_or_create(&label("state", state))
+                        .set(i64::try_from(n).unwrap_or(i64::MAX));
+                }
+            }
         }
-        Err(error) => tracing::warn!(%error, "reading figures for /metrics failed"),
     }
     let mut response = app.metrics.encode().into_response();
     response.headers_mut().insert(

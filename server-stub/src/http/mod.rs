@@ -24,8 +24,10 @@ use tracing::Instrument;
 use crate::app::App;
 use crate::error::ApiError;
 
-/// Every route of the server, WebSocket included.
-pub(crate) fn router(app: Arc<App>) -> Router {
+/// Every route of the server, WebSocket and socket.io included; with socket.io's handle
+/// (`None` when `SOCKETIO_PATH` turns it off), which closes its connections on
+/// shutdown.
+pub(crate) fn router(app: Arc<App>) -> (Router, Option<socketioxide::SocketIo>) {
     let ws_path = app.config.ws_path.clone();
     let body_limit = app.config.http_max_body_bytes;
     let router = Router::new()
@@ -59,7 +61,9 @@ pub(crate) fn router(app: Arc<App>) -> Router {
             "/api/admin/chaos/drop-connections",
             post(chaos::drop_connections),
         )
-        .route("/api/admin/chaos/expire-tokens", post(chaos::expire_tokens))
+        .route("/api/admin/chaos/expire-tokens", post(chaos::expire_tokens));
+    let (router, socketio) = crate::socketio::mount(&app, router);
+    let router = router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit));
@@ -72,9 +76,10 @@ pub(crate) fn router(app: Arc<App>) -> Router {
     } else {
         router
     };
-    router
+    let router = router
         .layer(middleware::from_fn(trace_request))
-        .with_state(app)
+        .with_state(app);
+    (router, socketio)
 }
 
 async fn not_found() -> ApiError {

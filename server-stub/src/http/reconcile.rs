@@ -38,20 +38,32 @@ pub(crate) async fn reconcile(
             )
             .await?;
     }
-    let last_known = crate::reconcile::validate(&app, &request)?;
+    let last_known =
+        crate::reconcile::validate(app.config.reconciliation_max_queue_size, &request)?;
     app.limits
         .reconcile
         .check(&app.metrics, &caller.tenant, caller.user())?;
     let tenant = caller.tenant.clone();
-    let app2 = Arc::clone(&app);
-    let work = app
-        .db
-        .write(move |w| crate::reconcile::apply(w, &app2, &tenant, request, last_known));
+    let store = Arc::clone(&app.store);
+    let reconciler = Arc::clone(&app.reconciler);
+    let metrics = Arc::clone(&app.metrics);
+    // On a task of its own: applied once started, whether or not anyone waits.
+    let work = tokio::spawn(async move {
+        let response = store
+            .reconcile(&tenant, request, last_known, reconciler)
+            .await?;
+        metrics.reconciliation_requests.inc();
+        metrics
+            .reconciliation_conflicts
+            .inc_by(response.conflicts.len() as u64);
+        Ok::<_, ApiError>(response)
+    });
+    let work = async move { work.await.map_err(|_| ApiError::internal())? };
     let timeout = Duration::from_millis(app.config.reconciliation_processing_timeout_ms);
     // Chaos: the work is done, but the answer is the timeout, when the timeout is up.
     if app.chaos.as_ref().is_some_and(|c| c.reconcile_times_out()) {
         let deadline = tokio::time::Instant::now() + timeout;
-        let applied = tokio::time::timeout(timeout, work).await.is_ok();
+        let applied = work.await.is_ok();
         tokio::time::sleep_until(deadline).await;
         tracing::warn!(applied, "chaos: reconciliation answered with a timeout");
         return Err(timeout_error().with_detail("chaos", "RECONCILE_TIMEOUT"));
@@ -80,8 +92,9 @@ pub(crate) async fn snapshot(
         .poll
         .check(&app.metrics, &caller.tenant, caller.user())?;
     let state = app
-        .db
-        .read(|conn| crate::reconcile::load(conn, &caller.tenant, &entity_type, &entity_id))?;
+        .store
+        .entity(&caller.tenant, &entity_type, &entity_id)
+        .await?;
     match state {
         Some(state) if state.version() > 0 => Ok(Json(crate::reconcile::snapshot(
             &caller.tenant,

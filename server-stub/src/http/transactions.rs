@@ -14,7 +14,6 @@ use crate::app::App;
 use crate::auth::{ROLE_ADMIN, ROLE_SUPER_ADMIN};
 use crate::error::{ApiError, check_id_len};
 use crate::http::extract::{Caller, JsonBody, header_str};
-use crate::metrics::label;
 use crate::transactions::{self, Submission, Submitted};
 
 /// Longest idempotency key accepted.
@@ -60,37 +59,16 @@ pub(crate) async fn submit(
         payload: request.payload,
         metadata: request.metadata,
     };
-    // The processor is started by the commit itself, not by this handler: if the
-    // client goes away mid-request, hyper drops the handler, but a transaction that
-    // reached storage must still be decided (else it stays pending until a restart).
-    let runtime = tokio::runtime::Handle::current();
-    let app2 = Arc::clone(&app);
-    let submitted = app
-        .db
-        .write(move |w| {
-            let submitted = transactions::submit(w, submission)?;
-            if let Submitted::New(_, pending) = &submitted {
-                let pending = pending.clone();
-                w.after_commit(move || {
-                    transactions::spawn_processing_on(&app2, pending, &runtime);
-                });
-            }
-            Ok(submitted)
-        })
-        .await?;
+    // Stored and handed to the processor on a task of its own: a client that goes
+    // away mid-request does not stop a stored transaction from being decided.
+    let submitted = app.transactions.submit(submission).await?;
     let accepted = match submitted {
-        Submitted::New(accepted, _) => {
-            app.metrics
-                .transactions
-                .get_or_create(&label("outcome", "submitted"))
-                .inc();
-            accepted
-        }
+        Submitted::New(accepted, _) => accepted,
         Submitted::Replay(accepted) => accepted,
         Submitted::Conflict => return Err(transactions::conflict(key)),
     };
     // Chaos: accepted (and decided later), but the client never hears of it.
-    if crate::chaos::drops_ack(&app) {
+    if crate::chaos::drops_ack(app.chaos.as_ref()) {
         return Err(crate::chaos::ack_dropped());
     }
     Ok((StatusCode::ACCEPTED, Json(accepted)))
@@ -105,14 +83,9 @@ pub(crate) async fn status(
     let is_admin = caller
         .identity
         .has_any_role(&[ROLE_ADMIN, ROLE_SUPER_ADMIN]);
-    let status = app.db.read(|conn| {
-        Ok(transactions::status(
-            conn,
-            &caller.tenant,
-            caller.user(),
-            is_admin,
-            &transaction_id,
-        ))
-    })??;
+    let status = app
+        .transactions
+        .status(&caller.tenant, caller.user(), is_admin, &transaction_id)
+        .await?;
     Ok(Json(status))
 }

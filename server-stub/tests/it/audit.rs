@@ -49,33 +49,32 @@ async fn the_chain_links_verifies_and_detects_tampering() {
     // The command agrees.
     ts.stop().await;
     let bin = env!("CARGO_BIN_EXE_webwaka-server-stub");
-    let out = std::process::Command::new(bin)
-        .arg("--data-dir")
-        .arg(ts.dir.path())
-        .arg("verify-audit")
-        .env_remove("DATA_DIR")
-        .output()
-        .unwrap();
+    let verify = || {
+        let mut command = std::process::Command::new(bin);
+        command
+            .arg("--data-dir")
+            .arg(ts.dir.path())
+            .arg("verify-audit")
+            .env_remove("DATA_DIR")
+            .env_remove("DATABASE_URL");
+        if let Some(url) = &ts.config.database_url {
+            command.env("DATABASE_URL", url);
+        }
+        command.output().unwrap()
+    };
+    let out = verify();
     assert!(out.status.success(), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("\"valid\":true"));
     // Someone edits an entry behind the server's back (dropping the guard first).
-    {
-        let db = rusqlite::Connection::open(ts.db_path()).unwrap();
-        db.execute_batch("DROP TRIGGER audit_log_no_update")
-            .unwrap();
-        db.execute(
-            "UPDATE audit_log SET body = replace(body, 'FAILURE', 'SUCCESS') WHERE sequence = 1",
-            [],
-        )
-        .unwrap();
-    }
-    let out = std::process::Command::new(bin)
-        .arg("--data-dir")
-        .arg(ts.dir.path())
-        .arg("verify-audit")
-        .env_remove("DATA_DIR")
-        .output()
-        .unwrap();
+    let unguard = match ts.engine() {
+        webwaka_server_stub::Engine::Sqlite => "DROP TRIGGER audit_log_no_update",
+        webwaka_server_stub::Engine::Postgres => "DROP TRIGGER audit_log_no_change ON audit_log",
+    };
+    ts.sql(&format!(
+        "{unguard}; UPDATE audit_log SET body = replace(body, 'FAILURE', 'SUCCESS') WHERE sequence = 1"
+    ))
+    .await;
+    let out = verify();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("\"valid\":false"));
     ts.restart().await;

@@ -121,14 +121,9 @@ async fn bad_tokens_are_refused_on_http_and_websocket() {
     let ws = ts.ws_query("", &format!("token={sub}")).await;
     assert!(ws.connected["connectionId"].is_string());
     // Failures are audited (actor unknown).
-    let db = rusqlite::Connection::open(ts.db_path()).unwrap();
-    let failures: i64 = db
-        .query_row(
-            "SELECT count(*) FROM audit_log WHERE body LIKE '%auth.failed%'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let failures = ts
+        .sql_i64("SELECT count(*) FROM audit_log WHERE body LIKE '%auth.failed%'")
+        .await;
     assert!(failures >= 20, "{failures}");
 }
 
@@ -305,4 +300,31 @@ async fn super_admin_needs_a_justification_and_is_audited_either_way() {
     // A non-admin cannot read the audit log.
     let (status, body) = ts.get("/api/admin/audit", Some(&bob), &[]).await;
     assert_eq!((status, body["code"].as_str()), (403, Some("AUTHZ_FAILED")));
+}
+
+#[tokio::test]
+async fn the_token_command_refuses_a_secret_the_server_would_refuse() {
+    let dir = tempfile::tempdir().unwrap();
+    let short = "fifteen-bytes!!";
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_webwaka-server-stub"))
+        .args(["token", "--tenant", "demo", "--user", "alice"])
+        .env("JWT_SECRET", short)
+        .env("DATA_DIR", dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    assert!(out.stdout.is_empty(), "no token printed: {out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("JWT_SECRET") && stderr.contains("16"),
+        "{stderr}"
+    );
+    // The server refuses the same secret.
+    let mut config = crate::common::test_config(dir.path());
+    config.jwt_secret = Some(short.to_owned());
+    let error = webwaka_server_stub::Server::start(config)
+        .await
+        .err()
+        .expect("refused");
+    assert!(error.to_string().contains("JWT_SECRET"), "{error}");
 }

@@ -1,7 +1,6 @@
 //! Test harness: a real server on a loopback port with its SQLite file in a temp
 //! directory, an HTTP client, and a WebSocket client whose reads are all bounded in time.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -58,8 +57,9 @@ impl TestServer {
         Self::start_in(dir, config, options).await
     }
 
-    async fn start_in(dir: tempfile::TempDir, config: Config, options: Options) -> Self {
+    async fn start_in(dir: tempfile::TempDir, mut config: Config, options: Options) -> Self {
         webwaka_server_stub::telemetry::init(&config);
+        webwaka_server_stub::testing::use_engine_under_test(&mut config).await;
         let server = Server::start_with(config.clone(), options)
             .await
             .expect("server starts");
@@ -94,8 +94,23 @@ impl TestServer {
         }
     }
 
-    pub fn db_path(&self) -> PathBuf {
-        self.config.database_path()
+    /// Runs SQL (valid on both engines) on the server's database, behind its back.
+    pub async fn sql(&self, sql: &str) {
+        webwaka_server_stub::testing::execute(&self.config, sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    /// The integer `sql` selects from the server's database.
+    pub async fn sql_i64(&self, sql: &str) -> i64 {
+        webwaka_server_stub::testing::query_i64(&self.config, sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    /// The engine this run exercises.
+    pub fn engine(&self) -> webwaka_server_stub::Engine {
+        webwaka_server_stub::testing::engine_under_test()
     }
 
     pub fn token(&self, tenant: &str, user: &str, roles: &[&str]) -> String {

@@ -308,7 +308,7 @@ async fn alice_to_bob(ts: &TestServer, text: &str) -> Value {
 #[tokio::test]
 async fn events_older_than_retention_are_gone_and_their_cursors_expire() {
     let mut ts = TestServer::start(|c| {
-        c.event_bus_retention_period_ms = 300;
+        c.event_bus_retention_period_ms = 1_000;
         c.maintenance_interval_ms = 50;
     })
     .await;
@@ -323,7 +323,7 @@ async fn events_older_than_retention_are_gone_and_their_cursors_expire() {
         )
         .await;
     assert_eq!(status, 200);
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    tokio::time::sleep(Duration::from_millis(1_300)).await;
     let (status, error) = ts
         .get(
             &format!("/api/events/poll?lastEventId={id}"),
@@ -351,7 +351,7 @@ async fn events_older_than_retention_are_gone_and_their_cursors_expire() {
     );
     // Nor after a restart, when the only record of the purged sequences is the
     // counter purge kept.
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    tokio::time::sleep(Duration::from_millis(1_300)).await;
     let (_, page) = ts.get("/api/events/poll", Some(&alice), &[]).await;
     assert_eq!(
         page["events"],

@@ -20,5 +20,6 @@ mod memory;
 mod reconcile;
 mod restart;
 mod tail;
+mod timeouts;
 mod transactions;
 mod ws;

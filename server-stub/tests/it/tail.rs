@@ -84,7 +84,7 @@ impl Side {
                 .and_then(|n| n.trim().parse().ok())
                 .unwrap_or_else(|| panic!("no {prefix} in {text}"))
         };
-        (count("tail"), count("sqlite"))
+        (count("tail"), count("storage"))
     }
 }
 

@@ -197,6 +197,12 @@ DROP INDEX events_by_message;
 CREATE UNIQUE INDEX events_by_message_id ON events (tenant, message_id, sender_id)
     WHERE message_id IS NOT NULL;
 "#,
+    r#"
+-- Who is processing a pending transaction, and until when (several instances share a
+-- PostgreSQL database; one SQLite file has one server, which takes them all at start).
+ALTER TABLE transactions ADD COLUMN owner TEXT;
+ALTER TABLE transactions ADD COLUMN lease_until_ms INTEGER;
+"#,
 ];
 
 /// What the writer thread remembers between jobs. Cleared whenever a job or a commit
@@ -625,16 +631,6 @@ fn run_transaction(
             }
         }
     }
-}
-
-/// Milliseconds since the Unix epoch, now.
-pub(crate) fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
-
-/// A stored millisecond timestamp as a protocol time.
-pub(crate) fn ms_to_time(ms: i64) -> chrono::DateTime<chrono::Utc> {
-    chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default()
 }
 
 #[cfg(test)]

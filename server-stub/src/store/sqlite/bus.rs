@@ -1,5 +1,5 @@
-//! Consumer groups and the dead-letter queue (PROTOCOL.md §4, §6 "Consumer groups",
-//! "DLQ").
+//! Consumer groups and the dead-letter queue in SQLite (PROTOCOL.md §4, §6 "Consumer
+//! groups", "DLQ").
 //!
 //! A group sees every durable event of its tenant, from the oldest retained one. Each
 //! (group, event) pair has a delivery row: `leased` (claimed, lease running), `pending`
@@ -9,21 +9,21 @@
 //! claimable again by that group with a fresh budget.
 //!
 //! Everything here runs on the writer thread (claims change state), except the DLQ
-//! listing and the lag figures, which are reads.
+//! listing and the lag figures, which are reads. The writer runs one job at a time, so
+//! a lease is exclusive.
 
 use rusqlite::{Connection, OptionalExtension, params};
 use webwaka_realtime::protocol::{ClaimedEvent, ConsumerInfo, DlqEntry, Event};
 
-use crate::db::{Writer, ms_to_time};
+use super::db::Writer;
 use crate::error::{ApiError, JobError, StoreError};
-
-/// Why an expired lease is dead-lettered.
-const LEASE_EXPIRED: &str = "lease expired without ack";
+use crate::store::{Claim, LEASE_EXPIRED};
+use crate::time::ms_to_time;
 
 /// Expires the leases that ran out before `now_ms` (of one group, or all): each becomes
 /// claimable again, or moves to the DLQ once it has been delivered `1 + max_retries`
 /// times. Returns how many moved to the DLQ.
-pub(crate) fn expire_leases(
+pub(super) fn expire_leases(
     w: &mut Writer<'_>,
     scope: Option<(&str, &str)>,
     now_ms: i64,
@@ -117,20 +117,9 @@ pub(crate) fn expire_leases(
     Ok(dead)
 }
 
-/// A claim's parameters, already checked.
-pub(crate) struct Claim {
-    pub(crate) tenant: String,
-    pub(crate) group: String,
-    pub(crate) consumer_id: String,
-    pub(crate) max: u32,
-    pub(crate) visibility_ms: i64,
-    /// JSON array of the event types wanted, or `None` for all.
-    pub(crate) event_types: Option<String>,
-}
-
 /// Leases up to `claim.max` events to the group: first those waiting for redelivery,
 /// then new ones, in sequence order.
-pub(crate) fn claim(
+pub(super) fn claim(
     w: &mut Writer<'_>,
     claim: &Claim,
     now_ms: i64,
@@ -149,6 +138,11 @@ pub(crate) fn claim(
         .prepare_cached("SELECT scan_from FROM consumer_groups WHERE tenant = ?1 AND grp = ?2")?
         .query_row(params![tenant, grp], |row| row.get(0))?;
     let limit = i64::from(claim.max);
+    let event_types = claim
+        .event_types
+        .as_ref()
+        .map(serde_json::to_string)
+        .transpose()?;
     // (seq, body, is_redelivery)
     let mut candidates: Vec<(i64, String, bool)> = Vec::new();
     {
@@ -160,7 +154,7 @@ pub(crate) fn claim(
                AND (?3 IS NULL OR json_extract(b, '$.eventType') IN (SELECT value FROM json_each(?3)))
              ORDER BY d.seq LIMIT ?4",
         )?;
-        let rows = stmt.query_map(params![tenant, grp, claim.event_types, limit], |row| {
+        let rows = stmt.query_map(params![tenant, grp, event_types, limit], |row| {
             Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?, true))
         })?;
         for row in rows {
@@ -176,10 +170,9 @@ pub(crate) fn claim(
                AND (?4 IS NULL OR e.event_type IN (SELECT value FROM json_each(?4)))
              ORDER BY e.seq LIMIT ?5",
         )?;
-        let rows = stmt.query_map(
-            params![tenant, scan_from, grp, claim.event_types, limit],
-            |row| Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?, false)),
-        )?;
+        let rows = stmt.query_map(params![tenant, scan_from, grp, event_types, limit], |row| {
+            Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?, false))
+        })?;
         for row in rows {
             candidates.push(row?);
         }
@@ -236,7 +229,7 @@ pub(crate) fn claim(
 }
 
 /// Acknowledges `event_ids` for the group; returns how many were leased to it.
-pub(crate) fn ack(
+pub(super) fn ack(
     w: &mut Writer<'_>,
     tenant: &str,
     grp: &str,
@@ -254,7 +247,7 @@ pub(crate) fn ack(
 }
 
 /// The tenant's DLQ entries (of one group when given), oldest first.
-pub(crate) fn dlq(
+pub(super) fn dlq(
     conn: &Connection,
     tenant: &str,
     grp: Option<&str>,
@@ -299,7 +292,7 @@ pub(crate) fn dlq(
 
 /// Makes a DLQ entry's event claimable again by its group (fresh budget) and removes
 /// the entry. Returns (group, eventId).
-pub(crate) fn replay(
+pub(super) fn replay(
     w: &mut Writer<'_>,
     tenant: &str,
     dlq_id: &str,
@@ -338,7 +331,7 @@ pub(crate) fn replay(
 }
 
 /// Events not yet acked (or dead-lettered), per (tenant, group).
-pub(crate) fn lag(conn: &Connection) -> Result<Vec<(String, String, i64)>, StoreError> {
+pub(super) fn lag(conn: &Connection) -> Result<Vec<(String, String, i64)>, StoreError> {
     let mut stmt = conn.prepare_cached(
         "SELECT g.tenant, g.grp,
                 (SELECT count(*) FROM events e WHERE e.tenant = g.tenant AND NOT EXISTS
