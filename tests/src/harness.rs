@@ -50,14 +50,22 @@ impl TestServer {
         // Tests build their own reqwest clients; reqwest has the SDK's TLS without a
         // provider of its own and needs the default the SDK installs.
         webwaka_realtime::client::tls::install_default_provider();
-        let configure: Arc<dyn Fn(&mut Config) + Send + Sync> = Arc::new(configure);
         let mut config = test_config(data_dir);
         configure(&mut config);
+        // The engine this run exercises (a fresh PostgreSQL database, kept across
+        // restarts, or the SQLite file in `data_dir`).
+        webwaka_server_stub::testing::use_engine_under_test(&mut config).await;
+        let database_url = config.database_url.clone();
+        let configure: Arc<dyn Fn(&mut Config) + Send + Sync> = Arc::new(move |c: &mut Config| {
+            configure(c);
+            c.database_url = database_url.clone();
+        });
         let listener = TcpListener::bind(("127.0.0.1", 0))
             .await
             .expect("bind a loopback port");
         let addr = listener.local_addr().expect("local address");
         let running = Server::with_listener(config, Options::default(), listener)
+            .await
             .expect("server starts")
             .spawn();
         Self {

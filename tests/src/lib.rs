@@ -5,6 +5,7 @@
 //!   command: `cargo run --release -p webwaka-e2e --bin bench` (see docs/benchmarks.md).
 
 pub mod bench;
+pub mod cluster;
 pub mod harness;
 pub mod proxy;
 pub mod tls;

@@ -14,6 +14,15 @@
 //! - [`Proxy::reset_all`]: reset every live connection (RST, a forgetful middlebox);
 //! - [`Proxy::set_latency`]: delay every chunk, each way;
 //! - [`Proxy::set_throttle`]: limit the bandwidth of each direction (a weak signal).
+//!
+//! With several targets ([`Proxy::balance`]) it is the load balancer in front of
+//! several server instances: each new connection goes to the next target in turn
+//! ([`Balance::RoundRobin`]), or, [`Balance::Sticky`], to the target a key picks (the
+//! `lb` query parameter of the connection's first request, hashed, like nginx's
+//! `hash $arg_lb consistent`: socket.io's long-polling requests must all reach the
+//! instance that holds their session). A target that refuses connections is skipped,
+//! as a load balancer's passive health check would; [`Proxy::set_target_up`] takes one
+//! out of (or back into) rotation.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,9 +47,21 @@ pub enum Mode {
     BlackHole,
 }
 
+/// How a proxy with several targets picks one for a new connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    /// The next target in turn.
+    RoundRobin,
+    /// The target the `lb` query parameter's hash picks (round robin without one).
+    Sticky,
+}
+
 #[derive(Debug)]
 struct Shared {
-    target: SocketAddr,
+    /// The targets and whether each is in rotation.
+    targets: Mutex<Vec<(SocketAddr, bool)>>,
+    balance: Balance,
+    next: AtomicU64,
     mode: Mutex<Mode>,
     latency_ms: AtomicU64,
     /// Bandwidth per direction of each connection, bytes per second (0: unlimited).
@@ -73,10 +94,17 @@ impl Drop for Proxy {
 impl Proxy {
     /// Starts a proxy on a free loopback port forwarding to `target`.
     pub async fn start(target: SocketAddr) -> std::io::Result<Proxy> {
+        Self::balance(vec![target], Balance::RoundRobin).await
+    }
+
+    /// Starts a load balancer on a free loopback port in front of `targets`.
+    pub async fn balance(targets: Vec<SocketAddr>, balance: Balance) -> std::io::Result<Proxy> {
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
-            target,
+            targets: Mutex::new(targets.into_iter().map(|t| (t, true)).collect()),
+            balance,
+            next: AtomicU64::new(0),
             mode: Mutex::new(Mode::Pass),
             latency_ms: AtomicU64::new(0),
             throttle_bps: AtomicU64::new(0),
@@ -147,6 +175,15 @@ impl Proxy {
         self.shared.frozen.send_replace(frozen);
     }
 
+    /// Takes target `index` out of rotation (`false`) or puts it back.
+    pub fn set_target_up(&self, index: usize, up: bool) {
+        if let Ok(mut targets) = self.shared.targets.lock()
+            && let Some(target) = targets.get_mut(index)
+        {
+            target.1 = up;
+        }
+    }
+
     /// Connections accepted so far.
     pub fn accepted(&self) -> u64 {
         self.shared.accepted.load(Ordering::Relaxed)
@@ -189,7 +226,7 @@ async fn handle(mut client: TcpStream, shared: Arc<Shared>) {
             .await;
         return;
     }
-    let Ok(mut server) = TcpStream::connect(shared.target).await else {
+    let Some(mut server) = connect_target(&shared, &head).await else {
         return;
     };
     let _ = server.set_nodelay(true);
@@ -210,6 +247,48 @@ async fn handle(mut client: TcpStream, shared: Arc<Shared>) {
         let rest = async { if up_ended { down.await } else { up.await } };
         let _ = tokio::time::timeout(Duration::from_secs(1), rest).await;
     }
+}
+
+/// Connects to the target for a connection whose first request is `head`: the sticky
+/// key's target or the next in turn, trying the others (in order) when it refuses.
+async fn connect_target(shared: &Shared, head: &[u8]) -> Option<TcpStream> {
+    let targets: Vec<SocketAddr> = shared
+        .targets
+        .lock()
+        .map(|t| t.iter().filter(|(_, up)| *up).map(|(a, _)| *a).collect())
+        .unwrap_or_default();
+    if targets.is_empty() {
+        return None;
+    }
+    let n = targets.len() as u64;
+    let first = match (shared.balance, sticky_key(head)) {
+        (Balance::Sticky, Some(key)) => {
+            use std::hash::{Hash, Hasher};
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            key.hash(&mut hasher);
+            hasher.finish() % n
+        }
+        _ => shared.next.fetch_add(1, Ordering::Relaxed) % n,
+    };
+    for i in 0..n {
+        let target = targets[((first + i) % n) as usize];
+        if let Ok(server) = TcpStream::connect(target).await {
+            return Some(server);
+        }
+    }
+    None
+}
+
+/// The `lb` query parameter of the request line in `head`.
+fn sticky_key(head: &[u8]) -> Option<String> {
+    let line = head.split(|b| *b == b'\r').next()?;
+    let line = std::str::from_utf8(line).ok()?;
+    let target = line.split(' ').nth(1)?;
+    let (_, query) = target.split_once('?')?;
+    query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("lb="))
+        .map(str::to_owned)
 }
 
 /// Ends one direction after a cut: closed (FIN), or reset when `reset_all` asked. A
@@ -321,6 +400,51 @@ mod tests {
             read.map_err(|e| e.kind()),
             Err(std::io::ErrorKind::ConnectionReset)
         );
+    }
+
+    #[tokio::test]
+    async fn a_balancer_takes_turns_sticks_to_a_key_and_skips_a_dead_target() {
+        // Three "instances" that answer with their number.
+        let mut targets = Vec::new();
+        for i in 0..3u8 {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            targets.push(listener.local_addr().unwrap());
+            tokio::spawn(async move {
+                while let Ok((mut socket, _)) = listener.accept().await {
+                    tokio::spawn(async move {
+                        let mut buf = [0u8; 1024];
+                        let _ = socket.read(&mut buf).await;
+                        let _ = socket.write_all(&[b'0' + i]).await;
+                    });
+                }
+            });
+        }
+        let ask = |addr: SocketAddr, path: &'static str| async move {
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            c.write_all(format!("GET {path} HTTP/1.1\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            let mut buf = [0u8; 1];
+            c.read_exact(&mut buf).await.unwrap();
+            buf[0]
+        };
+        let lb = Proxy::balance(targets.clone(), Balance::Sticky)
+            .await
+            .unwrap();
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            seen.push(ask(lb.addr(), "/x").await);
+        }
+        seen.sort_unstable();
+        assert_eq!(seen, b"012", "round robin without a key");
+        let a = ask(lb.addr(), "/socket.io/?lb=alice&t=1").await;
+        for _ in 0..5 {
+            assert_eq!(ask(lb.addr(), "/socket.io/?t=2&lb=alice").await, a);
+        }
+        lb.set_target_up(usize::from(a - b'0'), false);
+        for _ in 0..3 {
+            assert_ne!(ask(lb.addr(), "/socket.io/?lb=alice").await, a);
+        }
     }
 
     #[tokio::test]

@@ -14,6 +14,13 @@
 //! - every Class D transaction is confirmed, once, with one server id;
 //! - no Class A item was ever stored; outboxes drain; nothing is left dead.
 //!
+//! With several instances ([`invariants_hold_across_instances_under_a_random_schedule_of_faults`]):
+//! three server processes on one private PostgreSQL cluster behind a round-robin load
+//! balancer (each client's faulty proxy in front of it); the schedule also SIGKILLs
+//! instances (brought back a few steps later, or at once), restarts one gracefully, and
+//! stops PostgreSQL (a clean stop or an immediate one, as a crash) and starts it again.
+//! The chaos switch is driven over HTTP and reaches every instance.
+//!
 //! Seeded and bounded: `WEBWAKA_CHAOS_SEED` replays a run, `WEBWAKA_CHAOS_STEPS` makes
 //! it longer (default 30 steps, about 20 s), `WEBWAKA_CHAOS_MINUTES` runs new seeds for
 //! that long (the soak run). A failure prints the seed and the history.
@@ -30,10 +37,11 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
+use webwaka_e2e::cluster::{Children, PgCluster};
 use webwaka_e2e::harness::{
     TestServer, client_config, env_u64, is_settled, wait_state, wait_until,
 };
-use webwaka_e2e::proxy::{Mode, Proxy};
+use webwaka_e2e::proxy::{Balance, Mode, Proxy};
 use webwaka_realtime::client::{
     Client, Next, OutgoingMessage, Target, TokenError, TokenRequest, Update,
 };
@@ -42,7 +50,7 @@ use webwaka_realtime::protocol::{PresenceStatus, StateSnapshot};
 use webwaka_realtime::reconcile::CounterMerge;
 use webwaka_realtime::store::{ItemKind, ItemState};
 use webwaka_server_stub::chaos::Target as ChaosTarget;
-use webwaka_server_stub::{DropAcks, HttpFailures};
+use webwaka_server_stub::{ChaosControl, ChaosSettings, DropAcks, HttpFailures, Keys};
 
 const USERS: [&str; 3] = ["ana", "ben", "cho"];
 const ROOM: &str = "chaos";
@@ -59,8 +67,13 @@ struct Node {
     inbox: Inbox,
 }
 
-async fn open_node(server: &TestServer, dir: &std::path::Path, user: &'static str) -> Node {
-    let proxy = Proxy::start(server.addr).await.unwrap();
+async fn open_node(
+    entry: std::net::SocketAddr,
+    keys: Keys,
+    dir: &std::path::Path,
+    user: &'static str,
+) -> Node {
+    let proxy = Proxy::start(entry).await.unwrap();
     let mut config = client_config(&proxy.url(), &dir.join(format!("{user}.db")));
     config
         .store
@@ -68,7 +81,6 @@ async fn open_node(server: &TestServer, dir: &std::path::Path, user: &'static st
         .insert("counter".into(), Arc::new(CounterMerge));
     // A fresh token on every request, as an app's auth layer gives (the chaos switch
     // expires tokens early).
-    let keys = server.keys();
     let tokens = move |_: TokenRequest| {
         let token = keys.mint("t1", user, &[], 3600);
         async move { Ok::<_, TokenError>(token) }
@@ -160,11 +172,27 @@ struct Stats {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invariants_hold_after_a_random_schedule_of_faults() {
-    // One scenario in CI; `WEBWAKA_CHAOS_MINUTES=30` keeps running new seeds for that
-    // long (the soak run), stopping at the first violation.
+    soak(false).await;
+}
+
+/// Three instances on PostgreSQL: the same invariants, with instance kills and database
+/// restarts in the schedule.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invariants_hold_across_instances_under_a_random_schedule_of_faults() {
+    soak(true).await;
+}
+
+/// One scenario in CI; `WEBWAKA_CHAOS_MINUTES=30` keeps running new seeds for that long
+/// (the soak run), stopping at the first violation.
+async fn soak(cluster: bool) {
     let minutes = env_u64("WEBWAKA_CHAOS_MINUTES");
     let steps = env_u64("WEBWAKA_CHAOS_STEPS").unwrap_or(30);
     let log_dir = log_dir();
+    let what = if cluster {
+        "chaos (3 instances)"
+    } else {
+        "chaos"
+    };
     let started = std::time::Instant::now();
     let mut total = Stats::default();
     let mut iterations = 0u64;
@@ -179,7 +207,7 @@ async fn invariants_hold_after_a_random_schedule_of_faults() {
         if let Some(path) = &log {
             *LOG_FILE.lock().unwrap() = Some(std::fs::File::create(path).unwrap());
         }
-        let stats = scenario(seed, steps).await;
+        let stats = scenario(seed, steps, cluster).await;
         // Held: its log is not needed (a failure panics above and keeps it).
         if let Some(path) = &log {
             *LOG_FILE.lock().unwrap() = None;
@@ -187,7 +215,7 @@ async fn invariants_hold_after_a_random_schedule_of_faults() {
         }
         iterations += 1;
         eprintln!(
-            "chaos: scenario {iterations} (seed {seed}) held: {} faults, {} deliveries, {} \
+            "{what}: scenario {iterations} (seed {seed}) held: {} faults, {} deliveries, {} \
              operations, {} transactions checked",
             stats.faults, stats.messages, stats.operations, stats.transactions
         );
@@ -202,7 +230,7 @@ async fn invariants_hold_after_a_random_schedule_of_faults() {
         }
     }
     eprintln!(
-        "chaos: {iterations} scenarios of {steps} steps in {:.1} min: {} faults injected; \
+        "{what}: {iterations} scenarios of {steps} steps in {:.1} min: {} faults injected; \
          checked {} message deliveries, {} entity operations, {} transactions, {} entity \
          replicas; 0 violations",
         started.elapsed().as_secs_f64() / 60.0,
@@ -228,29 +256,218 @@ const REGRESSION_SEEDS: [u64; 1] = [3_818_896_131_717_837_062];
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schedules_that_once_failed_hold() {
     for seed in REGRESSION_SEEDS {
-        let stats = scenario(seed, 30).await;
+        let stats = scenario(seed, 30, false).await;
         eprintln!(
-            "chaos: regression seed {seed} held: {} faults, {} deliveries",
+            "chaos: regression seed {seed} held: {} faults, {} \
+             deliveries",
             stats.faults, stats.messages
         );
     }
 }
 
-async fn scenario(seed: u64, steps: u64) -> Stats {
+/// One scenario's server side: one server (the run's engine), or three instances on a
+/// private PostgreSQL cluster behind a load balancer.
+enum Deployment {
+    Single(TestServer),
+    Cluster {
+        pg: PgCluster,
+        children: Children,
+        balancer: Proxy,
+        /// Instances killed, and the step at which each comes back.
+        down: Vec<(usize, u64)>,
+    },
+}
+
+impl Deployment {
+    async fn start(cluster: bool, dir: &std::path::Path) -> Self {
+        if !cluster {
+            let server = TestServer::start_with(&dir.join("server"), |c| {
+                c.reconciliation_counter_types = "counter".into();
+                c.transaction_confirm_delay_ms = 20;
+                c.chaos = true;
+            })
+            .await;
+            return Deployment::Single(server);
+        }
+        let pg = PgCluster::start();
+        let database = webwaka_server_stub::testing::fresh_database(&pg.url)
+            .await
+            .unwrap();
+        let children = Children::start_with(
+            std::path::Path::new(env!("CARGO_BIN_EXE_server_child")),
+            &database,
+            3,
+            &[
+                ("CHAOS", "1"),
+                ("RECONCILIATION_COUNTER_TYPES", "counter"),
+                ("TRANSACTION_CONFIRM_DELAY_MS", "20"),
+            ],
+        );
+        let balancer = Proxy::balance(children.addrs(), Balance::RoundRobin)
+            .await
+            .unwrap();
+        Deployment::Cluster {
+            pg,
+            children,
+            balancer,
+            down: Vec::new(),
+        }
+    }
+
+    /// Where clients connect.
+    fn entry(&self) -> std::net::SocketAddr {
+        match self {
+            Deployment::Single(server) => server.addr,
+            Deployment::Cluster { balancer, .. } => balancer.addr(),
+        }
+    }
+
+    fn keys(&self) -> Keys {
+        match self {
+            Deployment::Single(server) => server.keys(),
+            Deployment::Cluster { .. } => webwaka_e2e::cluster::keys(),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.entry())
+    }
+
+    /// The chaos switch: in process, or over HTTP on a running instance (it tells the
+    /// others).
+    fn chaos(&self) -> Switch {
+        match self {
+            Deployment::Single(server) => Switch::Local(server.chaos().expect("chaos is on")),
+            Deployment::Cluster { children, .. } => {
+                let up = (0..3).find(|i| children.is_up(*i)).unwrap_or(0);
+                Switch::Http(children.url(up))
+            }
+        }
+    }
+
+    async fn stop(self) {
+        match self {
+            Deployment::Single(mut server) => server.stop().await,
+            Deployment::Cluster { mut children, .. } => {
+                for i in 0..3 {
+                    children.stop(i);
+                }
+            }
+        }
+    }
+}
+
+/// The chaos switch of a deployment.
+enum Switch {
+    Local(ChaosControl),
+    Http(String),
+}
+
+impl Switch {
+    fn admin() -> String {
+        webwaka_e2e::cluster::token("t1", "chaos-admin", &["admin"])
+    }
+
+    async fn update(&self, change: impl FnOnce(&mut ChaosSettings)) {
+        match self {
+            Switch::Local(control) => control.update(change).unwrap(),
+            Switch::Http(url) => {
+                let http = reqwest::Client::new();
+                let state: Value = match http
+                    .get(format!("{url}/api/admin/chaos"))
+                    .bearer_auth(Self::admin())
+                    .send()
+                    .await
+                {
+                    Ok(r) => r.json().await.unwrap_or(Value::Null),
+                    Err(_) => return,
+                };
+                let mut settings: ChaosSettings = serde_json::from_value(json!({
+                    "refuseWebSocket": state["refuseWebSocket"],
+                    "latencyMs": state["latencyMs"],
+                    "jitterMs": state["jitterMs"],
+                    "httpFailures": state["httpFailures"],
+                    "dropAcks": state["dropAcks"],
+                    "reconcileTimeout": state["reconcileTimeout"],
+                }))
+                .unwrap_or_default();
+                change(&mut settings);
+                let _ = http
+                    .put(format!("{url}/api/admin/chaos"))
+                    .bearer_auth(Self::admin())
+                    .json(&settings)
+                    .send()
+                    .await;
+            }
+        }
+    }
+
+    async fn post(&self, path: &str, body: Value) {
+        if let Switch::Http(url) = self {
+            let _ = reqwest::Client::new()
+                .post(format!("{url}/api/admin/chaos/{path}"))
+                .bearer_auth(Self::admin())
+                .json(&body)
+                .send()
+                .await;
+        }
+    }
+
+    async fn fail_http(&self, failures: HttpFailures) {
+        self.update(|s| s.http_failures = Some(failures)).await;
+    }
+
+    async fn drop_acks(&self, drop: DropAcks) {
+        self.update(|s| s.drop_acks = Some(drop)).await;
+    }
+
+    async fn reconcile_timeout(&self) {
+        self.update(|s| s.reconcile_timeout = true).await;
+    }
+
+    async fn drop_connections(&self, user: &str) {
+        match self {
+            Switch::Local(control) => {
+                control.drop_connections(ChaosTarget::User { tenant: "t1", user });
+            }
+            Switch::Http(_) => self.post("drop-connections", json!({"userId": user})).await,
+        }
+    }
+
+    async fn expire_tokens(&self) {
+        match self {
+            Switch::Local(control) => {
+                control.expire_tokens();
+            }
+            Switch::Http(_) => self.post("expire-tokens", Value::Null).await,
+        }
+    }
+
+    async fn reset(&self) {
+        match self {
+            Switch::Local(control) => control.reset(),
+            Switch::Http(url) => {
+                let _ = reqwest::Client::new()
+                    .delete(format!("{url}/api/admin/chaos"))
+                    .bearer_auth(Self::admin())
+                    .send()
+                    .await;
+            }
+        }
+    }
+}
+
+async fn scenario(seed: u64, steps: u64, cluster: bool) -> Stats {
     let mut stats = Stats::default();
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut history: Vec<String> = vec![format!("seed {seed}, {steps} steps")];
+    let mode = if cluster { "3 instances" } else { "1 server" };
+    let mut history: Vec<String> = vec![format!("seed {seed}, {steps} steps, {mode}")];
     let dir = tempfile::tempdir().unwrap();
-    let mut server = TestServer::start_with(&dir.path().join("server"), |c| {
-        c.reconciliation_counter_types = "counter".into();
-        c.transaction_confirm_delay_ms = 20;
-        c.chaos = true;
-    })
-    .await;
+    let mut server = Deployment::start(cluster, dir.path()).await;
 
     let mut nodes = Vec::new();
     for user in USERS {
-        nodes.push(open_node(&server, dir.path(), user).await);
+        nodes.push(open_node(server.entry(), server.keys(), dir.path(), user).await);
     }
     for node in &nodes {
         assert!(
@@ -297,10 +514,22 @@ async fn scenario(seed: u64, steps: u64) -> Stats {
     let mut next_n = 0u64;
 
     for step in 0..steps {
-        // A fault, or a repair.
+        // Killed instances due back.
+        if let Deployment::Cluster { children, down, .. } = &mut server {
+            down.retain(|(i, back)| {
+                if *back <= step {
+                    children.restart(*i);
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        // A fault, or a repair (with several instances, also kills and database
+        // restarts: the single server's schedules stay as they were).
         let victim = rng.random_range(0..nodes.len());
-        let fault = rng.random_range(0..16);
-        let chaos = server.chaos().expect("the chaos switch is on");
+        let fault = rng.random_range(0..if cluster { 19 } else { 16 });
+        let chaos = server.chaos();
         let what = match fault {
             0 => {
                 nodes[victim].proxy.set_mode(Mode::RefuseWebSocket);
@@ -326,10 +555,20 @@ async fn scenario(seed: u64, steps: u64) -> Stats {
                 nodes[victim].proxy.set_latency(Duration::from_millis(ms));
                 format!("latency {ms} ms")
             }
-            5 if rng.random_bool(0.4) => {
-                server.restart().await;
-                "server restart".to_owned()
-            }
+            5 if rng.random_bool(0.4) => match &mut server {
+                Deployment::Single(server) => {
+                    server.restart().await;
+                    "server restart".to_owned()
+                }
+                Deployment::Cluster { children, .. } => {
+                    let i = rng.random_range(0..3);
+                    if children.is_up(i) {
+                        children.stop(i);
+                        children.restart(i);
+                    }
+                    format!("instance {i} restarted")
+                }
+            },
             6 => {
                 nodes[victim].proxy.reset_all();
                 "reset (RST)".to_owned()
@@ -343,12 +582,12 @@ async fn scenario(seed: u64, steps: u64) -> Stats {
                 let fraction = rng.random_range(0.1..0.4);
                 let status = [500, 503, 429][rng.random_range(0..3)];
                 chaos
-                    .fail_http(Some(HttpFailures {
+                    .fail_http(HttpFailures {
                         fraction,
                         status,
                         seed: rng.random(),
-                    }))
-                    .unwrap();
+                    })
+                    .await;
                 format!(
                     "server: {status} on {:.0} % of HTTP requests",
                     fraction * 100.0
@@ -357,27 +596,58 @@ async fn scenario(seed: u64, steps: u64) -> Stats {
             9 => {
                 let fraction = rng.random_range(0.2..0.5);
                 chaos
-                    .drop_acks(Some(DropAcks {
+                    .drop_acks(DropAcks {
                         fraction,
                         seed: rng.random(),
-                    }))
-                    .unwrap();
+                    })
+                    .await;
                 format!("server: drop {:.0} % of acknowledgements", fraction * 100.0)
             }
             10 => {
-                chaos.reconcile_timeout(true);
+                chaos.reconcile_timeout().await;
                 "server: reconciliation times out".to_owned()
             }
             11 if rng.random_bool(0.5) => {
-                chaos.drop_connections(ChaosTarget::User {
-                    tenant: "t1",
-                    user: nodes[victim].user,
-                });
+                chaos.drop_connections(nodes[victim].user).await;
                 "server: drop the user's connections".to_owned()
             }
             11 => {
-                chaos.expire_tokens();
+                chaos.expire_tokens().await;
                 "server: expire every token".to_owned()
+            }
+            16 | 18 => {
+                let i = rng.random_range(0..3);
+                let back = step
+                    + if fault == 18 {
+                        0
+                    } else {
+                        rng.random_range(1..4)
+                    };
+                if let Deployment::Cluster { children, down, .. } = &mut server
+                    && children.is_up(i)
+                {
+                    children.kill(i);
+                    if back == step {
+                        children.restart(i);
+                    } else {
+                        down.push((i, back));
+                    }
+                }
+                format!("SIGKILL instance {i}, back at step {back}")
+            }
+            17 => {
+                let how = if rng.random_bool(0.5) {
+                    "fast"
+                } else {
+                    "immediate"
+                };
+                let ms = rng.random_range(200..2_000);
+                if let Deployment::Cluster { pg, .. } = &server {
+                    pg.stop(how);
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    pg.restart();
+                }
+                format!("PostgreSQL stopped ({how}) for {ms} ms")
             }
             _ => {
                 let p = &nodes[victim].proxy;
@@ -386,7 +656,7 @@ async fn scenario(seed: u64, steps: u64) -> Stats {
                 p.set_latency(Duration::ZERO);
                 p.set_throttle(None);
                 if rng.random_bool(0.3) {
-                    chaos.reset();
+                    chaos.reset().await;
                     "heal + server chaos off".to_owned()
                 } else {
                     "heal".to_owned()
@@ -460,9 +730,18 @@ async fn scenario(seed: u64, steps: u64) -> Stats {
         tokio::time::sleep(Duration::from_millis(rng.random_range(50..600))).await;
     }
 
-    // The network heals.
+    // The network heals, every instance is back, and chaos is off everywhere.
     history.push("heal all".into());
-    server.chaos().expect("the chaos switch is on").reset();
+    if let Deployment::Cluster { children, down, .. } = &mut server {
+        for (i, _) in down.drain(..) {
+            children.restart(i);
+        }
+        for i in 0..3 {
+            Switch::Http(children.url(i)).reset().await;
+        }
+    } else {
+        server.chaos().reset().await;
+    }
     for node in &nodes {
         node.proxy.set_mode(Mode::Pass);
         node.proxy.freeze_all(false);
@@ -548,7 +827,7 @@ async fn scenario(seed: u64, steps: u64) -> Stats {
 
     // Entities: every replica equals the server's snapshot; counters add up.
     let http = reqwest::Client::new();
-    let token = server.token("t1", "ana");
+    let token = server.keys().mint("t1", "ana", &[], 3600);
     for (entity_type, ids) in [("counter", &COUNTERS[..]), ("doc", &DOCS[..])] {
         for id in ids {
             let url = format!(

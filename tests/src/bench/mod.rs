@@ -4,9 +4,12 @@
 //! the median of several runs and the method, so a figure is never quoted without the
 //! way it was obtained.
 
+pub mod alloc;
 pub mod client;
+pub mod postgres;
 pub mod reconcile;
 pub mod server;
+pub mod socketio;
 pub mod store;
 
 use std::time::Duration;

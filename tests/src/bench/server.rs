@@ -12,7 +12,8 @@
 //! Figures: message round trip p50/p99 against the raw relay; messages per second with
 //! 100 connections and server CPU per message; fan-out of one room message to 1,000
 //! members; polls per second with 50 keep-alive clients; memory per idle connection at
-//! 10,000 connections. Every wait is bounded in time and every loop in count; every
+//! 10,000 connections; memory per silent connection (connected, nothing sent) and how
+//! many the server holds before it sheds. Every wait is bounded in time and every loop in count; every
 //! child is stopped (killed when it does not stop) also when a benchmark fails.
 
 use std::io::{BufRead, BufReader, Read as _, Write as _};
@@ -45,33 +46,33 @@ pub const CHILD_SERVER: &str = "server";
 pub const CHILD_RELAY: &str = "relay";
 /// The server child's data directory.
 const DIR_ENV: &str = "WEBWAKA_BENCH_SERVER_DIR";
-/// Names the server benchmarks to run (`roundtrip,throughput,fanout,poll,idle`, or
+/// Names the server benchmarks to run (`roundtrip,throughput,fanout,poll,idle,silent`, or
 /// `live` / `durable` for one class of `throughput`; all when unset), and makes each
 /// child's pid visible on stderr (for `perf`).
 pub const ONLY_ENV: &str = "WEBWAKA_BENCH_SERVER";
 /// The JWT secret of the server child.
-const SECRET: &str = "server-bench-secret-0123456789abcdef";
+pub(super) const SECRET: &str = "server-bench-secret-0123456789abcdef";
 /// Every benchmark user is in this tenant.
-const TENANT: &str = "bench";
+pub(super) const TENANT: &str = "bench";
 
 /// Round trips measured per path (after [`WARMUP`] unmeasured ones).
-const ROUND_TRIPS: usize = 2_000;
-const WARMUP: usize = 200;
+pub(super) const ROUND_TRIPS: usize = 2_000;
+pub(super) const WARMUP: usize = 200;
 /// Rounds the round trips are measured in (each path in turn).
-const ROUNDS: usize = 20;
+pub(super) const ROUNDS: usize = 20;
 /// Runs of the throughput and poll benchmarks (each on a fresh server; the median is
 /// reported with the range).
-const RUNS: usize = 3;
+pub(super) const RUNS: usize = 3;
 /// Connections of the throughput benchmark, messages each sends, and how many of its
 /// messages may await their `message_ack` at once.
-const THROUGHPUT_CONNS: usize = 100;
-const THROUGHPUT_PER_CONN: usize = 1_000;
-const THROUGHPUT_WINDOW: usize = 16;
+pub(super) const THROUGHPUT_CONNS: usize = 100;
+pub(super) const THROUGHPUT_PER_CONN: usize = 1_000;
+pub(super) const THROUGHPUT_WINDOW: usize = 16;
 /// Members of the fan-out room, and the messages sent to it (one at a time).
-const FANOUT_MEMBERS: usize = 1_000;
-const FANOUT_RUNS: usize = 21;
+pub(super) const FANOUT_MEMBERS: usize = 1_000;
+pub(super) const FANOUT_RUNS: usize = 21;
 /// Keep-alive HTTP clients polling, and how long they poll (after a warm-up).
-const POLL_CLIENTS: usize = 50;
+pub(super) const POLL_CLIENTS: usize = 50;
 const POLL_WARMUP: Duration = Duration::from_millis(500);
 const POLL_TIME: Duration = Duration::from_secs(3);
 /// Idle connections held, and what the issue asks to extrapolate to.
@@ -79,13 +80,17 @@ const IDLE_CONNS: usize = 10_000;
 const IDLE_EXTRAPOLATE: usize = 50_000;
 /// Idle connections opened before the memory baseline (runtime threads, caches).
 const IDLE_WARM: usize = 100;
+/// Silent connections opened past the server's cap (each must be closed at accept).
+const SILENT_PAST_CAP: usize = 200;
+/// Silent connections opened and closed before the memory baseline.
+const SILENT_WARM: usize = 100;
 /// Connections opened at once while setting up many.
 const CONNECT_BATCH: usize = 100;
 /// The longest any single wait of a benchmark may take.
 const WAIT: Duration = Duration::from_secs(20);
 
 /// A WebSocket client connection.
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+pub(super) type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 // ---------------------------------------------------------------------------------
 // The child processes
@@ -104,7 +109,8 @@ pub fn child(kind: &str) -> Result<(), String> {
         match kind {
             CHILD_SERVER => {
                 let dir = std::env::var(DIR_ENV).map_err(|_| format!("{DIR_ENV} is not set"))?;
-                let config = server_config(Path::new(&dir));
+                let mut config = server_config(Path::new(&dir));
+                super::postgres::configure_child(&mut config).await?;
                 webwaka_server_stub::telemetry::init(&config);
                 let server = Server::bind(config, Options::default())
                     .await
@@ -142,9 +148,14 @@ fn server_config(dir: &Path) -> Config {
     config.jwt_secret = Some(SECRET.to_owned());
     config.message_rate_limit = 0;
     config.poll_rate_limit = 1_000_000_000;
+    config.reconciliation_rate_limit = 0;
     config.log_level = "warn".to_owned();
     if let Some(bytes) = std::env::var(TAIL_ENV).ok().and_then(|v| v.parse().ok()) {
         config.event_bus_tail_bytes = bytes;
+    }
+    // The reconcile part's setting, as the server binary reads it.
+    if let Ok(parallel) = std::env::var("RECONCILIATION_PARALLEL") {
+        config.reconciliation_parallel = parallel != "false";
     }
     config
 }
@@ -205,22 +216,23 @@ async fn handshake(listener: &TcpListener) -> Option<WebSocketStream<TcpStream>>
 
 /// A child process (server or relay), stopped when dropped: stdin closed, then killed
 /// if it has not exited within a few seconds.
-struct ChildProc {
+pub(super) struct ChildProc {
     child: Child,
     stdin: Option<ChildStdin>,
-    addr: SocketAddr,
+    pub(super) addr: SocketAddr,
     /// The server's data directory (removed after the child).
     _dir: Option<tempfile::TempDir>,
 }
 
 impl ChildProc {
     /// Starts this binary as a `kind` child and waits for its address.
-    fn spawn(kind: &str) -> Result<Self, String> {
+    pub(super) fn spawn(kind: &str) -> Result<Self, String> {
         Self::spawn_with(kind, &[])
     }
 
-    /// [`ChildProc::spawn`] with extra environment variables for the child.
-    fn spawn_with(kind: &str, env: &[(&str, &str)]) -> Result<Self, String> {
+    /// [`ChildProc::spawn`] with extra environment variables for the child (a server
+    /// child also gets the engine settings of [`super::postgres::Engine::env`]).
+    pub(super) fn spawn_with(kind: &str, env: &[(&str, &str)]) -> Result<Self, String> {
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         let dir = if kind == CHILD_SERVER {
             Some(tempfile::tempdir().map_err(|e| e.to_string())?)
@@ -228,6 +240,9 @@ impl ChildProc {
             None
         };
         let mut command = Command::new(exe);
+        if kind == CHILD_SERVER {
+            command.envs(super::postgres::engine_env());
+        }
         command
             .envs(env.iter().copied())
             .env(CHILD_ENV, kind)
@@ -269,32 +284,17 @@ impl ChildProc {
         Ok(proc)
     }
 
-    fn pid(&self) -> u32 {
+    pub(super) fn pid(&self) -> u32 {
         self.child.id()
     }
 
     /// CPU time (user + system) the child used so far, in seconds.
-    fn cpu_secs(&self) -> Result<f64, String> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))
-            .map_err(|e| e.to_string())?;
-        // Fields after the command name (which is in parentheses and may hold spaces):
-        // state is field 3, utime field 14, stime field 15.
-        let after = stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest)
-            .ok_or("unreadable /proc/PID/stat")?;
-        let fields: Vec<&str> = after.split_whitespace().collect();
-        let ticks = |i: usize| -> Result<u64, String> {
-            fields
-                .get(i - 3)
-                .and_then(|f| f.parse().ok())
-                .ok_or_else(|| "unreadable /proc/PID/stat".to_owned())
-        };
-        Ok((ticks(14)? + ticks(15)?) as f64 / clock_ticks_per_sec())
+    pub(super) fn cpu_secs(&self) -> Result<f64, String> {
+        proc_cpu_secs(self.pid()).map(|(cpu, _)| cpu)
     }
 
     /// The child's resident memory, in KiB.
-    fn rss_kib(&self) -> Result<u64, String> {
+    pub(super) fn rss_kib(&self) -> Result<u64, String> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
             .map_err(|e| e.to_string())?;
         status
@@ -306,7 +306,7 @@ impl ChildProc {
 
     /// Stops the child: closes its stdin (it shuts down gracefully), waits up to 10 s,
     /// then kills it.
-    fn stop(mut self) {
+    pub(super) fn stop(mut self) {
         self.shut();
     }
 
@@ -333,8 +333,31 @@ impl Drop for ChildProc {
     }
 }
 
+/// CPU time (user + system) process `pid` used so far, in seconds, and its parent.
+pub(super) fn proc_cpu_secs(pid: u32) -> Result<(f64, u32), String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| e.to_string())?;
+    // Fields after the command name (which is in parentheses and may hold spaces):
+    // state is field 3, ppid field 4, utime field 14, stime field 15.
+    let after = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .ok_or("unreadable /proc/PID/stat")?;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let field = |i: usize| -> Result<u64, String> {
+        fields
+            .get(i - 3)
+            .and_then(|f| f.parse().ok())
+            .ok_or_else(|| "unreadable /proc/PID/stat".to_owned())
+    };
+    let ppid = u32::try_from(field(4)?).unwrap_or(0);
+    Ok((
+        (field(14)? + field(15)?) as f64 / clock_ticks_per_sec(),
+        ppid,
+    ))
+}
+
 /// `getconf CLK_TCK` (the unit of `/proc/PID/stat` times); 100 when unknown.
-fn clock_ticks_per_sec() -> f64 {
+pub(super) fn clock_ticks_per_sec() -> f64 {
     static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
     *TICKS.get_or_init(|| {
         Command::new("getconf")
@@ -352,7 +375,7 @@ fn clock_ticks_per_sec() -> f64 {
 // ---------------------------------------------------------------------------------
 
 /// A token of the server child for `user`.
-fn token(user: &str) -> String {
+pub(super) fn token(user: &str) -> String {
     Keys::new(SECRET.as_bytes(), 0).mint(TENANT, user, &[], 86_400)
 }
 
@@ -364,7 +387,7 @@ fn ws_config() -> WebSocketConfig {
 }
 
 /// Opens a WebSocket to the server as `user` and reads `connected`.
-async fn connect_user(addr: SocketAddr, user: &str) -> Result<Ws, String> {
+pub(super) async fn connect_user(addr: SocketAddr, user: &str) -> Result<Ws, String> {
     let url = format!("ws://{addr}/ws?token={}&clientId={user}", token(user));
     let (mut ws, _) = tokio::time::timeout(
         WAIT,
@@ -417,7 +440,7 @@ async fn next_event(ws: &mut Ws) -> Result<ServerEvent, String> {
 }
 
 /// Reads until an event named `name` (skipping presence and the like).
-async fn expect_event(ws: &mut Ws, name: &str) -> Result<ServerEvent, String> {
+pub(super) async fn expect_event(ws: &mut Ws, name: &str) -> Result<ServerEvent, String> {
     for _ in 0..10_000 {
         let event = next_event(ws).await?;
         if event.name() == name {
@@ -431,7 +454,7 @@ async fn expect_event(ws: &mut Ws, name: &str) -> Result<ServerEvent, String> {
 }
 
 /// A `message` frame from the client, encoded with core's encoder.
-fn message_frame(
+pub(super) fn message_frame(
     id: &str,
     class: InteractionClass,
     recipient: Option<&str>,
@@ -509,8 +532,18 @@ pub fn run() -> Result<Vec<Row>, String> {
         if wanted("poll") {
             rows.extend(polls().await?);
         }
+        if wanted("reconcile") {
+            rows.extend(reconciles().await?);
+        }
         if wanted("idle") {
             rows.extend(idle().await?);
+        }
+        if wanted("silent") {
+            rows.extend(silent().await?);
+        }
+        // The same on PostgreSQL, and on several instances (a private cluster).
+        if wanted("postgres") {
+            rows.extend(super::postgres::run().await?);
         }
         Ok(rows)
     })
@@ -519,7 +552,7 @@ pub fn run() -> Result<Vec<Row>, String> {
 /// `count` messages one at a time from `sender` to `recipient`, the `i`-th made by
 /// `next(first + i)`; the clock runs from the send to the recipient's read of the
 /// frame. With `expect_ack`, the sender's `message_ack` is read after the clock stops.
-async fn round_trips(
+pub(super) async fn round_trips(
     sender: &mut Ws,
     recipient: &mut Ws,
     next: impl Fn(usize) -> String,
@@ -629,9 +662,13 @@ async fn round_trip() -> Result<Vec<Row>, String> {
 }
 
 /// What one throughput run found.
-struct Throughput {
-    rate: f64,
-    cpu_us_per_message: f64,
+pub(super) struct Throughput {
+    pub(super) rate: f64,
+    /// The servers' CPU per message.
+    pub(super) cpu_us_per_message: f64,
+    /// The rest's (the database's) CPU per message.
+    pub(super) other_us_per_message: f64,
+    pub(super) messages: usize,
 }
 
 /// [`THROUGHPUT_CONNS`] connections, each sending [`THROUGHPUT_PER_CONN`] direct
@@ -640,11 +677,33 @@ struct Throughput {
 /// been delivered.
 async fn throughput_run(class: InteractionClass) -> Result<Throughput, String> {
     let server = ChildProc::spawn(CHILD_SERVER)?;
-    let conns = connect_many(server.addr, "t", THROUGHPUT_CONNS).await?;
+    throughput_on(vec![server], class, || Ok(0.0)).await
+}
+
+/// [`throughput_run`] on `servers` (connection `i` on server `i % n`: with several
+/// instances a message's sender and recipient are on different ones); `other_cpu` is
+/// CPU seconds used so far by anything else that takes part (the database).
+pub(super) async fn throughput_on(
+    servers: Vec<ChildProc>,
+    class: InteractionClass,
+    other_cpu: impl Fn() -> Result<f64, String>,
+) -> Result<Throughput, String> {
+    let mut conns = Vec::with_capacity(THROUGHPUT_CONNS);
+    for i in 0..THROUGHPUT_CONNS {
+        let server = &servers[i % servers.len()];
+        conns.push(connect_user(server.addr, &format!("t{i}")).await?);
+    }
     let total = THROUGHPUT_CONNS * THROUGHPUT_PER_CONN;
     let delivered = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(tokio::sync::Notify::new());
-    let cpu_before = server.cpu_secs()?;
+    let servers_cpu = || -> Result<f64, String> {
+        servers
+            .iter()
+            .map(ChildProc::cpu_secs)
+            .sum::<Result<f64, String>>()
+    };
+    let cpu_before = servers_cpu()?;
+    let other_before = other_cpu()?;
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for (i, ws) in conns.into_iter().enumerate() {
@@ -716,17 +775,22 @@ async fn throughput_run(class: InteractionClass) -> Result<Throughput, String> {
         }
     }
     let elapsed = started.elapsed();
-    let cpu = server.cpu_secs()? - cpu_before;
+    let cpu = servers_cpu()? - cpu_before;
+    let other = other_cpu()? - other_before;
     if delivered.load(Ordering::Acquire) < total {
         return Err("throughput: not every message was delivered".into());
     }
     while let Some(joined) = tasks.join_next().await {
         joined.map_err(|e| e.to_string())??;
     }
-    server.stop();
+    for server in servers {
+        server.stop();
+    }
     Ok(Throughput {
         rate: total as f64 / elapsed.as_secs_f64(),
         cpu_us_per_message: cpu * 1e6 / total as f64,
+        other_us_per_message: other * 1e6 / total as f64,
+        messages: total,
     })
 }
 
@@ -778,14 +842,45 @@ async fn throughput(classes: &[(&str, InteractionClass)]) -> Result<Vec<Row>, St
 /// One room of [`FANOUT_MEMBERS`] members; a sender sends one message at a time to
 /// it; the clock runs from the send until the last member has read it.
 async fn fanout() -> Result<Vec<Row>, String> {
+    let server = ChildProc::spawn(CHILD_SERVER)?;
+    let (p50, max, per_fanout_us) = fanout_on(vec![server]).await?;
+    Ok(vec![Row {
+        name: "server: fan-out to 1,000 room members".into(),
+        figure: format!(
+            "p50 {p50:.2} ms, max {max:.2} ms (target ≤ 8 ms p50); server CPU {:.1} ms per \
+             fan-out ({:.1} µs per member)",
+            per_fanout_us / 1e3,
+            per_fanout_us / FANOUT_MEMBERS as f64
+        ),
+        method: format!(
+            "{FANOUT_MEMBERS} WebSocket connections (one user each) in one room; one CLASS_C \
+             message at a time to the room, {FANOUT_RUNS} runs; clock from the sender's write \
+             to the last member's read; readers in this process on the same 2 cores"
+        ),
+    }])
+}
+
+/// One room of [`FANOUT_MEMBERS`] members, member `i` on server `i % n`, the sender on
+/// the first; (p50 ms, max ms, servers' CPU µs per fan-out).
+pub(super) async fn fanout_on(servers: Vec<ChildProc>) -> Result<(f64, f64, f64), String> {
     /// What a member's reader reports.
     enum Seen {
         Joined,
         Run(usize, Instant),
     }
-    let server = ChildProc::spawn(CHILD_SERVER)?;
     let room = "fanout";
-    let members = connect_many(server.addr, "f", FANOUT_MEMBERS).await?;
+    let mut members = Vec::with_capacity(FANOUT_MEMBERS);
+    for i in 0..FANOUT_MEMBERS {
+        let server = &servers[i % servers.len()];
+        members.push(connect_user(server.addr, &format!("f{i}")).await?);
+    }
+    let server = &servers[0];
+    let servers_cpu = || -> Result<f64, String> {
+        servers
+            .iter()
+            .map(ChildProc::cpu_secs)
+            .sum::<Result<f64, String>>()
+    };
     // A reader per member reads everything from the start (joins make a storm of
     // presence announcements that must be drained) and reports `room_joined` and the
     // marker of each run.
@@ -855,7 +950,7 @@ async fn fanout() -> Result<Vec<Row>, String> {
     // The sender reads its own presence announcements too; drop what is pending.
     while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(100), sender.next()).await {}
     let mut samples = Vec::with_capacity(FANOUT_RUNS);
-    let cpu_before = server.cpu_secs()?;
+    let cpu_before = servers_cpu()?;
     for r in 0..FANOUT_RUNS {
         let frame = message_frame(
             &format!("fanout-{r}"),
@@ -880,29 +975,19 @@ async fn fanout() -> Result<Vec<Row>, String> {
         expect_event(&mut sender, "message_ack").await?;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let cpu = server.cpu_secs()? - cpu_before;
+    let cpu = servers_cpu()? - cpu_before;
     readers.abort_all();
     while readers.join_next().await.is_some() {}
     drop((sender, sinks));
-    server.stop();
+    for server in servers {
+        server.stop();
+    }
     let s = sorted(samples);
-    let per_fanout_us = cpu * 1e6 / FANOUT_RUNS as f64;
-    Ok(vec![Row {
-        name: "server: fan-out to 1,000 room members".into(),
-        figure: format!(
-            "p50 {:.2} ms, max {:.2} ms (target ≤ 8 ms p50); server CPU {:.1} ms per \
-             fan-out ({:.1} µs per member)",
-            percentile(&s, 0.5),
-            s.last().copied().unwrap_or(0.0),
-            per_fanout_us / 1e3,
-            per_fanout_us / FANOUT_MEMBERS as f64
-        ),
-        method: format!(
-            "{FANOUT_MEMBERS} WebSocket connections (one user each) in one room; one CLASS_C \
-             message at a time to the room, {FANOUT_RUNS} runs; clock from the sender's write \
-             to the last member's read; readers in this process on the same 2 cores"
-        ),
-    }])
+    Ok((
+        percentile(&s, 0.5),
+        s.last().copied().unwrap_or(0.0),
+        cpu * 1e6 / FANOUT_RUNS as f64,
+    ))
 }
 
 /// A minimal keep-alive HTTP/1.1 client: one request at a time on one connection.
@@ -982,6 +1067,138 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
+/// Reconciliation clients at once, operations per request, and how long they run.
+const RECONCILE_CLIENTS: usize = 100;
+const RECONCILE_OPS: usize = 10;
+const RECONCILE_TIME: Duration = Duration::from_secs(4);
+
+/// Reconcile requests/s with [`RECONCILE_CLIENTS`] clients at once, each on entities of
+/// its own: the engine beside the storage's lock (the default) against every request
+/// under it (`RECONCILIATION_PARALLEL=false`, as the server did before), alternating.
+async fn reconciles() -> Result<Vec<Row>, String> {
+    let mut rows = Vec::new();
+    let (mut on, mut off) = (Vec::new(), Vec::new());
+    for _ in 0..RUNS {
+        on.push(reconcile_run(true).await?);
+        off.push(reconcile_run(false).await?);
+    }
+    for (name, runs) in [
+        ("in parallel beside the writer (default)", &mut on),
+        (
+            "one after another on the writer (RECONCILIATION_PARALLEL=false)",
+            &mut off,
+        ),
+    ] {
+        let mut rates: Vec<f64> = runs.iter().map(|r| r.0).collect();
+        let mut cpus: Vec<f64> = runs.iter().map(|r| r.1).collect();
+        let (rate, cpu) = (median(&mut rates), median(&mut cpus));
+        rows.push(Row {
+            name: format!("server: reconcile requests/s, {RECONCILE_CLIENTS} clients, {name}"),
+            figure: format!(
+                "{} (runs {}–{}; {cpu:.0} µs server CPU per request)",
+                fmt_rate(rate),
+                fmt_rate(rates[0]),
+                fmt_rate(rates[RUNS - 1])
+            ),
+            method: format!(
+                "{RECONCILE_CLIENTS} HTTP/1.1 keep-alive clients (a user each) send \
+                 POST /api/reconciliation/reconcile one after another, {RECONCILE_OPS} \
+                 updates of the client's own entity each (FIELD_LEVEL_MERGE, each \
+                 causally after the last), lastKnownVersion from the previous answer; \
+                 {} s; server CPU utime+stime ÷ requests; the two settings alternate; \
+                 median of {RUNS}",
+                RECONCILE_TIME.as_secs()
+            ),
+        });
+    }
+    Ok(rows)
+}
+
+/// One reconcile run: (requests/s, server CPU µs per request).
+pub(super) async fn reconcile_run(parallel: bool) -> Result<(f64, f64), String> {
+    let setting = if parallel { "true" } else { "false" };
+    let server = ChildProc::spawn_with(CHILD_SERVER, &[("RECONCILIATION_PARALLEL", setting)])?;
+    let count = Arc::new(AtomicU64::new(0));
+    let measuring = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_at = Instant::now() + POLL_WARMUP + RECONCILE_TIME;
+    let mut tasks = tokio::task::JoinSet::new();
+    for c in 0..RECONCILE_CLIENTS {
+        let mut conn = HttpConn::open(server.addr).await?;
+        let (addr, token) = (server.addr, token(&format!("r{c}")));
+        let (count, measuring) = (Arc::clone(&count), Arc::clone(&measuring));
+        tasks.spawn(async move {
+            let client = format!("r{c}");
+            let mut n = 0u64;
+            let mut last_known: Option<String> = None;
+            while Instant::now() < stop_at {
+                let ops: Vec<serde_json::Value> = (0..RECONCILE_OPS)
+                    .map(|_| {
+                        n += 1;
+                        let kind = if n == 1 { "CREATE" } else { "UPDATE" };
+                        json!({
+                            "operationId": format!("{client}-{n}"), "clientId": client,
+                            "tenantId": TENANT, "entityType": "doc",
+                            "entityId": format!("doc-{client}"), "operationType": kind,
+                            "payload": {format!("f{}", n % 8): n},
+                            "timestamp": "2026-12-01T00:00:00Z",
+                            "vectorClock": {client.as_str(): n},
+                        })
+                    })
+                    .collect();
+                let mut body = json!({
+                    "requestId": format!("{client}-r{n}"), "clientId": client,
+                    "tenantId": TENANT, "operations": ops,
+                    "requestedAt": "2026-12-01T00:00:00Z",
+                    "strategy": "FIELD_LEVEL_MERGE",
+                });
+                if let Some(v) = &last_known {
+                    body["lastKnownVersion"] = json!(v);
+                }
+                let body = body.to_string();
+                let request = format!(
+                    "POST /api/reconciliation/reconcile HTTP/1.1\r\nHost: {addr}\r\n\
+                     Authorization: Bearer {token}\r\nContent-Type: application/json\r\n\
+                     Content-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let (status, answer) = tokio::time::timeout(WAIT, conn.call(request.as_bytes()))
+                    .await
+                    .map_err(|_| "reconcile timed out".to_owned())??;
+                if status != 200 {
+                    return Err(format!(
+                        "reconcile answered {status}: {}",
+                        String::from_utf8_lossy(&answer)
+                    ));
+                }
+                let answer: serde_json::Value =
+                    serde_json::from_slice(&answer).map_err(|e| e.to_string())?;
+                last_known = answer["currentVersion"].as_str().map(str::to_owned);
+                if measuring.load(Ordering::Relaxed) {
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Ok::<_, String>(())
+        });
+    }
+    tokio::time::sleep(POLL_WARMUP).await;
+    let cpu_before = server.cpu_secs()?;
+    let t = Instant::now();
+    measuring.store(true, Ordering::Relaxed);
+    tokio::time::sleep(RECONCILE_TIME).await;
+    measuring.store(false, Ordering::Relaxed);
+    let elapsed = t.elapsed();
+    let n = count.load(Ordering::Relaxed);
+    let cpu = server.cpu_secs()? - cpu_before;
+    while let Some(joined) = tasks.join_next().await {
+        joined.map_err(|e| e.to_string())??;
+    }
+    server.stop();
+    Ok((
+        n as f64 / elapsed.as_secs_f64(),
+        cpu * 1e6 / n.max(1) as f64,
+    ))
+}
+
 /// [`RUNS`] poll runs on fresh servers; the median.
 async fn polls() -> Result<Vec<Row>, String> {
     let mut rows = Vec::new();
@@ -1031,7 +1248,7 @@ async fn polls() -> Result<Vec<Row>, String> {
 /// a loop: each poll returns the one event after the cursor (`from_tail`: the server keeps
 /// its default log tail; otherwise none). Returns polls per second and server CPU µs
 /// per poll.
-async fn poll_run(from_tail: bool) -> Result<(f64, f64), String> {
+pub(super) async fn poll_run(from_tail: bool) -> Result<(f64, f64), String> {
     let server = if from_tail {
         ChildProc::spawn(CHILD_SERVER)?
     } else {
@@ -1130,7 +1347,7 @@ fn open_file_limit() -> Option<u64> {
 
 /// [`IDLE_CONNS`] idle WebSocket connections (one user each); the server child's RSS
 /// growth divided by the connections.
-async fn idle() -> Result<Vec<Row>, String> {
+pub(super) async fn idle() -> Result<Vec<Row>, String> {
     let limit = open_file_limit().unwrap_or(0);
     if limit < (IDLE_CONNS + IDLE_WARM + 200) as u64 {
         return Err(format!(
@@ -1172,4 +1389,152 @@ async fn idle() -> Result<Vec<Row>, String> {
             connect_time.as_secs_f64()
         ),
     }])
+}
+
+/// Opens `n` plain TCP connections that send nothing, [`CONNECT_BATCH`] at a time.
+async fn open_silent(addr: SocketAddr, n: usize) -> Result<Vec<TcpStream>, String> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let batch = CONNECT_BATCH.min(n - out.len());
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..batch {
+            set.spawn(async move { tokio::time::timeout(WAIT, TcpStream::connect(addr)).await });
+        }
+        while let Some(joined) = set.join_next().await {
+            let stream = joined
+                .map_err(|e| e.to_string())?
+                .map_err(|_| "a connect timed out".to_owned())?
+                .map_err(|e| e.to_string())?;
+            out.push(stream);
+        }
+    }
+    Ok(out)
+}
+
+/// True when the server has closed `stream` (a read sees the end or an error within
+/// `wait`).
+async fn closed_by_server(stream: &mut TcpStream, wait: Duration) -> bool {
+    let mut byte = [0u8; 1];
+    matches!(
+        tokio::time::timeout(wait, stream.read(&mut byte)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
+/// A counter of the Prometheus text `metrics`, e.g. `name{label="x"}`.
+fn counter(metrics: &str, name: &str) -> Option<u64> {
+    let prefix = format!("{name} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// The server with its default settings (`HTTP_HEADER_TIMEOUT` 10 s,
+/// `HTTP_MAX_CONNECTIONS` derived from its open-file limit): silent connections up to
+/// its cap and the growth of its resident memory per connection; then
+/// [`SILENT_PAST_CAP`] more, which it must close as it accepts them.
+async fn silent() -> Result<Vec<Row>, String> {
+    let server = ChildProc::spawn(CHILD_SERVER)?;
+    // One keep-alive connection for /health and /metrics: it counts as one of the cap.
+    let mut http = HttpConn::open(server.addr).await?;
+    let (status, body) = http
+        .call(b"GET /health HTTP/1.1\r\nHost: bench\r\n\r\n")
+        .await?;
+    let health: serde_json::Value =
+        serde_json::from_slice(&body).map_err(|e| format!("/health ({status}): {e}"))?;
+    let figures = &health["services"]["websocket"];
+    let cap = figures["maxHttpConnections"]
+        .as_u64()
+        .and_then(|n| usize::try_from(n).ok())
+        .ok_or_else(|| format!("no maxHttpConnections in {health}"))?;
+    let descriptors = figures["descriptorLimit"]
+        .as_u64()
+        .map_or_else(|| "none".to_owned(), |n| n.to_string());
+    let own_limit = open_file_limit().unwrap_or(0);
+    if own_limit < (cap + SILENT_PAST_CAP + 200) as u64 {
+        return Err(format!(
+            "this process's open-file limit ({own_limit}) is too low for {cap} connections"
+        ));
+    }
+    let warm = open_silent(server.addr, SILENT_WARM).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(warm);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = server.rss_kib()?;
+    let started = Instant::now();
+    let held_count = cap - 1;
+    let mut held = open_silent(server.addr, held_count).await?;
+    let opened_in = started.elapsed();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = server.rss_kib()?;
+    // Past the cap: each is closed at accept.
+    let mut past = open_silent(server.addr, SILENT_PAST_CAP).await?;
+    let mut closed_at_once = 0;
+    for stream in &mut past {
+        if closed_by_server(stream, Duration::from_secs(1)).await {
+            closed_at_once += 1;
+        }
+    }
+    // The held ones are all still open (a read would block) ...
+    let mut still_open = 0;
+    for stream in &mut held {
+        let mut byte = [0u8; 1];
+        if matches!(stream.try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        {
+            still_open += 1;
+        }
+    }
+    // ... and all within the header timeout, or the figures mean something else.
+    let within = started.elapsed();
+    if within >= Duration::from_secs(9) {
+        return Err(format!(
+            "holding {held_count} took {within:?}: the 10 s header timeout would close them"
+        ));
+    }
+    let (_, metrics) = http
+        .call(b"GET /metrics HTTP/1.1\r\nHost: bench\r\n\r\n")
+        .await?;
+    let metrics = String::from_utf8_lossy(&metrics);
+    let shed = counter(
+        &metrics,
+        "webwaka_http_connections_closed_total{reason=\"shed\"}",
+    )
+    .unwrap_or(0);
+    drop((held, past, http));
+    server.stop();
+    let per_conn = (after.saturating_sub(before) * 1024) as f64 / held_count as f64;
+    Ok(vec![
+        Row {
+            name: "server: memory per silent connection".into(),
+            figure: format!(
+                "{:.2} KiB ({before} → {after} KiB RSS for {held_count}; the cap full ≈ {:.0} MiB)",
+                per_conn / 1024.0,
+                per_conn * held_count as f64 / (1024.0 * 1024.0)
+            ),
+            method: format!(
+                "server child process, default settings; {SILENT_WARM} silent connections \
+                 opened and closed first (runtime warm), then VmRSS before and 0.5 s after \
+                 opening {held_count} TCP connections that send nothing ({CONNECT_BATCH} \
+                 connecting at a time, opened in {:.1} s, all within the 10 s header \
+                 timeout); growth ÷ {held_count}",
+                opened_in.as_secs_f64()
+            ),
+        },
+        Row {
+            name: "server: silent connections held before shedding".into(),
+            figure: format!(
+                "{still_open} held of HTTP_MAX_CONNECTIONS {cap} (derived: ¼ of the \
+                 descriptor limit {descriptors} less 64); the next {SILENT_PAST_CAP}: \
+                 {closed_at_once} closed at accept, {shed} counted as shed"
+            ),
+            method: format!(
+                "same run: one keep-alive connection (/health, /metrics) + {held_count} silent \
+                 ones fill the cap; each held one checked open (a read would block), then \
+                 {SILENT_PAST_CAP} more opened, each checked closed within 1 s; shed from \
+                 webwaka_http_connections_closed_total; this process's open-file limit \
+                 {own_limit}"
+            ),
+        },
+    ])
 }

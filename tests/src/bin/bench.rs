@@ -1,15 +1,21 @@
 //! `bench`: runs the project's benchmarks and prints one table.
 //!
 //! `cargo run --release -p webwaka-e2e --bin bench [NAME…]` runs the named groups
-//! (all when none is named). Groups: `reconcile`, `store`, `client`, `server`, `size`.
+//! (all when none is named). Groups: `reconcile`, `store`, `client`, `server`, `size`,
+//! `socketio` (needs node and `scripts/install-node-deps.sh`).
 
 use std::process::ExitCode;
 
 use webwaka_e2e::bench::{self, Row};
 
-const GROUPS: &[&str] = &["reconcile", "store", "client", "server", "size"];
+/// Counts allocations for the groups that report them (see `bench::alloc`).
+#[global_allocator]
+static ALLOCATOR: bench::alloc::Counting = bench::alloc::Counting;
+
+const GROUPS: &[&str] = &["reconcile", "store", "client", "server", "size", "socketio"];
 
 fn main() -> ExitCode {
+    bench::alloc::installed();
     // The server benchmarks run the server and the raw relay as child processes.
     if let Ok(kind) = std::env::var(bench::server::CHILD_ENV)
         && (kind == bench::server::CHILD_SERVER || kind == bench::server::CHILD_RELAY)
@@ -62,6 +68,15 @@ fn main() -> ExitCode {
             Ok(server_rows) => rows.extend(server_rows),
             Err(e) => {
                 eprintln!("bench: server: {e}");
+                failed = true;
+            }
+        }
+    }
+    if run("socketio") {
+        match bench::socketio::run() {
+            Ok(socketio_rows) => rows.extend(socketio_rows),
+            Err(e) => {
+                eprintln!("bench: socketio: {e}");
                 failed = true;
             }
         }

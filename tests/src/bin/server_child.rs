@@ -2,7 +2,10 @@
 //! port and data directory, until SIGKILL (or SIGINT/SIGTERM). Used by
 //! `tests/tests/server_crash.rs`.
 //!
-//! `server_child DATA_DIR PORT`
+//! `server_child DATA_DIR PORT`; `DATABASE_URL` and `JWT_SECRET` from the environment
+//! when set (several instances on one PostgreSQL database share both), and for the
+//! chaos schedule `CHAOS=1`, `RECONCILIATION_COUNTER_TYPES`,
+//! `TRANSACTION_CONFIRM_DELAY_MS`.
 
 use std::path::PathBuf;
 
@@ -29,6 +32,18 @@ fn main() {
     let code = runtime.block_on(async {
         let mut config = webwaka_e2e::harness::test_config(&PathBuf::from(dir));
         config.port = port;
+        config.database_url = std::env::var("DATABASE_URL").ok();
+        config.jwt_secret = std::env::var("JWT_SECRET").ok();
+        config.chaos = std::env::var("CHAOS").is_ok_and(|v| v == "1");
+        if let Ok(types) = std::env::var("RECONCILIATION_COUNTER_TYPES") {
+            config.reconciliation_counter_types = types;
+        }
+        if let Some(ms) = std::env::var("TRANSACTION_CONFIRM_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            config.transaction_confirm_delay_ms = ms;
+        }
         let server = match Server::bind(config, Options::default()).await {
             Ok(s) => s,
             Err(e) => {
@@ -37,9 +52,20 @@ fn main() {
             }
         };
         println!("listening");
+        // SIGINT or SIGTERM: a graceful stop.
         server
             .run(async {
-                let _ = tokio::signal::ctrl_c().await;
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = async {
+                        match term.as_mut() {
+                            Some(term) => { term.recv().await; }
+                            None => std::future::pending::<()>().await,
+                        }
+                    } => {}
+                }
             })
             .await;
         0
