@@ -451,6 +451,9 @@ fn close_text(reason: &str) -> &'static str {
             "deliveries piled up faster than this connection took them: reconnect with auth.lastEventId to catch up"
         }
         "TOO_MANY_VIOLATIONS" => "too many refused events within a minute",
+        "RESUME_FAILED" => {
+            "the events after auth.lastEventId could not be read now: reconnect with it shortly"
+        }
         _ => "the server closed the connection",
     }
 }
@@ -655,11 +658,11 @@ impl Connection {
         let app = Arc::clone(&self.app);
         let mut replay = match Replay::start(&app, &self.peer, cursor, after_seq).await {
             Ok(replay) => replay,
-            Err(error) => return self.refuse(error, ack).await,
+            Err(error) => return Self::replay_failed(&error),
         };
         loop {
             match replay.next_page(&app, &self.peer).await {
-                Err(error) => return self.refuse(error, ack).await,
+                Err(error) => return Self::replay_failed(&error),
                 Ok(None) => break,
                 Ok(Some(page)) => {
                     for (seq, event) in page {
@@ -674,6 +677,15 @@ impl Connection {
             }
         }
         self.respond(&replay.finish(&app), ack).await
+    }
+
+    /// A replay that could not be read to its end (the storage is unavailable) ends the
+    /// connection with the error's code: left open, its live deliveries would move the
+    /// client's cursor past the events it has not been sent. The client reconnects with
+    /// its cursor and resumes.
+    fn replay_failed(error: &ApiError) -> Flow {
+        tracing::debug!(code = ?error.body.code, "a replay failed: disconnecting");
+        Flow::Close(error.body.code, "RESUME_FAILED")
     }
 }
 

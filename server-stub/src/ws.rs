@@ -454,11 +454,11 @@ impl Connection {
         let app = Arc::clone(&self.app);
         let mut replay = match Replay::start(&app, &self.peer, cursor, after_seq).await {
             Ok(replay) => replay,
-            Err(error) => return self.refuse(error, reference).await,
+            Err(error) => return self.replay_failed(error, reference).await,
         };
         loop {
             match replay.next_page(&app, &self.peer).await {
-                Err(error) => return self.refuse(error, reference).await,
+                Err(error) => return self.replay_failed(error, reference).await,
                 Ok(None) => break,
                 Ok(Some(page)) => {
                     for (seq, event) in page {
@@ -471,6 +471,21 @@ impl Connection {
             }
         }
         self.send(&replay.finish(&app), reference).await
+    }
+
+    /// A replay that could not be read to its end (the storage is unavailable) ends the
+    /// connection after saying why: left open, its live deliveries would move the
+    /// client's cursor past the events it has not been sent. Closed with 1013, the
+    /// client comes back later with its cursor and resumes.
+    async fn replay_failed(&mut self, error: ApiError, reference: Option<&str>) -> Flow {
+        let mut body = error.body;
+        if let Some(r) = reference {
+            body = body.with_ref(r);
+        }
+        if let f @ Flow::Stop = self.send(&ServerEvent::Error(body), reference).await {
+            return f;
+        }
+        Flow::Close(close_code::TRY_AGAIN_LATER, "RESUME_FAILED")
     }
 }
 

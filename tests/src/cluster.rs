@@ -222,6 +222,23 @@ impl Children {
     }
 }
 
+/// Where instance `port`'s log goes: appended to `WEBWAKA_SERVER_LOG_DIR/server-PORT.log`
+/// when that is set (with `RUST_LOG`, to debug a failed multi-instance run), else nowhere.
+fn server_log(port: u16) -> Stdio {
+    let Some(dir) = std::env::var_os("WEBWAKA_SERVER_LOG_DIR") else {
+        return Stdio::null();
+    };
+    let path = Path::new(&dir).join(format!("server-{port}.log"));
+    match std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        Ok(file) => Stdio::from(file),
+        Err(_) => Stdio::null(),
+    }
+}
+
 /// Starts one `server_child` and waits (at most 20 s) until it listens.
 fn spawn_child(
     binary: &Path,
@@ -236,7 +253,7 @@ fn spawn_child(
         .env("DATABASE_URL", database_url)
         .env("JWT_SECRET", SECRET)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(server_log(port))
         .spawn()
         .expect("server_child starts");
     let stdout = child.stdout.take().expect("stdout");

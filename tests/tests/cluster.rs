@@ -766,3 +766,82 @@ async fn a_database_restart_under_traffic_loses_nothing_acknowledged() {
     b.shutdown().await;
     cluster.stop().await;
 }
+
+/// Found by the 30-minute soak: a resume whose events could not be read (PostgreSQL
+/// down, the cursor still in the instance's tail) was answered with an `error` and the
+/// connection left open, so its live deliveries moved the client's cursor past the
+/// events it was never sent. Now the connection closes with 1013 `RESUME_FAILED`, and
+/// the same cursor resumes once the database is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_the_database_cannot_serve_closes_the_connection() {
+    let pg = PgCluster::start();
+    let database = webwaka_server_stub::testing::fresh_database(&pg.url)
+        .await
+        .unwrap();
+    let cluster = Instances::start_on(database, 1, |c| {
+        c.database_connect_timeout_ms = 1_000;
+    })
+    .await;
+    let http = reqwest::Client::new();
+    let alice = token("t1", "alice", &[]);
+    let bob = token("t1", "bob", &[]);
+    let mut acks = Vec::new();
+    for n in 0..3 {
+        let ack: Value = http
+            .post(format!("{}/api/messages", cluster.url(0)))
+            .bearer_auth(&alice)
+            .json(&json!({"type": "dm", "recipientId": "bob", "payload": {"n": n}}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        acks.push(ack["eventId"].as_str().unwrap().to_owned());
+    }
+    pg.stop("fast");
+    let query = format!("lastEventId={}", acks[0]);
+    let mut ws = Ws::open(&cluster.url(0), &bob, &query).await;
+    let error = ws.next().await.expect("an error before the close");
+    assert_eq!(error["event"], "error", "{error}");
+    assert_eq!(error["data"]["code"], "SERVER_FULL", "{error}");
+    let close = tokio::time::timeout(WITHIN, async {
+        while let Some(frame) = ws.0.next().await {
+            match frame {
+                Ok(Message::Close(close)) => return close,
+                Ok(Message::Text(t)) => panic!("nothing may follow the error: {t}"),
+                Ok(_) => {}
+                Err(e) => panic!("no close frame: {e}"),
+            }
+        }
+        None
+    })
+    .await
+    .unwrap()
+    .expect("a close frame");
+    assert_eq!(u16::from(close.code), 1013);
+    assert_eq!(close.reason.as_str(), "RESUME_FAILED");
+    // The database back, the same cursor resumes with what was missed.
+    pg.restart();
+    let resumed = wait_until(WITHIN, || async {
+        http.get(format!("{}/health", cluster.url(0)))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().as_u16() == 200)
+    })
+    .await;
+    assert!(resumed, "the instance recovered");
+    let mut ws = Ws::open(&cluster.url(0), &bob, &query).await;
+    let mut replayed = Vec::new();
+    loop {
+        let frame = ws.next().await.expect("a replay, then resumed");
+        if frame["event"] == "resumed" {
+            break;
+        }
+        if frame["event"] == "message" {
+            replayed.push(frame["data"]["payload"]["n"].as_u64().unwrap());
+        }
+    }
+    assert_eq!(replayed, vec![1, 2]);
+    cluster.stop().await;
+}

@@ -5,13 +5,21 @@
 //! `server_child DATA_DIR PORT`; `DATABASE_URL` and `JWT_SECRET` from the environment
 //! when set (several instances on one PostgreSQL database share both), and for the
 //! chaos schedule `CHAOS=1`, `RECONCILIATION_COUNTER_TYPES`,
-//! `TRANSACTION_CONFIRM_DELAY_MS`.
+//! `TRANSACTION_CONFIRM_DELAY_MS`. With `RUST_LOG` set, the server's log goes to stderr
+//! (the multi-instance tests keep it in `WEBWAKA_SERVER_LOG_DIR` when that is set).
 
 use std::path::PathBuf;
 
 use webwaka_server_stub::{Options, Server};
 
 fn main() {
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_default_env() {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(false)
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let args: Vec<String> = std::env::args().collect();
     let (Some(dir), Some(port)) = (args.get(1), args.get(2).and_then(|p| p.parse::<u16>().ok()))
     else {
