@@ -996,19 +996,26 @@ impl Storage for PgStore {
                         let mut k_id = Vec::new();
                         let mut k_version = Vec::new();
                         let mut k_state = Vec::new();
+                        let mut k_current = Vec::new();
                         for (key, state) in committed.to_store() {
                             k_type.push(key.0.as_str());
                             k_id.push(key.1.as_str());
                             k_version.push(state.version() as i64);
                             k_state.push(serde_json::to_string(state).map_err(StoreError::from)?);
+                            k_current.push(
+                                crate::reconcile::current_json(state).map_err(StoreError::from)?,
+                            );
                         }
                         if !k_type.is_empty() {
                             tx.execute(
-                                "INSERT INTO entities (tenant, entity_type, entity_id, version, state)
-                                 SELECT $1, * FROM unnest($2::text[], $3::text[], $4::int8[], $5::text[])
+                                "INSERT INTO entities
+                                     (tenant, entity_type, entity_id, version, state, current)
+                                 SELECT $1, * FROM unnest($2::text[], $3::text[], $4::int8[],
+                                                          $5::text[], $6::text[])
                                  ON CONFLICT (tenant, entity_type, entity_id)
-                                 DO UPDATE SET version = excluded.version, state = excluded.state",
-                                &[&tenant, &k_type, &k_id, &k_version, &k_state],
+                                 DO UPDATE SET version = excluded.version, state = excluded.state,
+                                               current = excluded.current",
+                                &[&tenant, &k_type, &k_id, &k_version, &k_state, &k_current],
                             )
                             .await
                             .map_err(pg_error)?;
@@ -1024,8 +1031,8 @@ impl Storage for PgStore {
                         let after = last_known.map_or(0, |v| v.min(i64::MAX as u64) as i64);
                         let rows = tx
                             .query(
-                                "SELECT state FROM entities WHERE tenant = $1 AND version > $2
-                                 ORDER BY version",
+                                "SELECT coalesce(current, state) FROM entities
+                                 WHERE tenant = $1 AND version > $2 ORDER BY version",
                                 &[&tenant, &after],
                             )
                             .await

@@ -203,6 +203,12 @@ CREATE UNIQUE INDEX events_by_message_id ON events (tenant, message_id, sender_i
 ALTER TABLE transactions ADD COLUMN owner TEXT;
 ALTER TABLE transactions ADD COLUMN lease_until_ms INTEGER;
 "#,
+    r#"
+-- An entity's current value, version and clock, beside its whole state: what a
+-- reconciliation answer lists for the entities changed after the client's version,
+-- read without the retained history (NULL in rows stored before: the state is read).
+ALTER TABLE entities ADD COLUMN current TEXT;
+"#,
 ];
 
 /// What the writer thread remembers between jobs. Cleared whenever a job or a commit

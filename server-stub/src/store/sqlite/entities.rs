@@ -71,10 +71,11 @@ pub(super) fn commit(
         .map_or(0, |n| n as u64);
     let committed = prepared.commit(counter);
     let mut upsert = w.conn.prepare_cached(
-        "INSERT INTO entities (tenant, entity_type, entity_id, version, state)
-         VALUES (?1, ?2, ?3, ?4, ?5)
+        "INSERT INTO entities (tenant, entity_type, entity_id, version, state, current)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
          ON CONFLICT (tenant, entity_type, entity_id)
-         DO UPDATE SET version = excluded.version, state = excluded.state",
+         DO UPDATE SET version = excluded.version, state = excluded.state,
+                       current = excluded.current",
     )?;
     for (key, state) in committed.to_store() {
         upsert.execute(params![
@@ -82,7 +83,8 @@ pub(super) fn commit(
             key.0,
             key.1,
             state.version() as i64,
-            serde_json::to_string(state)?
+            serde_json::to_string(state)?,
+            crate::reconcile::current_json(state)?
         ])?;
     }
     drop(upsert);
@@ -99,7 +101,8 @@ pub(super) fn commit(
     let mut later = Vec::new();
     {
         let mut stmt = w.conn.prepare_cached(
-            "SELECT state FROM entities WHERE tenant = ?1 AND version > ?2 ORDER BY version",
+            "SELECT coalesce(current, state) FROM entities
+             WHERE tenant = ?1 AND version > ?2 ORDER BY version",
         )?;
         let after = last_known.map_or(0, |v| v.min(i64::MAX as u64) as i64);
         let rows = stmt.query_map(params![tenant, after], |row| row.get::<_, String>(0))?;
