@@ -129,6 +129,20 @@ async fn statements(url: &str) -> Result<i64, String> {
     .map(|n| n.unwrap_or(0))
 }
 
+/// Reads of new events by the instances' feeds (the catch-up read of
+/// `store::postgres::events_after`: a gap the notifications did not fill), counted by
+/// `pg_stat_statements`.
+async fn catch_up_reads(url: &str) -> Result<i64, String> {
+    admin_sql(
+        url,
+        "SELECT coalesce(sum(calls), 0)::int8 FROM pg_stat_statements
+         WHERE dbid <> (SELECT oid FROM pg_database WHERE datname = current_database())
+           AND query LIKE 'SELECT seq, event_id, created_ms, recipient_id, room_id, sender_id, body FROM events%'",
+    )
+    .await
+    .map(|n| n.unwrap_or(0))
+}
+
 /// The durable throughput rows of one setup: (name, env, instances).
 struct Setup {
     name: &'static str,
@@ -193,6 +207,7 @@ async fn durable(admin: &str, postmaster: u32) -> Result<Vec<Row>, String> {
         let postgres = setup.name.starts_with("PostgreSQL");
         let (mut rates, mut cpus, mut db_cpus, mut per_message) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut reads_per_message = Vec::new();
         for _ in 0..RUNS {
             let mut env: Vec<(&str, String)> = setup.env.clone();
             if postgres {
@@ -206,10 +221,10 @@ async fn durable(admin: &str, postmaster: u32) -> Result<Vec<Row>, String> {
             for _ in 0..setup.instances {
                 servers.push(ChildProc::spawn(CHILD_SERVER)?);
             }
-            let before = if postgres {
-                statements(admin).await?
+            let (before, reads_before) = if postgres {
+                (statements(admin).await?, catch_up_reads(admin).await?)
             } else {
-                0
+                (0, 0)
             };
             let cpu_of_db = || {
                 if postgres {
@@ -222,6 +237,8 @@ async fn durable(admin: &str, postmaster: u32) -> Result<Vec<Row>, String> {
             if postgres {
                 let after = statements(admin).await?;
                 per_message.push((after - before) as f64 / t.messages as f64);
+                let reads = catch_up_reads(admin).await?;
+                reads_per_message.push((reads - reads_before) as f64 / t.messages as f64);
             }
             rates.push(t.rate);
             cpus.push(t.cpu_us_per_message);
@@ -237,8 +254,10 @@ async fn durable(admin: &str, postmaster: u32) -> Result<Vec<Row>, String> {
         if postgres {
             let db = median(&mut db_cpus);
             let statements = median(&mut per_message);
+            let reads = median(&mut reads_per_message);
             figure.push_str(&format!(
-                ", PostgreSQL CPU {db:.1} µs per message, {statements:.2} statements per message"
+                ", PostgreSQL CPU {db:.1} µs per message, {statements:.2} statements per \
+                 message (of which catch-up reads of new events {reads:.4})"
             ));
         }
         rows.push(Row {
