@@ -6,7 +6,7 @@
 //! and keeps nothing more per connection. While one is open, the hooks send a summary
 //! to the dashboards' broadcast channel (dropped when nobody is subscribed or a
 //! dashboard is too slow: the page is a view, never a queue) and keep the last frame
-//! in and out of each connection, the time of each user's last poll and the errors by
+//! in and out of each connection (heartbeats aside), the time of each user's last poll and the errors by
 //! code; all of it is forgotten when the last dashboard closes.
 
 use std::collections::{BTreeMap, HashMap};
@@ -151,6 +151,10 @@ impl Watch {
     }
 
     fn frame(&self, conn: u64, text: &str, incoming: bool) {
+        // Heartbeats would hide the frame worth seeing (one every ping interval).
+        if text.starts_with(r#"{"event":"ping""#) || text.starts_with(r#"{"event":"pong""#) {
+            return;
+        }
         let entry = (now_ms(), cut(text));
         let mut captured = self.captured();
         if captured.frames.len() >= FRAMES_MAX && !captured.frames.contains_key(&conn) {
@@ -307,6 +311,7 @@ mod tests {
         assert_eq!(watch.totals(), (0, 0, BTreeMap::new()));
         let watcher = watch.subscribe();
         watch.frame_in(1, "hello");
+        watch.frame_in(1, r#"{"event":"ping","data":null}"#);
         watch.frame_out(1, &"x".repeat(5000));
         watch.polled("t", "u");
         watch.error("AUTH_FAILED");

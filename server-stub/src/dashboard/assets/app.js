@@ -125,8 +125,8 @@
       const tr = row([
         c.tenant, c.user, c.clientId || '', c.transport === 'ws' ? '/ws' : c.transport,
         time(c.since), c.instance || '',
-        el('td', c.lastIn ? time(c.lastIn.at) + ' ' + c.lastIn.text : '', 'text'),
-        el('td', c.lastOut ? time(c.lastOut.at) + ' ' + c.lastOut.text : '', 'text'),
+        frameCell(c.lastIn),
+        frameCell(c.lastOut),
       ]);
       tr.dataset.user = c.user;
       tr.dataset.tenant = c.tenant;
@@ -148,6 +148,15 @@
     }
     chart(s);
     if (s.chaos) $('#chaos-state').textContent = JSON.stringify(s.chaos, null, 1);
+  }
+
+  // A frame, cut to a line or two (all of it on hover).
+  function frameCell(frame) {
+    if (!frame) return el('td', '', 'text');
+    const text = frame.text.length > 160 ? frame.text.slice(0, 160) + '…' : frame.text;
+    const td = el('td', time(frame.at) + ' ' + text, 'text');
+    td.title = frame.text;
+    return td;
   }
 
   function chart(s) {
