@@ -419,7 +419,7 @@ fn snapshot(app: &App, scope: &Scope) -> Value {
 }
 
 /// The durable facts, through the storage interface (both engines, every instance):
-/// consumer groups and their lag, the DLQ, Class D transactions with their audit
+/// consumer groups (lag, deliveries by state, open leases), the DLQ, Class D transactions with their audit
 /// entries, the audit log's newest entries.
 async fn durable(app: &App, scope: &Scope) -> Result<Value, ApiError> {
     let lag = app.store.lag().await?;
@@ -440,7 +440,14 @@ async fn durable(app: &App, scope: &Scope) -> Result<Value, ApiError> {
     let mut dlq = Vec::new();
     let mut transactions = Vec::new();
     let mut audit = Vec::new();
+    let mut deliveries = Vec::new();
     for tenant in &tenants {
+        let mut value =
+            serde_json::to_value(app.store.deliveries(tenant).await?).unwrap_or(Value::Null);
+        if let Value::Object(map) = &mut value {
+            map.insert("tenant".into(), json!(tenant));
+        }
+        deliveries.push(value);
         for entry in app.store.dlq(tenant, None).await? {
             let mut value = serde_json::to_value(&entry).unwrap_or(Value::Null);
             if let Value::Object(map) = &mut value {
@@ -487,6 +494,7 @@ async fn durable(app: &App, scope: &Scope) -> Result<Value, ApiError> {
     }
     Ok(json!({
         "groups": groups,
+        "deliveries": deliveries,
         "dlq": dlq,
         "transactions": transactions,
         "audit": audit,

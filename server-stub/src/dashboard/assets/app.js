@@ -246,7 +246,25 @@
     if (d.error) { showError('Storage: ' + d.error); return; }
     const groups = $('#groups tbody');
     groups.replaceChildren();
-    for (const g of d.groups) groups.appendChild(row([g.tenant, g.group, g.lag]));
+    const counts = {};
+    for (const t of d.deliveries || []) {
+      for (const c of t.counts) {
+        const key = t.tenant + '/' + c.group;
+        counts[key] = (counts[key] || '') + c.state + ' ' + c.events + ' (' + c.deliveries + ' deliveries) ';
+      }
+    }
+    for (const g of d.groups) {
+      const tr = row([g.tenant, g.group, g.lag, counts[g.tenant + '/' + g.group] || '']);
+      tr.dataset.group = g.group;
+      groups.appendChild(tr);
+    }
+    const leases = $('#leases tbody');
+    leases.replaceChildren();
+    for (const t of d.deliveries || []) {
+      for (const o of t.open) {
+        leases.appendChild(row([t.tenant, o.group, o.seq, o.eventId, o.state, o.consumerId || '', o.deliveryCount, o.leaseExpiresMs ? time(o.leaseExpiresMs) : '']));
+      }
+    }
     const dlq = $('#dlq tbody');
     dlq.replaceChildren();
     for (const entry of d.dlq) {
