@@ -24,7 +24,11 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
 use webwaka_e2e::cluster::{Instances, free_port};
-use webwaka_e2e::harness::{ChildGuard, client_config, direct, open_client, test_config};
+use webwaka_e2e::harness::{
+    ChildGuard, client_config, direct, open_client, test_config, wait_state,
+};
+use webwaka_realtime::client::Target;
+use webwaka_realtime::machine::ConnectionState;
 use webwaka_server_stub::{Config, Options, RunningServer, Server};
 
 /// How long the page may take to show something (generous: a shared 2-core machine).
@@ -191,12 +195,32 @@ impl Browser {
             .unwrap();
     }
 
-    /// Saves a screenshot as `name`.png when `WEBWAKA_SCREENSHOTS_DIR` is set.
+    /// Saves a screenshot of the window as `name`.png when `WEBWAKA_SCREENSHOTS_DIR` is
+    /// set.
     async fn screenshot(&self, name: &str) {
+        self.screenshot_of(name, None).await;
+    }
+
+    /// The same, of the element `css` only (when given).
+    async fn screenshot_of(&self, name: &str, css: Option<&str>) {
         let Some(dir) = std::env::var_os("WEBWAKA_SCREENSHOTS_DIR") else {
             return;
         };
-        let png = self.page().screenshot().await.unwrap();
+        let png = match css {
+            None => self.page().screenshot().await.unwrap(),
+            Some(css) => {
+                // Into view first: an element's screenshot is cut to the window.
+                self.page()
+                    .execute(
+                        "document.querySelector(arguments[0]).scrollIntoView({block: 'start'});",
+                        vec![json!(css)],
+                    )
+                    .await
+                    .unwrap();
+                let element = self.page().find(Locator::Css(css)).await.unwrap();
+                element.screenshot().await.unwrap()
+            }
+        };
         let dir = PathBuf::from(dir);
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join(format!("{name}.png")), png).unwrap();
@@ -311,11 +335,34 @@ async fn live_tail_and_connections_follow_the_clients_and_the_page_stays_on_the_
                 "\"event\":\"message_ack\"",
             )
             .await;
+        // A class A message, never stored, as it passes.
+        assert!(
+            wait_state(&bob, ConnectionState::Realtime, WITHIN).await,
+            "bob is connected"
+        );
+        bob.send_live(
+            Target::User("alice".into()),
+            "typing",
+            json!({"typing": true}),
+        )
+        .await
+        .unwrap();
+        browser
+            .wait_text("#events", "CLASS_A (live, not stored)")
+            .await;
+        browser.wait_text("#events", "\"typing\":true").await;
         browser.screenshot("live").await;
 
-        // It disappears when the client drops.
+        // It disappears when the client drops (its WebSocket at once; the row of a user
+        // who polled lately, after that stops being recent).
         alice.shutdown().await;
         drop(alice);
+        browser
+            .wait_present(
+                "#connections tr[data-user='alice'][data-transport='ws']",
+                false,
+            )
+            .await;
         browser
             .wait_present("#connections tr[data-user='alice']", false)
             .await;
@@ -388,7 +435,10 @@ async fn dlq_replay_from_the_page_delivers_the_event_again() {
             let answer: Value = http
                 .post(format!("{base}/api/eventbus/groups/billing/claim"))
                 .bearer_auth(&svc)
-                .json(&json!({"consumerId": "w1", "max": 5, "visibilityTimeoutMs": 50}))
+                .json(
+                    &json!({"consumerId": "w1", "max": 5, "visibilityTimeoutMs": 50,
+                    "eventTypes": ["order.placed"]}),
+                )
                 .send()
                 .await
                 .unwrap()
@@ -428,7 +478,34 @@ async fn dlq_replay_from_the_page_delivers_the_event_again() {
             .await;
         browser.wait_text("#dlq", &event_id).await;
         browser.wait_text("#groups", "billing").await;
-        browser.screenshot("dlq").await;
+        browser.wait_text("#groups", "dead 1").await;
+        // A Class D transaction, with its status and the audit entries of each step.
+        let submitted: Value = http
+            .post(format!("{base}/api/transactions"))
+            .bearer_auth(server.token("acme", "alice", &[]))
+            .header("Idempotency-Key", "pay-1")
+            .json(&json!({"transactionType": "payment.transfer", "payload": {"amount": 5}}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let transaction = submitted["transactionId"].as_str().unwrap().to_owned();
+        let shown = browser
+            .wait_text(
+                &format!("#transactions [data-transaction-id='{transaction}']"),
+                "CONFIRMED",
+            )
+            .await;
+        assert!(shown.contains("transaction.submit"), "{shown}");
+        assert!(shown.contains("transaction.confirm"), "{shown}");
+        browser
+            .screenshot_of("dlq", Some("section:has(#dlq)"))
+            .await;
+        browser
+            .screenshot_of("transactions", Some("section:has(#transactions)"))
+            .await;
         browser.click("#dlq button.replay").await;
         browser.wait_text("#dlq-result", "replayed").await;
         // Delivered again to the group.
@@ -472,7 +549,9 @@ async fn audit_verify_shows_valid_then_where_a_tampered_copy_breaks() {
         browser.click("#verify-audit").await;
         let shown = browser.wait_text("#audit-result", "valid").await;
         assert!(!shown.contains("broken"), "{shown}");
-        browser.screenshot("audit").await;
+        browser
+            .screenshot_of("audit", Some("section:has(#verify-audit)"))
+            .await;
         browser.close().await;
         server.shutdown().await;
 
@@ -512,7 +591,9 @@ async fn audit_verify_shows_valid_then_where_a_tampered_copy_breaks() {
             .wait_text("#audit-result", "broken at entry 2")
             .await;
         assert!(!shown.starts_with("valid"), "{shown}");
-        browser.screenshot("audit-broken").await;
+        browser
+            .screenshot_of("audit-broken", Some("section:has(#verify-audit)"))
+            .await;
         browser.close().await;
         tampered.shutdown().await;
     })
@@ -539,7 +620,7 @@ async fn a_chaos_switch_on_the_page_takes_effect_on_a_connected_client() {
             .wait_present("#connections tr[data-user='carol']", true)
             .await;
         browser.wait_text("#chaos-state", "refuseWebSocket").await;
-        browser.screenshot("chaos").await;
+        browser.screenshot_of("chaos", Some("#chaos")).await;
 
         // Drop connections: carol's WebSocket ends, without a close frame.
         browser.click("#chaos-drop").await;
@@ -659,7 +740,9 @@ async fn two_instances_show_their_connections_on_one_page() {
                 true,
             )
             .await;
-        browser.screenshot("instances").await;
+        browser
+            .screenshot_of("instances", Some("section:has(#connections)"))
+            .await;
         // And bob's goes away when he leaves the other instance.
         let _ = on_b.close(None).await;
         browser

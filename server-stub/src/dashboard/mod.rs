@@ -61,7 +61,7 @@ const SNAPSHOT_EVERY: Duration = Duration::from_secs(1);
 /// Durable facts are read every this many snapshots.
 const DURABLE_EVERY: u32 = 3;
 /// A user who polled within this is shown as connected by polling.
-const POLLING_RECENT_MS: i64 = 30_000;
+const POLLING_RECENT_MS: i64 = 10_000;
 /// Tenants whose durable facts a super admin watching every tenant gets.
 const MAX_TENANTS: usize = 20;
 /// Audit entries read per tenant for the transactions and the audit tail.
