@@ -194,3 +194,73 @@ async fn the_feed_shows_connections_events_with_their_recipients_and_consumer_gr
     );
     bob.close().await;
 }
+
+/// Kills the server child when dropped (also when the test fails).
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn the_dev_banner_prints_a_link_that_logs_in() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Child(
+        std::process::Command::new(env!("CARGO_BIN_EXE_webwaka-server-stub"))
+            .env("WS_PORT", port.to_string())
+            .env("DATA_DIR", dir.path())
+            .env("WEBWAKA_MODE", "dev")
+            .env_remove("JWT_SECRET")
+            .env_remove("DATABASE_URL")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = child.0.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut link = None;
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(30)) {
+        if let Some(at) = line.find("http://")
+            && line.contains("/dashboard#token=")
+        {
+            link = Some(line[at..].trim().to_owned());
+            break;
+        }
+    }
+    let link = link.expect("the banner prints the dashboard's link");
+    let (page, token) = link.split_once("#token=").unwrap();
+    assert_eq!(page, format!("http://127.0.0.1:{port}/dashboard"));
+    let http = reqwest::Client::new();
+    let response = http.get(page).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let session: Value = http
+        .get(format!("http://127.0.0.1:{port}/dashboard/api/session"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(session["tenant"], "demo", "{session}");
+    assert_eq!(session["roles"], json!(["admin"]), "{session}");
+    drop(child);
+}
