@@ -120,6 +120,7 @@ impl App {
             Arc::clone(&hub),
             chaos.clone(),
             config.database_url.is_some().then_some(out),
+            Arc::clone(&watch),
         ));
         let store =
             crate::store::open(&config, Arc::clone(&feed), Arc::clone(&node), outbox).await?;

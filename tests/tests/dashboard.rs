@@ -19,7 +19,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use fantoccini::{Client, ClientBuilder, Locator};
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
@@ -743,6 +743,15 @@ async fn two_instances_show_their_connections_on_one_page() {
         browser
             .screenshot_of("instances", Some("section:has(#connections)"))
             .await;
+        // A live message sent on the other instance passes this one too.
+        let frame = json!({"event": "message", "ref": "r1", "data": {
+            "type": "typing", "interactionClass": "CLASS_A", "recipientId": "alice",
+            "payload": {"from": "the other instance"}}});
+        on_b.send(Message::Text(frame.to_string().into()))
+            .await
+            .unwrap();
+        browser.wait_text("#events", "the other instance").await;
+        browser.wait_text("#events", "alice: live").await;
         // And bob's goes away when he leaves the other instance.
         let _ = on_b.close(None).await;
         browser

@@ -66,6 +66,9 @@ const POLLING_RECENT_MS: i64 = 10_000;
 const MAX_TENANTS: usize = 20;
 /// Audit entries read per tenant for the transactions and the audit tail.
 const AUDIT_READ: u32 = 300;
+/// Connections and rooms listed per snapshot (the totals count them all): a page
+/// cannot show fifty thousand rows a second anyway.
+const MAX_ROWS: usize = 1000;
 
 /// The routes, added to the server's router.
 pub(crate) fn routes(router: axum::Router<Arc<App>>) -> axum::Router<Arc<App>> {
@@ -304,12 +307,23 @@ async fn feed(app: Arc<App>, scope: Scope, mut watcher: watch::Watcher, tx: mpsc
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ticks: u32 = 0;
     let shutdown = app.shutdown.clone();
+    // False when the page went away or the server stops (a page that stopped reading
+    // must not hold the shutdown up).
+    let send = |event: Event| {
+        let (tx, shutdown) = (&tx, &shutdown);
+        async move {
+            tokio::select! {
+                sent = tx.send(event) => sent.is_ok(),
+                () = shutdown.cancelled() => false,
+            }
+        }
+    };
     loop {
         let event = tokio::select! {
             () = shutdown.cancelled() => break,
             _ = ticker.tick() => {
                 let snapshot = Event::default().event("snapshot").data(snapshot(&app, &scope).to_string());
-                if tx.send(snapshot).await.is_err() {
+                if !send(snapshot).await {
                     break;
                 }
                 ticks = ticks.wrapping_add(1);
@@ -331,7 +345,7 @@ async fn feed(app: Arc<App>, scope: Scope, mut watcher: watch::Watcher, tx: mpsc
                 Err(broadcast::error::RecvError::Closed) => break,
             },
         };
-        if tx.send(event).await.is_err() {
+        if !send(event).await {
             break;
         }
     }
@@ -349,6 +363,7 @@ fn snapshot(app: &App, scope: &Scope) -> Value {
         |f: &Option<(i64, String)>| f.as_ref().map(|(at, text)| json!({"at": at, "text": text}));
     let mut rows: Vec<Value> = connections
         .iter()
+        .take(MAX_ROWS)
         .map(|c| {
             if c.conn_id.is_some() {
                 connected.insert((c.tenant.clone(), c.user.clone()));
@@ -368,7 +383,8 @@ fn snapshot(app: &App, scope: &Scope) -> Value {
         })
         .collect();
     for ((tenant, user), at) in app.watch.last_polls() {
-        if now - at <= POLLING_RECENT_MS
+        if rows.len() < MAX_ROWS
+            && now - at <= POLLING_RECENT_MS
             && scope.sees(&tenant)
             && !connected.contains(&(tenant.clone(), user.clone()))
         {
@@ -381,10 +397,11 @@ fn snapshot(app: &App, scope: &Scope) -> Value {
             }));
         }
     }
-    let rooms: Vec<Value> = app
-        .hub
-        .rooms(scope.filter())
+    let all_rooms = app.hub.rooms(scope.filter());
+    let room_count = all_rooms.len();
+    let rooms: Vec<Value> = all_rooms
         .into_iter()
+        .take(MAX_ROWS)
         .map(|r| {
             let members: Vec<Value> = r
                 .members
@@ -410,6 +427,8 @@ fn snapshot(app: &App, scope: &Scope) -> Value {
         "rooms": rooms,
         "totals": {
             "connections": local,
+            "listed": connections.len(),
+            "rooms": room_count,
             "messages": messages,
             "polls": polls,
             "errors": errors,

@@ -248,6 +248,8 @@ async fn the_dev_banner_prints_a_link_that_logs_in() {
     let link = link.expect("the banner prints the dashboard's link");
     let (page, token) = link.split_once("#token=").unwrap();
     assert_eq!(page, format!("http://127.0.0.1:{port}/dashboard"));
+    // (In a workspace build reqwest has no TLS provider of its own.)
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let http = reqwest::Client::new();
     let response = http.get(page).send().await.unwrap();
     assert_eq!(response.status(), 200);

@@ -134,7 +134,8 @@
       tr.dataset.instance = c.instance || '';
       body.appendChild(tr);
     }
-    $('#connection-count').textContent = '(' + s.connections.length + ')';
+    const listed = s.totals.listed;
+    $('#connection-count').textContent = listed > s.connections.length ? '(' + s.connections.length + ' of ' + listed + ' shown)' : '(' + s.connections.length + ')';
     const rooms = $('#rooms tbody');
     rooms.replaceChildren();
     for (const r of s.rooms) {
@@ -162,7 +163,7 @@
   function chart(s) {
     const t = s.totals;
     const errors = Object.values(t.errors || {}).reduce((a, b) => a + b, 0);
-    const point = { at: s.at, connections: s.connections.length, messages: 0, polls: 0, errors: 0 };
+    const point = { at: s.at, connections: t.listed, messages: 0, polls: 0, errors: 0 };
     if (state.last) {
       const dt = Math.max(0.001, (s.at - state.last.at) / 1000);
       point.messages = Math.max(0, (t.messages - state.last.messages) / dt);
