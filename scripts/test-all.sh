@@ -60,6 +60,11 @@ step "socket.io tests (node --test)"
 cargo build --locked -p webwaka-server-stub --bin webwaka-server-stub -p webwaka-e2e --bin sdk_peer
 (cd tests/socketio && node --test --test-concurrency=1)
 
+# The dashboard's browser tests (tests/tests/dashboard.rs) drive Debian's chromium
+# through chromedriver: installed here when missing; without them those tests fail.
+step "chromium and chromedriver for the dashboard's browser tests"
+./scripts/install-chromium.sh
+
 # Last, so that the closing summary line is the test runner's.
 step "tests"
 if cargo nextest --version >/dev/null 2>&1; then

@@ -85,6 +85,9 @@ async fn main() {
             std::process::exit(1);
         }
     };
+    // Subscribed before anything else, so that no change of state is missed: the
+    // header shows the state now, and every change after it gets a line.
+    let mut updates = client.subscribe();
     println!(
         "store {} · server {} · room {} · state {:?}",
         args.store.display(),
@@ -97,20 +100,19 @@ async fn main() {
     }
 
     // Print what the client reports.
-    let mut updates = client.subscribe();
     tokio::spawn(async move {
         loop {
             match updates.next().await {
                 Next::Update(u) => match *u {
                     Update::State(s) => match s.next_retry_in {
                         Some(wait) => println!(
-                            "[{:?} → {:?}: {:?}, next try in {:.1}s]",
-                            s.from,
+                            "[state {:?} (was {:?}: {:?}), next try in {:.1}s]",
                             s.to,
+                            s.from,
                             s.reason,
                             wait.as_secs_f32()
                         ),
-                        None => println!("[{:?} → {:?}: {:?}]", s.from, s.to, s.reason),
+                        None => println!("[state {:?} (was {:?}: {:?})]", s.to, s.from, s.reason),
                     },
                     Update::Message(m) => {
                         let text = m.payload["text"].as_str().unwrap_or_default().to_owned();

@@ -83,6 +83,8 @@ pub(crate) struct App {
     pub(crate) node: Arc<Node>,
     /// This instance's name (unique per process start).
     pub(crate) instance: Arc<str>,
+    /// What the dashboards see live (nothing captured while none is open).
+    pub(crate) watch: Arc<crate::dashboard::Watch>,
 }
 
 impl App {
@@ -102,11 +104,13 @@ impl App {
         let metrics = Arc::new(Metrics::new());
         let hub = Arc::new(Hub::new(Arc::clone(&metrics)));
         let tail = Arc::new(Tail::new(config.event_bus_tail_bytes));
+        let watch = Arc::new(crate::dashboard::Watch::new());
         let feed = Arc::new(Feed::new(
             Arc::clone(&hub),
             Arc::clone(&tail),
             Arc::clone(&metrics),
             config.database_url.is_none(),
+            Arc::clone(&watch),
         ));
         // The engine hands the stored memberships to the feed before it answers.
         let chaos = config.chaos.then(|| Arc::new(crate::chaos::Chaos::new()));
@@ -116,6 +120,7 @@ impl App {
             Arc::clone(&hub),
             chaos.clone(),
             config.database_url.is_some().then_some(out),
+            Arc::clone(&watch),
         ));
         let store =
             crate::store::open(&config, Arc::clone(&feed), Arc::clone(&node), outbox).await?;
@@ -145,6 +150,7 @@ impl App {
                 hub: Arc::clone(&hub),
                 metrics: Arc::clone(&metrics),
                 retention_ms: config.event_bus_retention_period_ms,
+                watch: Arc::clone(&watch),
             },
             transactions: Transactions {
                 store: Arc::clone(&store),
@@ -168,6 +174,7 @@ impl App {
             chaos,
             node,
             instance,
+            watch,
             config,
         })
     }

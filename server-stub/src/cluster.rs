@@ -124,6 +124,8 @@ pub(crate) struct Node {
     peers: Mutex<HashMap<String, Instant>>,
     /// Snapshot parts received, per (instance, snapshot).
     parts: Mutex<HashMap<(String, String), Vec<PresenceInfo>>>,
+    /// The dashboards (other instances' live messages show too, while one is open).
+    watch: Arc<crate::dashboard::Watch>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -137,8 +139,10 @@ impl Node {
         hub: Arc<Hub>,
         chaos: Option<Arc<Chaos>>,
         out: Option<mpsc::UnboundedSender<String>>,
+        watch: Arc<crate::dashboard::Watch>,
     ) -> Self {
         Self {
+            watch,
             instance,
             hub,
             chaos,
@@ -322,6 +326,9 @@ impl Node {
                     room,
                     users,
                 };
+                if self.watch.watching() {
+                    self.watch.live(&t, &self.hub, &audience, &frame);
+                }
                 self.hub
                     .deliver(&t, &audience, &Delivery::text(frame, None), None);
             }

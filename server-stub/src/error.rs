@@ -128,7 +128,10 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status =
             StatusCode::from_u16(self.body.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let code = self.body.code;
         let mut response = (status, axum::Json(self.body)).into_response();
+        // For the dashboard's errors by code (read by the request's middleware).
+        response.extensions_mut().insert(code);
         if let Some(secs) = self.retry_after_secs {
             response
                 .headers_mut()

@@ -95,6 +95,8 @@ pub(crate) struct Feed {
     /// Tenants whose log is known to reach further than was delivered.
     behind: Mutex<HashMap<String, u64>>,
     wake: Notify,
+    /// The dashboards (each delivery is shown while one is open).
+    watch: Arc<crate::dashboard::Watch>,
 }
 
 impl Feed {
@@ -104,8 +106,10 @@ impl Feed {
         tail: Arc<Tail>,
         metrics: Arc<Metrics>,
         single_writer: bool,
+        watch: Arc<crate::dashboard::Watch>,
     ) -> Self {
         Self {
+            watch,
             hub,
             tail,
             metrics,
@@ -370,6 +374,9 @@ impl Feed {
             exclude,
         } = committed;
         let audience = audience_of(&event);
+        if self.watch.watching() {
+            self.watch.event(tenant, &self.hub, &event, &audience);
+        }
         self.tail.push(tenant, event);
         let sent = self.hub.deliver(tenant, &audience, &delivery, exclude);
         self.metrics.delivered("ws", sent);

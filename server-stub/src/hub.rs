@@ -81,6 +81,10 @@ struct Conn {
     id: u64,
     /// What carries it: `ws` or `socket.io`.
     transport: &'static str,
+    /// When it was registered (ms since the epoch), and the client's id: for the
+    /// dashboard (about 60 bytes a connection).
+    since_ms: i64,
+    client_id: Box<str>,
     outbox: Outbox,
     kill: CancellationToken,
     /// When the connection's token was issued (seconds; `None`: not said).
@@ -221,8 +225,8 @@ impl Hub {
         self.tenants.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers a new connection of `user` (token issued at `iat`) over `transport`
-    /// (`ws`, `socket.io`) with a queue of `capacity` frames.
+    /// Registers a new connection of `user` (token issued at `iat`, client `client_id`)
+    /// over `transport` (`ws`, `socket.io`) with a queue of `capacity` frames.
     pub(crate) fn register(
         &self,
         tenant: &str,
@@ -230,6 +234,7 @@ impl Hub {
         iat: Option<i64>,
         capacity: usize,
         transport: &'static str,
+        client_id: &str,
     ) -> Registration {
         let conn_id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let (outbox, inbox) = mpsc::channel(capacity.max(1));
@@ -246,6 +251,8 @@ impl Hub {
         u.conns.push(Conn {
             id: conn_id,
             transport,
+            since_ms: crate::time::now_ms(),
+            client_id: client_id.into(),
             outbox,
             kill: kill.clone(),
             iat,
@@ -281,6 +288,110 @@ impl Hub {
             }
         }
         out
+    }
+
+    /// The connections of `tenant` (every tenant: `None`) for the dashboard: this
+    /// instance's, and the users other instances report connected there.
+    pub(crate) fn connections(&self, tenant: Option<&str>) -> Vec<ConnectionView> {
+        let tenants = self.read();
+        let mut out = Vec::new();
+        for (name, t) in tenants.iter() {
+            if tenant.is_some_and(|wanted| wanted != name) {
+                continue;
+            }
+            for (user, u) in &t.users {
+                for conn in &u.conns {
+                    out.push(ConnectionView {
+                        tenant: name.clone(),
+                        user: user.clone(),
+                        conn_id: Some(conn.id),
+                        client_id: Some(conn.client_id.to_string()),
+                        transport: conn.transport,
+                        since_ms: Some(conn.since_ms),
+                        instance: None,
+                    });
+                }
+                for (instance, presence) in &u.remote {
+                    out.push(ConnectionView {
+                        tenant: name.clone(),
+                        user: user.clone(),
+                        conn_id: None,
+                        client_id: None,
+                        transport: "remote",
+                        since_ms: Some(presence.last_active.timestamp_millis()),
+                        instance: Some(instance.clone()),
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// The rooms of `tenant` (every tenant: `None`), each with its members and their
+    /// presence (`None`: offline).
+    pub(crate) fn rooms(&self, tenant: Option<&str>) -> Vec<RoomView> {
+        let tenants = self.read();
+        let mut out = Vec::new();
+        for (name, t) in tenants.iter() {
+            if tenant.is_some_and(|wanted| wanted != name) {
+                continue;
+            }
+            for (room, members) in &t.rooms {
+                let mut members: Vec<(String, Option<PresenceInfo>)> = members
+                    .iter()
+                    .map(|m| {
+                        let presence = t.users.get(m).and_then(User::current);
+                        (m.clone(), presence.map(|p| p.info(name, m)))
+                    })
+                    .collect();
+                members.sort_by(|a, b| a.0.cmp(&b.0));
+                out.push(RoomView {
+                    tenant: name.clone(),
+                    room: room.clone(),
+                    members,
+                });
+            }
+        }
+        out.sort_by(|a, b| (&a.tenant, &a.room).cmp(&(&b.tenant, &b.room)));
+        out
+    }
+
+    /// The users `audience` reaches (at most `max`): each with their connections here
+    /// and whether another instance reports them connected.
+    pub(crate) fn audience_status(
+        &self,
+        tenant: &str,
+        audience: &Audience,
+        max: usize,
+    ) -> Vec<(String, usize, bool)> {
+        let tenants = self.read();
+        let Some(t) = tenants.get(tenant) else {
+            return audience
+                .users
+                .iter()
+                .take(max)
+                .map(|u| (u.clone(), 0, false))
+                .collect();
+        };
+        let mut users: Vec<&String> = Vec::new();
+        if audience.everyone {
+            users.extend(t.users.iter().filter(|(_, u)| u.online()).map(|(n, _)| n));
+        } else {
+            if let Some(members) = audience.room.as_ref().and_then(|r| t.rooms.get(r)) {
+                users.extend(members.iter());
+            }
+            users.extend(audience.users.iter());
+        }
+        users.sort();
+        users.dedup();
+        users
+            .into_iter()
+            .take(max)
+            .map(|name| match t.users.get(name) {
+                Some(u) => (name.clone(), u.conns.len(), !u.remote.is_empty()),
+                None => (name.clone(), 0, false),
+            })
+            .collect()
     }
 
     /// Removes a connection: whether it was the user's last here, and anywhere.
@@ -712,6 +823,30 @@ impl Hub {
             .filter_map(|m| Some(t.users.get(m)?.current()?.info(tenant, m)))
             .collect()
     }
+}
+
+/// A connection as the dashboard shows it.
+#[derive(Debug, Clone)]
+pub(crate) struct ConnectionView {
+    pub(crate) tenant: String,
+    pub(crate) user: String,
+    /// This instance's connection id (`None`: on another instance).
+    pub(crate) conn_id: Option<u64>,
+    pub(crate) client_id: Option<String>,
+    /// `ws`, `socket.io`, or `remote` (another instance's).
+    pub(crate) transport: &'static str,
+    /// Since when (another instance's: its user's last presence change).
+    pub(crate) since_ms: Option<i64>,
+    /// The other instance holding it.
+    pub(crate) instance: Option<String>,
+}
+
+/// A room as the dashboard shows it.
+#[derive(Debug, Clone)]
+pub(crate) struct RoomView {
+    pub(crate) tenant: String,
+    pub(crate) room: String,
+    pub(crate) members: Vec<(String, Option<PresenceInfo>)>,
 }
 
 /// An offline announcement.

@@ -40,6 +40,7 @@
 //! | `transactions` | Class D: idempotency, processor, status |
 //! | `audit` | the hash-chained audit log |
 //! | `chaos` | the development-only chaos layer (`CHAOS=1`) |
+//! | `dashboard` | the live dashboard at `/dashboard`: the embedded page, its SSE feed, what is captured while it is open |
 //! | `http` | routes, extractors (token, tenancy, JSON), health, metrics |
 //! | `listener` | the accept loop: `HTTP_MAX_CONNECTIONS`, header and idle timeouts |
 //! | `ratelimit`, `metrics`, `telemetry` | governor limits, Prometheus, tracing |
@@ -50,6 +51,7 @@ pub mod auth;
 pub mod chaos;
 mod cluster;
 pub mod config;
+mod dashboard;
 mod error;
 mod feed;
 mod frames;

@@ -324,6 +324,8 @@ pub(crate) struct Log {
     pub(crate) metrics: Arc<Metrics>,
     /// `EVENT_BUS_RETENTION_PERIOD`, ms.
     pub(crate) retention_ms: u64,
+    /// The dashboards (messages and live messages are shown while one is open).
+    pub(crate) watch: Arc<crate::dashboard::Watch>,
 }
 
 impl Log {

@@ -209,7 +209,22 @@ fn print_banner(config: &Config, server: &Server, raised: Option<std::io::Result
             let demo = server.keys().mint("demo", "alice", &[], 86_400);
             let _ = writeln!(out, "  demo token  (tenant demo, user alice, 24 h):");
             let _ = writeln!(out, "              {demo}");
+            // The token rides in the fragment: never sent to the server, never logged.
+            let admin = server
+                .keys()
+                .mint("demo", "dashboard", &["admin".to_owned()], 86_400);
+            let _ = writeln!(
+                out,
+                "  dashboard   (tenant demo, role admin, 24 h; open it, it logs in):"
+            );
+            let _ = writeln!(out, "              http://{addr}/dashboard#token={admin}");
         }
+    }
+    if server.secret_source() == SecretSource::Configured {
+        let _ = writeln!(
+            out,
+            "  dashboard   http://{addr}/dashboard  (log in with an admin token)"
+        );
     }
     let _ = writeln!(
         out,

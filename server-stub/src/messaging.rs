@@ -84,6 +84,7 @@ pub(crate) async fn send(
         sequence: None,
     };
     metrics.message_in(transport);
+    log.watch.message_in();
     let message_id = delivered.message_id.clone();
     let ack = if class == InteractionClass::ClassA {
         // Live only: never stored, never replayed.
@@ -96,6 +97,9 @@ pub(crate) async fn send(
             },
         };
         let text = crate::frames::message_frame(&delivered);
+        if log.watch.watching() {
+            log.watch.live(tenant, hub, &audience, &text);
+        }
         // The other instances' connections too (several instances on one database).
         if node.clustered() {
             node.live(tenant, &audience, &text);

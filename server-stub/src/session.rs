@@ -129,13 +129,19 @@ pub(crate) struct Peer {
 
 /// Registers an accepted connection with the hub (its queue of deliveries), and
 /// announces the user online when this is their first connection.
-pub(crate) fn open(app: &App, caller: &Caller, transport: &'static str) -> (Peer, Registration) {
+pub(crate) fn open(
+    app: &App,
+    caller: &Caller,
+    transport: &'static str,
+    client_id: &str,
+) -> (Peer, Registration) {
     let registration = app.hub.register(
         &caller.tenant,
         caller.user(),
         caller.identity.iat,
         app.config.ws_send_queue,
         transport,
+        client_id,
     );
     let peer = Peer {
         tenant: caller.tenant.clone(),
@@ -163,6 +169,7 @@ pub(crate) fn open(app: &App, caller: &Caller, transport: &'static str) -> (Peer
 /// Unregisters a closed connection, and announces the user offline when it was their
 /// last connection anywhere.
 pub(crate) fn close(app: &App, peer: &Peer) {
+    app.watch.closed(peer.conn_id);
     let gone = app.hub.unregister(&peer.tenant, &peer.user, peer.conn_id);
     if gone.last_here {
         app.node.presence(&peer.tenant, &peer.user, None);

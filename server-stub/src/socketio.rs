@@ -395,7 +395,7 @@ async fn run(app: Arc<App>, socket: SocketRef) {
         cursor,
         slot,
     } = admitted;
-    let (peer, registration) = crate::session::open(&app, &caller, TRANSPORT);
+    let (peer, registration) = crate::session::open(&app, &caller, TRANSPORT, &client_id);
     let span = tracing::info_span!(
         "socketio",
         conn = registration.conn_id,
@@ -551,6 +551,11 @@ impl Connection {
 
     /// Emits, waiting (at most [`EMIT_PATIENCE`]) while the socket's buffer is full.
     async fn emit<T: Serialize + ?Sized>(&self, event: &str, data: &T) -> Flow {
+        if self.app.watch.watching() {
+            let data = serde_json::to_string(data).unwrap_or_default();
+            let text = format!("{event} {data}");
+            self.app.watch.frame_out(self.peer.conn_id, &text);
+        }
         match self.socket.emit(event, data) {
             Ok(()) => Flow::Continue,
             // Boxed: the wait's timer would otherwise sit in every idle connection's
@@ -593,6 +598,7 @@ impl Connection {
     /// Answers a refused event with its error (the connection stays, unless the client
     /// keeps sending refused events).
     async fn refuse(&mut self, error: ApiError, ack: Option<AckSender>) -> Flow {
+        self.app.watch.error(error.body.code.as_str());
         let flow = match ack {
             None => self.emit("error", &error.body).await,
             Some(ack) => acked(ack.send(&error.body)),
@@ -616,6 +622,10 @@ impl Connection {
             Ok(frame) => frame,
             Err(error) => return self.refuse(error, ack).await,
         };
+        if self.app.watch.watching() {
+            let text = format!("{} {}", frame.event, frame.data);
+            self.app.watch.frame_in(self.peer.conn_id, &text);
+        }
         let app = Arc::clone(&self.app);
         let answer = match self.peer.decode(&app, frame).await {
             Ok(event) => self.peer.handle(&app, event).await,

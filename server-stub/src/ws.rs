@@ -132,7 +132,7 @@ async fn run(app: Arc<App>, socket: WebSocket, admitted: Admitted) {
         cursor,
         slot,
     } = admitted;
-    let (peer, registration) = crate::session::open(&app, &caller, TRANSPORT);
+    let (peer, registration) = crate::session::open(&app, &caller, TRANSPORT, &client_id);
     let span = tracing::info_span!(
         "ws",
         conn = registration.conn_id,
@@ -344,6 +344,9 @@ impl Connection {
     }
 
     async fn feed(&mut self, message: Message) -> Flow {
+        if let Message::Text(text) = &message {
+            self.app.watch.frame_out(self.peer.conn_id, text.as_str());
+        }
         match self.socket.feed(message).await {
             Ok(()) => Flow::Continue,
             Err(_) => Flow::Stop,
@@ -353,6 +356,7 @@ impl Connection {
     /// Answers a refused frame with an `error` (the connection stays open, unless the
     /// client keeps sending refused frames).
     async fn refuse(&mut self, error: ApiError, reference: Option<&str>) -> Flow {
+        self.app.watch.error(error.body.code.as_str());
         let mut body = error.body;
         if let Some(r) = reference {
             body = body.with_ref(r);
@@ -390,6 +394,7 @@ impl Connection {
     }
 
     async fn on_text(&mut self, text: &str) -> Flow {
+        self.app.watch.frame_in(self.peer.conn_id, text);
         // Most frames are messages: read those in one pass into their typed value. Any
         // frame that pass does not take exactly as the general path would (including
         // every bad one) is decoded below instead.

@@ -457,3 +457,48 @@ async fn settled_items_are_pruned_after_their_retention() {
     assert!(alice.outbox(None).await.unwrap().is_empty());
     alice.shutdown().await;
 }
+
+/// The chat example's start, twice: open, join the room at once, listen. Each online
+/// member's presence is reported once (a second `join_room` on the same connection,
+/// from the stored rooms and from the call, made it twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joining_a_room_reports_each_members_presence_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let bob = open_client(
+        client_config(&server.url(), &dir.path().join("bob.db")),
+        server.token("t1", "bob"),
+    )
+    .await;
+    assert!(wait_state(&bob, ConnectionState::Realtime, WITHIN).await);
+    bob.join_room("general").await.unwrap();
+    let mut bob_updates = bob.subscribe();
+    collect(&mut bob_updates, 1, WITHIN, |u| match u {
+        Update::Room { joined: true, .. } => Some(()),
+        _ => None,
+    })
+    .await;
+    // The first run (no stored room), then a second with the room stored.
+    for run in 0..2 {
+        let alice = open_client(
+            client_config(&server.url(), &dir.path().join("alice.db")),
+            server.token("t1", "alice"),
+        )
+        .await;
+        let mut updates = alice.subscribe();
+        alice.join_room("general").await.unwrap();
+        assert!(wait_state(&alice, ConnectionState::Realtime, WITHIN).await);
+        let seen = collect(&mut updates, 2, Duration::from_secs(3), |u| match u {
+            Update::Presence(p) if p.user_id == "bob" => Some(p.status),
+            _ => None,
+        })
+        .await;
+        assert_eq!(
+            seen,
+            vec![PresenceStatus::Online],
+            "run {run}: bob's presence, once"
+        );
+        alice.shutdown().await;
+    }
+    bob.shutdown().await;
+}

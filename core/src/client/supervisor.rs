@@ -17,7 +17,7 @@
 //! - inbound durable events are recorded (cursor + dedupe, one transaction) before the
 //!   app hears of them, whichever transport brought them.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -247,6 +247,10 @@ pub(crate) struct Supervisor {
     ws: Option<WsHandle>,
     /// Generation of the current WebSocket attempt; reports of older ones are ignored.
     ws_gen: u64,
+    /// Rooms a `join_room` frame was sent for on the current connection: each is sent
+    /// once per connection (every join is answered with the room's presence, so a second
+    /// one would report every member's presence twice).
+    rooms_joined: HashSet<String>,
     /// The current attempt asked the server to resume from a cursor (`lastEventId`).
     /// Without one, the server's stream starts wherever the connection happens to be
     /// registered: what came before must be caught up by polling, after `connected`.
@@ -320,6 +324,7 @@ impl Supervisor {
             tasks: JoinSet::new(),
             ws: None,
             ws_gen: 0,
+            rooms_joined: HashSet::new(),
             ws_carried_cursor: false,
             catch_up_gen: None,
             ws_in_flight: HashMap::new(),
@@ -430,6 +435,7 @@ impl Supervisor {
 
     async fn open_ws(&mut self) {
         self.ws_gen += 1;
+        self.rooms_joined.clear();
         let generation = self.ws_gen;
         let cursor = self
             .store
@@ -536,6 +542,7 @@ impl Supervisor {
     fn close_ws(&mut self) {
         // Abandons an attempt too: its reports carry an old generation.
         self.ws_gen += 1;
+        self.rooms_joined.clear();
         // Not recorded, so not lost: the next connection resumes from the cursor.
         self.held_back.clear();
         if let Some(ws) = self.ws.take() {
@@ -548,6 +555,19 @@ impl Supervisor {
         match &self.ws {
             Some(ws) => ws.send(event.encode(reference)),
             None => false,
+        }
+    }
+
+    /// Sends `join_room` for `room_id` unless it was sent on this connection already.
+    fn join_once(&mut self, room_id: String) {
+        if self.rooms_joined.contains(&room_id) {
+            return;
+        }
+        let event = ClientEvent::JoinRoom {
+            room_id: room_id.clone(),
+        };
+        if self.send_frame(&event, None) {
+            self.rooms_joined.insert(room_id);
         }
     }
 
@@ -611,7 +631,7 @@ impl Supervisor {
                 // and makes sure intents made offline take effect.
                 if let Ok(rooms) = self.store.call(load_rooms).await {
                     for room_id in rooms {
-                        self.send_frame(&ClientEvent::JoinRoom { room_id }, None);
+                        self.join_once(room_id);
                     }
                 }
             }
@@ -1255,14 +1275,17 @@ impl Supervisor {
                     Err(ClientError::NotConnected)
                 });
             }
-            Command::Room { room_id, join } => {
-                let event = if join {
-                    ClientEvent::JoinRoom { room_id }
-                } else {
-                    ClientEvent::LeaveRoom { room_id }
-                };
-                // Offline: the intent is stored and applied on the next connection.
-                self.send_frame(&event, None);
+            // Offline: the intent is stored and applied on the next connection.
+            Command::Room {
+                room_id,
+                join: true,
+            } => self.join_once(room_id),
+            Command::Room {
+                room_id,
+                join: false,
+            } => {
+                self.rooms_joined.remove(&room_id);
+                self.send_frame(&ClientEvent::LeaveRoom { room_id }, None);
             }
             Command::PullEntities => self.spawn_reconcile(true).await,
             Command::Reconcile => {

@@ -168,7 +168,7 @@ pub(crate) async fn expire_tokens(
 }
 
 /// The middleware (installed only with `CHAOS=1`): every request but the chaos
-/// endpoints, `/health` and `/metrics` waits the added latency; then a seeded fraction
+/// endpoints, the dashboard, `/health` and `/metrics` waits the added latency; then a seeded fraction
 /// of `/api/*` requests fails before it is handled.
 pub(crate) async fn middleware(
     State(app): State<Arc<App>>,
@@ -176,7 +176,10 @@ pub(crate) async fn middleware(
     next: Next,
 ) -> Response {
     let path = request.uri().path();
-    let exempt = path.starts_with(PATH) || path == "/health" || path == "/metrics";
+    let exempt = path.starts_with(PATH)
+        || path.starts_with("/dashboard")
+        || path == "/health"
+        || path == "/metrics";
     if let Some(chaos) = app.chaos.as_ref().filter(|_| !exempt) {
         let api = path.starts_with("/api/");
         chaos.wait().await;

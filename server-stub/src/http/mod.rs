@@ -62,6 +62,7 @@ pub(crate) fn router(app: Arc<App>) -> (Router, Option<socketioxide::SocketIo>) 
             post(chaos::drop_connections),
         )
         .route("/api/admin/chaos/expire-tokens", post(chaos::expire_tokens));
+    let router = crate::dashboard::routes(router);
     let (router, socketio) = crate::socketio::mount(&app, router);
     let router = router
         .fallback(not_found)
@@ -77,7 +78,10 @@ pub(crate) fn router(app: Arc<App>) -> (Router, Option<socketioxide::SocketIo>) 
         router
     };
     let router = router
-        .layer(middleware::from_fn(trace_request))
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&app),
+            trace_request,
+        ))
         .with_state(app);
     (router, socketio)
 }
@@ -91,7 +95,12 @@ async fn method_not_allowed() -> ApiError {
 }
 
 /// A span per request (method, path, a request number) and one line when it ends.
-async fn trace_request(request: Request, next: Next) -> Response {
+/// Errors are counted by code for the dashboard, while one is open.
+async fn trace_request(
+    axum::extract::State(app): axum::extract::State<Arc<App>>,
+    request: Request,
+    next: Next,
+) -> Response {
     static NEXT_ID: AtomicU64 = AtomicU64::new(1);
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
     let span = tracing::info_span!(
@@ -102,6 +111,13 @@ async fn trace_request(request: Request, next: Next) -> Response {
     );
     let started = Instant::now();
     let response = next.run(request).instrument(span.clone()).await;
+    if app.watch.watching()
+        && let Some(code) = response
+            .extensions()
+            .get::<webwaka_realtime::protocol::ErrorCode>()
+    {
+        app.watch.error(code.as_str());
+    }
     span.in_scope(|| {
         tracing::debug!(
             status = response.status().as_u16(),

@@ -19,6 +19,13 @@ pub(crate) async fn reconcile(
     caller: Caller,
     body: JsonBody<ReconciliationRequest>,
 ) -> Result<Json<ReconciliationResponse>, ApiError> {
+    // Required by the contract (`[]` for a pure pull): a missing list is not an empty one.
+    if body.raw.get("operations").is_none() {
+        return Err(ApiError::invalid(
+            "operations",
+            "is required (send [] to only pull changes)",
+        ));
+    }
     let request = body.value;
     caller
         .check_named(

@@ -84,6 +84,44 @@ pub(crate) const OPTIMISTIC_ROUNDS: usize = 3;
 /// Why an expired lease is dead-lettered.
 pub(crate) const LEASE_EXPIRED: &str = "lease expired without ack";
 
+/// A tenant's consumer-group deliveries, for the dashboard.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct GroupDeliveries {
+    /// Per group and state (`leased`, `pending`, `acked`, `dead`): events, and how many
+    /// times they were delivered in all.
+    pub(crate) counts: Vec<GroupCount>,
+    /// Leases held and redeliveries waiting (at most [`OPEN_DELIVERIES`]), by group and
+    /// sequence.
+    pub(crate) open: Vec<OpenDelivery>,
+}
+
+/// Open deliveries listed per tenant.
+pub(crate) const OPEN_DELIVERIES: u32 = 200;
+
+/// Events of a group in one state.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct GroupCount {
+    pub(crate) group: String,
+    pub(crate) state: String,
+    pub(crate) events: i64,
+    pub(crate) deliveries: i64,
+}
+
+/// A lease held, or a redelivery waiting.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct OpenDelivery {
+    pub(crate) group: String,
+    pub(crate) seq: i64,
+    pub(crate) event_id: String,
+    pub(crate) state: String,
+    pub(crate) delivery_count: i64,
+    pub(crate) consumer_id: Option<String>,
+    pub(crate) lease_expires_ms: Option<i64>,
+}
+
 /// What `/health` and `/metrics` read from storage.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct StorageFigures {
@@ -172,6 +210,9 @@ pub(crate) trait Storage: Send + Sync + 'static {
 
     /// Events not yet acked (or dead-lettered), per (tenant, group).
     async fn lag(&self) -> Result<Vec<(String, String, i64)>, StoreError>;
+
+    /// The tenant's deliveries per group and state, and its open leases (the dashboard).
+    async fn deliveries(&self, tenant: &str) -> Result<GroupDeliveries, StoreError>;
 
     // ---- Entities (PROTOCOL.md §5).
 

@@ -15,6 +15,7 @@ mod auth;
 mod bus;
 mod chaos;
 mod common;
+mod dashboard;
 mod http;
 mod memory;
 mod reconcile;

@@ -273,10 +273,16 @@ async fn reconcile_refuses_bad_input_and_other_tenants_without_changing_state() 
             json!({"requestId": "r", "clientId": "c", "tenantId": "t1", "operations": [], "requestedAt": "yesterday"}),
             "requestedAt",
         ),
+        // Required: missing is not the same as empty.
+        (
+            json!({"requestId": "r", "clientId": "c", "tenantId": "t1", "requestedAt": "2026-01-30T09:00:00Z"}),
+            "operations",
+        ),
     ];
     for (body, path_expected) in cases {
         let (status, error) = ts.post(path, Some(&alice), body.clone(), &[]).await;
         assert_eq!(status, 400, "{error}");
+        assert_eq!(error["code"], "INVALID_REQUEST", "{error}");
         let got = error["details"]["path"].as_str().unwrap_or_default();
         assert!(
             got.starts_with(path_expected),

@@ -929,6 +929,45 @@ impl Storage for PgStore {
             .collect())
     }
 
+    async fn deliveries(&self, tenant: &str) -> Result<crate::store::GroupDeliveries, StoreError> {
+        use crate::store::{GroupCount, GroupDeliveries, OPEN_DELIVERIES, OpenDelivery};
+        let counts = self
+            .query(
+                "SELECT grp, state, count(*), sum(delivery_count)::bigint FROM group_deliveries
+                 WHERE tenant = $1 GROUP BY grp, state ORDER BY grp, state",
+                &[&tenant],
+            )
+            .await?
+            .iter()
+            .map(|r| GroupCount {
+                group: r.get(0),
+                state: r.get(1),
+                events: r.get(2),
+                deliveries: r.get(3),
+            })
+            .collect();
+        let open = self
+            .query(
+                "SELECT grp, seq, event_id, state, delivery_count, consumer_id, lease_expires_ms
+                 FROM group_deliveries WHERE tenant = $1 AND state IN ('leased', 'pending')
+                 ORDER BY grp, seq LIMIT $2",
+                &[&tenant, &i64::from(OPEN_DELIVERIES)],
+            )
+            .await?
+            .iter()
+            .map(|r| OpenDelivery {
+                group: r.get(0),
+                seq: r.get(1),
+                event_id: r.get(2),
+                state: r.get(3),
+                delivery_count: r.get(4),
+                consumer_id: r.get(5),
+                lease_expires_ms: r.get(6),
+            })
+            .collect();
+        Ok(GroupDeliveries { counts, open })
+    }
+
     async fn entity(
         &self,
         tenant: &str,

@@ -347,3 +347,44 @@ pub(super) fn lag(conn: &Connection) -> Result<Vec<(String, String, i64)>, Store
     }
     Ok(out)
 }
+
+/// The tenant's deliveries per group and state, and its open leases.
+pub(super) fn deliveries(
+    conn: &Connection,
+    tenant: &str,
+) -> Result<crate::store::GroupDeliveries, StoreError> {
+    use crate::store::{GroupCount, GroupDeliveries, OPEN_DELIVERIES, OpenDelivery};
+    let mut stmt = conn.prepare_cached(
+        "SELECT grp, state, count(*), sum(delivery_count) FROM group_deliveries
+         WHERE tenant = ?1 GROUP BY grp, state ORDER BY grp, state",
+    )?;
+    let counts = stmt
+        .query_map(params![tenant], |row| {
+            Ok(GroupCount {
+                group: row.get(0)?,
+                state: row.get(1)?,
+                events: row.get(2)?,
+                deliveries: row.get(3)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut stmt = conn.prepare_cached(
+        "SELECT grp, seq, event_id, state, delivery_count, consumer_id, lease_expires_ms
+         FROM group_deliveries WHERE tenant = ?1 AND state IN ('leased', 'pending')
+         ORDER BY grp, seq LIMIT ?2",
+    )?;
+    let open = stmt
+        .query_map(params![tenant, OPEN_DELIVERIES], |row| {
+            Ok(OpenDelivery {
+                group: row.get(0)?,
+                seq: row.get(1)?,
+                event_id: row.get(2)?,
+                state: row.get(3)?,
+                delivery_count: row.get(4)?,
+                consumer_id: row.get(5)?,
+                lease_expires_ms: row.get(6)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(GroupDeliveries { counts, open })
+}

@@ -235,6 +235,11 @@ impl Storage for SqliteStore {
         self.read(bus::lag).await
     }
 
+    async fn deliveries(&self, tenant: &str) -> Result<crate::store::GroupDeliveries, StoreError> {
+        let tenant = tenant.to_owned();
+        self.read(move |conn| bus::deliveries(conn, &tenant)).await
+    }
+
     async fn entity(
         &self,
         tenant: &str,

@@ -1,0 +1,765 @@
+//! The live dashboard (issue 15) in a real headless Chromium, driven over WebDriver
+//! (chromedriver, fantoccini): what a developer sees must follow what the server does,
+//! without a reload, and the page must reach nothing but the server.
+//!
+//! Chromium and chromedriver come from Debian (`scripts/install-chromium.sh`, run by
+//! `scripts/test-all.sh`); when they are missing these tests fail, saying so. Each
+//! test starts its own chromedriver on a free loopback port and its own Chromium with a
+//! fresh profile, and kills both at the end (also when it fails). Every wait is
+//! bounded; the bounds are generous and nothing is timed (timings belong in `bench`).
+//!
+//! With `WEBWAKA_SCREENSHOTS_DIR` set, the tests save screenshots there (the ones in
+//! `docs/dashboard/` come from such a run).
+
+// Tests may panic on what they did not expect: that is how they fail.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::Message;
+use webwaka_e2e::cluster::{Instances, free_port};
+use webwaka_e2e::harness::{
+    ChildGuard, client_config, direct, open_client, test_config, wait_state,
+};
+use webwaka_realtime::client::Target;
+use webwaka_realtime::machine::ConnectionState;
+use webwaka_server_stub::{Config, Options, RunningServer, Server};
+
+/// How long the page may take to show something (generous: a shared 2-core machine).
+const WITHIN: Duration = Duration::from_secs(30);
+/// How long one whole test may take.
+const TEST_BOUND: Duration = Duration::from_secs(240);
+
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+const CHROMIUM: &str = "/usr/bin/chromium";
+
+/// A headless Chromium driven through its own chromedriver.
+struct Browser {
+    client: Option<Client>,
+    /// chromedriver, in a process group of its own with the Chromium it starts
+    /// (killed and reaped when dropped).
+    _driver: ChildGuard,
+    group: u32,
+    _profile: tempfile::TempDir,
+}
+
+impl Browser {
+    async fn launch() -> Self {
+        for path in [CHROMEDRIVER, CHROMIUM] {
+            assert!(
+                Path::new(path).exists(),
+                "{path} is missing: run scripts/install-chromium.sh (the dashboard's browser \
+                 tests never skip)"
+            );
+        }
+        let port = free_port();
+        let mut command = Command::new(CHROMEDRIVER);
+        command
+            .arg(format!("--port={port}"))
+            .arg("--allowed-ips=127.0.0.1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // Its own process group: killing the group at the end takes Chromium with it.
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        let child = command.spawn().expect("chromedriver starts");
+        let group = child.id();
+        let driver = ChildGuard(Some(child));
+        let up = tokio::time::timeout(Duration::from_secs(20), async {
+            while tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_err()
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        assert!(up.is_ok(), "chromedriver did not listen within 20 s");
+        let profile = tempfile::tempdir().expect("a profile directory");
+        let args = [
+            "--headless".to_owned(),
+            "--no-sandbox".to_owned(),
+            "--disable-gpu".to_owned(),
+            "--disable-quic".to_owned(),
+            "--no-first-run".to_owned(),
+            "--disable-background-networking".to_owned(),
+            "--disable-component-update".to_owned(),
+            "--disable-sync".to_owned(),
+            "--disable-dev-shm-usage".to_owned(),
+            "--window-size=1200,900".to_owned(),
+            format!("--user-data-dir={}", profile.path().display()),
+        ];
+        let mut capabilities = serde_json::Map::new();
+        capabilities.insert("browserName".into(), json!("chrome"));
+        capabilities.insert(
+            "goog:chromeOptions".into(),
+            json!({"binary": CHROMIUM, "args": args}),
+        );
+        let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        let client = tokio::time::timeout(
+            Duration::from_secs(60),
+            ClientBuilder::new(connector)
+                .capabilities(capabilities)
+                .connect(&format!("http://127.0.0.1:{port}")),
+        )
+        .await
+        .expect("a Chromium session within 60 s")
+        .expect("a Chromium session");
+        Self {
+            client: Some(client),
+            _driver: driver,
+            group,
+            _profile: profile,
+        }
+    }
+
+    fn page(&self) -> &Client {
+        self.client.as_ref().expect("the browser is open")
+    }
+
+    /// Ends the session (Chromium quits), then the driver.
+    async fn close(mut self) {
+        if let Some(client) = self.client.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(15), client.close()).await;
+        }
+    }
+
+    /// Opens the dashboard of `base` logged in with `token` (in the link's fragment, as
+    /// the banner prints it) and waits until its feed is live.
+    async fn open_dashboard(&self, base: &str, token: &str) {
+        self.page()
+            .goto(&format!("{base}/dashboard#token={token}"))
+            .await
+            .unwrap();
+        self.wait_text("#status", "live").await;
+    }
+
+    /// The text of `css` (empty when absent).
+    async fn text(&self, css: &str) -> String {
+        match self.page().find(Locator::Css(css)).await {
+            Ok(element) => element.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        }
+    }
+
+    /// Waits until `css`'s text contains `wanted`.
+    async fn wait_text(&self, css: &str, wanted: &str) -> String {
+        let deadline = tokio::time::Instant::now() + WITHIN;
+        loop {
+            let text = self.text(css).await;
+            if text.contains(wanted) {
+                return text;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{css} never showed {wanted:?}; it shows {text:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// How many elements match `css`.
+    async fn count(&self, css: &str) -> usize {
+        self.page()
+            .find_all(Locator::Css(css))
+            .await
+            .map_or(0, |all| all.len())
+    }
+
+    /// Waits until `css` matches something (`present`) or nothing.
+    async fn wait_present(&self, css: &str, present: bool) {
+        let deadline = tokio::time::Instant::now() + WITHIN;
+        while (self.count(css).await > 0) != present {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{css} still {} after {WITHIN:?}",
+                if present { "absent" } else { "present" }
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn click(&self, css: &str) {
+        self.page()
+            .find(Locator::Css(css))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+    }
+
+    /// Saves a screenshot of the window as `name`.png when `WEBWAKA_SCREENSHOTS_DIR` is
+    /// set.
+    async fn screenshot(&self, name: &str) {
+        self.screenshot_of(name, None).await;
+    }
+
+    /// The same, of the element `css` only (when given).
+    async fn screenshot_of(&self, name: &str, css: Option<&str>) {
+        let Some(dir) = std::env::var_os("WEBWAKA_SCREENSHOTS_DIR") else {
+            return;
+        };
+        let png = match css {
+            None => self.page().screenshot().await.unwrap(),
+            Some(css) => {
+                // Into view first: an element's screenshot is cut to the window.
+                self.page()
+                    .execute(
+                        "document.querySelector(arguments[0]).scrollIntoView({block: 'start'});",
+                        vec![json!(css)],
+                    )
+                    .await
+                    .unwrap();
+                let element = self.page().find(Locator::Css(css)).await.unwrap();
+                element.screenshot().await.unwrap()
+            }
+        };
+        let dir = PathBuf::from(dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(format!("{name}.png")), png).unwrap();
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        // Whatever is left of the group (Chromium, its helpers), then the driver.
+        // (`driver`, dropped next, reaps chromedriver.)
+        // `--` first: procps' kill reads a bare negative number as an option. Never a
+        // group below 2 (`-1` would mean every process).
+        if self.group > 1 {
+            let _ = Command::new("kill")
+                .args(["-s", "KILL", "--", &format!("-{}", self.group)])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// A server on SQLite in `dir` (its own file: the audit test tampers with a copy).
+async fn server(dir: &Path, configure: impl Fn(&mut Config)) -> RunningServer {
+    webwaka_realtime::client::tls::install_default_provider();
+    let mut config = test_config(dir);
+    config.jwt_secret = Some("dashboard-test-secret-0123456789abcdef".to_owned());
+    configure(&mut config);
+    let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+    Server::with_listener(config, Options::default(), listener)
+        .await
+        .expect("the server starts")
+        .spawn()
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+/// A raw WebSocket to `base` as the token's user.
+async fn ws(
+    base: &str,
+    token: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+    let url = format!("{}/ws?token={token}", base.replacen("http://", "ws://", 1));
+    let (mut stream, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        first.to_text().unwrap().contains("\"connected\""),
+        "{first}"
+    );
+    stream
+}
+
+async fn bounded(test: impl std::future::Future<Output = ()>) {
+    tokio::time::timeout(TEST_BOUND, test)
+        .await
+        .expect("the test finished within its bound");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_tail_and_connections_follow_the_clients_and_the_page_stays_on_the_server() {
+    bounded(async {
+        let dir = tempfile::tempdir().unwrap();
+        let server = server(dir.path(), |_| {}).await;
+        let base = server.http_url();
+        let browser = Browser::launch().await;
+        browser
+            .open_dashboard(&base, &server.token("acme", "ops", &["admin"]))
+            .await;
+
+        // A connection appears when an SDK client connects.
+        let stores = tempfile::tempdir().unwrap();
+        let alice = open_client(
+            client_config(&base, &stores.path().join("alice.db")),
+            server.token("acme", "alice", &[]),
+        )
+        .await;
+        let bob = open_client(
+            client_config(&base, &stores.path().join("bob.db")),
+            server.token("acme", "bob", &[]),
+        )
+        .await;
+        browser
+            .wait_present(
+                "#connections tr[data-user='alice'][data-transport='ws']",
+                true,
+            )
+            .await;
+        browser
+            .wait_present("#connections tr[data-user='bob']", true)
+            .await;
+
+        // Its message streams into the tail, without a reload, with its recipient.
+        alice
+            .send_message(direct("bob", "hello from alice"))
+            .await
+            .unwrap();
+        let row = browser.wait_text("#events", "hello from alice").await;
+        assert!(row.contains("message"), "{row}");
+        browser.wait_text("#events", "bob: live").await;
+        // The last frames in and out of the connection are shown while watching.
+        browser
+            .wait_text(
+                "#connections tr[data-user='alice']",
+                "\"event\":\"message_ack\"",
+            )
+            .await;
+        // A class A message, never stored, as it passes.
+        assert!(
+            wait_state(&bob, ConnectionState::Realtime, WITHIN).await,
+            "bob is connected"
+        );
+        bob.send_live(
+            Target::User("alice".into()),
+            "typing",
+            json!({"typing": true}),
+        )
+        .await
+        .unwrap();
+        browser
+            .wait_text("#events", "CLASS_A (live, not stored)")
+            .await;
+        browser.wait_text("#events", "\"typing\":true").await;
+        browser.screenshot("live").await;
+
+        // It disappears when the client drops (its WebSocket at once; the row of a user
+        // who polled lately, after that stops being recent).
+        alice.shutdown().await;
+        drop(alice);
+        browser
+            .wait_present(
+                "#connections tr[data-user='alice'][data-transport='ws']",
+                false,
+            )
+            .await;
+        browser
+            .wait_present("#connections tr[data-user='alice']", false)
+            .await;
+        browser
+            .wait_present("#connections tr[data-user='bob']", true)
+            .await;
+
+        // Every request the browser made went to the server.
+        let urls = browser
+            .page()
+            .execute(
+                "return [location.href].concat(performance.getEntriesByType('navigation'), \
+                 performance.getEntriesByType('resource')).map(e => e.name || e);",
+                vec![],
+            )
+            .await
+            .unwrap();
+        let urls: Vec<String> = serde_json::from_value(urls).unwrap();
+        assert!(urls.len() >= 3, "the page, its script and styles: {urls:?}");
+        for url in &urls {
+            assert!(
+                url.starts_with(&format!("{base}/")),
+                "a request outside the server: {url} (all: {urls:?})"
+            );
+        }
+        // And the policy says nothing else may be reached.
+        for path in ["/dashboard", "/dashboard/app.js", "/dashboard/app.css"] {
+            let response = http().get(format!("{base}{path}")).send().await.unwrap();
+            assert_eq!(response.status(), 200);
+            let csp = response.headers()["content-security-policy"]
+                .to_str()
+                .unwrap()
+                .to_owned();
+            assert!(csp.contains("default-src 'none'"), "{csp}");
+            assert!(csp.contains("connect-src 'self'"), "{csp}");
+            assert!(csp.contains("script-src 'self'"), "{csp}");
+            let body = response.bytes().await.unwrap();
+            assert!(
+                !String::from_utf8_lossy(&body).contains("https://"),
+                "{path}"
+            );
+        }
+        bob.shutdown().await;
+        browser.close().await;
+        server.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_replay_from_the_page_delivers_the_event_again() {
+    bounded(async {
+        let dir = tempfile::tempdir().unwrap();
+        let server = server(dir.path(), |c| c.event_bus_max_retries = 1).await;
+        let base = server.http_url();
+        let http = http();
+        let svc = server.token("acme", "billing", &["service"]);
+        let published: Value = http
+            .post(format!("{base}/api/events"))
+            .bearer_auth(&svc)
+            .json(&json!({"eventType": "order.placed", "payload": {"n": 1}}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let event_id = published["eventId"].as_str().unwrap().to_owned();
+        let claim = || async {
+            let answer: Value = http
+                .post(format!("{base}/api/eventbus/groups/billing/claim"))
+                .bearer_auth(&svc)
+                .json(
+                    &json!({"consumerId": "w1", "max": 5, "visibilityTimeoutMs": 50,
+                    "eventTypes": ["order.placed"]}),
+                )
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            answer["events"].as_array().cloned().unwrap_or_default()
+        };
+        // Claimed and never acked until it is dead-lettered.
+        let mut dead = false;
+        for _ in 0..200 {
+            let _ = claim().await;
+            let dlq: Value = http
+                .get(format!("{base}/api/eventbus/dlq"))
+                .bearer_auth(&svc)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if !dlq["entries"].as_array().unwrap().is_empty() {
+                dead = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(60)).await;
+        }
+        assert!(dead, "the event never reached the DLQ");
+        assert!(
+            claim().await.is_empty(),
+            "dead-lettered events are not claimable"
+        );
+
+        let browser = Browser::launch().await;
+        browser
+            .open_dashboard(&base, &server.token("acme", "ops", &["admin"]))
+            .await;
+        browser.wait_text("#dlq", &event_id).await;
+        browser.wait_text("#groups", "billing").await;
+        browser.wait_text("#groups", "dead 1").await;
+        // A Class D transaction, with its status and the audit entries of each step.
+        let submitted: Value = http
+            .post(format!("{base}/api/transactions"))
+            .bearer_auth(server.token("acme", "alice", &[]))
+            .header("Idempotency-Key", "pay-1")
+            .json(&json!({"transactionType": "payment.transfer", "payload": {"amount": 5}}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let transaction = submitted["transactionId"].as_str().unwrap().to_owned();
+        let shown = browser
+            .wait_text(
+                &format!("#transactions [data-transaction-id='{transaction}']"),
+                "CONFIRMED",
+            )
+            .await;
+        assert!(shown.contains("transaction.submit"), "{shown}");
+        assert!(shown.contains("transaction.confirm"), "{shown}");
+        browser
+            .screenshot_of("dlq", Some("section:has(#dlq)"))
+            .await;
+        browser
+            .screenshot_of("transactions", Some("section:has(#transactions)"))
+            .await;
+        browser.click("#dlq button.replay").await;
+        browser.wait_text("#dlq-result", "replayed").await;
+        // Delivered again to the group.
+        let mut again = Vec::new();
+        for _ in 0..100 {
+            again = claim().await;
+            if !again.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(again.len(), 1, "the replayed event is claimable");
+        assert_eq!(again[0]["event"]["eventId"], event_id.as_str());
+        browser.wait_present("#dlq tbody tr", false).await;
+        browser.close().await;
+        server.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_verify_shows_valid_then_where_a_tampered_copy_breaks() {
+    bounded(async {
+        let dir = tempfile::tempdir().unwrap();
+        let server = server(dir.path(), |_| {}).await;
+        let base = server.http_url();
+        let admin = server.token("acme", "ops", &["admin"]);
+        // Some audit entries: reads of the audit log, a refused cross-tenant attempt.
+        for _ in 0..3 {
+            let status = http()
+                .get(format!("{base}/api/admin/audit"))
+                .bearer_auth(&admin)
+                .send()
+                .await
+                .unwrap()
+                .status();
+            assert_eq!(status, 200);
+        }
+        let browser = Browser::launch().await;
+        browser.open_dashboard(&base, &admin).await;
+        browser.click("#verify-audit").await;
+        let shown = browser.wait_text("#audit-result", "valid").await;
+        assert!(!shown.contains("broken"), "{shown}");
+        browser
+            .screenshot_of("audit", Some("section:has(#verify-audit)"))
+            .await;
+        browser.close().await;
+        server.shutdown().await;
+
+        // A copy of the database with entry 2 rewritten.
+        let copy = tempfile::tempdir().unwrap();
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_type().unwrap().is_file() {
+                std::fs::copy(entry.path(), copy.path().join(entry.file_name())).unwrap();
+            }
+        }
+        let db = copy.path().join("webwaka.sqlite3");
+        assert!(db.exists(), "the server's SQLite file");
+        {
+            let conn = rusqlite::Connection::open(&db).unwrap();
+            conn.execute_batch(
+                "DROP TRIGGER audit_log_no_update;
+                 UPDATE audit_log SET body = replace(body, 'audit.read', 'audit.erased')
+                 WHERE sequence = 2;",
+            )
+            .unwrap();
+            let changed: String = conn
+                .query_row("SELECT body FROM audit_log WHERE sequence = 2", [], |r| {
+                    r.get(0)
+                })
+                .unwrap();
+            assert!(changed.contains("audit.erased"), "{changed}");
+        }
+        let tampered = server_on(copy.path()).await;
+        let base = tampered.http_url();
+        let browser = Browser::launch().await;
+        browser
+            .open_dashboard(&base, &tampered.token("acme", "ops", &["admin"]))
+            .await;
+        browser.click("#verify-audit").await;
+        let shown = browser
+            .wait_text("#audit-result", "broken at entry 2")
+            .await;
+        assert!(!shown.starts_with("valid"), "{shown}");
+        browser
+            .screenshot_of("audit-broken", Some("section:has(#verify-audit)"))
+            .await;
+        browser.close().await;
+        tampered.shutdown().await;
+    })
+    .await;
+}
+
+/// A server on the data in `dir` as it is.
+async fn server_on(dir: &Path) -> RunningServer {
+    server(dir, |_| {}).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chaos_switch_on_the_page_takes_effect_on_a_connected_client() {
+    bounded(async {
+        let dir = tempfile::tempdir().unwrap();
+        let server = server(dir.path(), |c| c.chaos = true).await;
+        let base = server.http_url();
+        let mut carol = ws(&base, &server.token("acme", "carol", &[])).await;
+        let browser = Browser::launch().await;
+        browser
+            .open_dashboard(&base, &server.token("acme", "ops", &["admin"]))
+            .await;
+        browser
+            .wait_present("#connections tr[data-user='carol']", true)
+            .await;
+        browser.wait_text("#chaos-state", "refuseWebSocket").await;
+        browser.screenshot_of("chaos", Some("#chaos")).await;
+
+        // Drop connections: carol's WebSocket ends, without a close frame.
+        browser.click("#chaos-drop").await;
+        let ended = tokio::time::timeout(WITHIN, async {
+            loop {
+                match carol.next().await {
+                    None | Some(Err(_)) => return true,
+                    Some(Ok(Message::Close(_))) => return false,
+                    Some(Ok(_)) => {}
+                }
+            }
+        })
+        .await
+        .expect("carol's connection ended");
+        assert!(
+            ended,
+            "dropped without a close frame, as if the network failed"
+        );
+        browser
+            .wait_present("#connections tr[data-user='carol']", false)
+            .await;
+
+        // A switch: WebSocket upgrades refused (the client has to fall back to polling).
+        browser.click("#chaos-refuse-ws").await;
+        browser.click("#chaos-apply").await;
+        browser
+            .wait_text("#chaos-state", "\"refuseWebSocket\": true")
+            .await;
+        let url = format!(
+            "{}/ws?token={}",
+            base.replacen("http://", "ws://", 1),
+            server.token("acme", "carol", &[])
+        );
+        match tokio_tungstenite::connect_async(url).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                assert_eq!(response.status(), 503);
+            }
+            other => panic!("the upgrade should be refused: {:?}", other.map(|_| ())),
+        }
+        browser.click("#chaos-reset").await;
+        browser
+            .wait_text("#chaos-state", "\"refuseWebSocket\": false")
+            .await;
+        let mut again = ws(&base, &server.token("acme", "carol", &[])).await;
+        let _ = again.close(None).await;
+        browser.close().await;
+        server.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_without_the_admin_role_is_refused() {
+    bounded(async {
+        let dir = tempfile::tempdir().unwrap();
+        let server = server(dir.path(), |_| {}).await;
+        let base = server.http_url();
+        let user = server.token("acme", "alice", &[]);
+        let browser = Browser::launch().await;
+        browser
+            .page()
+            .goto(&format!("{base}/dashboard#token={user}"))
+            .await
+            .unwrap();
+        let error = browser.wait_text("#error", "AUTHZ_FAILED").await;
+        assert!(error.contains("admin"), "{error}");
+        assert_eq!(browser.count("#board:not([hidden])").await, 0);
+        browser.screenshot("refused").await;
+        browser.close().await;
+        // The feed itself refuses it too.
+        let response = http()
+            .get(format!("{base}/dashboard/api/stream?token={user}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 403);
+        // And an admin cannot watch another tenant.
+        let admin = server.token("acme", "ops", &["admin"]);
+        let response = http()
+            .get(format!(
+                "{base}/dashboard/api/stream?token={admin}&tenant=other"
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 403);
+        server.shutdown().await;
+    })
+    .await;
+}
+
+/// Two instances on one PostgreSQL database (`WEBWAKA_TEST_PG_URL`, started by
+/// `scripts/test-all.sh`): one page shows the connections of both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_show_their_connections_on_one_page() {
+    bounded(async {
+        let instances = Instances::start(2, |_| {}).await;
+        let (a, b) = (instances.url(0), instances.url(1));
+        let token = webwaka_e2e::cluster::token;
+        let mut on_a = ws(&a, &token("acme", "alice", &[])).await;
+        let mut on_b = ws(&b, &token("acme", "bob", &[])).await;
+        let browser = Browser::launch().await;
+        browser
+            .open_dashboard(&a, &token("acme", "ops", &["admin"]))
+            .await;
+        let here = instances.servers[0].instance().to_owned();
+        let there = instances.servers[1].instance().to_owned();
+        browser
+            .wait_present(
+                &format!("#connections tr[data-user='alice'][data-instance='{here}']"),
+                true,
+            )
+            .await;
+        browser
+            .wait_present(
+                &format!("#connections tr[data-user='bob'][data-instance='{there}']"),
+                true,
+            )
+            .await;
+        browser
+            .screenshot_of("instances", Some("section:has(#connections)"))
+            .await;
+        // A live message sent on the other instance passes this one too.
+        let frame = json!({"event": "message", "ref": "r1", "data": {
+            "type": "typing", "interactionClass": "CLASS_A", "recipientId": "alice",
+            "payload": {"from": "the other instance"}}});
+        on_b.send(Message::Text(frame.to_string().into()))
+            .await
+            .unwrap();
+        browser.wait_text("#events", "the other instance").await;
+        browser.wait_text("#events", "alice: live").await;
+        // And bob's goes away when he leaves the other instance.
+        let _ = on_b.close(None).await;
+        browser
+            .wait_present("#connections tr[data-user='bob']", false)
+            .await;
+        let _ = on_a.close(None).await;
+        browser.close().await;
+        instances.stop().await;
+    })
+    .await;
+}
