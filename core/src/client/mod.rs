@@ -17,6 +17,10 @@
 //! up and are never stored. Class D transactions have no way to the WebSocket: they are
 //! only ever sent over HTTP with their idempotency key.
 
+// Time and counters here are fed from outside (the server, the app): no operator that
+// can overflow or panic.
+#![warn(clippy::arithmetic_side_effects)]
+
 mod error;
 mod http;
 mod supervisor;
@@ -726,7 +730,12 @@ impl Client {
         timeout: Duration,
     ) -> Result<OutboxItem, ClientError> {
         let mut sub = self.subscribe();
-        let deadline = tokio::time::Instant::now() + timeout;
+        let now = tokio::time::Instant::now();
+        // A timeout too long for the clock waits (practically) forever.
+        let deadline = now
+            .checked_add(timeout)
+            .or_else(|| now.checked_add(Duration::from_secs(u64::from(u32::MAX))))
+            .unwrap_or(now);
         loop {
             let item = self
                 .item(id)

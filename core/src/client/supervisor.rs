@@ -25,12 +25,14 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
-use super::http::{HttpApi, HttpError, is_not_found};
+use super::http::{HttpApi, HttpError, is_not_found, retry_after_detail};
 use super::token::{Claims, SharedTokenProvider, TokenError, TokenRequest};
 use super::types::{ClockOffset, OutboxUpdate, StateUpdate, TransactionUpdate, Update};
 use super::ws::{self, ConnectError, WsEvent, WsHandle};
 use super::{ClientConfig, ClientError, ClientMetrics, StoreHandle};
-use crate::machine::{Action, ConnectionState, Failure, Machine, Route};
+use crate::machine::{
+    Action, ConnectionState, Failure, MAX_SERVER_DELAY, Machine, Route, clamp_retry_hint,
+};
 use crate::protocol::event::MESSAGE_EVENT_TYPE;
 use crate::protocol::{
     ClientEvent, ErrorBody, ErrorCode, Event, Operation, ReconciliationRequest, SendMessage,
@@ -283,6 +285,24 @@ fn now_wall() -> chrono::DateTime<chrono::Utc> {
     chrono::Utc::now()
 }
 
+/// `now + wait` on the wall clock without overflow: a wait longer than
+/// [`MAX_SERVER_DELAY`] (which no configured or clamped wait is) is cut to it.
+fn wall_later(now: chrono::DateTime<chrono::Utc>, wait: Duration) -> chrono::DateTime<chrono::Utc> {
+    let wait = chrono::Duration::from_std(wait.min(MAX_SERVER_DELAY)).unwrap_or_default();
+    now.checked_add_signed(wait).unwrap_or(now)
+}
+
+/// The oldest settlement time still kept with a retention of `retention`: `None` when
+/// nothing can be that old (a retention beyond the calendar, e.g. `u64::MAX` ms from
+/// Swift's `UInt64.max`, means forever, not zero).
+fn prune_before(
+    now: chrono::DateTime<chrono::Utc>,
+    retention: Duration,
+) -> Option<chrono::DateTime<chrono::Utc>> {
+    let retention = chrono::Duration::from_std(retention).ok()?;
+    now.checked_sub_signed(retention)
+}
+
 impl Supervisor {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
@@ -429,7 +449,7 @@ impl Supervisor {
     // ---- WebSocket ------------------------------------------------------------------------
 
     async fn open_ws(&mut self) {
-        self.ws_gen += 1;
+        self.ws_gen = self.ws_gen.wrapping_add(1);
         let generation = self.ws_gen;
         let cursor = self
             .store
@@ -512,7 +532,7 @@ impl Supervisor {
     /// live (a catch-up started when the upgrade answered could be answered before
     /// the registration, and the events in between were lost).
     async fn catch_up(&mut self, generation: u64) {
-        self.inbound_tasks += 1;
+        self.inbound_tasks = self.inbound_tasks.saturating_add(1);
         let (store, http, tokens, io, updates) = self.task_parts();
         self.tasks.spawn(async move {
             let mut result = Ok(false);
@@ -535,7 +555,7 @@ impl Supervisor {
 
     fn close_ws(&mut self) {
         // Abandons an attempt too: its reports carry an old generation.
-        self.ws_gen += 1;
+        self.ws_gen = self.ws_gen.wrapping_add(1);
         // Not recorded, so not lost: the next connection resumes from the cursor.
         self.held_back.clear();
         if let Some(ws) = self.ws.take() {
@@ -601,6 +621,8 @@ impl Supervisor {
                 if self.catch_up_gen.take() == Some(self.ws_gen) {
                     self.catch_up(self.ws_gen).await;
                 }
+                // Clamped by the machine: a hostile interval neither floods nor stops
+                // the heartbeat.
                 self.machine
                     .set_ping_interval(Duration::from_millis(c.ping_interval));
                 let sent = now_wall();
@@ -669,12 +691,7 @@ impl Supervisor {
         }
         let Some(id) = reference else { return };
         if self.ws_in_flight.remove(&id).is_some() {
-            let retry_after = body
-                .details
-                .as_ref()
-                .and_then(|d| d.get(crate::protocol::error::RETRY_AFTER_MS_DETAIL))
-                .and_then(|v| v.as_u64())
-                .map(Duration::from_millis);
+            let retry_after = retry_after_detail(&body);
             let permanent = matches!(
                 body.code,
                 ErrorCode::InvalidRequest
@@ -692,7 +709,7 @@ impl Supervisor {
                     .await
             } else {
                 let wait = retry_after.unwrap_or(Duration::from_secs(1));
-                let at = now + chrono::Duration::from_std(wait).unwrap_or_default();
+                let at = wall_later(now, wait);
                 self.store
                     .call(move |s| s.mark_failed(&id, &reason, at, now))
                     .await
@@ -772,7 +789,7 @@ impl Supervisor {
     // ---- polling and resync ---------------------------------------------------------------
 
     async fn spawn_poll(&mut self) {
-        self.inbound_tasks += 1;
+        self.inbound_tasks = self.inbound_tasks.saturating_add(1);
         let store = self.store.clone();
         let http = self.http.clone();
         let tokens = self.tokens.clone();
@@ -785,7 +802,7 @@ impl Supervisor {
     }
 
     fn spawn_resync(&mut self) {
-        self.inbound_tasks += 1;
+        self.inbound_tasks = self.inbound_tasks.saturating_add(1);
         let store = self.store.clone();
         let http = self.http.clone();
         let tokens = self.tokens.clone();
@@ -811,7 +828,7 @@ impl Supervisor {
         let now = now_wall();
         let heads = match self
             .store
-            .call(move |s| s.next_sendable(now, window * 4))
+            .call(move |s| s.next_sendable(now, window.saturating_mul(4)))
             .await
         {
             Ok(h) => h,
@@ -1234,7 +1251,9 @@ impl Supervisor {
             return;
         }
         self.last_prune = Some(now);
-        let before = now_wall() - chrono::Duration::from_std(retention).unwrap_or_default();
+        let Some(before) = prune_before(now_wall(), retention) else {
+            return; // kept forever
+        };
         match self.store.call(move |s| s.prune_settled(before)).await {
             Ok(0) => {}
             Ok(n) => debug!(pruned = n, "settled outbox items pruned"),
@@ -1310,7 +1329,7 @@ impl Supervisor {
                 .iter()
                 .map(|i| i.created_at)
                 .min()
-                .and_then(|t| (now - t).to_std().ok()),
+                .and_then(|t| now.signed_duration_since(t).to_std().ok()),
             max_attempts: pending.iter().map(|i| i.attempts).max().unwrap_or(0),
             dead_items: pending
                 .iter()
@@ -1460,8 +1479,11 @@ async fn settle_http(
             )
         }
         Err(e) => {
-            let wait = e.retry_after().unwrap_or_else(|| item_backoff(attempts));
-            let at = now + chrono::Duration::from_std(wait).unwrap_or_default();
+            let wait = e
+                .retry_after()
+                .map(clamp_retry_hint)
+                .unwrap_or_else(|| item_backoff(attempts));
+            let at = wall_later(now, wait);
             let reason = e.to_string();
             let failure = e.failure();
             (
@@ -1481,7 +1503,9 @@ async fn settle_http(
 /// Per-item retry delay: 0.5 s doubling to 30 s.
 fn item_backoff(attempts: u32) -> Duration {
     let exp = attempts.saturating_sub(1).min(6);
-    (Duration::from_millis(500) * 2u32.pow(exp)).min(Duration::from_secs(30))
+    Duration::from_millis(500)
+        .saturating_mul(2u32.saturating_pow(exp))
+        .min(Duration::from_secs(30))
 }
 
 /// The error of a request made without a token (the provider gave none).
@@ -1584,7 +1608,7 @@ async fn reconcile(
 ) -> Result<(), HttpError> {
     let now = now_wall();
     let requeue = |store: StoreHandle, ops: Vec<OutboxItem>, reason: String, dead: bool| async move {
-        let at = now_wall() + chrono::Duration::seconds(1);
+        let at = wall_later(now_wall(), Duration::from_secs(1));
         let _ = store
             .call(move |s| {
                 for op in ops {
@@ -1682,4 +1706,95 @@ async fn reconcile(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::arithmetic_side_effects)]
+
+    use super::*;
+    use crate::store::{NewItem, OutboxClass, StoreConfig};
+
+    fn memory_store() -> StoreHandle {
+        let store = Store::open_in_memory(StoreConfig::default()).unwrap();
+        StoreHandle(Arc::new(Mutex::new(store)))
+    }
+
+    async fn in_flight_message(store: &StoreHandle) -> OutboxItem {
+        store
+            .call(|s| {
+                let body = serde_json::json!({"text": "hi"});
+                let item = s.enqueue(
+                    NewItem::new(OutboxClass::C, ItemKind::Message, "room:1", body),
+                    now_wall(),
+                )?;
+                s.mark_in_flight(&item.id, now_wall())
+            })
+            .await
+            .unwrap()
+    }
+
+    /// Before the clamp, `now + chrono::Duration` overflowed and panicked for a hint
+    /// around 8.3e15 ms, and a hint above i64::MAX ms became 0 (a retry at once).
+    #[tokio::test]
+    async fn a_huge_retry_hint_neither_panics_nor_retries_at_once() {
+        let store = memory_store();
+        let (updates, _) = broadcast::channel(16);
+        for hint in [
+            Duration::from_millis(8_300_000_000_000_000),
+            Duration::from_millis(u64::MAX),
+            Duration::MAX,
+        ] {
+            let item = in_flight_message(&store).await;
+            let error = HttpError::Status {
+                status: 503,
+                body: None,
+                retry_after: Some(hint),
+            };
+            let before = now_wall();
+            let failure = settle_http(&store, &updates, &item, Err(error)).await;
+            assert!(matches!(failure, Some(Failure::ServerFull { .. })));
+            let id = item.id.clone();
+            let after = store.call(move |s| s.get(&id)).await.unwrap().unwrap();
+            assert_eq!(after.state, ItemState::Persisted);
+            assert!(after.next_attempt_at > before, "not retried at once");
+            assert!(
+                after.next_attempt_at
+                    <= now_wall() + chrono::Duration::from_std(MAX_SERVER_DELAY).unwrap(),
+                "at most {MAX_SERVER_DELAY:?} away"
+            );
+        }
+    }
+
+    /// `UInt64.max` ms from Swift means "forever": before, it became a retention of 0
+    /// and pruned every settled item.
+    #[test]
+    fn a_retention_beyond_the_calendar_keeps_items_forever() {
+        let now = now_wall();
+        assert_eq!(prune_before(now, Duration::from_millis(u64::MAX)), None);
+        assert_eq!(prune_before(now, Duration::MAX), None);
+        // Within chrono's range but before its earliest date: forever too.
+        assert_eq!(
+            prune_before(now, Duration::from_millis(i64::MAX as u64 - 1)),
+            None
+        );
+        assert_eq!(
+            prune_before(now, Duration::from_secs(3600)),
+            Some(now - chrono::Duration::hours(1))
+        );
+        assert_eq!(prune_before(now, Duration::ZERO), Some(now));
+    }
+
+    #[test]
+    fn wall_clock_waits_never_overflow() {
+        let now = now_wall();
+        assert_eq!(
+            wall_later(now, Duration::MAX),
+            now + chrono::Duration::from_std(MAX_SERVER_DELAY).unwrap()
+        );
+        assert_eq!(
+            wall_later(now, Duration::from_secs(2)),
+            now + chrono::Duration::seconds(2)
+        );
+    }
 }

@@ -208,8 +208,7 @@ fn classify(e: tungstenite::Error) -> ConnectError {
                 .headers()
                 .get("retry-after")
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(Duration::from_secs);
+                .and_then(super::http::retry_after_header);
             let body: Option<ErrorBody> = response
                 .body()
                 .as_ref()

@@ -48,7 +48,9 @@ impl Backoff {
     pub(crate) fn next_delay(&mut self) -> Duration {
         self.attempts = self.attempts.saturating_add(1);
         let envelope = self.schedule.next().unwrap_or(self.min).max(self.min);
-        (self.min + self.jitter(Duration::ZERO, envelope)).min(self.max)
+        self.min
+            .saturating_add(self.jitter(Duration::ZERO, envelope))
+            .min(self.max)
     }
 
     /// A uniform pick in `[low, high]` from this schedule's RNG.
@@ -56,8 +58,8 @@ impl Backoff {
         if high <= low {
             return low;
         }
-        let span = u64::try_from((high - low).as_millis()).unwrap_or(u64::MAX);
-        low + Duration::from_millis(self.rng.random_range(0..=span))
+        let span = u64::try_from(high.saturating_sub(low).as_millis()).unwrap_or(u64::MAX);
+        low.saturating_add(Duration::from_millis(self.rng.random_range(0..=span)))
     }
 
     /// Starts the schedule again from `min`.
@@ -73,6 +75,7 @@ impl Backoff {
 }
 
 #[cfg(test)]
+#[allow(clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
 

@@ -647,3 +647,43 @@ fn time_in_each_state_is_accounted() {
     assert_eq!(t[&Connecting], Duration::from_millis(300));
     assert_eq!(t[&Realtime], Duration::from_millis(5000));
 }
+
+#[test]
+fn a_huge_retry_hint_neither_panics_nor_retries_at_once() {
+    // Before the clamp, `now + after` overflowed `Instant` and panicked.
+    for huge in [
+        Duration::MAX,
+        Duration::from_millis(u64::MAX),
+        Duration::from_millis(8_300_000_000_000_000),
+    ] {
+        let mut h = H::new();
+        h.m.start(h.now);
+        let full = Failure::ServerFull {
+            retry_after: Some(huge),
+        };
+        h.m.on_ws_failed(h.now, full);
+        h.m.on_poll_failed(h.now, full);
+        assert_eq!(h.state(), Offline);
+        let retry = h.m.next_retry_at().unwrap();
+        assert!(retry > h.now, "not at once");
+        assert!(
+            retry <= h.now + MAX_SERVER_DELAY,
+            "clamped to {MAX_SERVER_DELAY:?}"
+        );
+        h.advance(MAX_SERVER_DELAY);
+        assert_eq!(
+            h.state(),
+            Connecting,
+            "retried once the clamped wait passed"
+        );
+    }
+}
+
+#[test]
+fn a_huge_ping_interval_from_the_server_is_clamped() {
+    let mut h = H::realtime();
+    h.m.set_ping_interval(Duration::MAX);
+    h.m.on_ws_activity(h.now);
+    h.advance(MAX_SERVER_DELAY + Duration::from_secs(60));
+    assert!(h.work().contains(&Action::SendPing));
+}
