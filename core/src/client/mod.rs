@@ -82,9 +82,15 @@ pub struct ClientConfig {
     pub send_window: usize,
     /// An unacknowledged message is sent again after this.
     pub ack_timeout: Duration,
-    /// How often entity changes are pulled while connected.
+    /// How often entity changes are pulled while connected and something changes.
     pub entity_pull_interval: Duration,
-    /// How often pending transactions' status is checked while connected.
+    /// The longest wait between entity pulls while nothing changes: each pull that finds
+    /// nothing new doubles the wait from `entity_pull_interval` up to this, so that an
+    /// idle client does not keep the device awake; a change, a local edit, a new
+    /// connection or the app coming to the foreground starts again from the short one.
+    pub entity_pull_idle_max: Duration,
+    /// How often the status of accepted, undecided transactions is checked while
+    /// connected (only while there are some).
     pub transaction_check_interval: Duration,
     /// Capacity of each subscriber's update buffer.
     pub update_buffer: usize,
@@ -114,6 +120,7 @@ impl ClientConfig {
             send_window: 64,
             ack_timeout: Duration::from_secs(10),
             entity_pull_interval: Duration::from_secs(10),
+            entity_pull_idle_max: Duration::from_secs(15 * 60),
             transaction_check_interval: Duration::from_secs(5),
             update_buffer: 4096,
             settled_retention: Some(Duration::from_secs(24 * 3600)),

@@ -42,6 +42,8 @@ use crate::store::{ItemKind, ItemState, OutboxItem, Store, StoreError};
 
 /// Key/value entry of the rooms the user wants to be in.
 const ROOMS_KEY: &str = "client.rooms";
+/// When entity operations that could not be reconciled are due again.
+const OPERATION_REQUEUE: Duration = Duration::from_secs(1);
 /// Events per poll request.
 const POLL_LIMIT: u32 = 500;
 /// Pages fetched at most by one resync catch-up.
@@ -51,6 +53,28 @@ const HTTP_SEND_WINDOW: usize = 16;
 
 /// How often settled outbox items older than `settled_retention` are deleted (at most).
 const PRUNE_INTERVAL: Duration = Duration::from_secs(600);
+
+/// The supervisor's clock: tokio's, so that tests in paused (virtual) time drive it; the
+/// same as [`Instant::now`] otherwise.
+fn mono_now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+/// `at + wait` without overflow (a wait too long for the clock is cut to an hour).
+fn later(at: Instant, wait: Duration) -> Instant {
+    at.checked_add(wait)
+        .or_else(|| at.checked_add(MAX_SERVER_DELAY))
+        .unwrap_or(at)
+}
+
+/// The monotonic instant of a wall-clock time (`now` if it has passed).
+fn instant_of(at: chrono::DateTime<chrono::Utc>) -> Instant {
+    let wait = at
+        .signed_duration_since(now_wall())
+        .to_std()
+        .unwrap_or_default();
+    later(mono_now(), wait)
+}
 
 /// The rooms the user wants to be in (kept across restarts).
 pub(crate) fn load_rooms(store: &mut Store) -> Result<BTreeSet<String>, StoreError> {
@@ -219,8 +243,11 @@ enum Io {
     HttpDone {
         id: Option<String>,
         failure: Option<Failure>,
+        /// When the item is due again, if it failed for now.
+        retry_at: Option<chrono::DateTime<chrono::Utc>>,
     },
-    Pulled(Result<(), HttpError>),
+    /// A reconcile ended: `Ok(true)` when it sent operations or brought changes.
+    Pulled(Result<bool, HttpError>),
     /// The catch-up of a connection opened without a cursor ended: `Ok(true)` when it
     /// reached the end of the log.
     CaughtUp(u64, Result<bool, HttpError>),
@@ -264,11 +291,21 @@ pub(crate) struct Supervisor {
     reconcile_in_flight: bool,
     /// Ops sent one per request after a batch was refused as invalid, to find the bad one.
     isolate_ops: bool,
-    /// Entity operations may be waiting (an edit was made, a batch failed, or an earlier
-    /// run left some): the tick looks for them until a look finds none.
-    ops_waiting: bool,
+    /// When entity changes were last pulled (`None`: pull at the next chance).
     last_pull: Option<Instant>,
+    /// The wait between pulls: `entity_pull_interval`, doubled after each pull that
+    /// found nothing new, up to `entity_pull_idle_max`; back to the start on any
+    /// change, local edit or new connection.
+    pull_interval: Duration,
     last_tx_check: Option<Instant>,
+    /// Accepted transactions may be waiting for their decision: checked every
+    /// `transaction_check_interval` until a look finds none undecided.
+    tx_pending: bool,
+    /// The earliest time an outbox item that failed for now is due again (items due
+    /// at once are sent on the events that free their lane: acks, answers).
+    outbox_due: Option<Instant>,
+    /// Times the loop woke up (any event or deadline), for the energy figures.
+    wakeups: u64,
     /// When settled outbox items were last pruned.
     last_prune: Option<Instant>,
     /// Inbound streams must not interleave: the cursor only moves forward, so an event
@@ -321,7 +358,8 @@ impl Supervisor {
         let (io_tx, io_rx) = mpsc::unbounded_channel();
         let (ws_tx, ws_rx) = mpsc::unbounded_channel();
         Ok(Self {
-            machine: Machine::new(cfg.machine.clone(), Instant::now()),
+            machine: Machine::new(cfg.machine.clone(), mono_now()),
+            pull_interval: cfg.entity_pull_interval,
             cfg,
             ws_url,
             tls,
@@ -347,9 +385,11 @@ impl Supervisor {
             http_in_flight: BTreeSet::new(),
             reconcile_in_flight: false,
             isolate_ops: false,
-            ops_waiting: true,
             last_pull: None,
             last_tx_check: None,
+            tx_pending: true,
+            outbox_due: None,
+            wakeups: 0,
             last_prune: None,
             held_back: Vec::new(),
             inbound_tasks: 0,
@@ -364,36 +404,34 @@ impl Supervisor {
 
     /// The loop: until shut down.
     pub(crate) async fn run(mut self) {
-        self.machine.start(Instant::now());
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.machine.start(mono_now());
         loop {
             self.drain_actions().await;
             if self.machine.state() == ConnectionState::Closed {
                 break;
             }
-            let deadline = self
-                .machine
-                .poll_timeout()
-                .map(tokio::time::Instant::from_std);
+            // No fixed tick: the loop sleeps until the earliest thing it has to do.
+            let deadline = self.next_deadline().map(tokio::time::Instant::from_std);
             tokio::select! {
                 _ = async {
                     match deadline {
                         Some(d) => tokio::time::sleep_until(d).await,
                         None => std::future::pending().await,
                     }
-                } => self.machine.handle_timeout(Instant::now()),
+                } => self.on_deadline().await,
                 command = self.commands.recv() => match command {
                     Some(command) => self.on_command(command).await,
                     // Every `Client` handle was dropped without `shutdown()`: stop too,
                     // rather than keep a store and sockets alive for no one.
-                    None => self.machine.shutdown(Instant::now()),
+                    None => self.machine.shutdown(mono_now()),
                 },
                 Some((generation, event)) = self.ws_rx.recv() => self.on_ws(generation, event).await,
                 Some(io) = self.io_rx.recv() => self.on_io(io).await,
-                _ = tick.tick() => self.on_tick().await,
-                Some(_) = self.tasks.join_next(), if !self.tasks.is_empty() => {}
             }
+            self.wakeups = self.wakeups.saturating_add(1);
+            // Finished tasks are reaped here rather than woken up for: each reports on
+            // a channel already.
+            while self.tasks.try_join_next().is_some() {}
         }
         self.tasks.abort_all();
         // Closed before `shutdown()` returns, so that the API refuses new work at once.
@@ -439,8 +477,12 @@ impl Supervisor {
                 }));
                 let _ = self.state_tx.send(change.to);
                 if change.to.is_connected() && !change.from.is_connected() {
-                    // Some transport works again: catch up with entity changes too.
+                    // Some transport works again: catch up with entity changes and
+                    // transaction outcomes too, and look for items due later.
                     self.last_pull = None;
+                    self.pull_interval = self.cfg.entity_pull_interval;
+                    self.tx_pending = true;
+                    self.find_outbox_due().await;
                 }
             }
         }
@@ -574,12 +616,12 @@ impl Supervisor {
     fn send_ping(&mut self) {
         let reference = uuid::Uuid::now_v7().to_string();
         if self.send_frame(&ClientEvent::Ping, Some(&reference)) {
-            self.pings.insert(reference, (Instant::now(), now_wall()));
+            self.pings.insert(reference, (mono_now(), now_wall()));
         }
     }
 
     async fn on_ws(&mut self, generation: u64, event: WsEvent) {
-        let now = Instant::now();
+        let now = mono_now();
         if let WsEvent::Opened(handle) = event {
             if generation != self.ws_gen {
                 handle.close(); // an abandoned attempt: close what it opened
@@ -596,7 +638,10 @@ impl Supervisor {
         match event {
             WsEvent::Opened(_) => {}
             WsEvent::Activity => self.machine.on_ws_activity(now),
-            WsEvent::Undecodable(e) => warn!(error = %e, "undecodable frame ignored"),
+            WsEvent::Undecodable(e) => {
+                self.machine.on_ws_activity(now);
+                warn!(error = %e, "undecodable frame ignored");
+            }
             WsEvent::Closed(kind, reason) => {
                 info!(%reason, "WebSocket closed");
                 self.ws = None;
@@ -605,7 +650,10 @@ impl Supervisor {
                     .await;
                 self.machine.on_ws_closed(now, kind);
             }
-            WsEvent::Frame(event, reference) => self.on_frame(*event, reference).await,
+            WsEvent::Frame(event, reference) => {
+                self.machine.on_ws_activity(now);
+                self.on_frame(*event, reference).await;
+            }
         }
     }
 
@@ -674,7 +722,11 @@ impl Supervisor {
                     reference.as_ref().and_then(|r| self.pings.remove(r))
                     && let Ok(mut clock) = self.clock.lock()
                 {
-                    clock.sample(sent_wall, sent_at.elapsed(), server_time);
+                    clock.sample(
+                        sent_wall,
+                        mono_now().saturating_duration_since(sent_at),
+                        server_time,
+                    );
                 }
             }
             ServerEvent::Error(body) => self.on_ws_error(body, reference).await,
@@ -686,7 +738,7 @@ impl Supervisor {
         let reference = reference.or_else(|| body.reference.clone());
         warn!(code = ?body.code, error = %body.error, ?reference, "server refused a frame");
         if body.code == ErrorCode::CursorExpired {
-            self.machine.on_cursor_expired(Instant::now());
+            self.machine.on_cursor_expired(mono_now());
             return;
         }
         let Some(id) = reference else { return };
@@ -710,6 +762,7 @@ impl Supervisor {
             } else {
                 let wait = retry_after.unwrap_or(Duration::from_secs(1));
                 let at = wall_later(now, wait);
+                self.note_outbox_due(at);
                 self.store
                     .call(move |s| s.mark_failed(&id, &reason, at, now))
                     .await
@@ -899,7 +952,7 @@ impl Supervisor {
             }
         };
         if self.send_frame(&ClientEvent::Message(message), Some(&item.id)) {
-            self.ws_in_flight.insert(item.id.clone(), Instant::now());
+            self.ws_in_flight.insert(item.id.clone(), mono_now());
             let mut update = OutboxUpdate::from(&item);
             update.state = ItemState::InFlight;
             self.emit(Update::Outbox(update));
@@ -931,7 +984,7 @@ impl Supervisor {
                 async move { http.post_message(&token, message).await }
             })
             .await;
-            let failure = settle_http(
+            let (failure, retry_at) = settle_http(
                 &store,
                 &updates,
                 &sent,
@@ -941,6 +994,7 @@ impl Supervisor {
             let _ = io.send(Io::HttpDone {
                 id: Some(sent.id.clone()),
                 failure,
+                retry_at,
             });
         });
     }
@@ -960,6 +1014,8 @@ impl Supervisor {
             return;
         };
         self.http_in_flight.insert(item.id.clone());
+        // Its decision is checked for until it comes.
+        self.tx_pending = true;
         let (store, http, tokens, io, updates) = self.task_parts();
         self.tasks.spawn(async move {
             let result = with_token(&tokens, |token| {
@@ -968,7 +1024,7 @@ impl Supervisor {
             })
             .await;
             let accepted = result.as_ref().ok().map(|a| a.transaction_id.clone());
-            let failure =
+            let (failure, retry_at) =
                 settle_http(&store, &updates, &sent, result.map(|a| a.transaction_id)).await;
             if let Some(transaction_id) = accepted {
                 let _ = updates.send(Update::Transaction(TransactionUpdate {
@@ -981,6 +1037,7 @@ impl Supervisor {
             let _ = io.send(Io::HttpDone {
                 id: Some(sent.id.clone()),
                 failure,
+                retry_at,
             });
         });
     }
@@ -991,6 +1048,10 @@ impl Supervisor {
         let Ok(undecided) = self.store.call(|s| s.undecided_transactions()).await else {
             return;
         };
+        if undecided.is_empty() {
+            // Nothing to wait for: no more checks until a transaction is submitted.
+            self.tx_pending = false;
+        }
         for item in undecided {
             let Some(transaction_id) = item.server_ref.clone() else {
                 continue;
@@ -1020,6 +1081,7 @@ impl Supervisor {
                 let _ = io.send(Io::HttpDone {
                     id: Some(key),
                     failure,
+                    retry_at: None,
                 });
             });
         }
@@ -1073,14 +1135,11 @@ impl Supervisor {
         else {
             return;
         };
-        if ops.is_empty() {
-            self.ops_waiting = false;
-            if !pull {
-                return;
-            }
+        if ops.is_empty() && !pull {
+            return;
         }
         self.reconcile_in_flight = true;
-        self.last_pull = Some(Instant::now());
+        self.last_pull = Some(mono_now());
         let (store, http, tokens, io, updates) = self.task_parts();
         let client_id = self.client_id.clone();
         let isolate = self.isolate_ops;
@@ -1094,7 +1153,7 @@ impl Supervisor {
     // ---- reports --------------------------------------------------------------------------
 
     async fn on_io(&mut self, io: Io) {
-        let now = Instant::now();
+        let now = mono_now();
         match io {
             Io::WsFailed(generation, error) => {
                 if generation != self.ws_gen {
@@ -1138,17 +1197,24 @@ impl Supervisor {
                 self.inbound_done().await;
                 self.machine.on_resync_failed(now, e.failure());
             }
-            Io::HttpDone { id, failure } => {
+            Io::HttpDone {
+                id,
+                failure,
+                retry_at,
+            } => {
                 if let Some(id) = id {
                     self.http_in_flight.remove(&id);
                 }
+                if let Some(at) = retry_at {
+                    self.note_outbox_due(at);
+                }
                 match failure {
                     Some(f) => self.machine.on_http_failed(now, f),
-                    None => {
-                        self.machine.on_http_ok(now);
-                        self.pump(Route::Http).await;
-                    }
+                    None => self.machine.on_http_ok(now),
                 }
+                // A slot is free: what waited for it goes now (a refused item's lane
+                // goes on too).
+                self.pump(Route::Http).await;
             }
             Io::CaughtUp(generation, result) => match result {
                 Err(_) | Ok(false) if generation == self.ws_gen => {
@@ -1169,68 +1235,152 @@ impl Supervisor {
             Io::Pulled(result) => {
                 self.reconcile_in_flight = false;
                 match result {
-                    Ok(()) => {
+                    Ok(changed) => {
                         self.isolate_ops = false;
+                        self.pull_interval = if changed {
+                            self.cfg.entity_pull_interval
+                        } else {
+                            // Nothing new: pull less often while idle.
+                            self.pull_interval
+                                .saturating_mul(2)
+                                .min(self.cfg.entity_pull_idle_max)
+                                .max(self.cfg.entity_pull_interval)
+                        };
                         self.machine.on_http_ok(now);
                         self.spawn_reconcile(false).await;
                     }
-                    Err(e) if e.is_permanent() => {
-                        // One bad operation must not hold back the others: isolate it.
-                        self.isolate_ops = true;
-                        self.ops_waiting = true;
-                    }
                     Err(e) => {
-                        self.ops_waiting = true;
-                        self.machine.on_http_failed(now, e.failure());
+                        if e.is_permanent() {
+                            // One bad operation must not hold back the others: isolate it.
+                            self.isolate_ops = true;
+                        } else {
+                            self.machine.on_http_failed(now, e.failure());
+                        }
+                        // The operations went back to the queue, due a little later.
+                        self.note_outbox_due(wall_later(now_wall(), OPERATION_REQUEUE));
                     }
                 }
             }
         }
     }
 
-    async fn on_tick(&mut self) {
-        let now = Instant::now();
+    /// The earliest time something is due: the machine's timers, an unacknowledged
+    /// WebSocket send, pruning, and, while connected, an outbox item due again, the next
+    /// entity pull and (only while one is undecided) the next transaction check. `None`:
+    /// nothing until an event.
+    fn next_deadline(&self) -> Option<Instant> {
+        let mut deadlines = vec![self.machine.poll_timeout()];
+        deadlines.push(
+            self.ws_in_flight
+                .values()
+                .min()
+                .map(|sent| later(*sent, self.cfg.ack_timeout)),
+        );
+        if let Some(retention) = self.cfg.settled_retention {
+            let interval = prune_interval(retention);
+            deadlines.push(Some(
+                self.last_prune
+                    .map_or_else(mono_now, |t| later(t, interval)),
+            ));
+        }
+        if self.machine.state().is_connected() {
+            deadlines.push(self.outbox_due);
+            if !self.reconcile_in_flight {
+                deadlines.push(Some(
+                    self.last_pull
+                        .map_or_else(mono_now, |t| later(t, self.pull_interval)),
+                ));
+            }
+            if self.tx_pending {
+                deadlines.push(Some(self.last_tx_check.map_or_else(mono_now, |t| {
+                    later(t, self.cfg.transaction_check_interval)
+                })));
+            }
+        }
+        deadlines.into_iter().flatten().min()
+    }
+
+    /// Does what is due at a deadline (see [`Self::next_deadline`]).
+    async fn on_deadline(&mut self) {
+        let now = mono_now();
+        if self.machine.poll_timeout().is_some_and(|t| t <= now) {
+            self.machine.handle_timeout(now);
+        }
         // Unacknowledged WebSocket sends: try again (same id; the server dedupes).
         let stale: Vec<String> = self
             .ws_in_flight
             .iter()
-            .filter(|(_, at)| now.duration_since(**at) >= self.cfg.ack_timeout)
+            .filter(|(_, at)| now.saturating_duration_since(**at) >= self.cfg.ack_timeout)
             .map(|(id, _)| id.clone())
             .collect();
-        if !stale.is_empty() {
+        let resend = !stale.is_empty();
+        if resend {
             for id in &stale {
                 self.ws_in_flight.remove(id);
             }
             let wall = now_wall();
-            let _ = self
+            let requeued = self
                 .store
                 .call(move |s| {
                     for id in stale {
+                        // Already accepted through another path: nothing to do.
                         let _ = s.mark_failed(&id, "no ack in time", wall, wall);
                     }
                     Ok(())
                 })
                 .await;
+            if let Err(e) = requeued {
+                warn!(error = %e, "could not requeue unacknowledged sends");
+            }
         }
         self.prune_settled(now).await;
         if !self.machine.state().is_connected() {
             return;
         }
-        self.pump(Route::Http).await;
-        if self
-            .last_pull
-            .is_none_or(|t| now.duration_since(t) >= self.cfg.entity_pull_interval)
-        {
-            self.spawn_reconcile(true).await;
-        } else if self.ops_waiting {
-            self.spawn_reconcile(false).await;
+        let outbox_due = self.outbox_due.is_some_and(|t| t <= now);
+        if outbox_due {
+            self.outbox_due = None;
+        }
+        if resend || outbox_due {
+            self.pump(Route::Http).await;
         }
         if self
-            .last_tx_check
-            .is_none_or(|t| now.duration_since(t) >= self.cfg.transaction_check_interval)
+            .last_pull
+            .is_none_or(|t| now.saturating_duration_since(t) >= self.pull_interval)
+        {
+            // Set here too: a pull that could not start is not tried again at once.
+            self.last_pull = Some(now);
+            self.spawn_reconcile(true).await;
+        } else if outbox_due {
+            self.spawn_reconcile(false).await;
+        }
+        if outbox_due {
+            self.find_outbox_due().await;
+        }
+        if self.tx_pending
+            && self.last_tx_check.is_none_or(|t| {
+                now.saturating_duration_since(t) >= self.cfg.transaction_check_interval
+            })
         {
             self.last_tx_check = Some(now);
             self.check_transactions().await;
+        }
+    }
+
+    /// An outbox item is due again at `at`: wake up then (if nothing else sends it).
+    fn note_outbox_due(&mut self, at: chrono::DateTime<chrono::Utc>) {
+        let at = instant_of(at);
+        self.outbox_due = Some(self.outbox_due.map_or(at, |t| t.min(at)));
+    }
+
+    /// Looks in the store for the next item due later than now (left by an earlier run,
+    /// or failed while another was due), so that it is not waited for in vain.
+    async fn find_outbox_due(&mut self) {
+        let wall = now_wall();
+        match self.store.call(move |s| s.next_attempt_after(wall)).await {
+            Ok(Some(at)) => self.note_outbox_due(at),
+            Ok(None) => {}
+            Err(e) => warn!(error = %e, "outbox read failed"),
         }
     }
 
@@ -1242,11 +1392,10 @@ impl Supervisor {
         let Some(retention) = self.cfg.settled_retention else {
             return;
         };
-        // A short retention is kept short: pruned at least once per retention period.
-        let interval = PRUNE_INTERVAL.min(retention.max(Duration::from_secs(1)));
+        let interval = prune_interval(retention);
         if self
             .last_prune
-            .is_some_and(|t| now.duration_since(t) < interval)
+            .is_some_and(|t| now.saturating_duration_since(t) < interval)
         {
             return;
         }
@@ -1262,7 +1411,7 @@ impl Supervisor {
     }
 
     async fn on_command(&mut self, command: Command) {
-        let now = Instant::now();
+        let now = mono_now();
         match command {
             Command::Pump => self.pump(Route::Http).await,
             Command::Live { event, reply } => {
@@ -1283,14 +1432,22 @@ impl Supervisor {
                 // Offline: the intent is stored and applied on the next connection.
                 self.send_frame(&event, None);
             }
-            Command::PullEntities => self.spawn_reconcile(true).await,
+            Command::PullEntities => {
+                self.pull_interval = self.cfg.entity_pull_interval;
+                self.spawn_reconcile(true).await;
+            }
             Command::Reconcile => {
-                self.ops_waiting = true;
+                // Someone is editing: pull at the short interval again.
+                self.pull_interval = self.cfg.entity_pull_interval;
                 self.spawn_reconcile(false).await;
             }
             Command::Hint(Hint::NetworkAvailable) => self.machine.network_available(now),
             Command::Hint(Hint::NetworkLost) => self.machine.network_lost(now),
-            Command::Hint(Hint::Foreground) => self.machine.foreground(now),
+            Command::Hint(Hint::Foreground) => {
+                // Back in front of the user: fresh entities soon.
+                self.pull_interval = self.cfg.entity_pull_interval;
+                self.machine.foreground(now);
+            }
             Command::Hint(Hint::Background) => self.machine.background(now),
             Command::Reauthenticate => {
                 let tokens = self.tokens.clone();
@@ -1335,7 +1492,8 @@ impl Supervisor {
                 .iter()
                 .filter(|i| i.state == ItemState::Dead)
                 .count(),
-            time_in_states: self.machine.time_in_states(Instant::now()).to_vec(),
+            time_in_states: self.machine.time_in_states(mono_now()).to_vec(),
+            supervisor_wakeups: self.wakeups,
             clock_offset_ms: self.clock.lock().ok().and_then(|c| c.offset_ms()),
             retry_attempts: self.machine.retry_attempts(),
         })
@@ -1454,16 +1612,17 @@ async fn settle_transaction(
 }
 
 /// Records the outcome of an HTTP send; the failure for the state machine, if the
-/// network or server failed it.
+/// network or server failed it, and when the item is due again.
 async fn settle_http(
     store: &StoreHandle,
     updates: &broadcast::Sender<Update>,
     item: &OutboxItem,
     result: Result<String, HttpError>,
-) -> Option<Failure> {
+) -> (Option<Failure>, Option<chrono::DateTime<chrono::Utc>>) {
     let id = item.id.clone();
     let now = now_wall();
     let attempts = item.attempts;
+    let mut retry_at = None;
     let (outcome, failure) = match result {
         Ok(server_ref) => (
             store
@@ -1484,6 +1643,7 @@ async fn settle_http(
                 .map(clamp_retry_hint)
                 .unwrap_or_else(|| item_backoff(attempts));
             let at = wall_later(now, wait);
+            retry_at = Some(at);
             let reason = e.to_string();
             let failure = e.failure();
             (
@@ -1497,7 +1657,13 @@ async fn settle_http(
     if let Ok(item) = outcome {
         let _ = updates.send(Update::Outbox(OutboxUpdate::from(&item)));
     }
-    failure
+    (failure, retry_at)
+}
+
+/// How often settled items are pruned: every [`PRUNE_INTERVAL`], and a short retention
+/// is kept short (pruned at least once per retention period, at most once a second).
+fn prune_interval(retention: Duration) -> Duration {
+    PRUNE_INTERVAL.min(retention.max(Duration::from_secs(1)))
 }
 
 /// Per-item retry delay: 0.5 s doubling to 30 s.
@@ -1605,10 +1771,11 @@ async fn reconcile(
     client_id: &str,
     ops: Vec<OutboxItem>,
     isolate: bool,
-) -> Result<(), HttpError> {
+) -> Result<bool, HttpError> {
     let now = now_wall();
+    let sent_any = !ops.is_empty();
     let requeue = |store: StoreHandle, ops: Vec<OutboxItem>, reason: String, dead: bool| async move {
-        let at = wall_later(now_wall(), Duration::from_secs(1));
+        let at = wall_later(now_wall(), OPERATION_REQUEUE);
         let _ = store
             .call(move |s| {
                 for op in ops {
@@ -1670,6 +1837,7 @@ async fn reconcile(
         .call(move |s| s.apply_reconcile_response(&resp, applied_at))
         .await
         .map_err(|e| HttpError::Protocol(e.to_string()))?;
+    let changed = sent_any || !outcome.entities.is_empty() || !response.conflicts.is_empty();
     for entity in outcome.entities {
         let _ = updates.send(Update::Entity(entity));
     }
@@ -1705,7 +1873,7 @@ async fn reconcile(
             }
         }
     }
-    Ok(())
+    Ok(changed)
 }
 
 #[cfg(test)]
@@ -1752,8 +1920,9 @@ mod tests {
                 retry_after: Some(hint),
             };
             let before = now_wall();
-            let failure = settle_http(&store, &updates, &item, Err(error)).await;
+            let (failure, retry_at) = settle_http(&store, &updates, &item, Err(error)).await;
             assert!(matches!(failure, Some(Failure::ServerFull { .. })));
+            assert!(retry_at.is_some());
             let id = item.id.clone();
             let after = store.call(move |s| s.get(&id)).await.unwrap().unwrap();
             assert_eq!(after.state, ItemState::Persisted);

@@ -178,6 +178,9 @@ pub struct ClientMetrics {
     pub clock_offset_ms: Option<i64>,
     /// Connection attempts since the last success.
     pub retry_attempts: u32,
+    /// Times the client's supervisor task woke up (an event or a deadline) since the
+    /// client opened: what an idle client costs in wake-ups.
+    pub supervisor_wakeups: u64,
 }
 
 /// The server's clock as estimated from `connected` and `pong` (NTP-style: the sample
