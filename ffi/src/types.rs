@@ -843,6 +843,11 @@ pub struct ClientMetrics {
     pub clock_offset_ms: Option<i64>,
     /// Connection attempts since the last success.
     pub retry_attempts: u32,
+    /// Times the client's background task woke up since it opened (energy use).
+    pub supervisor_wakeups: u64,
+    /// Times the store failed to record what the server sent (fetched again later):
+    /// non-zero means storage trouble (full disk), not the network.
+    pub storage_failures: u64,
 }
 
 impl From<sdk::ClientMetrics> for ClientMetrics {
@@ -864,6 +869,8 @@ impl From<sdk::ClientMetrics> for ClientMetrics {
                 .collect(),
             clock_offset_ms: m.clock_offset_ms,
             retry_attempts: m.retry_attempts,
+            supervisor_wakeups: m.supervisor_wakeups,
+            storage_failures: m.storage_failures,
         }
     }
 }

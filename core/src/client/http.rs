@@ -37,6 +37,10 @@ pub enum HttpError {
     /// The answer was not what the protocol says.
     #[error("unexpected answer: {0}")]
     Protocol(String),
+    /// The answer came, but the local store could not record it: not the network's or
+    /// the server's fault (the connection state does not change for it).
+    #[error("local storage: {0}")]
+    Storage(crate::client::ClientError),
 }
 
 impl HttpError {
@@ -72,8 +76,7 @@ impl HttpError {
             HttpError::Status { status, .. } => {
                 (400..500).contains(status) && !matches!(status, 401 | 408 | 425 | 429)
             }
-            HttpError::Protocol(_) => false,
-            HttpError::Network(_) => false,
+            HttpError::Protocol(_) | HttpError::Storage(_) | HttpError::Network(_) => false,
         }
     }
 

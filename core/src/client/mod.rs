@@ -156,11 +156,11 @@ impl StoreHandle {
         tokio::task::spawn_blocking(move || {
             let mut guard = store
                 .lock()
-                .map_err(|_| ClientError::Storage("the store lock was poisoned".into()))?;
+                .map_err(|_| ClientError::StorageIo("the store lock was poisoned".into()))?;
             f(&mut guard).map_err(ClientError::from)
         })
         .await
-        .map_err(|e| ClientError::Storage(format!("store task failed: {e}")))?
+        .map_err(|e| ClientError::StorageIo(format!("store task failed: {e}")))?
     }
 }
 
@@ -247,7 +247,7 @@ impl Client {
         let store_config = config.store.clone();
         let store = tokio::task::spawn_blocking(move || Store::open(path, store_config))
             .await
-            .map_err(|e| ClientError::Storage(format!("store task failed: {e}")))??;
+            .map_err(|e| ClientError::StorageIo(format!("store task failed: {e}")))??;
         let client_id = store.client_id().to_owned();
         let store = StoreHandle(Arc::new(Mutex::new(store)));
         let (commands, command_rx) = mpsc::unbounded_channel();

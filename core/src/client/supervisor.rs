@@ -42,6 +42,10 @@ use crate::store::{ItemKind, ItemState, OutboxItem, Store, StoreError};
 
 /// Key/value entry of the rooms the user wants to be in.
 const ROOMS_KEY: &str = "client.rooms";
+/// The first wait before inbound events the store could not record are fetched again;
+/// it doubles while the store keeps failing, up to [`STORAGE_RETRY_MAX`].
+const STORAGE_RETRY_MIN: Duration = Duration::from_secs(1);
+const STORAGE_RETRY_MAX: Duration = Duration::from_secs(60);
 /// When entity operations that could not be reconciled are due again.
 const OPERATION_REQUEUE: Duration = Duration::from_secs(1);
 /// Events per poll request.
@@ -306,6 +310,14 @@ pub(crate) struct Supervisor {
     outbox_due: Option<Instant>,
     /// Times the loop woke up (any event or deadline), for the energy figures.
     wakeups: u64,
+    /// The store could not record a durable WebSocket delivery: until this time, such
+    /// deliveries are not taken (the cursor did not move); then a catch-up from the
+    /// cursor fetches them again.
+    inbound_stalled: Option<Instant>,
+    /// The wait before the next such catch-up.
+    storage_retry: Duration,
+    /// Storage failures met by the supervisor (inbound events, reconcile answers).
+    storage_failures: u64,
     /// When settled outbox items were last pruned.
     last_prune: Option<Instant>,
     /// Inbound streams must not interleave: the cursor only moves forward, so an event
@@ -390,6 +402,9 @@ impl Supervisor {
             tx_pending: true,
             outbox_due: None,
             wakeups: 0,
+            inbound_stalled: None,
+            storage_retry: STORAGE_RETRY_MIN,
+            storage_failures: 0,
             last_prune: None,
             held_back: Vec::new(),
             inbound_tasks: 0,
@@ -804,16 +819,21 @@ impl Supervisor {
         }
         let reason = reason.to_owned();
         let now = now_wall();
-        let _ = self
+        let requeued = self
             .store
             .call(move |s| {
                 for id in ids {
-                    // Already accepted through another path: nothing to do.
+                    // Already accepted through another path (or still `persisted`:
+                    // WebSocket sends are in flight in memory only): nothing to do.
                     let _ = s.mark_failed(&id, &reason, now, now);
                 }
                 Ok(())
             })
             .await;
+        if let Err(e) = requeued {
+            // They are `persisted` in the store anyway and go again on the next flush.
+            warn!(error = %e, "could not requeue unacknowledged sends");
+        }
     }
 
     // ---- inbound --------------------------------------------------------------------------
@@ -821,12 +841,13 @@ impl Supervisor {
     async fn on_inbound_message(&mut self, m: WebSocketMessage) {
         match (&m.event_id, m.interaction_class.is_durable()) {
             (Some(event_id), true) => {
-                let event_id = event_id.clone();
-                let updates =
-                    process_inbound(&self.store, event_id, m.sequence, Update::Message(m)).await;
-                for u in updates {
-                    self.emit(u);
+                if self.inbound_stalled.is_some() {
+                    return; // fetched again from the cursor once the store takes it
                 }
+                let event_id = event_id.clone();
+                let result =
+                    process_inbound(&self.store, event_id, m.sequence, Update::Message(m)).await;
+                self.on_inbound_result(result);
             }
             // Live (Class A), or a server that did not make it durable: as it comes.
             _ => self.emit(Update::Message(m)),
@@ -834,8 +855,36 @@ impl Supervisor {
     }
 
     async fn on_inbound_event(&mut self, e: Event) {
-        for u in process_event(&self.store, e).await {
-            self.emit(u);
+        if self.inbound_stalled.is_some() {
+            return; // fetched again from the cursor once the store takes it
+        }
+        let result = process_event(&self.store, e).await;
+        self.on_inbound_result(result);
+    }
+
+    /// Emits what a durable inbound item gave, or, when the store could not record it,
+    /// stops taking durable deliveries from the WebSocket: the cursor stayed before
+    /// it, so a catch-up from the cursor fetches it (and what follows) again, after
+    /// `storage_retry`, doubling while the store keeps failing.
+    fn on_inbound_result(&mut self, result: Result<Vec<Update>, ClientError>) {
+        match result {
+            Ok(updates) => {
+                for u in updates {
+                    self.emit(u);
+                }
+            }
+            Err(e) => self.stall_inbound(&e),
+        }
+    }
+
+    fn stall_inbound(&mut self, error: &ClientError) {
+        self.storage_failures = self.storage_failures.saturating_add(1);
+        // Not recorded, so not lost: the catch-up fetches them again.
+        self.held_back.clear();
+        if self.inbound_stalled.is_none() {
+            warn!(error = %error, retry_in = ?self.storage_retry, "could not record an inbound event; fetching again later");
+            self.inbound_stalled = Some(later(mono_now(), self.storage_retry));
+            self.storage_retry = self.storage_retry.saturating_mul(2).min(STORAGE_RETRY_MAX);
         }
     }
 
@@ -1120,16 +1169,24 @@ impl Supervisor {
         let Ok(ops) = self
             .store
             .call(move |s| {
+                // One reconcile at a time: an operation still in flight now is left from
+                // one whose answer could not be stored (nor the operation requeued).
+                for stale in s.list(Some(ItemState::InFlight))? {
+                    if stale.kind == ItemKind::Operation {
+                        s.mark_failed(&stale.id, "requeued after a failed reconcile", now, now)?;
+                    }
+                }
                 let items: Vec<OutboxItem> = s
                     .list(Some(ItemState::Persisted))?
                     .into_iter()
                     .filter(|i| i.kind == ItemKind::Operation && i.next_attempt_at <= now)
                     .take(limit)
                     .collect();
+                let mut taken = Vec::with_capacity(items.len());
                 for item in &items {
-                    s.mark_in_flight(&item.id, now)?;
+                    taken.push(s.mark_in_flight(&item.id, now)?);
                 }
-                Ok(items)
+                Ok(taken)
             })
             .await
         else {
@@ -1179,6 +1236,14 @@ impl Supervisor {
                 self.inbound_done().await;
                 self.machine.on_poll_ok(now, more);
             }
+            Io::Poll(Err(HttpError::Storage(e))) => {
+                // The server answered; the store could not take the page. The cursor did
+                // not move: the next poll fetches it again.
+                warn!(error = %e, "could not record polled events");
+                self.storage_failures = self.storage_failures.saturating_add(1);
+                self.inbound_done().await;
+                self.machine.on_poll_ok(now, false);
+            }
             Io::Poll(Err(e)) if e.code() == Some(ErrorCode::CursorExpired) => {
                 self.inbound_done().await;
                 self.machine.on_poll_cursor_expired(now);
@@ -1216,6 +1281,15 @@ impl Supervisor {
                 // goes on too).
                 self.pump(Route::Http).await;
             }
+            Io::CaughtUp(generation, Err(HttpError::Storage(e))) => {
+                // The connection is fine; the store is not: try again later, keeping it.
+                if generation == self.ws_gen {
+                    self.inbound_tasks = self.inbound_tasks.saturating_sub(1);
+                    self.stall_inbound(&e);
+                } else {
+                    self.inbound_done().await;
+                }
+            }
             Io::CaughtUp(generation, result) => match result {
                 Err(_) | Ok(false) if generation == self.ws_gen => {
                     // Without the whole catch-up the held deliveries could skip
@@ -1230,7 +1304,12 @@ impl Supervisor {
                     self.machine
                         .on_ws_closed(now, crate::machine::CloseKind::Lost);
                 }
-                _ => self.inbound_done().await,
+                _ => {
+                    if generation == self.ws_gen && matches!(result, Ok(true)) {
+                        self.storage_retry = STORAGE_RETRY_MIN;
+                    }
+                    self.inbound_done().await;
+                }
             },
             Io::Pulled(result) => {
                 self.reconcile_in_flight = false;
@@ -1250,7 +1329,11 @@ impl Supervisor {
                         self.spawn_reconcile(false).await;
                     }
                     Err(e) => {
-                        if e.is_permanent() {
+                        if let HttpError::Storage(error) = &e {
+                            // Not the server's fault: the connection state stays.
+                            warn!(%error, "could not store a reconcile answer");
+                            self.storage_failures = self.storage_failures.saturating_add(1);
+                        } else if e.is_permanent() {
                             // One bad operation must not hold back the others: isolate it.
                             self.isolate_ops = true;
                         } else {
@@ -1284,6 +1367,7 @@ impl Supervisor {
             ));
         }
         if self.machine.state().is_connected() {
+            deadlines.push(self.inbound_stalled);
             deadlines.push(self.outbox_due);
             if !self.reconcile_in_flight {
                 deadlines.push(Some(
@@ -1336,6 +1420,14 @@ impl Supervisor {
         self.prune_settled(now).await;
         if !self.machine.state().is_connected() {
             return;
+        }
+        if self.inbound_stalled.is_some_and(|t| t <= now) {
+            self.inbound_stalled = None;
+            // Fetch what the store could not take, from the cursor (a connection that
+            // polls does so anyway).
+            if self.ws.is_some() && self.machine.state() == ConnectionState::Realtime {
+                self.catch_up(self.ws_gen).await;
+            }
         }
         let outbox_due = self.outbox_due.is_some_and(|t| t <= now);
         if outbox_due {
@@ -1494,6 +1586,7 @@ impl Supervisor {
                 .count(),
             time_in_states: self.machine.time_in_states(mono_now()).to_vec(),
             supervisor_wakeups: self.wakeups,
+            storage_failures: self.storage_failures,
             clock_offset_ms: self.clock.lock().ok().and_then(|c| c.offset_ms()),
             retry_attempts: self.machine.retry_attempts(),
         })
@@ -1509,7 +1602,7 @@ async fn process_inbound(
     event_id: String,
     sequence: Option<u64>,
     update: Update,
-) -> Vec<Update> {
+) -> Result<Vec<Update>, ClientError> {
     let own_id = match &update {
         Update::Message(m) => Some(m.message_id.clone()),
         _ => None,
@@ -1525,19 +1618,13 @@ async fn process_inbound(
             Ok(new && !own)
         })
         .await;
-    match result {
-        Ok(true) => vec![update],
-        Ok(false) => Vec::new(),
-        Err(e) => {
-            // Not recorded: it will come again (resume or poll) and be processed then.
-            warn!(error = %e, "could not record an inbound event");
-            Vec::new()
-        }
-    }
+    // Not recorded (`Err`): the cursor did not move; the caller makes sure it is
+    // fetched again (resume, poll or catch-up) before anything after it.
+    Ok(if result? { vec![update] } else { Vec::new() })
 }
 
 /// Records one durable bus event (a message, a transaction outcome, or an app event).
-async fn process_event(store: &StoreHandle, e: Event) -> Vec<Update> {
+async fn process_event(store: &StoreHandle, e: Event) -> Result<Vec<Update>, ClientError> {
     let event_id = e.event_id.clone();
     let sequence = e.sequence;
     if e.event_type == MESSAGE_EVENT_TYPE {
@@ -1554,7 +1641,7 @@ async fn process_event(store: &StoreHandle, e: Event) -> Vec<Update> {
         "transaction.confirmed" | "transaction.rejected"
     ) && let Ok(status) = serde_json::from_value::<TransactionStatus>(e.payload.clone())
     {
-        let mut out = process_inbound(store, event_id, sequence, Update::Event(e)).await;
+        let mut out = process_inbound(store, event_id, sequence, Update::Event(e)).await?;
         let transaction_id = status.transaction_id.clone();
         let item = store
             .call(move |s| s.find_by_server_ref(ItemKind::Transaction, &transaction_id))
@@ -1564,7 +1651,7 @@ async fn process_event(store: &StoreHandle, e: Event) -> Vec<Update> {
         if let Some(item) = item {
             out.extend(settle_transaction(store, &item.id, status).await);
         }
-        return out;
+        return Ok(out);
     }
     process_inbound(store, event_id, sequence, Update::Event(e)).await
 }
@@ -1716,7 +1803,7 @@ async fn poll_once(
     let cursor = store
         .call(|s| s.cursor())
         .await
-        .map_err(|e| HttpError::Protocol(e.to_string()))?
+        .map_err(HttpError::Storage)?
         .map(|c| c.last_event_id);
     let page = with_token(tokens, |token| {
         let cursor = cursor.as_deref();
@@ -1724,7 +1811,12 @@ async fn poll_once(
     })
     .await?;
     for event in page.events {
-        for u in process_event(store, event).await {
+        // A failure stops the page: nothing after an unrecorded event is recorded, so
+        // the cursor stays before it and the next poll fetches it again.
+        for u in process_event(store, event)
+            .await
+            .map_err(HttpError::Storage)?
+        {
             let _ = updates.send(u);
         }
     }
@@ -1746,7 +1838,7 @@ async fn resync(
             s.clear_cursor()
         })
         .await
-        .map_err(|e| HttpError::Protocol(e.to_string()))?;
+        .map_err(HttpError::Storage)?;
     reconcile(store, http, tokens, updates, client_id, Vec::new(), false).await?;
     for _ in 0..RESYNC_MAX_PAGES {
         if !poll_once(store, http, tokens, updates).await? {
@@ -1773,10 +1865,10 @@ async fn reconcile(
     isolate: bool,
 ) -> Result<bool, HttpError> {
     let now = now_wall();
-    let sent_any = !ops.is_empty();
+
     let requeue = |store: StoreHandle, ops: Vec<OutboxItem>, reason: String, dead: bool| async move {
         let at = wall_later(now_wall(), OPERATION_REQUEUE);
-        let _ = store
+        let requeued = store
             .call(move |s| {
                 for op in ops {
                     if dead {
@@ -1788,11 +1880,35 @@ async fn reconcile(
                 Ok(())
             })
             .await;
+        if let Err(e) = requeued {
+            // Left in flight: the next reconcile requeues them.
+            warn!(error = %e, "could not requeue entity operations");
+        }
     };
-    let operations: Vec<Operation> = ops
-        .iter()
-        .filter_map(|i| serde_json::from_value(i.body.clone()).ok())
-        .collect();
+    // An operation whose body does not decode can never be sent: dead, with the reason
+    // (it used to be dropped from the request and requeued, again and again).
+    let mut operations: Vec<Operation> = Vec::with_capacity(ops.len());
+    let mut readable = Vec::with_capacity(ops.len());
+    for op in ops {
+        match serde_json::from_value::<Operation>(op.body.clone()) {
+            Ok(operation) => {
+                operations.push(operation);
+                readable.push(op);
+            }
+            Err(e) => {
+                let reason = format!("unreadable operation body: {e}");
+                let id = op.id.clone();
+                match store.call(move |s| s.mark_dead(&id, &reason, now)).await {
+                    Ok(item) => {
+                        let _ = updates.send(Update::Outbox((&item).into()));
+                    }
+                    // Left in flight: the next reconcile requeues it and tries again.
+                    Err(e) => warn!(error = %e, "could not mark an unreadable operation dead"),
+                }
+            }
+        }
+    }
+    let ops = readable;
     let token = match tokens.get().await {
         Ok(t) => t,
         Err(_) => {
@@ -1804,11 +1920,12 @@ async fn reconcile(
             });
         }
     };
+    let sent_any = !ops.is_empty();
     let claims = Claims::read(&token).map_err(HttpError::Protocol)?;
     let last_known_version = store
         .call(|s| s.entity_sync_version())
         .await
-        .map_err(|e| HttpError::Protocol(e.to_string()))?;
+        .map_err(HttpError::Storage)?;
     let request = ReconciliationRequest {
         request_id: uuid::Uuid::now_v7().to_string(),
         client_id: client_id.to_owned(),
@@ -1833,10 +1950,19 @@ async fn reconcile(
     };
     let applied_at = now_wall();
     let resp = response.clone();
-    let outcome = store
+    let outcome = match store
         .call(move |s| s.apply_reconcile_response(&resp, applied_at))
         .await
-        .map_err(|e| HttpError::Protocol(e.to_string()))?;
+    {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            // Nothing of the answer was applied (one transaction): the operations go
+            // back to the queue (or, if even that fails, the next reconcile requeues
+            // them) and the same changes are pulled again later.
+            requeue(store.clone(), ops, e.to_string(), false).await;
+            return Err(HttpError::Storage(e));
+        }
+    };
     let changed = sent_any || !outcome.entities.is_empty() || !response.conflicts.is_empty();
     for entity in outcome.entities {
         let _ = updates.send(Update::Entity(entity));

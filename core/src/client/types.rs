@@ -181,6 +181,9 @@ pub struct ClientMetrics {
     /// Times the client's supervisor task woke up (an event or a deadline) since the
     /// client opened: what an idle client costs in wake-ups.
     pub supervisor_wakeups: u64,
+    /// Times the store failed to record what the server sent (inbound events, reconcile
+    /// answers); each is fetched again later. Non-zero: storage trouble, not network.
+    pub storage_failures: u64,
 }
 
 /// The server's clock as estimated from `connected` and `pong` (NTP-style: the sample
