@@ -31,7 +31,7 @@ use super::types::{ClockOffset, OutboxUpdate, StateUpdate, TransactionUpdate, Up
 use super::ws::{self, ConnectError, WsEvent, WsHandle};
 use super::{ClientConfig, ClientError, ClientMetrics, StoreHandle};
 use crate::machine::{
-    Action, ConnectionState, Failure, MAX_SERVER_DELAY, Machine, Route, clamp_retry_hint,
+    Action, ConnectionState, Failure, MAX_SERVER_DELAY, Machine, clamp_retry_hint, item_delay,
 };
 use crate::protocol::event::MESSAGE_EVENT_TYPE;
 use crate::protocol::{
@@ -46,8 +46,9 @@ const ROOMS_KEY: &str = "client.rooms";
 /// it doubles while the store keeps failing, up to [`STORAGE_RETRY_MAX`].
 const STORAGE_RETRY_MIN: Duration = Duration::from_secs(1);
 const STORAGE_RETRY_MAX: Duration = Duration::from_secs(60);
-/// When entity operations that could not be reconciled are due again.
-const OPERATION_REQUEUE: Duration = Duration::from_secs(1);
+/// The shortest and longest per-item retry delays (see [`item_backoff`]).
+const ITEM_RETRY_MIN: Duration = Duration::from_millis(500);
+const ITEM_RETRY_MAX: Duration = Duration::from_secs(30);
 /// Events per poll request.
 const POLL_LIMIT: u32 = 500;
 /// Pages fetched at most by one resync catch-up.
@@ -477,7 +478,9 @@ impl Supervisor {
                     let _ = io.send(Io::Token(tokens.refresh().await));
                 });
             }
-            Action::Flush(route) => self.pump(route).await,
+            // The route follows from the state when the items go (the WebSocket in
+            // Realtime with the socket open, HTTP otherwise), not when the flush was asked.
+            Action::Flush(_) => self.pump().await,
             Action::StateChanged(change) => {
                 info!(from = ?change.from, to = ?change.to, reason = ?change.reason, "connection state");
                 // The update first, then the watch: whoever saw the new state in the
@@ -716,7 +719,7 @@ impl Supervisor {
                     Ok(item) => self.emit(Update::Outbox((&item).into())),
                     Err(e) => debug!(error = %e, "ack for an item not in the outbox"),
                 }
-                self.pump(Route::WebSocket).await;
+                self.pump().await;
             }
             ServerEvent::RoomJoined { room_id } => self.emit(Update::Room {
                 room_id,
@@ -775,7 +778,7 @@ impl Supervisor {
                     .call(move |s| s.mark_dead(&id, &reason, now))
                     .await
             } else {
-                let wait = retry_after.unwrap_or(Duration::from_secs(1));
+                let wait = retry_after.unwrap_or_else(|| item_backoff(1));
                 let at = wall_later(now, wait);
                 self.note_outbox_due(at);
                 self.store
@@ -919,8 +922,10 @@ impl Supervisor {
 
     // ---- outbound -------------------------------------------------------------------------
 
-    /// Sends what can be sent now.
-    async fn pump(&mut self, _route: Route) {
+    /// Sends what can be sent now: messages over the WebSocket in Realtime (socket open),
+    /// over HTTP otherwise; transactions always over HTTP; operations in batches
+    /// elsewhere ([`Self::spawn_reconcile`]).
+    async fn pump(&mut self) {
         let state = self.machine.state();
         if !state.is_connected() {
             return;
@@ -1279,7 +1284,7 @@ impl Supervisor {
                 }
                 // A slot is free: what waited for it goes now (a refused item's lane
                 // goes on too).
-                self.pump(Route::Http).await;
+                self.pump().await;
             }
             Io::CaughtUp(generation, Err(HttpError::Storage(e))) => {
                 // The connection is fine; the store is not: try again later, keeping it.
@@ -1340,7 +1345,8 @@ impl Supervisor {
                             self.machine.on_http_failed(now, e.failure());
                         }
                         // The operations went back to the queue, due a little later.
-                        self.note_outbox_due(wall_later(now_wall(), OPERATION_REQUEUE));
+                        // (at the earliest; the store says when the next one is due)
+                        self.note_outbox_due(wall_later(now_wall(), ITEM_RETRY_MIN));
                     }
                 }
             }
@@ -1434,7 +1440,7 @@ impl Supervisor {
             self.outbox_due = None;
         }
         if resend || outbox_due {
-            self.pump(Route::Http).await;
+            self.pump().await;
         }
         if self
             .last_pull
@@ -1505,7 +1511,7 @@ impl Supervisor {
     async fn on_command(&mut self, command: Command) {
         let now = mono_now();
         match command {
-            Command::Pump => self.pump(Route::Http).await,
+            Command::Pump => self.pump().await,
             Command::Live { event, reply } => {
                 let sent = self.machine.state() == ConnectionState::Realtime
                     && self.send_frame(&event, None);
@@ -1753,12 +1759,11 @@ fn prune_interval(retention: Duration) -> Duration {
     PRUNE_INTERVAL.min(retention.max(Duration::from_secs(1)))
 }
 
-/// Per-item retry delay: 0.5 s doubling to 30 s.
+/// Per-item retry delay after `attempts` tries: the machine's schedule (backon's
+/// envelope from 0.5 s doubling to 30 s, full jitter, so that the items of many clients
+/// failing together are not retried together).
 fn item_backoff(attempts: u32) -> Duration {
-    let exp = attempts.saturating_sub(1).min(6);
-    Duration::from_millis(500)
-        .saturating_mul(2u32.saturating_pow(exp))
-        .min(Duration::from_secs(30))
+    item_delay(ITEM_RETRY_MIN, ITEM_RETRY_MAX, attempts.saturating_add(1))
 }
 
 /// The error of a request made without a token (the provider gave none).
@@ -1867,13 +1872,14 @@ async fn reconcile(
     let now = now_wall();
 
     let requeue = |store: StoreHandle, ops: Vec<OutboxItem>, reason: String, dead: bool| async move {
-        let at = wall_later(now_wall(), OPERATION_REQUEUE);
+        let wall = now_wall();
         let requeued = store
             .call(move |s| {
                 for op in ops {
                     if dead {
                         s.mark_dead(&op.id, &reason, now)?;
                     } else {
+                        let at = wall_later(wall, item_backoff(op.attempts));
                         s.mark_failed(&op.id, &reason, at, now)?;
                     }
                 }
@@ -2091,5 +2097,154 @@ mod tests {
             wall_later(now, Duration::from_secs(2)),
             now + chrono::Duration::seconds(2)
         );
+    }
+
+    /// Arbitrary server frames (well-formed templates with arbitrary values, and
+    /// arbitrary text) through the client's inbound path: decode, record (cursor +
+    /// dedupe) and the state machine's reaction to the hints they carry. Never a
+    /// panic; no hint beyond `MAX_SERVER_DELAY`; the cursor only names a recorded event;
+    /// an event is reported to the app at most once. Bounded (64 cases) for CI.
+    mod inbound_properties {
+        use proptest::prelude::*;
+
+        use super::*;
+        use crate::machine::{MIN_SERVER_DELAY, MachineConfig};
+
+        fn json_value() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<u64>().prop_map(|n| n.to_string()),
+                any::<i64>().prop_map(|n| n.to_string()),
+                any::<f64>()
+                    .prop_filter("JSON has no NaN", |f| f.is_finite())
+                    .prop_map(|f| format!("{f:e}")),
+                "[a-z0-9 .:+-]{0,12}".prop_map(|t| format!("\"{t}\"")),
+                Just("null".to_owned()),
+                Just("1e300".to_owned()),
+            ]
+        }
+
+        fn id() -> impl Strategy<Value = String> {
+            prop_oneof![
+                "e-[0-9]{1,2}",
+                "[a-zA-Z0-9_-]{200,320}",
+                Just(String::new())
+            ]
+        }
+
+        fn time() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just("2026-01-30T10:15:00.004Z".to_owned()),
+                Just("+262142-12-31T23:59:59Z".to_owned()),
+                Just("-262143-01-01T00:00:00Z".to_owned()),
+                Just("1970-01-01T00:00:00Z".to_owned()),
+                "[0-9T:.Z-]{0,30}",
+            ]
+        }
+
+        fn frame() -> impl Strategy<Value = String> {
+            prop_oneof![
+                (id(), json_value(), time()).prop_map(|(id, seq, t)| format!(
+                    r#"{{"event":"event","data":{{"eventId":"{id}","eventType":"x.y","tenantId":"t","timestamp":"{t}","payload":{{}},"sequence":{seq}}}}}"#
+                )),
+                (id(), json_value(), time()).prop_map(|(id, seq, t)| format!(
+                    r#"{{"event":"message","data":{{"messageId":"{id}","type":"dm","interactionClass":"CLASS_C","tenantId":"t","senderId":"s","payload":{{"text":"x"}},"timestamp":"{t}","eventId":"{id}","sequence":{seq}}}}}"#
+                )),
+                (json_value(), time()).prop_map(|(ping, t)| format!(
+                    r#"{{"event":"connected","data":{{"connectionId":"c","clientId":"c","serverTime":"{t}","interactionClasses":["CLASS_C"],"pingInterval":{ping},"pingTimeout":{ping}}}}}"#
+                )),
+                json_value().prop_map(|hint| format!(
+                    r#"{{"event":"error","data":{{"error":"e","code":"SERVER_FULL","status":503,"details":{{"retryAfterMs":{hint}}}}}}}"#
+                )),
+                "[a-z]{1,8}".prop_map(|e| format!(r#"{{"event":"{e}","data":{{}}}}"#)),
+                any::<String>(),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+            #[test]
+            fn arbitrary_frames_never_panic_the_inbound_path(
+                frames in proptest::collection::vec(frame(), 1..24),
+                headers in proptest::collection::vec(".{0,24}", 0..6),
+            ) {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                runtime.block_on(async {
+                    let store = memory_store();
+                    let start = Instant::now();
+                    let mut now = start;
+                    let mut machine = Machine::new(MachineConfig::default(), now);
+                    machine.start(now);
+                    machine.on_ws_open(now);
+                    let mut clock = ClockOffset::default();
+                    let mut reported = std::collections::HashSet::new();
+                    let mut recorded = std::collections::HashSet::new();
+                    for header in &headers {
+                        if let Some(d) = crate::client::http::retry_after_header(header) {
+                            assert!((MIN_SERVER_DELAY..=MAX_SERVER_DELAY).contains(&d));
+                        }
+                    }
+                    for text in frames {
+                        let Ok((event, _)) = ServerEvent::decode(&text) else {
+                            continue;
+                        };
+                        let (id, result) = match event {
+                            ServerEvent::Event(e) => {
+                                let id = e.event_id.clone();
+                                (Some(id), process_event(&store, e).await)
+                            }
+                            ServerEvent::Message(m) => match m.event_id.clone() {
+                                Some(id) => {
+                                    let sequence = m.sequence;
+                                    let r = process_inbound(
+                                        &store,
+                                        id.clone(),
+                                        sequence,
+                                        Update::Message(m),
+                                    )
+                                    .await;
+                                    (Some(id), r)
+                                }
+                                None => (None, Ok(Vec::new())),
+                            },
+                            ServerEvent::Connected(c) => {
+                                machine.set_ping_interval(Duration::from_millis(c.ping_interval));
+                                clock.sample(now_wall(), Duration::from_millis(3), c.server_time);
+                                let _ = clock.server_now();
+                                (None, Ok(Vec::new()))
+                            }
+                            ServerEvent::Error(body) => {
+                                let hint = retry_after_detail(&body);
+                                if let Some(d) = hint {
+                                    assert!((MIN_SERVER_DELAY..=MAX_SERVER_DELAY).contains(&d));
+                                }
+                                machine.on_http_failed(now, Failure::ServerFull { retry_after: hint });
+                                (None, Ok(Vec::new()))
+                            }
+                            _ => (None, Ok(Vec::new())),
+                        };
+                        if let (Some(id), Ok(updates)) = (id, result) {
+                            recorded.insert(id.clone());
+                            if !updates.is_empty() {
+                                assert!(reported.insert(id.clone()), "{id} reported twice");
+                            }
+                        }
+                        // The machine's next deadline is never absurd; fire it.
+                        if let Some(t) = machine.poll_timeout() {
+                            assert!(t <= now + MAX_SERVER_DELAY + MAX_SERVER_DELAY);
+                            now = now.max(t);
+                            machine.handle_timeout(now);
+                        }
+                        while machine.poll_action().is_some() {}
+                    }
+                    if let Some(cursor) = store.call(|s| s.cursor()).await.unwrap() {
+                        assert!(recorded.contains(&cursor.last_event_id), "the cursor names a recorded event");
+                    }
+                });
+            }
+        }
     }
 }

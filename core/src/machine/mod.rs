@@ -53,6 +53,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use backoff::Backoff;
+pub(crate) use backoff::item_delay;
 
 /// Fresh tokens refused one after the other, with no request accepted in between,
 /// before the client gives up with [`ConnectionState::AuthFailed`].
