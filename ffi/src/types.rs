@@ -848,6 +848,9 @@ pub struct ClientMetrics {
     /// Times the store failed to record what the server sent (fetched again later):
     /// non-zero means storage trouble (full disk), not the network.
     pub storage_failures: u64,
+    /// Answers and frames from the server that broke the protocol: a broken or hostile
+    /// server, not the network.
+    pub protocol_errors: u64,
 }
 
 impl From<sdk::ClientMetrics> for ClientMetrics {
@@ -871,6 +874,7 @@ impl From<sdk::ClientMetrics> for ClientMetrics {
             retry_attempts: m.retry_attempts,
             supervisor_wakeups: m.supervisor_wakeups,
             storage_failures: m.storage_failures,
+            protocol_errors: m.protocol_errors,
         }
     }
 }

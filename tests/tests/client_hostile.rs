@@ -384,6 +384,13 @@ async fn survives(scenario: Scenario, recovers: bool) {
     );
     let queued: Vec<_> = alice.outbox(None).await.unwrap();
     assert_eq!(queued.len(), 5, "every accepted send is kept");
+    if matches!(scenario, Scenario::Garbage | Scenario::WsNonsense) {
+        let metrics = alice.metrics().await.unwrap();
+        assert!(
+            metrics.protocol_errors > 0,
+            "the broken answers are counted: {metrics:?}"
+        );
+    }
 
     if !recovers {
         // The server asked for patience: an hour at most, not forever, not never.

@@ -250,12 +250,29 @@ enum Io {
         failure: Option<Failure>,
         /// When the item is due again, if it failed for now.
         retry_at: Option<chrono::DateTime<chrono::Utc>>,
+        /// The answer broke the protocol.
+        protocol_error: bool,
     },
     /// A reconcile ended: `Ok(true)` when it sent operations or brought changes.
     Pulled(Result<bool, HttpError>),
     /// The catch-up of a connection opened without a cursor ended: `Ok(true)` when it
     /// reached the end of the log.
     CaughtUp(u64, Result<bool, HttpError>),
+}
+
+impl Io {
+    /// True for a report of an answer that broke the protocol (garbage JSON, a 200
+    /// with the wrong shape).
+    fn protocol_error(&self) -> bool {
+        let error = match self {
+            Io::Poll(Err(e))
+            | Io::Resync(Err(e))
+            | Io::Pulled(Err(e))
+            | Io::CaughtUp(_, Err(e)) => e,
+            _ => return false,
+        };
+        matches!(error, HttpError::Protocol(_))
+    }
 }
 
 /// The supervisor's state. See the module docs.
@@ -319,6 +336,8 @@ pub(crate) struct Supervisor {
     storage_retry: Duration,
     /// Storage failures met by the supervisor (inbound events, reconcile answers).
     storage_failures: u64,
+    /// Answers and frames from the server that broke the protocol.
+    protocol_errors: u64,
     /// When settled outbox items were last pruned.
     last_prune: Option<Instant>,
     /// Inbound streams must not interleave: the cursor only moves forward, so an event
@@ -406,6 +425,7 @@ impl Supervisor {
             inbound_stalled: None,
             storage_retry: STORAGE_RETRY_MIN,
             storage_failures: 0,
+            protocol_errors: 0,
             last_prune: None,
             held_back: Vec::new(),
             inbound_tasks: 0,
@@ -657,6 +677,7 @@ impl Supervisor {
             WsEvent::Opened(_) => {}
             WsEvent::Activity => self.machine.on_ws_activity(now),
             WsEvent::Undecodable(e) => {
+                self.protocol_errors = self.protocol_errors.saturating_add(1);
                 self.machine.on_ws_activity(now);
                 warn!(error = %e, "undecodable frame ignored");
             }
@@ -1038,6 +1059,7 @@ impl Supervisor {
                 async move { http.post_message(&token, message).await }
             })
             .await;
+            let protocol_error = matches!(result, Err(HttpError::Protocol(_)));
             let (failure, retry_at) = settle_http(
                 &store,
                 &updates,
@@ -1049,6 +1071,7 @@ impl Supervisor {
                 id: Some(sent.id.clone()),
                 failure,
                 retry_at,
+                protocol_error,
             });
         });
     }
@@ -1078,6 +1101,7 @@ impl Supervisor {
             })
             .await;
             let accepted = result.as_ref().ok().map(|a| a.transaction_id.clone());
+            let protocol_error = matches!(result, Err(HttpError::Protocol(_)));
             let (failure, retry_at) =
                 settle_http(&store, &updates, &sent, result.map(|a| a.transaction_id)).await;
             if let Some(transaction_id) = accepted {
@@ -1092,6 +1116,7 @@ impl Supervisor {
                 id: Some(sent.id.clone()),
                 failure,
                 retry_at,
+                protocol_error,
             });
         });
     }
@@ -1118,6 +1143,7 @@ impl Supervisor {
             let (store, http, tokens, io, updates) = self.task_parts();
             self.tasks.spawn(async move {
                 let mut failure = None;
+                let mut protocol_error = false;
                 let status = with_token(&tokens, |token| {
                     let (http, transaction_id) = (&http, &transaction_id);
                     async move { http.transaction_status(&token, transaction_id).await }
@@ -1130,12 +1156,16 @@ impl Supervisor {
                         }
                     }
                     Err(e) if is_not_found(&e) => {}
-                    Err(e) => failure = Some(e.failure()),
+                    Err(e) => {
+                        protocol_error = matches!(e, HttpError::Protocol(_));
+                        failure = Some(e.failure());
+                    }
                 }
                 let _ = io.send(Io::HttpDone {
                     id: Some(key),
                     failure,
                     retry_at: None,
+                    protocol_error,
                 });
             });
         }
@@ -1216,6 +1246,9 @@ impl Supervisor {
 
     async fn on_io(&mut self, io: Io) {
         let now = mono_now();
+        if io.protocol_error() {
+            self.protocol_errors = self.protocol_errors.saturating_add(1);
+        }
         match io {
             Io::WsFailed(generation, error) => {
                 if generation != self.ws_gen {
@@ -1271,7 +1304,11 @@ impl Supervisor {
                 id,
                 failure,
                 retry_at,
+                protocol_error,
             } => {
+                if protocol_error {
+                    self.protocol_errors = self.protocol_errors.saturating_add(1);
+                }
                 if let Some(id) = id {
                     self.http_in_flight.remove(&id);
                 }
@@ -1593,6 +1630,7 @@ impl Supervisor {
             time_in_states: self.machine.time_in_states(mono_now()).to_vec(),
             supervisor_wakeups: self.wakeups,
             storage_failures: self.storage_failures,
+            protocol_errors: self.protocol_errors,
             clock_offset_ms: self.clock.lock().ok().and_then(|c| c.offset_ms()),
             retry_attempts: self.machine.retry_attempts(),
         })

@@ -184,6 +184,9 @@ pub struct ClientMetrics {
     /// Times the store failed to record what the server sent (inbound events, reconcile
     /// answers); each is fetched again later. Non-zero: storage trouble, not network.
     pub storage_failures: u64,
+    /// Answers and frames from the server that broke the protocol (garbage JSON, a
+    /// frame that does not decode): a broken or hostile server, not the network.
+    pub protocol_errors: u64,
 }
 
 /// The server's clock as estimated from `connected` and `pong` (NTP-style: the sample

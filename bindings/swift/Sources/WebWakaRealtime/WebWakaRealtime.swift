@@ -2558,6 +2558,11 @@ public struct ClientMetrics: Equatable, Hashable {
      * non-zero means storage trouble (full disk), not the network.
      */
     public var storageFailures: UInt64
+    /**
+     * Answers and frames from the server that broke the protocol: a broken or hostile
+     * server, not the network.
+     */
+    public var protocolErrors: UInt64
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
@@ -2595,7 +2600,11 @@ public struct ClientMetrics: Equatable, Hashable {
         /**
          * Times the store failed to record what the server sent (fetched again later):
          * non-zero means storage trouble (full disk), not the network.
-         */storageFailures: UInt64) {
+         */storageFailures: UInt64, 
+        /**
+         * Answers and frames from the server that broke the protocol: a broken or hostile
+         * server, not the network.
+         */protocolErrors: UInt64) {
         self.state = state
         self.outboxItems = outboxItems
         self.outboxBytes = outboxBytes
@@ -2607,6 +2616,7 @@ public struct ClientMetrics: Equatable, Hashable {
         self.retryAttempts = retryAttempts
         self.supervisorWakeups = supervisorWakeups
         self.storageFailures = storageFailures
+        self.protocolErrors = protocolErrors
     }
 
     
@@ -2635,7 +2645,8 @@ public struct FfiConverterTypeClientMetrics: FfiConverterRustBuffer {
                 clockOffsetMs: FfiConverterOptionInt64.read(from: &buf), 
                 retryAttempts: FfiConverterUInt32.read(from: &buf), 
                 supervisorWakeups: FfiConverterUInt64.read(from: &buf), 
-                storageFailures: FfiConverterUInt64.read(from: &buf)
+                storageFailures: FfiConverterUInt64.read(from: &buf), 
+                protocolErrors: FfiConverterUInt64.read(from: &buf)
         )
     }
 
@@ -2651,6 +2662,7 @@ public struct FfiConverterTypeClientMetrics: FfiConverterRustBuffer {
         FfiConverterUInt32.write(value.retryAttempts, into: &buf)
         FfiConverterUInt64.write(value.supervisorWakeups, into: &buf)
         FfiConverterUInt64.write(value.storageFailures, into: &buf)
+        FfiConverterUInt64.write(value.protocolErrors, into: &buf)
     }
 }
 

@@ -4401,6 +4401,12 @@ data class ClientMetrics (
      * non-zero means storage trouble (full disk), not the network.
      */
     var `storageFailures`: kotlin.ULong
+    , 
+    /**
+     * Answers and frames from the server that broke the protocol: a broken or hostile
+     * server, not the network.
+     */
+    var `protocolErrors`: kotlin.ULong
     
 ){
     
@@ -4428,6 +4434,7 @@ public object FfiConverterTypeClientMetrics: FfiConverterRustBuffer<ClientMetric
             FfiConverterUInt.read(buf),
             FfiConverterULong.read(buf),
             FfiConverterULong.read(buf),
+            FfiConverterULong.read(buf),
         )
     }
 
@@ -4442,7 +4449,8 @@ public object FfiConverterTypeClientMetrics: FfiConverterRustBuffer<ClientMetric
             FfiConverterOptionalLong.allocationSize(value.`clockOffsetMs`) +
             FfiConverterUInt.allocationSize(value.`retryAttempts`) +
             FfiConverterULong.allocationSize(value.`supervisorWakeups`) +
-            FfiConverterULong.allocationSize(value.`storageFailures`)
+            FfiConverterULong.allocationSize(value.`storageFailures`) +
+            FfiConverterULong.allocationSize(value.`protocolErrors`)
     )
 
     override fun write(value: ClientMetrics, buf: ByteBuffer) {
@@ -4457,6 +4465,7 @@ public object FfiConverterTypeClientMetrics: FfiConverterRustBuffer<ClientMetric
             FfiConverterUInt.write(value.`retryAttempts`, buf)
             FfiConverterULong.write(value.`supervisorWakeups`, buf)
             FfiConverterULong.write(value.`storageFailures`, buf)
+            FfiConverterULong.write(value.`protocolErrors`, buf)
     }
 }
 
