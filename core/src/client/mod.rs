@@ -171,7 +171,7 @@ struct Shared {
     updates: broadcast::Sender<Update>,
     state: watch::Receiver<ConnectionState>,
     clock: Arc<Mutex<ClockOffset>>,
-    tokens: Arc<supervisor::TokenCell>,
+    tokens: Arc<token::TokenCell>,
     client_id: String,
 }
 
@@ -254,7 +254,7 @@ impl Client {
         let (updates, _) = broadcast::channel(config.update_buffer.max(16));
         let (state_tx, state) = watch::channel(ConnectionState::Offline);
         let clock = Arc::new(Mutex::new(ClockOffset::default()));
-        let tokens = Arc::new(supervisor::TokenCell::new(tokens));
+        let tokens = Arc::new(token::TokenCell::new(tokens));
         let supervisor = Supervisor::new(
             config.clone(),
             config.ws_url(),
