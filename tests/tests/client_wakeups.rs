@@ -65,16 +65,16 @@ async fn an_idle_connected_client_wakes_up_for_heartbeats_only() {
         ConnectionState::Realtime,
         "still connected"
     );
-    // A heartbeat every 30 s is 120 pings an hour: each costs its deadline and its pong,
-    // and the server's own pings arrive as activity. The old 500 ms tick alone was
-    // 7,200 an hour.
+    // The server pings every 30 s (120 an hour, each arriving as activity); the client,
+    // hearing them, sends no pings of its own; the backed-off pulls add a few. The old
+    // 500 ms tick alone was 7,200 an hour.
     eprintln!("idle and connected: {per_hour} supervisor wake-ups in an hour");
     assert!(
         per_hour <= 500,
         "{per_hour} wake-ups in an idle connected hour (budget 500)"
     );
     assert!(
-        per_hour >= 120,
+        per_hour >= 100,
         "{per_hour} wake-ups: the heartbeat did not run (the test measures nothing)"
     );
     client.shutdown().await;

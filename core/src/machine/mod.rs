@@ -525,9 +525,19 @@ impl Machine {
         }
     }
 
-    /// A frame (any, pongs included) arrived on the WebSocket.
-    pub fn on_ws_activity(&mut self, _now: Instant) {
+    /// A frame (any, pongs and the server's own pings included) arrived on the
+    /// WebSocket: the connection is alive, so the next ping waits for `ping_interval`
+    /// and a tenth more of silence. A server that pings at the interval it announced
+    /// (`connected.pingInterval`) is then always heard first and the client sends no
+    /// pings of its own (half the heartbeat wake-ups); a dead socket is still found
+    /// within 1.1 × `ping_interval` + `pong_timeout` of the last sign of life.
+    pub fn on_ws_activity(&mut self, now: Instant) {
         self.pong_due = None;
+        if matches!(self.ws, Ws::Open { .. }) && self.next_ping.is_some() {
+            let grace = self.cfg.ping_interval.checked_div(10).unwrap_or_default();
+            let silence = self.cfg.ping_interval.saturating_add(grace);
+            self.next_ping = Some(later(now, silence));
+        }
     }
 
     /// A poll succeeded; `more` when the server has more waiting.

@@ -280,8 +280,10 @@ fn a_silent_socket_is_detected_by_the_heartbeat() {
     h.ms(25_000);
     assert_eq!(h.work(), vec![Action::SendPing]);
     h.ms(5_000);
-    h.m.on_ws_activity(h.now); // a pong
-    h.ms(20_000);
+    h.m.on_ws_activity(h.now); // a pong: the next ping after 27.5 s of silence
+    h.ms(27_499);
+    assert_eq!(h.work(), vec![]);
+    h.ms(1);
     assert_eq!(h.work(), vec![Action::SendPing]);
     h.ms(9_999);
     assert_eq!(h.state(), Realtime);
@@ -298,6 +300,24 @@ fn a_silent_socket_is_detected_by_the_heartbeat() {
         })
     ));
     assert_eq!(a[2], Action::OpenWebSocket);
+}
+
+#[test]
+fn a_server_that_pings_spares_the_client_its_own_pings() {
+    let mut h = H::realtime();
+    // The server's ping (answered by the WebSocket layer) arrives every 20 s.
+    for _ in 0..30 {
+        h.ms(20_000);
+        h.m.on_ws_activity(h.now);
+        assert!(!h.work().contains(&Action::SendPing));
+    }
+    assert_eq!(h.state(), Realtime);
+    // It stops: the client pings after a ping interval (and a tenth) of silence, and
+    // gives up after the pong timeout.
+    h.ms(27_500);
+    assert_eq!(h.work(), vec![Action::SendPing]);
+    h.ms(10_000);
+    assert_eq!(h.state(), Connecting);
 }
 
 #[test]
@@ -684,6 +704,7 @@ fn a_huge_ping_interval_from_the_server_is_clamped() {
     let mut h = H::realtime();
     h.m.set_ping_interval(Duration::MAX);
     h.m.on_ws_activity(h.now);
-    h.advance(MAX_SERVER_DELAY + Duration::from_secs(60));
+    // The next ping waits for the clamped interval (and a tenth) of silence.
+    h.advance(MAX_SERVER_DELAY + MAX_SERVER_DELAY / 10 + Duration::from_secs(60));
     assert!(h.work().contains(&Action::SendPing));
 }
