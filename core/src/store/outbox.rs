@@ -530,8 +530,10 @@ impl Store {
         let ms: Option<i64> = self
             .conn
             .prepare_cached(
-                "SELECT MIN(next_attempt_ms) FROM outbox INDEXED BY outbox_by_state
-                  WHERE state = 'persisted' AND next_attempt_ms > ?1",
+                // `in_lane = 1` (persisted or in flight) lets the lane index's partial
+                // condition apply: only what is still to do is read.
+                "SELECT MIN(next_attempt_ms) FROM outbox
+                  WHERE in_lane = 1 AND state = 'persisted' AND next_attempt_ms > ?1",
             )?
             .query_row(params![to_ms(now)], |row| row.get(0))?;
         Ok(ms.map(from_ms))
