@@ -135,7 +135,7 @@ pub fn run() -> Result<Vec<Row>, String> {
                 name: "client: wake-ups per hour, idle and connected".into(),
                 figure: format!("{connected:.0}/h (target ≤ 500; {threads} threads)"),
                 method: format!(
-                    "separate process linking only the client (bin client_wakeups, `mobile` profile): tokio runtime (2 workers) + one client in Realtime against the local server on loopback, heartbeat every 30 s both ways, nothing sent; context switches of all its threads (/proc/PID/task/*/status, voluntary + nonvoluntary) over {} s after {} s settled (entity pulls backed off), × 3600/{}",
+                    "separate process linking only the client (bin client_wakeups, `mobile` profile): tokio runtime (2 workers) + one client in Realtime against the local server on loopback, the server pinging every 30 s (the client, hearing it, sends no pings of its own), nothing sent; context switches of all its threads (/proc/PID/task/*/status, voluntary + nonvoluntary) over {} s after {} s settled (entity pulls backed off), × 3600/{}",
                     CONNECTED_WINDOW.as_secs(),
                     CONNECTED_SETTLE.as_secs(),
                     CONNECTED_WINDOW.as_secs()
