@@ -396,3 +396,21 @@ fn test_undecided_transactions_and_lookups_by_server_id() {
     );
     assert!(store.get(&t3.id).unwrap().is_some());
 }
+
+#[test]
+fn test_the_next_attempt_after_now_is_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(&dir);
+    assert_eq!(store.next_attempt_after(at(0)).unwrap(), None);
+    let a = store.enqueue(msg("room:1", 1), at(0)).unwrap();
+    let b = store.enqueue(msg("room:2", 2), at(0)).unwrap();
+    // Due now: nothing later.
+    assert_eq!(store.next_attempt_after(at(0)).unwrap(), None);
+    store.mark_in_flight(&a.id, at(1)).unwrap();
+    store.mark_failed(&a.id, "500", at(30), at(1)).unwrap();
+    store.mark_in_flight(&b.id, at(1)).unwrap();
+    store.mark_failed(&b.id, "500", at(10), at(1)).unwrap();
+    assert_eq!(store.next_attempt_after(at(1)).unwrap(), Some(at(10)));
+    assert_eq!(store.next_attempt_after(at(10)).unwrap(), Some(at(30)));
+    assert_eq!(store.next_attempt_after(at(30)).unwrap(), None);
+}

@@ -62,10 +62,24 @@ pub enum RealtimeError {
         /// What failed.
         reason: String,
     },
-    /// The local store failed (disk full, I/O error): free space or tell the user.
+    /// The device's storage is full (or the store reached its size limit): this was
+    /// not stored. Tell the user "storage full" (not "offline"), free space, try again.
+    /// What was committed before is safe; the connection is unaffected.
+    #[error("storage full: {reason}")]
+    StorageFull {
+        /// What SQLite or the file system said.
+        reason: String,
+    },
+    /// The store's file is damaged: report it; the damaged file is kept aside.
+    #[error("storage corrupt: {reason}")]
+    StorageCorrupt {
+        /// What SQLite said.
+        reason: String,
+    },
+    /// The local store failed otherwise (I/O error, read-only, locked): tell the user.
     /// What was committed before is safe.
     #[error("storage error: {reason}")]
-    Storage {
+    StorageIo {
         /// What SQLite or the file system said.
         reason: String,
     },
@@ -94,7 +108,9 @@ impl From<ClientError> for RealtimeError {
             ClientError::NotFound(what) => RealtimeError::NotFound { what },
             ClientError::InvalidState(reason) => RealtimeError::InvalidState { reason },
             ClientError::RetryLater(reason) => RealtimeError::RetryLater { reason },
-            ClientError::Storage(reason) => RealtimeError::Storage { reason },
+            ClientError::StorageFull(reason) => RealtimeError::StorageFull { reason },
+            ClientError::StorageCorrupt(reason) => RealtimeError::StorageCorrupt { reason },
+            ClientError::StorageIo(reason) => RealtimeError::StorageIo { reason },
             ClientError::Closed => RealtimeError::Closed,
         }
     }
@@ -179,9 +195,21 @@ mod tests {
                 RealtimeError::RetryLater { reason: "r".into() },
             ),
             (
-                ClientError::Storage("disk".into()),
-                RealtimeError::Storage {
+                ClientError::StorageFull("disk".into()),
+                RealtimeError::StorageFull {
                     reason: "disk".into(),
+                },
+            ),
+            (
+                ClientError::StorageCorrupt("bad page".into()),
+                RealtimeError::StorageCorrupt {
+                    reason: "bad page".into(),
+                },
+            ),
+            (
+                ClientError::StorageIo("eio".into()),
+                RealtimeError::StorageIo {
+                    reason: "eio".into(),
                 },
             ),
             (ClientError::Closed, RealtimeError::Closed),

@@ -843,6 +843,14 @@ pub struct ClientMetrics {
     pub clock_offset_ms: Option<i64>,
     /// Connection attempts since the last success.
     pub retry_attempts: u32,
+    /// Times the client's background task woke up since it opened (energy use).
+    pub supervisor_wakeups: u64,
+    /// Times the store failed to record what the server sent (fetched again later):
+    /// non-zero means storage trouble (full disk), not the network.
+    pub storage_failures: u64,
+    /// Answers and frames from the server that broke the protocol: a broken or hostile
+    /// server, not the network.
+    pub protocol_errors: u64,
 }
 
 impl From<sdk::ClientMetrics> for ClientMetrics {
@@ -864,6 +872,9 @@ impl From<sdk::ClientMetrics> for ClientMetrics {
                 .collect(),
             clock_offset_ms: m.clock_offset_ms,
             retry_attempts: m.retry_attempts,
+            supervisor_wakeups: m.supervisor_wakeups,
+            storage_failures: m.storage_failures,
+            protocol_errors: m.protocol_errors,
         }
     }
 }

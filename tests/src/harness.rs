@@ -171,6 +171,7 @@ pub fn client_config(server_url: &str, store: &Path) -> ClientConfig {
     config.machine = fast_machine();
     config.request_timeout = Duration::from_secs(5);
     config.entity_pull_interval = Duration::from_millis(300);
+    config.entity_pull_idle_max = Duration::from_secs(1);
     config.transaction_check_interval = Duration::from_millis(200);
     config.ack_timeout = Duration::from_secs(2);
     config

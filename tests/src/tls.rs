@@ -23,7 +23,14 @@ pub struct TlsFront {
 impl TlsFront {
     /// Starts a front for the server at `upstream`, its certificate for `127.0.0.1`.
     pub async fn start(upstream: SocketAddr) -> std::io::Result<Self> {
-        let (ca_pem, config) = certificates().map_err(std::io::Error::other)?;
+        Self::start_for(upstream, "127.0.0.1").await
+    }
+
+    /// Starts a front for the server at `upstream` whose certificate (from the test CA)
+    /// names `host`: another host than `127.0.0.1` makes a certificate a client must
+    /// refuse even though it trusts the CA.
+    pub async fn start_for(upstream: SocketAddr, host: &str) -> std::io::Result<Self> {
+        let (ca_pem, config) = certificates(host).map_err(std::io::Error::other)?;
         let acceptor = TlsAcceptor::from(Arc::new(config));
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
@@ -57,10 +64,11 @@ impl Drop for TlsFront {
     }
 }
 
-/// A test CA and a server certificate for 127.0.0.1 signed by it: the CA's PEM and the
+/// A test CA and a server certificate for `host` signed by it: the CA's PEM and the
 /// server's rustls configuration.
-fn certificates() -> Result<(String, rustls::ServerConfig), Box<dyn std::error::Error + Send + Sync>>
-{
+fn certificates(
+    host: &str,
+) -> Result<(String, rustls::ServerConfig), Box<dyn std::error::Error + Send + Sync>> {
     let ca_key = KeyPair::generate()?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -68,7 +76,7 @@ fn certificates() -> Result<(String, rustls::ServerConfig), Box<dyn std::error::
     let issuer = Issuer::new(ca_params, ca_key);
     let server_key = KeyPair::generate()?;
     let server_cert =
-        CertificateParams::new(vec!["127.0.0.1".to_owned()])?.signed_by(&server_key, &issuer)?;
+        CertificateParams::new(vec![host.to_owned()])?.signed_by(&server_key, &issuer)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?

@@ -87,6 +87,40 @@ async fn an_untrusted_certificate_is_never_talked_to() {
     client.shutdown().await;
 }
 
+/// A hostile or misconfigured server: a certificate from a CA the client trusts, but
+/// for another host. Never talked to; what the app sends waits in the outbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_for_another_host_is_never_talked_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let front = TlsFront::start_for(server.addr, "api.example.invalid")
+        .await
+        .unwrap();
+    let mut config = client_config(&front.url(), &dir.path().join("alice.db"));
+    config.tls_root_certificates = vec![front.ca_pem.clone()];
+    let client = Client::open(
+        config,
+        std::sync::Arc::new(StaticToken(server.token("t1", "alice"))),
+    )
+    .await
+    .unwrap();
+    let handle = client.send_message(direct("bob", "later")).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !client.connection_state().is_connected(),
+        "connected through a certificate for another host: {:?}",
+        client.connection_state()
+    );
+    assert!(client.metrics().await.is_ok(), "the client keeps answering");
+    let item = client.item(&handle.id).await.unwrap().unwrap();
+    assert!(
+        matches!(item.state, ItemState::Persisted | ItemState::InFlight),
+        "{:?}",
+        item.state
+    );
+    client.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_bad_root_certificate_is_refused_at_open() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,6 +1,6 @@
 //! The client's error type: each variant tells the app what to do about it.
 
-use crate::store::StoreError;
+use crate::store::{StorageFailure, StoreError};
 
 /// Why a client call failed. Nothing the app handed over before is lost by any of these.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -40,9 +40,19 @@ pub enum ClientError {
     /// A temporary condition (the server is unreachable, a timeout); retry later.
     #[error("temporarily unavailable: {0}")]
     RetryLater(String),
-    /// The local store failed (disk full, I/O error). What was committed before is safe.
+    /// The device's storage is full (or the store reached `max_file_bytes`): this was
+    /// not stored. Free space and try again; what was committed before is safe. Not a
+    /// network failure: the connection is unaffected.
+    #[error("storage full: {0}")]
+    StorageFull(String),
+    /// The store's file is damaged. What was committed before may be kept in the file
+    /// moved aside (see `StoreError::Corrupt`).
+    #[error("storage corrupt: {0}")]
+    StorageCorrupt(String),
+    /// The local store failed otherwise (I/O error, locked, read-only). What was
+    /// committed before is safe.
     #[error("storage error: {0}")]
-    Storage(String),
+    StorageIo(String),
     /// The client was shut down.
     #[error("the client is shut down")]
     Closed,
@@ -58,8 +68,28 @@ impl From<StoreError> for ClientError {
                 field: field.to_owned(),
                 message,
             },
-            other => ClientError::Storage(other.to_string()),
+            other => {
+                let text = other.to_string();
+                match other.storage_failure() {
+                    Some(StorageFailure::Full) => ClientError::StorageFull(text),
+                    Some(StorageFailure::Corrupt) => ClientError::StorageCorrupt(text),
+                    Some(StorageFailure::Io) | None => ClientError::StorageIo(text),
+                }
+            }
         }
+    }
+}
+
+impl ClientError {
+    /// True for a failure of the local store (full, corrupt, I/O), as opposed to the
+    /// network, the server or the request.
+    pub fn is_storage(&self) -> bool {
+        matches!(
+            self,
+            ClientError::StorageFull(_)
+                | ClientError::StorageCorrupt(_)
+                | ClientError::StorageIo(_)
+        )
     }
 }
 

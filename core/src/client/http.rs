@@ -9,7 +9,7 @@ use reqwest::{Method, StatusCode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::machine::Failure;
+use crate::machine::{Failure, clamp_retry_hint};
 use crate::protocol::error::RETRY_AFTER_MS_DETAIL;
 use crate::protocol::transaction::IDEMPOTENCY_KEY_HEADER;
 use crate::protocol::{
@@ -37,6 +37,10 @@ pub enum HttpError {
     /// The answer was not what the protocol says.
     #[error("unexpected answer: {0}")]
     Protocol(String),
+    /// The answer came, but the local store could not record it: not the network's or
+    /// the server's fault (the connection state does not change for it).
+    #[error("local storage: {0}")]
+    Storage(crate::client::ClientError),
 }
 
 impl HttpError {
@@ -72,8 +76,7 @@ impl HttpError {
             HttpError::Status { status, .. } => {
                 (400..500).contains(status) && !matches!(status, 401 | 408 | 425 | 429)
             }
-            HttpError::Protocol(_) => false,
-            HttpError::Network(_) => false,
+            HttpError::Protocol(_) | HttpError::Storage(_) | HttpError::Network(_) => false,
         }
     }
 
@@ -143,8 +146,7 @@ impl HttpApi {
             .headers()
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+            .and_then(retry_after_header);
         let bytes = resp
             .bytes()
             .await
@@ -154,12 +156,7 @@ impl HttpApi {
                 .map_err(|e| HttpError::Protocol(format!("{path}: {e}")));
         }
         let body: Option<ErrorBody> = serde_json::from_slice(&bytes).ok();
-        let detail_retry = body
-            .as_ref()
-            .and_then(|b| b.details.as_ref())
-            .and_then(|d| d.get(RETRY_AFTER_MS_DETAIL))
-            .and_then(|v| v.as_u64())
-            .map(Duration::from_millis);
+        let detail_retry = body.as_ref().and_then(retry_after_detail);
         Err(HttpError::Status {
             status: status.as_u16(),
             body,
@@ -262,6 +259,35 @@ impl HttpApi {
     }
 }
 
+/// A `Retry-After` header's delay (delta-seconds), kept within
+/// [`clamp_retry_hint`]'s bounds: a huge one waits an hour, not forever (nor, past
+/// `i64`, not at all). A negative, fractional or non-numeric value, or an HTTP date, is
+/// ignored (`None`): the client's own backoff applies.
+pub(crate) fn retry_after_header(value: &str) -> Option<Duration> {
+    let digits = value.trim();
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    // All digits: only too many of them fails to parse, which is "huge".
+    let secs = digits.parse::<u64>().unwrap_or(u64::MAX);
+    Some(clamp_retry_hint(Duration::from_secs(secs)))
+}
+
+/// An error body's `details.retryAfterMs`, kept within [`clamp_retry_hint`]'s bounds;
+/// `None` when absent, negative or not a number.
+pub(crate) fn retry_after_detail(body: &ErrorBody) -> Option<Duration> {
+    let value = body.details.as_ref()?.get(RETRY_AFTER_MS_DETAIL)?;
+    let ms = match value.as_u64() {
+        Some(ms) => ms,
+        // A number too large for u64 (1e300): huge. A negative one: ignored.
+        None => match value.as_f64() {
+            Some(f) if f.is_finite() && f >= 0.0 => u64::MAX,
+            _ => return None,
+        },
+    };
+    Some(clamp_retry_hint(Duration::from_millis(ms)))
+}
+
 /// Percent-encodes one path segment (ids are usually UUIDs, but entity ids are the
 /// app's and may hold anything).
 fn encode_segment(s: &str) -> String {
@@ -282,6 +308,7 @@ pub(crate) fn is_not_found(e: &HttpError) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
 
@@ -289,6 +316,46 @@ mod tests {
     fn path_segments_are_encoded() {
         assert_eq!(encode_segment("a b/c%"), "a%20b%2Fc%25");
         assert_eq!(encode_segment("doc-1_x.y~"), "doc-1_x.y~");
+    }
+
+    #[test]
+    fn retry_hints_are_clamped_and_bad_ones_ignored() {
+        use crate::machine::{MAX_SERVER_DELAY, MIN_SERVER_DELAY};
+        assert_eq!(retry_after_header(" 20 "), Some(Duration::from_secs(20)));
+        assert_eq!(retry_after_header("0"), Some(MIN_SERVER_DELAY));
+        for huge in ["3601", "18446744073709551615", "99999999999999999999999999"] {
+            assert_eq!(retry_after_header(huge), Some(MAX_SERVER_DELAY), "{huge}");
+        }
+        for bad in [
+            "",
+            "-5",
+            "1.5",
+            "soon",
+            "Wed, 21 Oct 2015 07:28:00 GMT",
+            "+3",
+        ] {
+            assert_eq!(retry_after_header(bad), None, "{bad:?}");
+        }
+        let body = |v: serde_json::Value| {
+            let mut details = serde_json::Map::new();
+            details.insert(RETRY_AFTER_MS_DETAIL.to_owned(), v);
+            ErrorBody {
+                details: Some(details),
+                ..ErrorBody::new(ErrorCode::RateLimit, "slow down")
+            }
+        };
+        let detail = |v| retry_after_detail(&body(v));
+        assert_eq!(
+            detail(serde_json::json!(2500)),
+            Some(Duration::from_millis(2500))
+        );
+        assert_eq!(detail(serde_json::json!(u64::MAX)), Some(MAX_SERVER_DELAY));
+        assert_eq!(detail(serde_json::json!(1e300)), Some(MAX_SERVER_DELAY));
+        assert_eq!(detail(serde_json::json!(8.3e15)), Some(MAX_SERVER_DELAY));
+        assert_eq!(detail(serde_json::json!(0)), Some(MIN_SERVER_DELAY));
+        assert_eq!(detail(serde_json::json!(-1)), None);
+        assert_eq!(detail(serde_json::json!("10")), None);
+        assert_eq!(detail(serde_json::json!(null)), None);
     }
 
     #[test]

@@ -17,6 +17,10 @@
 //! up and are never stored. Class D transactions have no way to the WebSocket: they are
 //! only ever sent over HTTP with their idempotency key.
 
+// Time and counters here are fed from outside (the server, the app): no operator that
+// can overflow or panic.
+#![warn(clippy::arithmetic_side_effects)]
+
 mod error;
 mod http;
 mod supervisor;
@@ -78,9 +82,15 @@ pub struct ClientConfig {
     pub send_window: usize,
     /// An unacknowledged message is sent again after this.
     pub ack_timeout: Duration,
-    /// How often entity changes are pulled while connected.
+    /// How often entity changes are pulled while connected and something changes.
     pub entity_pull_interval: Duration,
-    /// How often pending transactions' status is checked while connected.
+    /// The longest wait between entity pulls while nothing changes: each pull that finds
+    /// nothing new doubles the wait from `entity_pull_interval` up to this, so that an
+    /// idle client does not keep the device awake; a change, a local edit, a new
+    /// connection or the app coming to the foreground starts again from the short one.
+    pub entity_pull_idle_max: Duration,
+    /// How often the status of accepted, undecided transactions is checked while
+    /// connected (only while there are some).
     pub transaction_check_interval: Duration,
     /// Capacity of each subscriber's update buffer.
     pub update_buffer: usize,
@@ -110,6 +120,7 @@ impl ClientConfig {
             send_window: 64,
             ack_timeout: Duration::from_secs(10),
             entity_pull_interval: Duration::from_secs(10),
+            entity_pull_idle_max: Duration::from_secs(15 * 60),
             transaction_check_interval: Duration::from_secs(5),
             update_buffer: 4096,
             settled_retention: Some(Duration::from_secs(24 * 3600)),
@@ -145,11 +156,11 @@ impl StoreHandle {
         tokio::task::spawn_blocking(move || {
             let mut guard = store
                 .lock()
-                .map_err(|_| ClientError::Storage("the store lock was poisoned".into()))?;
+                .map_err(|_| ClientError::StorageIo("the store lock was poisoned".into()))?;
             f(&mut guard).map_err(ClientError::from)
         })
         .await
-        .map_err(|e| ClientError::Storage(format!("store task failed: {e}")))?
+        .map_err(|e| ClientError::StorageIo(format!("store task failed: {e}")))?
     }
 }
 
@@ -160,7 +171,7 @@ struct Shared {
     updates: broadcast::Sender<Update>,
     state: watch::Receiver<ConnectionState>,
     clock: Arc<Mutex<ClockOffset>>,
-    tokens: Arc<supervisor::TokenCell>,
+    tokens: Arc<token::TokenCell>,
     client_id: String,
 }
 
@@ -236,14 +247,14 @@ impl Client {
         let store_config = config.store.clone();
         let store = tokio::task::spawn_blocking(move || Store::open(path, store_config))
             .await
-            .map_err(|e| ClientError::Storage(format!("store task failed: {e}")))??;
+            .map_err(|e| ClientError::StorageIo(format!("store task failed: {e}")))??;
         let client_id = store.client_id().to_owned();
         let store = StoreHandle(Arc::new(Mutex::new(store)));
         let (commands, command_rx) = mpsc::unbounded_channel();
         let (updates, _) = broadcast::channel(config.update_buffer.max(16));
         let (state_tx, state) = watch::channel(ConnectionState::Offline);
         let clock = Arc::new(Mutex::new(ClockOffset::default()));
-        let tokens = Arc::new(supervisor::TokenCell::new(tokens));
+        let tokens = Arc::new(token::TokenCell::new(tokens));
         let supervisor = Supervisor::new(
             config.clone(),
             config.ws_url(),
@@ -726,7 +737,12 @@ impl Client {
         timeout: Duration,
     ) -> Result<OutboxItem, ClientError> {
         let mut sub = self.subscribe();
-        let deadline = tokio::time::Instant::now() + timeout;
+        let now = tokio::time::Instant::now();
+        // A timeout too long for the clock waits (practically) forever.
+        let deadline = now
+            .checked_add(timeout)
+            .or_else(|| now.checked_add(Duration::from_secs(u64::from(u32::MAX))))
+            .unwrap_or(now);
         loop {
             let item = self
                 .item(id)

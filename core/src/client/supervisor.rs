@@ -25,12 +25,14 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
-use super::http::{HttpApi, HttpError, is_not_found};
-use super::token::{Claims, SharedTokenProvider, TokenError, TokenRequest};
+use super::http::{HttpApi, HttpError, is_not_found, retry_after_detail};
+use super::token::{Claims, TokenCell, TokenError};
 use super::types::{ClockOffset, OutboxUpdate, StateUpdate, TransactionUpdate, Update};
 use super::ws::{self, ConnectError, WsEvent, WsHandle};
 use super::{ClientConfig, ClientError, ClientMetrics, StoreHandle};
-use crate::machine::{Action, ConnectionState, Failure, Machine, Route};
+use crate::machine::{
+    Action, ConnectionState, Failure, MAX_SERVER_DELAY, Machine, clamp_retry_hint, item_delay,
+};
 use crate::protocol::event::MESSAGE_EVENT_TYPE;
 use crate::protocol::{
     ClientEvent, ErrorBody, ErrorCode, Event, Operation, ReconciliationRequest, SendMessage,
@@ -40,6 +42,13 @@ use crate::store::{ItemKind, ItemState, OutboxItem, Store, StoreError};
 
 /// Key/value entry of the rooms the user wants to be in.
 const ROOMS_KEY: &str = "client.rooms";
+/// The first wait before inbound events the store could not record are fetched again;
+/// it doubles while the store keeps failing, up to [`STORAGE_RETRY_MAX`].
+const STORAGE_RETRY_MIN: Duration = Duration::from_secs(1);
+const STORAGE_RETRY_MAX: Duration = Duration::from_secs(60);
+/// The shortest and longest per-item retry delays (see [`item_backoff`]).
+const ITEM_RETRY_MIN: Duration = Duration::from_millis(500);
+const ITEM_RETRY_MAX: Duration = Duration::from_secs(30);
 /// Events per poll request.
 const POLL_LIMIT: u32 = 500;
 /// Pages fetched at most by one resync catch-up.
@@ -49,6 +58,28 @@ const HTTP_SEND_WINDOW: usize = 16;
 
 /// How often settled outbox items older than `settled_retention` are deleted (at most).
 const PRUNE_INTERVAL: Duration = Duration::from_secs(600);
+
+/// The supervisor's clock: tokio's, so that tests in paused (virtual) time drive it; the
+/// same as [`Instant::now`] otherwise.
+fn mono_now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+/// `at + wait` without overflow (a wait too long for the clock is cut to an hour).
+fn later(at: Instant, wait: Duration) -> Instant {
+    at.checked_add(wait)
+        .or_else(|| at.checked_add(MAX_SERVER_DELAY))
+        .unwrap_or(at)
+}
+
+/// The monotonic instant of a wall-clock time (`now` if it has passed).
+fn instant_of(at: chrono::DateTime<chrono::Utc>) -> Instant {
+    let wait = at
+        .signed_duration_since(now_wall())
+        .to_std()
+        .unwrap_or_default();
+    later(mono_now(), wait)
+}
 
 /// The rooms the user wants to be in (kept across restarts).
 pub(crate) fn load_rooms(store: &mut Store) -> Result<BTreeSet<String>, StoreError> {
@@ -104,107 +135,6 @@ pub(crate) enum Command {
     Shutdown(oneshot::Sender<()>),
 }
 
-/// The current token, shared by the tasks; fetched from the provider when missing.
-pub(crate) struct TokenCell {
-    provider: SharedTokenProvider,
-    current: std::sync::Mutex<Option<(String, Claims)>>,
-    /// Held while the provider is asked, so that there is one request at a time. The
-    /// current token stays readable meanwhile.
-    fetching: tokio::sync::Mutex<()>,
-    /// Bumped at every new token: a refusal of an older generation is not a refusal
-    /// of the current token.
-    generation: std::sync::atomic::AtomicU64,
-}
-
-impl TokenCell {
-    pub(crate) fn new(provider: SharedTokenProvider) -> Self {
-        Self {
-            provider,
-            current: std::sync::Mutex::new(None),
-            fetching: tokio::sync::Mutex::new(()),
-            generation: std::sync::atomic::AtomicU64::new(0),
-        }
-    }
-
-    fn generation(&self) -> u64 {
-        self.generation.load(std::sync::atomic::Ordering::SeqCst)
-    }
-
-    /// The current token and its generation (read together: `set` changes both under
-    /// the same lock).
-    pub(crate) async fn get_tagged(&self) -> Result<(String, u64), TokenError> {
-        let token = self.get().await?;
-        let tagged = self.current.lock().ok().and_then(|current| {
-            current
-                .as_ref()
-                .map(|(token, _)| (token.clone(), self.generation()))
-        });
-        Ok(tagged.unwrap_or((token, 0)))
-    }
-
-    /// After the server refused the token of generation `used`: the token to try
-    /// again with when it has been replaced since (a refresh in progress is waited
-    /// for), or `None` when `used` is still the current one and the refusal stands.
-    pub(crate) async fn replaced_since(&self, used: u64) -> Option<String> {
-        let _settled = self.fetching.lock().await;
-        if self.generation() == used {
-            return None;
-        }
-        self.current().map(|(token, _)| token)
-    }
-
-    fn current(&self) -> Option<(String, Claims)> {
-        self.current.lock().ok().and_then(|c| c.clone())
-    }
-
-    fn set(&self, fresh: (String, Claims)) {
-        if let Ok(mut current) = self.current.lock() {
-            *current = Some(fresh);
-            self.generation
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        }
-    }
-
-    async fn fetch(&self, request: TokenRequest) -> Result<(String, Claims), TokenError> {
-        let token = self.provider.token(request).await?;
-        let claims = Claims::read(&token).map_err(TokenError)?;
-        Ok((token, claims))
-    }
-
-    /// The current token, asking the provider when there is none (one request at a
-    /// time; no lock is held while the provider runs, except the one that keeps a
-    /// second request from starting).
-    pub(crate) async fn get(&self) -> Result<String, TokenError> {
-        if let Some((token, _)) = self.current() {
-            return Ok(token);
-        }
-        let _one_at_a_time = self.fetching.lock().await;
-        if let Some((token, _)) = self.current() {
-            return Ok(token); // fetched by whoever held the lock before us
-        }
-        let fresh = self.fetch(TokenRequest::Initial).await?;
-        let token = fresh.0.clone();
-        self.set(fresh);
-        Ok(token)
-    }
-
-    /// The claims of the current token.
-    pub(crate) async fn claims(&self) -> Result<Claims, ClientError> {
-        self.get().await.map_err(|_| ClientError::Reauthenticate)?;
-        self.current()
-            .map(|(_, c)| c)
-            .ok_or(ClientError::Reauthenticate)
-    }
-
-    /// Replaces the token with a fresh one from the provider.
-    async fn refresh(&self) -> Result<(), TokenError> {
-        let _one_at_a_time = self.fetching.lock().await;
-        let fresh = self.fetch(TokenRequest::Refresh).await?;
-        self.set(fresh);
-        Ok(())
-    }
-}
-
 /// What the spawned tasks report.
 #[derive(Debug)]
 enum Io {
@@ -217,11 +147,31 @@ enum Io {
     HttpDone {
         id: Option<String>,
         failure: Option<Failure>,
+        /// When the item is due again, if it failed for now.
+        retry_at: Option<chrono::DateTime<chrono::Utc>>,
+        /// The answer broke the protocol.
+        protocol_error: bool,
     },
-    Pulled(Result<(), HttpError>),
+    /// A reconcile ended: `Ok(true)` when it sent operations or brought changes.
+    Pulled(Result<bool, HttpError>),
     /// The catch-up of a connection opened without a cursor ended: `Ok(true)` when it
     /// reached the end of the log.
     CaughtUp(u64, Result<bool, HttpError>),
+}
+
+impl Io {
+    /// True for a report of an answer that broke the protocol (garbage JSON, a 200
+    /// with the wrong shape).
+    fn protocol_error(&self) -> bool {
+        let error = match self {
+            Io::Poll(Err(e))
+            | Io::Resync(Err(e))
+            | Io::Pulled(Err(e))
+            | Io::CaughtUp(_, Err(e)) => e,
+            _ => return false,
+        };
+        matches!(error, HttpError::Protocol(_))
+    }
 }
 
 /// The supervisor's state. See the module docs.
@@ -266,11 +216,31 @@ pub(crate) struct Supervisor {
     reconcile_in_flight: bool,
     /// Ops sent one per request after a batch was refused as invalid, to find the bad one.
     isolate_ops: bool,
-    /// Entity operations may be waiting (an edit was made, a batch failed, or an earlier
-    /// run left some): the tick looks for them until a look finds none.
-    ops_waiting: bool,
+    /// When entity changes were last pulled (`None`: pull at the next chance).
     last_pull: Option<Instant>,
+    /// The wait between pulls: `entity_pull_interval`, doubled after each pull that
+    /// found nothing new, up to `entity_pull_idle_max`; back to the start on any
+    /// change, local edit or new connection.
+    pull_interval: Duration,
     last_tx_check: Option<Instant>,
+    /// Accepted transactions may be waiting for their decision: checked every
+    /// `transaction_check_interval` until a look finds none undecided.
+    tx_pending: bool,
+    /// The earliest time an outbox item that failed for now is due again (items due
+    /// at once are sent on the events that free their lane: acks, answers).
+    outbox_due: Option<Instant>,
+    /// Times the loop woke up (any event or deadline), for the energy figures.
+    wakeups: u64,
+    /// The store could not record a durable WebSocket delivery: until this time, such
+    /// deliveries are not taken (the cursor did not move); then a catch-up from the
+    /// cursor fetches them again.
+    inbound_stalled: Option<Instant>,
+    /// The wait before the next such catch-up.
+    storage_retry: Duration,
+    /// Storage failures met by the supervisor (inbound events, reconcile answers).
+    storage_failures: u64,
+    /// Answers and frames from the server that broke the protocol.
+    protocol_errors: u64,
     /// When settled outbox items were last pruned.
     last_prune: Option<Instant>,
     /// Inbound streams must not interleave: the cursor only moves forward, so an event
@@ -285,6 +255,24 @@ pub(crate) struct Supervisor {
 
 fn now_wall() -> chrono::DateTime<chrono::Utc> {
     chrono::Utc::now()
+}
+
+/// `now + wait` on the wall clock without overflow: a wait longer than
+/// [`MAX_SERVER_DELAY`] (which no configured or clamped wait is) is cut to it.
+fn wall_later(now: chrono::DateTime<chrono::Utc>, wait: Duration) -> chrono::DateTime<chrono::Utc> {
+    let wait = chrono::Duration::from_std(wait.min(MAX_SERVER_DELAY)).unwrap_or_default();
+    now.checked_add_signed(wait).unwrap_or(now)
+}
+
+/// The oldest settlement time still kept with a retention of `retention`: `None` when
+/// nothing can be that old (a retention beyond the calendar, e.g. `u64::MAX` ms from
+/// Swift's `UInt64.max`, means forever, not zero).
+fn prune_before(
+    now: chrono::DateTime<chrono::Utc>,
+    retention: Duration,
+) -> Option<chrono::DateTime<chrono::Utc>> {
+    let retention = chrono::Duration::from_std(retention).ok()?;
+    now.checked_sub_signed(retention)
 }
 
 impl Supervisor {
@@ -305,7 +293,8 @@ impl Supervisor {
         let (io_tx, io_rx) = mpsc::unbounded_channel();
         let (ws_tx, ws_rx) = mpsc::unbounded_channel();
         Ok(Self {
-            machine: Machine::new(cfg.machine.clone(), Instant::now()),
+            machine: Machine::new(cfg.machine.clone(), mono_now()),
+            pull_interval: cfg.entity_pull_interval,
             cfg,
             ws_url,
             tls,
@@ -332,9 +321,15 @@ impl Supervisor {
             http_in_flight: BTreeSet::new(),
             reconcile_in_flight: false,
             isolate_ops: false,
-            ops_waiting: true,
             last_pull: None,
             last_tx_check: None,
+            tx_pending: true,
+            outbox_due: None,
+            wakeups: 0,
+            inbound_stalled: None,
+            storage_retry: STORAGE_RETRY_MIN,
+            storage_failures: 0,
+            protocol_errors: 0,
             last_prune: None,
             held_back: Vec::new(),
             inbound_tasks: 0,
@@ -349,36 +344,34 @@ impl Supervisor {
 
     /// The loop: until shut down.
     pub(crate) async fn run(mut self) {
-        self.machine.start(Instant::now());
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.machine.start(mono_now());
         loop {
             self.drain_actions().await;
             if self.machine.state() == ConnectionState::Closed {
                 break;
             }
-            let deadline = self
-                .machine
-                .poll_timeout()
-                .map(tokio::time::Instant::from_std);
+            // No fixed tick: the loop sleeps until the earliest thing it has to do.
+            let deadline = self.next_deadline().map(tokio::time::Instant::from_std);
             tokio::select! {
                 _ = async {
                     match deadline {
                         Some(d) => tokio::time::sleep_until(d).await,
                         None => std::future::pending().await,
                     }
-                } => self.machine.handle_timeout(Instant::now()),
+                } => self.on_deadline().await,
                 command = self.commands.recv() => match command {
                     Some(command) => self.on_command(command).await,
                     // Every `Client` handle was dropped without `shutdown()`: stop too,
                     // rather than keep a store and sockets alive for no one.
-                    None => self.machine.shutdown(Instant::now()),
+                    None => self.machine.shutdown(mono_now()),
                 },
                 Some((generation, event)) = self.ws_rx.recv() => self.on_ws(generation, event).await,
                 Some(io) = self.io_rx.recv() => self.on_io(io).await,
-                _ = tick.tick() => self.on_tick().await,
-                Some(_) = self.tasks.join_next(), if !self.tasks.is_empty() => {}
             }
+            self.wakeups = self.wakeups.saturating_add(1);
+            // Finished tasks are reaped here rather than woken up for: each reports on
+            // a channel already.
+            while self.tasks.try_join_next().is_some() {}
         }
         self.tasks.abort_all();
         // Closed before `shutdown()` returns, so that the API refuses new work at once.
@@ -409,7 +402,9 @@ impl Supervisor {
                     let _ = io.send(Io::Token(tokens.refresh().await));
                 });
             }
-            Action::Flush(route) => self.pump(route).await,
+            // The route follows from the state when the items go (the WebSocket in
+            // Realtime with the socket open, HTTP otherwise), not when the flush was asked.
+            Action::Flush(_) => self.pump().await,
             Action::StateChanged(change) => {
                 info!(from = ?change.from, to = ?change.to, reason = ?change.reason, "connection state");
                 // The update first, then the watch: whoever saw the new state in the
@@ -424,8 +419,12 @@ impl Supervisor {
                 }));
                 let _ = self.state_tx.send(change.to);
                 if change.to.is_connected() && !change.from.is_connected() {
-                    // Some transport works again: catch up with entity changes too.
+                    // Some transport works again: catch up with entity changes and
+                    // transaction outcomes too, and look for items due later.
                     self.last_pull = None;
+                    self.pull_interval = self.cfg.entity_pull_interval;
+                    self.tx_pending = true;
+                    self.find_outbox_due().await;
                 }
             }
         }
@@ -434,7 +433,7 @@ impl Supervisor {
     // ---- WebSocket ------------------------------------------------------------------------
 
     async fn open_ws(&mut self) {
-        self.ws_gen += 1;
+        self.ws_gen = self.ws_gen.wrapping_add(1);
         self.rooms_joined.clear();
         let generation = self.ws_gen;
         let cursor = self
@@ -518,7 +517,7 @@ impl Supervisor {
     /// live (a catch-up started when the upgrade answered could be answered before
     /// the registration, and the events in between were lost).
     async fn catch_up(&mut self, generation: u64) {
-        self.inbound_tasks += 1;
+        self.inbound_tasks = self.inbound_tasks.saturating_add(1);
         let (store, http, tokens, io, updates) = self.task_parts();
         self.tasks.spawn(async move {
             let mut result = Ok(false);
@@ -541,7 +540,7 @@ impl Supervisor {
 
     fn close_ws(&mut self) {
         // Abandons an attempt too: its reports carry an old generation.
-        self.ws_gen += 1;
+        self.ws_gen = self.ws_gen.wrapping_add(1);
         self.rooms_joined.clear();
         // Not recorded, so not lost: the next connection resumes from the cursor.
         self.held_back.clear();
@@ -574,12 +573,12 @@ impl Supervisor {
     fn send_ping(&mut self) {
         let reference = uuid::Uuid::now_v7().to_string();
         if self.send_frame(&ClientEvent::Ping, Some(&reference)) {
-            self.pings.insert(reference, (Instant::now(), now_wall()));
+            self.pings.insert(reference, (mono_now(), now_wall()));
         }
     }
 
     async fn on_ws(&mut self, generation: u64, event: WsEvent) {
-        let now = Instant::now();
+        let now = mono_now();
         if let WsEvent::Opened(handle) = event {
             if generation != self.ws_gen {
                 handle.close(); // an abandoned attempt: close what it opened
@@ -596,7 +595,11 @@ impl Supervisor {
         match event {
             WsEvent::Opened(_) => {}
             WsEvent::Activity => self.machine.on_ws_activity(now),
-            WsEvent::Undecodable(e) => warn!(error = %e, "undecodable frame ignored"),
+            WsEvent::Undecodable(e) => {
+                self.protocol_errors = self.protocol_errors.saturating_add(1);
+                self.machine.on_ws_activity(now);
+                warn!(error = %e, "undecodable frame ignored");
+            }
             WsEvent::Closed(kind, reason) => {
                 info!(%reason, "WebSocket closed");
                 self.ws = None;
@@ -605,7 +608,10 @@ impl Supervisor {
                     .await;
                 self.machine.on_ws_closed(now, kind);
             }
-            WsEvent::Frame(event, reference) => self.on_frame(*event, reference).await,
+            WsEvent::Frame(event, reference) => {
+                self.machine.on_ws_activity(now);
+                self.on_frame(*event, reference).await;
+            }
         }
     }
 
@@ -621,6 +627,8 @@ impl Supervisor {
                 if self.catch_up_gen.take() == Some(self.ws_gen) {
                     self.catch_up(self.ws_gen).await;
                 }
+                // Clamped by the machine: a hostile interval neither floods nor stops
+                // the heartbeat.
                 self.machine
                     .set_ping_interval(Duration::from_millis(c.ping_interval));
                 let sent = now_wall();
@@ -651,7 +659,7 @@ impl Supervisor {
                     Ok(item) => self.emit(Update::Outbox((&item).into())),
                     Err(e) => debug!(error = %e, "ack for an item not in the outbox"),
                 }
-                self.pump(Route::WebSocket).await;
+                self.pump().await;
             }
             ServerEvent::RoomJoined { room_id } => self.emit(Update::Room {
                 room_id,
@@ -672,7 +680,11 @@ impl Supervisor {
                     reference.as_ref().and_then(|r| self.pings.remove(r))
                     && let Ok(mut clock) = self.clock.lock()
                 {
-                    clock.sample(sent_wall, sent_at.elapsed(), server_time);
+                    clock.sample(
+                        sent_wall,
+                        mono_now().saturating_duration_since(sent_at),
+                        server_time,
+                    );
                 }
             }
             ServerEvent::Error(body) => self.on_ws_error(body, reference).await,
@@ -684,17 +696,12 @@ impl Supervisor {
         let reference = reference.or_else(|| body.reference.clone());
         warn!(code = ?body.code, error = %body.error, ?reference, "server refused a frame");
         if body.code == ErrorCode::CursorExpired {
-            self.machine.on_cursor_expired(Instant::now());
+            self.machine.on_cursor_expired(mono_now());
             return;
         }
         let Some(id) = reference else { return };
         if self.ws_in_flight.remove(&id).is_some() {
-            let retry_after = body
-                .details
-                .as_ref()
-                .and_then(|d| d.get(crate::protocol::error::RETRY_AFTER_MS_DETAIL))
-                .and_then(|v| v.as_u64())
-                .map(Duration::from_millis);
+            let retry_after = retry_after_detail(&body);
             let permanent = matches!(
                 body.code,
                 ErrorCode::InvalidRequest
@@ -711,8 +718,9 @@ impl Supervisor {
                     .call(move |s| s.mark_dead(&id, &reason, now))
                     .await
             } else {
-                let wait = retry_after.unwrap_or(Duration::from_secs(1));
-                let at = now + chrono::Duration::from_std(wait).unwrap_or_default();
+                let wait = retry_after.unwrap_or_else(|| item_backoff(1));
+                let at = wall_later(now, wait);
+                self.note_outbox_due(at);
                 self.store
                     .call(move |s| s.mark_failed(&id, &reason, at, now))
                     .await
@@ -754,16 +762,21 @@ impl Supervisor {
         }
         let reason = reason.to_owned();
         let now = now_wall();
-        let _ = self
+        let requeued = self
             .store
             .call(move |s| {
                 for id in ids {
-                    // Already accepted through another path: nothing to do.
+                    // Already accepted through another path (or still `persisted`:
+                    // WebSocket sends are in flight in memory only): nothing to do.
                     let _ = s.mark_failed(&id, &reason, now, now);
                 }
                 Ok(())
             })
             .await;
+        if let Err(e) = requeued {
+            // They are `persisted` in the store anyway and go again on the next flush.
+            warn!(error = %e, "could not requeue unacknowledged sends");
+        }
     }
 
     // ---- inbound --------------------------------------------------------------------------
@@ -771,12 +784,13 @@ impl Supervisor {
     async fn on_inbound_message(&mut self, m: WebSocketMessage) {
         match (&m.event_id, m.interaction_class.is_durable()) {
             (Some(event_id), true) => {
-                let event_id = event_id.clone();
-                let updates =
-                    process_inbound(&self.store, event_id, m.sequence, Update::Message(m)).await;
-                for u in updates {
-                    self.emit(u);
+                if self.inbound_stalled.is_some() {
+                    return; // fetched again from the cursor once the store takes it
                 }
+                let event_id = event_id.clone();
+                let result =
+                    process_inbound(&self.store, event_id, m.sequence, Update::Message(m)).await;
+                self.on_inbound_result(result);
             }
             // Live (Class A), or a server that did not make it durable: as it comes.
             _ => self.emit(Update::Message(m)),
@@ -784,15 +798,43 @@ impl Supervisor {
     }
 
     async fn on_inbound_event(&mut self, e: Event) {
-        for u in process_event(&self.store, e).await {
-            self.emit(u);
+        if self.inbound_stalled.is_some() {
+            return; // fetched again from the cursor once the store takes it
+        }
+        let result = process_event(&self.store, e).await;
+        self.on_inbound_result(result);
+    }
+
+    /// Emits what a durable inbound item gave, or, when the store could not record it,
+    /// stops taking durable deliveries from the WebSocket: the cursor stayed before
+    /// it, so a catch-up from the cursor fetches it (and what follows) again, after
+    /// `storage_retry`, doubling while the store keeps failing.
+    fn on_inbound_result(&mut self, result: Result<Vec<Update>, ClientError>) {
+        match result {
+            Ok(updates) => {
+                for u in updates {
+                    self.emit(u);
+                }
+            }
+            Err(e) => self.stall_inbound(&e),
+        }
+    }
+
+    fn stall_inbound(&mut self, error: &ClientError) {
+        self.storage_failures = self.storage_failures.saturating_add(1);
+        // Not recorded, so not lost: the catch-up fetches them again.
+        self.held_back.clear();
+        if self.inbound_stalled.is_none() {
+            warn!(error = %error, retry_in = ?self.storage_retry, "could not record an inbound event; fetching again later");
+            self.inbound_stalled = Some(later(mono_now(), self.storage_retry));
+            self.storage_retry = self.storage_retry.saturating_mul(2).min(STORAGE_RETRY_MAX);
         }
     }
 
     // ---- polling and resync ---------------------------------------------------------------
 
     async fn spawn_poll(&mut self) {
-        self.inbound_tasks += 1;
+        self.inbound_tasks = self.inbound_tasks.saturating_add(1);
         let store = self.store.clone();
         let http = self.http.clone();
         let tokens = self.tokens.clone();
@@ -805,7 +847,7 @@ impl Supervisor {
     }
 
     fn spawn_resync(&mut self) {
-        self.inbound_tasks += 1;
+        self.inbound_tasks = self.inbound_tasks.saturating_add(1);
         let store = self.store.clone();
         let http = self.http.clone();
         let tokens = self.tokens.clone();
@@ -820,8 +862,10 @@ impl Supervisor {
 
     // ---- outbound -------------------------------------------------------------------------
 
-    /// Sends what can be sent now.
-    async fn pump(&mut self, _route: Route) {
+    /// Sends what can be sent now: messages over the WebSocket in Realtime (socket open),
+    /// over HTTP otherwise; transactions always over HTTP; operations in batches
+    /// elsewhere ([`Self::spawn_reconcile`]).
+    async fn pump(&mut self) {
         let state = self.machine.state();
         if !state.is_connected() {
             return;
@@ -831,7 +875,7 @@ impl Supervisor {
         let now = now_wall();
         let heads = match self
             .store
-            .call(move |s| s.next_sendable(now, window * 4))
+            .call(move |s| s.next_sendable(now, window.saturating_mul(4)))
             .await
         {
             Ok(h) => h,
@@ -902,7 +946,7 @@ impl Supervisor {
             }
         };
         if self.send_frame(&ClientEvent::Message(message), Some(&item.id)) {
-            self.ws_in_flight.insert(item.id.clone(), Instant::now());
+            self.ws_in_flight.insert(item.id.clone(), mono_now());
             let mut update = OutboxUpdate::from(&item);
             update.state = ItemState::InFlight;
             self.emit(Update::Outbox(update));
@@ -934,7 +978,8 @@ impl Supervisor {
                 async move { http.post_message(&token, message).await }
             })
             .await;
-            let failure = settle_http(
+            let protocol_error = matches!(result, Err(HttpError::Protocol(_)));
+            let (failure, retry_at) = settle_http(
                 &store,
                 &updates,
                 &sent,
@@ -944,6 +989,8 @@ impl Supervisor {
             let _ = io.send(Io::HttpDone {
                 id: Some(sent.id.clone()),
                 failure,
+                retry_at,
+                protocol_error,
             });
         });
     }
@@ -963,6 +1010,8 @@ impl Supervisor {
             return;
         };
         self.http_in_flight.insert(item.id.clone());
+        // Its decision is checked for until it comes.
+        self.tx_pending = true;
         let (store, http, tokens, io, updates) = self.task_parts();
         self.tasks.spawn(async move {
             let result = with_token(&tokens, |token| {
@@ -971,7 +1020,8 @@ impl Supervisor {
             })
             .await;
             let accepted = result.as_ref().ok().map(|a| a.transaction_id.clone());
-            let failure =
+            let protocol_error = matches!(result, Err(HttpError::Protocol(_)));
+            let (failure, retry_at) =
                 settle_http(&store, &updates, &sent, result.map(|a| a.transaction_id)).await;
             if let Some(transaction_id) = accepted {
                 let _ = updates.send(Update::Transaction(TransactionUpdate {
@@ -984,6 +1034,8 @@ impl Supervisor {
             let _ = io.send(Io::HttpDone {
                 id: Some(sent.id.clone()),
                 failure,
+                retry_at,
+                protocol_error,
             });
         });
     }
@@ -994,6 +1046,10 @@ impl Supervisor {
         let Ok(undecided) = self.store.call(|s| s.undecided_transactions()).await else {
             return;
         };
+        if undecided.is_empty() {
+            // Nothing to wait for: no more checks until a transaction is submitted.
+            self.tx_pending = false;
+        }
         for item in undecided {
             let Some(transaction_id) = item.server_ref.clone() else {
                 continue;
@@ -1006,6 +1062,7 @@ impl Supervisor {
             let (store, http, tokens, io, updates) = self.task_parts();
             self.tasks.spawn(async move {
                 let mut failure = None;
+                let mut protocol_error = false;
                 let status = with_token(&tokens, |token| {
                     let (http, transaction_id) = (&http, &transaction_id);
                     async move { http.transaction_status(&token, transaction_id).await }
@@ -1018,11 +1075,16 @@ impl Supervisor {
                         }
                     }
                     Err(e) if is_not_found(&e) => {}
-                    Err(e) => failure = Some(e.failure()),
+                    Err(e) => {
+                        protocol_error = matches!(e, HttpError::Protocol(_));
+                        failure = Some(e.failure());
+                    }
                 }
                 let _ = io.send(Io::HttpDone {
                     id: Some(key),
                     failure,
+                    retry_at: None,
+                    protocol_error,
                 });
             });
         }
@@ -1061,29 +1123,34 @@ impl Supervisor {
         let Ok(ops) = self
             .store
             .call(move |s| {
+                // One reconcile at a time: an operation still in flight now is left from
+                // one whose answer could not be stored (nor the operation requeued).
+                for stale in s.list(Some(ItemState::InFlight))? {
+                    if stale.kind == ItemKind::Operation {
+                        s.mark_failed(&stale.id, "requeued after a failed reconcile", now, now)?;
+                    }
+                }
                 let items: Vec<OutboxItem> = s
                     .list(Some(ItemState::Persisted))?
                     .into_iter()
                     .filter(|i| i.kind == ItemKind::Operation && i.next_attempt_at <= now)
                     .take(limit)
                     .collect();
+                let mut taken = Vec::with_capacity(items.len());
                 for item in &items {
-                    s.mark_in_flight(&item.id, now)?;
+                    taken.push(s.mark_in_flight(&item.id, now)?);
                 }
-                Ok(items)
+                Ok(taken)
             })
             .await
         else {
             return;
         };
-        if ops.is_empty() {
-            self.ops_waiting = false;
-            if !pull {
-                return;
-            }
+        if ops.is_empty() && !pull {
+            return;
         }
         self.reconcile_in_flight = true;
-        self.last_pull = Some(Instant::now());
+        self.last_pull = Some(mono_now());
         let (store, http, tokens, io, updates) = self.task_parts();
         let client_id = self.client_id.clone();
         let isolate = self.isolate_ops;
@@ -1097,7 +1164,10 @@ impl Supervisor {
     // ---- reports --------------------------------------------------------------------------
 
     async fn on_io(&mut self, io: Io) {
-        let now = Instant::now();
+        let now = mono_now();
+        if io.protocol_error() {
+            self.protocol_errors = self.protocol_errors.saturating_add(1);
+        }
         match io {
             Io::WsFailed(generation, error) => {
                 if generation != self.ws_gen {
@@ -1123,6 +1193,14 @@ impl Supervisor {
                 self.inbound_done().await;
                 self.machine.on_poll_ok(now, more);
             }
+            Io::Poll(Err(HttpError::Storage(e))) => {
+                // The server answered; the store could not take the page. The cursor did
+                // not move: the next poll fetches it again.
+                warn!(error = %e, "could not record polled events");
+                self.storage_failures = self.storage_failures.saturating_add(1);
+                self.inbound_done().await;
+                self.machine.on_poll_ok(now, false);
+            }
             Io::Poll(Err(e)) if e.code() == Some(ErrorCode::CursorExpired) => {
                 self.inbound_done().await;
                 self.machine.on_poll_cursor_expired(now);
@@ -1141,16 +1219,36 @@ impl Supervisor {
                 self.inbound_done().await;
                 self.machine.on_resync_failed(now, e.failure());
             }
-            Io::HttpDone { id, failure } => {
+            Io::HttpDone {
+                id,
+                failure,
+                retry_at,
+                protocol_error,
+            } => {
+                if protocol_error {
+                    self.protocol_errors = self.protocol_errors.saturating_add(1);
+                }
                 if let Some(id) = id {
                     self.http_in_flight.remove(&id);
                 }
+                if let Some(at) = retry_at {
+                    self.note_outbox_due(at);
+                }
                 match failure {
                     Some(f) => self.machine.on_http_failed(now, f),
-                    None => {
-                        self.machine.on_http_ok(now);
-                        self.pump(Route::Http).await;
-                    }
+                    None => self.machine.on_http_ok(now),
+                }
+                // A slot is free: what waited for it goes now (a refused item's lane
+                // goes on too).
+                self.pump().await;
+            }
+            Io::CaughtUp(generation, Err(HttpError::Storage(e))) => {
+                // The connection is fine; the store is not: try again later, keeping it.
+                if generation == self.ws_gen {
+                    self.inbound_tasks = self.inbound_tasks.saturating_sub(1);
+                    self.stall_inbound(&e);
+                } else {
+                    self.inbound_done().await;
                 }
             }
             Io::CaughtUp(generation, result) => match result {
@@ -1167,73 +1265,176 @@ impl Supervisor {
                     self.machine
                         .on_ws_closed(now, crate::machine::CloseKind::Lost);
                 }
-                _ => self.inbound_done().await,
+                _ => {
+                    if generation == self.ws_gen && matches!(result, Ok(true)) {
+                        self.storage_retry = STORAGE_RETRY_MIN;
+                    }
+                    self.inbound_done().await;
+                }
             },
             Io::Pulled(result) => {
                 self.reconcile_in_flight = false;
                 match result {
-                    Ok(()) => {
+                    Ok(changed) => {
                         self.isolate_ops = false;
+                        self.pull_interval = if changed {
+                            self.cfg.entity_pull_interval
+                        } else {
+                            // Nothing new: pull less often while idle.
+                            self.pull_interval
+                                .saturating_mul(2)
+                                .min(self.cfg.entity_pull_idle_max)
+                                .max(self.cfg.entity_pull_interval)
+                        };
                         self.machine.on_http_ok(now);
                         self.spawn_reconcile(false).await;
                     }
-                    Err(e) if e.is_permanent() => {
-                        // One bad operation must not hold back the others: isolate it.
-                        self.isolate_ops = true;
-                        self.ops_waiting = true;
-                    }
                     Err(e) => {
-                        self.ops_waiting = true;
-                        self.machine.on_http_failed(now, e.failure());
+                        if let HttpError::Storage(error) = &e {
+                            // Not the server's fault: the connection state stays.
+                            warn!(%error, "could not store a reconcile answer");
+                            self.storage_failures = self.storage_failures.saturating_add(1);
+                        } else if e.is_permanent() {
+                            // One bad operation must not hold back the others: isolate it.
+                            self.isolate_ops = true;
+                        } else {
+                            self.machine.on_http_failed(now, e.failure());
+                        }
+                        // The operations went back to the queue, due a little later.
+                        // (at the earliest; the store says when the next one is due)
+                        self.note_outbox_due(wall_later(now_wall(), ITEM_RETRY_MIN));
                     }
                 }
             }
         }
     }
 
-    async fn on_tick(&mut self) {
-        let now = Instant::now();
+    /// The earliest time something is due: the machine's timers, an unacknowledged
+    /// WebSocket send, pruning, and, while connected, an outbox item due again, the next
+    /// entity pull and (only while one is undecided) the next transaction check. `None`:
+    /// nothing until an event.
+    fn next_deadline(&self) -> Option<Instant> {
+        let mut deadlines = vec![self.machine.poll_timeout()];
+        deadlines.push(
+            self.ws_in_flight
+                .values()
+                .min()
+                .map(|sent| later(*sent, self.cfg.ack_timeout)),
+        );
+        if let Some(retention) = self.cfg.settled_retention {
+            let interval = prune_interval(retention);
+            deadlines.push(Some(
+                self.last_prune
+                    .map_or_else(mono_now, |t| later(t, interval)),
+            ));
+        }
+        if self.machine.state().is_connected() {
+            deadlines.push(self.inbound_stalled);
+            deadlines.push(self.outbox_due);
+            if !self.reconcile_in_flight {
+                deadlines.push(Some(
+                    self.last_pull
+                        .map_or_else(mono_now, |t| later(t, self.pull_interval)),
+                ));
+            }
+            if self.tx_pending {
+                deadlines.push(Some(self.last_tx_check.map_or_else(mono_now, |t| {
+                    later(t, self.cfg.transaction_check_interval)
+                })));
+            }
+        }
+        deadlines.into_iter().flatten().min()
+    }
+
+    /// Does what is due at a deadline (see [`Self::next_deadline`]).
+    async fn on_deadline(&mut self) {
+        let now = mono_now();
+        if self.machine.poll_timeout().is_some_and(|t| t <= now) {
+            self.machine.handle_timeout(now);
+        }
         // Unacknowledged WebSocket sends: try again (same id; the server dedupes).
         let stale: Vec<String> = self
             .ws_in_flight
             .iter()
-            .filter(|(_, at)| now.duration_since(**at) >= self.cfg.ack_timeout)
+            .filter(|(_, at)| now.saturating_duration_since(**at) >= self.cfg.ack_timeout)
             .map(|(id, _)| id.clone())
             .collect();
-        if !stale.is_empty() {
+        let resend = !stale.is_empty();
+        if resend {
             for id in &stale {
                 self.ws_in_flight.remove(id);
             }
             let wall = now_wall();
-            let _ = self
+            let requeued = self
                 .store
                 .call(move |s| {
                     for id in stale {
+                        // Already accepted through another path: nothing to do.
                         let _ = s.mark_failed(&id, "no ack in time", wall, wall);
                     }
                     Ok(())
                 })
                 .await;
+            if let Err(e) = requeued {
+                warn!(error = %e, "could not requeue unacknowledged sends");
+            }
         }
         self.prune_settled(now).await;
         if !self.machine.state().is_connected() {
             return;
         }
-        self.pump(Route::Http).await;
-        if self
-            .last_pull
-            .is_none_or(|t| now.duration_since(t) >= self.cfg.entity_pull_interval)
-        {
-            self.spawn_reconcile(true).await;
-        } else if self.ops_waiting {
-            self.spawn_reconcile(false).await;
+        if self.inbound_stalled.is_some_and(|t| t <= now) {
+            self.inbound_stalled = None;
+            // Fetch what the store could not take, from the cursor (a connection that
+            // polls does so anyway).
+            if self.ws.is_some() && self.machine.state() == ConnectionState::Realtime {
+                self.catch_up(self.ws_gen).await;
+            }
+        }
+        let outbox_due = self.outbox_due.is_some_and(|t| t <= now);
+        if outbox_due {
+            self.outbox_due = None;
+        }
+        if resend || outbox_due {
+            self.pump().await;
         }
         if self
-            .last_tx_check
-            .is_none_or(|t| now.duration_since(t) >= self.cfg.transaction_check_interval)
+            .last_pull
+            .is_none_or(|t| now.saturating_duration_since(t) >= self.pull_interval)
+        {
+            // Set here too: a pull that could not start is not tried again at once.
+            self.last_pull = Some(now);
+            self.spawn_reconcile(true).await;
+        } else if outbox_due {
+            self.spawn_reconcile(false).await;
+        }
+        if outbox_due {
+            self.find_outbox_due().await;
+        }
+        if self.tx_pending
+            && self.last_tx_check.is_none_or(|t| {
+                now.saturating_duration_since(t) >= self.cfg.transaction_check_interval
+            })
         {
             self.last_tx_check = Some(now);
             self.check_transactions().await;
+        }
+    }
+
+    /// An outbox item is due again at `at`: wake up then (if nothing else sends it).
+    fn note_outbox_due(&mut self, at: chrono::DateTime<chrono::Utc>) {
+        let at = instant_of(at);
+        self.outbox_due = Some(self.outbox_due.map_or(at, |t| t.min(at)));
+    }
+
+    /// Looks in the store for the next item due later than now (left by an earlier run,
+    /// or failed while another was due), so that it is not waited for in vain.
+    async fn find_outbox_due(&mut self) {
+        let wall = now_wall();
+        match self.store.call(move |s| s.next_attempt_after(wall)).await {
+            Ok(Some(at)) => self.note_outbox_due(at),
+            Ok(None) => {}
+            Err(e) => warn!(error = %e, "outbox read failed"),
         }
     }
 
@@ -1245,16 +1446,17 @@ impl Supervisor {
         let Some(retention) = self.cfg.settled_retention else {
             return;
         };
-        // A short retention is kept short: pruned at least once per retention period.
-        let interval = PRUNE_INTERVAL.min(retention.max(Duration::from_secs(1)));
+        let interval = prune_interval(retention);
         if self
             .last_prune
-            .is_some_and(|t| now.duration_since(t) < interval)
+            .is_some_and(|t| now.saturating_duration_since(t) < interval)
         {
             return;
         }
         self.last_prune = Some(now);
-        let before = now_wall() - chrono::Duration::from_std(retention).unwrap_or_default();
+        let Some(before) = prune_before(now_wall(), retention) else {
+            return; // kept forever
+        };
         match self.store.call(move |s| s.prune_settled(before)).await {
             Ok(0) => {}
             Ok(n) => debug!(pruned = n, "settled outbox items pruned"),
@@ -1263,9 +1465,9 @@ impl Supervisor {
     }
 
     async fn on_command(&mut self, command: Command) {
-        let now = Instant::now();
+        let now = mono_now();
         match command {
-            Command::Pump => self.pump(Route::Http).await,
+            Command::Pump => self.pump().await,
             Command::Live { event, reply } => {
                 let sent = self.machine.state() == ConnectionState::Realtime
                     && self.send_frame(&event, None);
@@ -1287,14 +1489,22 @@ impl Supervisor {
                 self.rooms_joined.remove(&room_id);
                 self.send_frame(&ClientEvent::LeaveRoom { room_id }, None);
             }
-            Command::PullEntities => self.spawn_reconcile(true).await,
+            Command::PullEntities => {
+                self.pull_interval = self.cfg.entity_pull_interval;
+                self.spawn_reconcile(true).await;
+            }
             Command::Reconcile => {
-                self.ops_waiting = true;
+                // Someone is editing: pull at the short interval again.
+                self.pull_interval = self.cfg.entity_pull_interval;
                 self.spawn_reconcile(false).await;
             }
             Command::Hint(Hint::NetworkAvailable) => self.machine.network_available(now),
             Command::Hint(Hint::NetworkLost) => self.machine.network_lost(now),
-            Command::Hint(Hint::Foreground) => self.machine.foreground(now),
+            Command::Hint(Hint::Foreground) => {
+                // Back in front of the user: fresh entities soon.
+                self.pull_interval = self.cfg.entity_pull_interval;
+                self.machine.foreground(now);
+            }
             Command::Hint(Hint::Background) => self.machine.background(now),
             Command::Reauthenticate => {
                 let tokens = self.tokens.clone();
@@ -1333,13 +1543,16 @@ impl Supervisor {
                 .iter()
                 .map(|i| i.created_at)
                 .min()
-                .and_then(|t| (now - t).to_std().ok()),
+                .and_then(|t| now.signed_duration_since(t).to_std().ok()),
             max_attempts: pending.iter().map(|i| i.attempts).max().unwrap_or(0),
             dead_items: pending
                 .iter()
                 .filter(|i| i.state == ItemState::Dead)
                 .count(),
-            time_in_states: self.machine.time_in_states(Instant::now()).to_vec(),
+            time_in_states: self.machine.time_in_states(mono_now()).to_vec(),
+            supervisor_wakeups: self.wakeups,
+            storage_failures: self.storage_failures,
+            protocol_errors: self.protocol_errors,
             clock_offset_ms: self.clock.lock().ok().and_then(|c| c.offset_ms()),
             retry_attempts: self.machine.retry_attempts(),
         })
@@ -1355,7 +1568,7 @@ async fn process_inbound(
     event_id: String,
     sequence: Option<u64>,
     update: Update,
-) -> Vec<Update> {
+) -> Result<Vec<Update>, ClientError> {
     let own_id = match &update {
         Update::Message(m) => Some(m.message_id.clone()),
         _ => None,
@@ -1371,19 +1584,13 @@ async fn process_inbound(
             Ok(new && !own)
         })
         .await;
-    match result {
-        Ok(true) => vec![update],
-        Ok(false) => Vec::new(),
-        Err(e) => {
-            // Not recorded: it will come again (resume or poll) and be processed then.
-            warn!(error = %e, "could not record an inbound event");
-            Vec::new()
-        }
-    }
+    // Not recorded (`Err`): the cursor did not move; the caller makes sure it is
+    // fetched again (resume, poll or catch-up) before anything after it.
+    Ok(if result? { vec![update] } else { Vec::new() })
 }
 
 /// Records one durable bus event (a message, a transaction outcome, or an app event).
-async fn process_event(store: &StoreHandle, e: Event) -> Vec<Update> {
+async fn process_event(store: &StoreHandle, e: Event) -> Result<Vec<Update>, ClientError> {
     let event_id = e.event_id.clone();
     let sequence = e.sequence;
     if e.event_type == MESSAGE_EVENT_TYPE {
@@ -1400,7 +1607,7 @@ async fn process_event(store: &StoreHandle, e: Event) -> Vec<Update> {
         "transaction.confirmed" | "transaction.rejected"
     ) && let Ok(status) = serde_json::from_value::<TransactionStatus>(e.payload.clone())
     {
-        let mut out = process_inbound(store, event_id, sequence, Update::Event(e)).await;
+        let mut out = process_inbound(store, event_id, sequence, Update::Event(e)).await?;
         let transaction_id = status.transaction_id.clone();
         let item = store
             .call(move |s| s.find_by_server_ref(ItemKind::Transaction, &transaction_id))
@@ -1410,7 +1617,7 @@ async fn process_event(store: &StoreHandle, e: Event) -> Vec<Update> {
         if let Some(item) = item {
             out.extend(settle_transaction(store, &item.id, status).await);
         }
-        return out;
+        return Ok(out);
     }
     process_inbound(store, event_id, sequence, Update::Event(e)).await
 }
@@ -1458,16 +1665,17 @@ async fn settle_transaction(
 }
 
 /// Records the outcome of an HTTP send; the failure for the state machine, if the
-/// network or server failed it.
+/// network or server failed it, and when the item is due again.
 async fn settle_http(
     store: &StoreHandle,
     updates: &broadcast::Sender<Update>,
     item: &OutboxItem,
     result: Result<String, HttpError>,
-) -> Option<Failure> {
+) -> (Option<Failure>, Option<chrono::DateTime<chrono::Utc>>) {
     let id = item.id.clone();
     let now = now_wall();
     let attempts = item.attempts;
+    let mut retry_at = None;
     let (outcome, failure) = match result {
         Ok(server_ref) => (
             store
@@ -1483,8 +1691,12 @@ async fn settle_http(
             )
         }
         Err(e) => {
-            let wait = e.retry_after().unwrap_or_else(|| item_backoff(attempts));
-            let at = now + chrono::Duration::from_std(wait).unwrap_or_default();
+            let wait = e
+                .retry_after()
+                .map(clamp_retry_hint)
+                .unwrap_or_else(|| item_backoff(attempts));
+            let at = wall_later(now, wait);
+            retry_at = Some(at);
             let reason = e.to_string();
             let failure = e.failure();
             (
@@ -1498,13 +1710,20 @@ async fn settle_http(
     if let Ok(item) = outcome {
         let _ = updates.send(Update::Outbox(OutboxUpdate::from(&item)));
     }
-    failure
+    (failure, retry_at)
 }
 
-/// Per-item retry delay: 0.5 s doubling to 30 s.
+/// How often settled items are pruned: every [`PRUNE_INTERVAL`], and a short retention
+/// is kept short (pruned at least once per retention period, at most once a second).
+fn prune_interval(retention: Duration) -> Duration {
+    PRUNE_INTERVAL.min(retention.max(Duration::from_secs(1)))
+}
+
+/// Per-item retry delay after `attempts` tries: the machine's schedule (backon's
+/// envelope from 0.5 s doubling to 30 s, full jitter, so that the items of many clients
+/// failing together are not retried together).
 fn item_backoff(attempts: u32) -> Duration {
-    let exp = attempts.saturating_sub(1).min(6);
-    (Duration::from_millis(500) * 2u32.pow(exp)).min(Duration::from_secs(30))
+    item_delay(ITEM_RETRY_MIN, ITEM_RETRY_MAX, attempts.saturating_add(1))
 }
 
 /// The error of a request made without a token (the provider gave none).
@@ -1549,7 +1768,7 @@ async fn poll_once(
     let cursor = store
         .call(|s| s.cursor())
         .await
-        .map_err(|e| HttpError::Protocol(e.to_string()))?
+        .map_err(HttpError::Storage)?
         .map(|c| c.last_event_id);
     let page = with_token(tokens, |token| {
         let cursor = cursor.as_deref();
@@ -1557,7 +1776,12 @@ async fn poll_once(
     })
     .await?;
     for event in page.events {
-        for u in process_event(store, event).await {
+        // A failure stops the page: nothing after an unrecorded event is recorded, so
+        // the cursor stays before it and the next poll fetches it again.
+        for u in process_event(store, event)
+            .await
+            .map_err(HttpError::Storage)?
+        {
             let _ = updates.send(u);
         }
     }
@@ -1579,7 +1803,7 @@ async fn resync(
             s.clear_cursor()
         })
         .await
-        .map_err(|e| HttpError::Protocol(e.to_string()))?;
+        .map_err(HttpError::Storage)?;
     reconcile(store, http, tokens, updates, client_id, Vec::new(), false).await?;
     for _ in 0..RESYNC_MAX_PAGES {
         if !poll_once(store, http, tokens, updates).await? {
@@ -1604,27 +1828,53 @@ async fn reconcile(
     client_id: &str,
     ops: Vec<OutboxItem>,
     isolate: bool,
-) -> Result<(), HttpError> {
+) -> Result<bool, HttpError> {
     let now = now_wall();
+
     let requeue = |store: StoreHandle, ops: Vec<OutboxItem>, reason: String, dead: bool| async move {
-        let at = now_wall() + chrono::Duration::seconds(1);
-        let _ = store
+        let wall = now_wall();
+        let requeued = store
             .call(move |s| {
                 for op in ops {
                     if dead {
                         s.mark_dead(&op.id, &reason, now)?;
                     } else {
+                        let at = wall_later(wall, item_backoff(op.attempts));
                         s.mark_failed(&op.id, &reason, at, now)?;
                     }
                 }
                 Ok(())
             })
             .await;
+        if let Err(e) = requeued {
+            // Left in flight: the next reconcile requeues them.
+            warn!(error = %e, "could not requeue entity operations");
+        }
     };
-    let operations: Vec<Operation> = ops
-        .iter()
-        .filter_map(|i| serde_json::from_value(i.body.clone()).ok())
-        .collect();
+    // An operation whose body does not decode can never be sent: dead, with the reason
+    // (it used to be dropped from the request and requeued, again and again).
+    let mut operations: Vec<Operation> = Vec::with_capacity(ops.len());
+    let mut readable = Vec::with_capacity(ops.len());
+    for op in ops {
+        match serde_json::from_value::<Operation>(op.body.clone()) {
+            Ok(operation) => {
+                operations.push(operation);
+                readable.push(op);
+            }
+            Err(e) => {
+                let reason = format!("unreadable operation body: {e}");
+                let id = op.id.clone();
+                match store.call(move |s| s.mark_dead(&id, &reason, now)).await {
+                    Ok(item) => {
+                        let _ = updates.send(Update::Outbox((&item).into()));
+                    }
+                    // Left in flight: the next reconcile requeues it and tries again.
+                    Err(e) => warn!(error = %e, "could not mark an unreadable operation dead"),
+                }
+            }
+        }
+    }
+    let ops = readable;
     let token = match tokens.get().await {
         Ok(t) => t,
         Err(_) => {
@@ -1636,11 +1886,12 @@ async fn reconcile(
             });
         }
     };
+    let sent_any = !ops.is_empty();
     let claims = Claims::read(&token).map_err(HttpError::Protocol)?;
     let last_known_version = store
         .call(|s| s.entity_sync_version())
         .await
-        .map_err(|e| HttpError::Protocol(e.to_string()))?;
+        .map_err(HttpError::Storage)?;
     let request = ReconciliationRequest {
         request_id: uuid::Uuid::now_v7().to_string(),
         client_id: client_id.to_owned(),
@@ -1665,10 +1916,20 @@ async fn reconcile(
     };
     let applied_at = now_wall();
     let resp = response.clone();
-    let outcome = store
+    let outcome = match store
         .call(move |s| s.apply_reconcile_response(&resp, applied_at))
         .await
-        .map_err(|e| HttpError::Protocol(e.to_string()))?;
+    {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            // Nothing of the answer was applied (one transaction): the operations go
+            // back to the queue (or, if even that fails, the next reconcile requeues
+            // them) and the same changes are pulled again later.
+            requeue(store.clone(), ops, e.to_string(), false).await;
+            return Err(HttpError::Storage(e));
+        }
+    };
+    let changed = sent_any || !outcome.entities.is_empty() || !response.conflicts.is_empty();
     for entity in outcome.entities {
         let _ = updates.send(Update::Entity(entity));
     }
@@ -1704,5 +1965,246 @@ async fn reconcile(
             }
         }
     }
-    Ok(())
+    Ok(changed)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::arithmetic_side_effects)]
+
+    use super::*;
+    use crate::store::{NewItem, OutboxClass, StoreConfig};
+
+    fn memory_store() -> StoreHandle {
+        let store = Store::open_in_memory(StoreConfig::default()).unwrap();
+        StoreHandle(Arc::new(Mutex::new(store)))
+    }
+
+    async fn in_flight_message(store: &StoreHandle) -> OutboxItem {
+        store
+            .call(|s| {
+                let body = serde_json::json!({"text": "hi"});
+                let item = s.enqueue(
+                    NewItem::new(OutboxClass::C, ItemKind::Message, "room:1", body),
+                    now_wall(),
+                )?;
+                s.mark_in_flight(&item.id, now_wall())
+            })
+            .await
+            .unwrap()
+    }
+
+    /// Before the clamp, `now + chrono::Duration` overflowed and panicked for a hint
+    /// around 8.3e15 ms, and a hint above i64::MAX ms became 0 (a retry at once).
+    #[tokio::test]
+    async fn a_huge_retry_hint_neither_panics_nor_retries_at_once() {
+        let store = memory_store();
+        let (updates, _) = broadcast::channel(16);
+        for hint in [
+            Duration::from_millis(8_300_000_000_000_000),
+            Duration::from_millis(u64::MAX),
+            Duration::MAX,
+        ] {
+            let item = in_flight_message(&store).await;
+            let error = HttpError::Status {
+                status: 503,
+                body: None,
+                retry_after: Some(hint),
+            };
+            let before = now_wall();
+            let (failure, retry_at) = settle_http(&store, &updates, &item, Err(error)).await;
+            assert!(matches!(failure, Some(Failure::ServerFull { .. })));
+            assert!(retry_at.is_some());
+            let id = item.id.clone();
+            let after = store.call(move |s| s.get(&id)).await.unwrap().unwrap();
+            assert_eq!(after.state, ItemState::Persisted);
+            assert!(after.next_attempt_at > before, "not retried at once");
+            assert!(
+                after.next_attempt_at
+                    <= now_wall() + chrono::Duration::from_std(MAX_SERVER_DELAY).unwrap(),
+                "at most {MAX_SERVER_DELAY:?} away"
+            );
+        }
+    }
+
+    /// `UInt64.max` ms from Swift means "forever": before, it became a retention of 0
+    /// and pruned every settled item.
+    #[test]
+    fn a_retention_beyond_the_calendar_keeps_items_forever() {
+        let now = now_wall();
+        assert_eq!(prune_before(now, Duration::from_millis(u64::MAX)), None);
+        assert_eq!(prune_before(now, Duration::MAX), None);
+        // Within chrono's range but before its earliest date: forever too.
+        assert_eq!(
+            prune_before(now, Duration::from_millis(i64::MAX as u64 - 1)),
+            None
+        );
+        assert_eq!(
+            prune_before(now, Duration::from_secs(3600)),
+            Some(now - chrono::Duration::hours(1))
+        );
+        assert_eq!(prune_before(now, Duration::ZERO), Some(now));
+    }
+
+    #[test]
+    fn wall_clock_waits_never_overflow() {
+        let now = now_wall();
+        assert_eq!(
+            wall_later(now, Duration::MAX),
+            now + chrono::Duration::from_std(MAX_SERVER_DELAY).unwrap()
+        );
+        assert_eq!(
+            wall_later(now, Duration::from_secs(2)),
+            now + chrono::Duration::seconds(2)
+        );
+    }
+
+    /// Arbitrary server frames (well-formed templates with arbitrary values, and
+    /// arbitrary text) through the client's inbound path: decode, record (cursor +
+    /// dedupe) and the state machine's reaction to the hints they carry. Never a
+    /// panic; no hint beyond `MAX_SERVER_DELAY`; the cursor only names a recorded event;
+    /// an event is reported to the app at most once. Bounded (64 cases) for CI.
+    mod inbound_properties {
+        use proptest::prelude::*;
+
+        use super::*;
+        use crate::machine::{MIN_SERVER_DELAY, MachineConfig};
+
+        fn json_value() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<u64>().prop_map(|n| n.to_string()),
+                any::<i64>().prop_map(|n| n.to_string()),
+                any::<f64>()
+                    .prop_filter("JSON has no NaN", |f| f.is_finite())
+                    .prop_map(|f| format!("{f:e}")),
+                "[a-z0-9 .:+-]{0,12}".prop_map(|t| format!("\"{t}\"")),
+                Just("null".to_owned()),
+                Just("1e300".to_owned()),
+            ]
+        }
+
+        fn id() -> impl Strategy<Value = String> {
+            prop_oneof![
+                "e-[0-9]{1,2}",
+                "[a-zA-Z0-9_-]{200,320}",
+                Just(String::new())
+            ]
+        }
+
+        fn time() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just("2026-01-30T10:15:00.004Z".to_owned()),
+                Just("+262142-12-31T23:59:59Z".to_owned()),
+                Just("-262143-01-01T00:00:00Z".to_owned()),
+                Just("1970-01-01T00:00:00Z".to_owned()),
+                "[0-9T:.Z-]{0,30}",
+            ]
+        }
+
+        fn frame() -> impl Strategy<Value = String> {
+            prop_oneof![
+                (id(), json_value(), time()).prop_map(|(id, seq, t)| format!(
+                    r#"{{"event":"event","data":{{"eventId":"{id}","eventType":"x.y","tenantId":"t","timestamp":"{t}","payload":{{}},"sequence":{seq}}}}}"#
+                )),
+                (id(), json_value(), time()).prop_map(|(id, seq, t)| format!(
+                    r#"{{"event":"message","data":{{"messageId":"{id}","type":"dm","interactionClass":"CLASS_C","tenantId":"t","senderId":"s","payload":{{"text":"x"}},"timestamp":"{t}","eventId":"{id}","sequence":{seq}}}}}"#
+                )),
+                (json_value(), time()).prop_map(|(ping, t)| format!(
+                    r#"{{"event":"connected","data":{{"connectionId":"c","clientId":"c","serverTime":"{t}","interactionClasses":["CLASS_C"],"pingInterval":{ping},"pingTimeout":{ping}}}}}"#
+                )),
+                json_value().prop_map(|hint| format!(
+                    r#"{{"event":"error","data":{{"error":"e","code":"SERVER_FULL","status":503,"details":{{"retryAfterMs":{hint}}}}}}}"#
+                )),
+                "[a-z]{1,8}".prop_map(|e| format!(r#"{{"event":"{e}","data":{{}}}}"#)),
+                any::<String>(),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+            #[test]
+            fn arbitrary_frames_never_panic_the_inbound_path(
+                frames in proptest::collection::vec(frame(), 1..24),
+                headers in proptest::collection::vec(".{0,24}", 0..6),
+            ) {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                runtime.block_on(async {
+                    let store = memory_store();
+                    let start = Instant::now();
+                    let mut now = start;
+                    let mut machine = Machine::new(MachineConfig::default(), now);
+                    machine.start(now);
+                    machine.on_ws_open(now);
+                    let mut clock = ClockOffset::default();
+                    let mut reported = std::collections::HashSet::new();
+                    let mut recorded = std::collections::HashSet::new();
+                    for header in &headers {
+                        if let Some(d) = crate::client::http::retry_after_header(header) {
+                            assert!((MIN_SERVER_DELAY..=MAX_SERVER_DELAY).contains(&d));
+                        }
+                    }
+                    for text in frames {
+                        let Ok((event, _)) = ServerEvent::decode(&text) else {
+                            continue;
+                        };
+                        let (id, result) = match event {
+                            ServerEvent::Event(e) => {
+                                let id = e.event_id.clone();
+                                (Some(id), process_event(&store, e).await)
+                            }
+                            ServerEvent::Message(m) => match m.event_id.clone() {
+                                Some(id) => {
+                                    let sequence = m.sequence;
+                                    let r = process_inbound(
+                                        &store,
+                                        id.clone(),
+                                        sequence,
+                                        Update::Message(m),
+                                    )
+                                    .await;
+                                    (Some(id), r)
+                                }
+                                None => (None, Ok(Vec::new())),
+                            },
+                            ServerEvent::Connected(c) => {
+                                machine.set_ping_interval(Duration::from_millis(c.ping_interval));
+                                clock.sample(now_wall(), Duration::from_millis(3), c.server_time);
+                                let _ = clock.server_now();
+                                (None, Ok(Vec::new()))
+                            }
+                            ServerEvent::Error(body) => {
+                                let hint = retry_after_detail(&body);
+                                if let Some(d) = hint {
+                                    assert!((MIN_SERVER_DELAY..=MAX_SERVER_DELAY).contains(&d));
+                                }
+                                machine.on_http_failed(now, Failure::ServerFull { retry_after: hint });
+                                (None, Ok(Vec::new()))
+                            }
+                            _ => (None, Ok(Vec::new())),
+                        };
+                        if let (Some(id), Ok(updates)) = (id, result) {
+                            recorded.insert(id.clone());
+                            if !updates.is_empty() {
+                                assert!(reported.insert(id.clone()), "{id} reported twice");
+                            }
+                        }
+                        // The machine's next deadline is never absurd; fire it.
+                        if let Some(t) = machine.poll_timeout() {
+                            assert!(t <= now + MAX_SERVER_DELAY + MAX_SERVER_DELAY);
+                            now = now.max(t);
+                            machine.handle_timeout(now);
+                        }
+                        while machine.poll_action().is_some() {}
+                    }
+                    if let Some(cursor) = store.call(|s| s.cursor()).await.unwrap() {
+                        assert!(recorded.contains(&cursor.last_event_id), "the cursor names a recorded event");
+                    }
+                });
+            }
+        }
+    }
 }

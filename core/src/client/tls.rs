@@ -37,13 +37,13 @@ pub(crate) fn client_config(
             field: format!("{FIELD}[{i}]"),
             message,
         };
-        let mut found = 0;
+        let mut found = 0usize;
         for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
             let cert = cert.map_err(|e| invalid(format!("not PEM certificates: {e}")))?;
             roots
                 .add(cert)
                 .map_err(|e| invalid(format!("not a usable root certificate: {e}")))?;
-            found += 1;
+            found = found.saturating_add(1);
         }
         if found == 0 {
             return Err(invalid("no `BEGIN CERTIFICATE` block".into()));

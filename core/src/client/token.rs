@@ -12,6 +12,8 @@ use std::sync::Arc;
 use base64::Engine;
 use serde::Deserialize;
 
+use super::ClientError;
+
 /// Why the client asks for a token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TokenRequest {
@@ -106,6 +108,107 @@ impl Claims {
             user_id,
             exp: raw.exp,
         })
+    }
+}
+
+/// The current token, shared by the tasks; fetched from the provider when missing.
+pub(crate) struct TokenCell {
+    provider: SharedTokenProvider,
+    current: std::sync::Mutex<Option<(String, Claims)>>,
+    /// Held while the provider is asked, so that there is one request at a time. The
+    /// current token stays readable meanwhile.
+    fetching: tokio::sync::Mutex<()>,
+    /// Bumped at every new token: a refusal of an older generation is not a refusal
+    /// of the current token.
+    generation: std::sync::atomic::AtomicU64,
+}
+
+impl TokenCell {
+    pub(crate) fn new(provider: SharedTokenProvider) -> Self {
+        Self {
+            provider,
+            current: std::sync::Mutex::new(None),
+            fetching: tokio::sync::Mutex::new(()),
+            generation: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The current token and its generation (read together: `set` changes both under
+    /// the same lock).
+    pub(crate) async fn get_tagged(&self) -> Result<(String, u64), TokenError> {
+        let token = self.get().await?;
+        let tagged = self.current.lock().ok().and_then(|current| {
+            current
+                .as_ref()
+                .map(|(token, _)| (token.clone(), self.generation()))
+        });
+        Ok(tagged.unwrap_or((token, 0)))
+    }
+
+    /// After the server refused the token of generation `used`: the token to try
+    /// again with when it has been replaced since (a refresh in progress is waited
+    /// for), or `None` when `used` is still the current one and the refusal stands.
+    pub(crate) async fn replaced_since(&self, used: u64) -> Option<String> {
+        let _settled = self.fetching.lock().await;
+        if self.generation() == used {
+            return None;
+        }
+        self.current().map(|(token, _)| token)
+    }
+
+    fn current(&self) -> Option<(String, Claims)> {
+        self.current.lock().ok().and_then(|c| c.clone())
+    }
+
+    fn set(&self, fresh: (String, Claims)) {
+        if let Ok(mut current) = self.current.lock() {
+            *current = Some(fresh);
+            self.generation
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    async fn fetch(&self, request: TokenRequest) -> Result<(String, Claims), TokenError> {
+        let token = self.provider.token(request).await?;
+        let claims = Claims::read(&token).map_err(TokenError)?;
+        Ok((token, claims))
+    }
+
+    /// The current token, asking the provider when there is none (one request at a
+    /// time; no lock is held while the provider runs, except the one that keeps a
+    /// second request from starting).
+    pub(crate) async fn get(&self) -> Result<String, TokenError> {
+        if let Some((token, _)) = self.current() {
+            return Ok(token);
+        }
+        let _one_at_a_time = self.fetching.lock().await;
+        if let Some((token, _)) = self.current() {
+            return Ok(token); // fetched by whoever held the lock before us
+        }
+        let fresh = self.fetch(TokenRequest::Initial).await?;
+        let token = fresh.0.clone();
+        self.set(fresh);
+        Ok(token)
+    }
+
+    /// The claims of the current token.
+    pub(crate) async fn claims(&self) -> Result<Claims, ClientError> {
+        self.get().await.map_err(|_| ClientError::Reauthenticate)?;
+        self.current()
+            .map(|(_, c)| c)
+            .ok_or(ClientError::Reauthenticate)
+    }
+
+    /// Replaces the token with a fresh one from the provider.
+    pub(crate) async fn refresh(&self) -> Result<(), TokenError> {
+        let _one_at_a_time = self.fetching.lock().await;
+        let fresh = self.fetch(TokenRequest::Refresh).await?;
+        self.set(fresh);
+        Ok(())
     }
 }
 

@@ -178,6 +178,15 @@ pub struct ClientMetrics {
     pub clock_offset_ms: Option<i64>,
     /// Connection attempts since the last success.
     pub retry_attempts: u32,
+    /// Times the client's supervisor task woke up (an event or a deadline) since the
+    /// client opened: what an idle client costs in wake-ups.
+    pub supervisor_wakeups: u64,
+    /// Times the store failed to record what the server sent (inbound events, reconcile
+    /// answers); each is fetched again later. Non-zero: storage trouble, not network.
+    pub storage_failures: u64,
+    /// Answers and frames from the server that broke the protocol (garbage JSON, a
+    /// frame that does not decode): a broken or hostile server, not the network.
+    pub protocol_errors: u64,
 }
 
 /// The server's clock as estimated from `connected` and `pong` (NTP-style: the sample
@@ -192,8 +201,15 @@ impl ClockOffset {
     /// A sample: the request left at `sent` (device clock), the answer carried
     /// `server_time` and arrived after `rtt`.
     pub(crate) fn sample(&mut self, sent: Timestamp, rtt: Duration, server_time: Timestamp) {
-        let midpoint = sent + chrono::Duration::from_std(rtt / 2).unwrap_or_default();
-        let offset = (server_time - midpoint).num_milliseconds();
+        let half = chrono::Duration::from_std(rtt.checked_div(2).unwrap_or_default());
+        let midpoint = sent
+            .checked_add_signed(half.unwrap_or_default())
+            .unwrap_or(sent);
+        // Both ends are valid timestamps, so the difference is representable; a server
+        // time far off (a broken server) gives a far offset that `server_now` bounds.
+        let offset = server_time
+            .signed_duration_since(midpoint)
+            .num_milliseconds();
         match self.best {
             Some((best_rtt, _)) if best_rtt <= rtt => {}
             _ => self.best = Some((rtt, offset)),
@@ -207,6 +223,9 @@ impl ClockOffset {
 
     /// The server's time now, by the estimate.
     pub(crate) fn server_now(&self) -> Timestamp {
-        chrono::Utc::now() + chrono::Duration::milliseconds(self.offset_ms().unwrap_or(0))
+        let now = chrono::Utc::now();
+        chrono::Duration::try_milliseconds(self.offset_ms().unwrap_or(0))
+            .and_then(|offset| now.checked_add_signed(offset))
+            .unwrap_or(now)
     }
 }

@@ -161,9 +161,6 @@ pub(crate) async fn open(
                 Ok(m) => m,
                 Err(e) => break (CloseKind::Lost, e.to_string()),
             };
-            if report.send((generation, WsEvent::Activity)).is_err() {
-                return;
-            }
             match msg {
                 Message::Text(text) => {
                     let event = match ServerEvent::decode(text.as_str()) {
@@ -180,8 +177,13 @@ pub(crate) async fn open(
                         .unwrap_or((close_code::NORMAL, String::new()));
                     break (close_kind(code, &reason), format!("closed {code} {reason}"));
                 }
-                // Pings are answered by tungstenite; pongs and binary only prove life.
-                _ => {}
+                // Pings are answered by tungstenite; pongs and binary only prove life
+                // (a text frame proves it too, as it is handled: one report a frame).
+                _ => {
+                    if report.send((generation, WsEvent::Activity)).is_err() {
+                        return;
+                    }
+                }
             }
         };
         let _ = report.send((generation, WsEvent::Closed(kind, reason)));
@@ -208,8 +210,7 @@ fn classify(e: tungstenite::Error) -> ConnectError {
                 .headers()
                 .get("retry-after")
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(Duration::from_secs);
+                .and_then(super::http::retry_after_header);
             let body: Option<ErrorBody> = response
                 .body()
                 .as_ref()

@@ -48,7 +48,9 @@ impl Backoff {
     pub(crate) fn next_delay(&mut self) -> Duration {
         self.attempts = self.attempts.saturating_add(1);
         let envelope = self.schedule.next().unwrap_or(self.min).max(self.min);
-        (self.min + self.jitter(Duration::ZERO, envelope)).min(self.max)
+        self.min
+            .saturating_add(self.jitter(Duration::ZERO, envelope))
+            .min(self.max)
     }
 
     /// A uniform pick in `[low, high]` from this schedule's RNG.
@@ -56,8 +58,8 @@ impl Backoff {
         if high <= low {
             return low;
         }
-        let span = u64::try_from((high - low).as_millis()).unwrap_or(u64::MAX);
-        low + Duration::from_millis(self.rng.random_range(0..=span))
+        let span = u64::try_from(high.saturating_sub(low).as_millis()).unwrap_or(u64::MAX);
+        low.saturating_add(Duration::from_millis(self.rng.random_range(0..=span)))
     }
 
     /// Starts the schedule again from `min`.
@@ -72,7 +74,21 @@ impl Backoff {
     }
 }
 
+/// The delay before an item's `attempt`-th try (1-based; the first retry is 2): the
+/// same schedule as [`Backoff`] (backon's envelope doubling from `min` to `max`, full
+/// jitter), for outbox items, which each keep their attempt count in the store rather
+/// than a schedule in memory.
+pub(crate) fn item_delay(min: Duration, max: Duration, attempt: u32) -> Duration {
+    let mut backoff = Backoff::new(min, max, rand::random());
+    // The envelope stops growing at `max` long before 64 doublings.
+    for _ in 2..attempt.min(64) {
+        let _ = backoff.schedule.next();
+    }
+    backoff.next_delay()
+}
+
 #[cfg(test)]
+#[allow(clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
 
@@ -98,6 +114,23 @@ mod tests {
         b.reset();
         assert_eq!(b.attempts(), 0);
         assert!(b.next_delay() <= min * 2, "the schedule starts again");
+    }
+
+    #[test]
+    fn item_delays_follow_the_envelope_with_jitter() {
+        let (min, max) = (Duration::from_millis(500), Duration::from_secs(30));
+        for attempt in 0..40u32 {
+            let envelope = (min * 2u32.pow(attempt.saturating_sub(2).min(10))).min(max);
+            let high = (min + envelope).min(max);
+            for _ in 0..20 {
+                let d = item_delay(min, max, attempt);
+                assert!(d >= min && d <= high, "attempt {attempt}: {d:?} > {high:?}");
+            }
+        }
+        let spread: std::collections::BTreeSet<Duration> =
+            (0..20).map(|_| item_delay(min, max, 5)).collect();
+        assert!(spread.len() > 1, "jittered: {spread:?}");
+        assert_eq!(item_delay(min, max, u32::MAX).max(max), max);
     }
 
     #[test]

@@ -43,16 +43,45 @@
 //!   back at the same instant; a network-available or foreground hint from the host app
 //!   retries at once with a fresh schedule.
 
+// Time and counters here are fed from outside (the server, the app): no operator that
+// can overflow or panic.
+#![warn(clippy::arithmetic_side_effects)]
+
 mod backoff;
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use backoff::Backoff;
+pub(crate) use backoff::item_delay;
 
 /// Fresh tokens refused one after the other, with no request accepted in between,
 /// before the client gives up with [`ConnectionState::AuthFailed`].
 pub const MAX_UNPROVEN_REFRESHES: u32 = 3;
+
+/// The longest wait taken from a server's hint (`Retry-After`, `retryAfterMs`,
+/// `pingInterval`): a longer one is a broken or hostile server, not a plan.
+pub const MAX_SERVER_DELAY: Duration = Duration::from_secs(3600);
+
+/// The shortest wait taken from a server's retry hint: `0` would make a retry loop hot.
+pub const MIN_SERVER_DELAY: Duration = Duration::from_millis(500);
+
+/// The shortest heartbeat interval taken from the server (`connected.pingInterval`).
+pub const MIN_SERVER_PING_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A server's retry hint kept within [`MIN_SERVER_DELAY`]..=[`MAX_SERVER_DELAY`]: never
+/// so long that the client gives up for good, never zero.
+pub fn clamp_retry_hint(hint: Duration) -> Duration {
+    hint.clamp(MIN_SERVER_DELAY, MAX_SERVER_DELAY)
+}
+
+/// `now + wait` without overflow: a wait too long for [`Instant`] is cut to
+/// [`MAX_SERVER_DELAY`] (configured and server-given waits are far below either).
+fn later(now: Instant, wait: Duration) -> Instant {
+    now.checked_add(wait)
+        .or_else(|| now.checked_add(MAX_SERVER_DELAY))
+        .unwrap_or(now)
+}
 
 /// Where the client stands. Observable by the app through [`StateChange`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -382,14 +411,18 @@ impl Machine {
     /// Time spent in each state (in [`ConnectionState::ALL`] order) up to `now`.
     pub fn time_in_states(&self, now: Instant) -> [(ConnectionState, Duration); 8] {
         let mut out = ConnectionState::ALL.map(|s| (s, self.time_in[s.index()]));
-        out[self.state.index()].1 += now.saturating_duration_since(self.entered_at);
+        let current = &mut out[self.state.index()].1;
+        *current = current.saturating_add(now.saturating_duration_since(self.entered_at));
         out
     }
 
     /// Uses the server's heartbeat interval (from `connected.pingInterval`).
+    /// A zero interval is ignored; others are kept within
+    /// [`MIN_SERVER_PING_INTERVAL`]..=[`MAX_SERVER_DELAY`] (the server is not trusted to
+    /// keep the client awake, or to never check the connection).
     pub fn set_ping_interval(&mut self, interval: Duration) {
         if !interval.is_zero() {
-            self.cfg.ping_interval = interval;
+            self.cfg.ping_interval = interval.clamp(MIN_SERVER_PING_INTERVAL, MAX_SERVER_DELAY);
         }
     }
 
@@ -401,14 +434,14 @@ impl Machine {
     /// When [`Machine::handle_timeout`] is next due.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let ws_deadline = match self.ws {
-            Ws::Opening { since } => Some(
-                since
-                    + if self.state == ConnectionState::Connecting && !self.slow_checked {
-                        self.cfg.slow_connect.min(self.cfg.connect_timeout)
-                    } else {
-                        self.cfg.connect_timeout
-                    },
-            ),
+            Ws::Opening { since } => Some(later(
+                since,
+                if self.state == ConnectionState::Connecting && !self.slow_checked {
+                    self.cfg.slow_connect.min(self.cfg.connect_timeout)
+                } else {
+                    self.cfg.connect_timeout
+                },
+            )),
             _ => None,
         };
         [
@@ -440,7 +473,7 @@ impl Machine {
         self.ws = Ws::Open { since: now };
         self.auth_ok();
         self.http_failures = 0;
-        self.next_ping = Some(now + self.cfg.ping_interval);
+        self.next_ping = Some(later(now, self.cfg.ping_interval));
         self.pong_due = None;
         self.next_poll = None;
         if self.needs_resync || self.state == ConnectionState::Resyncing {
@@ -492,9 +525,19 @@ impl Machine {
         }
     }
 
-    /// A frame (any, pongs included) arrived on the WebSocket.
-    pub fn on_ws_activity(&mut self, _now: Instant) {
+    /// A frame (any, pongs and the server's own pings included) arrived on the
+    /// WebSocket: the connection is alive, so the next ping waits for `ping_interval`
+    /// and a tenth more of silence. A server that pings at the interval it announced
+    /// (`connected.pingInterval`) is then always heard first and the client sends no
+    /// pings of its own (half the heartbeat wake-ups); a dead socket is still found
+    /// within 1.1 × `ping_interval` + `pong_timeout` of the last sign of life.
+    pub fn on_ws_activity(&mut self, now: Instant) {
         self.pong_due = None;
+        if matches!(self.ws, Ws::Open { .. }) && self.next_ping.is_some() {
+            let grace = self.cfg.ping_interval.checked_div(10).unwrap_or_default();
+            let silence = self.cfg.ping_interval.saturating_add(grace);
+            self.next_ping = Some(later(now, silence));
+        }
     }
 
     /// A poll succeeded; `more` when the server has more waiting.
@@ -508,7 +551,7 @@ impl Machine {
             self.next_poll = Some(if more {
                 now
             } else {
-                now + self.cfg.poll_interval
+                later(now, self.cfg.poll_interval)
             });
         }
     }
@@ -578,7 +621,7 @@ impl Machine {
                 if self.http_failures >= self.cfg.http_failures_to_offline {
                     self.go_offline(now, Reason::HttpFailed);
                 } else if self.state == ConnectionState::Polling {
-                    self.next_poll = Some(now + self.cfg.poll_interval);
+                    self.next_poll = Some(later(now, self.cfg.poll_interval));
                 }
             }
             _ => {}
@@ -693,7 +736,7 @@ impl Machine {
     pub fn foreground(&mut self, now: Instant) {
         if matches!(self.ws, Ws::Open { .. }) {
             self.actions.push_back(Action::SendPing);
-            let due = now + self.cfg.foreground_check.min(self.cfg.pong_timeout);
+            let due = later(now, self.cfg.foreground_check.min(self.cfg.pong_timeout));
             self.pong_due = Some(self.pong_due.map_or(due, |d| d.min(due)));
         } else {
             self.retry_now(now, Reason::Foreground);
@@ -749,9 +792,9 @@ impl Machine {
         if self.next_ping.is_some_and(|d| now >= d) {
             if matches!(self.ws, Ws::Open { .. }) {
                 self.actions.push_back(Action::SendPing);
-                self.next_ping = Some(now + self.cfg.ping_interval);
+                self.next_ping = Some(later(now, self.cfg.ping_interval));
                 if self.pong_due.is_none() {
-                    self.pong_due = Some(now + self.cfg.pong_timeout);
+                    self.pong_due = Some(later(now, self.cfg.pong_timeout));
                 }
             } else {
                 self.next_ping = None;
@@ -792,7 +835,9 @@ impl Machine {
         if from == to && to == ConnectionState::Connecting {
             return; // Already trying: nothing new to tell.
         }
-        self.time_in[from.index()] += now.saturating_duration_since(self.entered_at);
+        if let Some(spent) = self.time_in.get_mut(from.index()) {
+            *spent = spent.saturating_add(now.saturating_duration_since(self.entered_at));
+        }
         self.entered_at = now;
         self.state = to;
         if to != ConnectionState::Polling {
@@ -855,7 +900,7 @@ impl Machine {
     }
 
     fn enter_polling(&mut self, now: Instant, reason: Reason) {
-        let probe_at = now + self.probe_backoff.next_delay();
+        let probe_at = later(now, self.probe_backoff.next_delay());
         let probe_at = self.not_before.map_or(probe_at, |nb| probe_at.max(nb));
         // A slow WebSocket attempt may still be going on: the probe timer only acts once
         // it has ended.
@@ -867,7 +912,7 @@ impl Machine {
     }
 
     fn schedule_probe(&mut self, now: Instant) {
-        let at = now + self.probe_backoff.next_delay();
+        let at = later(now, self.probe_backoff.next_delay());
         self.retry_at = Some(self.not_before.map_or(at, |nb| at.max(nb)));
     }
 
@@ -881,12 +926,14 @@ impl Machine {
         let (to, delay, reason) = if now.saturating_duration_since(since) >= self.cfg.suspend_after
         {
             let full = self.cfg.suspended_retry;
-            let delay = self.backoff.jitter(full / 2, full);
+            let delay = self
+                .backoff
+                .jitter(full.checked_div(2).unwrap_or_default(), full);
             (ConnectionState::Suspended, delay, Reason::LongOffline)
         } else {
             (ConnectionState::Offline, self.backoff.next_delay(), reason)
         };
-        let at = now + delay;
+        let at = later(now, delay);
         let at = self.not_before.map_or(at, |nb| at.max(nb));
         self.enter_with_retry(to, reason, now, at);
     }
@@ -912,7 +959,7 @@ impl Machine {
             retry_after: Some(after),
         } = failure
         {
-            self.not_before = Some(now + after);
+            self.not_before = Some(later(now, clamp_retry_hint(after)));
         }
     }
 
@@ -974,4 +1021,5 @@ impl Machine {
 }
 
 #[cfg(test)]
+#[allow(clippy::arithmetic_side_effects)]
 mod tests;

@@ -280,8 +280,10 @@ fn a_silent_socket_is_detected_by_the_heartbeat() {
     h.ms(25_000);
     assert_eq!(h.work(), vec![Action::SendPing]);
     h.ms(5_000);
-    h.m.on_ws_activity(h.now); // a pong
-    h.ms(20_000);
+    h.m.on_ws_activity(h.now); // a pong: the next ping after 27.5 s of silence
+    h.ms(27_499);
+    assert_eq!(h.work(), vec![]);
+    h.ms(1);
     assert_eq!(h.work(), vec![Action::SendPing]);
     h.ms(9_999);
     assert_eq!(h.state(), Realtime);
@@ -298,6 +300,24 @@ fn a_silent_socket_is_detected_by_the_heartbeat() {
         })
     ));
     assert_eq!(a[2], Action::OpenWebSocket);
+}
+
+#[test]
+fn a_server_that_pings_spares_the_client_its_own_pings() {
+    let mut h = H::realtime();
+    // The server's ping (answered by the WebSocket layer) arrives every 20 s.
+    for _ in 0..30 {
+        h.ms(20_000);
+        h.m.on_ws_activity(h.now);
+        assert!(!h.work().contains(&Action::SendPing));
+    }
+    assert_eq!(h.state(), Realtime);
+    // It stops: the client pings after a ping interval (and a tenth) of silence, and
+    // gives up after the pong timeout.
+    h.ms(27_500);
+    assert_eq!(h.work(), vec![Action::SendPing]);
+    h.ms(10_000);
+    assert_eq!(h.state(), Connecting);
 }
 
 #[test]
@@ -646,4 +666,45 @@ fn time_in_each_state_is_accounted() {
     let t: std::collections::HashMap<_, _> = h.m.time_in_states(h.now).into_iter().collect();
     assert_eq!(t[&Connecting], Duration::from_millis(300));
     assert_eq!(t[&Realtime], Duration::from_millis(5000));
+}
+
+#[test]
+fn a_huge_retry_hint_neither_panics_nor_retries_at_once() {
+    // Before the clamp, `now + after` overflowed `Instant` and panicked.
+    for huge in [
+        Duration::MAX,
+        Duration::from_millis(u64::MAX),
+        Duration::from_millis(8_300_000_000_000_000),
+    ] {
+        let mut h = H::new();
+        h.m.start(h.now);
+        let full = Failure::ServerFull {
+            retry_after: Some(huge),
+        };
+        h.m.on_ws_failed(h.now, full);
+        h.m.on_poll_failed(h.now, full);
+        assert_eq!(h.state(), Offline);
+        let retry = h.m.next_retry_at().unwrap();
+        assert!(retry > h.now, "not at once");
+        assert!(
+            retry <= h.now + MAX_SERVER_DELAY,
+            "clamped to {MAX_SERVER_DELAY:?}"
+        );
+        h.advance(MAX_SERVER_DELAY);
+        assert_eq!(
+            h.state(),
+            Connecting,
+            "retried once the clamped wait passed"
+        );
+    }
+}
+
+#[test]
+fn a_huge_ping_interval_from_the_server_is_clamped() {
+    let mut h = H::realtime();
+    h.m.set_ping_interval(Duration::MAX);
+    h.m.on_ws_activity(h.now);
+    // The next ping waits for the clamped interval (and a tenth) of silence.
+    h.advance(MAX_SERVER_DELAY + MAX_SERVER_DELAY / 10 + Duration::from_secs(60));
+    assert!(h.work().contains(&Action::SendPing));
 }

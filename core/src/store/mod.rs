@@ -73,6 +73,10 @@ pub struct StoreConfig {
     /// added, not written over).
     pub merges:
         std::collections::BTreeMap<String, std::sync::Arc<dyn crate::reconcile::CustomMerge>>,
+    /// The largest the database may grow, in bytes (SQLite's `max_page_count`); `None`:
+    /// as large as the disk allows. A write that would grow it further fails with
+    /// [`StorageFailure::Full`], as on a full disk.
+    pub max_file_bytes: Option<u64>,
 }
 
 impl Default for StoreConfig {
@@ -83,6 +87,7 @@ impl Default for StoreConfig {
             max_bytes: DEFAULT_MAX_BYTES,
             busy_timeout: Duration::from_secs(10),
             merges: std::collections::BTreeMap::new(),
+            max_file_bytes: None,
         }
     }
 }
@@ -152,6 +157,54 @@ pub enum StoreError {
     /// The [`StoreWriter`] was closed (or its thread stopped): the request was not run.
     #[error("the store writer is closed")]
     WriterClosed,
+}
+
+/// What kind of storage failure a [`StoreError`] is: the app can say "storage full"
+/// rather than "offline".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StorageFailure {
+    /// The disk (or the store's `max_file_bytes`) is full: nothing new can be written
+    /// until space is freed.
+    Full,
+    /// The file is damaged (or not a database).
+    Corrupt,
+    /// Any other failure of SQLite or the file system (I/O error, locked, read-only).
+    Io,
+}
+
+impl StoreError {
+    /// The kind of storage failure this is; `None` for errors about the request itself
+    /// (not found, invalid state or input, queue full).
+    pub fn storage_failure(&self) -> Option<StorageFailure> {
+        match self {
+            StoreError::Sqlite(e) => Some(sqlite_failure(e)),
+            StoreError::Migration(rusqlite_migration::Error::RusqliteError { err, .. }) => {
+                Some(sqlite_failure(err))
+            }
+            StoreError::Migration(_) | StoreError::WriterClosed => Some(StorageFailure::Io),
+            StoreError::Corrupt { .. } => Some(StorageFailure::Corrupt),
+            StoreError::Io(e) if e.kind() == std::io::ErrorKind::StorageFull => {
+                Some(StorageFailure::Full)
+            }
+            StoreError::Io(_) => Some(StorageFailure::Io),
+            StoreError::TooNew { .. }
+            | StoreError::QueueFull { .. }
+            | StoreError::NotFound(_)
+            | StoreError::InvalidState { .. }
+            | StoreError::Duplicate(_)
+            | StoreError::Invalid { .. } => None,
+        }
+    }
+}
+
+fn sqlite_failure(e: &rusqlite::Error) -> StorageFailure {
+    match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::DiskFull) => StorageFailure::Full,
+        Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase) => {
+            StorageFailure::Corrupt
+        }
+        _ => StorageFailure::Io,
+    }
 }
 
 /// The SDK's SQLite store. Synchronous: call it from a blocking task.
@@ -254,6 +307,17 @@ impl Store {
             });
         }
         migrate(&mut conn)?;
+        if let Some(bytes) = config.max_file_bytes {
+            // SQLite keeps the count at least at the file's current size.
+            let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+            let page_size = u64::try_from(page_size)
+                .unwrap_or(u64::from(PAGE_SIZE))
+                .max(1);
+            let pages = bytes.div_ceil(page_size).max(1);
+            let _: i64 = conn.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |r| {
+                r.get(0)
+            })?;
+        }
         let client_id = Self::load_or_make_client_id(&conn)?;
         let store = Store {
             conn,

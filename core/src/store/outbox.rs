@@ -524,6 +524,21 @@ impl Store {
         rows.into_iter().map(finish).collect()
     }
 
+    /// The earliest next attempt of a waiting item (persisted) that is due after `now`:
+    /// when the client has something to retry, so that it sleeps until then.
+    pub fn next_attempt_after(&self, now: Timestamp) -> Result<Option<Timestamp>, StoreError> {
+        let ms: Option<i64> = self
+            .conn
+            .prepare_cached(
+                // `in_lane = 1` (persisted or in flight) lets the lane index's partial
+                // condition apply: only what is still to do is read.
+                "SELECT MIN(next_attempt_ms) FROM outbox
+                  WHERE in_lane = 1 AND state = 'persisted' AND next_attempt_ms > ?1",
+            )?
+            .query_row(params![to_ms(now)], |row| row.get(0))?;
+        Ok(ms.map(from_ms))
+    }
+
     /// Removes a dead item for good (the app decided). Only dead items can be discarded.
     pub fn discard(&self, id: &str) -> Result<OutboxItem, StoreError> {
         let item = self.require(id)?;

@@ -552,7 +552,11 @@ fn fake_token() -> String {
 
 /// Builds with `cargo build --profile <profile> <args>` (the cargo running this bench)
 /// and returns `file` in that profile's output directory, next to the bench's own.
-fn cargo_artifact(profile: &str, args: &[&str], file: &str) -> Result<std::path::PathBuf, String> {
+pub(crate) fn cargo_artifact(
+    profile: &str,
+    args: &[&str],
+    file: &str,
+) -> Result<std::path::PathBuf, String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let built = std::process::Command::new(&cargo)
         .args(["build", "--quiet", "--profile", profile])

@@ -11,6 +11,7 @@ pub mod reconcile;
 pub mod server;
 pub mod socketio;
 pub mod store;
+pub mod wakeups;
 
 use std::time::Duration;
 

@@ -2,7 +2,8 @@
 //!
 //! `cargo run --release -p webwaka-e2e --bin bench [NAME…]` runs the named groups
 //! (all when none is named). Groups: `reconcile`, `store`, `client`, `server`, `size`,
-//! `socketio` (needs node and `scripts/install-node-deps.sh`).
+//! `socketio` (needs node and `scripts/install-node-deps.sh`), `wakeups` (over two
+//! minutes: the client process's context switches idle and offline).
 
 use std::process::ExitCode;
 
@@ -12,7 +13,15 @@ use webwaka_e2e::bench::{self, Row};
 #[global_allocator]
 static ALLOCATOR: bench::alloc::Counting = bench::alloc::Counting;
 
-const GROUPS: &[&str] = &["reconcile", "store", "client", "server", "size", "socketio"];
+const GROUPS: &[&str] = &[
+    "reconcile",
+    "store",
+    "client",
+    "server",
+    "size",
+    "socketio",
+    "wakeups",
+];
 
 fn main() -> ExitCode {
     bench::alloc::installed();
@@ -77,6 +86,15 @@ fn main() -> ExitCode {
             Ok(socketio_rows) => rows.extend(socketio_rows),
             Err(e) => {
                 eprintln!("bench: socketio: {e}");
+                failed = true;
+            }
+        }
+    }
+    if run("wakeups") {
+        match bench::wakeups::run() {
+            Ok(wakeup_rows) => rows.extend(wakeup_rows),
+            Err(e) => {
+                eprintln!("bench: wakeups: {e}");
                 failed = true;
             }
         }

@@ -2549,6 +2549,20 @@ public struct ClientMetrics: Equatable, Hashable {
      * Connection attempts since the last success.
      */
     public var retryAttempts: UInt32
+    /**
+     * Times the client's background task woke up since it opened (energy use).
+     */
+    public var supervisorWakeups: UInt64
+    /**
+     * Times the store failed to record what the server sent (fetched again later):
+     * non-zero means storage trouble (full disk), not the network.
+     */
+    public var storageFailures: UInt64
+    /**
+     * Answers and frames from the server that broke the protocol: a broken or hostile
+     * server, not the network.
+     */
+    public var protocolErrors: UInt64
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
@@ -2579,7 +2593,18 @@ public struct ClientMetrics: Equatable, Hashable {
          */clockOffsetMs: Int64?, 
         /**
          * Connection attempts since the last success.
-         */retryAttempts: UInt32) {
+         */retryAttempts: UInt32, 
+        /**
+         * Times the client's background task woke up since it opened (energy use).
+         */supervisorWakeups: UInt64, 
+        /**
+         * Times the store failed to record what the server sent (fetched again later):
+         * non-zero means storage trouble (full disk), not the network.
+         */storageFailures: UInt64, 
+        /**
+         * Answers and frames from the server that broke the protocol: a broken or hostile
+         * server, not the network.
+         */protocolErrors: UInt64) {
         self.state = state
         self.outboxItems = outboxItems
         self.outboxBytes = outboxBytes
@@ -2589,6 +2614,9 @@ public struct ClientMetrics: Equatable, Hashable {
         self.timeInStates = timeInStates
         self.clockOffsetMs = clockOffsetMs
         self.retryAttempts = retryAttempts
+        self.supervisorWakeups = supervisorWakeups
+        self.storageFailures = storageFailures
+        self.protocolErrors = protocolErrors
     }
 
     
@@ -2615,7 +2643,10 @@ public struct FfiConverterTypeClientMetrics: FfiConverterRustBuffer {
                 deadItems: FfiConverterUInt64.read(from: &buf), 
                 timeInStates: FfiConverterSequenceTypeStateTime.read(from: &buf), 
                 clockOffsetMs: FfiConverterOptionInt64.read(from: &buf), 
-                retryAttempts: FfiConverterUInt32.read(from: &buf)
+                retryAttempts: FfiConverterUInt32.read(from: &buf), 
+                supervisorWakeups: FfiConverterUInt64.read(from: &buf), 
+                storageFailures: FfiConverterUInt64.read(from: &buf), 
+                protocolErrors: FfiConverterUInt64.read(from: &buf)
         )
     }
 
@@ -2629,6 +2660,9 @@ public struct FfiConverterTypeClientMetrics: FfiConverterRustBuffer {
         FfiConverterSequenceTypeStateTime.write(value.timeInStates, into: &buf)
         FfiConverterOptionInt64.write(value.clockOffsetMs, into: &buf)
         FfiConverterUInt32.write(value.retryAttempts, into: &buf)
+        FfiConverterUInt64.write(value.supervisorWakeups, into: &buf)
+        FfiConverterUInt64.write(value.storageFailures, into: &buf)
+        FfiConverterUInt64.write(value.protocolErrors, into: &buf)
     }
 }
 
@@ -5691,10 +5725,28 @@ enum RealtimeError: Swift.Error, Equatable, Hashable, Foundation.LocalizedError 
          */reason: String
     )
     /**
-     * The local store failed (disk full, I/O error): free space or tell the user.
+     * The device's storage is full (or the store reached its size limit): this was
+     * not stored. Tell the user "storage full" (not "offline"), free space, try again.
+     * What was committed before is safe; the connection is unaffected.
+     */
+    case StorageFull(
+        /**
+         * What SQLite or the file system said.
+         */reason: String
+    )
+    /**
+     * The store's file is damaged: report it; the damaged file is kept aside.
+     */
+    case StorageCorrupt(
+        /**
+         * What SQLite said.
+         */reason: String
+    )
+    /**
+     * The local store failed otherwise (I/O error, read-only, locked): tell the user.
      * What was committed before is safe.
      */
-    case Storage(
+    case StorageIo(
         /**
          * What SQLite or the file system said.
          */reason: String
@@ -5761,11 +5813,17 @@ public struct FfiConverterTypeRealtimeError: FfiConverterRustBuffer {
         case 8: return .RetryLater(
             reason: try FfiConverterString.read(from: &buf)
             )
-        case 9: return .Storage(
+        case 9: return .StorageFull(
             reason: try FfiConverterString.read(from: &buf)
             )
-        case 10: return .Closed
-        case 11: return .Internal(
+        case 10: return .StorageCorrupt(
+            reason: try FfiConverterString.read(from: &buf)
+            )
+        case 11: return .StorageIo(
+            reason: try FfiConverterString.read(from: &buf)
+            )
+        case 12: return .Closed
+        case 13: return .Internal(
             reason: try FfiConverterString.read(from: &buf)
             )
 
@@ -5819,17 +5877,27 @@ public struct FfiConverterTypeRealtimeError: FfiConverterRustBuffer {
             FfiConverterString.write(reason, into: &buf)
             
         
-        case let .Storage(reason):
+        case let .StorageFull(reason):
             writeInt(&buf, Int32(9))
             FfiConverterString.write(reason, into: &buf)
             
         
-        case .Closed:
+        case let .StorageCorrupt(reason):
             writeInt(&buf, Int32(10))
+            FfiConverterString.write(reason, into: &buf)
+            
+        
+        case let .StorageIo(reason):
+            writeInt(&buf, Int32(11))
+            FfiConverterString.write(reason, into: &buf)
+            
+        
+        case .Closed:
+            writeInt(&buf, Int32(12))
         
         
         case let .Internal(reason):
-            writeInt(&buf, Int32(11))
+            writeInt(&buf, Int32(13))
             FfiConverterString.write(reason, into: &buf)
             
         }

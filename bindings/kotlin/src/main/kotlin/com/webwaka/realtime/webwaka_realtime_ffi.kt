@@ -4390,6 +4390,23 @@ data class ClientMetrics (
      * Connection attempts since the last success.
      */
     var `retryAttempts`: kotlin.UInt
+    , 
+    /**
+     * Times the client's background task woke up since it opened (energy use).
+     */
+    var `supervisorWakeups`: kotlin.ULong
+    , 
+    /**
+     * Times the store failed to record what the server sent (fetched again later):
+     * non-zero means storage trouble (full disk), not the network.
+     */
+    var `storageFailures`: kotlin.ULong
+    , 
+    /**
+     * Answers and frames from the server that broke the protocol: a broken or hostile
+     * server, not the network.
+     */
+    var `protocolErrors`: kotlin.ULong
     
 ){
     
@@ -4415,6 +4432,9 @@ public object FfiConverterTypeClientMetrics: FfiConverterRustBuffer<ClientMetric
             FfiConverterSequenceTypeStateTime.read(buf),
             FfiConverterOptionalLong.read(buf),
             FfiConverterUInt.read(buf),
+            FfiConverterULong.read(buf),
+            FfiConverterULong.read(buf),
+            FfiConverterULong.read(buf),
         )
     }
 
@@ -4427,7 +4447,10 @@ public object FfiConverterTypeClientMetrics: FfiConverterRustBuffer<ClientMetric
             FfiConverterULong.allocationSize(value.`deadItems`) +
             FfiConverterSequenceTypeStateTime.allocationSize(value.`timeInStates`) +
             FfiConverterOptionalLong.allocationSize(value.`clockOffsetMs`) +
-            FfiConverterUInt.allocationSize(value.`retryAttempts`)
+            FfiConverterUInt.allocationSize(value.`retryAttempts`) +
+            FfiConverterULong.allocationSize(value.`supervisorWakeups`) +
+            FfiConverterULong.allocationSize(value.`storageFailures`) +
+            FfiConverterULong.allocationSize(value.`protocolErrors`)
     )
 
     override fun write(value: ClientMetrics, buf: ByteBuffer) {
@@ -4440,6 +4463,9 @@ public object FfiConverterTypeClientMetrics: FfiConverterRustBuffer<ClientMetric
             FfiConverterSequenceTypeStateTime.write(value.`timeInStates`, buf)
             FfiConverterOptionalLong.write(value.`clockOffsetMs`, buf)
             FfiConverterUInt.write(value.`retryAttempts`, buf)
+            FfiConverterULong.write(value.`supervisorWakeups`, buf)
+            FfiConverterULong.write(value.`storageFailures`, buf)
+            FfiConverterULong.write(value.`protocolErrors`, buf)
     }
 }
 
@@ -6891,10 +6917,40 @@ sealed class RealtimeException: kotlin.Exception() {
     }
     
     /**
-     * The local store failed (disk full, I/O error): free space or tell the user.
+     * The device's storage is full (or the store reached its size limit): this was
+     * not stored. Tell the user "storage full" (not "offline"), free space, try again.
+     * What was committed before is safe; the connection is unaffected.
+     */
+    class StorageFull(
+        
+        /**
+         * What SQLite or the file system said.
+         */
+        val `reason`: kotlin.String
+        ) : RealtimeException() {
+        override val message
+            get() = "reason=${ `reason` }"
+    }
+    
+    /**
+     * The store's file is damaged: report it; the damaged file is kept aside.
+     */
+    class StorageCorrupt(
+        
+        /**
+         * What SQLite said.
+         */
+        val `reason`: kotlin.String
+        ) : RealtimeException() {
+        override val message
+            get() = "reason=${ `reason` }"
+    }
+    
+    /**
+     * The local store failed otherwise (I/O error, read-only, locked): tell the user.
      * What was committed before is safe.
      */
-    class Storage(
+    class StorageIo(
         
         /**
          * What SQLite or the file system said.
@@ -6968,11 +7024,17 @@ public object FfiConverterTypeRealtimeError : FfiConverterRustBuffer<RealtimeExc
             8 -> RealtimeException.RetryLater(
                 FfiConverterString.read(buf),
                 )
-            9 -> RealtimeException.Storage(
+            9 -> RealtimeException.StorageFull(
                 FfiConverterString.read(buf),
                 )
-            10 -> RealtimeException.Closed()
-            11 -> RealtimeException.Internal(
+            10 -> RealtimeException.StorageCorrupt(
+                FfiConverterString.read(buf),
+                )
+            11 -> RealtimeException.StorageIo(
+                FfiConverterString.read(buf),
+                )
+            12 -> RealtimeException.Closed()
+            13 -> RealtimeException.Internal(
                 FfiConverterString.read(buf),
                 )
             else -> throw RuntimeException("invalid error enum value, something is very wrong!!")
@@ -7020,7 +7082,17 @@ public object FfiConverterTypeRealtimeError : FfiConverterRustBuffer<RealtimeExc
                 4UL
                 + FfiConverterString.allocationSize(value.`reason`)
             )
-            is RealtimeException.Storage -> (
+            is RealtimeException.StorageFull -> (
+                // Add the size for the Int that specifies the variant plus the size needed for all fields
+                4UL
+                + FfiConverterString.allocationSize(value.`reason`)
+            )
+            is RealtimeException.StorageCorrupt -> (
+                // Add the size for the Int that specifies the variant plus the size needed for all fields
+                4UL
+                + FfiConverterString.allocationSize(value.`reason`)
+            )
+            is RealtimeException.StorageIo -> (
                 // Add the size for the Int that specifies the variant plus the size needed for all fields
                 4UL
                 + FfiConverterString.allocationSize(value.`reason`)
@@ -7078,17 +7150,27 @@ public object FfiConverterTypeRealtimeError : FfiConverterRustBuffer<RealtimeExc
                 FfiConverterString.write(value.`reason`, buf)
                 Unit
             }
-            is RealtimeException.Storage -> {
+            is RealtimeException.StorageFull -> {
                 buf.putInt(9)
                 FfiConverterString.write(value.`reason`, buf)
                 Unit
             }
-            is RealtimeException.Closed -> {
+            is RealtimeException.StorageCorrupt -> {
                 buf.putInt(10)
+                FfiConverterString.write(value.`reason`, buf)
+                Unit
+            }
+            is RealtimeException.StorageIo -> {
+                buf.putInt(11)
+                FfiConverterString.write(value.`reason`, buf)
+                Unit
+            }
+            is RealtimeException.Closed -> {
+                buf.putInt(12)
                 Unit
             }
             is RealtimeException.Internal -> {
-                buf.putInt(11)
+                buf.putInt(13)
                 FfiConverterString.write(value.`reason`, buf)
                 Unit
             }
