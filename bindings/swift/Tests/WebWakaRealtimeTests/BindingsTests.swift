@@ -208,7 +208,10 @@ final class BindingsTests: XCTestCase {
             let s = try await alice.waitSettled(id: item.id, states: [.accepted], timeoutMs: 10_000)
             XCTAssertEqual(s.state, .accepted)
         }
-        // The listener saw the whole story: realtime, lost, realtime again.
+        // The listener saw the whole story: realtime, lost, realtime again (the queued
+        // messages may have gone out by polling before the WebSocket's probe succeeded:
+        // wait for it).
+        try await a.waitForState(.realtime)
         let states = a.states()
         let firstRealtime = try XCTUnwrap(states.firstIndex(of: .realtime), "states \(states)")
         let lost = try XCTUnwrap(states[firstRealtime...].firstIndex { $0 != .realtime }, "states \(states)")

@@ -148,7 +148,10 @@ fun messagesQueueWhileTheServerIsDownAndDeliverAfterItRestarts() {
                         val s = runBlocking { alice.waitSettled(item.id, listOf(OutboxItemState.ACCEPTED), 10_000uL) }
                         check(s.state == OutboxItemState.ACCEPTED) { "$s" }
                     }
-                    // The listener saw the whole story: realtime, lost, realtime again.
+                    // The listener saw the whole story: realtime, lost, realtime again (the
+                    // queued messages may have gone out by polling before the WebSocket's
+                    // probe succeeded: wait for it).
+                    a.waitForState(ConnectionState.REALTIME)
                     val states = a.states()
                     val firstRealtime = states.indexOf(ConnectionState.REALTIME)
                     val lost = states.withIndex().indexOfFirst { (i, s) -> i > firstRealtime && s != ConnectionState.REALTIME }
