@@ -1046,8 +1046,11 @@ impl Supervisor {
         let Ok(undecided) = self.store.call(|s| s.undecided_transactions()).await else {
             return;
         };
-        if undecided.is_empty() {
-            // Nothing to wait for: no more checks until a transaction is submitted.
+        if undecided.is_empty() && self.http_in_flight.is_empty() {
+            // Nothing to wait for: no more checks until a transaction is submitted. Not
+            // while HTTP work is out: a submission in flight is not accepted yet, and
+            // once accepted (its answer may even have been lost and resent) its
+            // decision is checked for like any other.
             self.tx_pending = false;
         }
         for item in undecided {
