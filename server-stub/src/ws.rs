@@ -356,12 +356,7 @@ impl Connection {
     /// Answers a refused frame with an `error` (the connection stays open, unless the
     /// client keeps sending refused frames).
     async fn refuse(&mut self, error: ApiError, reference: Option<&str>) -> Flow {
-        self.app.watch.error(error.body.code.as_str());
-        let mut body = error.body;
-        if let Some(r) = reference {
-            body = body.with_ref(r);
-        }
-        if let f @ Flow::Stop = self.send(&ServerEvent::Error(body), reference).await {
+        if let f @ Flow::Stop = self.send_error(error, reference).await {
             return f;
         }
         if self.refusals.refused() {
@@ -483,14 +478,21 @@ impl Connection {
     /// client's cursor past the events it has not been sent. Closed with 1013, the
     /// client comes back later with its cursor and resumes.
     async fn replay_failed(&mut self, error: ApiError, reference: Option<&str>) -> Flow {
+        if let f @ Flow::Stop = self.send_error(error, reference).await {
+            return f;
+        }
+        Flow::Close(close_code::TRY_AGAIN_LATER, "RESUME_FAILED")
+    }
+
+    /// Sends `error` as an `error` frame answering `reference` (counted by code for a
+    /// watching dashboard).
+    async fn send_error(&mut self, error: ApiError, reference: Option<&str>) -> Flow {
+        self.app.watch.error(error.body.code.as_str());
         let mut body = error.body;
         if let Some(r) = reference {
             body = body.with_ref(r);
         }
-        if let f @ Flow::Stop = self.send(&ServerEvent::Error(body), reference).await {
-            return f;
-        }
-        Flow::Close(close_code::TRY_AGAIN_LATER, "RESUME_FAILED")
+        self.send(&ServerEvent::Error(body), reference).await
     }
 }
 
