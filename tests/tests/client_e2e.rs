@@ -16,7 +16,7 @@ use webwaka_e2e::harness::{
 use webwaka_realtime::client::{ClientError, OutgoingMessage, Target, Update};
 use webwaka_realtime::machine::ConnectionState;
 use webwaka_realtime::protocol::PresenceStatus;
-use webwaka_realtime::store::ItemState;
+use webwaka_realtime::store::{ItemKind, ItemState};
 
 const WITHIN: Duration = Duration::from_secs(15);
 
@@ -408,6 +408,64 @@ async fn a_client_restarted_with_a_full_outbox_sends_it_all() {
     assert!(settled, "the outbox drained");
     alice.shutdown().await;
     bob.shutdown().await;
+}
+
+/// A caller that stops waiting (a cancelled task, the app's own timeout) after the
+/// store took the item must not strand it: the supervisor hears of the write from the
+/// store's thread. Before, the wake-up was sent after the `.await` and lost with the
+/// dropped future; with no tick the item waited for an unrelated event (the server
+/// crash suite, seed 14155720862188548672).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_whose_caller_stopped_waiting_still_go_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let alice = open_client(
+        client_config(&server.url(), &dir.path().join("alice.db")),
+        server.token("t1", "alice"),
+    )
+    .await;
+    assert!(wait_state(&alice, ConnectionState::Realtime, WITHIN).await);
+    // One message the usual way first: once it is accepted, the flush that follows the
+    // connection is over and nothing else is due to send the outbox.
+    let first = alice.send_message(direct("bob", "first")).await.unwrap();
+    let accepted = wait_until(WITHIN, || async {
+        alice.item(&first.id).await.unwrap().unwrap().state == ItemState::Accepted
+    })
+    .await;
+    assert!(accepted, "the first message was sent");
+    // A zero timeout polls each call once (it reaches the store's thread) and drops it.
+    // One at a time: an HTTP round of one would pump the other along.
+    let settled = |kind: ItemKind, want: ItemState| {
+        let alice = alice.clone();
+        let first = first.id.clone();
+        async move {
+            wait_until(WITHIN, || async {
+                let items = alice.outbox(None).await.unwrap();
+                items
+                    .iter()
+                    .filter(|i| i.id != first)
+                    .any(|i| i.kind == kind && i.state == want)
+            })
+            .await
+        }
+    };
+    let _ = tokio::time::timeout(Duration::ZERO, alice.send_message(direct("bob", "hi"))).await;
+    assert!(
+        settled(ItemKind::Message, ItemState::Accepted).await,
+        "the message was sent: {:?}",
+        alice.outbox(None).await.unwrap()
+    );
+    let _ = tokio::time::timeout(
+        Duration::ZERO,
+        alice.submit_transaction("payment", json!({ "amount": 1 }), None),
+    )
+    .await;
+    assert!(
+        settled(ItemKind::Transaction, ItemState::Confirmed).await,
+        "the transaction was submitted and confirmed: {:?}",
+        alice.outbox(None).await.unwrap()
+    );
+    alice.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -139,8 +139,29 @@ async fn nothing_acknowledged_is_lost_when_the_server_is_killed() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     })
-    .await
-    .unwrap_or_else(|_| panic!("alice's outbox did not drain (seed {seed})"));
+    .await;
+    let settled = match settled {
+        Ok(items) => items,
+        Err(_) => {
+            // Say what is stuck and where the client stands, so a failure is readable.
+            let items = alice.outbox(None).await.unwrap();
+            let stuck: Vec<String> = items
+                .iter()
+                .filter(|i| i.state != ItemState::Accepted)
+                .take(5)
+                .map(|i| {
+                    format!(
+                        "{} {:?} attempts {} next {} error {:?}",
+                        i.id, i.state, i.attempts, i.next_attempt_at, i.last_error
+                    )
+                })
+                .collect();
+            panic!(
+                "alice's outbox did not drain (seed {seed}); state {:?}; stuck: {stuck:#?}",
+                alice.connection_state()
+            )
+        }
+    };
     let sent: Vec<u64> = settled
         .iter()
         .map(|i| i.body["payload"]["n"].as_u64().unwrap())

@@ -162,6 +162,32 @@ impl StoreHandle {
         .await
         .map_err(|e| ClientError::StorageIo(format!("store task failed: {e}")))?
     }
+
+    /// Runs a write the supervisor must hear about and tells it `then` from the blocking
+    /// thread, as soon as the write has committed. A caller's future can be dropped
+    /// midway (a cancelled task, an app's own timeout) while the write still commits;
+    /// a wake-up sent after `.await` would then be lost, and with no tick the item
+    /// would wait for the next unrelated event.
+    pub(crate) async fn write_then<R, F>(
+        &self,
+        commands: &mpsc::UnboundedSender<Command>,
+        then: Command,
+        f: F,
+    ) -> Result<R, ClientError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Store) -> Result<R, crate::store::StoreError> + Send + 'static,
+    {
+        let commands = commands.clone();
+        self.call(move |s| {
+            let written = f(s)?;
+            // A closed channel means the client is shutting down; the write is kept and
+            // the next start sends it.
+            let _ = commands.send(then);
+            Ok(written)
+        })
+        .await
+    }
 }
 
 struct Shared {
@@ -391,13 +417,12 @@ impl Client {
             body,
         };
         let now = chrono::Utc::now();
-        let stored = self
-            .shared
+        self.shared
             .store
-            .call(move |s| s.enqueue(item, now))
-            .await?;
-        let _ = self.command(Command::Pump);
-        Ok(stored)
+            .write_then(&self.shared.commands, Command::Pump, move |s| {
+                s.enqueue(item, now)
+            })
+            .await
     }
 
     /// Sends a live-only message (Class A: typing indicators, cursors). Sent only when
@@ -529,13 +554,12 @@ impl Client {
             body,
         };
         let now = chrono::Utc::now();
-        let stored = self
-            .shared
+        self.shared
             .store
-            .call(move |s| s.enqueue(item, now))
-            .await?;
-        let _ = self.command(Command::Pump);
-        Ok(stored)
+            .write_then(&self.shared.commands, Command::Pump, move |s| {
+                s.enqueue(item, now)
+            })
+            .await
     }
 
     async fn edit(
@@ -568,10 +592,11 @@ impl Client {
         let (_, _, entity) = self
             .shared
             .store
-            .call(move |s| s.local_edit(edit, now))
+            .write_then(&self.shared.commands, Command::Reconcile, move |s| {
+                s.local_edit(edit, now)
+            })
             .await?;
         let _ = self.shared.updates.send(Update::Entity(entity.clone()));
-        let _ = self.command(Command::Reconcile);
         Ok(entity)
     }
 
@@ -715,9 +740,14 @@ impl Client {
         self.ensure_open()?;
         let id = id.to_owned();
         let now = chrono::Utc::now();
-        let item = self.shared.store.call(move |s| s.retry(&id, now)).await?;
+        let item = self
+            .shared
+            .store
+            .write_then(&self.shared.commands, Command::Pump, move |s| {
+                s.retry(&id, now)
+            })
+            .await?;
         let _ = self.shared.updates.send(Update::Outbox((&item).into()));
-        let _ = self.command(Command::Pump);
         Ok(item)
     }
 

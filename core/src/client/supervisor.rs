@@ -1997,6 +1997,40 @@ mod tests {
             .unwrap()
     }
 
+    /// The supervisor hears of a write even when its caller stopped waiting: the
+    /// wake-up goes from the store's thread once the write commits, not after the
+    /// caller's `.await` (a dropped future used to strand the item until an unrelated
+    /// event).
+    #[tokio::test]
+    async fn a_write_whose_caller_left_still_wakes_the_supervisor() {
+        let store = memory_store();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let write = store.write_then(&tx, Command::Pump, |s| {
+            let body = serde_json::json!({"text": "hi"});
+            s.enqueue(
+                NewItem::new(OutboxClass::C, ItemKind::Message, "room:1", body),
+                now_wall(),
+            )
+        });
+        // Polled once (the write is handed to the blocking pool), then dropped.
+        let mut write = Box::pin(write);
+        let first = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(std::future::Future::poll(write.as_mut(), cx))
+        })
+        .await;
+        assert!(
+            first.is_pending(),
+            "the write cannot finish on its first poll"
+        );
+        drop(write);
+        let woken = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .unwrap();
+        assert!(matches!(woken, Some(Command::Pump)));
+        let items = store.call(|s| s.list(None)).await.unwrap();
+        assert_eq!(items.len(), 1, "the write committed");
+    }
+
     /// Before the clamp, `now + chrono::Duration` overflowed and panicked for a hint
     /// around 8.3e15 ms, and a hint above i64::MAX ms became 0 (a retry at once).
     #[tokio::test]
