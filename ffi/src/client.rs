@@ -327,6 +327,16 @@ impl RealtimeClient {
             .await
     }
 
+    /// Changes the key that encrypts the store to `newKey` (32 bytes): every page is
+    /// rewritten in one transaction; a crash keeps the old key valid. Save the new key
+    /// in the Keychain or Keystore first, and open the client with it from then on. A
+    /// plaintext store is refused: open it with `encryptionKey` to encrypt it.
+    pub async fn rekey(&self, new_key: Vec<u8>) -> Result<(), RealtimeError> {
+        let key = webwaka_realtime::store::StoreKey::from_bytes(&new_key)
+            .map_err(|e| RealtimeError::invalid("newKey", e.to_string()))?;
+        self.call(|c| async move { Ok(c.rekey(key).await?) }).await
+    }
+
     /// Figures for diagnostics.
     pub async fn metrics(&self) -> Result<ClientMetrics, RealtimeError> {
         self.call(|c| async move { Ok(c.metrics().await?.into()) })

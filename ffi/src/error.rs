@@ -83,6 +83,13 @@ pub enum RealtimeError {
         /// What SQLite or the file system said.
         reason: String,
     },
+    /// The store is encrypted and the key given (or none) does not open it: open the
+    /// client with the store's key. Nothing was changed and the file is kept.
+    #[error("wrong store key: {reason}")]
+    WrongKey {
+        /// Which store, and whether a key was given.
+        reason: String,
+    },
     /// The client was shut down: open a new one.
     #[error("the client is shut down")]
     Closed,
@@ -111,6 +118,7 @@ impl From<ClientError> for RealtimeError {
             ClientError::StorageFull(reason) => RealtimeError::StorageFull { reason },
             ClientError::StorageCorrupt(reason) => RealtimeError::StorageCorrupt { reason },
             ClientError::StorageIo(reason) => RealtimeError::StorageIo { reason },
+            ClientError::WrongKey(reason) => RealtimeError::WrongKey { reason },
             ClientError::Closed => RealtimeError::Closed,
         }
     }

@@ -20,7 +20,7 @@ pub enum Durability {
 
 /// How a client is set up. Times are in milliseconds; an absent field keeps the SDK's
 /// default.
-#[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
+#[derive(Clone, PartialEq, Eq, uniffi::Record)]
 pub struct ClientOptions {
     /// The server's base URL, e.g. `https://realtime.example.com`.
     pub server_url: String,
@@ -83,6 +83,12 @@ pub struct ClientOptions {
     /// How often entity changes are pulled while connected.
     #[uniffi(default)]
     pub entity_pull_interval_ms: Option<u64>,
+    /// The longest wait between entity pulls while nothing changes (default 15
+    /// minutes): each empty pull doubles the wait up to this; a change, a local edit, a
+    /// new connection or the app coming to the foreground starts again from the short
+    /// one.
+    #[uniffi(default)]
+    pub entity_pull_idle_max_ms: Option<u64>,
     /// How often pending transactions' status is checked while connected.
     #[uniffi(default)]
     pub transaction_check_interval_ms: Option<u64>,
@@ -94,6 +100,26 @@ pub struct ClientOptions {
     /// 24 h); `0` keeps them forever.
     #[uniffi(default)]
     pub settled_retention_ms: Option<u64>,
+    /// Encrypts the store with this key: 32 random bytes (AES-256) the app makes once
+    /// and keeps in the Keychain or the Keystore. A plaintext store is encrypted at the
+    /// first open with a key. Opening an encrypted store with another key, or none,
+    /// fails with `WrongKey` and leaves the file as it is. `rekey` changes it.
+    #[uniffi(default)]
+    pub encryption_key: Option<Vec<u8>>,
+}
+
+/// Every field but the key, which is never printed.
+impl std::fmt::Debug for ClientOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientOptions")
+            .field("server_url", &self.server_url)
+            .field("store_path", &self.store_path)
+            .field(
+                "encryption_key",
+                &self.encryption_key.as_ref().map(|_| "(set)"),
+            )
+            .finish_non_exhaustive()
+    }
 }
 
 /// Sets `target` to `value` ms when given; zero is refused (it would spin).
@@ -153,6 +179,8 @@ impl ClientOptions {
             transaction_check_interval_ms: None,
             tls_root_certificates: None,
             settled_retention_ms: None,
+            entity_pull_idle_max_ms: None,
+            encryption_key: None,
         }
     }
 
@@ -248,6 +276,19 @@ impl ClientOptions {
             "transactionCheckIntervalMs",
             self.transaction_check_interval_ms,
         )?;
+        set_ms(
+            &mut c.entity_pull_idle_max,
+            "entityPullIdleMaxMs",
+            self.entity_pull_idle_max_ms,
+        )?;
+        if let Some(key) = self.encryption_key {
+            c.store.key = Some(store::StoreKey::from_bytes(&key).map_err(|e| match e {
+                store::StoreError::Invalid { message, .. } => {
+                    RealtimeError::invalid("encryptionKey", message)
+                }
+                other => RealtimeError::invalid("encryptionKey", other.to_string()),
+            })?);
+        }
         if let Some(roots) = self.tls_root_certificates {
             c.tls_root_certificates = roots;
         }

@@ -53,6 +53,10 @@ pub enum ClientError {
     /// committed before is safe.
     #[error("storage error: {0}")]
     StorageIo(String),
+    /// The store is encrypted and the key given (or none) does not open it. Nothing
+    /// was changed and the file is kept: open the client again with the store's key.
+    #[error("wrong store key: {0}")]
+    WrongKey(String),
     /// The client was shut down.
     #[error("the client is shut down")]
     Closed,
@@ -73,6 +77,7 @@ impl From<StoreError> for ClientError {
                 match other.storage_failure() {
                     Some(StorageFailure::Full) => ClientError::StorageFull(text),
                     Some(StorageFailure::Corrupt) => ClientError::StorageCorrupt(text),
+                    Some(StorageFailure::WrongKey) => ClientError::WrongKey(text),
                     Some(StorageFailure::Io) | None => ClientError::StorageIo(text),
                 }
             }

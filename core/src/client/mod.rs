@@ -735,6 +735,16 @@ impl Client {
         self.shared.store.call(move |s| s.list(state)).await
     }
 
+    /// Changes the key that encrypts the store (see `StoreConfig::key`): every page is
+    /// rewritten under `new_key` in one transaction; a crash keeps the old key valid.
+    /// Save the new key where the app keeps it before calling this, and open the client
+    /// with it from then on. A plaintext store is refused here: open it with a key to
+    /// encrypt it.
+    pub async fn rekey(&self, new_key: crate::store::StoreKey) -> Result<(), ClientError> {
+        self.ensure_open()?;
+        self.shared.store.call(move |s| s.rekey(new_key)).await
+    }
+
     /// Sends a dead item again (the app decided the cause is fixed).
     pub async fn retry(&self, id: &str) -> Result<OutboxItem, ClientError> {
         self.ensure_open()?;

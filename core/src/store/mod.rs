@@ -27,7 +27,15 @@
 //!
 //! A file that is not a database, or is corrupt, is a [`StoreError::Corrupt`] at open:
 //! the file is moved aside (kept for recovery, never deleted) and the app is told where.
+//!
+//! ## Encryption at rest
+//!
+//! With [`StoreConfig::key`] the whole file is encrypted (SQLCipher; see [`cipher`]). A
+//! file encrypted with another key, or opened without one, is a [`StoreError::WrongKey`]
+//! and is left exactly as it was: never taken for corrupt, never moved. A plaintext store
+//! opened with a key is encrypted once, in place. [`Store::rekey`] changes the key.
 
+pub mod cipher;
 pub mod entity;
 pub mod inbound;
 pub mod outbox;
@@ -39,6 +47,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
+pub use cipher::{KEY_BYTES, StoreKey};
 pub use entity::{CachedEntity, LocalEdit, SyncOutcome, entity_lane};
 pub use outbox::{
     DEFAULT_MAX_BYTES, DEFAULT_MAX_ITEMS, ItemKind, ItemState, NewItem, OutboxClass, OutboxItem,
@@ -77,6 +86,9 @@ pub struct StoreConfig {
     /// as large as the disk allows. A write that would grow it further fails with
     /// [`StorageFailure::Full`], as on a full disk.
     pub max_file_bytes: Option<u64>,
+    /// Encrypts the whole file with this key (needs the `encryption` feature). `None`:
+    /// plaintext SQLite.
+    pub key: Option<StoreKey>,
 }
 
 impl Default for StoreConfig {
@@ -88,6 +100,7 @@ impl Default for StoreConfig {
             busy_timeout: Duration::from_secs(10),
             merges: std::collections::BTreeMap::new(),
             max_file_bytes: None,
+            key: None,
         }
     }
 }
@@ -148,6 +161,18 @@ pub enum StoreError {
     /// SQLite failed (disk full, I/O error, locked past the busy timeout, …).
     #[error("storage error: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// The file is encrypted and the key given (or none) does not open it. Nothing was
+    /// changed and the file was not moved: open it again with its key.
+    #[error(
+        "the store at {path} is encrypted and {}; nothing was changed",
+        if *.keyed { "the key given does not open it" } else { "no key was given" }
+    )]
+    WrongKey {
+        /// The store's path.
+        path: PathBuf,
+        /// Whether a key was given (the wrong one) or none.
+        keyed: bool,
+    },
     /// A migration failed.
     #[error("schema migration failed: {0}")]
     Migration(#[from] rusqlite_migration::Error),
@@ -170,6 +195,8 @@ pub enum StorageFailure {
     Corrupt,
     /// Any other failure of SQLite or the file system (I/O error, locked, read-only).
     Io,
+    /// The file is encrypted and the key given (or none) does not open it.
+    WrongKey,
 }
 
 impl StoreError {
@@ -183,6 +210,7 @@ impl StoreError {
             }
             StoreError::Migration(_) | StoreError::WriterClosed => Some(StorageFailure::Io),
             StoreError::Corrupt { .. } => Some(StorageFailure::Corrupt),
+            StoreError::WrongKey { .. } => Some(StorageFailure::WrongKey),
             StoreError::Io(e) if e.kind() == std::io::ErrorKind::StorageFull => {
                 Some(StorageFailure::Full)
             }
@@ -227,20 +255,43 @@ impl Store {
     /// A file that is not a usable database is moved aside and a new store is created:
     /// the error [`StoreError::Corrupt`] says so. Call `open` again to use the new
     /// store; the old file is kept for recovery.
+    ///
+    /// With [`StoreConfig::key`], a plaintext store is encrypted first (once, in place).
+    /// An encrypted file the key does not open (or opened without a key) is
+    /// [`StoreError::WrongKey`], and the file is left alone.
     pub fn open(path: impl AsRef<Path>, config: StoreConfig) -> Result<Store, StoreError> {
         let path = path.as_ref().to_path_buf();
-        match Self::open_file(&path, &config) {
-            Ok(store) => Ok(store),
-            Err(StoreError::Sqlite(e)) if is_corruption(&e) => {
-                let moved_to = move_aside(&path)?;
-                Err(StoreError::Corrupt {
-                    path,
-                    moved_to,
-                    reason: e.to_string(),
-                })
+        let e = match Self::open_file(&path, &config) {
+            Err(StoreError::Sqlite(e)) if is_corruption(&e) => e,
+            other => return other,
+        };
+        match (cipher::classify(&path), &config.key) {
+            (cipher::Unreadable::Encrypted, key) => Err(StoreError::WrongKey {
+                path,
+                keyed: key.is_some(),
+            }),
+            (cipher::Unreadable::Plaintext, Some(key)) => {
+                // A store from before the app set a key: encrypt it, then open it. A
+                // damaged plaintext file fails here and is moved aside as below.
+                let encrypted = cipher::encrypt_plaintext(&path, key)
+                    .and_then(|()| Self::open_file(&path, &config));
+                match encrypted {
+                    Err(StoreError::Sqlite(e)) if is_corruption(&e) => Self::corrupt(path, &e),
+                    other => other,
+                }
             }
-            Err(e) => Err(e),
+            _ => Self::corrupt(path, &e),
         }
+    }
+
+    /// Moves a damaged file aside and says so.
+    fn corrupt(path: PathBuf, e: &rusqlite::Error) -> Result<Store, StoreError> {
+        let moved_to = move_aside(&path)?;
+        Err(StoreError::Corrupt {
+            path,
+            moved_to,
+            reason: e.to_string(),
+        })
     }
 
     /// An in-memory store (tests, tools); nothing survives it.
@@ -255,6 +306,9 @@ impl Store {
             | OpenFlags::SQLITE_OPEN_NO_MUTEX
             | OpenFlags::SQLITE_OPEN_URI;
         let conn = Connection::open_with_flags(path, flags)?;
+        if let Some(key) = &config.key {
+            cipher::apply_key(&conn, key)?;
+        }
         Self::init(conn, Some(path.to_path_buf()), config.clone())
     }
 
@@ -281,7 +335,12 @@ impl Store {
         // commit brought it nearer the disk's own fsync rate (about 0.74 → 0.85-0.9 ×
         // in alternating runs), at some cost to batched state changes (take+ack about
         // 25 → 29 µs of CPU per item). A file that exists keeps its page size.
-        conn.execute_batch(&format!("PRAGMA page_size = {PAGE_SIZE};"))?;
+        // An encrypted file keeps SQLCipher's own page size (4 KiB): its page size is
+        // the cipher's, fixed before the first read, and other SQLCipher tools open the
+        // file with the default.
+        if config.key.is_none() {
+            conn.execute_batch(&format!("PRAGMA page_size = {PAGE_SIZE};"))?;
+        }
         let mode = set_wal(&conn, config.busy_timeout)?;
         if path.is_some() && !mode.eq_ignore_ascii_case("wal") {
             return Err(StoreError::Invalid {
@@ -406,6 +465,27 @@ impl Store {
                 .conn
                 .execute("DELETE FROM meta WHERE key = ?1", [key])?,
         };
+        Ok(())
+    }
+
+    /// Whether the file is encrypted (opened with a key).
+    pub fn is_encrypted(&self) -> bool {
+        self.config.key.is_some()
+    }
+
+    /// Changes the key of an encrypted store to `new_key`: every page is rewritten in
+    /// one transaction (a crash keeps the old key valid). Other processes that open
+    /// the file need the new key from then on. A plaintext store is encrypted by
+    /// opening it with a key, not by this.
+    pub fn rekey(&mut self, new_key: StoreKey) -> Result<(), StoreError> {
+        if self.config.key.is_none() {
+            return Err(StoreError::Invalid {
+                field: "key",
+                message: "the store is not encrypted: open it with a key to encrypt it".into(),
+            });
+        }
+        cipher::rekey(&self.conn, &new_key)?;
+        self.config.key = Some(new_key);
         Ok(())
     }
 

@@ -578,39 +578,63 @@ pub(crate) fn cargo_artifact(
         .ok_or_else(|| "no target directory above the bench binary".into())
 }
 
-/// The size of the library apps link (`libwebwaka_realtime_ffi.so`, release), as built
-/// and stripped. Builds it first (the same target dir).
+/// The size of the library apps link (`libwebwaka_realtime_ffi.so`), as built and
+/// stripped: with the release profile (SQLCipher linked to the system's libcrypto), and
+/// with the `mobile` profile apps embed, OpenSSL's libcrypto built in statically (as on
+/// Android, where there is no system libcrypto to link). Builds each first (the same
+/// target dir; the first vendored OpenSSL build takes minutes).
 pub fn library_size() -> Result<Vec<Row>, String> {
-    let target = cargo_artifact(
-        "release",
-        &["-p", "webwaka-realtime-ffi", "--lib"],
-        "libwebwaka_realtime_ffi.so",
-    )?;
-    let built = std::fs::metadata(&target).map_err(|e| format!("{}: {e}", target.display()))?;
-    let stripped_path = std::env::temp_dir().join("webwaka-bench-lib-stripped.so");
-    let stripped = std::process::Command::new("strip")
-        .arg("-o")
-        .arg(&stripped_path)
-        .arg(&target)
-        .status()
-        .ok()
-        .filter(|s| s.success())
-        .and_then(|_| std::fs::metadata(&stripped_path).ok())
-        .map(|m| m.len());
-    let _ = std::fs::remove_file(&stripped_path);
-    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
-    Ok(vec![Row {
-        name: "cdylib size (libwebwaka_realtime_ffi.so, x86_64 Linux)".into(),
-        figure: match stripped {
-            Some(s) => format!(
-                "{:.1} MiB stripped ({:.1} MiB as built)",
-                mib(s),
-                mib(built.len())
+    let variants: [(&str, &[&str], &str); 2] = [
+        (
+            "release",
+            &["-p", "webwaka-realtime-ffi", "--lib"],
+            "release profile; TLS (rustls, ring) and SQLCipher built in, libcrypto linked \
+             from the system",
+        ),
+        (
+            "mobile",
+            &[
+                "-p",
+                "webwaka-realtime-ffi",
+                "--lib",
+                "--features",
+                "vendored-openssl",
+            ],
+            "mobile profile (opt-level s, fat LTO, one codegen unit, no debug info), as apps \
+             ship it: TLS, SQLCipher and OpenSSL's libcrypto all linked statically; target ≤ 8 MiB",
+        ),
+    ];
+    let mut rows = Vec::new();
+    for (profile, args, what) in variants {
+        let target = cargo_artifact(profile, args, "libwebwaka_realtime_ffi.so")?;
+        let built = std::fs::metadata(&target).map_err(|e| format!("{}: {e}", target.display()))?;
+        let stripped_path = std::env::temp_dir().join("webwaka-bench-lib-stripped.so");
+        let stripped = std::process::Command::new("strip")
+            .arg("-o")
+            .arg(&stripped_path)
+            .arg(&target)
+            .status()
+            .ok()
+            .filter(|s| s.success())
+            .and_then(|_| std::fs::metadata(&stripped_path).ok())
+            .map(|m| m.len());
+        let _ = std::fs::remove_file(&stripped_path);
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        rows.push(Row {
+            name: format!("cdylib size, {profile} (libwebwaka_realtime_ffi.so, x86_64 Linux)"),
+            figure: match stripped {
+                Some(s) => format!(
+                    "{:.1} MiB stripped ({:.1} MiB as built)",
+                    mib(s),
+                    mib(built.len())
+                ),
+                None => format!("{:.1} MiB as built", mib(built.len())),
+            },
+            method: format!(
+                "cargo build --profile {profile} {}, then strip; {what}",
+                args.join(" ")
             ),
-            None => format!("{:.1} MiB as built", mib(built.len())),
-        },
-        method:
-            "cargo build --release -p webwaka-realtime-ffi (workspace release profile), then strip"
-                .into(),
-    }])
+        });
+    }
+    Ok(rows)
 }

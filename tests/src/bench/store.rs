@@ -18,7 +18,8 @@
 //!   done. It barely moves with the load, and says what the store itself costs.
 //!
 //! `WEBWAKA_BENCH_STORE=single,take` runs only the named parts: `single` (with the
-//! fsync limit), `writer`, `many`, `take`, `open` (with the size); e.g. under `perf`.
+//! fsync limit), `writer`, `many`, `take`, `encrypted` (enqueue and take+ack, plaintext
+//! and encrypted in turn), `open` (with the size); e.g. under `perf`.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -141,7 +142,7 @@ pub fn run() -> Result<Vec<Row>, StoreError> {
         let (mut fsyncs, mut singles, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..RUNS {
             let fsync = fsync_rate(&dir.file("fsync.log"))?;
-            let single = single_enqueue(&dir)?;
+            let single = single_enqueue(&dir, config())?;
             ratios.push(single.rate / fsync);
             fsyncs.push(fsync);
             singles.push(single);
@@ -208,7 +209,7 @@ pub fn run() -> Result<Vec<Row>, StoreError> {
     }
 
     if wanted("WEBWAKA_BENCH_STORE", "take") {
-        let take = runs(|| take_ack(&dir))?;
+        let take = runs(|| take_ack(&dir, config()))?;
         rows.push(Row {
             name: "store: take+ack".into(),
             figure: take.figure(),
@@ -219,6 +220,10 @@ pub fn run() -> Result<Vec<Row>, StoreError> {
                  runs; target ≥ 25,000/s"
             ),
         });
+    }
+
+    if cfg!(feature = "encryption") && wanted("WEBWAKA_BENCH_STORE", "encrypted") {
+        rows.extend(encryption_cost(&dir)?);
     }
 
     if wanted("WEBWAKA_BENCH_STORE", "open") {
@@ -253,6 +258,53 @@ fn item(lane: &str) -> NewItem {
         lane,
         json!({ "text": "x".repeat(BODY_BYTES - 11) }),
     )
+}
+
+/// What encryption costs: the durable enqueue and take+ack, each run in turn on a
+/// plaintext store and on an encrypted one (SQLCipher, a raw 256-bit key), so that both
+/// see the same disk and load.
+fn encryption_cost(dir: &BenchDir) -> Result<Vec<Row>, StoreError> {
+    let key = webwaka_realtime::store::StoreKey::from_bytes(&[0x5a; 32])?;
+    let encrypted = || -> Result<StoreConfig, StoreError> {
+        Ok(StoreConfig {
+            key: Some(key.clone()),
+            ..config()
+        })
+    };
+    let (mut plain_single, mut enc_single, mut plain_take, mut enc_take) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..RUNS {
+        plain_single.push(single_enqueue(dir, config())?);
+        enc_single.push(single_enqueue(dir, encrypted()?)?);
+        plain_take.push(take_ack(dir, config())?);
+        enc_take.push(take_ack(dir, encrypted()?)?);
+    }
+    let ms = RUN_TIME.as_millis();
+    let pair = |plain: &[Sample], enc: &[Sample]| {
+        let (plain, enc) = (Summary::of(plain), Summary::of(enc));
+        format!(
+            "{} → {} ({:.2} ×)",
+            plain.figure(),
+            enc.figure(),
+            enc.rate / plain.rate.max(1e-9)
+        )
+    };
+    Ok(vec![
+        Row {
+            name: "store: durable enqueue, plaintext → encrypted".into(),
+            figure: pair(&plain_single, &enc_single),
+            method: format!(
+                "as the durable enqueue row ({BODY_BYTES}-byte items, one per commit,                  synchronous=FULL, {ms} ms), on a plaintext store and on an encrypted one                  (SQLCipher, raw 256-bit key, 4 KiB pages) in turn; median of {RUNS} runs each"
+            ),
+        },
+        Row {
+            name: "store: take+ack, plaintext → encrypted".into(),
+            figure: pair(&plain_take, &enc_take),
+            method: format!(
+                "as the take+ack row ({TAKE_ITEMS} items on {TAKE_LANES} lanes, rounds of                  {TAKE_BATCH}), on a plaintext store and on an encrypted one in turn; median of                  {RUNS} runs each"
+            ),
+        },
+    ])
 }
 
 /// The bounds out of the way; everything else as an app gets it.
@@ -348,9 +400,9 @@ fn fsync_rate(path: &Path) -> Result<f64, StoreError> {
 }
 
 /// (b) `Store::enqueue`, one item per commit.
-fn single_enqueue(dir: &BenchDir) -> Result<Sample, StoreError> {
+fn single_enqueue(dir: &BenchDir, config: StoreConfig) -> Result<Sample, StoreError> {
     let path = dir.fresh("single.db")?;
-    let mut store = Store::open(&path, config())?;
+    let mut store = Store::open(&path, config)?;
     let clock = Stopwatch::start();
     let mut count = 0;
     while clock.started.elapsed() < RUN_TIME && count < 1_000_000 {
@@ -522,8 +574,13 @@ fn enqueue_many(dir: &BenchDir) -> Result<Sample, StoreError> {
 }
 
 /// Fills a new store at `path` with `items` items spread over `lanes` lanes.
-fn filled(path: &Path, items: usize, lanes: usize) -> Result<Store, StoreError> {
-    let mut store = Store::open(path, config())?;
+fn filled(
+    path: &Path,
+    items: usize,
+    lanes: usize,
+    config: StoreConfig,
+) -> Result<Store, StoreError> {
+    let mut store = Store::open(path, config)?;
     let names: Vec<String> = (0..lanes).map(|l| format!("room:{l}")).collect();
     let mut n = 0;
     while n < items {
@@ -537,8 +594,8 @@ fn filled(path: &Path, items: usize, lanes: usize) -> Result<Store, StoreError> 
 }
 
 /// (d) Take (next sendable + in flight) and ack, in batches; the queue is made first.
-fn take_ack(dir: &BenchDir) -> Result<Sample, StoreError> {
-    let mut store = filled(&dir.fresh("take.db")?, TAKE_ITEMS, TAKE_LANES)?;
+fn take_ack(dir: &BenchDir, config: StoreConfig) -> Result<Sample, StoreError> {
+    let mut store = filled(&dir.fresh("take.db")?, TAKE_ITEMS, TAKE_LANES, config)?;
     let clock = Stopwatch::start();
     let mut done = 0;
     // Bounded: each round settles at least one item, or stops.
@@ -570,7 +627,7 @@ fn take_ack(dir: &BenchDir) -> Result<Sample, StoreError> {
 fn open_and_size(dir: &BenchDir) -> Result<(f64, u64), StoreError> {
     let path = dir.fresh("open.db")?;
     {
-        let mut store = filled(&path, OPEN_ITEMS, OPEN_LANES)?;
+        let mut store = filled(&path, OPEN_ITEMS, OPEN_LANES, config())?;
         // The head of every lane in flight, as when an app is killed while sending.
         store.take_sendable(Utc::now(), OPEN_LANES)?;
     } // closed: the last connection checkpoints the WAL and removes it

@@ -586,6 +586,24 @@ fileprivate struct FfiConverterString: FfiConverter {
     }
 }
 
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterData: FfiConverterRustBuffer {
+    typealias SwiftType = Data
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> Data {
+        let len: Int32 = try readInt(&buf)
+        return Data(try readBytes(&buf, count: Int(len)))
+    }
+
+    public static func write(_ value: Data, into buf: inout [UInt8]) {
+        let len = Int32(value.count)
+        writeInt(&buf, len)
+        writeBytes(&buf, value)
+    }
+}
+
 
 
 
@@ -1116,6 +1134,14 @@ public protocol RealtimeClientProtocol: AnyObject, Sendable {
     func reauthenticate() 
     
     /**
+     * Changes the key that encrypts the store to `newKey` (32 bytes): every page is
+     * rewritten in one transaction; a crash keeps the old key valid. Save the new key
+     * in the Keychain or Keystore first, and open the client with it from then on. A
+     * plaintext store is refused: open it with `encryptionKey` to encrypt it.
+     */
+    func rekey(newKey: Data) async throws 
+    
+    /**
      * Settles an open conflict by writing a value that supersedes both sides.
      */
     func resolveConflict(conflictId: String, choice: ConflictChoice) async throws  -> CachedEntity
@@ -1554,6 +1580,28 @@ open func reauthenticate()  {try! rustCall() {
             self.uniffiCloneHandle(),uniffiCallStatus
     )
 }
+}
+    
+    /**
+     * Changes the key that encrypts the store to `newKey` (32 bytes): every page is
+     * rewritten in one transaction; a crash keeps the old key valid. Save the new key
+     * in the Keychain or Keystore first, and open the client with it from then on. A
+     * plaintext store is refused: open it with `encryptionKey` to encrypt it.
+     */
+open func rekey(newKey: Data)async throws   {
+    return
+        try  await uniffiRustCallAsync(
+            rustFutureFunc: {
+                uniffi_webwaka_realtime_ffi_fn_method_realtimeclient_rekey(
+                        self.uniffiCloneHandle(),FfiConverterData.lower(newKey)
+                )
+            },
+            pollFunc: ffi_webwaka_realtime_ffi_rust_future_poll_void,
+            completeFunc: ffi_webwaka_realtime_ffi_rust_future_complete_void,
+            freeFunc: ffi_webwaka_realtime_ffi_rust_future_free_void,
+            liftFunc: { $0 },
+            errorHandler: FfiConverterTypeRealtimeError_lift
+        )
 }
     
     /**
@@ -2772,6 +2820,13 @@ public struct ClientOptions: Equatable, Hashable {
      */
     public var entityPullIntervalMs: UInt64?
     /**
+     * The longest wait between entity pulls while nothing changes (default 15
+     * minutes): each empty pull doubles the wait up to this; a change, a local edit, a
+     * new connection or the app coming to the foreground starts again from the short
+     * one.
+     */
+    public var entityPullIdleMaxMs: UInt64?
+    /**
      * How often pending transactions' status is checked while connected.
      */
     public var transactionCheckIntervalMs: UInt64?
@@ -2785,6 +2840,13 @@ public struct ClientOptions: Equatable, Hashable {
      * 24 h); `0` keeps them forever.
      */
     public var settledRetentionMs: UInt64?
+    /**
+     * Encrypts the store with this key: 32 random bytes (AES-256) the app makes once
+     * and keeps in the Keychain or the Keystore. A plaintext store is encrypted at the
+     * first open with a key. Opening an encrypted store with another key, or none,
+     * fails with `WrongKey` and leaves the file as it is. `rekey` changes it.
+     */
+    public var encryptionKey: Data?
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
@@ -2853,6 +2915,12 @@ public struct ClientOptions: Equatable, Hashable {
          * How often entity changes are pulled while connected.
          */entityPullIntervalMs: UInt64? = nil, 
         /**
+         * The longest wait between entity pulls while nothing changes (default 15
+         * minutes): each empty pull doubles the wait up to this; a change, a local edit, a
+         * new connection or the app coming to the foreground starts again from the short
+         * one.
+         */entityPullIdleMaxMs: UInt64? = nil, 
+        /**
          * How often pending transactions' status is checked while connected.
          */transactionCheckIntervalMs: UInt64? = nil, 
         /**
@@ -2862,7 +2930,13 @@ public struct ClientOptions: Equatable, Hashable {
         /**
          * How long settled outbox items stay readable before they are deleted (default
          * 24 h); `0` keeps them forever.
-         */settledRetentionMs: UInt64? = nil) {
+         */settledRetentionMs: UInt64? = nil, 
+        /**
+         * Encrypts the store with this key: 32 random bytes (AES-256) the app makes once
+         * and keeps in the Keychain or the Keystore. A plaintext store is encrypted at the
+         * first open with a key. Opening an encrypted store with another key, or none,
+         * fails with `WrongKey` and leaves the file as it is. `rekey` changes it.
+         */encryptionKey: Data? = nil) {
         self.serverUrl = serverUrl
         self.storePath = storePath
         self.wsPath = wsPath
@@ -2884,9 +2958,11 @@ public struct ClientOptions: Equatable, Hashable {
         self.stableAfterMs = stableAfterMs
         self.ackTimeoutMs = ackTimeoutMs
         self.entityPullIntervalMs = entityPullIntervalMs
+        self.entityPullIdleMaxMs = entityPullIdleMaxMs
         self.transactionCheckIntervalMs = transactionCheckIntervalMs
         self.tlsRootCertificates = tlsRootCertificates
         self.settledRetentionMs = settledRetentionMs
+        self.encryptionKey = encryptionKey
     }
 
     
@@ -2926,9 +3002,11 @@ public struct FfiConverterTypeClientOptions: FfiConverterRustBuffer {
                 stableAfterMs: FfiConverterOptionUInt64.read(from: &buf), 
                 ackTimeoutMs: FfiConverterOptionUInt64.read(from: &buf), 
                 entityPullIntervalMs: FfiConverterOptionUInt64.read(from: &buf), 
+                entityPullIdleMaxMs: FfiConverterOptionUInt64.read(from: &buf), 
                 transactionCheckIntervalMs: FfiConverterOptionUInt64.read(from: &buf), 
                 tlsRootCertificates: FfiConverterOptionSequenceString.read(from: &buf), 
-                settledRetentionMs: FfiConverterOptionUInt64.read(from: &buf)
+                settledRetentionMs: FfiConverterOptionUInt64.read(from: &buf), 
+                encryptionKey: FfiConverterOptionData.read(from: &buf)
         )
     }
 
@@ -2954,9 +3032,11 @@ public struct FfiConverterTypeClientOptions: FfiConverterRustBuffer {
         FfiConverterOptionUInt64.write(value.stableAfterMs, into: &buf)
         FfiConverterOptionUInt64.write(value.ackTimeoutMs, into: &buf)
         FfiConverterOptionUInt64.write(value.entityPullIntervalMs, into: &buf)
+        FfiConverterOptionUInt64.write(value.entityPullIdleMaxMs, into: &buf)
         FfiConverterOptionUInt64.write(value.transactionCheckIntervalMs, into: &buf)
         FfiConverterOptionSequenceString.write(value.tlsRootCertificates, into: &buf)
         FfiConverterOptionUInt64.write(value.settledRetentionMs, into: &buf)
+        FfiConverterOptionData.write(value.encryptionKey, into: &buf)
     }
 }
 
@@ -5752,6 +5832,15 @@ enum RealtimeError: Swift.Error, Equatable, Hashable, Foundation.LocalizedError 
          */reason: String
     )
     /**
+     * The store is encrypted and the key given (or none) does not open it: open the
+     * client with the store's key. Nothing was changed and the file is kept.
+     */
+    case WrongKey(
+        /**
+         * Which store, and whether a key was given.
+         */reason: String
+    )
+    /**
      * The client was shut down: open a new one.
      */
     case Closed
@@ -5822,8 +5911,11 @@ public struct FfiConverterTypeRealtimeError: FfiConverterRustBuffer {
         case 11: return .StorageIo(
             reason: try FfiConverterString.read(from: &buf)
             )
-        case 12: return .Closed
-        case 13: return .Internal(
+        case 12: return .WrongKey(
+            reason: try FfiConverterString.read(from: &buf)
+            )
+        case 13: return .Closed
+        case 14: return .Internal(
             reason: try FfiConverterString.read(from: &buf)
             )
 
@@ -5892,12 +5984,17 @@ public struct FfiConverterTypeRealtimeError: FfiConverterRustBuffer {
             FfiConverterString.write(reason, into: &buf)
             
         
-        case .Closed:
+        case let .WrongKey(reason):
             writeInt(&buf, Int32(12))
+            FfiConverterString.write(reason, into: &buf)
+            
+        
+        case .Closed:
+            writeInt(&buf, Int32(13))
         
         
         case let .Internal(reason):
-            writeInt(&buf, Int32(13))
+            writeInt(&buf, Int32(14))
             FfiConverterString.write(reason, into: &buf)
             
         }
@@ -6476,6 +6573,30 @@ fileprivate struct FfiConverterOptionString: FfiConverterRustBuffer {
         switch try readInt(&buf) as Int8 {
         case 0: return nil
         case 1: return try FfiConverterString.read(from: &buf)
+        default: throw UniffiInternalError.unexpectedOptionalTag
+        }
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterOptionData: FfiConverterRustBuffer {
+    typealias SwiftType = Data?
+
+    public static func write(_ value: SwiftType, into buf: inout [UInt8]) {
+        guard let value = value else {
+            writeInt(&buf, Int8(0))
+            return
+        }
+        writeInt(&buf, Int8(1))
+        FfiConverterData.write(value, into: &buf)
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> SwiftType {
+        switch try readInt(&buf) as Int8 {
+        case 0: return nil
+        case 1: return try FfiConverterData.read(from: &buf)
         default: throw UniffiInternalError.unexpectedOptionalTag
         }
     }
@@ -7106,6 +7227,9 @@ private let initializationResult: InitializationResult = {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_webwaka_realtime_ffi_checksum_method_realtimeclient_reauthenticate() != 59439) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_webwaka_realtime_ffi_checksum_method_realtimeclient_rekey() != 26453) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_webwaka_realtime_ffi_checksum_method_realtimeclient_resolve_conflict() != 12442) {

@@ -270,6 +270,84 @@ final class BindingsTests: XCTestCase {
         }
     }
 
+    /// The names of the store's files (the database, its WAL and shared memory) holding `marker`.
+    func storeFilesHolding(_ store: String, _ marker: String) -> [String] {
+        let needle = Data(marker.utf8)
+        return ["", "-wal", "-shm"].compactMap { suffix in
+            let url = Self.workDir.appendingPathComponent("\(store).db\(suffix)")
+            guard let bytes = try? Data(contentsOf: url) else { return nil }
+            return bytes.range(of: needle) != nil ? url.lastPathComponent : nil
+        }
+    }
+
+    func randomKey() -> Data {
+        var rng = SystemRandomNumberGenerator()
+        return Data((0..<32).map { _ in UInt8.random(in: 0...255, using: &rng) })
+    }
+
+    /// With `encryptionKey`, no plaintext in the store's files; a wrong key or none is
+    /// WrongKey; rekey rotates the key.
+    func testAnEncryptedStoreHoldsNoPlaintextAndNeedsItsKey() async throws {
+        let key = randomKey()
+        let marker = "SWIFT-SECRET-77ad3c"
+        let tokens = StaticTokens(try server.token(tenant: "s12", user: "alice"))
+        func opened(_ store: String, _ key: Data?) async throws -> RealtimeClient {
+            var o = try options(store)
+            o.encryptionKey = key
+            return try await RealtimeClient.open(options: o, tokens: tokens)
+        }
+        // The plaintext store first: the check finds the marker there, so it can fail.
+        for (store, k) in [("s12-plain", nil), ("s12-enc", key)] as [(String, Data?)] {
+            let c = try await opened(store, k)
+            let m = try await c.sendMessage(message: OutgoingMessage(
+                target: .user(userId: "bob"), messageType: "dm", payloadJson: "{\"text\":\"\(marker)\"}"))
+            let t = try await c.submitTransaction(
+                transactionType: "payment", payloadJson: "{\"note\":\"\(marker)\"}", metadataJson: nil)
+            let sent = try await c.waitSettled(id: m.id, states: [.accepted], timeoutMs: 15_000)
+            XCTAssertEqual(sent.state, .accepted)
+            let decided = try await c.waitSettled(id: t.id, states: [.confirmed], timeoutMs: 15_000)
+            XCTAssertEqual(decided.state, .confirmed)
+            let holding = storeFilesHolding(store, marker)
+            if k == nil {
+                XCTAssertFalse(holding.isEmpty, "the plaintext store shows the marker")
+            } else {
+                let wal = Self.workDir.appendingPathComponent("\(store).db-wal").path
+                let size = (try FileManager.default.attributesOfItem(atPath: wal)[.size] as? NSNumber)?.intValue ?? 0
+                XCTAssertGreaterThan(size, 0, "the WAL holds pages while open")
+                XCTAssertEqual(holding, [], "plaintext while open")
+            }
+            try await c.shutdown()
+            if k != nil { XCTAssertEqual(storeFilesHolding(store, marker), [], "plaintext after shutdown") }
+        }
+        for wrong in [Data(repeating: 7, count: 32), nil] as [Data?] {
+            do {
+                _ = try await opened("s12-enc", wrong)
+                XCTFail("an encrypted store opened with \(wrong == nil ? "no key" : "a wrong key")")
+            } catch RealtimeError.WrongKey {
+            }
+        }
+        do {
+            _ = try await opened("s12-short", Data(count: 16))
+            XCTFail("a 16-byte key was accepted")
+        } catch RealtimeError.InvalidInput(let field, _) {
+            XCTAssertEqual(field, "encryptionKey")
+        }
+        // Rotation: the new key opens it with everything in it, the old one no longer does.
+        let newKey = randomKey()
+        let c = try await opened("s12-enc", key)
+        try await c.rekey(newKey: newKey)
+        try await c.shutdown()
+        do {
+            _ = try await opened("s12-enc", key)
+            XCTFail("the old key still opens the store")
+        } catch RealtimeError.WrongKey {
+        }
+        let reopened = try await opened("s12-enc", newKey)
+        let items = try await reopened.outbox(state: nil)
+        XCTAssertEqual(items.count, 2, "the items survived the rotation")
+        try await reopened.shutdown()
+    }
+
     func testErrorsArriveAsSwiftErrors() async throws {
         let client = try await open("s6", "alice")
         var bad = chat("room-6", "x")

@@ -794,6 +794,8 @@ internal object IntegrityCheckingUniffiLib {
     ): Int
     external fun uniffi_webwaka_realtime_ffi_checksum_method_realtimeclient_reauthenticate(
     ): Int
+    external fun uniffi_webwaka_realtime_ffi_checksum_method_realtimeclient_rekey(
+    ): Int
     external fun uniffi_webwaka_realtime_ffi_checksum_method_realtimeclient_resolve_conflict(
     ): Int
     external fun uniffi_webwaka_realtime_ffi_checksum_method_realtimeclient_retry(
@@ -897,6 +899,8 @@ internal object UniffiLib {
     ): Long
     external fun uniffi_webwaka_realtime_ffi_fn_method_realtimeclient_reauthenticate(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Unit
+    external fun uniffi_webwaka_realtime_ffi_fn_method_realtimeclient_rekey(`ptr`: Long,`newKey`: RustBuffer.ByValue,
+    ): Long
     external fun uniffi_webwaka_realtime_ffi_fn_method_realtimeclient_resolve_conflict(`ptr`: Long,`conflictId`: RustBuffer.ByValue,`choice`: RustBuffer.ByValue,
     ): Long
     external fun uniffi_webwaka_realtime_ffi_fn_method_realtimeclient_retry(`ptr`: Long,`id`: RustBuffer.ByValue,
@@ -1151,6 +1155,9 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_webwaka_realtime_ffi_checksum_method_realtimeclient_reauthenticate() and 0xFFFF) != 59439) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_webwaka_realtime_ffi_checksum_method_realtimeclient_rekey() and 0xFFFF) != 26453) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_webwaka_realtime_ffi_checksum_method_realtimeclient_resolve_conflict() and 0xFFFF) != 12442) {
@@ -1673,6 +1680,25 @@ public object FfiConverterString: FfiConverter<String, RustBuffer.ByValue> {
         val byteBuf = toUtf8(value)
         buf.putInt(byteBuf.limit())
         buf.put(byteBuf)
+    }
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterByteArray: FfiConverterRustBuffer<ByteArray> {
+    override fun read(buf: ByteBuffer): ByteArray {
+        val len = buf.getInt()
+        val byteArr = ByteArray(len)
+        buf.get(byteArr)
+        return byteArr
+    }
+    override fun allocationSize(value: ByteArray): ULong {
+        return 4UL + value.size.toULong()
+    }
+    override fun write(value: ByteArray, buf: ByteBuffer) {
+        buf.putInt(value.size)
+        buf.put(value)
     }
 }
 
@@ -2535,6 +2561,14 @@ public interface RealtimeClientInterface {
     fun `reauthenticate`()
     
     /**
+     * Changes the key that encrypts the store to `newKey` (32 bytes): every page is
+     * rewritten in one transaction; a crash keeps the old key valid. Save the new key
+     * in the Keychain or Keystore first, and open the client with it from then on. A
+     * plaintext store is refused: open it with `encryptionKey` to encrypt it.
+     */
+    suspend fun `rekey`(`newKey`: kotlin.ByteArray)
+    
+    /**
      * Settles an open conflict by writing a value that supersedes both sides.
      */
     suspend fun `resolveConflict`(`conflictId`: kotlin.String, `choice`: ConflictChoice): CachedEntity
@@ -3103,6 +3137,35 @@ open class RealtimeClient: Disposable, AutoCloseable, RealtimeClientInterface
     }
     
     
+
+    
+    /**
+     * Changes the key that encrypts the store to `newKey` (32 bytes): every page is
+     * rewritten in one transaction; a crash keeps the old key valid. Save the new key
+     * in the Keychain or Keystore first, and open the client with it from then on. A
+     * plaintext store is refused: open it with `encryptionKey` to encrypt it.
+     */
+    @Throws(RealtimeException::class)
+    @Suppress("ASSIGNED_BUT_NEVER_ACCESSED_VARIABLE")
+    override suspend fun `rekey`(`newKey`: kotlin.ByteArray) {
+        return uniffiRustCallAsync(
+        callWithHandle { uniffiHandle ->
+            UniffiLib.uniffi_webwaka_realtime_ffi_fn_method_realtimeclient_rekey(
+                uniffiHandle,
+                
+        FfiConverterByteArray.lower(`newKey`),
+            )
+        },
+        { future, callback, continuation -> UniffiLib.ffi_webwaka_realtime_ffi_rust_future_poll_void(future, callback, continuation) },
+        { future, continuation -> UniffiLib.ffi_webwaka_realtime_ffi_rust_future_complete_void(future, continuation) },
+        { future -> UniffiLib.ffi_webwaka_realtime_ffi_rust_future_free_void(future) },
+        // lift function
+        { },
+        
+        // Error FFI converter
+        RealtimeException.ErrorHandler,
+    )
+    }
 
     
     /**
@@ -4582,6 +4645,14 @@ data class ClientOptions (
     var `entityPullIntervalMs`: kotlin.ULong? = null 
     , 
     /**
+     * The longest wait between entity pulls while nothing changes (default 15
+     * minutes): each empty pull doubles the wait up to this; a change, a local edit, a
+     * new connection or the app coming to the foreground starts again from the short
+     * one.
+     */
+    var `entityPullIdleMaxMs`: kotlin.ULong? = null 
+    , 
+    /**
      * How often pending transactions' status is checked while connected.
      */
     var `transactionCheckIntervalMs`: kotlin.ULong? = null 
@@ -4597,6 +4668,14 @@ data class ClientOptions (
      * 24 h); `0` keeps them forever.
      */
     var `settledRetentionMs`: kotlin.ULong? = null 
+    , 
+    /**
+     * Encrypts the store with this key: 32 random bytes (AES-256) the app makes once
+     * and keeps in the Keychain or the Keystore. A plaintext store is encrypted at the
+     * first open with a key. Opening an encrypted store with another key, or none,
+     * fails with `WrongKey` and leaves the file as it is. `rekey` changes it.
+     */
+    var `encryptionKey`: kotlin.ByteArray? = null 
     
 ){
     
@@ -4635,8 +4714,10 @@ public object FfiConverterTypeClientOptions: FfiConverterRustBuffer<ClientOption
             FfiConverterOptionalULong.read(buf),
             FfiConverterOptionalULong.read(buf),
             FfiConverterOptionalULong.read(buf),
+            FfiConverterOptionalULong.read(buf),
             FfiConverterOptionalSequenceString.read(buf),
             FfiConverterOptionalULong.read(buf),
+            FfiConverterOptionalByteArray.read(buf),
         )
     }
 
@@ -4662,9 +4743,11 @@ public object FfiConverterTypeClientOptions: FfiConverterRustBuffer<ClientOption
             FfiConverterOptionalULong.allocationSize(value.`stableAfterMs`) +
             FfiConverterOptionalULong.allocationSize(value.`ackTimeoutMs`) +
             FfiConverterOptionalULong.allocationSize(value.`entityPullIntervalMs`) +
+            FfiConverterOptionalULong.allocationSize(value.`entityPullIdleMaxMs`) +
             FfiConverterOptionalULong.allocationSize(value.`transactionCheckIntervalMs`) +
             FfiConverterOptionalSequenceString.allocationSize(value.`tlsRootCertificates`) +
-            FfiConverterOptionalULong.allocationSize(value.`settledRetentionMs`)
+            FfiConverterOptionalULong.allocationSize(value.`settledRetentionMs`) +
+            FfiConverterOptionalByteArray.allocationSize(value.`encryptionKey`)
     )
 
     override fun write(value: ClientOptions, buf: ByteBuffer) {
@@ -4689,9 +4772,11 @@ public object FfiConverterTypeClientOptions: FfiConverterRustBuffer<ClientOption
             FfiConverterOptionalULong.write(value.`stableAfterMs`, buf)
             FfiConverterOptionalULong.write(value.`ackTimeoutMs`, buf)
             FfiConverterOptionalULong.write(value.`entityPullIntervalMs`, buf)
+            FfiConverterOptionalULong.write(value.`entityPullIdleMaxMs`, buf)
             FfiConverterOptionalULong.write(value.`transactionCheckIntervalMs`, buf)
             FfiConverterOptionalSequenceString.write(value.`tlsRootCertificates`, buf)
             FfiConverterOptionalULong.write(value.`settledRetentionMs`, buf)
+            FfiConverterOptionalByteArray.write(value.`encryptionKey`, buf)
     }
 }
 
@@ -6962,6 +7047,21 @@ sealed class RealtimeException: kotlin.Exception() {
     }
     
     /**
+     * The store is encrypted and the key given (or none) does not open it: open the
+     * client with the store's key. Nothing was changed and the file is kept.
+     */
+    class WrongKey(
+        
+        /**
+         * Which store, and whether a key was given.
+         */
+        val `reason`: kotlin.String
+        ) : RealtimeException() {
+        override val message
+            get() = "reason=${ `reason` }"
+    }
+    
+    /**
      * The client was shut down: open a new one.
      */
     class Closed(
@@ -7033,8 +7133,11 @@ public object FfiConverterTypeRealtimeError : FfiConverterRustBuffer<RealtimeExc
             11 -> RealtimeException.StorageIo(
                 FfiConverterString.read(buf),
                 )
-            12 -> RealtimeException.Closed()
-            13 -> RealtimeException.Internal(
+            12 -> RealtimeException.WrongKey(
+                FfiConverterString.read(buf),
+                )
+            13 -> RealtimeException.Closed()
+            14 -> RealtimeException.Internal(
                 FfiConverterString.read(buf),
                 )
             else -> throw RuntimeException("invalid error enum value, something is very wrong!!")
@@ -7093,6 +7196,11 @@ public object FfiConverterTypeRealtimeError : FfiConverterRustBuffer<RealtimeExc
                 + FfiConverterString.allocationSize(value.`reason`)
             )
             is RealtimeException.StorageIo -> (
+                // Add the size for the Int that specifies the variant plus the size needed for all fields
+                4UL
+                + FfiConverterString.allocationSize(value.`reason`)
+            )
+            is RealtimeException.WrongKey -> (
                 // Add the size for the Int that specifies the variant plus the size needed for all fields
                 4UL
                 + FfiConverterString.allocationSize(value.`reason`)
@@ -7165,12 +7273,17 @@ public object FfiConverterTypeRealtimeError : FfiConverterRustBuffer<RealtimeExc
                 FfiConverterString.write(value.`reason`, buf)
                 Unit
             }
-            is RealtimeException.Closed -> {
+            is RealtimeException.WrongKey -> {
                 buf.putInt(12)
+                FfiConverterString.write(value.`reason`, buf)
+                Unit
+            }
+            is RealtimeException.Closed -> {
+                buf.putInt(13)
                 Unit
             }
             is RealtimeException.Internal -> {
-                buf.putInt(13)
+                buf.putInt(14)
                 FfiConverterString.write(value.`reason`, buf)
                 Unit
             }
@@ -7519,6 +7632,38 @@ public object FfiConverterOptionalString: FfiConverterRustBuffer<kotlin.String?>
         } else {
             buf.put(1)
             FfiConverterString.write(value, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterOptionalByteArray: FfiConverterRustBuffer<kotlin.ByteArray?> {
+    override fun read(buf: ByteBuffer): kotlin.ByteArray? {
+        if (buf.get().toInt() == 0) {
+            return null
+        }
+        return FfiConverterByteArray.read(buf)
+    }
+
+    override fun allocationSize(value: kotlin.ByteArray?): ULong {
+        if (value == null) {
+            return 1UL
+        } else {
+            return 1UL + FfiConverterByteArray.allocationSize(value)
+        }
+    }
+
+    override fun write(value: kotlin.ByteArray?, buf: ByteBuffer) {
+        if (value == null) {
+            buf.put(0)
+        } else {
+            buf.put(1)
+            FfiConverterByteArray.write(value, buf)
         }
     }
 }

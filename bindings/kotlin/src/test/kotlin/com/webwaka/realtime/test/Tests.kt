@@ -217,6 +217,78 @@ fun aClassDTransactionIsConfirmed() {
     }
 }
 
+/** The names of the store's files (the database, its WAL and shared memory) holding `marker`. */
+fun storeFilesHolding(store: String, marker: String): List<String> {
+    val needle = marker.toByteArray()
+    fun holds(bytes: ByteArray): Boolean {
+        outer@ for (i in 0..bytes.size - needle.size) {
+            for (j in needle.indices) if (bytes[i + j] != needle[j]) continue@outer
+            return true
+        }
+        return false
+    }
+    return listOf("", "-wal", "-shm").map { File(workDir, "$store.db$it") }
+        .filter { it.exists() && holds(it.readBytes()) }
+        .map { it.name }
+}
+
+/** With `encryptionKey`, no plaintext in the store's files; a wrong key or none is WrongKey; rekey. */
+fun anEncryptedStoreHoldsNoPlaintextAndNeedsItsKey() {
+    val key = ByteArray(32).also { java.security.SecureRandom().nextBytes(it) }
+    val marker = "KOTLIN-SECRET-5e1f09"
+    val tokens = StaticTokens(server.token("k12", "alice"))
+    runBlocking {
+        // The plaintext store first: the check finds the marker there, so it can fail.
+        for ((store, k) in listOf("k12-plain" to null, "k12-enc" to key)) {
+            val c = RealtimeClient.open(options(store).copy(encryptionKey = k), tokens)
+            c.use {
+                val m = c.sendMessage(OutgoingMessage(MessageTarget.User("bob"), "dm", """{"text":"$marker"}"""))
+                val t = c.submitTransaction("payment", """{"note":"$marker"}""", null)
+                check(c.waitSettled(m.id, listOf(OutboxItemState.ACCEPTED), 15_000uL).state == OutboxItemState.ACCEPTED) { "message not accepted" }
+                check(c.waitSettled(t.id, listOf(OutboxItemState.CONFIRMED), 15_000uL).state == OutboxItemState.CONFIRMED) { "transaction not confirmed" }
+                val holding = storeFilesHolding(store, marker)
+                if (k == null) {
+                    check(holding.isNotEmpty()) { "the plaintext store shows the marker" }
+                } else {
+                    check(File(workDir, "$store.db-wal").length() > 0) { "the WAL holds pages while open" }
+                    check(holding.isEmpty()) { "plaintext in $holding while open" }
+                }
+                c.shutdown()
+            }
+            if (k != null) check(storeFilesHolding(store, marker).isEmpty()) { "plaintext after shutdown" }
+        }
+        for (wrong in listOf(ByteArray(32) { 7 }, null)) {
+            try {
+                RealtimeClient.open(options("k12-enc").copy(encryptionKey = wrong), tokens)
+                throw TestFailure("an encrypted store opened with ${if (wrong == null) "no key" else "a wrong key"}")
+            } catch (e: RealtimeException.WrongKey) {
+            }
+        }
+        try {
+            RealtimeClient.open(options("k12-short").copy(encryptionKey = ByteArray(16)), tokens)
+            throw TestFailure("a 16-byte key was accepted")
+        } catch (e: RealtimeException.InvalidInput) {
+            check(e.field == "encryptionKey") { "field ${e.field}" }
+        }
+        // Rotation: the new key opens it with everything in it, the old one no longer does.
+        val newKey = ByteArray(32).also { java.security.SecureRandom().nextBytes(it) }
+        RealtimeClient.open(options("k12-enc").copy(encryptionKey = key), tokens).use { c ->
+            c.rekey(newKey)
+            c.shutdown()
+        }
+        try {
+            RealtimeClient.open(options("k12-enc").copy(encryptionKey = key), tokens)
+            throw TestFailure("the old key still opens the store")
+        } catch (e: RealtimeException.WrongKey) {
+        }
+        RealtimeClient.open(options("k12-enc").copy(encryptionKey = newKey), tokens).use { c ->
+            val items = c.outbox(null)
+            check(items.size == 2) { "the items survived the rotation: $items" }
+            c.shutdown()
+        }
+    }
+}
+
 fun errorsArriveAsKotlinExceptions() {
     open("k6", "alice").use { client ->
         runBlocking {
@@ -452,6 +524,7 @@ val tests = listOf(
     TestCase("messages queue while the server is down and deliver after it restarts", ::messagesQueueWhileTheServerIsDownAndDeliverAfterItRestarts),
     TestCase("an entity edited offline reconciles", ::anEntityEditedOfflineReconciles),
     TestCase("a Class D transaction is confirmed", ::aClassDTransactionIsConfirmed),
+    TestCase("an encrypted store holds no plaintext and needs its key", ::anEncryptedStoreHoldsNoPlaintextAndNeedsItsKey),
     TestCase("a MANUAL conflict shows both sides and is resolved", ::aManualConflictShowsBothSidesAndIsResolved),
     TestCase("errors arrive as Kotlin exceptions", ::errorsArriveAsKotlinExceptions),
     TestCase("a failing token provider means AUTH_FAILED until reauthenticate", ::aFailingTokenProviderMeansAuthFailedUntilReauthenticate),

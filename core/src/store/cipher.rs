@@ -1,0 +1,225 @@
+//! Encryption at rest: the store's key ([`StoreKey`]), applying it to a connection,
+//! telling an encrypted file from a damaged one, encrypting a store that was plaintext,
+//! and rotating the key.
+//!
+//! With a key, the whole file is encrypted by SQLCipher (AES-256 per page with an HMAC;
+//! the WAL's pages too; temporary tables stay in memory). The key is used raw (SQLCipher's
+//! `x'…'` form): 32 random bytes the app keeps in the Keychain or the Keystore, so that
+//! opening costs no passphrase derivation. SQLCipher comes with the `encryption` feature;
+//! a build without it refuses a key with a clear error rather than writing plaintext.
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::{Connection, OptionalExtension};
+use zeroize::Zeroizing;
+
+use super::StoreError;
+
+/// The bytes of a [`StoreKey`].
+pub const KEY_BYTES: usize = 32;
+
+/// The first 16 bytes of every plaintext SQLite file.
+const SQLITE_MAGIC: &[u8; 16] = b"SQLite format 3\0";
+
+/// The key that encrypts a store: 32 random bytes (AES-256). Make it once per
+/// installation with a secure random generator and keep it in the platform's key store;
+/// losing it loses what the store held that the server does not have. Wiped from memory
+/// when dropped; never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoreKey(Zeroizing<[u8; KEY_BYTES]>);
+
+impl StoreKey {
+    /// A key from its 32 bytes; any other length is refused (naming the length found).
+    pub fn from_bytes(bytes: &[u8]) -> Result<StoreKey, StoreError> {
+        let array: [u8; KEY_BYTES] = bytes.try_into().map_err(|_| StoreError::Invalid {
+            field: "key",
+            message: format!(
+                "must be {KEY_BYTES} bytes (a raw AES-256 key), got {}",
+                bytes.len()
+            ),
+        })?;
+        Ok(StoreKey(Zeroizing::new(array)))
+    }
+
+    /// SQLCipher's raw-key form, `x'<64 hex digits>'`, as a value to bind or quote.
+    fn raw(&self) -> Zeroizing<String> {
+        Zeroizing::new(format!("x'{}'", hex::encode(*self.0)))
+    }
+}
+
+impl std::fmt::Debug for StoreKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StoreKey(…)")
+    }
+}
+
+/// Whether this build's SQLite is SQLCipher (it answers `PRAGMA cipher_version`).
+pub fn encryption_available(conn: &Connection) -> Result<bool, StoreError> {
+    let version: Option<String> = conn
+        .query_row("PRAGMA cipher_version", [], |r| r.get(0))
+        .optional()?;
+    Ok(version.is_some())
+}
+
+/// Sets `key` on a connection just opened, before anything reads the file.
+pub(super) fn apply_key(conn: &Connection, key: &StoreKey) -> Result<(), StoreError> {
+    if !encryption_available(conn)? {
+        return Err(StoreError::Invalid {
+            field: "key",
+            message: "this build of the SDK has no encryption (the `encryption` feature is off)"
+                .into(),
+        });
+    }
+    // SQLCipher writes its own failures (a wrong key's "hmac check failed") to stderr
+    // (logcat on Android); they reach the app as typed errors instead.
+    conn.execute_batch("PRAGMA cipher_log_level = NONE;")?;
+    // PRAGMA takes no bound parameters: the key goes in as a quoted literal (hex digits
+    // only, so nothing to escape), built and dropped in wiped memory.
+    let pragma = Zeroizing::new(format!("PRAGMA key = \"{}\";", key.raw().as_str()));
+    conn.execute_batch(&pragma)?;
+    Ok(())
+}
+
+/// What a file that SQLite called "not a database" most likely is.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Unreadable {
+    /// A plaintext SQLite file (its header says so).
+    Plaintext,
+    /// Encrypted with another key (or opened without one): pages of whole sizes and a
+    /// random salt where the header would be. Never quarantined.
+    Encrypted,
+    /// Neither: damaged.
+    Damaged,
+}
+
+/// Looks at the first bytes and the length of the file at `path`.
+pub(super) fn classify(path: &Path) -> Unreadable {
+    use std::io::Read;
+    let mut head = [0u8; 16];
+    let read = std::fs::File::open(path).and_then(|mut f| {
+        f.read_exact(&mut head)?;
+        f.metadata()
+    });
+    let Ok(meta) = read else {
+        return Unreadable::Damaged;
+    };
+    if &head == SQLITE_MAGIC {
+        return Unreadable::Plaintext;
+    }
+    // SQLCipher's pages are 512 to 65536 bytes, and the file starts with a random
+    // 16-byte salt: a file of whole 512-byte blocks that starts with a salt is taken
+    // for encrypted. A text file, a truncated file or zeros are damaged.
+    let len = meta.len();
+    if len >= 512 && len % 512 == 0 && head.iter().any(|b| *b != 0) {
+        Unreadable::Encrypted
+    } else {
+        Unreadable::Damaged
+    }
+}
+
+/// `path` with `suffix` appended to its file name.
+pub(super) fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// Rewrites the plaintext store at `path` encrypted with `key`, crash-safe: the copy is
+/// made beside it (`-encrypting`), synced, then renamed over the original. A crash
+/// before the rename leaves the plaintext store as it was (and a stale copy, made
+/// again next time); after it, the encrypted one.
+///
+/// The old file's blocks are freed, not overwritten: on flash storage they may linger
+/// until reused. An app that needs none left sets the key from the first open.
+pub(super) fn encrypt_plaintext(path: &Path, key: &StoreKey) -> Result<(), StoreError> {
+    let copy = with_suffix(path, "-encrypting");
+    remove_if_exists(&copy)?;
+    remove_if_exists(&with_suffix(&copy, "-journal"))?;
+    {
+        let plain = Connection::open(path)?;
+        // Everything committed is in the main file first, then copied with the schema
+        // version (sqlcipher_export copies the schema and rows, not user_version).
+        plain.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        let version: i64 = plain.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        let copy_text = copy.to_str().ok_or_else(|| StoreError::Invalid {
+            field: "store path",
+            message: "is not valid UTF-8".into(),
+        })?;
+        plain.execute(
+            "ATTACH DATABASE ?1 AS encrypted KEY ?2",
+            rusqlite::params![copy_text, key.raw().as_str()],
+        )?;
+        plain.query_row("SELECT sqlcipher_export('encrypted')", [], |_| Ok(()))?;
+        plain.execute_batch(&format!("PRAGMA encrypted.user_version = {version};"))?;
+        plain.execute_batch("DETACH DATABASE encrypted;")?;
+        plain.close().map_err(|(_, e)| e)?;
+    }
+    std::fs::File::open(&copy)?.sync_all()?;
+    std::fs::rename(&copy, path)?;
+    // The plaintext WAL was emptied by the checkpoint and removed at close; if either
+    // is left (another connection), it belongs to the old file: remove it.
+    remove_if_exists(&with_suffix(path, "-wal"))?;
+    remove_if_exists(&with_suffix(path, "-shm"))?;
+    if let Some(dir) = path.parent() {
+        // The rename is durable once the directory is (best effort where a directory
+        // cannot be opened).
+        if let Ok(dir) = std::fs::File::open(if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        }) {
+            let _ = dir.sync_all();
+        }
+    }
+    Ok(())
+}
+
+/// Changes the key of an open, encrypted store (SQLCipher's `PRAGMA rekey`: every page
+/// rewritten under the new key in one transaction; a crash leaves the old key valid).
+pub(super) fn rekey(conn: &Connection, new_key: &StoreKey) -> Result<(), StoreError> {
+    let pragma = Zeroizing::new(format!("PRAGMA rekey = \"{}\";", new_key.raw().as_str()));
+    conn.execute_batch(&pragma)?;
+    Ok(())
+}
+
+fn remove_if_exists(path: &Path) -> Result<(), std::io::Error> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn a_key_is_32_bytes_and_never_printed() {
+        let err = StoreKey::from_bytes(&[1; 31]).unwrap_err();
+        assert!(err.to_string().contains("got 31"), "{err}");
+        let key = StoreKey::from_bytes(&[0xab; 32]).unwrap();
+        assert_eq!(format!("{key:?}"), "StoreKey(…)");
+        assert_eq!(key.raw().as_str(), format!("x'{}'", "ab".repeat(32)));
+    }
+
+    #[test]
+    fn files_are_told_apart_by_header_and_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, bytes: &[u8]| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, bytes).unwrap();
+            classify(&path)
+        };
+        let mut plain = SQLITE_MAGIC.to_vec();
+        plain.resize(4096, 0);
+        assert_eq!(file("plain", &plain), Unreadable::Plaintext);
+        let salted: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
+        assert_eq!(file("salted", &salted), Unreadable::Encrypted);
+        assert_eq!(file("text", b"not a database at all"), Unreadable::Damaged);
+        assert_eq!(file("zeros", &[0; 4096]), Unreadable::Damaged);
+        assert_eq!(file("cut", &salted[..1000]), Unreadable::Damaged);
+        assert_eq!(classify(&dir.path().join("missing")), Unreadable::Damaged);
+    }
+}
