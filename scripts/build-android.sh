@@ -32,8 +32,10 @@ mkdir -p "$module/src/main/jniLibs" "$module/src/main/kotlin/com/webwaka/realtim
 ndk_args=()
 for abi in "${abis[@]}"; do ndk_args+=(-t "$abi"); done
 # API 24 (Android 7): the oldest that the NDK's current toolchains and JNA support well.
+# vendored-openssl: SQLCipher's libcrypto is built from source and linked in statically
+# (Android has no libcrypto for apps to link).
 cargo ndk "${ndk_args[@]}" --platform 24 -o "$module/src/main/jniLibs" \
-    build --locked --profile mobile -p webwaka-realtime-ffi --lib
+    build --locked --profile mobile -p webwaka-realtime-ffi --lib --features vendored-openssl
 
 cp bindings/kotlin/src/main/kotlin/com/webwaka/realtime/webwaka_realtime_ffi.kt \
     "$module/src/main/kotlin/com/webwaka/realtime/"

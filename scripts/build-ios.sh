@@ -27,7 +27,8 @@ rm -rf "$out"
 mkdir -p "$out/headers" "$out/sim" "$package/Sources/WebWakaRealtime"
 
 # A static library per target: the crate's cdylib is for JNA and tests; iOS apps link
-# static code (`cargo rustc --crate-type` adds it without changing Cargo.toml).
+# static code (`cargo rustc --crate-type` adds it without changing Cargo.toml). SQLCipher
+# uses Apple's CommonCrypto there (libsqlite3-sys picks it for Apple targets): no OpenSSL.
 for target in aarch64-apple-ios aarch64-apple-ios-sim x86_64-apple-ios; do
     cargo rustc --locked --profile mobile -p webwaka-realtime-ffi --lib --target "$target" --crate-type staticlib
 done
@@ -65,8 +66,9 @@ let package = Package(
             name: "WebWakaRealtime",
             dependencies: ["WebWakaRealtimeFFI"],
             path: "Sources/WebWakaRealtime",
-            // The Rust standard library needs these system libraries.
-            linkerSettings: [.linkedLibrary("resolv")]
+            // The Rust standard library needs resolv; SQLCipher (CommonCrypto) Security
+            // and CoreFoundation.
+            linkerSettings: [.linkedLibrary("resolv"), .linkedFramework("Security"), .linkedFramework("CoreFoundation")]
         ),
     ]
 )
