@@ -18,6 +18,13 @@ use super::StoreError;
 /// The bytes of a [`StoreKey`].
 pub const KEY_BYTES: usize = 32;
 
+/// The page size of an encrypted store, in bytes: the plaintext store's (see
+/// `PAGE_SIZE` in the store), not SQLCipher's default of 4 KiB. It is the cipher's unit
+/// and must be set before the first read of every open, so it is fixed for good: another
+/// SQLCipher tool opens the file with `PRAGMA cipher_page_size = 2048`. Half the bytes
+/// per page is half the bytes encrypted, authenticated and written per commit.
+pub const CIPHER_PAGE_SIZE: u32 = 2048;
+
 /// The first 16 bytes of every plaintext SQLite file.
 const SQLITE_MAGIC: &[u8; 16] = b"SQLite format 3\0";
 
@@ -77,6 +84,7 @@ pub(super) fn apply_key(conn: &Connection, key: &StoreKey) -> Result<(), StoreEr
     // only, so nothing to escape), built and dropped in wiped memory.
     let pragma = Zeroizing::new(format!("PRAGMA key = \"{}\";", key.raw().as_str()));
     conn.execute_batch(&pragma)?;
+    conn.execute_batch(&format!("PRAGMA cipher_page_size = {CIPHER_PAGE_SIZE};"))?;
     Ok(())
 }
 
@@ -149,6 +157,9 @@ pub(super) fn encrypt_plaintext(path: &Path, key: &StoreKey) -> Result<(), Store
             "ATTACH DATABASE ?1 AS encrypted KEY ?2",
             rusqlite::params![copy_text, key.raw().as_str()],
         )?;
+        plain.execute_batch(&format!(
+            "PRAGMA encrypted.cipher_page_size = {CIPHER_PAGE_SIZE};"
+        ))?;
         plain.query_row("SELECT sqlcipher_export('encrypted')", [], |_| Ok(()))?;
         plain.execute_batch(&format!("PRAGMA encrypted.user_version = {version};"))?;
         plain.execute_batch("DETACH DATABASE encrypted;")?;

@@ -335,9 +335,8 @@ impl Store {
         // commit brought it nearer the disk's own fsync rate (about 0.74 → 0.85-0.9 ×
         // in alternating runs), at some cost to batched state changes (take+ack about
         // 25 → 29 µs of CPU per item). A file that exists keeps its page size.
-        // An encrypted file keeps SQLCipher's own page size (4 KiB): its page size is
-        // the cipher's, fixed before the first read, and other SQLCipher tools open the
-        // file with the default.
+        // An encrypted file's page size is the cipher's, set with the key
+        // (`cipher::CIPHER_PAGE_SIZE`, the same 2 KiB).
         if config.key.is_none() {
             conn.execute_batch(&format!("PRAGMA page_size = {PAGE_SIZE};"))?;
         }

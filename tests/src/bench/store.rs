@@ -294,14 +294,18 @@ fn encryption_cost(dir: &BenchDir) -> Result<Vec<Row>, StoreError> {
             name: "store: durable enqueue, plaintext → encrypted".into(),
             figure: pair(&plain_single, &enc_single),
             method: format!(
-                "as the durable enqueue row ({BODY_BYTES}-byte items, one per commit,                  synchronous=FULL, {ms} ms), on a plaintext store and on an encrypted one                  (SQLCipher, raw 256-bit key, 4 KiB pages) in turn; median of {RUNS} runs each"
+                "as the durable enqueue row ({BODY_BYTES}-byte items, one per commit, \
+                 synchronous=FULL, {ms} ms), on a plaintext store and on an encrypted one \
+                 (SQLCipher, raw 256-bit key, 2 KiB pages as the plaintext store) in turn; median of {RUNS} runs each"
             ),
         },
         Row {
             name: "store: take+ack, plaintext → encrypted".into(),
             figure: pair(&plain_take, &enc_take),
             method: format!(
-                "as the take+ack row ({TAKE_ITEMS} items on {TAKE_LANES} lanes, rounds of                  {TAKE_BATCH}), on a plaintext store and on an encrypted one in turn; median of                  {RUNS} runs each"
+                "as the take+ack row ({TAKE_ITEMS} items on {TAKE_LANES} lanes, rounds of \
+                 {TAKE_BATCH}), on a plaintext store and on an encrypted one in turn; median of \
+                 {RUNS} runs each"
             ),
         },
     ])
