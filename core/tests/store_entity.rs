@@ -377,6 +377,16 @@ fn a_snapshot_with_a_bad_checksum_is_refused() {
     let outcome = store.apply_reconcile_response(&response, at(0)).unwrap();
     assert_eq!(outcome.bad_checksums, vec!["doc/d1".to_string()]);
     assert_eq!(store.entity("doc", "d1").unwrap(), None);
+    // The sync version stays where it was: past it, the next pull would never bring
+    // the refused entity again.
+    assert_eq!(store.entity_sync_version().unwrap(), None);
+    let good = ReconciliationResponse {
+        delta_updates: vec![snapshot_of(&state)],
+        ..response
+    };
+    store.apply_reconcile_response(&good, at(1)).unwrap();
+    assert!(store.entity("doc", "d1").unwrap().is_some());
+    assert_eq!(store.entity_sync_version().unwrap().as_deref(), Some("1"));
 }
 
 #[test]

@@ -5,7 +5,8 @@
 //! sends nonsense (unknown events, ids over 256 bytes, sequences going backwards,
 //! invalid UTF-8, a 100 MiB frame cut short, an absurd heartbeat interval and
 //! timestamps);
-//! endless slow answers and redirect loops. For each, the client must not panic (its
+//! endless slow answers and redirect loops; entity snapshots whose checksum does not
+//! match their data. For each, the client must not panic (its
 //! supervisor keeps answering), must not lose or duplicate an accepted item, and must go
 //! on working once the server behaves.
 
@@ -24,7 +25,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
 use tokio_tungstenite::tungstenite::Message;
 use webwaka_e2e::harness::{
-    TestServer, client_config, direct, messages, open_client, texts, wait_state,
+    TestServer, client_config, direct, messages, open_client, texts, wait_state, wait_until,
 };
 use webwaka_realtime::client::{Client, Next, Subscription, Update};
 use webwaka_realtime::machine::{ConnectionState, MAX_SERVER_DELAY};
@@ -44,6 +45,9 @@ enum Scenario {
     WsNonsense,
     /// The upgrade never answered; polls that trickle forever; sends redirected in a loop.
     Slow,
+    /// Everything forwarded, but the snapshots in reconcile answers and snapshot fetches
+    /// come back with a wrong checksum.
+    BadSnapshots,
 }
 
 struct Front {
@@ -104,6 +108,11 @@ impl Drop for Front {
 /// Reads one request head and its `Content-Length` body (so that closing afterwards
 /// does not reset the answer away).
 async fn read_request(stream: &mut TcpStream) -> std::io::Result<String> {
+    Ok(read_request_bytes(stream).await?.0)
+}
+
+/// [`read_request`], also giving every byte read (head and body).
+async fn read_request_bytes(stream: &mut TcpStream) -> std::io::Result<(String, Vec<u8>)> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     let head_end = loop {
@@ -128,15 +137,41 @@ async fn read_request(stream: &mut TcpStream) -> std::io::Result<String> {
                 .then(|| value.trim().parse().ok())?
         })
         .unwrap_or(0);
-    let mut have = buf.len() - head_end;
-    while have < length {
+    while buf.len() - head_end < length {
         let n = stream.read(&mut chunk).await?;
         if n == 0 {
             break;
         }
-        have += n;
+        buf.extend_from_slice(&chunk[..n]);
     }
-    Ok(head)
+    Ok((head, buf))
+}
+
+/// Sends `request` to `target` asking it to close after answering, and returns the
+/// answer's status (`200 OK`) and body.
+async fn forward(target: SocketAddr, request: &[u8]) -> std::io::Result<(String, Vec<u8>)> {
+    let line_end = request
+        .windows(2)
+        .position(|w| w == b"\r\n")
+        .ok_or_else(|| std::io::Error::other("no request line"))?;
+    let mut upstream = TcpStream::connect(target).await?;
+    upstream.write_all(&request[..line_end + 2]).await?;
+    upstream.write_all(b"Connection: close\r\n").await?;
+    upstream.write_all(&request[line_end + 2..]).await?;
+    let mut answer = Vec::new();
+    upstream.read_to_end(&mut answer).await?;
+    let head_end = answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other("no answer head"))?;
+    let head = String::from_utf8_lossy(&answer[..head_end]).into_owned();
+    let status = head
+        .lines()
+        .next()
+        .and_then(|l| l.split_once(' '))
+        .map(|(_, s)| s.to_owned())
+        .unwrap_or_default();
+    Ok((status, answer[head_end + 4..].to_vec()))
 }
 
 fn is_upgrade(head: &str) -> bool {
@@ -173,6 +208,35 @@ async fn serve(
             return Ok(());
         }
         return ws_nonsense(stream).await;
+    }
+    if scenario == Scenario::BadSnapshots {
+        // WebSockets pass; each HTTP request is forwarded alone and answered on a
+        // connection closed after it (so that every request is looked at).
+        let mut peek = [0u8; 4096];
+        let seen = stream.peek(&mut peek).await?;
+        if is_upgrade(&String::from_utf8_lossy(&peek[..seen])) {
+            let mut upstream = TcpStream::connect(target).await?;
+            tokio::io::copy_bidirectional(&mut stream, &mut upstream).await?;
+            return Ok(());
+        }
+        let (head, request) = read_request_bytes(&mut stream).await?;
+        let (status, body) = forward(target, &request).await?;
+        if !head.contains(" /api/reconciliation/") {
+            answer(&mut stream, &status, "", &String::from_utf8_lossy(&body)).await;
+            return Ok(());
+        }
+        let mut json: serde_json::Value =
+            serde_json::from_slice(&body).map_err(std::io::Error::other)?;
+        let broken = serde_json::json!("0badc0de");
+        if let Some(deltas) = json.get_mut("deltaUpdates").and_then(|d| d.as_array_mut()) {
+            for delta in deltas {
+                delta["checksum"] = broken.clone();
+            }
+        } else if json.get("checksum").is_some() {
+            json["checksum"] = broken;
+        }
+        answer(&mut stream, &status, "", &json.to_string()).await;
+        return Ok(());
     }
     let head = read_request(&mut stream).await?;
     let upgrade = is_upgrade(&head);
@@ -247,7 +311,7 @@ async fn serve(
                 }
             }
         }
-        Scenario::Pass | Scenario::WsNonsense => {}
+        Scenario::Pass | Scenario::WsNonsense | Scenario::BadSnapshots => {}
     }
     Ok(())
 }
@@ -466,4 +530,58 @@ async fn a_websocket_sending_nonsense_is_survived() {
 #[tokio::test]
 async fn endless_slow_answers_and_redirect_loops_are_bounded() {
     survives(Scenario::Slow, true).await;
+}
+
+/// Snapshots whose checksum does not match their data are refused, counted, and pulled
+/// again: the sync version does not move past them, so once the server behaves the
+/// entity arrives (before, the version moved on and the entity never came again).
+#[tokio::test]
+async fn snapshots_with_a_wrong_checksum_are_refused_and_pulled_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let front = Front::start(server.addr).await;
+    let alice = open_client(
+        client_config(&front.url(), &dir.path().join("alice.db")),
+        server.token("t1", "alice"),
+    )
+    .await;
+    let bob = open_client(
+        client_config(&server.url(), &dir.path().join("bob.db")),
+        server.token("t1", "bob"),
+    )
+    .await;
+    for c in [&alice, &bob] {
+        assert!(wait_state(c, ConnectionState::Realtime, Duration::from_secs(10)).await);
+    }
+    front.set(Scenario::BadSnapshots);
+    let real = serde_json::json!({ "text": "real" });
+    bob.create_entity("note", "n1", real.clone()).await.unwrap();
+    let refused = wait_until(Duration::from_secs(15), || async {
+        alice.sync_entities().unwrap();
+        alice.metrics().await.unwrap().protocol_errors > 0
+    })
+    .await;
+    assert!(refused, "the broken snapshots are counted");
+    assert_eq!(
+        alice.entity("note", "n1").await.unwrap(),
+        None,
+        "nothing of a broken snapshot is stored"
+    );
+    alive(&alice).await;
+
+    front.set(Scenario::Pass);
+    alice.network_available();
+    let arrived = wait_until(Duration::from_secs(15), || async {
+        let _ = alice.sync_entities();
+        alice
+            .entity("note", "n1")
+            .await
+            .unwrap()
+            .is_some_and(|e| e.value.data == real)
+    })
+    .await;
+    assert!(arrived, "pulled again once the server behaves");
+    for c in [&alice, &bob] {
+        c.shutdown().await;
+    }
 }

@@ -153,7 +153,8 @@ enum Io {
         protocol_error: bool,
     },
     /// A reconcile ended: `Ok(true)` when it sent operations or brought changes.
-    Pulled(Result<bool, HttpError>),
+    /// A reconcile or pull ended.
+    Pulled(Result<Pulled, HttpError>),
     /// The catch-up of a connection opened without a cursor ended: `Ok(true)` when it
     /// reached the end of the log.
     CaughtUp(u64, Result<bool, HttpError>),
@@ -172,6 +173,16 @@ impl Io {
         };
         matches!(error, HttpError::Protocol(_))
     }
+}
+
+/// What a reconcile or pull did.
+#[derive(Debug)]
+pub(crate) struct Pulled {
+    /// Something changed (sent, pulled, or a conflict): pull again soon.
+    changed: bool,
+    /// Snapshots the server sent whose checksum did not match their data: refused,
+    /// fetched again, counted as protocol errors.
+    bad_snapshots: usize,
 }
 
 /// The supervisor's state. See the module docs.
@@ -1277,8 +1288,18 @@ impl Supervisor {
             },
             Io::Pulled(result) => {
                 self.reconcile_in_flight = false;
+                let bad_snapshots = result.as_ref().map_or(0, |p| p.bad_snapshots);
+                if bad_snapshots > 0 {
+                    warn!(
+                        bad_snapshots,
+                        "the server sent snapshots whose checksum does not match their data"
+                    );
+                    self.protocol_errors = self
+                        .protocol_errors
+                        .saturating_add(u64::try_from(bad_snapshots).unwrap_or(u64::MAX));
+                }
                 match result {
-                    Ok(changed) => {
+                    Ok(Pulled { changed, .. }) => {
                         self.isolate_ops = false;
                         self.pull_interval = if changed {
                             self.cfg.entity_pull_interval
@@ -1831,7 +1852,7 @@ async fn reconcile(
     client_id: &str,
     ops: Vec<OutboxItem>,
     isolate: bool,
-) -> Result<bool, HttpError> {
+) -> Result<Pulled, HttpError> {
     let now = now_wall();
 
     let requeue = |store: StoreHandle, ops: Vec<OutboxItem>, reason: String, dead: bool| async move {
@@ -1956,7 +1977,9 @@ async fn reconcile(
             let _ = updates.send(Update::Outbox((&item).into()));
         }
     }
-    // Snapshots whose checksum did not match: fetch each again.
+    // Snapshots whose checksum did not match: counted, and each fetched again at once
+    // (the sync version did not move, so the next pull asks for them too).
+    let bad_snapshots = outcome.bad_checksums.len();
     for key in outcome.bad_checksums {
         let Some((entity_type, entity_id)) = key.split_once('/') else {
             continue;
@@ -1968,7 +1991,10 @@ async fn reconcile(
             }
         }
     }
-    Ok(changed)
+    Ok(Pulled {
+        changed,
+        bad_snapshots,
+    })
 }
 
 #[cfg(test)]

@@ -456,7 +456,9 @@ impl Store {
     /// checksum skips that snapshot and is reported), the open conflicts (kept until
     /// settled; a resolved conflict closes an open one with the same id), the sent
     /// operations the server settled are marked accepted in the outbox, and the tenant
-    /// version becomes the next pull's `lastKnownVersion`.
+    /// version becomes the next pull's `lastKnownVersion`, but only when every snapshot
+    /// was stored: past a refused one, the next pull would never bring that entity
+    /// again (until it changed), so the version stays and the next pull asks again.
     pub fn apply_reconcile_response(
         &mut self,
         response: &ReconciliationResponse,
@@ -505,7 +507,9 @@ impl Store {
         for op in response.resolved_operations.iter().chain(held) {
             outbox::accept_if_pending(&tx, &op.operation_id, &response.current_version, now)?;
         }
-        set_sync_version(&tx, &response.current_version)?;
+        if out.bad_checksums.is_empty() {
+            set_sync_version(&tx, &response.current_version)?;
+        }
         tx.commit()?;
         Ok(out)
     }
