@@ -1,0 +1,214 @@
+//! The supervisor's entity sync: operations sent in batches to the reconcile endpoint,
+//! and the pull of what changed since the last known version.
+
+use super::*;
+
+impl Supervisor {
+    /// Sends pending entity operations (a batch) or, when `pull` and none are pending,
+    /// asks for the entity changes since the last pull.
+    pub(super) async fn spawn_reconcile(&mut self, pull: bool) {
+        if self.reconcile_in_flight || !self.machine.state().is_connected() {
+            return;
+        }
+        let limit = if self.isolate_ops {
+            1
+        } else {
+            self.cfg.reconcile_batch.max(1)
+        };
+        let now = now_wall();
+        let Ok(ops) = self
+            .store
+            .call(move |s| {
+                // One reconcile at a time: an operation still in flight now is left from
+                // one whose answer could not be stored (nor the operation requeued).
+                for stale in s.list(Some(ItemState::InFlight))? {
+                    if stale.kind == ItemKind::Operation {
+                        s.mark_failed(&stale.id, "requeued after a failed reconcile", now, now)?;
+                    }
+                }
+                let items: Vec<OutboxItem> = s
+                    .list(Some(ItemState::Persisted))?
+                    .into_iter()
+                    .filter(|i| i.kind == ItemKind::Operation && i.next_attempt_at <= now)
+                    .take(limit)
+                    .collect();
+                let mut taken = Vec::with_capacity(items.len());
+                for item in &items {
+                    taken.push(s.mark_in_flight(&item.id, now)?);
+                }
+                Ok(taken)
+            })
+            .await
+        else {
+            return;
+        };
+        if ops.is_empty() && !pull {
+            return;
+        }
+        self.reconcile_in_flight = true;
+        self.last_pull = Some(mono_now());
+        let (store, http, tokens, io, updates) = self.task_parts();
+        let client_id = self.client_id.clone();
+        let isolate = self.isolate_ops;
+        self.tasks.spawn(async move {
+            let result =
+                reconcile(&store, &http, &tokens, &updates, &client_id, ops, isolate).await;
+            let _ = io.send(Io::Pulled(result));
+        });
+    }
+}
+
+/// Sends `ops` (items in flight) and pulls the changes since the last known version;
+/// applies the answer to the store in one transaction.
+pub(super) async fn reconcile(
+    store: &StoreHandle,
+    http: &HttpApi,
+    tokens: &TokenCell,
+    updates: &broadcast::Sender<Update>,
+    client_id: &str,
+    ops: Vec<OutboxItem>,
+    isolate: bool,
+) -> Result<Pulled, HttpError> {
+    let now = now_wall();
+
+    let requeue = |store: StoreHandle, ops: Vec<OutboxItem>, reason: String, dead: bool| async move {
+        let wall = now_wall();
+        let requeued = store
+            .call(move |s| {
+                for op in ops {
+                    if dead {
+                        s.mark_dead(&op.id, &reason, now)?;
+                    } else {
+                        let at = wall_later(wall, item_backoff(op.attempts));
+                        s.mark_failed(&op.id, &reason, at, now)?;
+                    }
+                }
+                Ok(())
+            })
+            .await;
+        if let Err(e) = requeued {
+            // Left in flight: the next reconcile requeues them.
+            warn!(error = %e, "could not requeue entity operations");
+        }
+    };
+    // An operation whose body does not decode can never be sent: dead, with the reason
+    // (it used to be dropped from the request and requeued, again and again).
+    let mut operations: Vec<Operation> = Vec::with_capacity(ops.len());
+    let mut readable = Vec::with_capacity(ops.len());
+    for op in ops {
+        match serde_json::from_value::<Operation>(op.body.clone()) {
+            Ok(operation) => {
+                operations.push(operation);
+                readable.push(op);
+            }
+            Err(e) => {
+                let reason = format!("unreadable operation body: {e}");
+                let id = op.id.clone();
+                match store.call(move |s| s.mark_dead(&id, &reason, now)).await {
+                    Ok(item) => {
+                        let _ = updates.send(Update::Outbox((&item).into()));
+                    }
+                    // Left in flight: the next reconcile requeues it and tries again.
+                    Err(e) => warn!(error = %e, "could not mark an unreadable operation dead"),
+                }
+            }
+        }
+    }
+    let ops = readable;
+    let token = match tokens.get().await {
+        Ok(t) => t,
+        Err(_) => {
+            requeue(store.clone(), ops, "no token".into(), false).await;
+            return Err(HttpError::Status {
+                status: 401,
+                body: None,
+                retry_after: None,
+            });
+        }
+    };
+    let sent_any = !ops.is_empty();
+    let claims = Claims::read(&token).map_err(HttpError::Protocol)?;
+    let last_known_version = store
+        .call(|s| s.entity_sync_version())
+        .await
+        .map_err(HttpError::Storage)?;
+    let request = ReconciliationRequest {
+        request_id: uuid::Uuid::now_v7().to_string(),
+        client_id: client_id.to_owned(),
+        tenant_id: claims.tenant_id,
+        last_known_version,
+        operations,
+        requested_at: now,
+        strategy: None,
+    };
+    let response = match with_token(tokens, |token| {
+        let request = &request;
+        async move { http.reconcile(&token, request).await }
+    })
+    .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            let dead = e.is_permanent() && isolate && ops.len() == 1;
+            requeue(store.clone(), ops, e.to_string(), dead).await;
+            return Err(e);
+        }
+    };
+    let applied_at = now_wall();
+    let resp = response.clone();
+    let outcome = match store
+        .call(move |s| s.apply_reconcile_response(&resp, applied_at))
+        .await
+    {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            // Nothing of the answer was applied (one transaction): the operations go
+            // back to the queue (or, if even that fails, the next reconcile requeues
+            // them) and the same changes are pulled again later.
+            requeue(store.clone(), ops, e.to_string(), false).await;
+            return Err(HttpError::Storage(e));
+        }
+    };
+    let changed = sent_any || !outcome.entities.is_empty() || !response.conflicts.is_empty();
+    for entity in outcome.entities {
+        let _ = updates.send(Update::Entity(entity));
+    }
+    for conflict in response.conflicts {
+        let _ = updates.send(Update::Conflict(conflict));
+    }
+    // Every sent operation is now settled; one the answer did not mention (it should
+    // not happen) goes back to the queue rather than staying in flight forever.
+    for op in ops {
+        let id = op.id.clone();
+        let at = now_wall();
+        let item = store
+            .call(move |s| match s.get(&id)? {
+                Some(i) if i.state == ItemState::InFlight => s
+                    .mark_failed(&id, "not settled by the server's answer", at, at)
+                    .map(Some),
+                other => Ok(other),
+            })
+            .await;
+        if let Ok(Some(item)) = item {
+            let _ = updates.send(Update::Outbox((&item).into()));
+        }
+    }
+    // Snapshots whose checksum did not match: counted, and each fetched again at once
+    // (the sync version did not move, so the next pull asks for them too).
+    let bad_snapshots = outcome.bad_checksums.len();
+    for key in outcome.bad_checksums {
+        let Some((entity_type, entity_id)) = key.split_once('/') else {
+            continue;
+        };
+        if let Ok(snapshot) = http.snapshot(&token, entity_type, entity_id).await {
+            let at = now_wall();
+            if let Ok(Some(entity)) = store.call(move |s| s.apply_snapshot(&snapshot, at)).await {
+                let _ = updates.send(Update::Entity(entity));
+            }
+        }
+    }
+    Ok(Pulled {
+        changed,
+        bad_snapshots,
+    })
+}
