@@ -7,8 +7,11 @@
 //! handle. This keeps the client independent of which thread or executor the app uses,
 //! and lets `Drop` shut a client down from any thread.
 //!
-//! Two worker threads: a mobile app runs one or two clients, and their work is I/O.
-//! The runtime lives as long as the process.
+//! One worker thread: a mobile app runs one or two clients, and their work is I/O (store
+//! calls go to tokio's blocking pool). With two workers every wake-up handed work to the
+//! other, parked one: a connection attempt while Suspended cost 19 context switches
+//! with two workers and 7 with one (the wake-up probe, `bench wakeups`), which is what
+//! keeps a phone awake. The runtime lives as long as the process.
 
 use std::future::Future;
 use std::sync::OnceLock;
@@ -18,7 +21,7 @@ use tokio::runtime::{Handle, Runtime};
 use crate::error::RealtimeError;
 
 /// Worker threads of the runtime.
-const WORKER_THREADS: usize = 2;
+const WORKER_THREADS: usize = 1;
 
 static RUNTIME: OnceLock<Result<Runtime, String>> = OnceLock::new();
 

@@ -135,7 +135,7 @@ pub fn run() -> Result<Vec<Row>, String> {
                 name: "client: wake-ups per hour, idle and connected".into(),
                 figure: format!("{connected:.0}/h (target ≤ 500; {threads} threads)"),
                 method: format!(
-                    "separate process linking only the client (bin client_wakeups, `mobile` profile): tokio runtime (2 workers) + one client in Realtime against the local server on loopback, the server pinging every 30 s (the client, hearing it, sends no pings of its own), nothing sent; context switches of all its threads (/proc/PID/task/*/status, voluntary + nonvoluntary) over {} s after {} s settled (entity pulls backed off), × 3600/{}",
+                    "separate process linking only the client (bin client_wakeups, `mobile` profile): tokio runtime (1 worker, as the SDK's) + one client in Realtime against the local server on loopback, the server pinging every 30 s (the client, hearing it, sends no pings of its own), nothing sent; context switches of all its threads (/proc/PID/task/*/status, voluntary + nonvoluntary) over {} s after {} s settled (entity pulls backed off), × 3600/{}",
                     CONNECTED_WINDOW.as_secs(),
                     CONNECTED_SETTLE.as_secs(),
                     CONNECTED_WINDOW.as_secs()
@@ -157,8 +157,14 @@ pub fn run() -> Result<Vec<Row>, String> {
 /// The probe (in the child process): opens one client in `mode` (`connected` or
 /// `suspended`), prints `ready` once there, then idles until killed.
 pub fn child(mode: &str, url: &str, token: &str) -> Result<(), String> {
+    // As the SDK's own runtime (ffi/src/runtime.rs): one worker;
+    // `WEBWAKA_PROBE_WORKERS` compares with more.
+    let workers = std::env::var("WEBWAKA_PROBE_WORKERS")
+        .ok()
+        .and_then(|w| w.parse().ok())
+        .unwrap_or(1);
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(workers)
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
