@@ -396,10 +396,9 @@ async fn alive(client: &Client) {
     );
 }
 
-/// Alice talks to the real server through the front, which turns `scenario` for a
-/// while; bob talks to the server directly. Messages both ways during the trouble, then
-/// the front behaves again (unless `recovers` is false): each arrives exactly once.
-async fn survives(scenario: Scenario, recovers: bool) {
+/// A server, a front before it, alice through the front and bob directly, both in
+/// Realtime (the directory and the server live as long as the tuple).
+async fn behind_front() -> (tempfile::TempDir, TestServer, Front, Client, Client) {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path()).await;
     let front = Front::start(server.addr).await;
@@ -416,6 +415,14 @@ async fn survives(scenario: Scenario, recovers: bool) {
     for c in [&alice, &bob] {
         assert!(wait_state(c, ConnectionState::Realtime, Duration::from_secs(10)).await);
     }
+    (dir, server, front, alice, bob)
+}
+
+/// Alice talks to the real server through the front, which turns `scenario` for a
+/// while; bob talks to the server directly. Messages both ways during the trouble, then
+/// the front behaves again (unless `recovers` is false): each arrives exactly once.
+async fn survives(scenario: Scenario, recovers: bool) {
+    let (_dir, _server, front, alice, bob) = behind_front().await;
     let mut alice_sub = alice.subscribe();
     let mut bob_sub = bob.subscribe();
     let mut retry_hints = Vec::new();
@@ -537,22 +544,7 @@ async fn endless_slow_answers_and_redirect_loops_are_bounded() {
 /// entity arrives (before, the version moved on and the entity never came again).
 #[tokio::test]
 async fn snapshots_with_a_wrong_checksum_are_refused_and_pulled_again() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
-    let front = Front::start(server.addr).await;
-    let alice = open_client(
-        client_config(&front.url(), &dir.path().join("alice.db")),
-        server.token("t1", "alice"),
-    )
-    .await;
-    let bob = open_client(
-        client_config(&server.url(), &dir.path().join("bob.db")),
-        server.token("t1", "bob"),
-    )
-    .await;
-    for c in [&alice, &bob] {
-        assert!(wait_state(c, ConnectionState::Realtime, Duration::from_secs(10)).await);
-    }
+    let (_dir, _server, front, alice, bob) = behind_front().await;
     front.set(Scenario::BadSnapshots);
     let real = serde_json::json!({ "text": "real" });
     bob.create_entity("note", "n1", real.clone()).await.unwrap();
