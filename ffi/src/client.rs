@@ -332,8 +332,7 @@ impl RealtimeClient {
     /// in the Keychain or Keystore first, and open the client with it from then on. A
     /// plaintext store is refused: open it with `encryptionKey` to encrypt it.
     pub async fn rekey(&self, new_key: Vec<u8>) -> Result<(), RealtimeError> {
-        let key = webwaka_realtime::store::StoreKey::from_bytes(&new_key)
-            .map_err(|e| RealtimeError::invalid("newKey", e.to_string()))?;
+        let key = crate::options::store_key("newKey", &new_key)?;
         self.call(|c| async move { Ok(c.rekey(key).await?) }).await
     }
 

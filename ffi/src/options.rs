@@ -134,6 +134,14 @@ fn set_ms(target: &mut Duration, field: &str, value: Option<u64>) -> Result<(), 
     }
 }
 
+/// A store key from the app's bytes; a wrong length is `InvalidInput` naming `field`.
+pub(crate) fn store_key(field: &str, bytes: &[u8]) -> Result<store::StoreKey, RealtimeError> {
+    store::StoreKey::from_bytes(bytes).map_err(|e| match e {
+        store::StoreError::Invalid { message, .. } => RealtimeError::invalid(field, message),
+        other => RealtimeError::invalid(field, other.to_string()),
+    })
+}
+
 /// A count or size given by the app, checked to fit this platform.
 fn set_count<T: TryFrom<u64>>(
     target: &mut T,
@@ -282,12 +290,7 @@ impl ClientOptions {
             self.entity_pull_idle_max_ms,
         )?;
         if let Some(key) = self.encryption_key {
-            c.store.key = Some(store::StoreKey::from_bytes(&key).map_err(|e| match e {
-                store::StoreError::Invalid { message, .. } => {
-                    RealtimeError::invalid("encryptionKey", message)
-                }
-                other => RealtimeError::invalid("encryptionKey", other.to_string()),
-            })?);
+            c.store.key = Some(store_key("encryptionKey", &key)?);
         }
         if let Some(roots) = self.tls_root_certificates {
             c.tls_root_certificates = roots;

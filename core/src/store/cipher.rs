@@ -80,10 +80,7 @@ pub(super) fn apply_key(conn: &Connection, key: &StoreKey) -> Result<(), StoreEr
     // SQLCipher writes its own failures (a wrong key's "hmac check failed") to stderr
     // (logcat on Android); they reach the app as typed errors instead.
     conn.execute_batch("PRAGMA cipher_log_level = NONE;")?;
-    // PRAGMA takes no bound parameters: the key goes in as a quoted literal (hex digits
-    // only, so nothing to escape), built and dropped in wiped memory.
-    let pragma = Zeroizing::new(format!("PRAGMA key = \"{}\";", key.raw().as_str()));
-    conn.execute_batch(&pragma)?;
+    key_pragma(conn, "key", key)?;
     conn.execute_batch(&format!("PRAGMA cipher_page_size = {CIPHER_PAGE_SIZE};"))?;
     Ok(())
 }
@@ -188,8 +185,15 @@ pub(super) fn encrypt_plaintext(path: &Path, key: &StoreKey) -> Result<(), Store
 /// Changes the key of an open, encrypted store (SQLCipher's `PRAGMA rekey`: every page
 /// rewritten under the new key in one transaction; a crash leaves the old key valid).
 pub(super) fn rekey(conn: &Connection, new_key: &StoreKey) -> Result<(), StoreError> {
-    let pragma = Zeroizing::new(format!("PRAGMA rekey = \"{}\";", new_key.raw().as_str()));
-    conn.execute_batch(&pragma)?;
+    key_pragma(conn, "rekey", new_key)
+}
+
+/// `PRAGMA <pragma> = "x'…'"`. PRAGMA takes no bound parameters: the key goes in as a
+/// quoted literal (hex digits only, so nothing to escape), built and dropped in wiped
+/// memory.
+fn key_pragma(conn: &Connection, pragma: &str, key: &StoreKey) -> Result<(), StoreError> {
+    let sql = Zeroizing::new(format!("PRAGMA {pragma} = \"{}\";", key.raw().as_str()));
+    conn.execute_batch(&sql)?;
     Ok(())
 }
 
