@@ -32,8 +32,9 @@ mkdir -p "$module/src/main/jniLibs" "$module/src/main/kotlin/com/webwaka/realtim
 ndk_args=()
 for abi in "${abis[@]}"; do ndk_args+=(-t "$abi"); done
 # API 24 (Android 7): the oldest that the NDK's current toolchains and JNA support well.
-# vendored-openssl: SQLCipher's libcrypto is built from source and linked in statically
-# (Android has no libcrypto for apps to link).
+# vendored-openssl: libsqlite3-sys asks for a libcrypto unless OpenSSL is vendored, and
+# Android has none for apps. SQLCipher uses the SDK's own crypto provider (.cargo/
+# config.toml), so nothing of OpenSSL ends up in the library.
 cargo ndk "${ndk_args[@]}" --platform 24 -o "$module/src/main/jniLibs" \
     build --locked --profile mobile -p webwaka-realtime-ffi --lib --features vendored-openssl
 

@@ -70,6 +70,8 @@ pub fn encryption_available(conn: &Connection) -> Result<bool, StoreError> {
 
 /// Sets `key` on a connection just opened, before anything reads the file.
 pub(super) fn apply_key(conn: &Connection, key: &StoreKey) -> Result<(), StoreError> {
+    #[cfg(feature = "encryption")]
+    super::crypto::provider_linked();
     if !encryption_available(conn)? {
         return Err(StoreError::Invalid {
             field: "key",
@@ -236,5 +238,71 @@ mod tests {
         assert_eq!(file("zeros", &[0; 4096]), Unreadable::Damaged);
         assert_eq!(file("cut", &salted[..1000]), Unreadable::Damaged);
         assert_eq!(classify(&dir.path().join("missing")), Unreadable::Damaged);
+    }
+
+    /// The store of a test: a keyed file at `path` holding one row.
+    #[cfg(feature = "encryption")]
+    fn fixture_key() -> StoreKey {
+        StoreKey::from_bytes(&(0..32).collect::<Vec<u8>>()).unwrap()
+    }
+
+    /// An encrypted file SQLCipher 4.14 wrote with its OpenSSL provider (2 KiB cipher
+    /// pages, the key `00 01 … 1f`), made by `fixture_written_by_this_build` in a build
+    /// with `LIBSQLITE3_FLAGS=""`. This build's provider reads it: the bytes on disk do
+    /// not depend on the provider.
+    #[cfg(feature = "encryption")]
+    #[test]
+    fn a_store_written_with_openssl_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("openssl.db");
+        std::fs::write(
+            &path,
+            include_bytes!("../../tests/fixtures/sqlcipher-openssl.db"),
+        )
+        .unwrap();
+        assert_eq!(classify(&path), Unreadable::Encrypted);
+        let conn = Connection::open(&path).unwrap();
+        apply_key(&conn, &fixture_key()).unwrap();
+        let text: String = conn.query_row("SELECT v FROM t", [], |r| r.get(0)).unwrap();
+        assert_eq!(text, "written by SQLCipher with OpenSSL");
+        let wrong = Connection::open(&path).unwrap();
+        apply_key(&wrong, &StoreKey::from_bytes(&[9; 32]).unwrap()).unwrap();
+        let read = wrong.query_row("SELECT count(*) FROM t", [], |r| r.get::<_, i64>(0));
+        assert!(read.is_err(), "another key read the file: {read:?}");
+    }
+
+    /// Writes the fixture above (to `WEBWAKA_CIPHER_FIXTURE`, with `text` from
+    /// `WEBWAKA_CIPHER_FIXTURE_TEXT`): `cargo test -p webwaka-realtime --lib
+    /// fixture_written_by_this_build -- --ignored`.
+    #[cfg(feature = "encryption")]
+    #[test]
+    #[ignore = "writes a fixture file on request"]
+    fn fixture_written_by_this_build() {
+        let path = std::env::var("WEBWAKA_CIPHER_FIXTURE").unwrap();
+        let text = std::env::var("WEBWAKA_CIPHER_FIXTURE_TEXT").unwrap();
+        let conn = Connection::open(&path).unwrap();
+        apply_key(&conn, &fixture_key()).unwrap();
+        conn.execute_batch("CREATE TABLE IF NOT EXISTS t(v TEXT); DELETE FROM t;")
+            .unwrap();
+        conn.execute("INSERT INTO t(v) VALUES (?1)", [text])
+            .unwrap();
+        let provider: String = conn
+            .query_row("PRAGMA cipher_provider", [], |r| r.get(0))
+            .unwrap();
+        eprintln!("provider: {provider}");
+        conn.execute_batch("PRAGMA journal_mode = DELETE;").unwrap();
+    }
+
+    /// This build's SQLCipher uses the SDK's provider (`.cargo/config.toml`), not
+    /// OpenSSL's: the library carries no libcrypto.
+    #[cfg(all(feature = "encryption", not(target_vendor = "apple")))]
+    #[test]
+    fn sqlcipher_uses_the_sdk_provider() {
+        let conn = Connection::open_in_memory().unwrap();
+        apply_key(&conn, &fixture_key()).unwrap();
+        let provider: String = conn
+            .query_row("PRAGMA cipher_provider", [], |r| r.get(0))
+            .unwrap();
+        assert!(provider.starts_with("webwaka-rust"), "{provider}");
     }
 }

@@ -36,6 +36,8 @@
 //! opened with a key is encrypted once, in place. [`Store::rekey`] changes the key.
 
 pub mod cipher;
+#[cfg(feature = "encryption")]
+mod crypto;
 pub mod entity;
 pub mod inbound;
 pub mod outbox;

@@ -579,17 +579,18 @@ pub(crate) fn cargo_artifact(
 }
 
 /// The size of the library apps link (`libwebwaka_realtime_ffi.so`), as built and
-/// stripped: with the release profile (SQLCipher linked to the system's libcrypto), and
-/// with the `mobile` profile apps embed, OpenSSL's libcrypto built in statically (as on
-/// Android, where there is no system libcrypto to link). Builds each first (the same
-/// target dir; the first vendored OpenSSL build takes minutes).
+/// stripped: with the release profile, and with the `mobile` profile apps embed, built
+/// as `scripts/build-android.sh` builds it. SQLCipher's crypto is the SDK's own provider
+/// (ring and RustCrypto's AES, `core/src/store/crypto.rs`) in both: no libcrypto.
+/// Builds each first (the same target dir; the first vendored OpenSSL build, which
+/// Android's link needs but which links nothing in, takes minutes).
 pub fn library_size() -> Result<Vec<Row>, String> {
     let variants: [(&str, &[&str], &str); 2] = [
         (
             "release",
             &["-p", "webwaka-realtime-ffi", "--lib"],
-            "release profile; TLS (rustls, ring) and SQLCipher built in, libcrypto linked \
-             from the system",
+            "release profile; TLS (rustls, ring) and SQLCipher with the SDK's crypto \
+             provider built in, no libcrypto",
         ),
         (
             "mobile",
@@ -601,7 +602,8 @@ pub fn library_size() -> Result<Vec<Row>, String> {
                 "vendored-openssl",
             ],
             "mobile profile (opt-level s, fat LTO, one codegen unit, no debug info), as apps \
-             ship it: TLS, SQLCipher and OpenSSL's libcrypto all linked statically; target ≤ 8 MiB",
+             ship it: TLS and SQLCipher with its crypto all linked statically, no libcrypto \
+             (the feature only satisfies libsqlite3-sys's link on Android); target ≤ 8 MiB",
         ),
     ];
     let mut rows = Vec::new();
