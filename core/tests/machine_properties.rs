@@ -42,6 +42,7 @@ enum Step {
 fn failure() -> impl Strategy<Value = Failure> {
     prop_oneof![
         4 => Just(Failure::Network),
+        2 => Just(Failure::Unreachable),
         2 => Just(Failure::Server),
         1 => Just(Failure::Auth),
         1 => (0u64..60).prop_map(|s| Failure::ServerFull { retry_after: Some(Duration::from_secs(s)) }),

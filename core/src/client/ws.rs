@@ -226,7 +226,56 @@ fn classify(e: tungstenite::Error) -> ConnectError {
             };
             ConnectError::Failed(failure, format!("upgrade refused with {status}"))
         }
-        tungstenite::Error::Io(e) => ConnectError::Failed(Failure::Network, e.to_string()),
+        tungstenite::Error::Io(e) => ConnectError::Failed(io_failure(&e), e.to_string()),
         other => ConnectError::Failed(Failure::Network, other.to_string()),
+    }
+}
+
+/// A connection nothing took (refused, no route) is [`Failure::Unreachable`]: the machine
+/// then skips the HTTP attempt to the same host and port.
+fn io_failure(e: &std::io::Error) -> Failure {
+    use std::io::ErrorKind as K;
+    match e.kind() {
+        K::ConnectionRefused | K::HostUnreachable | K::NetworkUnreachable => Failure::Unreachable,
+        _ => Failure::Network,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// A port nothing listens on refuses the connection: `Unreachable`, so no HTTP
+    /// attempt follows. A port that takes the connection and then says nothing is only
+    /// `Network` (a proxy that drops upgrades may still pass HTTP).
+    #[tokio::test]
+    async fn a_refused_connection_is_unreachable_a_dropped_one_is_not() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = closed.local_addr().unwrap();
+        drop(closed);
+        let err = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+            .await
+            .unwrap_err();
+        assert!(matches!(
+            classify(err),
+            ConnectError::Failed(Failure::Unreachable, _)
+        ));
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let closer = tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            drop(socket);
+        });
+        let err = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+            .await
+            .unwrap_err();
+        closer.await.unwrap();
+        match classify(err) {
+            ConnectError::Failed(failure, _) => assert_eq!(failure, Failure::Network),
+            ConnectError::CursorExpired => panic!("not a cursor answer"),
+        }
     }
 }

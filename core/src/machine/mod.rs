@@ -192,8 +192,13 @@ pub struct StateChange {
 /// How a transport attempt failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Failure {
-    /// No answer, refused, reset, timed out, DNS: the network or the server is away.
+    /// No answer, reset, timed out, DNS: the network or the server is away.
     Network,
+    /// Nothing took the connection: refused (nothing listens on the port) or no route
+    /// to the host. HTTP goes to the same host and port, so a WebSocket attempt that
+    /// fails so is not followed by an HTTP one: one attempt per retry, not two (what a
+    /// Suspended phone pays for each retry). Elsewhere the same as `Network`.
+    Unreachable,
     /// The server answered with a server error (5xx other than 503 full).
     Server,
     /// The server is full (503 `SERVER_FULL`); retry no sooner than `retry_after`.
@@ -500,6 +505,13 @@ impl Machine {
             return;
         }
         match self.state {
+            // HTTP would knock on the same closed door; unless an HTTP check is already
+            // out (a slow attempt), wait for the next retry.
+            ConnectionState::Connecting
+                if failure == Failure::Unreachable && !self.poll_in_flight =>
+            {
+                self.go_offline(now, Reason::WebSocketFailed)
+            }
             ConnectionState::Connecting => self.try_http(),
             ConnectionState::Polling => self.schedule_probe(now),
             _ => {}

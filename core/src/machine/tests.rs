@@ -206,6 +206,48 @@ fn websocket_and_http_both_failing_goes_offline_with_a_retry_time() {
 }
 
 #[test]
+fn a_websocket_refused_at_the_door_goes_offline_without_an_http_attempt() {
+    let mut h = H::new();
+    h.m.start(h.now);
+    h.actions();
+    h.m.on_ws_failed(h.now, Failure::Unreachable);
+    let a = h.actions();
+    assert!(
+        !a.contains(&Action::Poll),
+        "an HTTP attempt to the same closed port: {a:?}"
+    );
+    let c: Vec<_> = a
+        .iter()
+        .filter_map(|a| match a {
+            Action::StateChanged(c) => Some(*c),
+            _ => None,
+        })
+        .collect();
+    assert_eq!((c[0].to, c[0].reason), (Offline, Reason::WebSocketFailed));
+    let retry = c[0].next_retry_at.unwrap();
+    h.advance(retry - h.now);
+    assert!(h.actions().contains(&Action::OpenWebSocket));
+    // Any other failure still asks whether HTTP works (a proxy that refuses upgrades).
+    h.m.on_ws_failed(h.now, Failure::Network);
+    assert!(h.actions().contains(&Action::Poll));
+}
+
+#[test]
+fn a_refused_websocket_while_an_http_check_is_out_waits_for_its_answer() {
+    let mut h = H::new();
+    h.m.start(h.now);
+    h.advance(MachineConfig::default().slow_connect);
+    assert!(
+        h.actions().contains(&Action::Poll),
+        "a slow attempt checks HTTP"
+    );
+    h.m.on_ws_failed(h.now, Failure::Unreachable);
+    assert_eq!(h.state(), Connecting);
+    h.m.on_poll_ok(h.now, false);
+    assert_eq!(h.state(), Polling);
+}
+
+#[test]
 fn retry_delays_grow_to_the_maximum_with_jitter_and_differ_between_clients() {
     let delays = |seed: u64| {
         let mut h = H::with(MachineConfig {
