@@ -36,6 +36,8 @@ enum Step {
     NetworkAvailable,
     NetworkLost,
     Foreground,
+    Background,
+    AppRequest,
     Shutdown,
 }
 
@@ -67,6 +69,8 @@ fn step() -> impl Strategy<Value = Step> {
         1 => Just(Step::NetworkAvailable),
         1 => Just(Step::NetworkLost),
         1 => Just(Step::Foreground),
+        1 => Just(Step::Background),
+        1 => Just(Step::AppRequest),
         1 => (0u8..40).prop_map(|n| if n == 0 { Step::Shutdown } else { Step::Activity }),
     ]
 }
@@ -147,7 +151,15 @@ impl Run {
             ConnectionState::Closed | ConnectionState::AuthFailed
         );
         let waiting = self.out.ws_attempt || self.out.poll || self.out.resync || self.out.refresh;
-        if live {
+        if live && self.m.is_parked() {
+            // Parked in the background: asleep until the app comes back or asks.
+            prop_assert_eq!(self.m.poll_timeout(), None, "a timer while parked");
+            prop_assert!(
+                !self.out.ws_open && !self.out.ws_attempt,
+                "a socket while parked"
+            );
+            prop_assert_eq!(self.state, ConnectionState::Offline);
+        } else if live {
             prop_assert!(
                 self.m.poll_timeout().is_some() || waiting || self.out.ws_open,
                 "stuck in {:?}: no timer and nothing awaited",
@@ -255,6 +267,8 @@ impl Run {
             Step::NetworkAvailable => self.m.network_available(now),
             Step::NetworkLost => self.m.network_lost(now),
             Step::Foreground => self.m.foreground(now),
+            Step::Background => self.m.background(now),
+            Step::AppRequest => self.m.on_app_request(now),
             Step::Shutdown => self.m.shutdown(now),
         }
         self.drain()?;

@@ -92,6 +92,11 @@ pub struct ClientOptions {
     /// How often pending transactions' status is checked while connected.
     #[uniffi(default)]
     pub transaction_check_interval_ms: Option<u64>,
+    /// After `background()`, how long the client goes on as usual before it closes its
+    /// connection and stops every timer of its own until `foreground()` or a send, edit
+    /// or sync of the app's (default 10 s; `0`: at once).
+    #[uniffi(default)]
+    pub background_linger_ms: Option<u64>,
     /// Extra trusted root certificates (PEM texts) for an `https://` server under a
     /// private CA; the bundled public roots stay trusted.
     #[uniffi(default)]
@@ -188,6 +193,7 @@ impl ClientOptions {
             tls_root_certificates: None,
             settled_retention_ms: None,
             entity_pull_idle_max_ms: None,
+            background_linger_ms: None,
             encryption_key: None,
         }
     }
@@ -261,6 +267,9 @@ impl ClientOptions {
         set_ms(&mut m.probe_min, "probeMinMs", self.probe_min_ms)?;
         set_ms(&mut m.probe_max, "probeMaxMs", self.probe_max_ms)?;
         set_ms(&mut m.stable_after, "stableAfterMs", self.stable_after_ms)?;
+        if let Some(ms) = self.background_linger_ms {
+            m.background_linger = Duration::from_millis(ms); // 0: park at once
+        }
         if m.backoff_min > m.backoff_max {
             return Err(RealtimeError::invalid(
                 "backoffMinMs",

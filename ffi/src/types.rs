@@ -142,6 +142,11 @@ pub enum StateReason {
     NewToken,
     /// The app shut the client down.
     Shutdown,
+    /// The app has been in the background for `backgroundLingerMs`: the connection is
+    /// closed and the client does nothing on its own until the app returns or asks.
+    Background,
+    /// The app asked for something while in the background: the client connects for it.
+    AppRequest,
 }
 
 impl From<machine::Reason> for StateReason {
@@ -166,6 +171,8 @@ impl From<machine::Reason> for StateReason {
             R::AuthRejected => Self::AuthRejected,
             R::NewToken => Self::NewToken,
             R::Shutdown => Self::Shutdown,
+            R::Background => Self::Background,
+            R::AppRequest => Self::AppRequest,
         }
     }
 }

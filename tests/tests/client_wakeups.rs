@@ -121,3 +121,67 @@ async fn a_suspended_client_barely_wakes_up() {
     );
     client.shutdown().await;
 }
+
+/// In the background the client does only what the app asks: after the linger it
+/// closes its connection and sleeps through the server's pings, the pulls and the
+/// retries (none of them reach it); a send from the background connects, delivers and
+/// parks again; back in front, it is connected at once.
+#[tokio::test(start_paused = true)]
+async fn a_backgrounded_client_wakes_up_only_for_what_the_app_asks() {
+    use webwaka_e2e::harness::direct;
+    use webwaka_realtime::store::ItemState;
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(dir.path(), |c| {
+        c.ping_interval_ms = 30_000;
+        c.ping_timeout_ms = 120_000;
+    })
+    .await;
+    let client = open_client(
+        production_config(&server.url(), &dir.path().join("client.db")),
+        server.token("t1", "alice"),
+    )
+    .await;
+    assert!(wait_state(&client, ConnectionState::Realtime, Duration::from_secs(30)).await);
+    client.background();
+    idle_for(Duration::from_secs(60)).await; // past the 10 s linger
+    assert_eq!(client.connection_state(), ConnectionState::Offline);
+    let before = wakeups(&client).await;
+    idle_for(HOUR).await;
+    // Less the one that answered this very reading (`metrics()` is a command).
+    let per_hour = wakeups(&client).await - before - 1;
+    eprintln!("backgrounded: {per_hour} supervisor wake-ups in an hour");
+    assert_eq!(
+        per_hour, 0,
+        "the app asked for nothing, yet the client woke {per_hour} times"
+    );
+    assert_eq!(client.connection_state(), ConnectionState::Offline);
+
+    // A send from the background (a reply from a notification): delivered, then parked.
+    let before = wakeups(&client).await;
+    let item = client
+        .send_message(direct("bob", "from the background"))
+        .await
+        .unwrap();
+    let settled = client
+        .wait_settled(&item.id, &[ItemState::Accepted], Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(settled.state, ItemState::Accepted);
+    idle_for(Duration::from_secs(60)).await;
+    assert_eq!(
+        client.connection_state(),
+        ConnectionState::Offline,
+        "parked again"
+    );
+    idle_for(HOUR).await;
+    let for_the_send = wakeups(&client).await - before;
+    eprintln!("one send from the background: {for_the_send} wake-ups in the next hour");
+    assert!(
+        (1..=40).contains(&for_the_send),
+        "{for_the_send} wake-ups for one send in the background"
+    );
+
+    client.foreground();
+    assert!(wait_state(&client, ConnectionState::Realtime, Duration::from_secs(5)).await);
+    client.shutdown().await;
+}

@@ -171,6 +171,13 @@ pub enum Reason {
     NewToken,
     /// The app shut the client down.
     Shutdown,
+    /// The app has been in the background for `background_linger`: the client closed
+    /// its connection and does nothing on its own until the app comes back or asks for
+    /// something.
+    Background,
+    /// The app asked for something while in the background (a send, an edit, a sync):
+    /// the client connects for it.
+    AppRequest,
 }
 
 /// A transition, as the app sees it.
@@ -287,6 +294,10 @@ pub struct MachineConfig {
     pub stable_after: Duration,
     /// Consecutive HTTP failures that make Polling give up for Offline.
     pub http_failures_to_offline: u32,
+    /// How long the client goes on as usual after the app went to the background
+    /// (finishing sends, hearing replies) before it closes its connection and stops
+    /// every timer of its own. Zero: at once.
+    pub background_linger: Duration,
     /// Seed of the jitter (a fixed seed makes tests deterministic).
     pub jitter_seed: u64,
 }
@@ -308,9 +319,21 @@ impl Default for MachineConfig {
             probe_max: Duration::from_secs(60),
             stable_after: Duration::from_secs(30),
             http_failures_to_offline: 2,
+            background_linger: Duration::from_secs(10),
             jitter_seed: rand::random(),
         }
     }
+}
+
+/// Where the app is, as its lifecycle hints said.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lifecycle {
+    /// In front of the user (or never said otherwise).
+    Foreground,
+    /// In the background since a moment: as usual until `until`.
+    Lingering { until: Instant },
+    /// In the background: no connection, no timers, until the app comes back or asks.
+    Parked,
 }
 
 /// The WebSocket as the machine knows it.
@@ -354,6 +377,7 @@ pub struct Machine {
     unproven_refreshes: u32,
     resync_in_flight: bool,
     needs_resync: bool,
+    lifecycle: Lifecycle,
     actions: VecDeque<Action>,
 }
 
@@ -389,6 +413,7 @@ impl Machine {
             unproven_refreshes: 0,
             resync_in_flight: false,
             needs_resync: false,
+            lifecycle: Lifecycle::Foreground,
             actions: VecDeque::new(),
         }
     }
@@ -406,6 +431,12 @@ impl Machine {
             }
             _ => None,
         }
+    }
+
+    /// The app is in the background and the client has stopped: no connection, no
+    /// timers (see [`Machine::background`]).
+    pub fn is_parked(&self) -> bool {
+        self.lifecycle == Lifecycle::Parked
     }
 
     /// Connection attempts since the last success (the position in the backoff schedule).
@@ -449,8 +480,13 @@ impl Machine {
             )),
             _ => None,
         };
+        let linger = match self.lifecycle {
+            Lifecycle::Lingering { until } if !self.is_final() => Some(until),
+            _ => None,
+        };
         [
             ws_deadline,
+            linger,
             self.pong_due,
             self.next_ping,
             self.next_poll,
@@ -645,8 +681,11 @@ impl Machine {
         if self.is_final() {
             return;
         }
-        // The server answered, so some transport works: resync now.
         self.needs_resync = true;
+        if self.is_parked() {
+            return; // Resynced on the next connection.
+        }
+        // The server answered, so some transport works: resync now.
         self.http_works = true;
         if self.state != ConnectionState::Resyncing {
             self.enter(ConnectionState::Resyncing, Reason::CursorExpired, now);
@@ -706,6 +745,12 @@ impl Machine {
         if was_failed {
             self.unproven_refreshes = 0;
             self.backoff.reset();
+            if self.is_parked() {
+                // The app's new token is its request to connect, background or not.
+                self.lifecycle = Lifecycle::Lingering {
+                    until: later(now, self.cfg.background_linger),
+                };
+            }
             self.connect(now, Reason::NewToken);
         } else if was_refreshing {
             self.unproven_refreshes = self.unproven_refreshes.saturating_add(1);
@@ -731,7 +776,7 @@ impl Machine {
 
     /// The host app says the network is gone.
     pub fn network_lost(&mut self, now: Instant) {
-        if self.is_final() {
+        if self.is_final() || self.is_parked() {
             return;
         }
         if !matches!(self.ws, Ws::Closed) {
@@ -746,7 +791,12 @@ impl Machine {
     /// The host app came to the foreground: check the socket at once (it may have died
     /// while the app was suspended) or retry at once when offline.
     pub fn foreground(&mut self, now: Instant) {
-        if matches!(self.ws, Ws::Open { .. }) {
+        let was_parked = self.is_parked();
+        self.lifecycle = Lifecycle::Foreground;
+        if was_parked && !self.is_final() {
+            self.backoff.reset();
+            self.connect(now, Reason::Foreground);
+        } else if matches!(self.ws, Ws::Open { .. }) {
             self.actions.push_back(Action::SendPing);
             let due = later(now, self.cfg.foreground_check.min(self.cfg.pong_timeout));
             self.pong_due = Some(self.pong_due.map_or(due, |d| d.min(due)));
@@ -755,9 +805,44 @@ impl Machine {
         }
     }
 
-    /// The host app went to the background. Nothing changes now: the OS may freeze the
-    /// process, and [`Machine::foreground`] checks the socket when it comes back.
-    pub fn background(&mut self, _now: Instant) {}
+    /// The host app went to the background. For `background_linger` nothing changes
+    /// (sends finish, replies arrive; the OS may freeze the process meanwhile, and
+    /// [`Machine::foreground`] checks the socket when it comes back). Then the client
+    /// parks: it closes its connection (others see it go offline) and has no timer of
+    /// its own (no heartbeat, retry, poll) until [`Machine::foreground`] or
+    /// [`Machine::on_app_request`]. A phone in a pocket wakes only for what the app does.
+    pub fn background(&mut self, now: Instant) {
+        if self.is_final() || self.lifecycle != Lifecycle::Foreground {
+            return;
+        }
+        if self.cfg.background_linger.is_zero() {
+            self.park(now);
+        } else {
+            self.lifecycle = Lifecycle::Lingering {
+                until: later(now, self.cfg.background_linger),
+            };
+        }
+    }
+
+    /// The app asked for something that needs the server (a send, an edit, a sync).
+    /// Parked, the client connects for it and parks again `background_linger` after the
+    /// app's last request; lingering, that time is pushed back. In the foreground this
+    /// changes nothing (the machine is already on it).
+    pub fn on_app_request(&mut self, now: Instant) {
+        if self.is_final() {
+            return;
+        }
+        let until = later(now, self.cfg.background_linger);
+        match self.lifecycle {
+            Lifecycle::Foreground => {}
+            Lifecycle::Lingering { .. } => self.lifecycle = Lifecycle::Lingering { until },
+            Lifecycle::Parked => {
+                self.lifecycle = Lifecycle::Lingering { until };
+                self.backoff.reset();
+                self.connect(now, Reason::AppRequest);
+            }
+        }
+    }
 
     /// The app shuts the client down.
     pub fn shutdown(&mut self, now: Instant) {
@@ -775,6 +860,12 @@ impl Machine {
     /// Fires the timers that are due at `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.is_final() {
+            return;
+        }
+        if let Lifecycle::Lingering { until } = self.lifecycle
+            && now >= until
+        {
+            self.park(now);
             return;
         }
         if let Ws::Opening { since } = self.ws {
@@ -889,8 +980,31 @@ impl Machine {
         }
     }
 
-    /// Enters Connecting and opens the WebSocket.
+    /// Parks (see [`Machine::background`]): closes the socket, drops every timer and
+    /// enters Offline without a retry time. Answers still out (a poll, a resync, a token)
+    /// change nothing but their own bookkeeping.
+    fn park(&mut self, now: Instant) {
+        self.lifecycle = Lifecycle::Parked;
+        if !matches!(self.ws, Ws::Closed) {
+            self.actions.push_back(Action::CloseWebSocket);
+            self.ws = Ws::Closed;
+        }
+        self.next_ping = None;
+        self.pong_due = None;
+        self.next_poll = None;
+        self.retry_at = None;
+        self.http_works = false;
+        // Time in the background is not time offline: no Suspended on return.
+        self.offline_since = None;
+        self.enter(ConnectionState::Offline, Reason::Background, now);
+    }
+
+    /// Enters Connecting and opens the WebSocket (parked: nothing; the app's return or
+    /// request connects).
     fn connect(&mut self, now: Instant, reason: Reason) {
+        if self.is_parked() {
+            return;
+        }
         if let Some(nb) = self.not_before.filter(|nb| *nb > now) {
             // The server asked for patience (503 Retry-After).
             self.enter_with_retry(ConnectionState::Offline, reason, now, nb);
@@ -933,6 +1047,9 @@ impl Machine {
             self.actions.push_back(Action::CloseWebSocket);
             self.ws = Ws::Closed;
         }
+        if self.is_parked() {
+            return; // Already Offline, and no retry while parked.
+        }
         self.http_works = false;
         let since = *self.offline_since.get_or_insert(now);
         let (to, delay, reason) = if now.saturating_duration_since(since) >= self.cfg.suspend_after
@@ -951,7 +1068,7 @@ impl Machine {
     }
 
     fn retry_now(&mut self, now: Instant, reason: Reason) {
-        if self.is_final() {
+        if self.is_final() || self.is_parked() {
             return;
         }
         self.backoff.reset();
@@ -991,6 +1108,9 @@ impl Machine {
     /// accepted: only the app can help, `AuthFailed`). A token refused long after it was
     /// obtained (expired while offline, revoked) is simply refreshed again.
     fn auth_refused(&mut self, now: Instant) {
+        if self.is_parked() {
+            return; // A late answer: the next connection finds out about the token.
+        }
         if self.unproven_refreshes >= MAX_UNPROVEN_REFRESHES {
             self.auth_failed(now);
             return;

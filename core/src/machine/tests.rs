@@ -367,7 +367,8 @@ fn coming_to_the_foreground_checks_the_socket_quickly() {
     let mut h = H::realtime();
     h.ms(1000);
     h.m.background(h.now);
-    h.ms(20_000); // frozen: nothing arrives
+    // The OS froze the app: for 20 s no timer ran and nothing arrived.
+    h.now += Duration::from_secs(20);
     h.actions();
     h.m.foreground(h.now);
     assert_eq!(h.work(), vec![Action::SendPing]);
@@ -749,4 +750,110 @@ fn a_huge_ping_interval_from_the_server_is_clamped() {
     // The next ping waits for the clamped interval (and a tenth) of silence.
     h.advance(MAX_SERVER_DELAY + MAX_SERVER_DELAY / 10 + Duration::from_secs(60));
     assert!(h.work().contains(&Action::SendPing));
+}
+
+// ---- the app in the background ----------------------------------------------------------
+
+#[test]
+fn backgrounded_the_client_lingers_then_parks_without_any_timer() {
+    let mut h = H::realtime();
+    let linger = cfg().background_linger;
+    h.m.background(h.now);
+    h.advance(linger - Duration::from_millis(1));
+    assert_eq!(h.state(), Realtime, "sends finish and replies arrive first");
+    h.ms(1);
+    let a = h.actions();
+    assert!(a.contains(&Action::CloseWebSocket), "{a:?}");
+    let c: Vec<_> = a
+        .iter()
+        .filter_map(|a| match a {
+            Action::StateChanged(c) => Some(*c),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        (c[0].to, c[0].reason, c[0].next_retry_at),
+        (Offline, Reason::Background, None)
+    );
+    assert!(h.m.is_parked());
+    assert_eq!(
+        h.m.poll_timeout(),
+        None,
+        "no heartbeat, retry or poll while parked"
+    );
+    // The network coming and going does not wake it either.
+    h.m.network_available(h.now);
+    h.m.network_lost(h.now);
+    h.advance(Duration::from_secs(24 * 3600));
+    assert_eq!(h.actions(), vec![]);
+    assert_eq!(h.state(), Offline);
+}
+
+#[test]
+fn an_app_request_in_the_background_connects_then_parks_again() {
+    let mut h = H::realtime();
+    h.m.background(h.now);
+    h.advance(Duration::from_secs(3600));
+    assert!(h.m.is_parked());
+    h.actions();
+    h.m.on_app_request(h.now);
+    let c = h.changes();
+    assert_eq!((c[0].to, c[0].reason), (Connecting, Reason::AppRequest));
+    h.m.on_ws_open(h.now);
+    assert_eq!(h.state(), Realtime);
+    assert!(h.actions().contains(&Action::Flush(Route::WebSocket)));
+    // Each request pushes the parking back by the linger.
+    let linger = cfg().background_linger;
+    h.advance(linger / 2);
+    h.m.on_app_request(h.now);
+    h.advance(linger - Duration::from_millis(1));
+    assert_eq!(h.state(), Realtime);
+    h.ms(1);
+    assert_eq!(h.state(), Offline);
+    assert!(h.m.is_parked());
+}
+
+#[test]
+fn back_in_the_foreground_a_parked_client_connects_at_once() {
+    let mut h = H::with(MachineConfig {
+        background_linger: Duration::ZERO,
+        ..cfg()
+    });
+    h.m.start(h.now);
+    h.m.on_ws_open(h.now);
+    h.actions();
+    h.m.background(h.now);
+    assert!(h.m.is_parked(), "a zero linger parks at once");
+    h.actions();
+    h.m.foreground(h.now);
+    let a = h.actions();
+    assert!(a.contains(&Action::OpenWebSocket), "{a:?}");
+    assert_eq!(h.state(), Connecting);
+    assert!(!h.m.is_parked());
+    // Lingering, coming back changes nothing: the connection was never dropped.
+    let mut h = H::realtime();
+    h.m.background(h.now);
+    h.ms(100);
+    h.m.foreground(h.now);
+    h.m.on_ws_activity(h.now); // the server answers the foreground check
+    h.advance(cfg().background_linger * 2);
+    assert_eq!(h.state(), Realtime);
+    assert!(!h.m.is_parked());
+}
+
+#[test]
+fn answers_that_arrive_after_parking_do_not_reconnect() {
+    let mut h = H::polling();
+    assert!(h.m.poll_timeout().is_some());
+    h.advance(Duration::from_secs(2)); // a poll goes out
+    h.m.background(h.now);
+    h.advance(cfg().background_linger);
+    assert!(h.m.is_parked());
+    h.actions();
+    h.m.on_poll_failed(h.now, Failure::Network);
+    h.m.on_cursor_expired(h.now);
+    h.m.on_http_ok(h.now);
+    assert_eq!(h.actions(), vec![]);
+    assert_eq!(h.state(), Offline);
+    assert_eq!(h.m.poll_timeout(), None);
 }

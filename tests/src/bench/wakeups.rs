@@ -1,14 +1,17 @@
 //! Wake-ups of a client process (issue 13): the context switches of all its threads,
 //! summed from `/proc/PID/task/*/status` (`voluntary_ctxt_switches` +
-//! `nonvoluntary_ctxt_switches`), in two states:
+//! `nonvoluntary_ctxt_switches`), in three states:
 //!
 //! - idle and connected (Realtime, a heartbeat every 30 s, nothing sent);
 //! - offline in Suspended (nobody listens; `suspend_after` shortened to reach it soon,
-//!   its retry timing as in production).
+//!   its retry timing as in production);
+//! - backgrounded (`background()` called while connected; parked after the linger),
+//!   the server still up and pinging: what is left is what the app asks for.
 //!
 //! The client runs alone in a child process (`bin/client_wakeups.rs`, built with the
 //! `mobile` profile apps embed), so that the server and this benchmark are not counted;
-//! the server runs here, on loopback. Not run by the tests or CI: it takes 18 minutes.
+//! the server runs here, on loopback. Not run by the tests or CI: it takes 23 minutes
+//! (`WEBWAKA_BENCH_WAKEUPS=suspended,background` measures only the states named).
 //! `tests/tests/client_wakeups.rs` guards the supervisor's share in virtual time.
 
 use std::collections::BTreeMap;
@@ -19,7 +22,10 @@ use std::time::Duration;
 use webwaka_realtime::client::ClientConfig;
 use webwaka_realtime::machine::ConnectionState;
 
-use super::Row;
+use super::{Row, wanted};
+
+/// Names the states to measure, e.g. `suspended,background` (unset: all three).
+const ONLY_ENV: &str = "WEBWAKA_BENCH_WAKEUPS";
 use crate::harness::{TestServer, wait_state};
 
 /// Idle and connected: measured over this, after this long settled (the entity pulls
@@ -30,6 +36,9 @@ const CONNECTED_WINDOW: Duration = Duration::from_secs(120);
 /// 2.5–5 min).
 const SUSPENDED_SETTLE: Duration = Duration::from_secs(15);
 const SUSPENDED_WINDOW: Duration = Duration::from_secs(600);
+/// Backgrounded: measured over this, after the 10 s linger and as long again.
+const BACKGROUND_SETTLE: Duration = Duration::from_secs(20);
+const BACKGROUND_WINDOW: Duration = Duration::from_secs(300);
 
 /// Context switches per thread id of process `pid`.
 fn switches(pid: u32) -> BTreeMap<String, u64> {
@@ -125,13 +134,11 @@ pub fn run() -> Result<Vec<Row>, String> {
         })
         .await;
         let token = server.token("bench", "probe");
-        let connected_state = ("connected", CONNECTED_SETTLE, CONNECTED_WINDOW);
-        let (connected, threads) = measure(exe, connected_state, &server.url(), &token).await?;
-        // Nothing listens on port 9 of loopback.
-        let suspended_state = ("suspended", SUSPENDED_SETTLE, SUSPENDED_WINDOW);
-        let (suspended, _) = measure(exe, suspended_state, "http://127.0.0.1:9", &token).await?;
-        Ok(vec![
-            Row {
+        let mut rows = Vec::new();
+        if wanted(ONLY_ENV, "connected") {
+            let state = ("connected", CONNECTED_SETTLE, CONNECTED_WINDOW);
+            let (connected, threads) = measure(exe, state, &server.url(), &token).await?;
+            rows.push(Row {
                 name: "client: wake-ups per hour, idle and connected".into(),
                 figure: format!("{connected:.0}/h (target ≤ 500; {threads} threads)"),
                 method: format!(
@@ -140,8 +147,13 @@ pub fn run() -> Result<Vec<Row>, String> {
                     CONNECTED_SETTLE.as_secs(),
                     CONNECTED_WINDOW.as_secs()
                 ),
-            },
-            Row {
+            });
+        }
+        if wanted(ONLY_ENV, "suspended") {
+            // Nothing listens on port 9 of loopback.
+            let state = ("suspended", SUSPENDED_SETTLE, SUSPENDED_WINDOW);
+            let (suspended, _) = measure(exe, state, "http://127.0.0.1:9", &token).await?;
+            rows.push(Row {
                 name: "client: wake-ups per hour, offline in Suspended".into(),
                 figure: format!("{suspended:.0}/h (target ≤ 100)"),
                 method: format!(
@@ -149,13 +161,27 @@ pub fn run() -> Result<Vec<Row>, String> {
                     SUSPENDED_WINDOW.as_secs(),
                     SUSPENDED_SETTLE.as_secs()
                 ),
-            },
-        ])
+            });
+        }
+        if wanted(ONLY_ENV, "background") {
+            let state = ("background", BACKGROUND_SETTLE, BACKGROUND_WINDOW);
+            let (background, _) = measure(exe, state, &server.url(), &token).await?;
+            rows.push(Row {
+                name: "client: wake-ups per hour, backgrounded".into(),
+                figure: format!("{background:.0}/h (target: only what the app asks; here nothing)"),
+                method: format!(
+                    "same probe, connected to the local server (still pinging every 30 s), then background() and parked after the 10 s linger (connection closed, no timers); the app asks for nothing; same count over {} s after {} s",
+                    BACKGROUND_WINDOW.as_secs(),
+                    BACKGROUND_SETTLE.as_secs()
+                ),
+            });
+        }
+        Ok(rows)
     })
 }
 
-/// The probe (in the child process): opens one client in `mode` (`connected` or
-/// `suspended`), prints `ready` once there, then idles until killed.
+/// The probe (in the child process): opens one client in `mode` (`connected`,
+/// `suspended` or `background`), prints `ready` once there, then idles until killed.
 pub fn child(mode: &str, url: &str, token: &str) -> Result<(), String> {
     // As the SDK's own runtime (ffi/src/runtime.rs): one worker;
     // `WEBWAKA_PROBE_WORKERS` compares with more.
@@ -178,6 +204,7 @@ pub fn child(mode: &str, url: &str, token: &str) -> Result<(), String> {
                 config.machine.suspend_after = Duration::from_secs(5);
                 ConnectionState::Suspended
             }
+            "background" => ConnectionState::Realtime,
             other => return Err(format!("unknown mode {other:?}")),
         };
         let client = webwaka_realtime::client::Client::open(
@@ -188,6 +215,13 @@ pub fn child(mode: &str, url: &str, token: &str) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
         if !wait_state(&client, want, Duration::from_secs(90)).await {
             return Err(format!("not {want:?} but {:?}", client.connection_state()));
+        }
+        if mode == "background" {
+            client.background();
+            let linger = Duration::from_secs(30);
+            if !wait_state(&client, ConnectionState::Offline, linger).await {
+                return Err(format!("not parked: {:?}", client.connection_state()));
+            }
         }
         println!("ready");
         // Until killed (bounded all the same).

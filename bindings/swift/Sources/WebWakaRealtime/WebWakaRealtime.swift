@@ -2831,6 +2831,12 @@ public struct ClientOptions: Equatable, Hashable {
      */
     public var transactionCheckIntervalMs: UInt64?
     /**
+     * After `background()`, how long the client goes on as usual before it closes its
+     * connection and stops every timer of its own until `foreground()` or a send, edit
+     * or sync of the app's (default 10 s; `0`: at once).
+     */
+    public var backgroundLingerMs: UInt64?
+    /**
      * Extra trusted root certificates (PEM texts) for an `https://` server under a
      * private CA; the bundled public roots stay trusted.
      */
@@ -2924,6 +2930,11 @@ public struct ClientOptions: Equatable, Hashable {
          * How often pending transactions' status is checked while connected.
          */transactionCheckIntervalMs: UInt64? = nil, 
         /**
+         * After `background()`, how long the client goes on as usual before it closes its
+         * connection and stops every timer of its own until `foreground()` or a send, edit
+         * or sync of the app's (default 10 s; `0`: at once).
+         */backgroundLingerMs: UInt64? = nil, 
+        /**
          * Extra trusted root certificates (PEM texts) for an `https://` server under a
          * private CA; the bundled public roots stay trusted.
          */tlsRootCertificates: [String]? = nil, 
@@ -2960,6 +2971,7 @@ public struct ClientOptions: Equatable, Hashable {
         self.entityPullIntervalMs = entityPullIntervalMs
         self.entityPullIdleMaxMs = entityPullIdleMaxMs
         self.transactionCheckIntervalMs = transactionCheckIntervalMs
+        self.backgroundLingerMs = backgroundLingerMs
         self.tlsRootCertificates = tlsRootCertificates
         self.settledRetentionMs = settledRetentionMs
         self.encryptionKey = encryptionKey
@@ -3004,6 +3016,7 @@ public struct FfiConverterTypeClientOptions: FfiConverterRustBuffer {
                 entityPullIntervalMs: FfiConverterOptionUInt64.read(from: &buf), 
                 entityPullIdleMaxMs: FfiConverterOptionUInt64.read(from: &buf), 
                 transactionCheckIntervalMs: FfiConverterOptionUInt64.read(from: &buf), 
+                backgroundLingerMs: FfiConverterOptionUInt64.read(from: &buf), 
                 tlsRootCertificates: FfiConverterOptionSequenceString.read(from: &buf), 
                 settledRetentionMs: FfiConverterOptionUInt64.read(from: &buf), 
                 encryptionKey: FfiConverterOptionData.read(from: &buf)
@@ -3034,6 +3047,7 @@ public struct FfiConverterTypeClientOptions: FfiConverterRustBuffer {
         FfiConverterOptionUInt64.write(value.entityPullIntervalMs, into: &buf)
         FfiConverterOptionUInt64.write(value.entityPullIdleMaxMs, into: &buf)
         FfiConverterOptionUInt64.write(value.transactionCheckIntervalMs, into: &buf)
+        FfiConverterOptionUInt64.write(value.backgroundLingerMs, into: &buf)
         FfiConverterOptionSequenceString.write(value.tlsRootCertificates, into: &buf)
         FfiConverterOptionUInt64.write(value.settledRetentionMs, into: &buf)
         FfiConverterOptionData.write(value.encryptionKey, into: &buf)
@@ -6190,6 +6204,15 @@ public enum StateReason: Equatable, Hashable {
      * The app shut the client down.
      */
     case shutdown
+    /**
+     * The app has been in the background for `backgroundLingerMs`: the connection is
+     * closed and the client does nothing on its own until the app returns or asks.
+     */
+    case background
+    /**
+     * The app asked for something while in the background: the client connects for it.
+     */
+    case appRequest
 
 
 
@@ -6246,6 +6269,10 @@ public struct FfiConverterTypeStateReason: FfiConverterRustBuffer {
         case 17: return .newToken
         
         case 18: return .shutdown
+        
+        case 19: return .background
+        
+        case 20: return .appRequest
         
         default: throw UniffiInternalError.unexpectedEnumCase
         }
@@ -6325,6 +6352,14 @@ public struct FfiConverterTypeStateReason: FfiConverterRustBuffer {
         
         case .shutdown:
             writeInt(&buf, Int32(18))
+        
+        
+        case .background:
+            writeInt(&buf, Int32(19))
+        
+        
+        case .appRequest:
+            writeInt(&buf, Int32(20))
         
         }
     }

@@ -16,7 +16,12 @@ impl Supervisor {
                 .min()
                 .map(|sent| later(*sent, self.cfg.ack_timeout)),
         );
-        if let Some(retention) = self.cfg.settled_retention {
+        // Parked in the background: only what the app asks for (no pruning either).
+        if let Some(retention) = self
+            .cfg
+            .settled_retention
+            .filter(|_| !self.machine.is_parked())
+        {
             let interval = prune_interval(retention);
             deadlines.push(Some(
                 self.last_prune
@@ -141,6 +146,9 @@ impl Supervisor {
         let Some(retention) = self.cfg.settled_retention else {
             return;
         };
+        if self.machine.is_parked() {
+            return;
+        }
         let interval = prune_interval(retention);
         if self
             .last_prune

@@ -459,6 +459,13 @@ impl Supervisor {
 
     async fn on_command(&mut self, command: Command) {
         let now = mono_now();
+        if matches!(
+            command,
+            Command::Pump | Command::Room { .. } | Command::PullEntities | Command::Reconcile
+        ) {
+            // The app wants something of the server: in the background, connect for it.
+            self.machine.on_app_request(now);
+        }
         match command {
             Command::Pump => self.pump().await,
             Command::Live { event, reply } => {

@@ -4658,6 +4658,13 @@ data class ClientOptions (
     var `transactionCheckIntervalMs`: kotlin.ULong? = null 
     , 
     /**
+     * After `background()`, how long the client goes on as usual before it closes its
+     * connection and stops every timer of its own until `foreground()` or a send, edit
+     * or sync of the app's (default 10 s; `0`: at once).
+     */
+    var `backgroundLingerMs`: kotlin.ULong? = null 
+    , 
+    /**
      * Extra trusted root certificates (PEM texts) for an `https://` server under a
      * private CA; the bundled public roots stay trusted.
      */
@@ -4715,6 +4722,7 @@ public object FfiConverterTypeClientOptions: FfiConverterRustBuffer<ClientOption
             FfiConverterOptionalULong.read(buf),
             FfiConverterOptionalULong.read(buf),
             FfiConverterOptionalULong.read(buf),
+            FfiConverterOptionalULong.read(buf),
             FfiConverterOptionalSequenceString.read(buf),
             FfiConverterOptionalULong.read(buf),
             FfiConverterOptionalByteArray.read(buf),
@@ -4745,6 +4753,7 @@ public object FfiConverterTypeClientOptions: FfiConverterRustBuffer<ClientOption
             FfiConverterOptionalULong.allocationSize(value.`entityPullIntervalMs`) +
             FfiConverterOptionalULong.allocationSize(value.`entityPullIdleMaxMs`) +
             FfiConverterOptionalULong.allocationSize(value.`transactionCheckIntervalMs`) +
+            FfiConverterOptionalULong.allocationSize(value.`backgroundLingerMs`) +
             FfiConverterOptionalSequenceString.allocationSize(value.`tlsRootCertificates`) +
             FfiConverterOptionalULong.allocationSize(value.`settledRetentionMs`) +
             FfiConverterOptionalByteArray.allocationSize(value.`encryptionKey`)
@@ -4774,6 +4783,7 @@ public object FfiConverterTypeClientOptions: FfiConverterRustBuffer<ClientOption
             FfiConverterOptionalULong.write(value.`entityPullIntervalMs`, buf)
             FfiConverterOptionalULong.write(value.`entityPullIdleMaxMs`, buf)
             FfiConverterOptionalULong.write(value.`transactionCheckIntervalMs`, buf)
+            FfiConverterOptionalULong.write(value.`backgroundLingerMs`, buf)
             FfiConverterOptionalSequenceString.write(value.`tlsRootCertificates`, buf)
             FfiConverterOptionalULong.write(value.`settledRetentionMs`, buf)
             FfiConverterOptionalByteArray.write(value.`encryptionKey`, buf)
@@ -7422,7 +7432,16 @@ enum class StateReason {
     /**
      * The app shut the client down.
      */
-    SHUTDOWN;
+    SHUTDOWN,
+    /**
+     * The app has been in the background for `backgroundLingerMs`: the connection is
+     * closed and the client does nothing on its own until the app returns or asks.
+     */
+    BACKGROUND,
+    /**
+     * The app asked for something while in the background: the client connects for it.
+     */
+    APP_REQUEST;
 
     
 
