@@ -254,7 +254,8 @@ fn redact(url: &str) -> String {
     }
 }
 
-/// `descriptors 20000 · HTTP_MAX_CONNECTIONS 4984 (derived) · WS_MAX_CONNECTIONS 50000`,
+/// `descriptors 20000 · HTTP_MAX_CONNECTIONS 4984 (a quarter of the descriptors) ·
+/// WS_MAX_CONNECTIONS 50000`,
 /// with how the descriptor limit was raised and whether the caps exceed it.
 fn connections_line(
     limits: &ConnectionLimits,

@@ -524,3 +524,117 @@ async fn shutdown_closes_unfinished_and_idle_connections_at_once_and_answers_req
         "the grace (5 s) was not waited out: {stopped_after:?}"
     );
 }
+
+/// The real binary, as an operator starts it: the banner names the descriptor limit and
+/// both caps, and a burst past `HTTP_MAX_CONNECTIONS` is shed with one log line, not one
+/// per connection.
+#[tokio::test]
+async fn the_banner_names_the_caps_and_shedding_is_logged_once() {
+    use std::io::BufRead;
+    raise_open_files();
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_webwaka-server-stub"))
+        .env("WS_PORT", port.to_string())
+        .env("DATA_DIR", dir.path())
+        .env("JWT_SECRET", "a-test-secret-of-enough-bytes")
+        .env("HTTP_MAX_CONNECTIONS", "8")
+        .env("LOG_FORMAT", "json")
+        .env_remove("DATABASE_URL")
+        .env_remove("WEBWAKA_MODE")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Both streams into one channel, tagged, read on threads of their own.
+    let (tx, rx) = std::sync::mpsc::channel::<(bool, String)>();
+    for (is_log, stream) in [
+        (
+            false,
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        ),
+        (true, Box::new(child.stderr.take().unwrap())),
+    ] {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stream).lines() {
+                let Ok(line) = line else { return };
+                if tx.send((is_log, line)).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    let kill = |mut child: std::process::Child| {
+        let _ = child.kill();
+        let _ = child.wait();
+    };
+    let mut banner = None;
+    while let Ok((is_log, line)) = rx.recv_timeout(Duration::from_secs(30)) {
+        if !is_log && line.trim_start().starts_with("connections") {
+            banner = Some(line);
+            break;
+        }
+    }
+    let Some(banner) = banner else {
+        kill(child);
+        panic!("no connections line in the banner");
+    };
+    let limit = webwaka_server_stub::descriptor_limit();
+    let expected = match limit {
+        Some(limit) => format!("descriptors {limit}"),
+        None => "descriptors unlimited".to_owned(),
+    };
+    assert!(banner.contains(&expected), "{banner}");
+    assert!(banner.contains("HTTP_MAX_CONNECTIONS 8 "), "{banner}");
+    assert!(banner.contains("WS_MAX_CONNECTIONS 50000"), "{banner}");
+
+    // Fill the cap with silent connections, then 40 more, which are shed.
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        held.push(TcpStream::connect(addr).await.unwrap());
+    }
+    for _ in 0..40 {
+        let mut shed = TcpStream::connect(addr).await.unwrap();
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(5), shed.read(&mut byte)).await;
+        assert!(
+            matches!(read, Ok(Ok(0) | Err(_))),
+            "a connection past the cap stayed open"
+        );
+    }
+    // Whatever the server logs about it has been written by the time a request past
+    // the burst is answered; give the log thread a moment more.
+    drop(held);
+    let mut served = false;
+    for _ in 0..100 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out)).await;
+        if out.starts_with("HTTP/1.1 200") {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(served, "the server serves again once the burst is gone");
+    let mut shedding_lines = 0;
+    while let Ok((is_log, line)) = rx.recv_timeout(Duration::from_millis(500)) {
+        if is_log && line.contains("HTTP_MAX_CONNECTIONS reached") {
+            shedding_lines += 1;
+        }
+    }
+    kill(child);
+    assert_eq!(
+        shedding_lines, 1,
+        "one line for one burst of 40 shed connections"
+    );
+}
