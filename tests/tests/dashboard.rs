@@ -101,6 +101,9 @@ impl Browser {
             "goog:chromeOptions".into(),
             json!({"binary": CHROMIUM, "args": args}),
         );
+        // The DevTools events of the page, network requests among them (read with
+        // `Browser::requests`).
+        capabilities.insert("goog:loggingPrefs".into(), json!({"performance": "ALL"}));
         let connector = hyper_util::client::legacy::connect::HttpConnector::new();
         let client = tokio::time::timeout(
             Duration::from_secs(60),
@@ -121,6 +124,44 @@ impl Browser {
 
     fn page(&self) -> &Client {
         self.client.as_ref().expect("the browser is open")
+    }
+
+    /// Every network request made by the documents under `page` since the last call
+    /// (HTTP, fetch, SSE and WebSocket), from Chromium's DevTools events in
+    /// chromedriver's performance log: what the browser actually sent, not what the
+    /// page's timing API kept. (The browser's own new-tab page, before the test
+    /// navigates, is another document.)
+    async fn requests(&self, page: &str) -> Vec<String> {
+        let log = self.page().issue_cmd(PerformanceLog).await.unwrap();
+        let entries = log.as_array().cloned().unwrap_or_default();
+        let mut urls = Vec::new();
+        for entry in entries {
+            let Some(text) = entry["message"].as_str() else {
+                continue;
+            };
+            let event: Value = serde_json::from_str(text).unwrap();
+            let event = &event["message"];
+            match event["method"].as_str() {
+                Some("Network.requestWillBeSent")
+                    if event["params"]["documentURL"]
+                        .as_str()
+                        .is_some_and(|d| d.starts_with(page)) =>
+                {
+                    urls.push(
+                        event["params"]["request"]["url"]
+                            .as_str()
+                            .unwrap()
+                            .to_owned(),
+                    );
+                }
+                // The page's own WebSockets (the dashboard uses none; any would show).
+                Some("Network.webSocketCreated") => {
+                    urls.push(event["params"]["url"].as_str().unwrap().to_owned());
+                }
+                _ => {}
+            }
+        }
+        urls
     }
 
     /// Ends the session (Chromium quits), then the driver.
@@ -183,6 +224,17 @@ impl Browser {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Types `text` into the input `css`.
+    async fn type_into(&self, css: &str, text: &str) {
+        self.page()
+            .find(Locator::Css(css))
+            .await
+            .unwrap()
+            .send_keys(text)
+            .await
+            .unwrap();
     }
 
     async fn click(&self, css: &str) {
@@ -370,7 +422,21 @@ async fn live_tail_and_connections_follow_the_clients_and_the_page_stays_on_the_
             .wait_present("#connections tr[data-user='bob']", true)
             .await;
 
-        // Every request the browser made went to the server.
+        // Every request the browser sent went to the server (its DevTools events).
+        let sent = browser.requests(&format!("{base}/dashboard")).await;
+        assert!(
+            sent.iter().any(|u| u.ends_with("/dashboard/app.js")),
+            "the log holds the page's requests: {sent:?}"
+        );
+        let origin = base.replacen("http://", "", 1);
+        for url in &sent {
+            assert!(
+                url.starts_with(&format!("http://{origin}/"))
+                    || url.starts_with(&format!("ws://{origin}/")),
+                "a request outside the server: {url} (all: {sent:?})"
+            );
+        }
+        // And what the page's timing API kept says the same.
         let urls = browser
             .page()
             .execute(
@@ -600,6 +666,30 @@ async fn audit_verify_shows_valid_then_where_a_tampered_copy_breaks() {
     .await;
 }
 
+/// chromedriver's `POST /session/{id}/se/log {"type": "performance"}`.
+#[derive(Debug)]
+struct PerformanceLog;
+
+impl fantoccini::wd::WebDriverCompatibleCommand for PerformanceLog {
+    fn endpoint(
+        &self,
+        base_url: &url::Url,
+        session_id: Option<&str>,
+    ) -> Result<url::Url, url::ParseError> {
+        base_url.join(&format!(
+            "session/{}/se/log",
+            session_id.unwrap_or_default()
+        ))
+    }
+
+    fn method_and_body(&self, _request_url: &url::Url) -> (http::Method, Option<String>) {
+        (
+            http::Method::POST,
+            Some(json!({"type": "performance"}).to_string()),
+        )
+    }
+}
+
 /// A server on the data in `dir` as it is.
 async fn server_on(dir: &Path) -> RunningServer {
     server(dir, |_| {}).await
@@ -665,6 +755,59 @@ async fn a_chaos_switch_on_the_page_takes_effect_on_a_connected_client() {
             .wait_text("#chaos-state", "\"refuseWebSocket\": false")
             .await;
         let mut again = ws(&base, &server.token("acme", "carol", &[])).await;
+
+        // One user's connections only: erin's ends, carol's stays.
+        let mut erin = ws(&base, &server.token("acme", "erin", &[])).await;
+        browser
+            .wait_present("#connections tr[data-user='erin']", true)
+            .await;
+        browser.type_into("#chaos-drop-user", "erin").await;
+        browser.click("#chaos-drop").await;
+        let erin_ended = tokio::time::timeout(WITHIN, async {
+            while let Some(Ok(_)) = erin.next().await {}
+        })
+        .await;
+        assert!(erin_ended.is_ok(), "erin's connection was not dropped");
+        again.send(Message::Ping(vec![1].into())).await.unwrap();
+        let carol_alive = tokio::time::timeout(WITHIN, async {
+            loop {
+                match again.next().await {
+                    Some(Ok(Message::Pong(_))) => return true,
+                    Some(Ok(_)) => {}
+                    _ => return false,
+                }
+            }
+        })
+        .await;
+        assert_eq!(carol_alive, Ok(true), "carol's connection went too");
+
+        // Tokens issued until now expire: an older token is refused from then on.
+        let old_token = server.token("acme", "frank", &[]);
+        tokio::time::sleep(Duration::from_millis(1100)).await; // issued a second before
+        browser.click("#chaos-expire").await;
+        let url = format!(
+            "{}/ws?token={old_token}",
+            base.replacen("http://", "ws://", 1)
+        );
+        let deadline = tokio::time::Instant::now() + WITHIN;
+        loop {
+            match tokio_tungstenite::connect_async(url.as_str()).await {
+                Err(tokio_tungstenite::tungstenite::Error::Http(response))
+                    if response.status() == 401 =>
+                {
+                    break;
+                }
+                Ok((mut accepted, _)) => {
+                    let _ = accepted.close(None).await;
+                }
+                Err(other) => panic!("unexpected: {other}"),
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "a token issued before the click is still accepted"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let _ = again.close(None).await;
         browser.close().await;
         server.shutdown().await;

@@ -340,9 +340,10 @@
       refuseWebSocket: $('#chaos-refuse-ws').checked,
       reconcileTimeout: $('#chaos-reconcile-timeout').checked,
       latencyMs: number('chaos-latency'),
+      jitterMs: number('chaos-jitter'),
     };
     if (number('chaos-drop-acks') > 0) settings.dropAcks = { fraction: number('chaos-drop-acks') };
-    if (number('chaos-http-failures') > 0) settings.httpFailures = { fraction: number('chaos-http-failures'), status: 503 };
+    if (number('chaos-http-failures') > 0) settings.httpFailures = { fraction: number('chaos-http-failures'), status: number('chaos-http-status') };
     return settings;
   }
 
@@ -364,7 +365,11 @@
     $('#filter-live').addEventListener('change', renderEvents);
     $('#verify-audit').addEventListener('click', verifyAudit);
     $('#chaos-form').addEventListener('submit', (e) => { e.preventDefault(); chaos('PUT', '', chaosSettings()); });
-    $('#chaos-drop').addEventListener('click', () => chaos('POST', '/drop-connections'));
+    $('#chaos-drop').addEventListener('click', () => {
+      const user = $('#chaos-drop-user').value.trim();
+      chaos('POST', '/drop-connections', user ? { userId: user } : undefined);
+    });
+    $('#chaos-expire').addEventListener('click', () => chaos('POST', '/expire-tokens'));
     $('#chaos-reset').addEventListener('click', () => chaos('DELETE', ''));
     start();
   });
