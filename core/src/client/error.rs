@@ -68,6 +68,8 @@ impl From<StoreError> for ClientError {
             StoreError::QueueFull { limit } => ClientError::QueueFull { limit },
             StoreError::NotFound(id) => ClientError::NotFound(id),
             StoreError::InvalidState { .. } => ClientError::InvalidState(e.to_string()),
+            // The store's thread is stopped when the client shuts down.
+            StoreError::WriterClosed => ClientError::Closed,
             StoreError::Invalid { field, message } => ClientError::InvalidInput {
                 field: field.to_owned(),
                 message,

@@ -53,7 +53,7 @@ use crate::protocol::{
 };
 use crate::store::{
     CachedEntity, ItemKind, ItemState, LocalEdit, NewItem, OutboxClass, OutboxItem, Store,
-    StoreConfig,
+    StoreConfig, StoreWriter,
 };
 use supervisor::{Command, Supervisor};
 use types::ClockOffset;
@@ -141,29 +141,33 @@ impl ClientConfig {
     }
 }
 
-/// The synchronous store shared by the API and the supervisor; every call runs on the
-/// blocking pool, never on an async worker.
+/// The store shared by the API and the supervisor: owned by its writer thread
+/// ([`StoreWriter`]), so that sends made at the same time (many tasks, the FFI's
+/// threads) share one commit, so one fsync (group commit). Callers wait on tokio's
+/// blocking pool, never on an async worker. (Waiting there rather than on a channel
+/// also tells tokio that work is in progress: its paused clock, which the virtual-time
+/// tests use, does not jump ahead while the store works.)
 #[derive(Debug, Clone)]
-pub(crate) struct StoreHandle(Arc<Mutex<Store>>);
+pub(crate) struct StoreHandle(StoreWriter);
 
 impl StoreHandle {
+    /// Moves `store` to its writer thread.
+    pub(crate) fn new(store: Store) -> Result<StoreHandle, ClientError> {
+        Ok(StoreHandle(StoreWriter::new(store)?))
+    }
+
+    /// Runs `f` with the store on its thread and returns what it returned. `f` runs
+    /// even if the caller stops waiting.
     pub(crate) async fn call<R, F>(&self, f: F) -> Result<R, ClientError>
     where
         R: Send + 'static,
         F: FnOnce(&mut Store) -> Result<R, crate::store::StoreError> + Send + 'static,
     {
-        let store = self.0.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut guard = store
-                .lock()
-                .map_err(|_| ClientError::StorageIo("the store lock was poisoned".into()))?;
-            f(&mut guard).map_err(ClientError::from)
-        })
-        .await
-        .map_err(|e| ClientError::StorageIo(format!("store task failed: {e}")))?
+        let writer = self.0.clone();
+        Self::blocking(move || writer.with_store(f)?).await
     }
 
-    /// Runs a write the supervisor must hear about and tells it `then` from the blocking
+    /// Runs a write the supervisor must hear about and tells it `then` from the store's
     /// thread, as soon as the write has committed. A caller's future can be dropped
     /// midway (a cancelled task, an app's own timeout) while the write still commits;
     /// a wake-up sent after `.await` would then be lost, and with no tick the item
@@ -187,6 +191,41 @@ impl StoreHandle {
             Ok(written)
         })
         .await
+    }
+
+    /// Commits a new outbox item, in one transaction with whatever else is being sent
+    /// at the same moment (group commit), then tells the supervisor `then` from the
+    /// store's thread, as [`StoreHandle::write_then`] does.
+    pub(crate) async fn enqueue_then(
+        &self,
+        commands: &mpsc::UnboundedSender<Command>,
+        then: Command,
+        item: NewItem,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<OutboxItem, ClientError> {
+        let commands = commands.clone();
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.0.submit(item, now, move |result| {
+            if result.is_ok() {
+                let _ = commands.send(then);
+            }
+            let _ = tx.send(result);
+        });
+        Self::blocking(move || {
+            rx.recv()
+                .unwrap_or(Err(crate::store::StoreError::WriterClosed))
+        })
+        .await
+    }
+
+    /// Waits for `f` on the blocking pool.
+    async fn blocking<R: Send + 'static>(
+        f: impl FnOnce() -> Result<R, crate::store::StoreError> + Send + 'static,
+    ) -> Result<R, ClientError> {
+        tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|e| ClientError::StorageIo(format!("store task failed: {e}")))?
+            .map_err(ClientError::from)
     }
 }
 
@@ -275,7 +314,7 @@ impl Client {
             .await
             .map_err(|e| ClientError::StorageIo(format!("store task failed: {e}")))??;
         let client_id = store.client_id().to_owned();
-        let store = StoreHandle(Arc::new(Mutex::new(store)));
+        let store = StoreHandle::new(store)?;
         let (commands, command_rx) = mpsc::unbounded_channel();
         let (updates, _) = broadcast::channel(config.update_buffer.max(16));
         let (state_tx, state) = watch::channel(ConnectionState::Offline);
@@ -419,9 +458,7 @@ impl Client {
         let now = chrono::Utc::now();
         self.shared
             .store
-            .write_then(&self.shared.commands, Command::Pump, move |s| {
-                s.enqueue(item, now)
-            })
+            .enqueue_then(&self.shared.commands, Command::Pump, item, now)
             .await
     }
 
@@ -556,9 +593,7 @@ impl Client {
         let now = chrono::Utc::now();
         self.shared
             .store
-            .write_then(&self.shared.commands, Command::Pump, move |s| {
-                s.enqueue(item, now)
-            })
+            .enqueue_then(&self.shared.commands, Command::Pump, item, now)
             .await
     }
 

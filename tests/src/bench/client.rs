@@ -7,7 +7,8 @@
 //! (`bin/client_memory.rs`), so that the server and the benchmark are not counted.
 //!
 //! `WEBWAKA_BENCH_CLIENT=round_trip,failover` runs only the named parts: `round_trip`,
-//! `failover`, `herd` (the return after a server restart), `memory`.
+//! `failover`, `herd` (the return after a server restart), `sends` (send_message from
+//! one task and from many at once: the group commit), `memory`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -58,12 +59,98 @@ pub fn run() -> Result<Vec<Row>, String> {
         if wanted(ONLY_ENV, "herd") {
             rows.extend(herd_return().await?);
         }
+        if wanted(ONLY_ENV, "sends") {
+            rows.extend(sends().await?);
+        }
         Ok::<_, String>(rows)
     })?;
     if wanted(ONLY_ENV, "memory") {
         rows.extend(memory()?);
     }
     Ok(rows)
+}
+
+/// Sends stored per run of [`sends`].
+const SENDS: usize = 2000;
+/// Tasks sending at once in the concurrent run.
+const SEND_TASKS: usize = 64;
+
+/// `send_message` rates, offline (nothing is sent; each call returns once its item is
+/// committed, `synchronous=FULL`): from one task, one call after the other (one commit
+/// each), and from [`SEND_TASKS`] tasks at once, whose items the store's writer thread
+/// commits together (group commit). Median of 3 runs each, alternating.
+async fn sends() -> Result<Vec<Row>, String> {
+    async fn run(tasks: usize) -> Result<(f64, f64), String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let mut cfg = ClientConfig::new("http://127.0.0.1:9", dir.path().join("sends.db"));
+        cfg.store.durability = Durability::Full;
+        let client = Arc::new(open(cfg, "unused".into()).await?);
+        let cpu = super::store::process_cpu();
+        let started = Instant::now();
+        let per_task = SENDS / tasks;
+        let mut set = tokio::task::JoinSet::new();
+        for t in 0..tasks {
+            let client = client.clone();
+            set.spawn(async move {
+                for i in 0..per_task {
+                    let message = OutgoingMessage::new(
+                        Target::User(format!("u{t}")),
+                        "bench",
+                        json!({"text": "x".repeat(150), "i": i}),
+                    );
+                    client
+                        .send_message(message)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+                Ok::<_, String>(())
+            });
+        }
+        while let Some(done) = set.join_next().await {
+            done.map_err(|e| e.to_string())??;
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        let cpu = match (cpu, super::store::process_cpu()) {
+            (Some(before), Some(after)) => after.saturating_sub(before).as_secs_f64(),
+            _ => f64::NAN,
+        };
+        let sent = (per_task * tasks) as f64;
+        client.shutdown().await;
+        Ok((sent / elapsed, cpu / sent * 1e6))
+    }
+    let (mut one, mut many) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        one.push(run(1).await?);
+        many.push(run(SEND_TASKS).await?);
+    }
+    let median = |runs: &mut Vec<(f64, f64)>| {
+        runs.sort_by(|a, b| a.0.total_cmp(&b.0));
+        runs[runs.len() / 2]
+    };
+    let (one, many) = (median(&mut one), median(&mut many));
+    let method = format!(
+        "Client::send_message of {SENDS} 200-byte direct messages, client offline (nothing \
+         sent), store synchronous=FULL on disk: each call returns once its item is \
+         committed; CPU: this process (the client's store thread included); median of 3 \
+         runs each, alternating"
+    );
+    Ok(vec![
+        Row {
+            name: "client: send_message, one task (one commit each)".into(),
+            figure: format!("{:.0}/s (CPU {:.0} µs/send)", one.0, one.1),
+            method: method.clone(),
+        },
+        Row {
+            name: format!("client: send_message, {SEND_TASKS} tasks at once (group commit)"),
+            figure: format!(
+                "{:.0}/s (CPU {:.0} µs/send), {:.1} × one task",
+                many.0,
+                many.1,
+                many.0 / one.0
+            ),
+            method,
+        },
+    ])
 }
 
 fn config(url: &str, store: &std::path::Path, machine: MachineConfig) -> ClientConfig {

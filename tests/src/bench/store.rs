@@ -322,7 +322,7 @@ fn config() -> StoreConfig {
 
 /// The process's CPU time (user + system, all threads) so far, from `/proc/self/stat`
 /// (clock ticks of 10 ms); `None` off Linux.
-fn process_cpu() -> Option<Duration> {
+pub(super) fn process_cpu() -> Option<Duration> {
     cpu_of(Path::new("/proc/self/stat"))
 }
 

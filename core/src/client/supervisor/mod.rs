@@ -569,7 +569,7 @@ mod tests {
 
     fn memory_store() -> StoreHandle {
         let store = Store::open_in_memory(StoreConfig::default()).unwrap();
-        StoreHandle(Arc::new(Mutex::new(store)))
+        StoreHandle::new(store).unwrap()
     }
 
     async fn in_flight_message(store: &StoreHandle) -> OutboxItem {
@@ -601,7 +601,7 @@ mod tests {
                 now_wall(),
             )
         });
-        // Polled once (the write is handed to the blocking pool), then dropped.
+        // Polled once (the write is handed to the store's thread), then dropped.
         let mut write = Box::pin(write);
         let first = std::future::poll_fn(|cx| {
             std::task::Poll::Ready(std::future::Future::poll(write.as_mut(), cx))
