@@ -5,21 +5,21 @@
 use super::*;
 
 impl Supervisor {
-    /// A poll, catch-up or resync finished processing: when none is left, the held
-    /// WebSocket deliveries are processed, in order.
-    pub(super) async fn inbound_done(&mut self) {
-        self.inbound_tasks = self.inbound_tasks.saturating_sub(1);
-        if self.inbound_tasks > 0 {
-            return;
-        }
-        let mut pending = std::mem::take(&mut self.held_back).into_iter();
+    /// A poll, catch-up or resync finished processing: its slot goes back, and when
+    /// none is left out, the held WebSocket deliveries are processed, in order.
+    pub(super) async fn inbound_done(&mut self, slot: Slot) {
+        self.inbound.release(slot);
+        self.let_held_go().await;
+    }
+
+    /// Processes the deliveries that waited, in order, once the gate is open.
+    pub(super) async fn let_held_go(&mut self) {
+        let mut pending = self.inbound.open().into_iter();
         while let Some(event) = pending.next() {
             Box::pin(self.on_frame(event, None)).await;
-            if self.inbound_tasks > 0 {
+            if self.inbound.is_shut() {
                 // Another inbound task started meanwhile: the rest waits again, first.
-                let mut rest: Vec<ServerEvent> = pending.collect();
-                rest.append(&mut self.held_back);
-                self.held_back = rest;
+                self.inbound.hold_again(pending.collect());
                 return;
             }
         }
@@ -34,7 +34,7 @@ impl Supervisor {
     /// live (a catch-up started when the upgrade answered could be answered before
     /// the registration, and the events in between were lost).
     pub(super) async fn catch_up(&mut self, generation: u64) {
-        self.inbound_tasks = self.inbound_tasks.saturating_add(1);
+        let slot = self.inbound.slot();
         let (store, http, tokens, io, updates) = self.task_parts();
         self.tasks.spawn(async move {
             let mut result = Ok(false);
@@ -51,7 +51,7 @@ impl Supervisor {
                     }
                 }
             }
-            let _ = io.send(Io::CaughtUp(generation, result));
+            let _ = io.send(Io::CaughtUp(generation, slot, result));
         });
     }
 
@@ -97,7 +97,7 @@ impl Supervisor {
     pub(super) fn stall_inbound(&mut self, error: &ClientError) {
         self.storage_failures = self.storage_failures.saturating_add(1);
         // Not recorded, so not lost: the catch-up fetches them again.
-        self.held_back.clear();
+        self.inbound.drop_held();
         if self.inbound_stalled.is_none() {
             warn!(error = %error, retry_in = ?self.storage_retry, "could not record an inbound event; fetching again later");
             self.inbound_stalled = Some(later(mono_now(), self.storage_retry));
@@ -106,7 +106,7 @@ impl Supervisor {
     }
 
     pub(super) async fn spawn_poll(&mut self) {
-        self.inbound_tasks = self.inbound_tasks.saturating_add(1);
+        let slot = self.inbound.slot();
         let store = self.store.clone();
         let http = self.http.clone();
         let tokens = self.tokens.clone();
@@ -114,12 +114,12 @@ impl Supervisor {
         let updates = self.updates.clone();
         self.tasks.spawn(async move {
             let result = poll_once(&store, &http, &tokens, &updates).await;
-            let _ = io.send(Io::Poll(result));
+            let _ = io.send(Io::Poll(slot, result));
         });
     }
 
     pub(super) fn spawn_resync(&mut self) {
-        self.inbound_tasks = self.inbound_tasks.saturating_add(1);
+        let slot = self.inbound.slot();
         let store = self.store.clone();
         let http = self.http.clone();
         let tokens = self.tokens.clone();
@@ -128,7 +128,7 @@ impl Supervisor {
         let client_id = self.client_id.clone();
         self.tasks.spawn(async move {
             let result = resync(&store, &http, &tokens, &updates, &client_id).await;
-            let _ = io.send(Io::Resync(result));
+            let _ = io.send(Io::Resync(slot, result));
         });
     }
 }

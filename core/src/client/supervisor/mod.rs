@@ -19,11 +19,13 @@
 //!
 //! This file holds the loop, its state and the app's commands; each part of the work
 //! has a file of its own: [`session`] (the WebSocket), [`inbound`] (deliveries recorded
-//! in order, polling, resync), [`outbound`] (the outbox, transactions), [`entities`]
+//! in order, polling, resync), [`gate`] (what durable deliveries wait behind while a
+//! poll, catch-up or resync records events), [`outbound`] (the outbox, transactions), [`entities`]
 //! (reconcile and pull), [`reports`] (what the spawned tasks report), and
 //! [`housekeeping`] (the one deadline the loop sleeps until, pruning).
 
 mod entities;
+mod gate;
 mod housekeeping;
 mod inbound;
 mod outbound;
@@ -31,6 +33,7 @@ mod reports;
 mod session;
 
 use entities::*;
+use gate::{Gate, Slot};
 use outbound::*;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -157,8 +160,8 @@ enum Io {
     /// The WebSocket attempt failed (success arrives as `WsEvent::Opened`).
     WsFailed(u64, ConnectError),
     Token(Result<(), TokenError>),
-    Poll(Result<bool, HttpError>),
-    Resync(Result<(), HttpError>),
+    Poll(Slot, Result<bool, HttpError>),
+    Resync(Slot, Result<(), HttpError>),
     /// An HTTP work item finished; `failure` when the server or network failed it.
     HttpDone {
         id: Option<String>,
@@ -173,7 +176,10 @@ enum Io {
     Pulled(Result<Pulled, HttpError>),
     /// The catch-up of a connection opened without a cursor ended: `Ok(true)` when it
     /// reached the end of the log.
-    CaughtUp(u64, Result<bool, HttpError>),
+    CaughtUp(u64, Slot, Result<bool, HttpError>),
+    /// An inbound task's gate slot was dropped without its report being handled (the
+    /// task aborted or panicked): what waited behind it may go.
+    SlotDropped,
 }
 
 impl Io {
@@ -181,10 +187,10 @@ impl Io {
     /// with the wrong shape).
     fn protocol_error(&self) -> bool {
         let error = match self {
-            Io::Poll(Err(e))
-            | Io::Resync(Err(e))
+            Io::Poll(_, Err(e))
+            | Io::Resync(_, Err(e))
             | Io::Pulled(Err(e))
-            | Io::CaughtUp(_, Err(e)) => e,
+            | Io::CaughtUp(_, _, Err(e)) => e,
             _ => return false,
         };
         matches!(error, HttpError::Protocol(_))
@@ -232,8 +238,6 @@ pub(crate) struct Supervisor {
     /// Without one, the server's stream starts wherever the connection happens to be
     /// registered: what came before must be caught up by polling, after `connected`.
     ws_carried_cursor: bool,
-    /// The generation whose `connected` starts a catch-up.
-    catch_up_gen: Option<u64>,
     /// Messages sent over the WebSocket, awaiting their ack.
     ws_in_flight: HashMap<String, Instant>,
     /// Pings sent, for the clock offset.
@@ -270,13 +274,9 @@ pub(crate) struct Supervisor {
     protocol_errors: u64,
     /// When settled outbox items were last pruned.
     last_prune: Option<Instant>,
-    /// Inbound streams must not interleave: the cursor only moves forward, so an event
-    /// processed from one stream would make an older one of the other look like a
-    /// replay. While a poll, a catch-up or a resync is processing events
-    /// (`inbound_tasks` > 0), the WebSocket's durable deliveries wait here, then go
-    /// through the same dedupe in their order.
-    held_back: Vec<ServerEvent>,
-    inbound_tasks: usize,
+    /// Durable deliveries wait here while a poll, a catch-up or a resync records events
+    /// (see [`gate`]).
+    inbound: Gate,
     shutdown: Option<oneshot::Sender<()>>,
 }
 
@@ -318,6 +318,7 @@ impl Supervisor {
     ) -> Result<Self, HttpError> {
         let http = HttpApi::new(&cfg.server_url, cfg.request_timeout, tls.clone())?;
         let (io_tx, io_rx) = mpsc::unbounded_channel();
+        let inbound = Gate::new(io_tx.clone());
         let (ws_tx, ws_rx) = mpsc::unbounded_channel();
         Ok(Self {
             machine: Machine::new(cfg.machine.clone(), mono_now()),
@@ -342,7 +343,6 @@ impl Supervisor {
             ws_gen: 0,
             rooms_joined: HashSet::new(),
             ws_carried_cursor: false,
-            catch_up_gen: None,
             ws_in_flight: HashMap::new(),
             pings: HashMap::new(),
             http_in_flight: BTreeSet::new(),
@@ -358,8 +358,7 @@ impl Supervisor {
             storage_failures: 0,
             protocol_errors: 0,
             last_prune: None,
-            held_back: Vec::new(),
-            inbound_tasks: 0,
+            inbound,
             shutdown: None,
         })
     }

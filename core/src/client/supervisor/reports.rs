@@ -30,34 +30,34 @@ impl Supervisor {
                 warn!(error = %e, "the token provider gave no token");
                 self.machine.on_token_unavailable(now);
             }
-            Io::Poll(Ok(more)) => {
-                self.inbound_done().await;
+            Io::Poll(slot, Ok(more)) => {
+                self.inbound_done(slot).await;
                 self.machine.on_poll_ok(now, more);
             }
-            Io::Poll(Err(HttpError::Storage(e))) => {
+            Io::Poll(slot, Err(HttpError::Storage(e))) => {
                 // The server answered; the store could not take the page. The cursor did
                 // not move: the next poll fetches it again.
                 warn!(error = %e, "could not record polled events");
                 self.storage_failures = self.storage_failures.saturating_add(1);
-                self.inbound_done().await;
+                self.inbound_done(slot).await;
                 self.machine.on_poll_ok(now, false);
             }
-            Io::Poll(Err(e)) if e.code() == Some(ErrorCode::CursorExpired) => {
-                self.inbound_done().await;
+            Io::Poll(slot, Err(e)) if e.code() == Some(ErrorCode::CursorExpired) => {
+                self.inbound_done(slot).await;
                 self.machine.on_poll_cursor_expired(now);
             }
-            Io::Poll(Err(e)) => {
+            Io::Poll(slot, Err(e)) => {
                 debug!(error = %e, "poll failed");
-                self.inbound_done().await;
+                self.inbound_done(slot).await;
                 self.machine.on_poll_failed(now, e.failure());
             }
-            Io::Resync(Ok(())) => {
-                self.inbound_done().await;
+            Io::Resync(slot, Ok(())) => {
+                self.inbound_done(slot).await;
                 self.machine.on_resync_done(now);
             }
-            Io::Resync(Err(e)) => {
+            Io::Resync(slot, Err(e)) => {
                 warn!(error = %e, "resync failed");
-                self.inbound_done().await;
+                self.inbound_done(slot).await;
                 self.machine.on_resync_failed(now, e.failure());
             }
             Io::HttpDone {
@@ -83,16 +83,16 @@ impl Supervisor {
                 // goes on too).
                 self.pump().await;
             }
-            Io::CaughtUp(generation, Err(HttpError::Storage(e))) => {
+            Io::CaughtUp(generation, slot, Err(HttpError::Storage(e))) => {
                 // The connection is fine; the store is not: try again later, keeping it.
                 if generation == self.ws_gen {
-                    self.inbound_tasks = self.inbound_tasks.saturating_sub(1);
+                    self.inbound.release(slot);
                     self.stall_inbound(&e);
                 } else {
-                    self.inbound_done().await;
+                    self.inbound_done(slot).await;
                 }
             }
-            Io::CaughtUp(generation, result) => match result {
+            Io::CaughtUp(generation, slot, result) => match result {
                 Err(_) | Ok(false) if generation == self.ws_gen => {
                     // Without the whole catch-up the held deliveries could skip
                     // events: drop them and the connection; the next one resumes from
@@ -101,7 +101,7 @@ impl Supervisor {
                         Err(e) => warn!(error = %e, "catch-up failed; reconnecting"),
                         Ok(_) => warn!("catch-up did not reach the end; reconnecting"),
                     }
-                    self.inbound_tasks = self.inbound_tasks.saturating_sub(1);
+                    self.inbound.release(slot);
                     self.close_ws();
                     self.machine
                         .on_ws_closed(now, crate::machine::CloseKind::Lost);
@@ -110,9 +110,10 @@ impl Supervisor {
                     if generation == self.ws_gen && matches!(result, Ok(true)) {
                         self.storage_retry = STORAGE_RETRY_MIN;
                     }
-                    self.inbound_done().await;
+                    self.inbound_done(slot).await;
                 }
             },
+            Io::SlotDropped => self.let_held_go().await,
             Io::Pulled(result) => {
                 self.reconcile_in_flight = false;
                 let bad_snapshots = result.as_ref().map_or(0, |p| p.bad_snapshots);

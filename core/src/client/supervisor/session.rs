@@ -65,7 +65,7 @@ impl Supervisor {
         self.ws_gen = self.ws_gen.wrapping_add(1);
         self.rooms_joined.clear();
         // Not recorded, so not lost: the next connection resumes from the cursor.
-        self.held_back.clear();
+        self.inbound.drop_held();
         if let Some(ws) = self.ws.take() {
             ws.close();
         }
@@ -108,7 +108,8 @@ impl Supervisor {
             }
             self.ws = Some(handle);
             self.machine.on_ws_open(now);
-            self.catch_up_gen = (!self.ws_carried_cursor).then_some(generation);
+            self.inbound
+                .catch_up_on_connected((!self.ws_carried_cursor).then_some(generation));
             return;
         }
         if generation != self.ws_gen || self.ws.is_none() {
@@ -125,7 +126,7 @@ impl Supervisor {
             WsEvent::Closed(kind, reason) => {
                 info!(%reason, "WebSocket closed");
                 self.ws = None;
-                self.held_back.clear();
+                self.inbound.drop_held();
                 self.requeue_ws_in_flight("the connection closed before the ack")
                     .await;
                 self.machine.on_ws_closed(now, kind);
@@ -138,15 +139,17 @@ impl Supervisor {
     }
 
     pub(super) async fn on_frame(&mut self, event: ServerEvent, reference: Option<String>) {
-        if self.inbound_tasks > 0
-            && matches!(event, ServerEvent::Message(_) | ServerEvent::Event(_))
-        {
-            self.held_back.push(event);
-            return;
-        }
+        let event = if matches!(event, ServerEvent::Message(_) | ServerEvent::Event(_)) {
+            match self.inbound.hold(event) {
+                Some(event) => event,
+                None => return, // waits behind a poll, catch-up or resync
+            }
+        } else {
+            event
+        };
         match event {
             ServerEvent::Connected(c) => {
-                if self.catch_up_gen.take() == Some(self.ws_gen) {
+                if self.inbound.take_catch_up(self.ws_gen) {
                     self.catch_up(self.ws_gen).await;
                 }
                 // Clamped by the machine: a hostile interval neither floods nor stops
