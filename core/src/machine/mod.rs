@@ -69,6 +69,11 @@ pub const MIN_SERVER_DELAY: Duration = Duration::from_millis(500);
 /// The shortest heartbeat interval taken from the server (`connected.pingInterval`).
 pub const MIN_SERVER_PING_INTERVAL: Duration = Duration::from_secs(1);
 
+/// The least time a request of the app's in the background keeps the client up (to
+/// connect and hand the work over), whatever `background_linger` says: with a linger
+/// of zero the client would park again before its connection opened.
+pub const APP_REQUEST_MIN_LINGER: Duration = Duration::from_secs(5);
+
 /// A server's retry hint kept within [`MIN_SERVER_DELAY`]..=[`MAX_SERVER_DELAY`]: never
 /// so long that the client gives up for good, never zero.
 pub fn clamp_retry_hint(hint: Duration) -> Duration {
@@ -748,7 +753,7 @@ impl Machine {
             if self.is_parked() {
                 // The app's new token is its request to connect, background or not.
                 self.lifecycle = Lifecycle::Lingering {
-                    until: later(now, self.cfg.background_linger),
+                    until: later(now, self.cfg.background_linger.max(APP_REQUEST_MIN_LINGER)),
                 };
             }
             self.connect(now, Reason::NewToken);
@@ -825,14 +830,15 @@ impl Machine {
     }
 
     /// The app asked for something that needs the server (a send, an edit, a sync).
-    /// Parked, the client connects for it and parks again `background_linger` after the
-    /// app's last request; lingering, that time is pushed back. In the foreground this
-    /// changes nothing (the machine is already on it).
+    /// Parked, the client connects for it and parks again `background_linger` (at
+    /// least [`APP_REQUEST_MIN_LINGER`]) after the app's last request; lingering, that
+    /// time is pushed back. In the foreground this changes nothing (the machine is
+    /// already on it). Work not done by then stays queued for the next connection.
     pub fn on_app_request(&mut self, now: Instant) {
         if self.is_final() {
             return;
         }
-        let until = later(now, self.cfg.background_linger);
+        let until = later(now, self.cfg.background_linger.max(APP_REQUEST_MIN_LINGER));
         match self.lifecycle {
             Lifecycle::Foreground => {}
             Lifecycle::Lingering { .. } => self.lifecycle = Lifecycle::Lingering { until },

@@ -842,6 +842,29 @@ fn back_in_the_foreground_a_parked_client_connects_at_once() {
 }
 
 #[test]
+fn with_a_zero_linger_an_app_request_still_gets_its_connection() {
+    let mut h = H::with(MachineConfig {
+        background_linger: Duration::ZERO,
+        ..cfg()
+    });
+    h.m.start(h.now);
+    h.m.on_ws_open(h.now);
+    h.m.background(h.now);
+    assert!(h.m.is_parked());
+    h.actions();
+    h.m.on_app_request(h.now);
+    h.ms(200); // the handshake
+    h.m.on_ws_open(h.now);
+    assert_eq!(
+        h.state(),
+        Realtime,
+        "not parked again before the connection opened"
+    );
+    h.advance(APP_REQUEST_MIN_LINGER);
+    assert!(h.m.is_parked());
+}
+
+#[test]
 fn answers_that_arrive_after_parking_do_not_reconnect() {
     let mut h = H::polling();
     assert!(h.m.poll_timeout().is_some());

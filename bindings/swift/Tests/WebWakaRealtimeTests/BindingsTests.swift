@@ -348,6 +348,38 @@ final class BindingsTests: XCTestCase {
         try await reopened.shutdown()
     }
 
+    func testInTheBackgroundTheClientParksAndConnectsForTheAppsSends() async throws {
+        var opts = try options("s13-alice")
+        opts.backgroundLingerMs = 0
+        let client = try await RealtimeClient.open(
+            options: opts, tokens: StaticTokens(try server.token(tenant: "s13", user: "alice")))
+        let recorder = Recorder()
+        let handle = try client.subscribe(listener: recorder)
+        let parked = { (u: ClientUpdate) -> Bool in
+            if case .stateChanged(_, .offline, .background, _) = u { return true }
+            return false
+        }
+        try await recorder.waitForState(.realtime)
+        client.background()
+        try await recorder.waitFor("parked: offline, reason background") { $0.contains(where: parked) }
+        // A send from the background connects for it, is delivered, and parks again.
+        let sent = try await client.sendMessage(message: OutgoingMessage(
+            target: .user(userId: "bob"), messageType: "dm", payloadJson: "{\"text\":\"from the background\"}"))
+        let settled = try await client.waitSettled(id: sent.id, states: [.accepted], timeoutMs: 10_000)
+        XCTAssertEqual(settled.state, .accepted)
+        try await recorder.waitFor("connected for the app's send, then parked again") { updates in
+            guard let request = updates.firstIndex(where: {
+                if case .stateChanged(_, _, .appRequest, _) = $0 { return true }
+                return false
+            }) else { return false }
+            return updates[request...].contains(where: parked)
+        }
+        client.foreground()
+        try await recorder.waitForState(.realtime)
+        handle.cancel()
+        try await client.shutdown()
+    }
+
     func testErrorsArriveAsSwiftErrors() async throws {
         let client = try await open("s6", "alice")
         var bad = chat("room-6", "x")

@@ -289,6 +289,36 @@ fun anEncryptedStoreHoldsNoPlaintextAndNeedsItsKey() {
     }
 }
 
+fun inTheBackgroundTheClientParksAndConnectsForTheAppsSends() {
+    val recorder = Recorder()
+    val parked = { u: ClientUpdate ->
+        u is ClientUpdate.StateChanged && u.to == ConnectionState.OFFLINE && u.reason == StateReason.BACKGROUND
+    }
+    val client = runBlocking {
+        RealtimeClient.open(options("k13-alice").copy(backgroundLingerMs = 0uL), StaticTokens(server.token("k13", "alice")))
+    }
+    client.use {
+        client.subscribe(recorder).use {
+            recorder.waitForState(ConnectionState.REALTIME)
+            client.background()
+            recorder.waitFor("parked: Offline, reason BACKGROUND") { u -> u.any(parked) }
+            // A send from the background connects for it, is delivered, and parks again.
+            val sent = runBlocking {
+                client.sendMessage(OutgoingMessage(MessageTarget.User("bob"), "dm", "{\"text\":\"from the background\"}"))
+            }
+            val settled = runBlocking { client.waitSettled(sent.id, listOf(OutboxItemState.ACCEPTED), 10_000uL) }
+            check(settled.state == OutboxItemState.ACCEPTED) { "$settled" }
+            recorder.waitFor("connected for the app's send, then parked again") { u ->
+                val request = u.indexOfFirst { it is ClientUpdate.StateChanged && it.reason == StateReason.APP_REQUEST }
+                request >= 0 && u.drop(request).any(parked)
+            }
+            client.foreground()
+            recorder.waitForState(ConnectionState.REALTIME)
+        }
+        runBlocking { client.shutdown() }
+    }
+}
+
 fun errorsArriveAsKotlinExceptions() {
     open("k6", "alice").use { client ->
         runBlocking {
@@ -526,6 +556,7 @@ val tests = listOf(
     TestCase("a Class D transaction is confirmed", ::aClassDTransactionIsConfirmed),
     TestCase("an encrypted store holds no plaintext and needs its key", ::anEncryptedStoreHoldsNoPlaintextAndNeedsItsKey),
     TestCase("a MANUAL conflict shows both sides and is resolved", ::aManualConflictShowsBothSidesAndIsResolved),
+    TestCase("in the background the client parks and connects for the app's sends", ::inTheBackgroundTheClientParksAndConnectsForTheAppsSends),
     TestCase("errors arrive as Kotlin exceptions", ::errorsArriveAsKotlinExceptions),
     TestCase("a failing token provider means AUTH_FAILED until reauthenticate", ::aFailingTokenProviderMeansAuthFailedUntilReauthenticate),
     TestCase("slow and throwing listeners do not stall the client", ::slowAndThrowingListenersDoNotStallTheClient),
