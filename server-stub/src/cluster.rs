@@ -24,6 +24,7 @@ use tokio::sync::mpsc;
 use webwaka_realtime::protocol::PresenceInfo;
 
 use crate::chaos::{Chaos, ChaosSettings, Target};
+use crate::dashboard::RemoteConnection;
 use crate::hub::{Audience, Delivery, Hub, KillReason};
 
 /// How often an instance says it is alive.
@@ -77,6 +78,16 @@ pub(crate) enum ClusterNotice {
     },
     /// A change of the chaos layer.
     Chaos { i: String, c: ChaosNotice },
+    /// A dashboard on instance `i` is open: everyone sends their connections.
+    Watching { i: String },
+    /// A part of instance `i`'s connections, for the dashboards; the last part
+    /// completes list `s`.
+    Connections {
+        i: String,
+        s: String,
+        last: bool,
+        c: Vec<RemoteConnection>,
+    },
 }
 
 /// What changed in the chaos layer.
@@ -107,7 +118,9 @@ impl ClusterNotice {
             | ClusterNotice::Alive { i }
             | ClusterNotice::Bye { i }
             | ClusterNotice::Live { i, .. }
-            | ClusterNotice::Chaos { i, .. } => i,
+            | ClusterNotice::Chaos { i, .. }
+            | ClusterNotice::Watching { i }
+            | ClusterNotice::Connections { i, .. } => i,
         }
     }
 }
@@ -124,6 +137,8 @@ pub(crate) struct Node {
     peers: Mutex<HashMap<String, Instant>>,
     /// Snapshot parts received, per (instance, snapshot).
     parts: Mutex<HashMap<(String, String), Vec<PresenceInfo>>>,
+    /// Connection list parts received, per (instance, list).
+    connection_parts: Mutex<HashMap<(String, String), Vec<RemoteConnection>>>,
     /// The dashboards (other instances' live messages show too, while one is open).
     watch: Arc<crate::dashboard::Watch>,
 }
@@ -149,6 +164,7 @@ impl Node {
             out,
             peers: Mutex::new(HashMap::new()),
             parts: Mutex::new(HashMap::new()),
+            connection_parts: Mutex::new(HashMap::new()),
         }
     }
 
@@ -209,6 +225,39 @@ impl Node {
         self.send(&ClusterNotice::Chaos {
             i: self.me(),
             c: change,
+        });
+    }
+
+    /// A dashboard here is open: asks the other instances for their connections.
+    pub(crate) fn watching(&self) {
+        self.send(&ClusterNotice::Watching { i: self.me() });
+    }
+
+    /// Sends this instance's connections (for the dashboards), in parts that fit a
+    /// notice.
+    fn send_connections(&self) {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let mut part: Vec<RemoteConnection> = Vec::new();
+        let mut size = 0;
+        for conn in self.watch.local_connections(&self.hub) {
+            let cost = serde_json::to_string(&conn).map_or(0, |t| t.len() + 1);
+            if size + cost > MAX_NOTICE - 200 && !part.is_empty() {
+                self.send(&ClusterNotice::Connections {
+                    i: self.me(),
+                    s: id.clone(),
+                    last: false,
+                    c: std::mem::take(&mut part),
+                });
+                size = 0;
+            }
+            size += cost;
+            part.push(conn);
+        }
+        self.send(&ClusterNotice::Connections {
+            i: self.me(),
+            s: id,
+            last: true,
+            c: part,
         });
     }
 
@@ -277,6 +326,7 @@ impl Node {
     }
 
     fn forget(&self, instance: &str) {
+        self.watch.forget_remote(instance);
         for info in self.hub.forget_instance(instance) {
             self.hub.announce(&info, None);
         }
@@ -333,6 +383,21 @@ impl Node {
                     .deliver(&t, &audience, &Delivery::text(frame, None), None);
             }
             ClusterNotice::Chaos { c, .. } => self.apply_chaos(c),
+            ClusterNotice::Watching { .. } => {
+                self.watch.watched_remotely();
+                self.send_connections();
+            }
+            ClusterNotice::Connections { i, s, last, c } => {
+                let mut parts = lock(&self.connection_parts);
+                parts.entry((i.clone(), s.clone())).or_default().extend(c);
+                if !last {
+                    return;
+                }
+                let all = parts.remove(&(i.clone(), s)).unwrap_or_default();
+                parts.retain(|(instance, _), _| *instance != i);
+                drop(parts);
+                self.watch.remote_connections_of(&i, all);
+            }
         }
     }
 

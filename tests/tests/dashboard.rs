@@ -895,6 +895,13 @@ async fn two_instances_show_their_connections_on_one_page() {
             .unwrap();
         browser.wait_text("#events", "the other instance").await;
         browser.wait_text("#events", "alice: live").await;
+        // The other instance answers for its own connections: bob's row there has his
+        // transport and the last frame he sent, as a local one would.
+        let bob_there = format!(
+            "#connections tr[data-user='bob'][data-instance='{there}'][data-transport='ws']"
+        );
+        browser.wait_present(&bob_there, true).await;
+        browser.wait_text(&bob_there, "the other instance").await;
         // And bob's goes away when he leaves the other instance.
         let _ = on_b.close(None).await;
         browser

@@ -35,7 +35,7 @@ use serde_json::{Value, json};
 use tokio::sync::{broadcast, mpsc};
 use webwaka_realtime::protocol::{ADMIN_JUSTIFICATION_HEADER, AuditResult};
 
-pub(crate) use watch::Watch;
+pub(crate) use watch::{RemoteConnection, Watch};
 
 use crate::app::App;
 use crate::audit::AuditRecord;
@@ -322,6 +322,10 @@ async fn feed(app: Arc<App>, scope: Scope, mut watcher: watch::Watcher, tx: mpsc
         let event = tokio::select! {
             () = shutdown.cancelled() => break,
             _ = ticker.tick() => {
+                if ticks.is_multiple_of(2) {
+                    // The other instances' connections, for the next snapshots.
+                    app.node.watching();
+                }
                 let snapshot = Event::default().event("snapshot").data(snapshot(&app, &scope).to_string());
                 if !send(snapshot).await {
                     break;
@@ -361,8 +365,11 @@ fn snapshot(app: &App, scope: &Scope) -> Value {
     let now = crate::time::now_ms();
     let frame =
         |f: &Option<(i64, String)>| f.as_ref().map(|(at, text)| json!({"at": at, "text": text}));
+    // Other instances' own lists (while they answer) replace their users' presence.
+    let remote = app.watch.remote_connections();
     let mut rows: Vec<Value> = connections
         .iter()
+        .filter(|c| !c.instance.as_ref().is_some_and(|i| remote.contains_key(i)))
         .take(MAX_ROWS)
         .map(|c| {
             if c.conn_id.is_some() {
@@ -382,6 +389,23 @@ fn snapshot(app: &App, scope: &Scope) -> Value {
             })
         })
         .collect();
+    for (instance, list) in &remote {
+        for c in list.iter().filter(|c| scope.sees(&c.t)) {
+            if rows.len() >= MAX_ROWS {
+                break;
+            }
+            rows.push(json!({
+                "tenant": c.t,
+                "user": c.u,
+                "clientId": c.c,
+                "transport": c.x,
+                "since": c.s,
+                "instance": instance,
+                "lastIn": frame(&c.i),
+                "lastOut": frame(&c.o),
+            }));
+        }
+    }
     for ((tenant, user), at) in app.watch.last_polls() {
         if rows.len() < MAX_ROWS
             && now - at <= POLLING_RECENT_MS

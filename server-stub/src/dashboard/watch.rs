@@ -8,11 +8,19 @@
 //! dashboard is too slow: the page is a view, never a queue) and keep the last frame
 //! in and out of each connection (heartbeats aside), the time of each user's last poll and the errors by
 //! code; all of it is forgotten when the last dashboard closes.
+//!
+//! With several instances, a dashboard on one of them asks the others for their
+//! connections (`ClusterNotice::Watching`, every other second while it is open). Each
+//! instance asked captures as if a dashboard of its own were open, for
+//! [`REMOTE_WATCH_MS`] after the last request, and answers with its connections and
+//! their last frames ([`RemoteConnection`]); the page shows those in place of the bare
+//! presence it knows of the other instance's users.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::broadcast;
 
@@ -27,6 +35,36 @@ const CHANNEL: usize = 1024;
 const FRAMES_MAX: usize = 10_000;
 /// Users whose last poll time is kept.
 const POLLS_MAX: usize = 10_000;
+/// How long a request from another instance's dashboard keeps this one capturing, ms.
+pub(crate) const REMOTE_WATCH_MS: i64 = 10_000;
+/// How long another instance's list of connections is shown after it came, ms.
+const REMOTE_FRESH_MS: i64 = 5_000;
+/// Connections an instance lists for the other instances' dashboards.
+pub(crate) const REMOTE_ROWS_MAX: usize = 200;
+/// Longest frame text in such a list (a notice holds at most 8,000 bytes).
+const REMOTE_TEXT_MAX: usize = 160;
+
+/// One connection of another instance, as its dashboards see it (short field names:
+/// it travels in cluster notices).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct RemoteConnection {
+    /// Tenant.
+    pub(crate) t: String,
+    /// User.
+    pub(crate) u: String,
+    /// The client's id.
+    pub(crate) c: String,
+    /// Transport (`ws`, `socket.io`).
+    pub(crate) x: String,
+    /// Connected since, ms.
+    pub(crate) s: i64,
+    /// The last frame in, (ms, text).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) i: Option<(i64, String)>,
+    /// The last frame out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) o: Option<(i64, String)>,
+}
 
 /// One thing that happened, for the dashboards watching its tenant.
 #[derive(Debug)]
@@ -62,6 +100,10 @@ pub(crate) struct Watch {
     messages: AtomicU64,
     /// Polls answered while watched.
     polls: AtomicU64,
+    /// Until when (ms) another instance's dashboard watches; 0: none.
+    remote_until: AtomicI64,
+    /// The other instances' connections: instance → (when received, ms; the list).
+    remote: Mutex<HashMap<String, (i64, Vec<RemoteConnection>)>>,
 }
 
 /// A dashboard's registration: counts as watching until dropped.
@@ -75,8 +117,13 @@ impl Drop for Watcher {
         if self.watch.watchers.fetch_sub(1, Ordering::AcqRel) == 1 {
             // The last one closed: forget what was captured for it.
             *self.watch.captured() = Captured::default();
+            lock(&self.watch.remote).clear();
         }
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn now_ms() -> i64 {
@@ -105,6 +152,8 @@ impl Watch {
             captured: Mutex::new(Captured::default()),
             messages: AtomicU64::new(0),
             polls: AtomicU64::new(0),
+            remote_until: AtomicI64::new(0),
+            remote: Mutex::new(HashMap::new()),
         }
     }
 
@@ -115,7 +164,93 @@ impl Watch {
     /// True while a dashboard is open: the only work a hook does otherwise.
     #[inline]
     pub(crate) fn watching(&self) -> bool {
-        self.watchers.load(Ordering::Relaxed) > 0
+        self.watchers.load(Ordering::Relaxed) > 0 || self.watched_from_afar()
+    }
+
+    /// True while another instance's dashboard watches (one more atomic load when none
+    /// has since the last expiry; the clock is read only while one does).
+    #[inline]
+    fn watched_from_afar(&self) -> bool {
+        let until = self.remote_until.load(Ordering::Relaxed);
+        if until == 0 {
+            return false;
+        }
+        if until > now_ms() {
+            return true;
+        }
+        // Expired: back to the single load, and forget what was captured for it.
+        if self
+            .remote_until
+            .compare_exchange(until, 0, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+            && self.watchers.load(Ordering::Acquire) == 0
+        {
+            *self.captured() = Captured::default();
+        }
+        false
+    }
+
+    /// Another instance's dashboard asked for this instance's connections: capture as
+    /// if watched here, for [`REMOTE_WATCH_MS`].
+    pub(crate) fn watched_remotely(&self) {
+        self.remote_until
+            .store(now_ms().saturating_add(REMOTE_WATCH_MS), Ordering::Relaxed);
+    }
+
+    /// This instance's connections for the others' dashboards: at most
+    /// [`REMOTE_ROWS_MAX`], with their last frames cut short.
+    pub(crate) fn local_connections(&self, hub: &Hub) -> Vec<RemoteConnection> {
+        let frames = self.frames();
+        let short = |f: &Option<(i64, String)>| {
+            f.as_ref().map(|(at, text)| {
+                let mut end = text.len().min(REMOTE_TEXT_MAX);
+                while !text.is_char_boundary(end) {
+                    end -= 1;
+                }
+                (*at, text[..end].to_owned())
+            })
+        };
+        hub.connections(None)
+            .into_iter()
+            .filter_map(|c| {
+                let id = c.conn_id?;
+                let captured = frames.get(&id);
+                Some(RemoteConnection {
+                    t: c.tenant,
+                    u: c.user,
+                    c: c.client_id.unwrap_or_default(),
+                    x: c.transport.to_owned(),
+                    s: c.since_ms.unwrap_or_default(),
+                    i: captured.and_then(|f| short(&f.last_in)),
+                    o: captured.and_then(|f| short(&f.last_out)),
+                })
+            })
+            .take(REMOTE_ROWS_MAX)
+            .collect()
+    }
+
+    /// `instance`'s connections, as it listed them just now.
+    pub(crate) fn remote_connections_of(&self, instance: &str, list: Vec<RemoteConnection>) {
+        if self.watchers.load(Ordering::Relaxed) == 0 {
+            return; // nobody here to show them to
+        }
+        lock(&self.remote).insert(instance.to_owned(), (now_ms(), list));
+    }
+
+    /// The other instances' lists received lately (older ones are dropped).
+    pub(crate) fn remote_connections(&self) -> HashMap<String, Vec<RemoteConnection>> {
+        let now = now_ms();
+        let mut remote = lock(&self.remote);
+        remote.retain(|_, (at, _)| now - *at <= REMOTE_FRESH_MS);
+        remote
+            .iter()
+            .map(|(instance, (_, list))| (instance.clone(), list.clone()))
+            .collect()
+    }
+
+    /// `instance` left the cluster.
+    pub(crate) fn forget_remote(&self, instance: &str) {
+        lock(&self.remote).remove(instance);
     }
 
     /// Registers a dashboard.
