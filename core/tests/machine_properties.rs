@@ -146,6 +146,11 @@ impl Run {
         if self.state == ConnectionState::Realtime {
             prop_assert!(self.out.ws_open, "Realtime without an open socket");
         }
+        // An open socket while Connecting is never used (nothing flushes to it) and
+        // nothing takes the client out of Connecting: stuck (a chaos seed found one).
+        if self.state == ConnectionState::Connecting {
+            prop_assert!(!self.out.ws_open, "Connecting with an open socket");
+        }
         let live = !matches!(
             self.state,
             ConnectionState::Closed | ConnectionState::AuthFailed

@@ -1125,6 +1125,13 @@ impl Machine {
             self.refreshing_token = true;
             self.actions.push_back(Action::RefreshToken);
         }
+        if matches!(self.ws, Ws::Open { .. }) {
+            // An HTTP request refused while the socket is up (its session outlives the
+            // token): the socket goes on; the request is made again with the fresh
+            // token. Entering Connecting here left the client there for good: the
+            // fresh token does not reconnect an open socket.
+            return;
+        }
         if self.state != ConnectionState::Connecting {
             self.http_works = false;
             self.enter(ConnectionState::Connecting, Reason::AuthRejected, now);

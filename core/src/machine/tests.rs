@@ -538,6 +538,22 @@ fn a_token_expiring_mid_session_is_refreshed_and_the_session_resumes() {
 }
 
 #[test]
+fn an_http_401_while_the_websocket_is_up_refreshes_the_token_and_stays_realtime() {
+    // Found by the chaos suite (seed 8336522610656984065): a Class D transaction
+    // refused 401 while the socket was up put the client in Connecting with the socket
+    // open, and the fresh token never took it out: the outbox stopped.
+    let mut h = H::realtime();
+    h.m.on_http_failed(h.now, Failure::Auth);
+    assert_eq!(h.work(), vec![Action::RefreshToken]);
+    assert_eq!(h.state(), Realtime);
+    h.m.on_token(h.now);
+    assert_eq!(h.state(), Realtime);
+    h.m.on_ws_activity(h.now);
+    h.ms(10_000);
+    assert_eq!(h.state(), Realtime, "nothing stuck, nothing reconnected");
+}
+
+#[test]
 fn a_fresh_token_that_expires_before_it_was_ever_used_is_refreshed_again() {
     // Refreshed, then offline for longer than the token lives: when the network
     // returns the server refuses it. That is no reason to give up.
