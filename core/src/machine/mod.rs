@@ -750,7 +750,7 @@ impl Machine {
         if was_failed {
             self.unproven_refreshes = 0;
             self.backoff.reset();
-            if self.is_parked() {
+            if self.lifecycle != Lifecycle::Foreground {
                 // The app's new token is its request to connect, background or not.
                 self.lifecycle = Lifecycle::Lingering {
                     until: later(now, self.cfg.background_linger.max(APP_REQUEST_MIN_LINGER)),
@@ -817,10 +817,14 @@ impl Machine {
     /// its own (no heartbeat, retry, poll) until [`Machine::foreground`] or
     /// [`Machine::on_app_request`]. A phone in a pocket wakes only for what the app does.
     pub fn background(&mut self, now: Instant) {
-        if self.is_final() || self.lifecycle != Lifecycle::Foreground {
+        if self.state == ConnectionState::Closed || self.lifecycle != Lifecycle::Foreground {
             return;
         }
-        if self.cfg.background_linger.is_zero() {
+        if self.is_final() {
+            // AuthFailed: nothing runs to park, but the app is in the background: a
+            // new token connects as an app request would, and parks again.
+            self.lifecycle = Lifecycle::Parked;
+        } else if self.cfg.background_linger.is_zero() {
             self.park(now);
         } else {
             self.lifecycle = Lifecycle::Lingering {
@@ -841,7 +845,19 @@ impl Machine {
         let until = later(now, self.cfg.background_linger.max(APP_REQUEST_MIN_LINGER));
         match self.lifecycle {
             Lifecycle::Foreground => {}
-            Lifecycle::Lingering { .. } => self.lifecycle = Lifecycle::Lingering { until },
+            Lifecycle::Lingering { until: before } => {
+                self.lifecycle = Lifecycle::Lingering {
+                    until: until.max(before),
+                };
+                // Waiting for a retry minutes away would let the linger run out first.
+                if matches!(
+                    self.state,
+                    ConnectionState::Offline | ConnectionState::Suspended
+                ) {
+                    self.backoff.reset();
+                    self.connect(now, Reason::AppRequest);
+                }
+            }
             Lifecycle::Parked => {
                 self.lifecycle = Lifecycle::Lingering { until };
                 self.backoff.reset();

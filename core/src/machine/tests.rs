@@ -858,6 +858,46 @@ fn back_in_the_foreground_a_parked_client_connects_at_once() {
 }
 
 #[test]
+fn backgrounded_while_auth_failed_a_new_token_connects_and_parks_again() {
+    let mut h = H::new();
+    h.m.start(h.now);
+    for _ in 0..10 {
+        h.m.on_ws_failed(h.now, Failure::Auth);
+        h.actions();
+        if h.state() == AuthFailed {
+            break;
+        }
+        h.m.on_token(h.now);
+        h.actions();
+    }
+    assert_eq!(h.state(), AuthFailed);
+    h.m.background(h.now);
+    h.advance(Duration::from_secs(3600));
+    h.m.on_token(h.now);
+    assert_eq!(h.state(), Connecting, "the new token is the app's request");
+    h.advance(Duration::from_millis(200));
+    h.m.on_ws_open(h.now);
+    assert_eq!(h.state(), Realtime);
+    h.advance(cfg().background_linger.max(APP_REQUEST_MIN_LINGER));
+    assert!(h.m.is_parked(), "and it parks again");
+}
+
+#[test]
+fn an_app_request_while_lingering_offline_connects_at_once() {
+    let mut h = H::new();
+    h.m.start(h.now);
+    h.m.on_ws_failed(h.now, Failure::Unreachable);
+    assert_eq!(h.state(), Offline);
+    h.actions();
+    h.m.background(h.now);
+    h.m.on_app_request(h.now);
+    assert!(
+        h.actions().contains(&Action::OpenWebSocket),
+        "no waiting for the retry"
+    );
+}
+
+#[test]
 fn with_a_zero_linger_an_app_request_still_gets_its_connection() {
     let mut h = H::with(MachineConfig {
         background_linger: Duration::ZERO,

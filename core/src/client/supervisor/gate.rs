@@ -93,9 +93,11 @@ impl Gate {
         slot.io = None;
     }
 
-    /// Keeps a delivery back while the gate is shut; hands it back when open.
+    /// Keeps a delivery back while the gate is shut, or while earlier ones still wait
+    /// (a slot dropped on its task's thread opens the gate before the supervisor has
+    /// let those go); hands it back otherwise.
     pub(super) fn hold(&mut self, event: ServerEvent) -> Option<ServerEvent> {
-        if self.is_shut() {
+        if self.is_shut() || !self.held.is_empty() {
             self.held.push(event);
             None
         } else {
@@ -171,8 +173,14 @@ mod tests {
         // An aborted task drops its slot on another thread.
         std::thread::spawn(move || drop(slot)).join().unwrap();
         assert!(!gate.is_shut());
+        // Until the supervisor lets the held one go, a new delivery waits behind it.
+        assert!(
+            gate.hold(pong()).is_none(),
+            "it would overtake the held one"
+        );
         assert!(matches!(rx.try_recv(), Ok(Io::SlotDropped)));
-        assert_eq!(gate.open().len(), 1);
+        assert_eq!(gate.open().len(), 2);
+        assert!(gate.hold(pong()).is_some(), "open and empty: goes at once");
         // A released slot says nothing.
         let slot = gate.slot();
         gate.release(slot);
