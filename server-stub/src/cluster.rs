@@ -139,12 +139,31 @@ pub(crate) struct Node {
     parts: Mutex<HashMap<(String, String), Vec<PresenceInfo>>>,
     /// Connection list parts received, per (instance, list).
     connection_parts: Mutex<HashMap<(String, String), Vec<RemoteConnection>>>,
+    /// When this instance last asked for the others' connections, and last answered
+    /// such a request: however many dashboards are open, at most one of each per
+    /// [`CONNECTIONS_EVERY`].
+    asked: Mutex<Option<Instant>>,
+    answered: Mutex<Option<Instant>>,
     /// The dashboards (other instances' live messages show too, while one is open).
     watch: Arc<crate::dashboard::Watch>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// How often the connection lists for the dashboards are asked for.
+const CONNECTIONS_EVERY: Duration = Duration::from_secs(2);
+
+/// True, and notes now, when `last` is unset or at least `every` ago.
+fn once_per(last: &Mutex<Option<Instant>>, every: Duration) -> bool {
+    let now = Instant::now();
+    let mut last = lock(last);
+    if last.is_some_and(|at| now.duration_since(at) < every) {
+        return false;
+    }
+    *last = Some(now);
+    true
 }
 
 impl Node {
@@ -165,6 +184,8 @@ impl Node {
             peers: Mutex::new(HashMap::new()),
             parts: Mutex::new(HashMap::new()),
             connection_parts: Mutex::new(HashMap::new()),
+            asked: Mutex::new(None),
+            answered: Mutex::new(None),
         }
     }
 
@@ -228,9 +249,12 @@ impl Node {
         });
     }
 
-    /// A dashboard here is open: asks the other instances for their connections.
+    /// A dashboard here is open: asks the other instances for their connections (at
+    /// most once per [`CONNECTIONS_EVERY`], whatever the number of dashboards).
     pub(crate) fn watching(&self) {
-        self.send(&ClusterNotice::Watching { i: self.me() });
+        if self.clustered() && once_per(&self.asked, CONNECTIONS_EVERY) {
+            self.send(&ClusterNotice::Watching { i: self.me() });
+        }
     }
 
     /// Sends this instance's connections (for the dashboards), in parts that fit a
@@ -327,6 +351,7 @@ impl Node {
 
     fn forget(&self, instance: &str) {
         self.watch.forget_remote(instance);
+        lock(&self.connection_parts).retain(|(i, _), _| i != instance);
         for info in self.hub.forget_instance(instance) {
             self.hub.announce(&info, None);
         }
@@ -385,7 +410,10 @@ impl Node {
             ClusterNotice::Chaos { c, .. } => self.apply_chaos(c),
             ClusterNotice::Watching { .. } => {
                 self.watch.watched_remotely();
-                self.send_connections();
+                // Several instances' dashboards asking: one answer serves them all.
+                if once_per(&self.answered, CONNECTIONS_EVERY / 2) {
+                    self.send_connections();
+                }
             }
             ClusterNotice::Connections { i, s, last, c } => {
                 let mut parts = lock(&self.connection_parts);

@@ -327,6 +327,32 @@ impl Hub {
         out
     }
 
+    /// At most `limit` of this instance's own connections (any tenant), for the other
+    /// instances' dashboards.
+    pub(crate) fn local_connections(&self, limit: usize) -> Vec<ConnectionView> {
+        let tenants = self.read();
+        let mut out = Vec::new();
+        for (name, t) in tenants.iter() {
+            for (user, u) in &t.users {
+                for conn in &u.conns {
+                    if out.len() >= limit {
+                        return out;
+                    }
+                    out.push(ConnectionView {
+                        tenant: name.clone(),
+                        user: user.clone(),
+                        conn_id: Some(conn.id),
+                        client_id: Some(conn.client_id.to_string()),
+                        transport: conn.transport,
+                        since_ms: Some(conn.since_ms),
+                        instance: None,
+                    });
+                }
+            }
+        }
+        out
+    }
+
     /// The rooms of `tenant` (every tenant: `None`), each with its members and their
     /// presence (`None`: offline).
     pub(crate) fn rooms(&self, tenant: Option<&str>) -> Vec<RoomView> {

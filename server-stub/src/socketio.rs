@@ -551,7 +551,7 @@ impl Connection {
 
     /// Emits, waiting (at most [`EMIT_PATIENCE`]) while the socket's buffer is full.
     async fn emit<T: Serialize + ?Sized>(&self, event: &str, data: &T) -> Flow {
-        if self.app.watch.watching() {
+        if self.app.watch.capturing() {
             let data = serde_json::to_string(data).unwrap_or_default();
             let text = format!("{event} {data}");
             self.app.watch.frame_out(self.peer.conn_id, &text);
@@ -622,7 +622,7 @@ impl Connection {
             Ok(frame) => frame,
             Err(error) => return self.refuse(error, ack).await,
         };
-        if self.app.watch.watching() {
+        if self.app.watch.capturing() {
             let text = format!("{} {}", frame.event, frame.data);
             self.app.watch.frame_in(self.peer.conn_id, &text);
         }

@@ -20,7 +20,7 @@
 
 mod watch;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -322,10 +322,9 @@ async fn feed(app: Arc<App>, scope: Scope, mut watcher: watch::Watcher, tx: mpsc
         let event = tokio::select! {
             () = shutdown.cancelled() => break,
             _ = ticker.tick() => {
-                if ticks.is_multiple_of(2) {
-                    // The other instances' connections, for the next snapshots.
-                    app.node.watching();
-                }
+                // The other instances' connections, for the next snapshots (the node
+                // asks at most every other second, however many pages are open).
+                app.node.watching();
                 let snapshot = Event::default().event("snapshot").data(snapshot(&app, &scope).to_string());
                 if !send(snapshot).await {
                     break;
@@ -365,11 +364,24 @@ fn snapshot(app: &App, scope: &Scope) -> Value {
     let now = crate::time::now_ms();
     let frame =
         |f: &Option<(i64, String)>| f.as_ref().map(|(at, text)| json!({"at": at, "text": text}));
-    // Other instances' own lists (while they answer) replace their users' presence.
+    // Other instances' own lists (while they answer) replace the presence of the users
+    // they list (a list holds at most 200 connections of all tenants: users past it
+    // keep their presence row).
     let remote = app.watch.remote_connections();
+    let listed: HashSet<(&str, &str, &str)> = remote
+        .iter()
+        .flat_map(|(i, list)| {
+            list.iter()
+                .map(move |c| (i.as_str(), c.t.as_str(), c.u.as_str()))
+        })
+        .collect();
     let mut rows: Vec<Value> = connections
         .iter()
-        .filter(|c| !c.instance.as_ref().is_some_and(|i| remote.contains_key(i)))
+        .filter(|c| {
+            !c.instance
+                .as_deref()
+                .is_some_and(|i| listed.contains(&(i, c.tenant.as_str(), c.user.as_str())))
+        })
         .take(MAX_ROWS)
         .map(|c| {
             if c.conn_id.is_some() {

@@ -164,7 +164,16 @@ impl Watch {
     /// True while a dashboard is open: the only work a hook does otherwise.
     #[inline]
     pub(crate) fn watching(&self) -> bool {
-        self.watchers.load(Ordering::Relaxed) > 0 || self.watched_from_afar()
+        self.watchers.load(Ordering::Relaxed) > 0
+    }
+
+    /// True while connections' frames are kept: a dashboard here, or another
+    /// instance's asking for this one's connections. (Another instance's dashboard
+    /// needs nothing else from here: the messages, events and polls it shows come to it
+    /// through the log and the cluster channel.)
+    #[inline]
+    pub(crate) fn capturing(&self) -> bool {
+        self.watching() || self.watched_from_afar()
     }
 
     /// True while another instance's dashboard watches (one more atomic load when none
@@ -200,7 +209,6 @@ impl Watch {
     /// This instance's connections for the others' dashboards: at most
     /// [`REMOTE_ROWS_MAX`], with their last frames cut short.
     pub(crate) fn local_connections(&self, hub: &Hub) -> Vec<RemoteConnection> {
-        let frames = self.frames();
         let short = |f: &Option<(i64, String)>| {
             f.as_ref().map(|(at, text)| {
                 let mut end = text.len().min(REMOTE_TEXT_MAX);
@@ -210,22 +218,22 @@ impl Watch {
                 (*at, text[..end].to_owned())
             })
         };
-        hub.connections(None)
+        let conns = hub.local_connections(REMOTE_ROWS_MAX);
+        let captured = self.captured();
+        conns
             .into_iter()
-            .filter_map(|c| {
-                let id = c.conn_id?;
-                let captured = frames.get(&id);
-                Some(RemoteConnection {
+            .map(|c| {
+                let frames = c.conn_id.and_then(|id| captured.frames.get(&id));
+                RemoteConnection {
                     t: c.tenant,
                     u: c.user,
                     c: c.client_id.unwrap_or_default(),
                     x: c.transport.to_owned(),
                     s: c.since_ms.unwrap_or_default(),
-                    i: captured.and_then(|f| short(&f.last_in)),
-                    o: captured.and_then(|f| short(&f.last_out)),
-                })
+                    i: frames.and_then(|f| short(&f.last_in)),
+                    o: frames.and_then(|f| short(&f.last_out)),
+                }
             })
-            .take(REMOTE_ROWS_MAX)
             .collect()
     }
 
@@ -273,14 +281,14 @@ impl Watch {
 
     /// A frame received by connection `conn`.
     pub(crate) fn frame_in(&self, conn: u64, text: &str) {
-        if self.watching() {
+        if self.capturing() {
             self.frame(conn, text, true);
         }
     }
 
     /// A frame sent to connection `conn`.
     pub(crate) fn frame_out(&self, conn: u64, text: &str) {
-        if self.watching() {
+        if self.capturing() {
             self.frame(conn, text, false);
         }
     }
@@ -305,7 +313,7 @@ impl Watch {
 
     /// Connection `conn` closed.
     pub(crate) fn closed(&self, conn: u64) {
-        if self.watching() {
+        if self.capturing() {
             self.captured().frames.remove(&conn);
         }
     }
