@@ -247,7 +247,8 @@ mod tests {
     }
 
     /// An encrypted file SQLCipher 4.14 wrote with its OpenSSL provider (2 KiB cipher
-    /// pages, the key `00 01 … 1f`), made by `fixture_written_by_this_build` in a build
+    /// pages, the key `00 01 … 1f`), made by
+    /// `a_keyed_file_this_build_writes_reads_back_only_with_its_key` in a build
     /// with `LIBSQLITE3_FLAGS=""`. This build's provider reads it: the bytes on disk do
     /// not depend on the provider.
     #[cfg(feature = "encryption")]
@@ -271,26 +272,39 @@ mod tests {
         assert!(read.is_err(), "another key read the file: {read:?}");
     }
 
-    /// Writes the fixture above (to `WEBWAKA_CIPHER_FIXTURE`, with `text` from
-    /// `WEBWAKA_CIPHER_FIXTURE_TEXT`): `cargo test -p webwaka-realtime --lib
-    /// fixture_written_by_this_build -- --ignored`.
+    /// This build writes a keyed file of the fixture's shape that it reads back, and
+    /// only with its key. With `WEBWAKA_CIPHER_FIXTURE` set, the file is also copied
+    /// there: how the fixture above was made (in a build with `LIBSQLITE3_FLAGS=""`,
+    /// i.e. SQLCipher's OpenSSL provider).
     #[cfg(feature = "encryption")]
     #[test]
-    #[ignore = "writes a fixture file on request"]
-    fn fixture_written_by_this_build() {
-        let path = std::env::var("WEBWAKA_CIPHER_FIXTURE").unwrap();
-        let text = std::env::var("WEBWAKA_CIPHER_FIXTURE_TEXT").unwrap();
+    fn a_keyed_file_this_build_writes_reads_back_only_with_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("written.db");
+        let text = "written by SQLCipher with OpenSSL";
+        {
+            let conn = Connection::open(&path).unwrap();
+            apply_key(&conn, &fixture_key()).unwrap();
+            conn.execute_batch("CREATE TABLE t(v TEXT); PRAGMA journal_mode = DELETE;")
+                .unwrap();
+            conn.execute("INSERT INTO t(v) VALUES (?1)", [text])
+                .unwrap();
+        }
+        assert_eq!(classify(&path), Unreadable::Encrypted);
         let conn = Connection::open(&path).unwrap();
         apply_key(&conn, &fixture_key()).unwrap();
-        conn.execute_batch("CREATE TABLE IF NOT EXISTS t(v TEXT); DELETE FROM t;")
-            .unwrap();
-        conn.execute("INSERT INTO t(v) VALUES (?1)", [text])
-            .unwrap();
-        let provider: String = conn
-            .query_row("PRAGMA cipher_provider", [], |r| r.get(0))
-            .unwrap();
-        eprintln!("provider: {provider}");
-        conn.execute_batch("PRAGMA journal_mode = DELETE;").unwrap();
+        let read: String = conn.query_row("SELECT v FROM t", [], |r| r.get(0)).unwrap();
+        assert_eq!(read, text);
+        let wrong = Connection::open(&path).unwrap();
+        apply_key(&wrong, &StoreKey::from_bytes(&[9; 32]).unwrap()).unwrap();
+        assert!(
+            wrong
+                .query_row("SELECT count(*) FROM t", [], |r| r.get::<_, i64>(0))
+                .is_err()
+        );
+        if let Some(out) = std::env::var_os("WEBWAKA_CIPHER_FIXTURE") {
+            std::fs::copy(&path, out).unwrap();
+        }
     }
 
     /// This build's SQLCipher uses the SDK's provider (`.cargo/config.toml`), not
