@@ -260,29 +260,40 @@ impl Node {
     /// Sends this instance's connections (for the dashboards), in parts that fit a
     /// notice.
     fn send_connections(&self) {
+        let all = self.watch.local_connections(&self.hub);
+        self.send_in_parts(all, |i, s, last, c| ClusterNotice::Connections {
+            i,
+            s,
+            last,
+            c,
+        });
+    }
+
+    /// Sends `items` as notices made by `notice(instance, list id, last, part)`, each
+    /// part small enough for a notice; the last part (possibly empty) says `last`.
+    fn send_in_parts<T: Serialize>(
+        &self,
+        items: Vec<T>,
+        notice: impl Fn(String, String, bool, Vec<T>) -> ClusterNotice,
+    ) {
         let id = uuid::Uuid::new_v4().simple().to_string();
-        let mut part: Vec<RemoteConnection> = Vec::new();
+        let mut part: Vec<T> = Vec::new();
         let mut size = 0;
-        for conn in self.watch.local_connections(&self.hub) {
-            let cost = serde_json::to_string(&conn).map_or(0, |t| t.len() + 1);
+        for item in items {
+            let cost = serde_json::to_string(&item).map_or(0, |t| t.len() + 1);
             if size + cost > MAX_NOTICE - 200 && !part.is_empty() {
-                self.send(&ClusterNotice::Connections {
-                    i: self.me(),
-                    s: id.clone(),
-                    last: false,
-                    c: std::mem::take(&mut part),
-                });
+                self.send(&notice(
+                    self.me(),
+                    id.clone(),
+                    false,
+                    std::mem::take(&mut part),
+                ));
                 size = 0;
             }
             size += cost;
-            part.push(conn);
+            part.push(item);
         }
-        self.send(&ClusterNotice::Connections {
-            i: self.me(),
-            s: id,
-            last: true,
-            c: part,
-        });
+        self.send(&notice(self.me(), id, true, part));
     }
 
     /// The listener (re)joined the channel: hello, and this instance's whole presence.
@@ -293,29 +304,12 @@ impl Node {
 
     /// Sends this instance's whole presence, in parts that fit a notice.
     fn snapshot(&self) {
-        let id = uuid::Uuid::new_v4().simple().to_string();
         let all = self.hub.local_presence();
-        let mut part: Vec<PresenceInfo> = Vec::new();
-        let mut size = 0;
-        for info in all {
-            let cost = serde_json::to_string(&info).map_or(0, |t| t.len() + 1);
-            if size + cost > MAX_NOTICE - 200 && !part.is_empty() {
-                self.send(&ClusterNotice::Snapshot {
-                    i: self.me(),
-                    s: id.clone(),
-                    last: false,
-                    p: std::mem::take(&mut part),
-                });
-                size = 0;
-            }
-            size += cost;
-            part.push(info);
-        }
-        self.send(&ClusterNotice::Snapshot {
-            i: self.me(),
-            s: id,
-            last: true,
-            p: part,
+        self.send_in_parts(all, |i, s, last, p| ClusterNotice::Snapshot {
+            i,
+            s,
+            last,
+            p,
         });
     }
 

@@ -301,15 +301,7 @@ impl Hub {
             }
             for (user, u) in &t.users {
                 for conn in &u.conns {
-                    out.push(ConnectionView {
-                        tenant: name.clone(),
-                        user: user.clone(),
-                        conn_id: Some(conn.id),
-                        client_id: Some(conn.client_id.to_string()),
-                        transport: conn.transport,
-                        since_ms: Some(conn.since_ms),
-                        instance: None,
-                    });
+                    out.push(ConnectionView::local(name, user, conn));
                 }
                 for (instance, presence) in &u.remote {
                     out.push(ConnectionView {
@@ -338,15 +330,7 @@ impl Hub {
                     if out.len() >= limit {
                         return out;
                     }
-                    out.push(ConnectionView {
-                        tenant: name.clone(),
-                        user: user.clone(),
-                        conn_id: Some(conn.id),
-                        client_id: Some(conn.client_id.to_string()),
-                        transport: conn.transport,
-                        since_ms: Some(conn.since_ms),
-                        instance: None,
-                    });
+                    out.push(ConnectionView::local(name, user, conn));
                 }
             }
         }
@@ -865,6 +849,21 @@ pub(crate) struct ConnectionView {
     pub(crate) since_ms: Option<i64>,
     /// The other instance holding it.
     pub(crate) instance: Option<String>,
+}
+
+impl ConnectionView {
+    /// One of this instance's own connections.
+    fn local(tenant: &str, user: &str, conn: &Conn) -> Self {
+        Self {
+            tenant: tenant.to_owned(),
+            user: user.to_owned(),
+            conn_id: Some(conn.id),
+            client_id: Some(conn.client_id.to_string()),
+            transport: conn.transport,
+            since_ms: Some(conn.since_ms),
+            instance: None,
+        }
+    }
 }
 
 /// A room as the dashboard shows it.
