@@ -138,7 +138,7 @@ pub(crate) fn validate(
         .map_err(ApiError::from)
 }
 
-fn apply_error(error: ApplyError, ops: &[Operation]) -> ApiError {
+fn apply_error(error: ApplyError, ops: &[std::sync::Arc<Operation>]) -> ApiError {
     let at = |id: &str| {
         ops.iter()
             .position(|op| op.operation_id == id)

@@ -4,6 +4,8 @@
 //! The engine that interprets these lives in [`crate::reconcile`]; this file only says
 //! what they look like as JSON.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -176,9 +178,10 @@ pub struct ReconciliationRequest {
     /// The tenant entity-change counter the client has seen; deltas are what changed after.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_known_version: Option<String>,
-    /// The operations, applied in this order; empty for a pure pull.
+    /// The operations, applied in this order; empty for a pure pull. Shared: the
+    /// server's engine keeps them without a copy.
     #[serde(default)]
-    pub operations: Vec<Operation>,
+    pub operations: Vec<Arc<Operation>>,
     /// When the client sent it.
     pub requested_at: Timestamp,
     /// Overrides the per-type and default strategies for this request.
@@ -212,7 +215,7 @@ pub struct ReconciliationResponse {
     pub conflicts: Vec<Conflict>,
     /// Every operation the server settled: applied, discarded by a strategy, or duplicate.
     #[serde(default)]
-    pub resolved_operations: Vec<Operation>,
+    pub resolved_operations: Vec<Arc<Operation>>,
     /// The tenant's entity-change counter after the request.
     pub current_version: String,
     /// Snapshots of every entity the request touched or that changed after

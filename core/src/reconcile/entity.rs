@@ -51,7 +51,7 @@
 
 use std::collections::HashSet;
 use std::fmt;
-use std::hash::BuildHasher;
+use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 
 use hashbrown::{DefaultHashBuilder, HashTable};
@@ -111,17 +111,118 @@ impl EntityValue {
     }
 }
 
+/// Where a retained operation sorts: the parts of its [`OpKey`] that are not in the
+/// operation itself (the tie-breaks, `clientId` and `operationId`, are read from it:
+/// a key costs no copy of them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Key {
+    pub(crate) effective_time: Timestamp,
+    pub(crate) depth: u64,
+}
+
 /// One retained operation of an entity's history.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+///
+/// Its JSON form is `{key, strategy, held, op}`, the key whole ([`OpKey`]).
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct LoggedOp {
-    pub(crate) key: OpKey,
+    pub(crate) key: Key,
     /// The strategy it was applied with (a request may override the entity type's).
     pub(crate) strategy: ResolutionStrategy,
     /// Held by an open MANUAL conflict: remembered, but not part of the value.
     pub(crate) held: bool,
     /// The operation, shared with the indexes (re-keying copies the key, not this).
     pub(crate) op: Arc<Operation>,
+}
+
+impl LoggedOp {
+    /// Its place in the total order ([`OpKey`]'s order, without copying the ids).
+    pub(crate) fn order(&self, other: &LoggedOp) -> std::cmp::Ordering {
+        self.key
+            .cmp(&other.key)
+            .then_with(|| self.op.client_id.cmp(&other.op.client_id))
+            .then_with(|| self.op.operation_id.cmp(&other.op.operation_id))
+    }
+
+    /// Its whole key.
+    pub(crate) fn op_key(&self) -> OpKey {
+        OpKey {
+            effective_time: self.key.effective_time,
+            depth: self.key.depth,
+            client_id: self.op.client_id.clone(),
+            operation_id: self.op.operation_id.clone(),
+        }
+    }
+}
+
+/// The JSON form of a [`LoggedOp`], written.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct LoggedRef<'a> {
+    key: KeyRef<'a>,
+    strategy: ResolutionStrategy,
+    held: bool,
+    op: &'a Operation,
+}
+
+/// An [`OpKey`] written from its parts.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct KeyRef<'a> {
+    effective_time: Timestamp,
+    depth: u64,
+    client_id: &'a str,
+    operation_id: &'a str,
+}
+
+/// The JSON form of a [`LoggedOp`], read. The key's ids are the operation's (the
+/// engine never wrote others); the operation's own are kept.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LoggedStored {
+    key: StoredKey,
+    strategy: ResolutionStrategy,
+    held: bool,
+    op: Arc<Operation>,
+}
+
+/// The parts of a stored [`OpKey`] that are read (the ids are skipped).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StoredKey {
+    effective_time: Timestamp,
+    depth: u64,
+}
+
+impl Serialize for LoggedOp {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        LoggedRef {
+            key: KeyRef {
+                effective_time: self.key.effective_time,
+                depth: self.key.depth,
+                client_id: &self.op.client_id,
+                operation_id: &self.op.operation_id,
+            },
+            strategy: self.strategy,
+            held: self.held,
+            op: &self.op,
+        }
+        .serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for LoggedOp {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let s = LoggedStored::deserialize(deserializer)?;
+        Ok(Self {
+            key: Key {
+                effective_time: s.key.effective_time,
+                depth: s.key.depth,
+            },
+            strategy: s.strategy,
+            held: s.held,
+            op: s.op,
+        })
+    }
 }
 
 /// An entity's reconciliation state: what the server keeps per entity (and what a
@@ -182,8 +283,12 @@ impl Index {
     }
 
     fn find_clock(&self, clock: &VectorClock) -> Option<&Arc<Operation>> {
-        let hash = self.hasher.hash_one(clock);
+        let hash = self.clock_hash(clock);
         self.clocks.find(hash, |o| o.vector_clock == *clock)
+    }
+
+    fn clock_hash(&self, clock: &VectorClock) -> u64 {
+        clock_hash(&self.hasher, clock)
     }
 
     fn insert(&mut self, op: &Arc<Operation>) {
@@ -193,8 +298,8 @@ impl Index {
                 hasher.hash_one(&*o.operation_id)
             });
         self.clocks
-            .insert_unique(hasher.hash_one(&op.vector_clock), op.clone(), |o| {
-                hasher.hash_one(&o.vector_clock)
+            .insert_unique(self.clock_hash(&op.vector_clock), op.clone(), |o| {
+                clock_hash(hasher, &o.vector_clock)
             });
     }
 
@@ -203,11 +308,22 @@ impl Index {
         if let Ok(entry) = self.ids.find_entry(id_hash, |o| Arc::ptr_eq(o, op)) {
             entry.remove();
         }
-        let clock_hash = self.hasher.hash_one(&op.vector_clock);
-        if let Ok(entry) = self.clocks.find_entry(clock_hash, |o| Arc::ptr_eq(o, op)) {
+        let hash = self.clock_hash(&op.vector_clock);
+        if let Ok(entry) = self.clocks.find_entry(hash, |o| Arc::ptr_eq(o, op)) {
             entry.remove();
         }
     }
+}
+
+/// The hash of a clock in the index: its counters only, not the replica ids (hashing
+/// every id's bytes cost more than the rest of a look-up). Clocks of one entity that
+/// differ only in their ids are rare; equality still decides.
+fn clock_hash(hasher: &DefaultHashBuilder, clock: &VectorClock) -> u64 {
+    let mut h = hasher.build_hasher();
+    for (_, counter) in clock.iter() {
+        h.write_u64(counter);
+    }
+    h.finish()
 }
 
 /// The fold of the history over the base, cached: `entries[i]` is the state after
@@ -521,8 +637,8 @@ impl EntityState {
 
     /// The retained operations in the order they take effect, with their keys and
     /// whether an open MANUAL conflict holds them out of the value.
-    pub fn operations(&self) -> impl Iterator<Item = (&OpKey, &Operation, bool)> {
-        self.history.iter().map(|l| (&l.key, &*l.op, l.held))
+    pub fn operations(&self) -> impl Iterator<Item = (OpKey, &Operation, bool)> {
+        self.history.iter().map(|l| (l.op_key(), &*l.op, l.held))
     }
 
     /// True when `operation_id` was seen and is still retained.
@@ -586,9 +702,10 @@ impl EntityState {
     /// Applies one operation (see the module docs). On error nothing changed.
     pub(crate) fn apply(
         &mut self,
-        op: &Operation,
+        shared: &Arc<Operation>,
         ctx: &StepContext<'_>,
     ) -> Result<Outcome, ApplyError> {
+        let op: &Operation = shared;
         op.validate().map_err(|error| ApplyError::Invalid {
             operation_id: op.operation_id.clone(),
             error,
@@ -649,15 +766,15 @@ impl EntityState {
         } else {
             self.key_for(op, scan.pred)
         };
-        let fast = !has_successor
-            && scan.follows_last_applied
-            && self.history.last().is_none_or(|l| l.key < key);
         let logged = Arc::new(LoggedOp {
             key,
             strategy: ctx.strategy,
             held,
-            op: Arc::new(op.clone()),
+            op: shared.clone(),
         });
+        let fast = !has_successor
+            && scan.follows_last_applied
+            && self.history.last().is_none_or(|l| l.order(&logged).is_lt());
         if fast {
             self.apply_last(logged, rival.is_some(), ctx)?;
         } else {
@@ -768,7 +885,7 @@ impl EntityState {
 
     /// The key of an operation that descends from every retained one: its effective
     /// time is at least the greatest so far (the last key's, or the compacted base's).
-    fn key_after_all(&self, op: &Operation) -> OpKey {
+    fn key_after_all(&self, op: &Operation) -> Key {
         let effective = self
             .history
             .last()
@@ -776,18 +893,16 @@ impl EntityState {
             .into_iter()
             .chain(self.base_time)
             .fold(op.timestamp, Timestamp::max);
-        OpKey {
+        Key {
             effective_time: effective,
             depth: op.vector_clock.depth(),
-            client_id: op.client_id.clone(),
-            operation_id: op.operation_id.clone(),
         }
     }
 
     /// The key of `op`, whose greatest retained predecessor is `pred`: its timestamp
     /// raised to the effective time of every operation it follows. Effective times
     /// grow along the history, so the greatest predecessor's is the greatest of them.
-    fn key_for(&self, op: &Operation, pred: Option<usize>) -> OpKey {
+    fn key_for(&self, op: &Operation, pred: Option<usize>) -> Key {
         let base = self
             .base_time
             .filter(|_| op.vector_clock.descends_from(&self.base_clock));
@@ -796,11 +911,9 @@ impl EntityState {
             .into_iter()
             .chain(base)
             .fold(op.timestamp, Timestamp::max);
-        OpKey {
+        Key {
             effective_time: effective,
             depth: op.vector_clock.depth(),
-            client_id: op.client_id.clone(),
-            operation_id: op.operation_id.clone(),
         }
     }
 
@@ -913,7 +1026,7 @@ impl EntityState {
         first_successor: Option<usize>,
         ctx: &StepContext<'_>,
     ) -> Result<(), ApplyError> {
-        let pos = self.history.partition_point(|l| l.key < logged.key);
+        let pos = self.history.partition_point(|l| l.order(&logged).is_lt());
         let has_successor = first_successor.is_some();
         let mut start = first_successor.map_or(pos, |s| s.min(pos));
         let mut tail: Vec<Arc<LoggedOp>> = Vec::with_capacity(self.history.len() - start + 1);
@@ -933,7 +1046,7 @@ impl EntityState {
                         Arc::make_mut(l).key.effective_time = effective;
                     }
                 }
-                tail.sort_by(|a, b| a.key.cmp(&b.key));
+                tail.sort_by(|a, b| a.order(b));
             } else {
                 let mut all = self.history[..start].to_vec();
                 all.append(&mut tail);
@@ -1049,7 +1162,7 @@ impl EntityState {
     /// are keyed first) and re-sorts it: the engine's original re-keying, for keys not
     /// known to be canonical.
     fn rekey_all(&self, history: &mut [Arc<LoggedOp>]) {
-        history.sort_by(|a, b| a.key.depth.cmp(&b.key.depth).then(a.key.cmp(&b.key)));
+        history.sort_by(|a, b| a.key.depth.cmp(&b.key.depth).then(a.order(b)));
         for i in 0..history.len() {
             let clock = &history[i].op.vector_clock;
             let base = self
@@ -1065,7 +1178,7 @@ impl EntityState {
                 Arc::make_mut(&mut history[i]).key.effective_time = effective;
             }
         }
-        history.sort_by(|a, b| a.key.cmp(&b.key));
+        history.sort_by(|a, b| a.order(b));
     }
 
     /// The fold's entries for `tail`, which follows `prefix` (whose entries are

@@ -64,12 +64,43 @@ impl Default for Reconciler {
 pub struct BatchOutcome {
     /// Conflicts detected, in request order (resolved, or open for MANUAL).
     pub conflicts: Vec<Conflict>,
-    /// Operations settled: applied, resolved (winning or losing) or duplicate.
-    pub resolved_operations: Vec<Operation>,
+    /// Operations settled: applied, resolved (winning or losing) or duplicate. Shared
+    /// with the entities' histories (an operation is stored once).
+    pub resolved_operations: Vec<Arc<Operation>>,
     /// Entities whose value changed.
     pub changed: BTreeSet<EntityKey>,
     /// Entities the batch touched (changed or not).
     pub touched: BTreeSet<EntityKey>,
+}
+
+/// An operation handed to [`Reconciler::apply_batch`]: owned (the engine then keeps a
+/// copy of it) or already shared (the engine keeps the same `Arc`, without a copy: the
+/// server decodes a request into shared operations).
+pub trait BatchOperation {
+    /// The operation.
+    fn operation(&self) -> &Operation;
+    /// The operation, shared.
+    fn shared(&self) -> Arc<Operation>;
+}
+
+impl BatchOperation for Operation {
+    fn operation(&self) -> &Operation {
+        self
+    }
+
+    fn shared(&self) -> Arc<Operation> {
+        Arc::new(self.clone())
+    }
+}
+
+impl BatchOperation for Arc<Operation> {
+    fn operation(&self) -> &Operation {
+        self
+    }
+
+    fn shared(&self) -> Arc<Operation> {
+        self.clone()
+    }
 }
 
 impl Reconciler {
@@ -145,9 +176,20 @@ impl Reconciler {
         requested: Option<ResolutionStrategy>,
         now: Timestamp,
     ) -> Result<Outcome, ApplyError> {
+        self.apply_shared(state, &Arc::new(op.clone()), requested, now)
+    }
+
+    fn apply_shared(
+        &self,
+        state: &mut EntityState,
+        op: &Arc<Operation>,
+        requested: Option<ResolutionStrategy>,
+        now: Timestamp,
+    ) -> Result<Outcome, ApplyError> {
+        let entity_type = &op.entity_type;
         let ctx = StepContext {
-            strategy: self.strategy_for(&op.entity_type, requested),
-            merge: self.merge_for(&op.entity_type),
+            strategy: self.strategy_for(entity_type, requested),
+            merge: self.merge_for(entity_type),
             max_history: self.max_history,
             now,
         };
@@ -160,16 +202,16 @@ impl Reconciler {
     /// was. The entities are changed in place (taken out of the map while the batch
     /// runs); each remembers what to restore until the batch ends, so a batch costs
     /// what its operations cost, not a copy of every entity it touches.
-    pub fn apply_batch(
+    pub fn apply_batch<O: BatchOperation>(
         &self,
         states: &mut BTreeMap<EntityKey, EntityState>,
-        ops: &[Operation],
+        ops: &[O],
         requested: Option<ResolutionStrategy>,
         now: Timestamp,
     ) -> Result<BatchOutcome, ApplyError> {
         let mut out = BatchOutcome::default();
         // Fail early when CUSTOM_MERGE is asked of a type without a merge function.
-        for op in ops {
+        for op in ops.iter().map(O::operation) {
             if self.strategy_for(&op.entity_type, requested) == ResolutionStrategy::CustomMerge
                 && !self.merges.contains_key(&op.entity_type)
             {
@@ -186,7 +228,8 @@ impl Reconciler {
             touched: Vec::new(),
         };
         let mut slot_of: hashbrown::HashMap<(&str, &str), usize> = hashbrown::HashMap::new();
-        for op in ops {
+        for given in ops {
+            let op = given.operation();
             let slot = match slot_of.get(&(op.entity_type.as_str(), op.entity_id.as_str())) {
                 Some(&slot) => slot,
                 None => {
@@ -216,11 +259,12 @@ impl Reconciler {
                 }
             };
             // On error the guard rolls every touched entity back.
-            let outcome = self.apply(&mut batch.touched[slot].state, op, requested, now)?;
+            let op = given.shared();
+            let outcome = self.apply_shared(&mut batch.touched[slot].state, &op, requested, now)?;
             match outcome {
-                Outcome::Applied | Outcome::Duplicate => out.resolved_operations.push(op.clone()),
+                Outcome::Applied | Outcome::Duplicate => out.resolved_operations.push(op),
                 Outcome::Resolved(conflict) => {
-                    out.resolved_operations.push(op.clone());
+                    out.resolved_operations.push(op);
                     out.conflicts.push(conflict);
                 }
                 Outcome::Held(conflict) => out.conflicts.push(conflict),

@@ -16,7 +16,9 @@ use serde_json::Value;
 
 use super::merge::{CustomMerge, MergeInput};
 use super::order::OpKey;
-use super::{ApplyError, BatchOutcome, EntityKey, EntityValue, Outcome, Reconciler};
+use super::{
+    ApplyError, BatchOperation, BatchOutcome, EntityKey, EntityValue, Outcome, Reconciler,
+};
 use crate::clock::{ClockOrdering, VectorClock};
 use crate::protocol::{
     Conflict, ConflictResolution, Operation, OperationType, ResolutionStrategy, Timestamp,
@@ -40,15 +42,15 @@ pub fn apply(
 }
 
 /// Applies `ops` in order, all or nothing, as `Reconciler::apply_batch` did.
-pub fn apply_batch(
+pub fn apply_batch<O: BatchOperation>(
     engine: &Reconciler,
     states: &mut BTreeMap<EntityKey, EntityState>,
-    ops: &[Operation],
+    ops: &[O],
     requested: Option<ResolutionStrategy>,
     now: Timestamp,
 ) -> Result<BatchOutcome, ApplyError> {
     let mut out = BatchOutcome::default();
-    for op in ops {
+    for op in ops.iter().map(O::operation) {
         if engine.strategy_for(&op.entity_type, requested) == ResolutionStrategy::CustomMerge
             && engine.merge_for(&op.entity_type).is_none()
         {
@@ -59,7 +61,8 @@ pub fn apply_batch(
     }
     let mut before: BTreeMap<EntityKey, EntityValue> = BTreeMap::new();
     let mut work: BTreeMap<EntityKey, EntityState> = BTreeMap::new();
-    for op in ops {
+    for given in ops {
+        let op = given.operation();
         let key = (op.entity_type.clone(), op.entity_id.clone());
         let state = work.entry(key.clone()).or_insert_with(|| {
             states
@@ -73,9 +76,9 @@ pub fn apply_batch(
         let outcome = apply(engine, state, op, requested, now)?;
         out.touched.insert(key);
         match outcome {
-            Outcome::Applied | Outcome::Duplicate => out.resolved_operations.push(op.clone()),
+            Outcome::Applied | Outcome::Duplicate => out.resolved_operations.push(given.shared()),
             Outcome::Resolved(conflict) => {
-                out.resolved_operations.push(op.clone());
+                out.resolved_operations.push(given.shared());
                 out.conflicts.push(conflict);
             }
             Outcome::Held(conflict) => out.conflicts.push(conflict),

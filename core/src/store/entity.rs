@@ -504,7 +504,8 @@ impl Store {
             .conflicts
             .iter()
             .filter_map(|c| c.operations.first());
-        for op in response.resolved_operations.iter().chain(held) {
+        let settled = response.resolved_operations.iter().map(|op| &**op);
+        for op in settled.chain(held) {
             outbox::accept_if_pending(&tx, &op.operation_id, &response.current_version, now)?;
         }
         if out.bad_checksums.is_empty() {

@@ -46,7 +46,9 @@ const BATCH: usize = 100;
 const RUNS: usize = 5;
 
 /// The workload, and how many of its operations are concurrent with an earlier one.
-pub fn workload(seed: u64, numeric: bool) -> (Vec<Operation>, usize) {
+///
+/// Shared (`Arc`), as the server decodes a request for the engine.
+pub fn workload(seed: u64, numeric: bool) -> (Vec<Arc<Operation>>, usize) {
     let mut rng = StdRng::seed_from_u64(seed);
     let base = Utc
         .timestamp_opt(1_780_000_000, 0)
@@ -106,7 +108,7 @@ pub fn workload(seed: u64, numeric: bool) -> (Vec<Operation>, usize) {
     let mut out = Vec::with_capacity(ENTITIES * OPS_PER_ENTITY);
     for i in 0..OPS_PER_ENTITY {
         for ops in &per_entity {
-            out.push(ops[i].clone());
+            out.push(Arc::new(ops[i].clone()));
         }
     }
     (out, concurrent)
@@ -145,7 +147,7 @@ impl States {
     fn apply(
         &mut self,
         engine: &Reconciler,
-        batch: &[Operation],
+        batch: &[Arc<Operation>],
         strategy: ResolutionStrategy,
         now: Timestamp,
     ) -> Result<BatchOutcome, String> {
@@ -346,7 +348,7 @@ const HISTORY_BATCH: usize = 10;
 /// One entity's operations: `share` of them made from a view that misses the last 1–4
 /// operations (by a client that wrote none of them), with a timestamp that sorts them
 /// before those (so each has 1–4 operations after its place); the rest saw everything.
-fn history_workload(count: usize, share: f64, seed: u64) -> Vec<Operation> {
+fn history_workload(count: usize, share: f64, seed: u64) -> Vec<Arc<Operation>> {
     let mut rng = StdRng::seed_from_u64(seed);
     let base = Utc
         .timestamp_opt(1_780_000_000, 0)
@@ -390,7 +392,7 @@ fn history_workload(count: usize, share: f64, seed: u64) -> Vec<Operation> {
             }
             (OperationType::Update, Value::Object(patch))
         };
-        ops.push(Operation {
+        ops.push(Arc::new(Operation {
             operation_id: format!("op-{i}"),
             client_id,
             tenant_id: "bench".into(),
@@ -401,7 +403,7 @@ fn history_workload(count: usize, share: f64, seed: u64) -> Vec<Operation> {
             timestamp,
             vector_clock: clock,
             metadata: None,
-        });
+        }));
         after.push(entity_clock.clone());
         authors.push(client);
     }
@@ -414,7 +416,7 @@ fn history_run(
     which: Which,
     engine: &Reconciler,
     strategy: ResolutionStrategy,
-    ops: &[Operation],
+    ops: &[Arc<Operation>],
     measured: usize,
 ) -> Result<f64, String> {
     let (prefill, timed) = ops.split_at(ops.len() - measured);

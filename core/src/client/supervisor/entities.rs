@@ -137,7 +137,7 @@ pub(super) async fn reconcile(
         client_id: client_id.to_owned(),
         tenant_id: claims.tenant_id,
         last_known_version,
-        operations,
+        operations: operations.into_iter().map(std::sync::Arc::new).collect(),
         requested_at: now,
         strategy: None,
     };
