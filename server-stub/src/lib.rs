@@ -298,6 +298,7 @@ async fn serve(
         tracing::error!(%error, "cannot read pending transactions");
     }
     spawn_maintenance(&app);
+    spawn_chart_sampler(&app);
     spawn_heartbeat(&app);
     let stop = app.shutdown.clone();
     let (router, socketio) = http::router(Arc::clone(&app));
@@ -363,6 +364,30 @@ fn spawn_heartbeat(app: &Arc<App>) {
                 _ = app2.shutdown.cancelled() => return,
                 _ = ticker.tick() => app2.node.tick(),
             }
+        }
+    });
+}
+
+/// The dashboard charts' totals, every `CHART_SAMPLE_EVERY`, so that a page that opens
+/// shows the last minutes.
+fn spawn_chart_sampler(app: &Arc<App>) {
+    let app2 = Arc::clone(app);
+    app.background.spawn(async move {
+        let mut ticker = tokio::time::interval(dashboard::CHART_SAMPLE_EVERY);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = app2.shutdown.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            let (connections, messages, polls, errors) = app2.metrics.chart_totals();
+            app2.watch.sample(dashboard::ChartSample {
+                at: time::now_ms(),
+                connections,
+                messages,
+                polls,
+                errors,
+            });
         }
     });
 }

@@ -49,6 +49,10 @@ pub(crate) struct Metrics {
     pub(crate) auth_failures: Counter,
     /// WebSocket upgrades refused with SERVER_FULL.
     pub(crate) server_full: Counter,
+    /// Polls answered (`GET /api/events`).
+    pub(crate) polls: Counter,
+    /// Errors answered, whatever their code (HTTP, WebSocket and socket.io).
+    pub(crate) errors: Counter,
     /// Class D transactions, by outcome (`submitted`, `confirmed`, `rejected`).
     pub(crate) transactions: Family<Labels, Counter>,
     /// Pages of the log read for polls and resumes, by source (`tail`: memory,
@@ -150,6 +154,8 @@ impl Metrics {
             tenant_violations: Counter::default(),
             auth_failures: Counter::default(),
             server_full: Counter::default(),
+            polls: Counter::default(),
+            errors: Counter::default(),
             transactions: Family::default(),
             log_reads,
             feed_catch_up_reads: Counter::default(),
@@ -256,6 +262,8 @@ impl Metrics {
             "WebSocket upgrades refused because the server was full",
             m.server_full.clone(),
         );
+        registry.register("polls", "Polls answered", m.polls.clone());
+        registry.register("errors", "Errors answered, of any code", m.errors.clone());
         registry.register(
             "transactions",
             "Class D transactions by outcome",
@@ -299,6 +307,21 @@ impl Metrics {
                 .get_or_create(&label("transport", other))
                 .inc(),
         };
+    }
+
+    /// The totals the dashboard's charts are drawn from when a page opens: open
+    /// WebSockets, messages accepted (every transport), polls, errors.
+    pub(crate) fn chart_totals(&self) -> (i64, u64, u64, u64) {
+        let socketio = self
+            .messages_in
+            .get_or_create(&label("transport", crate::socketio::TRANSPORT))
+            .get();
+        (
+            self.active_connections.get(),
+            self.hot.in_ws.get() + self.hot.in_http.get() + socketio,
+            self.polls.get(),
+            self.errors.get(),
+        )
     }
 
     /// Counts `n` durable events handed out `via` (`ws`, `resume`, `poll`, `claim`).

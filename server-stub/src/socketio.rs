@@ -598,6 +598,7 @@ impl Connection {
     /// Answers a refused event with its error (the connection stays, unless the client
     /// keeps sending refused events).
     async fn refuse(&mut self, error: ApiError, ack: Option<AckSender>) -> Flow {
+        self.app.metrics.errors.inc();
         self.app.watch.error(error.body.code.as_str());
         let flow = match ack {
             None => self.emit("error", &error.body).await,

@@ -487,6 +487,7 @@ impl Connection {
     /// Sends `error` as an `error` frame answering `reference` (counted by code for a
     /// watching dashboard).
     async fn send_error(&mut self, error: ApiError, reference: Option<&str>) -> Flow {
+        self.app.metrics.errors.inc();
         self.app.watch.error(error.body.code.as_str());
         let mut body = error.body;
         if let Some(r) = reference {

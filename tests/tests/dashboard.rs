@@ -913,3 +913,206 @@ async fn two_instances_show_their_connections_on_one_page() {
     })
     .await;
 }
+
+/// A raw WebSocket whose frames are read all the time (so that the server's pings
+/// are answered while the test waits), kept for [`Peer::until`].
+struct Peer {
+    sink: futures_util::stream::SplitSink<
+        tokio_tungstenite::WebSocketStream<
+            tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+        >,
+        Message,
+    >,
+    frames: tokio::sync::mpsc::UnboundedReceiver<Value>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Peer {
+    async fn open(base: &str, token: &str) -> Peer {
+        let (sink, mut stream) = ws(base, token).await.split();
+        let (tx, frames) = tokio::sync::mpsc::unbounded_channel();
+        let reader = tokio::spawn(async move {
+            while let Some(Ok(message)) = stream.next().await {
+                if let Ok(text) = message.to_text()
+                    && let Ok(frame) = serde_json::from_str::<Value>(text)
+                    && tx.send(frame).is_err()
+                {
+                    return;
+                }
+            }
+        });
+        Peer {
+            sink,
+            frames,
+            reader,
+        }
+    }
+
+    /// Sends one frame.
+    async fn send(&mut self, event: &str, data: Value, reference: &str) {
+        let frame = json!({"event": event, "data": data, "ref": reference});
+        self.sink
+            .send(Message::text(frame.to_string()))
+            .await
+            .unwrap();
+    }
+
+    /// Waits for a frame that satisfies `wanted` (bounded by [`WITHIN`]).
+    async fn until(&mut self, what: &str, wanted: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + WITHIN;
+        loop {
+            let frame = tokio::time::timeout_at(deadline, self.frames.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no frame {what} within {WITHIN:?}"))
+                .expect("the connection stays open");
+            if wanted(&frame) {
+                return frame;
+            }
+        }
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+impl Browser {
+    /// Sets the tail filter `id` to `text` as typing would (an `input` event).
+    async fn filter(&self, id: &str, text: &str) {
+        self.page()
+            .execute(
+                "const e = document.querySelector('#filter-' + arguments[0]); \
+                 e.value = arguments[1]; e.dispatchEvent(new Event('input'));",
+                vec![json!(id), json!(text)],
+            )
+            .await
+            .unwrap();
+    }
+
+    /// Waits until `css`'s text no longer contains `unwanted`.
+    async fn wait_text_gone(&self, css: &str, unwanted: &str) -> String {
+        let deadline = tokio::time::Instant::now() + WITHIN;
+        loop {
+            let text = self.text(css).await;
+            if !text.contains(unwanted) {
+                return text;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{css} still shows {unwanted:?}: {text:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The attribute `name` of `css`.
+    async fn attribute(&self, css: &str, name: &str) -> Option<String> {
+        let element = self.page().find(Locator::Css(css)).await.ok()?;
+        element.attr(name).await.ok().flatten()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rooms_presence_and_the_tail_filters_follow_the_clients_and_the_page_opens_with_the_past() {
+    bounded(async {
+        let dir = tempfile::tempdir().unwrap();
+        let server = server(dir.path(), |_| {}).await;
+        let started = tokio::time::Instant::now();
+        let base = server.http_url();
+        let mut alice = Peer::open(&base, &server.token("acme", "alice", &[])).await;
+        let mut bob = Peer::open(&base, &server.token("acme", "bob", &[])).await;
+        for (peer, reference) in [(&mut alice, "j1"), (&mut bob, "j2")] {
+            peer.send("join_room", json!({"roomId": "r1"}), reference)
+                .await;
+            peer.until("room_joined", |f| f["event"] == "room_joined")
+                .await;
+        }
+        // Before any page is open: a direct message, stored in the log.
+        alice
+            .send(
+                "message",
+                json!({"type": "note.direct", "recipientId": "bob", "payload": {"text": "before the page"}}),
+                "m1",
+            )
+            .await;
+        alice
+            .until("message_ack", |f| f["event"] == "message_ack")
+            .await;
+        // The charts are sampled every 5 s whether or not a page is open: wait until
+        // two samples span the message (a wait, not a measurement).
+        tokio::time::sleep_until(started + Duration::from_secs(6)).await;
+
+        let browser = Browser::launch().await;
+        browser
+            .open_dashboard(&base, &server.token("acme", "ops", &["admin"]))
+            .await;
+        // The page opens with the log's newest events and the charts' last minutes.
+        let tail = browser.wait_text("#events", "before the page").await;
+        assert!(tail.contains("bob: before this page opened"), "{tail}");
+        let peak: f64 = browser
+            .attribute("#chart-messages", "data-peak")
+            .await
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0.0);
+        assert!(peak > 0.0, "the messages chart starts with the message sent before");
+
+        // Rooms with their members' presence, live.
+        let room = "#rooms tr[data-room='r1']";
+        browser.wait_text(room, "alice · online").await;
+        browser.wait_text(room, "bob · online").await;
+        bob.send("presence_update", json!({"status": "away"}), "p1")
+            .await;
+        browser.wait_text(room, "bob · away").await;
+
+        // Two more messages: one to the room, one direct to alice.
+        alice
+            .send(
+                "message",
+                json!({"type": "chat.message", "roomId": "r1", "payload": {"text": "in the room"}}),
+                "m2",
+            )
+            .await;
+        bob.send(
+            "message",
+            json!({"type": "chat.message", "recipientId": "alice", "payload": {"text": "bob to alice"}}),
+            "m3",
+        )
+        .await;
+        browser.wait_text("#events", "in the room").await;
+        browser.wait_text("#events", "bob to alice").await;
+        browser.screenshot("rooms").await;
+
+        // The tail's filters: by type, room, user and tenant.
+        browser.filter("type", "note").await;
+        let shown = browser.wait_text_gone("#events", "in the room").await;
+        assert!(shown.contains("before the page"), "{shown}");
+        assert!(!shown.contains("bob to alice"), "{shown}");
+        browser.filter("type", "").await;
+        browser.filter("room", "r1").await;
+        let shown = browser.wait_text_gone("#events", "bob to alice").await;
+        assert!(shown.contains("in the room"), "{shown}");
+        assert!(!shown.contains("before the page"), "{shown}");
+        browser.filter("room", "").await;
+        browser.filter("user", "bob").await;
+        let shown = browser.wait_text("#events", "bob to alice").await;
+        assert!(shown.contains("before the page"), "as recipient: {shown}");
+        browser.filter("user", "carol").await;
+        browser.wait_present("#events tbody tr", false).await;
+        browser.filter("user", "").await;
+        browser.filter("tenant", "other").await;
+        browser.wait_present("#events tbody tr", false).await;
+        browser.filter("tenant", "acme").await;
+        browser.wait_text("#events", "bob to alice").await;
+
+        // Leaving the room takes bob out of it.
+        bob.send("leave_room", json!({"roomId": "r1"}), "l1").await;
+        browser.wait_text_gone(room, "bob ·").await;
+        browser.wait_text(room, "alice · online").await;
+
+        browser.close().await;
+        server.shutdown().await;
+    })
+    .await;
+}

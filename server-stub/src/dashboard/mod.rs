@@ -35,7 +35,7 @@ use serde_json::{Value, json};
 use tokio::sync::{broadcast, mpsc};
 use webwaka_realtime::protocol::{ADMIN_JUSTIFICATION_HEADER, AuditResult};
 
-pub(crate) use watch::{RemoteConnection, Watch};
+pub(crate) use watch::{CHART_SAMPLE_EVERY, ChartSample, RemoteConnection, Watch};
 
 use crate::app::App;
 use crate::audit::AuditRecord;
@@ -66,6 +66,8 @@ const POLLING_RECENT_MS: i64 = 10_000;
 const MAX_TENANTS: usize = 20;
 /// Audit entries read per tenant for the transactions and the audit tail.
 const AUDIT_READ: u32 = 300;
+/// Events of the log shown when a page opens (per tenant), before live ones arrive.
+const BACKLOG: u64 = 50;
 /// Connections and rooms listed per snapshot (the totals count them all): a page
 /// cannot show fifty thousand rows a second anyway.
 const MAX_ROWS: usize = 1000;
@@ -318,6 +320,20 @@ async fn feed(app: Arc<App>, scope: Scope, mut watcher: watch::Watcher, tx: mpsc
             }
         }
     };
+    // The log's newest events first, so that the tail does not start empty (the page
+    // drops those it also gets live: it subscribed before this read).
+    let backlog = match backlog(&app, &scope).await {
+        Ok(items) => Value::Array(items),
+        Err(error) => json!({"error": error.to_string()}),
+    };
+    if !send(Event::default().event("backlog").data(backlog.to_string())).await {
+        return;
+    }
+    // And the charts' last minutes.
+    let history = serde_json::to_string(&app.watch.samples()).unwrap_or_default();
+    if !send(Event::default().event("history").data(history)).await {
+        return;
+    }
     loop {
         let event = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -478,15 +494,7 @@ fn snapshot(app: &App, scope: &Scope) -> Value {
 /// entries, the audit log's newest entries.
 async fn durable(app: &App, scope: &Scope) -> Result<Value, ApiError> {
     let lag = app.store.lag().await?;
-    let tenants: Vec<String> = match scope {
-        Scope::Tenant(t) => vec![t.clone()],
-        Scope::All => {
-            let mut all: BTreeSet<String> = lag.iter().map(|(t, _, _)| t.clone()).collect();
-            all.extend(app.hub.connections(None).into_iter().map(|c| c.tenant));
-            all.extend(app.hub.rooms(None).into_iter().map(|r| r.tenant));
-            all.into_iter().take(MAX_TENANTS).collect()
-        }
-    };
+    let tenants = tenants_of(app, scope, &lag);
     let groups: Vec<Value> = lag
         .iter()
         .filter(|(t, _, _)| scope.sees(t))
@@ -554,4 +562,77 @@ async fn durable(app: &App, scope: &Scope) -> Result<Value, ApiError> {
         "transactions": transactions,
         "audit": audit,
     }))
+}
+
+/// The tenants whose durable facts a dashboard gets: its own, or (watching every
+/// tenant) those with consumer groups, connections or rooms, at most [`MAX_TENANTS`].
+fn tenants_of(app: &App, scope: &Scope, lag: &[(String, String, i64)]) -> Vec<String> {
+    match scope {
+        Scope::Tenant(t) => vec![t.clone()],
+        Scope::All => {
+            let mut all: BTreeSet<String> = lag.iter().map(|(t, _, _)| t.clone()).collect();
+            all.extend(app.hub.connections(None).into_iter().map(|c| c.tenant));
+            all.extend(app.hub.rooms(None).into_iter().map(|r| r.tenant));
+            all.into_iter().take(MAX_TENANTS).collect()
+        }
+    }
+}
+
+/// The newest [`BACKLOG`] events of each tenant watched, through the storage interface,
+/// oldest first, as tail items. How each recipient got them was not captured (no page
+/// was open): a direct message names its recipient as sent before the page opened.
+async fn backlog(app: &App, scope: &Scope) -> Result<Vec<Value>, ApiError> {
+    let lag = app.store.lag().await?;
+    let mut items = Vec::new();
+    for tenant in tenants_of(app, scope, &lag) {
+        let last = app.store.last_seq(&tenant).await?;
+        let stored = app
+            .store
+            .visible_after(
+                &tenant,
+                crate::log::Viewer::Everything,
+                last.saturating_sub(BACKLOG),
+                0,
+                u32::try_from(BACKLOG).unwrap_or(u32::MAX),
+            )
+            .await?;
+        items.extend(stored.iter().map(|s| backlog_item(&tenant, s)));
+    }
+    items.sort_by_key(|item| item["at"].as_i64().unwrap_or(0));
+    Ok(items)
+}
+
+/// A stored event as the tail shows it (the live items' fields, from its JSON).
+fn backlog_item(tenant: &str, stored: &crate::log::Stored) -> Value {
+    let event = serde_json::from_str::<webwaka_realtime::protocol::Event>(&stored.body).ok();
+    let message = event
+        .as_ref()
+        .and_then(|e| e.message())
+        .and_then(Result::ok);
+    let sender = message
+        .as_ref()
+        .map(|m| m.sender_id.clone())
+        .or_else(|| event.as_ref().and_then(|e| e.metadata.user_id.clone()));
+    let room = message.as_ref().and_then(|m| m.room_id.clone());
+    let recipient = message.as_ref().and_then(|m| m.recipient_id.clone());
+    let recipients: Vec<Value> = recipient
+        .iter()
+        .map(|user| json!({"user": user, "delivery": "before this page opened"}))
+        .collect();
+    json!({
+        "kind": "event",
+        "tenant": tenant,
+        "seq": stored.seq,
+        "eventId": &*stored.event_id,
+        "type": event.as_ref().map(|e| e.event_type.as_str()).unwrap_or_default(),
+        "messageType": message.as_ref().map(|m| m.message_type.as_str()),
+        "at": event.as_ref().map_or(0, |e| e.timestamp.timestamp_millis()),
+        "sender": sender,
+        "room": room,
+        "recipient": recipient,
+        "everyone": message.is_none() || (room.is_none() && recipient.is_none()),
+        "recipients": recipients,
+        "body": watch::cut(&stored.body),
+        "backlog": true,
+    })
 }

@@ -39,6 +39,12 @@ const POLLS_MAX: usize = 10_000;
 pub(crate) const REMOTE_WATCH_MS: i64 = 10_000;
 /// How long another instance's list of connections is shown after it came, ms.
 const REMOTE_FRESH_MS: i64 = 5_000;
+/// Chart samples kept for a page that opens (one every [`CHART_SAMPLE_EVERY`]: five
+/// minutes).
+const CHART_SAMPLES: usize = 60;
+/// How often the charts' totals are sampled, whether or not a page is open (a timer,
+/// not work per message).
+pub(crate) const CHART_SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 /// Connections an instance lists for the other instances' dashboards.
 pub(crate) const REMOTE_ROWS_MAX: usize = 200;
 /// Longest frame text in such a list (a notice holds at most 8,000 bytes).
@@ -104,6 +110,24 @@ pub(crate) struct Watch {
     remote_until: AtomicI64,
     /// The other instances' connections: instance → (when received, ms; the list).
     remote: Mutex<HashMap<String, (i64, Vec<RemoteConnection>)>>,
+    /// The charts' last minutes, oldest first, for a page that opens.
+    samples: Mutex<std::collections::VecDeque<ChartSample>>,
+}
+
+/// The charts' totals at one moment (`/metrics` counters, kept whether or not a page
+/// is open).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub(crate) struct ChartSample {
+    /// When, ms.
+    pub(crate) at: i64,
+    /// Open WebSockets.
+    pub(crate) connections: i64,
+    /// Messages accepted so far (every transport).
+    pub(crate) messages: u64,
+    /// Polls answered so far.
+    pub(crate) polls: u64,
+    /// Errors answered so far.
+    pub(crate) errors: u64,
 }
 
 /// A dashboard's registration: counts as watching until dropped.
@@ -131,7 +155,7 @@ fn now_ms() -> i64 {
 }
 
 /// `text` cut to [`TEXT_MAX`] bytes (at a character boundary).
-fn cut(text: &str) -> String {
+pub(crate) fn cut(text: &str) -> String {
     if text.len() <= TEXT_MAX {
         return text.to_owned();
     }
@@ -154,7 +178,22 @@ impl Watch {
             polls: AtomicU64::new(0),
             remote_until: AtomicI64::new(0),
             remote: Mutex::new(HashMap::new()),
+            samples: Mutex::new(std::collections::VecDeque::with_capacity(CHART_SAMPLES)),
         }
+    }
+
+    /// Keeps one more chart sample (the oldest goes past [`CHART_SAMPLES`]).
+    pub(crate) fn sample(&self, sample: ChartSample) {
+        let mut samples = lock(&self.samples);
+        if samples.len() >= CHART_SAMPLES {
+            samples.pop_front();
+        }
+        samples.push_back(sample);
+    }
+
+    /// The chart samples of the last minutes, oldest first.
+    pub(crate) fn samples(&self) -> Vec<ChartSample> {
+        lock(&self.samples).iter().copied().collect()
     }
 
     fn captured(&self) -> MutexGuard<'_, Captured> {
@@ -398,9 +437,17 @@ impl Watch {
         struct Head {
             #[serde(default)]
             event_type: String,
+            #[serde(default)]
+            payload: Option<PayloadHead>,
         }
-        let event_type = serde_json::from_str::<Head>(&event.body)
-            .map(|h| h.event_type)
+        /// A message's own type (`chat.message`), when the event carries one.
+        #[derive(serde::Deserialize)]
+        struct PayloadHead {
+            #[serde(default, rename = "type")]
+            message_type: Option<String>,
+        }
+        let (event_type, message_type) = serde_json::from_str::<Head>(&event.body)
+            .map(|h| (h.event_type, h.payload.and_then(|p| p.message_type)))
             .unwrap_or_default();
         self.publish(
             tenant,
@@ -410,6 +457,7 @@ impl Watch {
                 "seq": event.seq,
                 "eventId": &*event.event_id,
                 "type": event_type,
+                "messageType": message_type,
                 "at": event.created_ms,
                 "sender": event.sender.as_deref(),
                 "room": event.room.as_deref(),

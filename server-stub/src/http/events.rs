@@ -55,6 +55,7 @@ pub(crate) async fn poll(
     app.limits
         .poll
         .check(&app.metrics, &caller.tenant, caller.user())?;
+    app.metrics.polls.inc();
     app.watch.polled(&caller.tenant, caller.user());
     let has_more = rows.len() > limit as usize;
     let page = &rows[..rows.len().min(limit as usize)];

@@ -116,6 +116,7 @@ async fn trace_request(
             .extensions()
             .get::<webwaka_realtime::protocol::ErrorCode>()
     {
+        app.metrics.errors.inc();
         app.watch.error(code.as_str());
     }
     span.in_scope(|| {

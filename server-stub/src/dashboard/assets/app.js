@@ -114,6 +114,8 @@
     source.addEventListener('snapshot', (e) => snapshot(JSON.parse(e.data)));
     source.addEventListener('durable', (e) => durable(JSON.parse(e.data)));
     source.addEventListener('item', (e) => item(JSON.parse(e.data)));
+    source.addEventListener('backlog', (e) => backlog(JSON.parse(e.data)));
+    source.addEventListener('history', (e) => pastPoints(JSON.parse(e.data)));
     source.addEventListener('skipped', (e) => { $('#event-count').textContent = '(' + e.data + ' skipped: too many to show)'; });
   }
 
@@ -160,6 +162,29 @@
     return td;
   }
 
+  // The last minutes before the page opened: the server's samples (every few
+  // seconds), spread over one point a second. Skipped when the charts already run
+  // (the feed opened again).
+  function pastPoints(samples) {
+    if (state.points.length > 0 || !Array.isArray(samples)) return;
+    for (let i = 1; i < samples.length; i++) {
+      const a = samples[i - 1], b = samples[i];
+      const dt = Math.max(0.001, (b.at - a.at) / 1000);
+      const point = {
+        at: b.at,
+        connections: b.connections,
+        messages: Math.max(0, (b.messages - a.messages) / dt),
+        polls: Math.max(0, (b.polls - a.polls) / dt),
+        errors: Math.max(0, (b.errors - a.errors) / dt),
+      };
+      for (let k = 0; k < Math.min(10, Math.round(dt)); k++) state.points.push(point);
+    }
+    while (state.points.length > HISTORY) state.points.shift();
+    for (const key of ['connections', 'messages', 'polls', 'errors']) {
+      draw($('#chart-' + key), state.points.map((p) => p[key]));
+    }
+  }
+
   function chart(s) {
     const t = s.totals;
     const errors = Object.values(t.errors || {}).reduce((a, b) => a + b, 0);
@@ -185,6 +210,8 @@
     const w = canvas.width, h = canvas.height;
     g.clearRect(0, 0, w, h);
     const max = Math.max(1, ...values);
+    canvas.dataset.points = values.length;
+    canvas.dataset.peak = Math.max(0, ...values);
     g.strokeStyle = '#2d6cdf';
     g.lineWidth = 1.5;
     g.beginPath();
@@ -199,16 +226,24 @@
   }
 
   // ---- The event log tail.
-  function item(e) {
+  // The log's newest events, oldest first, sent when the feed opens (again after a
+  // reconnection): those already shown are skipped.
+  function backlog(items) {
+    if (!Array.isArray(items)) { showError('Storage: ' + items.error); return; }
+    for (const e of items) item(e, false);
+    renderEvents();
+  }
+  function item(e, render = true) {
+    if (e.kind === 'event' && state.events.some((x) => x.kind === 'event' && x.tenant === e.tenant && x.seq === e.seq)) return;
     state.events.unshift(e);
     if (state.events.length > KEEP_EVENTS) state.events.pop();
-    renderEvents();
+    if (render) renderEvents();
   }
   function matches(e) {
     const f = (id) => $('#filter-' + id).value.trim();
     if (e.kind === 'live' && !$('#filter-live').checked) return false;
     if (f('tenant') && e.tenant !== f('tenant')) return false;
-    if (f('type') && !(e.type || (e.kind === 'live' ? 'CLASS_A' : '')).includes(f('type'))) return false;
+    if (f('type') && !typeOf(e).includes(f('type'))) return false;
     if (f('room') && e.room !== f('room')) return false;
     if (f('user')) {
       const u = f('user');
@@ -231,11 +266,20 @@
       if (e.everyone) recipients.appendChild(el('span', 'everyone', 'tag'));
       const live = e.kind === 'live';
       const sender = live ? senderOf(e.frame) : e.sender;
-      const tr = row([live ? '—' : e.seq, time(e.at), e.tenant, live ? 'CLASS_A (live, not stored)' : e.type, sender || '', e.room || '', recipients, el('td', live ? e.frame : e.body, 'text')]);
+      const tr = row([live ? '—' : e.seq, time(e.at), e.tenant, typeOf(e), sender || '', e.room || '', recipients, el('td', live ? e.frame : e.body, 'text')]);
       tr.className = live ? 'event live-row' : 'event';
       body.appendChild(tr);
     }
     $('#event-count').textContent = '(' + shown + ' of ' + state.events.length + ')';
+  }
+  // The event's type and, for a message, its own type (`message · chat.message`); a
+  // live message's type is in its frame.
+  function typeOf(e) {
+    if (e.kind === 'live') {
+      const m = /"type":"([^"]*)"/.exec(e.frame || '');
+      return 'CLASS_A (live, not stored)' + (m ? ' · ' + m[1] : '');
+    }
+    return (e.type || '') + (e.messageType ? ' · ' + e.messageType : '');
   }
   function senderOf(frame) {
     const m = /"senderId":"([^"]*)"/.exec(frame || '');
