@@ -369,8 +369,11 @@ struct Connection {
     queued: Arc<AtomicUsize>,
 }
 
-/// The connect handler: the connection's whole life.
-async fn run(app: Arc<App>, socket: SocketRef) {
+/// The connect handler: the set-up, then the future of the connection's whole life.
+/// Not an `async fn`, so that what the set-up consumes is not kept a second time in
+/// the future while the connection lives (see `ws::run`).
+fn run(app: Arc<App>, socket: SocketRef) -> impl std::future::Future<Output = ()> + Send {
+    use futures_util::future::Either;
     let setup = socket
         .extensions
         .get::<Pending>()
@@ -387,7 +390,7 @@ async fn run(app: Arc<App>, socket: SocketRef) {
         // first); refuse to serve it rather than trust it.
         tracing::error!("socket.io connection without its checks: disconnected");
         let _ = socket.disconnect();
-        return;
+        return Either::Left(std::future::ready(()));
     };
     let Admitted {
         caller,
@@ -411,19 +414,16 @@ async fn run(app: Arc<App>, socket: SocketRef) {
         queued,
     };
     let exp = caller.identity.exp;
-    async move {
+    drop(caller);
+    Either::Right(async move {
         tracing::debug!(client_id = %client_id, transport = ?conn.socket.transport_type(), "connected");
-        let flow = conn
-            .serve(
-                registration.inbox,
-                registration.kill,
-                incoming,
-                closed,
-                client_id,
-                cursor,
-                exp,
-            )
-            .await;
+        // Boxed: the first frames (and a replay) need a large future, once.
+        let mut flow = Box::pin(conn.start(client_id, cursor)).await;
+        if let Flow::Continue = flow {
+            flow = conn
+                .serve(registration.inbox, registration.kill, incoming, closed, exp)
+                .await;
+        }
         match flow {
             Flow::Close(code, reason) => {
                 let body = ErrorBody::new(code, close_text(reason)).with_detail("close", reason);
@@ -439,8 +439,7 @@ async fn run(app: Arc<App>, socket: SocketRef) {
         tracing::debug!(?flow, "disconnected");
         drop(slot);
     }
-    .instrument(span)
-    .await;
+    .instrument(span))
 }
 
 /// The human text of a close.
@@ -459,28 +458,29 @@ fn close_text(reason: &str) -> &'static str {
 }
 
 impl Connection {
-    #[allow(clippy::too_many_arguments)]
+    /// The connection's first events: `connected`, then what `auth.lastEventId` asked
+    /// for.
+    async fn start(&mut self, client_id: String, cursor: Option<(String, u64)>) -> Flow {
+        let connected = crate::session::connected(&self.app, &self.peer, client_id);
+        if let f @ (Flow::Stop | Flow::Close(..) | Flow::Drop) = self.emit_event(&connected).await {
+            return f;
+        }
+        match cursor {
+            Some((cursor, seq)) => Box::pin(self.replay(cursor, seq, None)).await,
+            None => Flow::Continue,
+        }
+    }
+
+    /// The connection's life after [`Self::start`].
     async fn serve(
         &mut self,
         mut inbox: mpsc::Receiver<Arc<Delivery>>,
         kill: CancellationToken,
         mut incoming: mpsc::UnboundedReceiver<Box<Inbound>>,
         closed: CancellationToken,
-        client_id: String,
-        cursor: Option<(String, u64)>,
         exp: i64,
     ) -> Flow {
         let app = Arc::clone(&self.app);
-        let connected = crate::session::connected(&app, &self.peer, client_id);
-        if let f @ (Flow::Stop | Flow::Close(..) | Flow::Drop) = self.emit_event(&connected).await {
-            return f;
-        }
-        if let Some((cursor, seq)) = cursor {
-            match Box::pin(self.replay(cursor, seq, None)).await {
-                Flow::Continue => {}
-                other => return other,
-            }
-        }
         // The token's end (with the leeway it was accepted with).
         let leeway = i64::try_from(app.config.jwt_leeway_ms / 1000).unwrap_or(0);
         let remaining = (exp + leeway - chrono::Utc::now().timestamp()).max(0);

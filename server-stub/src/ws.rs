@@ -24,7 +24,7 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgr
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::{FutureExt, SinkExt};
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::time::Instant;
 use tracing::Instrument;
 use webwaka_realtime::protocol::envelope::{AUTH_EXPIRED_CLOSE_REASON, close_code};
 use webwaka_realtime::protocol::{
@@ -125,7 +125,15 @@ struct Connection {
     last_heard: Instant,
 }
 
-async fn run(app: Arc<App>, socket: WebSocket, admitted: Admitted) {
+/// The connection's task. Not an `async fn`: the set-up runs here, before the future
+/// exists, so that what it consumes (the socket and the admission, moved into the
+/// connection) is not kept a second time in the future for the connection's whole life
+/// (an `async fn` keeps its arguments; this saved an idle connection about 800 bytes).
+fn run(
+    app: Arc<App>,
+    socket: WebSocket,
+    admitted: Admitted,
+) -> impl std::future::Future<Output = ()> + Send {
     let Admitted {
         caller,
         client_id,
@@ -139,6 +147,8 @@ async fn run(app: Arc<App>, socket: WebSocket, admitted: Admitted) {
         tenant = %caller.tenant,
         user = %caller.identity.user_id,
     );
+    let exp = caller.identity.exp;
+    drop(caller);
     let mut conn = Connection {
         peer,
         app,
@@ -147,18 +157,13 @@ async fn run(app: Arc<App>, socket: WebSocket, admitted: Admitted) {
         refusals: Refusals::new(),
         last_heard: Instant::now(),
     };
-    let exp = caller.identity.exp;
     async move {
         tracing::debug!(client_id = %client_id, "connected");
-        let flow = conn
-            .serve(
-                registration.inbox,
-                registration.kill,
-                client_id,
-                cursor,
-                exp,
-            )
-            .await;
+        // Boxed: the first frames (and a replay) need a large future, once.
+        let mut flow = Box::pin(conn.start(client_id, cursor)).await;
+        if let Flow::Continue = flow {
+            flow = conn.serve(registration.inbox, registration.kill, exp).await;
+        }
         if let Flow::Close(code, reason) = flow {
             let sent = conn
                 .socket
@@ -185,7 +190,6 @@ async fn run(app: Arc<App>, socket: WebSocket, admitted: Admitted) {
         drop(slot);
     }
     .instrument(span)
-    .await;
 }
 
 fn flow_name(flow: &Flow) -> &'static str {
@@ -197,35 +201,39 @@ fn flow_name(flow: &Flow) -> &'static str {
 }
 
 impl Connection {
+    /// The connection's first frames: `connected`, then what a resume asked for.
+    async fn start(&mut self, client_id: String, cursor: Option<(String, u64)>) -> Flow {
+        let connected = crate::session::connected(&self.app, &self.peer, client_id);
+        if let f @ (Flow::Stop | Flow::Close(..)) = self.send(&connected, None).await {
+            return f;
+        }
+        match cursor {
+            Some((cursor, seq)) => Box::pin(self.replay(cursor, seq, None)).await,
+            None => Flow::Continue,
+        }
+    }
+
+    /// The connection's life after [`Self::start`]: deliveries out, frames in, pings,
+    /// until it closes, the token ends, the hub kills it or the server stops.
     async fn serve(
         &mut self,
         mut inbox: tokio::sync::mpsc::Receiver<Arc<crate::hub::Delivery>>,
         kill: tokio_util::sync::CancellationToken,
-        client_id: String,
-        cursor: Option<(String, u64)>,
         exp: i64,
     ) -> Flow {
         let app = Arc::clone(&self.app);
         let config = &app.config;
         let ping_interval = config.ping_interval();
         let ping_timeout = config.ping_timeout();
-        let connected = crate::session::connected(&app, &self.peer, client_id);
-        if let f @ (Flow::Stop | Flow::Close(..)) = self.send(&connected, None).await {
-            return f;
-        }
-        if let Some((cursor, seq)) = cursor {
-            match Box::pin(self.replay(cursor, seq, None)).await {
-                Flow::Continue => {}
-                other => return other,
-            }
-        }
         // The token's end (with the leeway it was accepted with).
         let leeway = i64::try_from(config.jwt_leeway_ms / 1000).unwrap_or(0);
         let remaining = (exp + leeway - chrono::Utc::now().timestamp()).max(0);
-        let expiry = tokio::time::sleep(Duration::from_secs(remaining.unsigned_abs()));
-        tokio::pin!(expiry);
-        let mut ticker = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
-        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let token_end = Instant::now() + Duration::from_secs(remaining.unsigned_abs());
+        // One timer for the next ping and the token's end, whichever comes first (an
+        // `Interval` and a second `Sleep` cost an idle connection about 270 bytes more).
+        let mut next_ping = Instant::now() + ping_interval;
+        let timer = tokio::time::sleep_until(next_ping.min(token_end));
+        tokio::pin!(timer);
         // Made once: a cancellation future registers itself (under a lock) when first
         // polled, which is worth doing once per connection, not once per frame.
         let shutdown = self.app.shutdown.clone();
@@ -250,14 +258,22 @@ impl Connection {
                         Flow::Close(close_code::POLICY_VIOLATION, AUTH_EXPIRED_CLOSE_REASON)
                     }
                 },
-                _ = &mut expiry => Flow::Close(close_code::POLICY_VIOLATION, AUTH_EXPIRED_CLOSE_REASON),
-                _ = ticker.tick() => {
-                    if self.last_heard.elapsed() >= ping_timeout {
+                () = &mut timer => {
+                    let now = Instant::now();
+                    if now >= token_end {
+                        Flow::Close(close_code::POLICY_VIOLATION, AUTH_EXPIRED_CLOSE_REASON)
+                    } else if self.last_heard.elapsed() >= ping_timeout {
                         Flow::Close(close_code::NORMAL, "PING_TIMEOUT")
-                    } else if self.socket.send(Message::Ping(Default::default())).await.is_err() {
-                        Flow::Stop
                     } else {
-                        Flow::Continue
+                        // The next ping a whole interval after this one (a late tick
+                        // delays the ones after it, as `MissedTickBehavior::Delay`).
+                        next_ping = now + ping_interval;
+                        timer.as_mut().reset(next_ping.min(token_end));
+                        if self.socket.send(Message::Ping(Default::default())).await.is_err() {
+                            Flow::Stop
+                        } else {
+                            Flow::Continue
+                        }
                     }
                 }
                 delivery = inbox.recv() => match delivery {
