@@ -14,6 +14,8 @@
 //! - cross-instance delivery latency against same-instance, in alternating rounds;
 //! - fan-out to 1,000 members spread over three instances;
 //! - polls/s and memory per idle connection of an instance on PostgreSQL.
+//!
+//! Parts: `WEBWAKA_BENCH_POSTGRES=durable,cross,fanout,polls,idle` (all by default).
 
 use std::sync::Mutex;
 
@@ -26,9 +28,11 @@ use super::server::{
     THROUGHPUT_CONNS, THROUGHPUT_PER_CONN, THROUGHPUT_WINDOW, WARMUP, connect_user, fanout_on,
     idle, message_frame, poll_run, proc_cpu_secs, round_trips, throughput_on,
 };
-use super::{Row, fmt_rate, median, percentile, sorted};
+use super::{Row, fmt_rate, median, percentile, sorted, wanted};
 use crate::cluster::PgCluster;
 
+/// Selects parts of this group (`durable,cross,fanout,polls,idle`, all by default).
+pub const ONLY_ENV: &str = "WEBWAKA_BENCH_POSTGRES";
 /// A server child makes a fresh database on this cluster (its admin URL).
 const PG_ADMIN_ENV: &str = "WEBWAKA_BENCH_PG_ADMIN";
 /// A server child uses this database (several instances share it).
@@ -157,17 +161,27 @@ pub async fn run() -> Result<Vec<Row>, String> {
     let postmaster = pg.postmaster_pid().ok_or("no postmaster pid")?;
     admin_sql(&admin, "CREATE EXTENSION IF NOT EXISTS pg_stat_statements").await?;
     let mut rows = Vec::new();
-    rows.extend(durable(&admin, postmaster).await?);
-    rows.extend(cross_instance(&admin).await?);
-    rows.extend(fanout_spread(&admin).await?);
+    if wanted(ONLY_ENV, "durable") {
+        rows.extend(durable(&admin, postmaster).await?);
+    }
+    if wanted(ONLY_ENV, "cross") {
+        rows.extend(cross_instance(&admin).await?);
+    }
+    if wanted(ONLY_ENV, "fanout") {
+        rows.extend(fanout_spread(&admin).await?);
+    }
     {
         let _engine = Engine::set(&[(PG_ADMIN_ENV, &admin)]);
-        rows.extend(polls_pg().await?);
-        let idle = idle().await?;
-        rows.extend(idle.into_iter().map(|mut row| {
-            row.name = format!("{} (PostgreSQL)", row.name);
-            row
-        }));
+        if wanted(ONLY_ENV, "polls") {
+            rows.extend(polls_pg().await?);
+        }
+        if wanted(ONLY_ENV, "idle") {
+            let idle = idle().await?;
+            rows.extend(idle.into_iter().map(|mut row| {
+                row.name = format!("{} (PostgreSQL)", row.name);
+                row
+            }));
+        }
     }
     drop(pg);
     Ok(rows)
