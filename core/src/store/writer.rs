@@ -211,8 +211,24 @@ impl Owner {
 impl Drop for Owner {
     fn drop(&mut self) {
         // Nobody is left to hear about a failure here; `close` reports it.
-        let _ = self.shutdown();
+        off_worker(|| {
+            let _ = self.shutdown();
+        });
     }
+}
+
+/// Runs `wait` (a wait for the writer thread) so that it does not hold a worker of a
+/// multi-threaded tokio runtime: dropped there (the last client handle going away in
+/// a task), the worker's other tasks move to another thread meanwhile.
+fn off_worker(wait: impl FnOnce()) {
+    #[cfg(feature = "client")]
+    if tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+    {
+        tokio::task::block_in_place(wait);
+        return;
+    }
+    wait();
 }
 
 /// How much work the writer did: `items / batches` is the mean group size.
@@ -832,6 +848,45 @@ mod tests {
             waiter.join().unwrap(),
             Err(StoreError::WriterClosed)
         ));
+    }
+
+    /// The last handle dropped in a task of a one-worker runtime: while the drop waits
+    /// for the queue to drain, the runtime's other tasks still run (the worker is
+    /// handed over). Here the queued job finishes only once such a task ran: blocking
+    /// the worker instead, it would time out.
+    #[cfg(feature = "client")]
+    #[test]
+    fn dropping_the_last_handle_on_a_runtime_worker_lets_its_other_tasks_run() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .unwrap();
+        let writer =
+            StoreWriter::new(Store::open_in_memory(StoreConfig::default()).unwrap()).unwrap();
+        let (signal_tx, signal_rx) = mpsc::channel::<()>();
+        let (seen_tx, seen_rx) = mpsc::channel::<bool>();
+        writer.submit(msg("d", 1), at(0), move |_| {
+            let ran = signal_rx
+                .recv_timeout(std::time::Duration::from_secs(10))
+                .is_ok();
+            let _ = seen_tx.send(ran);
+        });
+        runtime.block_on(async move {
+            tokio::spawn(async move {
+                // Queued behind this task on the only worker.
+                let other = tokio::spawn(async move {
+                    let _ = signal_tx.send(());
+                });
+                drop(writer);
+                other.await.unwrap();
+            })
+            .await
+            .unwrap();
+        });
+        assert!(
+            seen_rx.recv().unwrap(),
+            "another task of the runtime ran while the drop waited"
+        );
     }
 
     #[test]

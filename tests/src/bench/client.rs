@@ -572,7 +572,7 @@ fn memory() -> Result<Vec<Row>, String> {
                 mib(idle),
                 mib(idle_anon)
             ),
-            method: "separate process linking only the client (bin client_memory, built with the `mobile` profile apps embed: opt-level s, fat LTO): tokio runtime (2 workers) + one open client (store, supervisor), offline, after 2 s; VmRSS (code pages included) and RssAnon (heap and stacks)".into(),
+            method: "separate process linking only the client (bin client_memory, built with the `mobile` profile apps embed: opt-level s, fat LTO): tokio runtime (1 worker, as the SDK's) + one open client (store, supervisor), offline, after 2 s; VmRSS (code pages included) and RssAnon (heap and stacks)".into(),
         },
         Row {
             name: "client: memory with 10,000 queued items".into(),
@@ -588,8 +588,9 @@ fn memory() -> Result<Vec<Row>, String> {
 
 /// The memory probe (in the child process): prints `idle_kib=` and `queued_kib=`.
 pub fn memory_child() -> Result<(), String> {
+    // One worker, as the SDK's own runtime (`ffi/src/runtime.rs`) that apps get.
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(1)
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
