@@ -599,3 +599,46 @@ fn a_malformed_operation_is_refused_by_the_engine_naming_the_field() {
     }
     assert_eq!(state.history_len(), 0);
 }
+
+/// The stored form of a retained operation is the one the engine has always written:
+/// `{key: {effectiveTime, depth, clientId, operationId}, strategy, held, op}`, its key
+/// whole (the state keeps only the effective time and depth, and reads the ids from
+/// the operation). Read back, it gives the same state and the same JSON.
+#[test]
+fn a_stored_state_keeps_its_json_form_and_reads_back_the_same() {
+    let engine = Reconciler::default();
+    let ops = [
+        op("op-1", "s", Create, json!({"title": "a"}), 10, &[("s", 1)]),
+        op(
+            "op-2",
+            "a",
+            Update,
+            json!({"title": "b"}),
+            5,
+            &[("s", 1), ("a", 1)],
+        ),
+    ];
+    let (state, _) = run(&engine, LastWriteWins, &ops);
+    let text = serde_json::to_string(&state).unwrap();
+    // The second operation's timestamp (5) is raised to its predecessor's (10).
+    let second = format!(
+        r#"{{"key":{{"effectiveTime":{},"depth":2,"clientId":"a","operationId":"op-2"}},"strategy":"LAST_WRITE_WINS","held":false,"op":"#,
+        serde_json::to_string(&at(10)).unwrap()
+    );
+    assert!(text.contains(&second), "{text}");
+    let first = format!(
+        r#"{{"key":{{"effectiveTime":{},"depth":1,"clientId":"s","operationId":"op-1"}},"#,
+        serde_json::to_string(&at(10)).unwrap()
+    );
+    assert!(text.contains(&first), "{text}");
+    let read: EntityState = serde_json::from_str(&text).unwrap();
+    assert_eq!(read, state);
+    assert_eq!(serde_json::to_string(&read).unwrap(), text);
+    let keys: Vec<_> = read
+        .operations()
+        .map(|(k, o, _)| (k, o.operation_id.clone()))
+        .collect();
+    assert_eq!(keys[1].0.client_id, "a");
+    assert_eq!(keys[1].0.effective_time, at(10));
+    assert_eq!(keys[1].1, "op-2");
+}

@@ -84,7 +84,7 @@ pub(crate) async fn send(
         sequence: None,
     };
     metrics.message_in(transport);
-    log.watch.message_in();
+    log.watch.message_in(tenant);
     let message_id = delivered.message_id.clone();
     let ack = if class == InteractionClass::ClassA {
         // Live only: never stored, never replayed.

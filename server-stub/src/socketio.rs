@@ -599,7 +599,9 @@ impl Connection {
     /// keeps sending refused events).
     async fn refuse(&mut self, error: ApiError, ack: Option<AckSender>) -> Flow {
         self.app.metrics.errors.inc();
-        self.app.watch.error(error.body.code.as_str());
+        self.app
+            .watch
+            .error(Some(&self.peer.tenant), error.body.code.as_str());
         let flow = match ack {
             None => self.emit("error", &error.body).await,
             Some(ack) => acked(ack.send(&error.body)),

@@ -504,7 +504,9 @@ impl Connection {
     /// watching dashboard).
     async fn send_error(&mut self, error: ApiError, reference: Option<&str>) -> Flow {
         self.app.metrics.errors.inc();
-        self.app.watch.error(error.body.code.as_str());
+        self.app
+            .watch
+            .error(Some(&self.peer.tenant), error.body.code.as_str());
         let mut body = error.body;
         if let Some(r) = reference {
             body = body.with_ref(r);

@@ -1040,23 +1040,48 @@ async fn rooms_presence_and_the_tail_filters_follow_the_clients_and_the_page_ope
         alice
             .until("message_ack", |f| f["event"] == "message_ack")
             .await;
+        // And one in another tenant.
+        let mut carol = Peer::open(&base, &server.token("other", "carol", &[])).await;
+        carol
+            .send(
+                "message",
+                json!({"type": "note.direct", "recipientId": "dave", "payload": {"text": "other tenant's"}}),
+                "m0",
+            )
+            .await;
+        carol
+            .until("message_ack", |f| f["event"] == "message_ack")
+            .await;
         // The charts are sampled every 5 s whether or not a page is open: wait until
         // two samples span the message (a wait, not a measurement).
         tokio::time::sleep_until(started + Duration::from_secs(6)).await;
 
+        // A super admin watching every tenant (justified) gets the instance's charts.
         let browser = Browser::launch().await;
+        let root = server.token("acme", "root", &["super_admin"]);
         browser
-            .open_dashboard(&base, &server.token("acme", "ops", &["admin"]))
+            .open_dashboard(&base, &format!("{root}&tenant=*&justification=debugging"))
             .await;
         // The page opens with the log's newest events and the charts' last minutes.
         let tail = browser.wait_text("#events", "before the page").await;
         assert!(tail.contains("bob: before this page opened"), "{tail}");
-        let peak: f64 = browser
-            .attribute("#chart-messages", "data-peak")
-            .await
-            .and_then(|p| p.parse().ok())
-            .unwrap_or(0.0);
-        assert!(peak > 0.0, "the messages chart starts with the message sent before");
+        browser.wait_text("#events", "other tenant's").await;
+        let deadline = tokio::time::Instant::now() + WITHIN;
+        loop {
+            let peak: f64 = browser
+                .attribute("#chart-messages", "data-peak")
+                .await
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0.0);
+            if peak > 0.0 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the messages chart starts with the messages sent before"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
 
         // Rooms with their members' presence, live.
         let room = "#rooms tr[data-room='r1']";
@@ -1098,18 +1123,42 @@ async fn rooms_presence_and_the_tail_filters_follow_the_clients_and_the_page_ope
         browser.filter("user", "bob").await;
         let shown = browser.wait_text("#events", "bob to alice").await;
         assert!(shown.contains("before the page"), "as recipient: {shown}");
-        browser.filter("user", "carol").await;
+        browser.filter("user", "zed").await;
         browser.wait_present("#events tbody tr", false).await;
         browser.filter("user", "").await;
-        browser.filter("tenant", "other").await;
+        browser.filter("tenant", "nobody").await;
         browser.wait_present("#events tbody tr", false).await;
+        browser.filter("tenant", "other").await;
+        let shown = browser.wait_text_gone("#events", "bob to alice").await;
+        assert!(shown.contains("other tenant's"), "{shown}");
         browser.filter("tenant", "acme").await;
-        browser.wait_text("#events", "bob to alice").await;
+        let shown = browser.wait_text("#events", "bob to alice").await;
+        assert!(!shown.contains("other tenant's"), "{shown}");
+        browser.filter("tenant", "").await;
 
         // Leaving the room takes bob out of it.
         bob.send("leave_room", json!({"roomId": "r1"}), "l1").await;
         browser.wait_text_gone(room, "bob ·").await;
         browser.wait_text(room, "alice · online").await;
+
+        // A tenant's admin sees its own events only, and no instance-wide chart: its
+        // charts start when its page opens, from its tenant's totals. (Away first: a
+        // link that differs only in its fragment would not load the page again.)
+        browser.page().goto("about:blank").await.unwrap();
+        browser
+            .open_dashboard(&base, &server.token("acme", "ops", &["admin"]))
+            .await;
+        let tail = browser.wait_text("#events", "before the page").await;
+        assert!(!tail.contains("other tenant's"), "{tail}");
+        browser.wait_present("#rooms tr[data-room='r1']", true).await;
+        let points: usize = browser
+            .attribute("#chart-messages", "data-points")
+            .await
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        assert!(points <= 3, "no history: {points} points at once");
+        let peak = browser.attribute("#chart-messages", "data-peak").await;
+        assert_eq!(peak.as_deref(), Some("0"), "nothing sent since it opened");
 
         browser.close().await;
         server.shutdown().await;

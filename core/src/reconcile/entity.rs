@@ -315,12 +315,16 @@ impl Index {
     }
 }
 
-/// The hash of a clock in the index: its counters only, not the replica ids (hashing
-/// every id's bytes cost more than the rest of a look-up). Clocks of one entity that
-/// differ only in their ids are rare; equality still decides.
+/// The hash of a clock in the index: each entry's counter, and of its replica id only
+/// the length and the last byte (hashing every id's bytes cost more than the rest of
+/// a look-up). Clocks that differ in one client's entry (`{a: 5, b: 1}`, `{a: 5, c: 1}`:
+/// clients editing from the same state) still hash apart as long as their ids differ
+/// in length or last byte; equality always decides.
 fn clock_hash(hasher: &DefaultHashBuilder, clock: &VectorClock) -> u64 {
     let mut h = hasher.build_hasher();
-    for (_, counter) in clock.iter() {
+    for (replica, counter) in clock.iter() {
+        h.write_usize(replica.len());
+        h.write_u8(replica.as_bytes().last().copied().unwrap_or(0));
         h.write_u64(counter);
     }
     h.finish()

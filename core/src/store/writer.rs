@@ -219,7 +219,10 @@ impl Drop for Owner {
 
 /// Runs `wait` (a wait for the writer thread) so that it does not hold a worker of a
 /// multi-threaded tokio runtime: dropped there (the last client handle going away in
-/// a task), the worker's other tasks move to another thread meanwhile.
+/// a task), the worker's other tasks move to another thread meanwhile. (One context
+/// is not handled: a multi-threaded runtime's handle entered with `Handle::enter` on a
+/// thread that runs a current-thread runtime, where `block_in_place` panics. Nothing
+/// in the SDK or its bindings does that.)
 fn off_worker(wait: impl FnOnce()) {
     #[cfg(feature = "client")]
     if tokio::runtime::Handle::try_current()

@@ -68,6 +68,9 @@ const MAX_TENANTS: usize = 20;
 const AUDIT_READ: u32 = 300;
 /// Events of the log shown when a page opens (per tenant), before live ones arrive.
 const BACKLOG: u64 = 50;
+/// Events of the log shown when a page opens, all tenants together (the page keeps
+/// 500).
+const BACKLOG_TOTAL: usize = 500;
 /// Connections and rooms listed per snapshot (the totals count them all): a page
 /// cannot show fifty thousand rows a second anyway.
 const MAX_ROWS: usize = 1000;
@@ -329,10 +332,14 @@ async fn feed(app: Arc<App>, scope: Scope, mut watcher: watch::Watcher, tx: mpsc
     if !send(Event::default().event("backlog").data(backlog.to_string())).await {
         return;
     }
-    // And the charts' last minutes.
-    let history = serde_json::to_string(&app.watch.samples()).unwrap_or_default();
-    if !send(Event::default().event("history").data(history)).await {
-        return;
+    // And the charts' last minutes: the instance's totals, all tenants together, so
+    // only for a page that watches every tenant (a tenant's page starts its charts
+    // when it opens, from its own totals).
+    if scope == Scope::All {
+        let history = serde_json::to_string(&app.watch.samples()).unwrap_or_default();
+        if !send(Event::default().event("history").data(history)).await {
+            return;
+        }
     }
     loop {
         let event = tokio::select! {
@@ -468,7 +475,7 @@ fn snapshot(app: &App, scope: &Scope) -> Value {
             json!({"tenant": r.tenant, "room": r.room, "members": members})
         })
         .collect();
-    let (messages, polls, errors) = app.watch.totals();
+    let (messages, polls, errors) = app.watch.totals(scope.filter());
     let local = connections.iter().filter(|c| c.conn_id.is_some()).count();
     let chaos =
         crate::chaos::ChaosControl::of(app.chaos.as_ref(), &app.hub, &app.node).map(|c| c.state());
@@ -582,7 +589,12 @@ fn tenants_of(app: &App, scope: &Scope, lag: &[(String, String, i64)]) -> Vec<St
 /// oldest first, as tail items. How each recipient got them was not captured (no page
 /// was open): a direct message names its recipient as sent before the page opened.
 async fn backlog(app: &App, scope: &Scope) -> Result<Vec<Value>, ApiError> {
-    let lag = app.store.lag().await?;
+    let lag = match scope {
+        Scope::Tenant(_) => Vec::new(),
+        Scope::All => app.store.lag().await?,
+    };
+    // What retention keeps (older events may still be stored until the next purge).
+    let cutoff = crate::log::retention_cutoff(app.config.event_bus_retention_period_ms);
     let mut items = Vec::new();
     for tenant in tenants_of(app, scope, &lag) {
         let last = app.store.last_seq(&tenant).await?;
@@ -592,13 +604,15 @@ async fn backlog(app: &App, scope: &Scope) -> Result<Vec<Value>, ApiError> {
                 &tenant,
                 crate::log::Viewer::Everything,
                 last.saturating_sub(BACKLOG),
-                0,
+                cutoff,
                 u32::try_from(BACKLOG).unwrap_or(u32::MAX),
             )
             .await?;
         items.extend(stored.iter().map(|s| backlog_item(&tenant, s)));
     }
     items.sort_by_key(|item| item["at"].as_i64().unwrap_or(0));
+    let excess = items.len().saturating_sub(BACKLOG_TOTAL);
+    items.drain(..excess);
     Ok(items)
 }
 

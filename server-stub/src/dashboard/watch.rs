@@ -95,6 +95,29 @@ struct Captured {
     polls: HashMap<(Box<str>, Box<str>), i64>,
     /// Errors answered, by code.
     errors: BTreeMap<&'static str, u64>,
+    /// The same totals per tenant (a tenant's page sees its own only).
+    tenants: HashMap<Box<str>, Totals>,
+}
+
+/// What one tenant did while watched.
+#[derive(Debug, Default, Clone, PartialEq)]
+struct Totals {
+    messages: u64,
+    polls: u64,
+    errors: BTreeMap<&'static str, u64>,
+}
+
+/// Tenants whose totals are kept while watched.
+const TENANTS_MAX: usize = 10_000;
+
+impl Captured {
+    /// `tenant`'s totals (none past [`TENANTS_MAX`] tenants).
+    fn tenant(&mut self, tenant: &str) -> Option<&mut Totals> {
+        if !self.tenants.contains_key(tenant) && self.tenants.len() >= TENANTS_MAX {
+            return None;
+        }
+        Some(self.tenants.entry(tenant.into()).or_default())
+    }
 }
 
 /// The dashboards' view of the server's live facts.
@@ -369,6 +392,9 @@ impl Watch {
         }
         self.polls.fetch_add(1, Ordering::Relaxed);
         let mut captured = self.captured();
+        if let Some(t) = captured.tenant(tenant) {
+            t.polls += 1;
+        }
         if captured.polls.len() < POLLS_MAX {
             captured
                 .polls
@@ -385,26 +411,43 @@ impl Watch {
             .collect()
     }
 
-    /// An error answered with `code`.
-    pub(crate) fn error(&self, code: &'static str) {
+    /// An error answered with `code`, to a caller of `tenant` when known (an HTTP
+    /// error is counted for every tenant's view only: the answer does not say whose).
+    pub(crate) fn error(&self, tenant: Option<&str>, code: &'static str) {
         if self.watching() {
-            *self.captured().errors.entry(code).or_insert(0) += 1;
+            let mut captured = self.captured();
+            *captured.errors.entry(code).or_insert(0) += 1;
+            if let Some(t) = tenant.and_then(|t| captured.tenant(t)) {
+                *t.errors.entry(code).or_insert(0) += 1;
+            }
         }
     }
 
-    /// Totals while watched: messages accepted, polls answered, errors by code.
-    pub(crate) fn totals(&self) -> (u64, u64, BTreeMap<&'static str, u64>) {
-        (
-            self.messages.load(Ordering::Relaxed),
-            self.polls.load(Ordering::Relaxed),
-            self.captured().errors.clone(),
-        )
+    /// Totals while watched, of one tenant or (`None`) of all: messages accepted,
+    /// polls answered, errors by code.
+    pub(crate) fn totals(&self, tenant: Option<&str>) -> (u64, u64, BTreeMap<&'static str, u64>) {
+        let captured = self.captured();
+        match tenant {
+            None => (
+                self.messages.load(Ordering::Relaxed),
+                self.polls.load(Ordering::Relaxed),
+                captured.errors.clone(),
+            ),
+            Some(t) => captured
+                .tenants
+                .get(t)
+                .map(|t| (t.messages, t.polls, t.errors.clone()))
+                .unwrap_or_default(),
+        }
     }
 
-    /// A message accepted (any class).
-    pub(crate) fn message_in(&self) {
+    /// A message of `tenant` accepted (any class).
+    pub(crate) fn message_in(&self, tenant: &str) {
         if self.watching() {
             self.messages.fetch_add(1, Ordering::Relaxed);
+            if let Some(t) = self.captured().tenant(tenant) {
+                t.messages += 1;
+            }
         }
     }
 
@@ -434,21 +477,26 @@ impl Watch {
         }
         #[derive(serde::Deserialize)]
         #[serde(rename_all = "camelCase")]
-        struct Head {
+        struct Head<'a> {
             #[serde(default)]
             event_type: String,
-            #[serde(default)]
-            payload: Option<PayloadHead>,
+            #[serde(default, borrow)]
+            payload: Option<&'a serde_json::value::RawValue>,
         }
-        /// A message's own type (`chat.message`), when the event carries one.
+        /// A message's own type (`chat.message`).
         #[derive(serde::Deserialize)]
         struct PayloadHead {
-            #[serde(default, rename = "type")]
-            message_type: Option<String>,
+            #[serde(rename = "type")]
+            message_type: String,
         }
-        let (event_type, message_type) = serde_json::from_str::<Head>(&event.body)
-            .map(|h| (h.event_type, h.payload.and_then(|p| p.message_type)))
+        let (event_type, payload) = serde_json::from_str::<Head<'_>>(&event.body)
+            .map(|h| (h.event_type, h.payload))
             .unwrap_or_default();
+        // Only a message's payload is the message (other events' are the publisher's).
+        let message_type = payload
+            .filter(|_| event_type == webwaka_realtime::protocol::event::MESSAGE_EVENT_TYPE)
+            .and_then(|p| serde_json::from_str::<PayloadHead>(p.get()).ok())
+            .map(|p| p.message_type);
         self.publish(
             tenant,
             json!({
@@ -496,16 +544,20 @@ mod tests {
         let watch = Arc::new(Watch::new());
         watch.frame_in(1, "hello");
         watch.polled("t", "u");
-        watch.error("AUTH_FAILED");
-        watch.message_in();
+        watch.error(Some("t"), "AUTH_FAILED");
+        watch.message_in("t");
         assert!(watch.frames().is_empty());
-        assert_eq!(watch.totals(), (0, 0, BTreeMap::new()));
+        assert_eq!(watch.totals(None), (0, 0, BTreeMap::new()));
+        assert_eq!(watch.totals(Some("t")), (0, 0, BTreeMap::new()));
         let watcher = watch.subscribe();
         watch.frame_in(1, "hello");
         watch.frame_in(1, r#"{"event":"ping","data":null}"#);
         watch.frame_out(1, &"x".repeat(5000));
         watch.polled("t", "u");
-        watch.error("AUTH_FAILED");
+        watch.error(Some("t"), "AUTH_FAILED");
+        watch.error(None, "AUTH_FAILED");
+        watch.message_in("t");
+        watch.message_in("other");
         let frames = watch.frames();
         assert_eq!(
             frames[&1].last_in.as_ref().map(|f| f.1.as_str()),
@@ -518,7 +570,18 @@ mod tests {
                 .is_some_and(|f| f.1.len() < 700)
         );
         assert_eq!(watch.last_polls().len(), 1);
-        assert_eq!(watch.totals().2.get("AUTH_FAILED"), Some(&1));
+        // Every tenant's view counts everything; a tenant's, its own only.
+        let (messages, polls, errors) = watch.totals(None);
+        assert_eq!(
+            (messages, polls, errors.get("AUTH_FAILED")),
+            (2, 1, Some(&2))
+        );
+        let (messages, polls, errors) = watch.totals(Some("t"));
+        assert_eq!(
+            (messages, polls, errors.get("AUTH_FAILED")),
+            (1, 1, Some(&1))
+        );
+        assert_eq!(watch.totals(Some("nobody")), (0, 0, BTreeMap::new()));
         drop(watcher);
         assert!(!watch.watching());
         assert!(watch.frames().is_empty());

@@ -111,13 +111,12 @@ async fn trace_request(
     );
     let started = Instant::now();
     let response = next.run(request).instrument(span.clone()).await;
-    if app.watch.watching()
-        && let Some(code) = response
-            .extensions()
-            .get::<webwaka_realtime::protocol::ErrorCode>()
+    if let Some(code) = response
+        .extensions()
+        .get::<webwaka_realtime::protocol::ErrorCode>()
     {
         app.metrics.errors.inc();
-        app.watch.error(code.as_str());
+        app.watch.error(None, code.as_str());
     }
     span.in_scope(|| {
         tracing::debug!(
