@@ -616,7 +616,7 @@ async fn backlog(app: &App, scope: &Scope) -> Result<Vec<Value>, ApiError> {
     Ok(items)
 }
 
-/// A stored event as the tail shows it (the live items' fields, from its JSON).
+/// A stored event as the tail shows it (sender, room and recipient from its message).
 fn backlog_item(tenant: &str, stored: &crate::log::Stored) -> Value {
     let event = serde_json::from_str::<webwaka_realtime::protocol::Event>(&stored.body).ok();
     let message = event
@@ -625,28 +625,25 @@ fn backlog_item(tenant: &str, stored: &crate::log::Stored) -> Value {
         .and_then(Result::ok);
     let sender = message
         .as_ref()
-        .map(|m| m.sender_id.clone())
-        .or_else(|| event.as_ref().and_then(|e| e.metadata.user_id.clone()));
-    let room = message.as_ref().and_then(|m| m.room_id.clone());
-    let recipient = message.as_ref().and_then(|m| m.recipient_id.clone());
+        .map(|m| m.sender_id.as_str())
+        .or_else(|| event.as_ref().and_then(|e| e.metadata.user_id.as_deref()));
+    let room = message.as_ref().and_then(|m| m.room_id.as_deref());
+    let recipient = message.as_ref().and_then(|m| m.recipient_id.as_deref());
     let recipients: Vec<Value> = recipient
         .iter()
         .map(|user| json!({"user": user, "delivery": "before this page opened"}))
         .collect();
-    json!({
-        "kind": "event",
-        "tenant": tenant,
-        "seq": stored.seq,
-        "eventId": &*stored.event_id,
-        "type": event.as_ref().map(|e| e.event_type.as_str()).unwrap_or_default(),
-        "messageType": message.as_ref().map(|m| m.message_type.as_str()),
-        "at": event.as_ref().map_or(0, |e| e.timestamp.timestamp_millis()),
-        "sender": sender,
-        "room": room,
-        "recipient": recipient,
-        "everyone": message.is_none() || (room.is_none() && recipient.is_none()),
-        "recipients": recipients,
-        "body": watch::cut(&stored.body),
-        "backlog": true,
-    })
+    watch::EventItem {
+        tenant,
+        seq: stored.seq,
+        event_id: &stored.event_id,
+        body: &stored.body,
+        at: event.as_ref().map_or(0, |e| e.timestamp.timestamp_millis()),
+        sender,
+        room,
+        recipient,
+        everyone: message.is_none() || (room.is_none() && recipient.is_none()),
+        recipients,
+    }
+    .json()
 }

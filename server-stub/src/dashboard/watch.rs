@@ -17,7 +17,7 @@
 //! presence it knows of the other instance's users.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
@@ -93,9 +93,9 @@ struct Captured {
     frames: HashMap<u64, Frames>,
     /// (tenant, user) → when the user last polled, ms.
     polls: HashMap<(Box<str>, Box<str>), i64>,
-    /// Errors answered, by code.
-    errors: BTreeMap<&'static str, u64>,
-    /// The same totals per tenant (a tenant's page sees its own only).
+    /// Every tenant's totals together (the every-tenant view).
+    all: Totals,
+    /// The same per tenant (a tenant's page sees its own only).
     tenants: HashMap<Box<str>, Totals>,
 }
 
@@ -111,12 +111,15 @@ struct Totals {
 const TENANTS_MAX: usize = 10_000;
 
 impl Captured {
-    /// `tenant`'s totals (none past [`TENANTS_MAX`] tenants).
-    fn tenant(&mut self, tenant: &str) -> Option<&mut Totals> {
-        if !self.tenants.contains_key(tenant) && self.tenants.len() >= TENANTS_MAX {
-            return None;
+    /// Counts with `count` in every tenant's totals and in `tenant`'s when known (none
+    /// kept past [`TENANTS_MAX`] tenants).
+    fn count(&mut self, tenant: Option<&str>, count: impl Fn(&mut Totals)) {
+        count(&mut self.all);
+        if let Some(tenant) = tenant
+            && (self.tenants.contains_key(tenant) || self.tenants.len() < TENANTS_MAX)
+        {
+            count(self.tenants.entry(tenant.into()).or_default());
         }
-        Some(self.tenants.entry(tenant.into()).or_default())
     }
 }
 
@@ -125,10 +128,6 @@ pub(crate) struct Watch {
     watchers: AtomicUsize,
     tx: broadcast::Sender<Arc<Item>>,
     captured: Mutex<Captured>,
-    /// Messages accepted while watched.
-    messages: AtomicU64,
-    /// Polls answered while watched.
-    polls: AtomicU64,
     /// Until when (ms) another instance's dashboard watches; 0: none.
     remote_until: AtomicI64,
     /// The other instances' connections: instance → (when received, ms; the list).
@@ -178,7 +177,7 @@ fn now_ms() -> i64 {
 }
 
 /// `text` cut to [`TEXT_MAX`] bytes (at a character boundary).
-pub(crate) fn cut(text: &str) -> String {
+fn cut(text: &str) -> String {
     if text.len() <= TEXT_MAX {
         return text.to_owned();
     }
@@ -197,8 +196,6 @@ impl Watch {
             watchers: AtomicUsize::new(0),
             tx,
             captured: Mutex::new(Captured::default()),
-            messages: AtomicU64::new(0),
-            polls: AtomicU64::new(0),
             remote_until: AtomicI64::new(0),
             remote: Mutex::new(HashMap::new()),
             samples: Mutex::new(std::collections::VecDeque::with_capacity(CHART_SAMPLES)),
@@ -390,11 +387,8 @@ impl Watch {
         if !self.watching() {
             return;
         }
-        self.polls.fetch_add(1, Ordering::Relaxed);
         let mut captured = self.captured();
-        if let Some(t) = captured.tenant(tenant) {
-            t.polls += 1;
-        }
+        captured.count(Some(tenant), |t| t.polls += 1);
         if captured.polls.len() < POLLS_MAX {
             captured
                 .polls
@@ -415,11 +409,8 @@ impl Watch {
     /// error is counted for every tenant's view only: the answer does not say whose).
     pub(crate) fn error(&self, tenant: Option<&str>, code: &'static str) {
         if self.watching() {
-            let mut captured = self.captured();
-            *captured.errors.entry(code).or_insert(0) += 1;
-            if let Some(t) = tenant.and_then(|t| captured.tenant(t)) {
-                *t.errors.entry(code).or_insert(0) += 1;
-            }
+            self.captured()
+                .count(tenant, |t| *t.errors.entry(code).or_insert(0) += 1);
         }
     }
 
@@ -427,27 +418,19 @@ impl Watch {
     /// polls answered, errors by code.
     pub(crate) fn totals(&self, tenant: Option<&str>) -> (u64, u64, BTreeMap<&'static str, u64>) {
         let captured = self.captured();
-        match tenant {
-            None => (
-                self.messages.load(Ordering::Relaxed),
-                self.polls.load(Ordering::Relaxed),
-                captured.errors.clone(),
-            ),
-            Some(t) => captured
-                .tenants
-                .get(t)
-                .map(|t| (t.messages, t.polls, t.errors.clone()))
-                .unwrap_or_default(),
-        }
+        let totals = match tenant {
+            None => Some(&captured.all),
+            Some(t) => captured.tenants.get(t),
+        };
+        totals
+            .map(|t| (t.messages, t.polls, t.errors.clone()))
+            .unwrap_or_default()
     }
 
     /// A message of `tenant` accepted (any class).
     pub(crate) fn message_in(&self, tenant: &str) {
         if self.watching() {
-            self.messages.fetch_add(1, Ordering::Relaxed);
-            if let Some(t) = self.captured().tenant(tenant) {
-                t.messages += 1;
-            }
+            self.captured().count(Some(tenant), |t| t.messages += 1);
         }
     }
 
@@ -475,6 +458,43 @@ impl Watch {
         if !self.watching() {
             return;
         }
+        let item = EventItem {
+            tenant,
+            seq: event.seq,
+            event_id: &event.event_id,
+            body: &event.body,
+            at: event.created_ms,
+            sender: event.sender.as_deref(),
+            room: event.room.as_deref(),
+            recipient: event.recipient.as_deref(),
+            everyone: audience.everyone,
+            recipients: recipients(hub, tenant, audience),
+        };
+        self.publish(tenant, item.json());
+    }
+}
+
+/// A committed event as the tail shows it: as it passes (with how each recipient got
+/// it), or read back from the log when a page opens.
+pub(crate) struct EventItem<'a> {
+    pub(crate) tenant: &'a str,
+    pub(crate) seq: u64,
+    pub(crate) event_id: &'a str,
+    /// The stored `Event` JSON.
+    pub(crate) body: &'a str,
+    pub(crate) at: i64,
+    pub(crate) sender: Option<&'a str>,
+    pub(crate) room: Option<&'a str>,
+    pub(crate) recipient: Option<&'a str>,
+    pub(crate) everyone: bool,
+    /// `{user, delivery}` of each recipient shown.
+    pub(crate) recipients: Vec<serde_json::Value>,
+}
+
+impl EventItem<'_> {
+    /// The item's JSON, with the event's type and, for a message, its own type read
+    /// from the body.
+    pub(crate) fn json(self) -> serde_json::Value {
         #[derive(serde::Deserialize)]
         #[serde(rename_all = "camelCase")]
         struct Head<'a> {
@@ -489,7 +509,7 @@ impl Watch {
             #[serde(rename = "type")]
             message_type: String,
         }
-        let (event_type, payload) = serde_json::from_str::<Head<'_>>(&event.body)
+        let (event_type, payload) = serde_json::from_str::<Head<'_>>(self.body)
             .map(|h| (h.event_type, h.payload))
             .unwrap_or_default();
         // Only a message's payload is the message (other events' are the publisher's).
@@ -497,24 +517,21 @@ impl Watch {
             .filter(|_| event_type == webwaka_realtime::protocol::event::MESSAGE_EVENT_TYPE)
             .and_then(|p| serde_json::from_str::<PayloadHead>(p.get()).ok())
             .map(|p| p.message_type);
-        self.publish(
-            tenant,
-            json!({
-                "kind": "event",
-                "tenant": tenant,
-                "seq": event.seq,
-                "eventId": &*event.event_id,
-                "type": event_type,
-                "messageType": message_type,
-                "at": event.created_ms,
-                "sender": event.sender.as_deref(),
-                "room": event.room.as_deref(),
-                "recipient": event.recipient.as_deref(),
-                "everyone": audience.everyone,
-                "recipients": recipients(hub, tenant, audience),
-                "body": cut(&event.body),
-            }),
-        );
+        json!({
+            "kind": "event",
+            "tenant": self.tenant,
+            "seq": self.seq,
+            "eventId": self.event_id,
+            "type": event_type,
+            "messageType": message_type,
+            "at": self.at,
+            "sender": self.sender,
+            "room": self.room,
+            "recipient": self.recipient,
+            "everyone": self.everyone,
+            "recipients": self.recipients,
+            "body": cut(self.body),
+        })
     }
 }
 
