@@ -295,7 +295,8 @@ pub struct MachineConfig {
     pub probe_min: Duration,
     /// Largest delay between WebSocket probes while Polling.
     pub probe_max: Duration,
-    /// Realtime held this long resets the probe schedule (hysteresis).
+    /// Realtime held this long resets the retry and probe schedules (hysteresis); a
+    /// socket lost sooner is retried on the growing schedule, not at once.
     pub stable_after: Duration,
     /// Consecutive HTTP failures that make Polling give up for Offline.
     pub http_failures_to_offline: u32,
@@ -528,7 +529,10 @@ impl Machine {
         } else {
             self.enter(ConnectionState::Realtime, Reason::WebSocketOpened, now);
         }
-        self.backoff.reset();
+        // The retry schedule is not reset here but once the socket has held for
+        // `stable_after` (see `note_flap`): a socket that opens and breaks at once, again
+        // and again (a broken proxy, a hostile server), is retried on a growing
+        // schedule, not in a tight loop.
         self.offline_since = None;
         self.actions.push_back(Action::Flush(Route::WebSocket));
     }
@@ -570,11 +574,12 @@ impl Machine {
         self.ws = Ws::Closed;
         self.pong_due = None;
         self.next_ping = None;
-        self.note_flap(now, since);
+        let stable = self.note_flap(now, since);
         match how {
             CloseKind::AuthExpired => self.auth_refused(now),
             CloseKind::GoingAway => self.go_offline(now, Reason::ServerGoingAway),
-            CloseKind::Lost => self.connect(now, Reason::WebSocketLost),
+            CloseKind::Lost if stable => self.connect(now, Reason::WebSocketLost),
+            CloseKind::Lost => self.fall_to_http(now),
         }
     }
 
@@ -1039,6 +1044,26 @@ impl Machine {
         self.open_ws(now);
     }
 
+    /// A socket broke soon after it opened (before `stable_after`). Opening another at
+    /// once would loop as fast as the network allows against a server or proxy that
+    /// keeps breaking them; instead, as when a socket is refused, find out whether HTTP
+    /// works: then Polling, with the WebSocket probed on a schedule that keeps growing
+    /// while sockets keep breaking; else Offline, on the retry schedule.
+    fn fall_to_http(&mut self, now: Instant) {
+        if self.is_parked() {
+            return;
+        }
+        if let Some(nb) = self.not_before.filter(|nb| *nb > now) {
+            self.enter_with_retry(ConnectionState::Offline, Reason::WebSocketLost, now, nb);
+            return;
+        }
+        self.http_works = false;
+        self.slow_checked = false;
+        self.ws_failed = true;
+        self.enter(ConnectionState::Connecting, Reason::WebSocketLost, now);
+        self.try_http();
+    }
+
     /// The WebSocket is refused or slow: find out whether HTTP works.
     fn try_http(&mut self) {
         if !self.poll_in_flight {
@@ -1115,10 +1140,15 @@ impl Machine {
     }
 
     /// A socket that dropped soon after opening keeps the probe schedule growing.
-    fn note_flap(&mut self, now: Instant, opened: Instant) {
-        if now.saturating_duration_since(opened) >= self.cfg.stable_after {
+    /// A socket opened at `opened` ended: when it held for `stable_after`, both retry
+    /// schedules start afresh (and `true`); otherwise they keep growing (hysteresis).
+    fn note_flap(&mut self, now: Instant, opened: Instant) -> bool {
+        let stable = now.saturating_duration_since(opened) >= self.cfg.stable_after;
+        if stable {
             self.probe_backoff.reset();
+            self.backoff.reset();
         }
+        stable
     }
 
     fn auth_ok(&mut self) {

@@ -936,3 +936,52 @@ fn answers_that_arrive_after_parking_do_not_reconnect() {
     assert_eq!(h.state(), Offline);
     assert_eq!(h.m.poll_timeout(), None);
 }
+
+#[test]
+fn a_socket_that_keeps_breaking_right_after_opening_is_not_reopened_in_a_loop() {
+    let mut h = H::realtime();
+    let mut opens = Vec::new();
+    for _ in 0..8 {
+        h.ms(200); // each socket lives 200 ms
+        h.m.on_ws_closed(h.now, CloseKind::Lost);
+        let work = h.work();
+        assert!(
+            !work.contains(&Action::OpenWebSocket),
+            "not reopened at once: {work:?}"
+        );
+        // HTTP is tried instead (a poll asked for now, or already out).
+        assert_eq!(h.state(), Connecting);
+        h.m.on_poll_ok(h.now, false);
+        assert_eq!(h.state(), Polling);
+        // The next socket comes with the probe, later each time.
+        let broke = h.now;
+        let mut reopened = None;
+        for _ in 0..10_000 {
+            h.ms(100);
+            let work = h.work();
+            if work.contains(&Action::OpenWebSocket) {
+                reopened = Some(h.now - broke);
+                break;
+            }
+            if work.contains(&Action::Poll) {
+                h.m.on_poll_ok(h.now, false);
+            }
+        }
+        opens.push(reopened.expect("probed again within 1000 s"));
+        h.m.on_ws_open(h.now);
+        h.actions();
+        assert_eq!(h.state(), Realtime);
+    }
+    assert!(
+        opens.iter().all(|d| *d >= Duration::from_secs(1)),
+        "never a tight loop: {opens:?}"
+    );
+    assert!(
+        opens[7] > opens[0] * 2,
+        "the schedule grows while sockets keep breaking: {opens:?}"
+    );
+    // One that held past `stable_after` is reopened at once, on a fresh schedule.
+    h.ms(31_000);
+    h.m.on_ws_closed(h.now, CloseKind::Lost);
+    assert!(h.work().contains(&Action::OpenWebSocket));
+}
