@@ -64,18 +64,16 @@ impl Store {
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        // Cached statements: this runs for every event received (parsing the SQL each
+        // time cost about as much as running it).
         let seen: bool = tx
-            .query_row("SELECT 1 FROM seen_ids WHERE id = ?1", [event_id], |_| {
-                Ok(true)
-            })
+            .prepare_cached("SELECT 1 FROM seen_ids WHERE id = ?1")?
+            .query_row([event_id], |_| Ok(true))
             .optional()?
             .unwrap_or(false);
         let cursor_seq: Option<i64> = tx
-            .query_row(
-                "SELECT last_sequence FROM inbound_cursor WHERE id = 1",
-                [],
-                |r| r.get(0),
-            )
+            .prepare_cached("SELECT last_sequence FROM inbound_cursor WHERE id = 1")?
+            .query_row([], |r| r.get(0))
             .optional()?
             .flatten();
         let seq = sequence.map(|s| i64::try_from(s).unwrap_or(i64::MAX));
@@ -85,18 +83,16 @@ impl Store {
         }
         apply(&tx)?;
         let now_ms = to_ms(now);
-        tx.execute(
-            "INSERT INTO seen_ids (id, seen_ms) VALUES (?1, ?2)",
-            params![event_id, now_ms],
-        )?;
-        tx.execute(
+        tx.prepare_cached("INSERT INTO seen_ids (id, seen_ms) VALUES (?1, ?2)")?
+            .execute(params![event_id, now_ms])?;
+        tx.prepare_cached(
             "INSERT INTO inbound_cursor (id, last_event_id, last_sequence, updated_ms)
              VALUES (1, ?1, ?2, ?3)
              ON CONFLICT (id) DO UPDATE SET last_event_id = excluded.last_event_id,
                  last_sequence = COALESCE(excluded.last_sequence, last_sequence),
                  updated_ms = excluded.updated_ms",
-            params![event_id, seq, now_ms],
-        )?;
+        )?
+        .execute(params![event_id, seq, now_ms])?;
         tx.commit()?;
         Ok(true)
     }

@@ -39,6 +39,7 @@ pub mod cipher;
 #[cfg(feature = "encryption")]
 mod crypto;
 pub mod entity;
+mod flush;
 pub mod inbound;
 pub mod outbox;
 mod schema;
@@ -54,7 +55,7 @@ pub use entity::{CachedEntity, LocalEdit, SyncOutcome, entity_lane};
 pub use outbox::{
     DEFAULT_MAX_BYTES, DEFAULT_MAX_ITEMS, ItemKind, ItemState, NewItem, OutboxClass, OutboxItem,
 };
-pub use writer::{StoreWriter, WriterStats};
+pub use writer::{StoreWriter, WriterStats, Written};
 
 use crate::protocol::Timestamp;
 

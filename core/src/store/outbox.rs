@@ -754,6 +754,19 @@ pub(crate) fn pending_depth(conn: &Connection) -> Result<OutboxDepth, StoreError
     })
 }
 
+/// Whether `item` (just inserted, in `tx`) is the first pending item of its lane: then,
+/// being new, it is due now, and nothing in its lane is waiting or on the wire before
+/// it (a message sent over the WebSocket stays `persisted` here until its ack).
+pub(crate) fn is_lane_head(tx: &Connection, item: &OutboxItem) -> Result<bool, StoreError> {
+    let older: bool = tx
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM outbox INDEXED BY outbox_by_lane
+                             WHERE in_lane = 1 AND lane = ?1 AND seq < ?2)",
+        )?
+        .query_row(params![item.lane, item.seq], |r| r.get(0))?;
+    Ok(!older)
+}
+
 /// [`insert_items`] with the pending `depth` given by the caller (read once per write
 /// transaction with [`pending_depth`]) and advanced by what is inserted: a group of many
 /// inserts in one transaction counts the outbox once, not once per item.

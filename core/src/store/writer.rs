@@ -74,6 +74,20 @@ pub const MAX_BATCH: usize = 1024;
 
 /// What the caller of [`StoreWriter::submit`] is called back with.
 type Reply = Box<dyn FnOnce(Result<OutboxItem, StoreError>) + Send>;
+/// What [`StoreWriter::submit_written`] calls once the item is committed, before the
+/// flush.
+type WrittenHook = Box<dyn FnOnce(Written<'_>) + Send>;
+
+/// An item just committed by the writer, told to [`StoreWriter::submit_written`]'s hook
+/// before the commit is flushed to disk.
+#[derive(Debug, Clone, Copy)]
+pub struct Written<'a> {
+    /// The item as stored.
+    pub item: &'a OutboxItem,
+    /// It is the first pending item of its lane (nothing older of its lane is waiting,
+    /// failed for now, or on the wire): it may be sent at once.
+    pub lane_head: bool,
+}
 /// A closure run on the writer thread.
 type Task = Box<dyn FnOnce(&mut Store) + Send>;
 
@@ -82,6 +96,7 @@ enum Job {
     Enqueue {
         item: NewItem,
         now: Timestamp,
+        written: Option<WrittenHook>,
         reply: Reply,
     },
     Run(Task),
@@ -350,6 +365,35 @@ impl StoreWriter {
         let job = Job::Enqueue {
             item,
             now,
+            written: None,
+            reply: Box::new(reply),
+        };
+        if let Some(Job::Enqueue { reply, .. }) = self.push(job) {
+            reply(Err(StoreError::WriterClosed));
+        }
+    }
+
+    /// [`StoreWriter::submit`], and `written` is called (on the writer thread, so it must
+    /// be quick) as soon as the item is committed: readers of the store see it, and it
+    /// may be sent. With [`Durability::Full`](super::Durability::Full) that is before
+    /// the commit is flushed to disk (see `store::flush`); `reply` comes after the
+    /// flush, as always. Not called when the item is refused or the commit fails.
+    ///
+    /// Should the flush itself fail, `reply` gets the error although the item was
+    /// written (and `written` called): it stays in the outbox and is sent. That is an
+    /// I/O error of the disk, not a refusal (a full disk or a full outbox fails the
+    /// write, before `written`).
+    pub fn submit_written(
+        &self,
+        item: NewItem,
+        now: Timestamp,
+        written: impl FnOnce(Written<'_>) + Send + 'static,
+        reply: impl FnOnce(Result<OutboxItem, StoreError>) + Send + 'static,
+    ) {
+        let job = Job::Enqueue {
+            item,
+            now,
+            written: Some(Box::new(written)),
             reply: Box::new(reply),
         };
         if let Some(Job::Enqueue { reply, .. }) = self.push(job) {
@@ -383,6 +427,27 @@ impl StoreWriter {
             Ok(Err(panic_payload)) => panic::resume_unwind(panic_payload),
             Err(_) => Err(StoreError::WriterClosed),
         }
+    }
+
+    /// Queues `f` to run on the writer thread, ordered as [`StoreWriter::with_store`],
+    /// and returns at once; `reply` gets what `f` returned, or the panic `f` raised, on
+    /// the writer thread (so it must be quick: completing a channel an async caller
+    /// awaits). An async caller waits for its reply without holding any thread.
+    ///
+    /// After `close` (or should the thread have stopped) `reply` is never called: it
+    /// is dropped, which a channel's receiver sees as closed.
+    pub fn run_then<R, F>(&self, f: F, reply: impl FnOnce(thread::Result<R>) + Send + 'static)
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Store) -> R + Send + 'static,
+    {
+        let task: Task = Box::new(move |store: &mut Store| {
+            let result = panic::catch_unwind(AssertUnwindSafe(|| f(store)));
+            // A panic in `reply` must not stop the writer.
+            let _ = panic::catch_unwind(AssertUnwindSafe(move || reply(result)));
+        });
+        // Closed: the task, and with it `reply`, is dropped here.
+        let _ = self.push(Job::Run(task));
     }
 
     /// Refuses new work, waits until everything queued is done, and stops the thread
@@ -455,6 +520,7 @@ fn run(store: &mut Store, shared: &Shared) {
 struct Pending {
     item: NewItem,
     now: Timestamp,
+    written: Option<WrittenHook>,
     reply: Reply,
 }
 
@@ -463,7 +529,17 @@ fn run_batch(store: &mut Store, shared: &Shared, batch: Vec<Job>) {
     let mut group: Vec<Pending> = Vec::new();
     for job in batch {
         match job {
-            Job::Enqueue { item, now, reply } => group.push(Pending { item, now, reply }),
+            Job::Enqueue {
+                item,
+                now,
+                written,
+                reply,
+            } => group.push(Pending {
+                item,
+                now,
+                written,
+                reply,
+            }),
             Job::Run(task) => {
                 commit_group(store, shared, std::mem::take(&mut group));
                 // The task catches its own panics (see `with_store`).
@@ -474,7 +550,11 @@ fn run_batch(store: &mut Store, shared: &Shared, batch: Vec<Job>) {
     commit_group(store, shared, group);
 }
 
-/// Commits `group` in one transaction and replies to each caller.
+/// Commits `group` in one transaction and replies to each caller: the `written` hooks
+/// right after the commit, the replies once it is on disk. At
+/// [`Durability::Full`](super::Durability::Full) the commit is made unflushed and the
+/// log flushed after the hooks (see `store::flush`), so that a new item goes out while
+/// the disk flushes.
 fn commit_group(store: &mut Store, shared: &Shared, group: Vec<Pending>) {
     if group.is_empty() {
         return;
@@ -483,17 +563,44 @@ fn commit_group(store: &mut Store, shared: &Shared, group: Vec<Pending>) {
     shared.batches.fetch_add(1, Ordering::Relaxed);
     shared.items.fetch_add(n as u64, Ordering::Relaxed);
     let mut replies = Vec::with_capacity(n);
+    let mut hooks = Vec::with_capacity(n);
     let mut items = Vec::with_capacity(n);
     for p in group {
         replies.push(p.reply);
-        items.push((p.item, p.now));
+        items.push((p.item, p.now, p.written.is_some()));
+        hooks.push(p.written);
     }
-    let outcomes = match write_group(store, items) {
+    // Unflushed only if the level could be lowered; otherwise a plain `FULL` commit.
+    let by_hand =
+        store.flushes_by_hand() && store.set_synchronous(super::Durability::Normal).is_ok();
+    let mut outcomes = match write_group(store, items) {
         Ok(outcomes) => outcomes,
         // Rolled back: nothing of the group is stored, every caller hears why.
         Err(e) => (0..n).map(|_| Err(replicate(&e))).collect(),
     };
+    for (hook, outcome) in hooks.into_iter().zip(&outcomes) {
+        if let (Some(hook), Ok((item, lane_head))) = (hook, outcome) {
+            let written = Written {
+                item,
+                lane_head: *lane_head,
+            };
+            // A panicking hook must not take the writer down.
+            let _ = panic::catch_unwind(AssertUnwindSafe(move || hook(written)));
+        }
+    }
+    if by_hand {
+        let flushed = store.flush_wal();
+        // Should this fail, the next group tries again (and, until then, other writes
+        // commit unflushed: at `NORMAL`, which still survives a crash of the app).
+        let _ = store.set_synchronous(super::Durability::Full);
+        if let Err(e) = flushed {
+            for outcome in outcomes.iter_mut().filter(|o| o.is_ok()) {
+                *outcome = Err(replicate(&e));
+            }
+        }
+    }
     for (reply, outcome) in replies.into_iter().zip(outcomes) {
+        let outcome = outcome.map(|(item, _)| item);
         // A panicking callback must not take the writer (and every later caller) down.
         let _ = panic::catch_unwind(AssertUnwindSafe(move || reply(outcome)));
     }
@@ -501,12 +608,16 @@ fn commit_group(store: &mut Store, shared: &Shared, group: Vec<Pending>) {
     shared.replied.signal();
 }
 
+/// One stored item of a group, and whether it heads its lane (asked for by a
+/// `written` hook only; `false` otherwise).
+type Stored = (OutboxItem, bool);
+
 /// Inserts each item in its own savepoint of one immediate transaction and commits it.
 /// `Ok` holds one outcome per item, in order; `Err` means nothing was committed.
 fn write_group(
     store: &mut Store,
-    items: Vec<(NewItem, Timestamp)>,
-) -> Result<Vec<Result<OutboxItem, StoreError>>, StoreError> {
+    items: Vec<(NewItem, Timestamp, bool)>,
+) -> Result<Vec<Result<Stored, StoreError>>, StoreError> {
     let config = &store.config;
     let tx = store
         .conn
@@ -521,15 +632,20 @@ fn write_group(
         tx.prepare_cached(sql)?.execute([])?;
         Ok(())
     };
-    for (item, now) in items {
+    for (item, now, ask_head) in items {
         run("SAVEPOINT writer_item")?;
         match outbox::insert_counted(&tx, vec![item], now, config, &mut depth) {
             Ok(mut stored) => {
                 run("RELEASE writer_item")?;
-                outcomes.push(stored.pop().ok_or(StoreError::Invalid {
-                    field: "enqueue",
-                    message: "no item was stored".into(),
-                }));
+                let Some(stored) = stored.pop() else {
+                    outcomes.push(Err(StoreError::Invalid {
+                        field: "enqueue",
+                        message: "no item was stored".into(),
+                    }));
+                    continue;
+                };
+                let head = ask_head && outbox::is_lane_head(&tx, &stored)?;
+                outcomes.push(Ok((stored, head)));
             }
             // Refused on its own merits: only this item is rolled back.
             Err(
@@ -902,5 +1018,142 @@ mod tests {
             writer.enqueue(msg("l", 1), at(0)),
             Err(StoreError::WriterClosed)
         ));
+    }
+
+    #[test]
+    fn the_written_hook_runs_between_commit_and_reply_and_tells_lane_heads() {
+        let dir = tempfile::tempdir().unwrap();
+        let writer = StoreWriter::new(file_store(&dir, StoreConfig::default())).unwrap();
+        let log = Arc::new(Mutex::new(Vec::<String>::new()));
+        let release = hold(&writer);
+        let mut replies = Vec::new();
+        // Two in lane `a` (the second waits behind the first), one in lane `b`; one
+        // group, so the first of `a` is still pending when the second is written.
+        for (lane, n) in [("a", 1), ("a", 2), ("b", 3)] {
+            let (hook_log, reply_log) = (Arc::clone(&log), Arc::clone(&log));
+            let (tx, rx) = mpsc::channel();
+            writer.submit_written(
+                msg(lane, n),
+                at(0),
+                move |w| {
+                    let n = &w.item.body["n"];
+                    hook_log
+                        .lock()
+                        .unwrap()
+                        .push(format!("written {n} head={}", w.lane_head));
+                },
+                move |r| {
+                    let n = r.as_ref().map(|i| i.body["n"].to_string());
+                    reply_log.lock().unwrap().push(format!("reply {n:?}"));
+                    tx.send(r).unwrap();
+                },
+            );
+            replies.push(rx);
+        }
+        release.send(()).unwrap();
+        for rx in &replies {
+            recv(rx).unwrap();
+        }
+        assert_eq!(
+            *log.lock().unwrap(),
+            [
+                "written 1 head=true",
+                "written 2 head=false",
+                "written 3 head=true",
+                "reply Ok(\"1\")",
+                "reply Ok(\"2\")",
+                "reply Ok(\"3\")",
+            ],
+            "every hook before any reply (the flush comes between), heads per lane"
+        );
+        // The store went back to FULL after the group's unflushed commit.
+        let level = writer
+            .with_store(|s| {
+                s.conn
+                    .query_row("PRAGMA synchronous", [], |r| r.get::<_, i64>(0))
+            })
+            .unwrap()
+            .unwrap();
+        assert_eq!(level, 2);
+        // Settling the first of `a` leaves the second pending: a new item of `a` does
+        // not head the lane.
+        assert!(replies[0].try_recv().is_err(), "one reply per item");
+        writer
+            .with_store(|s| {
+                let id = s.list(None)?[0].id.clone();
+                s.mark_in_flight(&id, at(1))?;
+                s.mark_accepted(&id, None, at(1))
+            })
+            .unwrap()
+            .unwrap();
+        let (tx, rx) = mpsc::channel();
+        writer.submit_written(
+            msg("a", 4),
+            at(2),
+            move |w| tx.send(w.lane_head).unwrap(),
+            |r| drop(r.unwrap()),
+        );
+        assert!(!recv(&rx), "item 2 of lane a is still pending before it");
+    }
+
+    #[test]
+    fn the_written_hook_is_not_called_for_a_refused_item() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = StoreConfig {
+            max_items: 1,
+            ..StoreConfig::default()
+        };
+        let writer = StoreWriter::new(file_store(&dir, config)).unwrap();
+        writer.enqueue(msg("l", 0), at(0)).unwrap();
+        let (hook_tx, hook_rx) = mpsc::channel();
+        let (tx, rx) = mpsc::channel();
+        writer.submit_written(
+            msg("l", 1),
+            at(0),
+            move |_| hook_tx.send(()).unwrap(),
+            move |r| tx.send(r).unwrap(),
+        );
+        assert!(matches!(recv(&rx), Err(StoreError::QueueFull { .. })));
+        assert!(
+            hook_rx.try_recv().is_err(),
+            "no hook for an item not stored"
+        );
+    }
+
+    #[test]
+    fn run_then_replies_with_the_result_or_the_panic_and_drops_the_reply_when_closed() {
+        let writer =
+            StoreWriter::new(Store::open_in_memory(StoreConfig::default()).unwrap()).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let sent = tx.clone();
+        writer.run_then(
+            |s| s.depth().map(|d| d.items),
+            move |r| sent.send(r).unwrap(),
+        );
+        assert_eq!(recv(&rx).unwrap().unwrap(), 0);
+        let sent = tx.clone();
+        writer.run_then(
+            |_| -> usize { panic!("boom") },
+            move |r| sent.send(r.map(|_| 0).map(Ok)).unwrap(),
+        );
+        assert!(recv(&rx).is_err(), "the panic is handed to the caller");
+        // The writer goes on after the panic.
+        assert_eq!(
+            writer
+                .with_store(|s| s.depth().map(|d| d.items))
+                .unwrap()
+                .unwrap(),
+            0
+        );
+        writer.close().unwrap();
+        let (closed_tx, closed_rx) = mpsc::channel::<()>();
+        writer.run_then(|_| 1, move |_| drop(closed_tx));
+        assert!(
+            matches!(
+                closed_rx.recv_timeout(Duration::from_secs(10)),
+                Err(mpsc::RecvTimeoutError::Disconnected)
+            ),
+            "after close the reply is dropped unrun"
+        );
     }
 }

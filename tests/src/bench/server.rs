@@ -403,7 +403,7 @@ pub(super) async fn connect_user(addr: SocketAddr, user: &str) -> Result<Ws, Str
 }
 
 /// Opens a WebSocket to the raw relay.
-async fn connect_raw(addr: SocketAddr) -> Result<Ws, String> {
+pub(super) async fn connect_raw(addr: SocketAddr) -> Result<Ws, String> {
     let url = format!("ws://{addr}/");
     let (ws, _) = tokio::time::timeout(
         WAIT,

@@ -134,6 +134,9 @@ pub(crate) enum Hint {
 pub(crate) enum Command {
     /// Something new is in the outbox.
     Pump,
+    /// A new item heads its lane (nothing older of its lane is pending): send it now
+    /// if it can go, else as [`Command::Pump`].
+    Enqueued(Box<OutboxItem>),
     /// Send a live-only frame now, or answer `NotConnected`.
     Live {
         event: ClientEvent,
@@ -460,13 +463,18 @@ impl Supervisor {
         let now = mono_now();
         if matches!(
             command,
-            Command::Pump | Command::Room { .. } | Command::PullEntities | Command::Reconcile
+            Command::Pump
+                | Command::Enqueued(_)
+                | Command::Room { .. }
+                | Command::PullEntities
+                | Command::Reconcile
         ) {
             // The app wants something of the server: in the background, connect for it.
             self.machine.on_app_request(now);
         }
         match command {
             Command::Pump => self.pump().await,
+            Command::Enqueued(item) => self.send_new(*item).await,
             Command::Live { event, reply } => {
                 let sent = self.machine.state() == ConnectionState::Realtime
                     && self.send_frame(&event, None);

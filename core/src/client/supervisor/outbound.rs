@@ -53,6 +53,23 @@ impl Supervisor {
         }
     }
 
+    /// Sends a new message that heads its lane straight away over the WebSocket, without
+    /// reading the outbox again; anything else (not Realtime, the window full, a
+    /// transaction) goes the way of [`Self::pump`].
+    pub(super) async fn send_new(&mut self, item: OutboxItem) {
+        let open = self.machine.state() == ConnectionState::Realtime && self.ws.is_some();
+        let window = self.cfg.send_window.max(1);
+        if item.kind == ItemKind::Message
+            && open
+            && self.ws_in_flight.len() < window
+            && !self.ws_in_flight.contains_key(&item.id)
+        {
+            self.send_over_ws(item).await;
+        } else {
+            self.pump().await;
+        }
+    }
+
     /// Reads a message item's body and marks it in flight; `None` when it cannot be
     /// sent (an unreadable body makes it dead; a refused transition leaves it).
     pub(super) async fn start_message(
@@ -314,7 +331,8 @@ pub(super) async fn settle_http(
     let (outcome, failure) = match result {
         Ok(server_ref) => (
             store
-                .call(move |s| s.mark_accepted(&id, Some(&server_ref), now))
+                // Unflushed, as a WebSocket ack (the server dedupes a resend).
+                .call(move |s| s.unflushed(|s| s.mark_accepted(&id, Some(&server_ref), now)))
                 .await,
             None,
         ),

@@ -178,7 +178,11 @@ impl Supervisor {
                 let now = now_wall();
                 match self
                     .store
-                    .call(move |s| s.mark_accepted(&id, server_ref.as_deref(), now))
+                    // Unflushed: lost to a power cut, the message is sent again with
+                    // its id and the server answers the same ack.
+                    .call(move |s| {
+                        s.unflushed(|s| s.mark_accepted(&id, server_ref.as_deref(), now))
+                    })
                     .await
                 {
                     Ok(item) => self.emit(Update::Outbox((&item).into())),
