@@ -8,7 +8,7 @@
 //! and lets `Drop` shut a client down from any thread.
 //!
 //! One worker thread: a mobile app runs one or two clients, and their work is I/O (store
-//! calls go to tokio's blocking pool). With two workers every wake-up handed work to the
+//! calls go to the store's own writer thread). With two workers every wake-up handed work to the
 //! other, parked one: a connection attempt while Suspended cost 19 context switches
 //! with two workers and 7 with one (the wake-up probe, `bench wakeups`), which is what
 //! keeps a phone awake. The runtime lives as long as the process.

@@ -169,8 +169,13 @@ impl StoreHandle {
         });
         match reply(rx).await {
             Some(Ok(result)) => result.map_err(ClientError::from),
-            Some(Err(panic_payload)) => std::panic::resume_unwind(panic_payload),
-            None => Err(crate::store::StoreError::WriterClosed.into()),
+            // Not resumed here: the caller may be the supervisor's own task, which a
+            // panic would end for good (no more reconnects, a frozen state).
+            Some(Err(panic_payload)) => Err(ClientError::StorageIo(format!(
+                "a store call panicked: {}",
+                panic_text(panic_payload.as_ref())
+            ))),
+            None => Err(self.closed().into()),
         }
     }
 
@@ -200,38 +205,66 @@ impl StoreHandle {
         .await
     }
 
+    /// Why the writer answered nothing: it failed a flush, or it was closed.
+    fn closed(&self) -> crate::store::StoreError {
+        self.0
+            .failure()
+            .unwrap_or(crate::store::StoreError::WriterClosed)
+    }
+
     /// Commits a new outbox item, in one transaction with whatever else is being sent
-    /// at the same moment (group commit), and tells the supervisor from the store's
-    /// thread as soon as it is written: the item itself when it heads its lane (sent
-    /// at once, while the store flushes it to disk), otherwise a [`Command::Pump`].
-    /// Returns once the item is on disk. Telling from the store's thread, as
-    /// [`StoreHandle::write_then`] does, means a caller that stops waiting loses no
-    /// wake-up.
-    pub(crate) async fn enqueue_and_send(
+    /// at the same moment (group commit), and returns once it is on disk.
+    ///
+    /// With `send_early` the supervisor hears of it from the store's thread as soon as
+    /// it is written: the item itself when it heads its lane (sent at once, while the
+    /// store flushes it to disk), otherwise a [`Command::Pump`]. Without, it hears a
+    /// `Pump` once the item is on disk (a transaction: nothing of it may leave before
+    /// it is durable). Telling from the store's thread, as [`StoreHandle::write_then`]
+    /// does, means a caller that stops waiting loses no wake-up.
+    pub(crate) async fn enqueue(
         &self,
         commands: &mpsc::UnboundedSender<Command>,
         item: NewItem,
         now: chrono::DateTime<chrono::Utc>,
+        send_early: bool,
     ) -> Result<OutboxItem, ClientError> {
         let commands = commands.clone();
         let (tx, rx) = oneshot::channel();
-        let written = move |w: Written<'_>| {
-            // A closed channel means the client is shutting down; the item is kept and
-            // the next start sends it.
-            let _ = commands.send(if w.lane_head {
-                Command::Enqueued(Box::new(w.item.clone()))
-            } else {
-                Command::Pump
+        if send_early {
+            let written = move |w: Written<'_>| {
+                // A closed channel means the client is shutting down; the item is kept
+                // and the next start sends it.
+                let _ = commands.send(if w.lane_head {
+                    Command::Enqueued(Box::new(w.item.clone()))
+                } else {
+                    Command::Pump
+                });
+            };
+            self.0.submit_written(item, now, written, move |result| {
+                let _ = tx.send(result);
             });
-        };
-        self.0.submit_written(item, now, written, move |result| {
-            let _ = tx.send(result);
-        });
-        reply(rx)
-            .await
-            .unwrap_or(Err(crate::store::StoreError::WriterClosed))
-            .map_err(ClientError::from)
+        } else {
+            self.0.submit(item, now, move |result| {
+                if result.is_ok() {
+                    let _ = commands.send(Command::Pump);
+                }
+                let _ = tx.send(result);
+            });
+        }
+        match reply(rx).await {
+            Some(result) => result.map_err(ClientError::from),
+            None => Err(self.closed().into()),
+        }
     }
+}
+
+/// A panic's message, for an error.
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_owned())
 }
 
 /// Waits for the writer thread's reply; `None` if it was dropped unsent (the writer
@@ -482,7 +515,7 @@ impl Client {
         let now = chrono::Utc::now();
         self.shared
             .store
-            .enqueue_and_send(&self.shared.commands, item, now)
+            .enqueue(&self.shared.commands, item, now, true)
             .await
     }
 
@@ -617,7 +650,7 @@ impl Client {
         let now = chrono::Utc::now();
         self.shared
             .store
-            .enqueue_and_send(&self.shared.commands, item, now)
+            .enqueue(&self.shared.commands, item, now, false)
             .await
     }
 

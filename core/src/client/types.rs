@@ -176,7 +176,8 @@ pub struct ClientMetrics {
     pub time_in_states: Vec<(ConnectionState, Duration)>,
     /// Estimated server clock minus device clock, in milliseconds.
     pub clock_offset_ms: Option<i64>,
-    /// Connection attempts since the last success.
+    /// Connection attempts since the retry schedule last started afresh (a socket that
+    /// held for `stable_after`, a hint, or Polling; not a socket that broke at once).
     pub retry_attempts: u32,
     /// Times the client's supervisor task woke up (an event or a deadline) since the
     /// client opened: what an idle client costs in wake-ups.

@@ -445,7 +445,9 @@ impl Machine {
         self.lifecycle == Lifecycle::Parked
     }
 
-    /// Connection attempts since the last success (the position in the backoff schedule).
+    /// Connection attempts since the schedule last started afresh (the position in the
+    /// backoff schedule): after a socket that held for `stable_after`, a hint, or
+    /// Polling; a socket that breaks soon after opening does not reset it.
     pub fn retry_attempts(&self) -> u32 {
         self.backoff.attempts()
     }
@@ -579,7 +581,7 @@ impl Machine {
             CloseKind::AuthExpired => self.auth_refused(now),
             CloseKind::GoingAway => self.go_offline(now, Reason::ServerGoingAway),
             CloseKind::Lost if stable => self.connect(now, Reason::WebSocketLost),
-            CloseKind::Lost => self.fall_to_http(now),
+            CloseKind::Lost => self.fall_to_http(now, Reason::WebSocketLost),
         }
     }
 
@@ -915,8 +917,13 @@ impl Machine {
                 self.actions.push_back(Action::CloseWebSocket);
                 self.ws = Ws::Closed;
                 self.next_ping = None;
-                self.note_flap(now, since);
-                self.connect(now, Reason::HeartbeatLost);
+                if self.note_flap(now, since) {
+                    self.connect(now, Reason::HeartbeatLost);
+                } else {
+                    // Silent soon after opening (a server that accepts sockets and
+                    // then says nothing): as a socket lost early, no new one at once.
+                    self.fall_to_http(now, Reason::HeartbeatLost);
+                }
             }
         }
         if self.next_ping.is_some_and(|d| now >= d) {
@@ -1049,18 +1056,18 @@ impl Machine {
     /// keeps breaking them; instead, as when a socket is refused, find out whether HTTP
     /// works: then Polling, with the WebSocket probed on a schedule that keeps growing
     /// while sockets keep breaking; else Offline, on the retry schedule.
-    fn fall_to_http(&mut self, now: Instant) {
+    fn fall_to_http(&mut self, now: Instant, reason: Reason) {
         if self.is_parked() {
             return;
         }
         if let Some(nb) = self.not_before.filter(|nb| *nb > now) {
-            self.enter_with_retry(ConnectionState::Offline, Reason::WebSocketLost, now, nb);
+            self.enter_with_retry(ConnectionState::Offline, reason, now, nb);
             return;
         }
         self.http_works = false;
         self.slow_checked = false;
         self.ws_failed = true;
-        self.enter(ConnectionState::Connecting, Reason::WebSocketLost, now);
+        self.enter(ConnectionState::Connecting, reason, now);
         self.try_http();
     }
 

@@ -417,7 +417,7 @@ fn a_flapping_websocket_backs_off_and_a_stable_one_resets_the_probe_schedule() {
         h.m.on_ws_open(h.now);
         h.ms(1000); // drops after a second
         h.m.on_ws_closed(h.now, CloseKind::Lost);
-        h.m.on_ws_failed(h.now, Failure::Network); // the reconnect is refused
+        // Lost early: no new socket; the poll finds HTTP alive.
         h.m.on_poll_ok(h.now, false);
         h.actions();
         assert_eq!(h.state(), Polling);
@@ -984,4 +984,25 @@ fn a_socket_that_keeps_breaking_right_after_opening_is_not_reopened_in_a_loop() 
     h.ms(31_000);
     h.m.on_ws_closed(h.now, CloseKind::Lost);
     assert!(h.work().contains(&Action::OpenWebSocket));
+}
+
+#[test]
+fn a_socket_gone_silent_soon_after_opening_is_not_reopened_at_once() {
+    let mut c = cfg();
+    c.ping_interval = Duration::from_secs(1);
+    c.pong_timeout = Duration::from_secs(1);
+    let mut h = H::with(c);
+    h.m.start(h.now);
+    h.m.on_ws_open(h.now);
+    h.actions();
+    h.ms(3_000); // a ping after 1.1 s of silence, no pong within 1 s
+    let work = h.work();
+    assert!(work.contains(&Action::CloseWebSocket), "{work:?}");
+    assert!(
+        !work.contains(&Action::OpenWebSocket),
+        "held 2 s, under stable_after: no new socket at once: {work:?}"
+    );
+    assert_eq!(h.state(), Connecting);
+    h.m.on_poll_ok(h.now, false);
+    assert_eq!(h.state(), Polling, "HTTP answers: Polling, the probe later");
 }

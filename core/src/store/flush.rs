@@ -38,41 +38,68 @@ impl Store {
         self.path.is_some() && self.config.durability == Durability::Full
     }
 
-    /// Sets `PRAGMA synchronous` for the commits that follow on this connection.
-    pub(crate) fn set_synchronous(&self, durability: Durability) -> Result<(), StoreError> {
-        let level = match durability {
-            Durability::Full => "FULL",
-            Durability::Normal => "NORMAL",
-        };
-        self.conn
-            .execute_batch(&format!("PRAGMA synchronous = {level}"))?;
+    /// Commits made from now on are written, not flushed (`synchronous = NORMAL`),
+    /// until [`Store::restore_synchronous`]. No-op unless [`Store::flushes_by_hand`].
+    pub(crate) fn lower_synchronous(&self) -> Result<(), StoreError> {
+        if !self.flushes_by_hand() {
+            return Ok(());
+        }
+        // Marked first: should the statement fail halfway, the writer still restores.
+        self.sync_lowered.set(true);
+        self.conn.execute_batch("PRAGMA synchronous = NORMAL")?;
         Ok(())
     }
 
+    /// Puts `synchronous` back to what the store's durability asks, if it was lowered.
+    /// An error leaves it marked lowered ([`Store::sync_lowered`]).
+    pub(crate) fn restore_synchronous(&self) -> Result<(), StoreError> {
+        if !self.sync_lowered.get() {
+            return Ok(());
+        }
+        self.conn.execute_batch("PRAGMA synchronous = FULL")?;
+        self.sync_lowered.set(false);
+        Ok(())
+    }
+
+    /// Whether commits are still unflushed because `synchronous` could not be restored:
+    /// the writer then takes no more work (nothing could be promised durable).
+    pub(crate) fn sync_lowered(&self) -> bool {
+        self.sync_lowered.get()
+    }
+
     /// Runs `write` with its commits unflushed (`synchronous = NORMAL`), whatever the
-    /// store's durability, then restores it. For writes whose loss to a power cut is
-    /// harmless and whose fsync would only cost time and energy: an ack's `accepted`
-    /// (lost, the item is sent again with the same id, and the server, which dedupes
-    /// by that id, answers the same ack). A crash of the app loses none of them.
-    pub fn unflushed<R>(
+    /// store's durability, then restores it (also when `write` fails or panics). For
+    /// writes whose loss to a power cut is harmless and whose fsync would only cost
+    /// time and energy: an ack's `accepted` (lost, the item is sent again with the same
+    /// id, and the server, which dedupes by that id, answers the same ack). A crash of
+    /// the app loses none of them.
+    pub(crate) fn unflushed<R>(
         &mut self,
         write: impl FnOnce(&mut Store) -> Result<R, StoreError>,
     ) -> Result<R, StoreError> {
-        if !self.flushes_by_hand() {
-            return write(self);
-        }
-        self.set_synchronous(Durability::Normal)?;
-        let result = write(self);
-        let restored = self.set_synchronous(Durability::Full);
-        let written = result?;
+        self.lower_synchronous()?;
+        // Restored whatever `write` does, a panic included (the writer thread goes on
+        // after a caught panic, and must not go on at NORMAL).
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| write(self)));
+        // A failure leaves the store marked lowered: the writer stops on it.
+        let restored = self.restore_synchronous();
+        let written = match result {
+            Ok(written) => written?,
+            Err(panic_payload) => std::panic::resume_unwind(panic_payload),
+        };
         restored?;
         Ok(written)
     }
 
     /// Flushes the write-ahead log to disk as a `synchronous = FULL` commit does: every
     /// frame committed before this call survives a power cut once it returns `Ok`.
-    /// Nothing to do (`Ok`) when no log is open.
+    /// In memory there is nothing to flush (`Ok`); a file store without an open log, or
+    /// whose file cannot sync, is an error (it is always in WAL mode, and a commit was
+    /// just made: a missing log means something is broken).
     pub(crate) fn flush_wal(&self) -> Result<(), StoreError> {
+        if self.path.is_none() {
+            return Ok(());
+        }
         let failed = |code: i32, what: &str| {
             StoreError::Sqlite(rusqlite::Error::SqliteFailure(
                 ffi::Error::new(code),
@@ -97,14 +124,14 @@ impl Store {
             return Err(failed(rc, "no handle to the log"));
         }
         if file.is_null() {
-            return Ok(());
+            return Err(failed(ffi::SQLITE_IOERR, "no log is open"));
         }
         // SAFETY: `file` is the open log's `sqlite3_file`, owned by the connection and
         // valid until the connection closes the log, which cannot happen during this
         // call (we hold the connection). An unopened file has null methods.
         let sync = unsafe { (*file).pMethods.as_ref() }.and_then(|methods| methods.xSync);
         let Some(sync) = sync else {
-            return Ok(());
+            return Err(failed(ffi::SQLITE_IOERR, "the log's file cannot sync"));
         };
         // SAFETY: the VFS's own sync of its own open file, with the flags SQLite's
         // pager passes for a `FULL` commit in WAL mode without `fullfsync`
@@ -122,26 +149,53 @@ mod tests {
     use super::*;
     use crate::store::StoreConfig;
 
+    fn level(store: &Store) -> i64 {
+        store
+            .conn
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .unwrap()
+    }
+
     #[test]
-    fn a_file_store_flushes_its_log_and_an_in_memory_one_has_none() {
+    fn a_file_store_lowers_flushes_and_restores_and_an_in_memory_one_has_nothing_to_flush() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path().join("s.db"), StoreConfig::default()).unwrap();
         assert!(store.flushes_by_hand());
-        store.set_synchronous(Durability::Normal).unwrap();
+        store.lower_synchronous().unwrap();
+        assert_eq!(level(&store), 1, "NORMAL while lowered");
+        assert!(store.sync_lowered());
         store
             .conn
             .execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1);")
             .unwrap();
         store.flush_wal().unwrap();
-        store.set_synchronous(Durability::Full).unwrap();
-        let level: i64 = store
-            .conn
-            .query_row("PRAGMA synchronous", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(level, 2, "FULL again");
+        store.restore_synchronous().unwrap();
+        assert_eq!(level(&store), 2, "FULL again");
+        assert!(!store.sync_lowered());
 
         let memory = Store::open_in_memory(StoreConfig::default()).unwrap();
         assert!(!memory.flushes_by_hand());
+        memory.lower_synchronous().unwrap();
+        assert!(!memory.sync_lowered(), "nothing to lower in memory");
         memory.flush_wal().unwrap();
+    }
+
+    #[test]
+    fn unflushed_restores_the_level_after_an_error_and_after_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path().join("s.db"), StoreConfig::default()).unwrap();
+        let seen = store.unflushed(|s| Ok(level(s))).unwrap();
+        assert_eq!(seen, 1, "the write ran at NORMAL");
+        assert_eq!(level(&store), 2);
+        let failed: Result<(), StoreError> =
+            store.unflushed(|_| Err(StoreError::NotFound("x".into())));
+        assert!(failed.is_err());
+        assert_eq!(level(&store), 2, "restored after an error");
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _ = store.unflushed(|_| -> Result<(), StoreError> { panic!("boom") });
+        }));
+        assert!(panicked.is_err());
+        assert_eq!(level(&store), 2, "restored after a panic");
+        assert!(!store.sync_lowered());
     }
 }

@@ -12,7 +12,7 @@
 //!   recently seen, advanced in the same transaction as the event is applied.
 //!
 //! No network code lives here: the client drives the store through this small, typed,
-//! synchronous API (from a blocking task). Time is always an argument, never read here,
+//! synchronous API (on the writer's thread, [`writer`]). Time is always an argument, never read here,
 //! so every path is testable without sleeping.
 //!
 //! ## Durability and concurrency
@@ -185,6 +185,14 @@ pub enum StoreError {
     /// The [`StoreWriter`] was closed (or its thread stopped): the request was not run.
     #[error("the store writer is closed")]
     WriterClosed,
+    /// The disk failed to flush a commit (an I/O error of the device, as a
+    /// `synchronous = FULL` commit of SQLite would report it). The writer takes no more
+    /// work: after a failed flush the OS may already have dropped what it could not
+    /// write, so nothing later can be promised durable. Open the store again.
+    #[error(
+        "the disk failed to flush the store ({0}); the store takes no more work until it is opened again"
+    )]
+    FlushFailed(String),
 }
 
 /// What kind of storage failure a [`StoreError`] is: the app can say "storage full"
@@ -211,7 +219,9 @@ impl StoreError {
             StoreError::Migration(rusqlite_migration::Error::RusqliteError { err, .. }) => {
                 Some(sqlite_failure(err))
             }
-            StoreError::Migration(_) | StoreError::WriterClosed => Some(StorageFailure::Io),
+            StoreError::Migration(_) | StoreError::WriterClosed | StoreError::FlushFailed(_) => {
+                Some(StorageFailure::Io)
+            }
             StoreError::Corrupt { .. } => Some(StorageFailure::Corrupt),
             StoreError::WrongKey { .. } => Some(StorageFailure::WrongKey),
             StoreError::Io(e) if e.kind() == std::io::ErrorKind::StorageFull => {
@@ -245,6 +255,9 @@ pub struct Store {
     path: Option<PathBuf>,
     config: StoreConfig,
     client_id: String,
+    /// Set while the connection's `synchronous` is lower than `config.durability` asks
+    /// (see `flush.rs`); the writer refuses work if it cannot be put back.
+    sync_lowered: std::cell::Cell<bool>,
 }
 
 const CLIENT_ID_KEY: &str = "client_id";
@@ -385,6 +398,7 @@ impl Store {
             path,
             config,
             client_id,
+            sync_lowered: std::cell::Cell::new(false),
         };
         store.recover_in_flight()?;
         Ok(store)

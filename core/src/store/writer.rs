@@ -118,6 +118,9 @@ struct Shared {
     replied: Arc<Replied>,
     batches: AtomicU64,
     items: AtomicU64,
+    /// Set when a flush failed (or `synchronous` could not be restored): from then on
+    /// every job is refused with [`StoreError::FlushFailed`].
+    failed: Mutex<Option<String>>,
 }
 
 /// Where blocking callers wait for their replies. One signal per group wakes them all:
@@ -187,6 +190,22 @@ impl Drop for ReplySlot {
 }
 
 impl Shared {
+    /// The error every job gets once a flush failed.
+    fn failure(&self) -> Option<StoreError> {
+        self.failed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .map(StoreError::FlushFailed)
+    }
+
+    fn fail(&self, why: String) {
+        self.failed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_or_insert(why);
+    }
+
     fn lock(&self) -> MutexGuard<'_, Queue> {
         // No code that can panic runs under this lock, but a poisoned lock must not
         // turn into a panic of every caller: the queue is still consistent.
@@ -287,6 +306,7 @@ impl StoreWriter {
             replied: Arc::new(Replied::default()),
             batches: AtomicU64::new(0),
             items: AtomicU64::new(0),
+            failed: Mutex::new(None),
         });
         let for_thread = Arc::clone(&shared);
         let handle = thread::Builder::new()
@@ -379,10 +399,12 @@ impl StoreWriter {
     /// the commit is flushed to disk (see `store::flush`); `reply` comes after the
     /// flush, as always. Not called when the item is refused or the commit fails.
     ///
-    /// Should the flush itself fail, `reply` gets the error although the item was
-    /// written (and `written` called): it stays in the outbox and is sent. That is an
-    /// I/O error of the disk, not a refusal (a full disk or a full outbox fails the
-    /// write, before `written`).
+    /// Should the flush itself fail (an I/O error of the disk), every caller of the
+    /// group gets [`StoreError::FlushFailed`], although its item was written, and the
+    /// writer takes no more work ([`StoreWriter::failure`]): nothing of the group is
+    /// read back or sent afterwards. An item whose `written` hook already ran may have
+    /// been sent meanwhile; that is the price of not waiting for the flush. A full disk
+    /// or a full outbox fails the write itself, before `written`.
     pub fn submit_written(
         &self,
         item: NewItem,
@@ -425,7 +447,7 @@ impl StoreWriter {
         match rx.recv() {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(panic_payload)) => panic::resume_unwind(panic_payload),
-            Err(_) => Err(StoreError::WriterClosed),
+            Err(_) => Err(self.failure().unwrap_or(StoreError::WriterClosed)),
         }
     }
 
@@ -434,8 +456,9 @@ impl StoreWriter {
     /// the writer thread (so it must be quick: completing a channel an async caller
     /// awaits). An async caller waits for its reply without holding any thread.
     ///
-    /// After `close` (or should the thread have stopped) `reply` is never called: it
-    /// is dropped, which a channel's receiver sees as closed.
+    /// After `close` (or should the thread have stopped), and after a failed flush,
+    /// `reply` is never called: it is dropped, which a channel's receiver sees as
+    /// closed ([`StoreWriter::failure`] then says why).
     pub fn run_then<R, F>(&self, f: F, reply: impl FnOnce(thread::Result<R>) + Send + 'static)
     where
         R: Send + 'static,
@@ -455,6 +478,12 @@ impl StoreWriter {
     /// harmless. [`StoreError::WriterClosed`] if the thread had died (a bug).
     pub fn close(&self) -> Result<(), StoreError> {
         self.owner.shutdown()
+    }
+
+    /// Why the writer takes no more work after a failed flush
+    /// ([`StoreError::FlushFailed`]); `None` while it works.
+    pub fn failure(&self) -> Option<StoreError> {
+        self.owner.shared.failure()
     }
 
     /// How many enqueue transactions and items the writer has handled so far.
@@ -528,6 +557,13 @@ struct Pending {
 fn run_batch(store: &mut Store, shared: &Shared, batch: Vec<Job>) {
     let mut group: Vec<Pending> = Vec::new();
     for job in batch {
+        if shared.failure().is_some() {
+            // A flush failed: nothing more is done with the store. (A job of the
+            // group still pending is answered by `commit_group`.)
+            commit_group(store, shared, std::mem::take(&mut group));
+            refuse(shared, job);
+            continue;
+        }
         match job {
             Job::Enqueue {
                 item,
@@ -544,10 +580,23 @@ fn run_batch(store: &mut Store, shared: &Shared, batch: Vec<Job>) {
                 commit_group(store, shared, std::mem::take(&mut group));
                 // The task catches its own panics (see `with_store`).
                 task(store);
+                if store.sync_lowered() && store.restore_synchronous().is_err() {
+                    shared.fail("synchronous = FULL could not be restored".into());
+                }
             }
         }
     }
     commit_group(store, shared, group);
+}
+
+/// Answers a job the writer refuses after a failed flush: an enqueue hears why; a task
+/// is dropped unrun (its caller sees the reply channel closed, and asks why).
+fn refuse(shared: &Shared, job: Job) {
+    if let Job::Enqueue { reply, .. } = job {
+        let error = shared.failure().unwrap_or(StoreError::WriterClosed);
+        let _ = panic::catch_unwind(AssertUnwindSafe(move || reply(Err(error))));
+    }
+    shared.replied.signal();
 }
 
 /// Commits `group` in one transaction and replies to each caller: the `written` hooks
@@ -571,8 +620,7 @@ fn commit_group(store: &mut Store, shared: &Shared, group: Vec<Pending>) {
         hooks.push(p.written);
     }
     // Unflushed only if the level could be lowered; otherwise a plain `FULL` commit.
-    let by_hand =
-        store.flushes_by_hand() && store.set_synchronous(super::Durability::Normal).is_ok();
+    let by_hand = store.flushes_by_hand() && store.lower_synchronous().is_ok();
     let mut outcomes = match write_group(store, items) {
         Ok(outcomes) => outcomes,
         // Rolled back: nothing of the group is stored, every caller hears why.
@@ -588,16 +636,20 @@ fn commit_group(store: &mut Store, shared: &Shared, group: Vec<Pending>) {
             let _ = panic::catch_unwind(AssertUnwindSafe(move || hook(written)));
         }
     }
-    if by_hand {
-        let flushed = store.flush_wal();
-        // Should this fail, the next group tries again (and, until then, other writes
-        // commit unflushed: at `NORMAL`, which still survives a crash of the app).
-        let _ = store.set_synchronous(super::Durability::Full);
-        if let Err(e) = flushed {
-            for outcome in outcomes.iter_mut().filter(|o| o.is_ok()) {
-                *outcome = Err(replicate(&e));
-            }
+    if by_hand && let Err(e) = store.flush_wal() {
+        // The items are written but not durable, and after a failed flush the OS may
+        // have dropped what it could not write, so a later flush proves nothing: no
+        // caller is told `Ok`, and the writer takes no more work (nor does anyone read
+        // the items back to send them). A lane's head may already be on its way to
+        // the server (the hook ran): its caller hears the same error.
+        shared.fail(e.to_string());
+        for outcome in outcomes.iter_mut().filter(|o| o.is_ok()) {
+            *outcome = Err(shared.failure().unwrap_or(StoreError::WriterClosed));
         }
+    }
+    if store.restore_synchronous().is_err() {
+        // Later commits would be unflushed while reported durable.
+        shared.fail("synchronous = FULL could not be restored".into());
     }
     for (reply, outcome) in replies.into_iter().zip(outcomes) {
         let outcome = outcome.map(|(item, _)| item);
@@ -678,6 +730,7 @@ fn replicate(e: &StoreError) -> StoreError {
             limit: limit.clone(),
         },
         StoreError::WriterClosed => StoreError::WriterClosed,
+        StoreError::FlushFailed(why) => StoreError::FlushFailed(why.clone()),
         other => StoreError::Invalid {
             field: "group commit",
             message: other.to_string(),
@@ -1154,6 +1207,42 @@ mod tests {
                 Err(mpsc::RecvTimeoutError::Disconnected)
             ),
             "after close the reply is dropped unrun"
+        );
+    }
+
+    #[test]
+    fn after_a_failed_flush_every_job_is_refused_with_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let writer = StoreWriter::new(file_store(&dir, StoreConfig::default())).unwrap();
+        writer.enqueue(msg("l", 0), at(0)).unwrap();
+        assert!(writer.failure().is_none());
+        // What `commit_group` does when the flush fails (a disk's I/O error cannot be
+        // made to happen here).
+        writer.owner.shared.fail("EIO".into());
+        assert!(matches!(
+            writer.enqueue(msg("l", 1), at(0)),
+            Err(StoreError::FlushFailed(why)) if why == "EIO"
+        ));
+        assert!(matches!(
+            writer.with_store(|s| s.depth()),
+            Err(StoreError::FlushFailed(_))
+        ));
+        let (tx, rx) = mpsc::channel::<()>();
+        writer.run_then(|s| s.depth().map(|d| d.items), move |_| drop(tx));
+        assert!(
+            matches!(
+                rx.recv_timeout(Duration::from_secs(10)),
+                Err(mpsc::RecvTimeoutError::Disconnected)
+            ),
+            "a task is dropped unrun"
+        );
+        assert!(matches!(writer.failure(), Some(StoreError::FlushFailed(_))));
+        writer.close().unwrap();
+        let store = file_store(&dir, StoreConfig::default());
+        assert_eq!(
+            store.list(None).unwrap().len(),
+            1,
+            "only the first was stored"
         );
     }
 }

@@ -243,6 +243,10 @@ pub(crate) struct Supervisor {
     ws_carried_cursor: bool,
     /// Messages sent over the WebSocket, awaiting their ack.
     ws_in_flight: HashMap<String, Instant>,
+    /// The highest outbox `seq` a pump has read: an item at or below it was seen by a
+    /// pump (sent, or left for a reason), so a late `Command::Enqueued` of it must not
+    /// send it again (its ack may even have been handled already).
+    pumped_through: i64,
     /// Pings sent, for the clock offset.
     pings: HashMap<String, (Instant, chrono::DateTime<chrono::Utc>)>,
     /// HTTP work items in flight (message sends, transaction submissions and checks).
@@ -347,6 +351,7 @@ impl Supervisor {
             rooms_joined: HashSet::new(),
             ws_carried_cursor: false,
             ws_in_flight: HashMap::new(),
+            pumped_through: 0,
             pings: HashMap::new(),
             http_in_flight: BTreeSet::new(),
             reconcile_in_flight: false,

@@ -26,6 +26,11 @@ impl Supervisor {
                 return;
             }
         };
+        // Seqs grow in commit order: a read that returned an item saw every item
+        // committed before it.
+        if let Some(last) = heads.iter().map(|item| item.seq).max() {
+            self.pumped_through = self.pumped_through.max(last);
+        }
         for item in heads {
             match item.kind {
                 ItemKind::Message if realtime => {
@@ -54,15 +59,17 @@ impl Supervisor {
     }
 
     /// Sends a new message that heads its lane straight away over the WebSocket, without
-    /// reading the outbox again; anything else (not Realtime, the window full, a
-    /// transaction) goes the way of [`Self::pump`].
+    /// reading the outbox again; anything else (not Realtime, the window full, an item
+    /// a pump has already seen) goes the way of [`Self::pump`].
     pub(super) async fn send_new(&mut self, item: OutboxItem) {
         let open = self.machine.state() == ConnectionState::Realtime && self.ws.is_some();
         let window = self.cfg.send_window.max(1);
         if item.kind == ItemKind::Message
             && open
+            && item.seq > self.pumped_through
             && self.ws_in_flight.len() < window
             && !self.ws_in_flight.contains_key(&item.id)
+            && !self.http_in_flight.contains(&item.id)
         {
             self.send_over_ws(item).await;
         } else {
