@@ -184,6 +184,23 @@ pub async fn open_client(config: ClientConfig, token: String) -> Client {
         .expect("client opens")
 }
 
+/// Alice and bob of tenant `t1`, with stores in `dir`, both Realtime against `server`.
+pub async fn realtime_pair(server: &TestServer, dir: &Path) -> (Client, Client) {
+    let mut pair = Vec::with_capacity(2);
+    for user in ["alice", "bob"] {
+        let config = client_config(&server.url(), &dir.join(format!("{user}.db")));
+        let client = open_client(config, server.token("t1", user)).await;
+        assert!(
+            wait_state(&client, ConnectionState::Realtime, Duration::from_secs(15)).await,
+            "{user} not Realtime"
+        );
+        pair.push(client);
+    }
+    let bob = pair.pop().expect("two clients");
+    let alice = pair.pop().expect("two clients");
+    (alice, bob)
+}
+
 /// Waits until the client is in `state`, at most `within`.
 pub async fn wait_state(client: &Client, state: ConnectionState, within: Duration) -> bool {
     let mut watch = client.watch_state();

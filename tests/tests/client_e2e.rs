@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use serde_json::json;
 use webwaka_e2e::harness::{
-    TestServer, client_config, collect, direct, messages, open_client, texts, wait_state,
-    wait_until,
+    TestServer, client_config, collect, direct, messages, open_client, realtime_pair, texts,
+    wait_state, wait_until,
 };
 use webwaka_realtime::client::{ClientError, OutgoingMessage, Target, Update};
 use webwaka_realtime::machine::ConnectionState;
@@ -32,18 +32,7 @@ fn chat(room: &str, text: &str) -> OutgoingMessage {
 async fn two_clients_chat_in_a_room_in_order_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(&dir.path().join("server")).await;
-    let alice = open_client(
-        client_config(&server.url(), &dir.path().join("alice.db")),
-        server.token("t1", "alice"),
-    )
-    .await;
-    let bob = open_client(
-        client_config(&server.url(), &dir.path().join("bob.db")),
-        server.token("t1", "bob"),
-    )
-    .await;
-    assert!(wait_state(&alice, ConnectionState::Realtime, WITHIN).await);
-    assert!(wait_state(&bob, ConnectionState::Realtime, WITHIN).await);
+    let (alice, bob) = realtime_pair(&server, dir.path()).await;
     let mut bob_updates = bob.subscribe();
     alice.join_room("general").await.unwrap();
     bob.join_room("general").await.unwrap();
@@ -94,18 +83,7 @@ async fn two_clients_chat_in_a_room_in_order_exactly_once() {
 async fn concurrent_sends_into_one_lane_arrive_in_its_order_and_go_out_once() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(&dir.path().join("server")).await;
-    let alice = open_client(
-        client_config(&server.url(), &dir.path().join("alice.db")),
-        server.token("t1", "alice"),
-    )
-    .await;
-    let bob = open_client(
-        client_config(&server.url(), &dir.path().join("bob.db")),
-        server.token("t1", "bob"),
-    )
-    .await;
-    assert!(wait_state(&alice, ConnectionState::Realtime, WITHIN).await);
-    assert!(wait_state(&bob, ConnectionState::Realtime, WITHIN).await);
+    let (alice, bob) = realtime_pair(&server, dir.path()).await;
     let mut at_alice = alice.subscribe();
     let mut at_bob = bob.subscribe();
     let (tasks, each) = (4, 25);

@@ -1036,6 +1036,22 @@ impl Machine {
     /// Enters Connecting and opens the WebSocket (parked: nothing; the app's return or
     /// request connects).
     fn connect(&mut self, now: Instant, reason: Reason) {
+        self.enter_connecting(now, reason, true);
+    }
+
+    /// A socket broke soon after it opened (before `stable_after`). Opening another at
+    /// once would loop as fast as the network allows against a server or proxy that
+    /// keeps breaking them; instead, as when a socket is refused, find out whether HTTP
+    /// works: then Polling, with the WebSocket probed on a schedule that keeps growing
+    /// while sockets keep breaking; else Offline, on the retry schedule.
+    fn fall_to_http(&mut self, now: Instant, reason: Reason) {
+        self.enter_connecting(now, reason, false);
+    }
+
+    /// Connecting: with a new socket, or (`socket` false) with a poll, as if the socket
+    /// had just been refused. Parked: nothing; a server's `Retry-After` still running:
+    /// Offline until it ends.
+    fn enter_connecting(&mut self, now: Instant, reason: Reason, socket: bool) {
         if self.is_parked() {
             return;
         }
@@ -1046,29 +1062,13 @@ impl Machine {
         }
         self.http_works = false;
         self.slow_checked = false;
-        self.ws_failed = false;
+        self.ws_failed = !socket;
         self.enter(ConnectionState::Connecting, reason, now);
-        self.open_ws(now);
-    }
-
-    /// A socket broke soon after it opened (before `stable_after`). Opening another at
-    /// once would loop as fast as the network allows against a server or proxy that
-    /// keeps breaking them; instead, as when a socket is refused, find out whether HTTP
-    /// works: then Polling, with the WebSocket probed on a schedule that keeps growing
-    /// while sockets keep breaking; else Offline, on the retry schedule.
-    fn fall_to_http(&mut self, now: Instant, reason: Reason) {
-        if self.is_parked() {
-            return;
+        if socket {
+            self.open_ws(now);
+        } else {
+            self.try_http();
         }
-        if let Some(nb) = self.not_before.filter(|nb| *nb > now) {
-            self.enter_with_retry(ConnectionState::Offline, reason, now, nb);
-            return;
-        }
-        self.http_works = false;
-        self.slow_checked = false;
-        self.ws_failed = true;
-        self.enter(ConnectionState::Connecting, reason, now);
-        self.try_http();
     }
 
     /// The WebSocket is refused or slow: find out whether HTTP works.
