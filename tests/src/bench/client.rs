@@ -284,8 +284,10 @@ async fn server_commit_samples(server: SocketAddr) -> Result<(Vec<f64>, Vec<f64>
 const COMMIT_BYTES: usize = 3 * (2048 + 24);
 
 /// `fdatasync` as the recipient's store meets it: [`COMMIT_BYTES`] appended to a file
-/// in a directory of the same file system, then flushed, [`ROUND_TRIPS`] times (a new
-/// log grows like this until its first checkpoint, which the runs above do not reach).
+/// in a directory of the same file system, then flushed, [`ROUND_TRIPS`] times. A new
+/// log grows like this until its first checkpoint (1,000 pages: about a third of the
+/// way into a run above); after it, commits overwrite the log, whose flush is cheaper
+/// (no change of the file's size to journal), so this errs on the generous side.
 fn fdatasync_samples(dir: &std::path::Path) -> Result<Vec<f64>, String> {
     use std::io::Write;
     let path = dir.join("fdatasync-probe");
