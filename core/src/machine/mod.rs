@@ -580,8 +580,7 @@ impl Machine {
         match how {
             CloseKind::AuthExpired => self.auth_refused(now),
             CloseKind::GoingAway => self.go_offline(now, Reason::ServerGoingAway),
-            CloseKind::Lost if stable => self.connect(now, Reason::WebSocketLost),
-            CloseKind::Lost => self.fall_to_http(now, Reason::WebSocketLost),
+            CloseKind::Lost => self.enter_connecting(now, Reason::WebSocketLost, stable),
         }
     }
 
@@ -917,13 +916,10 @@ impl Machine {
                 self.actions.push_back(Action::CloseWebSocket);
                 self.ws = Ws::Closed;
                 self.next_ping = None;
-                if self.note_flap(now, since) {
-                    self.connect(now, Reason::HeartbeatLost);
-                } else {
-                    // Silent soon after opening (a server that accepts sockets and
-                    // then says nothing): as a socket lost early, no new one at once.
-                    self.fall_to_http(now, Reason::HeartbeatLost);
-                }
+                // Silent soon after opening (a server that accepts sockets and then
+                // says nothing) is treated as a socket lost early.
+                let stable = self.note_flap(now, since);
+                self.enter_connecting(now, Reason::HeartbeatLost, stable);
             }
         }
         if self.next_ping.is_some_and(|d| now >= d) {
@@ -1039,18 +1035,15 @@ impl Machine {
         self.enter_connecting(now, reason, true);
     }
 
-    /// A socket broke soon after it opened (before `stable_after`). Opening another at
-    /// once would loop as fast as the network allows against a server or proxy that
-    /// keeps breaking them; instead, as when a socket is refused, find out whether HTTP
-    /// works: then Polling, with the WebSocket probed on a schedule that keeps growing
-    /// while sockets keep breaking; else Offline, on the retry schedule.
-    fn fall_to_http(&mut self, now: Instant, reason: Reason) {
-        self.enter_connecting(now, reason, false);
-    }
-
     /// Connecting: with a new socket, or (`socket` false) with a poll, as if the socket
     /// had just been refused. Parked: nothing; a server's `Retry-After` still running:
     /// Offline until it ends.
+    ///
+    /// A socket lost soon after it opened (before `stable_after`) comes here without a
+    /// new socket: opening another at once would loop as fast as the network allows
+    /// against a server or proxy that keeps breaking them. HTTP working then means
+    /// Polling, with the WebSocket probed on a schedule that keeps growing while sockets
+    /// keep breaking; else Offline, on the retry schedule.
     fn enter_connecting(&mut self, now: Instant, reason: Reason, socket: bool) {
         if self.is_parked() {
             return;
@@ -1146,7 +1139,6 @@ impl Machine {
         }
     }
 
-    /// A socket that dropped soon after opening keeps the probe schedule growing.
     /// A socket opened at `opened` ended: when it held for `stable_after`, both retry
     /// schedules start afresh (and `true`); otherwise they keep growing (hysteresis).
     fn note_flap(&mut self, now: Instant, opened: Instant) -> bool {

@@ -120,7 +120,7 @@ struct Shared {
     items: AtomicU64,
     /// Set when a flush failed (or `synchronous` could not be restored): from then on
     /// every job is refused with [`StoreError::FlushFailed`].
-    failed: Mutex<Option<String>>,
+    failed: std::sync::OnceLock<String>,
 }
 
 /// Where blocking callers wait for their replies. One signal per group wakes them all:
@@ -192,18 +192,17 @@ impl Drop for ReplySlot {
 impl Shared {
     /// The error every job gets once a flush failed.
     fn failure(&self) -> Option<StoreError> {
-        self.failed
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-            .map(StoreError::FlushFailed)
+        self.failed.get().cloned().map(StoreError::FlushFailed)
     }
 
+    /// Whether a flush failed (checked for every job: no lock, no copy).
+    fn has_failed(&self) -> bool {
+        self.failed.get().is_some()
+    }
+
+    /// Records the first failure; later ones change nothing.
     fn fail(&self, why: String) {
-        self.failed
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get_or_insert(why);
+        let _ = self.failed.set(why);
     }
 
     fn lock(&self) -> MutexGuard<'_, Queue> {
@@ -306,7 +305,7 @@ impl StoreWriter {
             replied: Arc::new(Replied::default()),
             batches: AtomicU64::new(0),
             items: AtomicU64::new(0),
-            failed: Mutex::new(None),
+            failed: std::sync::OnceLock::new(),
         });
         let for_thread = Arc::clone(&shared);
         let handle = thread::Builder::new()
@@ -557,7 +556,7 @@ struct Pending {
 fn run_batch(store: &mut Store, shared: &Shared, batch: Vec<Job>) {
     let mut group: Vec<Pending> = Vec::new();
     for job in batch {
-        if shared.failure().is_some() {
+        if shared.has_failed() {
             // A flush failed: nothing more is done with the store. (A job of the
             // group still pending is answered by `commit_group`.)
             commit_group(store, shared, std::mem::take(&mut group));

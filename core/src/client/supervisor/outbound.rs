@@ -8,11 +8,9 @@ impl Supervisor {
     /// over HTTP otherwise; transactions always over HTTP; operations in batches
     /// elsewhere ([`Self::spawn_reconcile`]).
     pub(super) async fn pump(&mut self) {
-        let state = self.machine.state();
-        if !state.is_connected() {
+        if !self.machine.state().is_connected() {
             return;
         }
-        let realtime = state == ConnectionState::Realtime && self.ws.is_some();
         let window = self.cfg.send_window.max(1);
         let now = now_wall();
         let heads = match self
@@ -31,6 +29,32 @@ impl Supervisor {
         if let Some(last) = heads.iter().map(|item| item.seq).max() {
             self.pumped_through = self.pumped_through.max(last);
         }
+        self.send_heads(heads).await;
+    }
+
+    /// A new item that heads its lane, handed over by the store as soon as it was
+    /// written: sent as a pump sends its heads, without reading the outbox again. One a
+    /// pump has read already (it may be on the wire, even acknowledged) is left to the
+    /// pumps. (Hand-overs come in commit order, so each has a greater `seq` than the
+    /// one before.)
+    pub(super) async fn send_new(&mut self, item: OutboxItem) {
+        if item.seq <= self.pumped_through {
+            self.pump().await;
+            return;
+        }
+        self.pumped_through = item.seq;
+        self.send_heads(vec![item]).await;
+    }
+
+    /// Sends lane heads, oldest first, as far as the windows allow: the shared part of
+    /// [`Self::pump`] and [`Self::send_new`].
+    async fn send_heads(&mut self, heads: Vec<OutboxItem>) {
+        let state = self.machine.state();
+        if !state.is_connected() {
+            return;
+        }
+        let realtime = state == ConnectionState::Realtime && self.ws.is_some();
+        let window = self.cfg.send_window.max(1);
         for item in heads {
             match item.kind {
                 ItemKind::Message if realtime => {
@@ -55,25 +79,6 @@ impl Supervisor {
                 // on the tick), not one by one.
                 ItemKind::Operation => {}
             }
-        }
-    }
-
-    /// Sends a new message that heads its lane straight away over the WebSocket, without
-    /// reading the outbox again; anything else (not Realtime, the window full, an item
-    /// a pump has already seen) goes the way of [`Self::pump`].
-    pub(super) async fn send_new(&mut self, item: OutboxItem) {
-        let open = self.machine.state() == ConnectionState::Realtime && self.ws.is_some();
-        let window = self.cfg.send_window.max(1);
-        if item.kind == ItemKind::Message
-            && open
-            && item.seq > self.pumped_through
-            && self.ws_in_flight.len() < window
-            && !self.ws_in_flight.contains_key(&item.id)
-            && !self.http_in_flight.contains(&item.id)
-        {
-            self.send_over_ws(item).await;
-        } else {
-            self.pump().await;
         }
     }
 
