@@ -88,6 +88,18 @@ pub(crate) struct App {
 }
 
 impl App {
+    /// An error answered to a caller (of `tenant` when known; an HTTP answer does not
+    /// say whose): counted in `/metrics` and, by code, for a watching dashboard. Every
+    /// transport answers its errors through here.
+    pub(crate) fn error_answered(
+        &self,
+        tenant: Option<&str>,
+        code: webwaka_realtime::protocol::ErrorCode,
+    ) {
+        self.metrics.errors.inc();
+        self.watch.error(tenant, code.as_str());
+    }
+
     /// Opens the database and builds the state for `config`.
     pub(crate) async fn new(
         config: Config,

@@ -598,10 +598,8 @@ impl Connection {
     /// Answers a refused event with its error (the connection stays, unless the client
     /// keeps sending refused events).
     async fn refuse(&mut self, error: ApiError, ack: Option<AckSender>) -> Flow {
-        self.app.metrics.errors.inc();
         self.app
-            .watch
-            .error(Some(&self.peer.tenant), error.body.code.as_str());
+            .error_answered(Some(&self.peer.tenant), error.body.code);
         let flow = match ack {
             None => self.emit("error", &error.body).await,
             Some(ack) => acked(ack.send(&error.body)),

@@ -503,10 +503,8 @@ impl Connection {
     /// Sends `error` as an `error` frame answering `reference` (counted by code for a
     /// watching dashboard).
     async fn send_error(&mut self, error: ApiError, reference: Option<&str>) -> Flow {
-        self.app.metrics.errors.inc();
         self.app
-            .watch
-            .error(Some(&self.peer.tenant), error.body.code.as_str());
+            .error_answered(Some(&self.peer.tenant), error.body.code);
         let mut body = error.body;
         if let Some(r) = reference {
             body = body.with_ref(r);

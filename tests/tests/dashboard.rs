@@ -957,6 +957,13 @@ impl Peer {
             .unwrap();
     }
 
+    /// Sends a `message` frame and waits for its ack.
+    async fn message_acked(&mut self, data: Value, reference: &str) {
+        self.send("message", data, reference).await;
+        self.until("message_ack", |f| f["event"] == "message_ack")
+            .await;
+    }
+
     /// Waits for a frame that satisfies `wanted` (bounded by [`WITHIN`]).
     async fn until(&mut self, what: &str, wanted: impl Fn(&Value) -> bool) -> Value {
         let deadline = tokio::time::Instant::now() + WITHIN;
@@ -1031,26 +1038,18 @@ async fn rooms_presence_and_the_tail_filters_follow_the_clients_and_the_page_ope
         }
         // Before any page is open: a direct message, stored in the log.
         alice
-            .send(
-                "message",
+            .message_acked(
                 json!({"type": "note.direct", "recipientId": "bob", "payload": {"text": "before the page"}}),
                 "m1",
             )
             .await;
-        alice
-            .until("message_ack", |f| f["event"] == "message_ack")
-            .await;
         // And one in another tenant.
         let mut carol = Peer::open(&base, &server.token("other", "carol", &[])).await;
         carol
-            .send(
-                "message",
+            .message_acked(
                 json!({"type": "note.direct", "recipientId": "dave", "payload": {"text": "other tenant's"}}),
                 "m0",
             )
-            .await;
-        carol
-            .until("message_ack", |f| f["event"] == "message_ack")
             .await;
         // The charts are sampled every 5 s whether or not a page is open: wait until
         // two samples span the message (a wait, not a measurement).

@@ -115,8 +115,7 @@ async fn trace_request(
         .extensions()
         .get::<webwaka_realtime::protocol::ErrorCode>()
     {
-        app.metrics.errors.inc();
-        app.watch.error(None, code.as_str());
+        app.error_answered(None, *code);
     }
     span.in_scope(|| {
         tracing::debug!(
