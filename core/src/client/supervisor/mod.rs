@@ -605,6 +605,15 @@ mod tests {
     #[tokio::test]
     async fn a_write_whose_caller_left_still_wakes_the_supervisor() {
         let store = memory_store();
+        // The writer is held busy until the caller has left, so that the first poll
+        // cannot find the write done (it could on a loaded machine otherwise).
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        store.0.run_then(
+            move |_| {
+                let _ = held.recv_timeout(Duration::from_secs(10));
+            },
+            |_| {},
+        );
         let (tx, mut rx) = mpsc::unbounded_channel();
         let write = store.write_then(&tx, Command::Pump, |s| {
             let body = serde_json::json!({"text": "hi"});
@@ -624,6 +633,7 @@ mod tests {
             "the write cannot finish on its first poll"
         );
         drop(write);
+        release.send(()).unwrap();
         let woken = tokio::time::timeout(Duration::from_secs(10), rx.recv())
             .await
             .unwrap();
