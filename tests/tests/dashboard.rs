@@ -699,7 +699,14 @@ async fn server_on(dir: &Path) -> RunningServer {
 async fn a_chaos_switch_on_the_page_takes_effect_on_a_connected_client() {
     bounded(async {
         let dir = tempfile::tempdir().unwrap();
-        let server = server(dir.path(), |c| c.chaos = true).await;
+        // Carol's socket is not read while the browser starts (seconds on a loaded
+        // machine), so it answers no ping: the test settings' 5 s ping timeout would
+        // close it before the page lists it.
+        let server = server(dir.path(), |c| {
+            c.chaos = true;
+            c.ping_timeout_ms = 120_000;
+        })
+        .await;
         let base = server.http_url();
         let mut carol = ws(&base, &server.token("acme", "carol", &[])).await;
         let browser = Browser::launch().await;
