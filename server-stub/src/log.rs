@@ -339,6 +339,16 @@ impl Log {
         Ok(self.store.append(tenant, draft).await?)
     }
 
+    /// Queues `draft` for `tenant`'s log and returns its answer to await (see
+    /// [`Storage::queue_append`]).
+    pub(crate) async fn queue_append(
+        &self,
+        tenant: &str,
+        draft: Draft,
+    ) -> Result<crate::store::PendingAppend, ApiError> {
+        Ok(self.store.queue_append(tenant, draft).await?)
+    }
+
     /// The sequence of cursor `event_id` if it is still retained, otherwise
     /// `CURSOR_EXPIRED`: from the recent tail when the cursor is in it, from storage
     /// otherwise.

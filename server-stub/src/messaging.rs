@@ -11,10 +11,12 @@ use std::time::Instant;
 use webwaka_realtime::protocol::{InteractionClass, MessageAck, SendMessage, WebSocketMessage};
 
 use crate::cluster::Node;
-use crate::error::ApiError;
+use crate::error::{ApiError, JobError, StoreError};
 use crate::hub::{Audience, Delivery};
 use crate::log::{Draft, Log};
+use crate::metrics::Metrics;
 use crate::ratelimit::Limits;
+use crate::store::PendingAppend;
 
 /// Who sends: the user of a tenant, over which transport, from which connection (the
 /// sending connection gets an ack instead of the delivery).
@@ -27,9 +29,43 @@ pub(crate) struct Origin<'a> {
     pub(crate) transport: &'static str,
 }
 
-/// Accepts `message` from `origin`. A live message reaches the audience's connections
-/// on every instance (through `node`); a durable one is appended to the log, whose
-/// feed does the same.
+/// A message [`submit`] accepted.
+pub(crate) enum Accepted {
+    /// Live: delivered and acknowledged.
+    Acked(MessageAck),
+    /// Durable: queued for the log, acknowledged once stored.
+    Queued(Queued),
+}
+
+/// A durable message queued for the log; [`Queued::stored`] is its ack.
+pub(crate) struct Queued {
+    message_id: String,
+    answer: PendingAppend,
+    started: Instant,
+}
+
+impl Queued {
+    /// The message's ack once the log has stored it (or why it did not). Cancel-safe:
+    /// a dropped call loses nothing, and the next one waits on. Not to be called again
+    /// once it returned.
+    pub(crate) async fn stored(&mut self, metrics: &Metrics) -> Result<MessageAck, ApiError> {
+        let appended = (&mut self.answer)
+            .await
+            .map_err(|_| JobError::Store(StoreError::WriterGone))??;
+        metrics
+            .message_latency
+            .observe(self.started.elapsed().as_secs_f64());
+        Ok(MessageAck {
+            message_id: std::mem::take(&mut self.message_id),
+            event_id: Some(appended.event_id),
+            sequence: Some(appended.seq),
+        })
+    }
+}
+
+/// Accepts `message` from `origin` and returns its ack. A live message reaches the
+/// audience's connections on every instance (through `node`); a durable one is
+/// appended to the log, whose feed does the same.
 pub(crate) async fn send(
     log: &Log,
     node: &Node,
@@ -37,6 +73,23 @@ pub(crate) async fn send(
     origin: Origin<'_>,
     message: SendMessage,
 ) -> Result<MessageAck, ApiError> {
+    match submit(log, node, limits, origin, message).await? {
+        Accepted::Acked(ack) => Ok(ack),
+        Accepted::Queued(mut queued) => queued.stored(&log.metrics).await,
+    }
+}
+
+/// [`send`] up to the point where a durable message is queued for the log: a
+/// connection queues the next message before the last is stored (the log keeps them,
+/// and answers them, in the order queued), so one commit carries several of its
+/// messages instead of one each.
+pub(crate) async fn submit(
+    log: &Log,
+    node: &Node,
+    limits: &Limits,
+    origin: Origin<'_>,
+    message: SendMessage,
+) -> Result<Accepted, ApiError> {
     let Origin {
         tenant,
         user: sender,
@@ -61,11 +114,11 @@ pub(crate) async fn send(
         && let Some(id) = &message.message_id
         && hub.live_resend(tenant, sender, id)
     {
-        return Ok(MessageAck {
+        return Ok(Accepted::Acked(MessageAck {
             message_id: id.clone(),
             event_id: None,
             sequence: None,
-        });
+        }));
     }
     let delivered = WebSocketMessage {
         message_id: message
@@ -86,7 +139,7 @@ pub(crate) async fn send(
     metrics.message_in(transport);
     log.watch.message_in(tenant);
     let message_id = delivered.message_id.clone();
-    let ack = if class == InteractionClass::ClassA {
+    if class == InteractionClass::ClassA {
         // Live only: never stored, never replayed.
         let audience = Audience {
             everyone: false,
@@ -105,25 +158,23 @@ pub(crate) async fn send(
             node.live(tenant, &audience, &text);
         }
         hub.deliver(tenant, &audience, &Delivery::text(text, None), exclude);
-        MessageAck {
+        metrics
+            .message_latency
+            .observe(started.elapsed().as_secs_f64());
+        return Ok(Accepted::Acked(MessageAck {
             message_id,
             event_id: None,
             sequence: None,
-        }
-    } else {
-        let draft = Draft::Message {
-            message: delivered,
-            exclude,
-        };
-        let appended = log.append(tenant, draft).await?;
-        MessageAck {
-            message_id,
-            event_id: Some(appended.event_id),
-            sequence: Some(appended.seq),
-        }
+        }));
+    }
+    let draft = Draft::Message {
+        message: delivered,
+        exclude,
     };
-    metrics
-        .message_latency
-        .observe(started.elapsed().as_secs_f64());
-    Ok(ack)
+    let answer = log.queue_append(tenant, draft).await?;
+    Ok(Accepted::Queued(Queued {
+        message_id,
+        answer,
+        started,
+    }))
 }

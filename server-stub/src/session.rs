@@ -13,7 +13,8 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::time::Instant;
 use webwaka_realtime::protocol::{
-    ClientEvent, ErrorCode, Event, Frame, PresenceInfo, PresenceStatus, SendMessage, ServerEvent,
+    ClientEvent, ErrorCode, Event, Frame, MessageAck, PresenceInfo, PresenceStatus, SendMessage,
+    ServerEvent,
 };
 
 use crate::app::{App, Slot};
@@ -21,6 +22,7 @@ use crate::error::{ApiError, check_id_len};
 use crate::http::extract::{Caller, authenticate, resolve_tenant};
 use crate::hub::Registration;
 use crate::log;
+use crate::messaging::{Accepted, Queued};
 use crate::store::Membership;
 
 /// Refused frames within a minute after which a connection is closed.
@@ -305,13 +307,22 @@ impl Peer {
     /// A `message`, decoded and checked: the class (`CLASS_D` is never realtime), then
     /// the send (membership, the per-user budget, the log).
     pub(crate) async fn send(&self, app: &App, message: SendMessage) -> Answer {
+        match self.submit(app, message).await {
+            Sent::Answer(answer) => answer,
+            Sent::Queued(mut queued) => acked(app, queued.stored(&app.log.metrics).await),
+        }
+    }
+
+    /// [`Peer::send`] up to the point where a durable message is queued for the log
+    /// (see [`crate::messaging::submit`]); [`acked`] makes the answer once it is stored.
+    pub(crate) async fn submit(&self, app: &App, message: SendMessage) -> Sent {
         if !message.interaction_class.realtime_allowed() {
             let error = ApiError::new(
                 ErrorCode::RealtimeNotAllowed,
                 "CLASS_D is never sent over realtime: use POST /api/transactions",
             )
             .with_detail("path", "data.interactionClass");
-            return Answer::Refused(error);
+            return Sent::Answer(Answer::Refused(error));
         }
         let origin = crate::messaging::Origin {
             tenant: &self.tenant,
@@ -319,14 +330,10 @@ impl Peer {
             connection: Some(self.conn_id),
             transport: self.transport,
         };
-        match crate::messaging::send(&app.log, &app.node, &app.limits, origin, message).await {
-            // The message itself is not queued for this connection (the fan-out skips
-            // it), so the connection's last sequence stays: an event of a lower
-            // sequence may still be waiting in its queue.
-            // Chaos: stored and delivered, but the sender never hears of it.
-            Ok(_) if crate::chaos::drops_ack(app.chaos.as_ref()) => Answer::Dropped,
-            Ok(ack) => Answer::Reply(ServerEvent::MessageAck(ack)),
-            Err(error) => Answer::Refused(error),
+        match crate::messaging::submit(&app.log, &app.node, &app.limits, origin, message).await {
+            Ok(Accepted::Acked(ack)) => Sent::Answer(acked(app, Ok(ack))),
+            Ok(Accepted::Queued(queued)) => Sent::Queued(queued),
+            Err(error) => Sent::Answer(Answer::Refused(error)),
         }
     }
 
@@ -336,6 +343,31 @@ impl Peer {
             user: self.user.clone(),
             room: room.to_owned(),
         }
+    }
+}
+
+/// What [`Peer::submit`] did with a message.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "short-lived, moved once; an `Answer` is as large wherever it is returned"
+)]
+pub(crate) enum Sent {
+    /// Answered already.
+    Answer(Answer),
+    /// Queued for the log: [`acked`] answers it once stored.
+    Queued(Queued),
+}
+
+/// The answer to a sent message, once it was stored (or refused).
+pub(crate) fn acked(app: &App, stored: Result<MessageAck, ApiError>) -> Answer {
+    match stored {
+        // The message itself is not queued for this connection (the fan-out skips it),
+        // so the connection's last sequence stays: an event of a lower sequence may
+        // still be waiting in its queue.
+        // Chaos: stored and delivered, but the sender never hears of it.
+        Ok(_) if crate::chaos::drops_ack(app.chaos.as_ref()) => Answer::Dropped,
+        Ok(ack) => Answer::Reply(ServerEvent::MessageAck(ack)),
+        Err(error) => Answer::Refused(error),
     }
 }
 

@@ -14,7 +14,15 @@
 //! task also handles whatever else is ready at once (queued deliveries, frames already
 //! received), then writes it all with one flush. Under load that is one write system
 //! call for many frames; one frame alone is written at once, as before.
+//!
+//! Durable messages are pipelined: a connection queues each for the log and reads on,
+//! up to [`MAX_QUEUED`] at a time, so that one commit carries several of its messages
+//! (awaiting each before reading the next capped a connection at one message per
+//! commit). The log stores and answers them in the order queued, and every other frame
+//! waits until those before it are answered: a connection's answers still come in the
+//! order of its frames.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,15 +36,16 @@ use tokio::time::Instant;
 use tracing::Instrument;
 use webwaka_realtime::protocol::envelope::{AUTH_EXPIRED_CLOSE_REASON, close_code};
 use webwaka_realtime::protocol::{
-    ADMIN_JUSTIFICATION_HEADER, ClientEvent, ErrorCode, Frame, SendMessage, ServerEvent,
-    TENANT_HEADER,
+    ADMIN_JUSTIFICATION_HEADER, ClientEvent, ErrorCode, Frame, MessageAck, SendMessage,
+    ServerEvent, TENANT_HEADER,
 };
 
 use crate::app::App;
 use crate::error::ApiError;
 use crate::http::extract::{QueryMap, header_str};
 use crate::hub::KillReason;
-use crate::session::{Admitted, Answer, Handshake, Peer, Refusals, Replay};
+use crate::messaging::Queued;
+use crate::session::{Admitted, Answer, Handshake, Peer, Refusals, Replay, Sent, acked};
 
 /// The hub's and the metrics' name of this transport.
 pub(crate) const TRANSPORT: &str = "ws";
@@ -45,6 +54,9 @@ const CLOSE_HANDSHAKE: Duration = Duration::from_secs(1);
 /// Most queued deliveries and ready frames handled after one wake-up before the
 /// buffered output is flushed (and the other branches get a turn).
 const MAX_BATCH: usize = 64;
+/// Most durable messages of one connection queued for the log and not yet answered;
+/// past it the connection reads no more frames until the oldest is answered.
+const MAX_QUEUED: usize = 64;
 
 /// `GET {WS_PATH}`: the checks, then the upgrade.
 pub(crate) async fn handler(
@@ -123,6 +135,8 @@ struct Connection {
     last_seq: u64,
     refusals: Refusals,
     last_heard: Instant,
+    /// Durable messages queued for the log, oldest first, with their frames' `ref`.
+    queued: VecDeque<(Queued, Option<Box<str>>)>,
 }
 
 /// The connection's task. Not an `async fn`: the set-up runs here, before the future
@@ -156,6 +170,7 @@ fn run(
         last_seq: 0,
         refusals: Refusals::new(),
         last_heard: Instant::now(),
+        queued: VecDeque::new(),
     };
     async move {
         tracing::debug!(client_id = %client_id, "connected");
@@ -165,6 +180,10 @@ fn run(
             flow = conn.serve(registration.inbox, registration.kill, exp).await;
         }
         if let Flow::Close(code, reason) = flow {
+            // The acks of messages already queued go first (briefly: the close is
+            // due; a message left unanswered is resent by its client, and the log
+            // keeps one copy).
+            let _ = tokio::time::timeout(CLOSE_HANDSHAKE, conn.settle()).await;
             let sent = conn
                 .socket
                 .send(Message::Close(Some(CloseFrame {
@@ -190,6 +209,17 @@ fn run(
         drop(slot);
     }
     .instrument(span)
+}
+
+/// The answer to the oldest queued message (cancel-safe; pending while none is queued).
+async fn oldest_stored(
+    queued: &mut VecDeque<(Queued, Option<Box<str>>)>,
+    app: &App,
+) -> Result<MessageAck, ApiError> {
+    match queued.front_mut() {
+        Some((oldest, _)) => oldest.stored(&app.log.metrics).await,
+        None => std::future::pending().await,
+    }
 }
 
 fn flow_name(flow: &Flow) -> &'static str {
@@ -280,7 +310,10 @@ impl Connection {
                     None => Flow::Stop,
                     Some(delivery) => self.deliver(&delivery).await,
                 },
-                frame = self.socket.recv() => match frame {
+                stored = oldest_stored(&mut self.queued, &app), if !self.queued.is_empty() => {
+                    self.answer_oldest(stored).await
+                }
+                frame = self.socket.recv(), if self.queued.len() < MAX_QUEUED => match frame {
                     None => Flow::Stop,
                     Some(Err(error)) => read_error(error),
                     Some(Ok(message)) => {
@@ -316,9 +349,22 @@ impl Connection {
                     return f;
                 }
             }
+            // Messages the log has answered meanwhile.
+            while let Some(stored) = self
+                .queued
+                .front_mut()
+                .and_then(|(queued, _)| queued.stored(&self.app.log.metrics).now_or_never())
+            {
+                progressed = true;
+                if let f @ (Flow::Stop | Flow::Close(..)) = self.answer_oldest(stored).await {
+                    return f;
+                }
+            }
             // A frame already received (or already in the read buffer); `recv` is
             // cancel-safe, so giving up on a pending one loses nothing.
-            if let Some(frame) = self.socket.recv().now_or_never() {
+            if self.queued.len() >= MAX_QUEUED {
+                // Reads no more until the oldest queued message is answered.
+            } else if let Some(frame) = self.socket.recv().now_or_never() {
                 progressed = true;
                 let flow = match frame {
                     None => Flow::Stop,
@@ -381,6 +427,25 @@ impl Connection {
         Flow::Continue
     }
 
+    /// Answers the oldest queued message, now stored (or refused).
+    async fn answer_oldest(&mut self, stored: Result<MessageAck, ApiError>) -> Flow {
+        let reference = self.queued.pop_front().and_then(|(_, r)| r);
+        let answer = acked(&self.app, stored);
+        self.answer(answer, reference.as_deref()).await
+    }
+
+    /// Waits until every queued message is answered, and answers them.
+    async fn settle(&mut self) -> Flow {
+        let app = Arc::clone(&self.app);
+        while !self.queued.is_empty() {
+            let stored = oldest_stored(&mut self.queued, &app).await;
+            if let f @ (Flow::Stop | Flow::Close(..)) = self.answer_oldest(stored).await {
+                return f;
+            }
+        }
+        Flow::Continue
+    }
+
     async fn on_message(&mut self, message: Message) -> Flow {
         if let Some(chaos) = &self.app.chaos
             && matches!(message, Message::Text(_) | Message::Binary(_))
@@ -390,6 +455,9 @@ impl Connection {
         match message {
             Message::Text(text) => self.on_text(text.as_str()).await,
             Message::Binary(_) => {
+                if let f @ (Flow::Stop | Flow::Close(..)) = self.settle().await {
+                    return f;
+                }
                 self.refuse(
                     ApiError::invalid(
                         "input",
@@ -414,11 +482,18 @@ impl Connection {
             let r = frame.reference.as_deref();
             // Shape, targets and id lengths (core's checks, fields named `data.…`).
             if let Err(error) = event.validate() {
+                if let f @ (Flow::Stop | Flow::Close(..)) = self.settle().await {
+                    return f;
+                }
                 return self.refuse(error.into(), r).await;
             }
             if let ClientEvent::Message(message) = event {
                 return self.on_send(message, r).await;
             }
+        }
+        // Any other frame is answered after the messages queued before it.
+        if let f @ (Flow::Stop | Flow::Close(..)) = self.settle().await {
+            return f;
         }
         let mut frame = match Frame::decode(text) {
             Ok(frame) => frame,
@@ -434,11 +509,22 @@ impl Connection {
         self.answer(answer, r).await
     }
 
-    /// A `message` frame, decoded and checked.
+    /// A `message` frame, decoded and checked: a durable one is queued for the log
+    /// and answered once stored; any other answer waits for those queued before it.
     async fn on_send(&mut self, message: SendMessage, r: Option<&str>) -> Flow {
         let app = Arc::clone(&self.app);
-        let answer = self.peer.send(&app, message).await;
-        self.answer(answer, r).await
+        match self.peer.submit(&app, message).await {
+            Sent::Queued(queued) => {
+                self.queued.push_back((queued, r.map(Into::into)));
+                Flow::Continue
+            }
+            Sent::Answer(answer) => {
+                if let f @ (Flow::Stop | Flow::Close(..)) = self.settle().await {
+                    return f;
+                }
+                self.answer(answer, r).await
+            }
+        }
     }
 
     /// Sends the answer to a frame, carrying its `ref`.

@@ -137,6 +137,10 @@ pub(crate) struct StorageFigures {
     pub(crate) database_bytes: i64,
 }
 
+/// The answer to a queued append ([`Storage::queue_append`]); closed unanswered when
+/// the store's writer stopped.
+pub(crate) type PendingAppend = tokio::sync::oneshot::Receiver<Result<Appended, JobError>>;
+
 /// Everything the server keeps. Implemented by [`sqlite::SqliteStore`] and
 /// [`postgres::PgStore`]; the protocol behaves the same on both (the server's
 /// integration tests run against each).
@@ -151,7 +155,19 @@ pub(crate) trait Storage: Send + Sync + 'static {
     /// duplicate (a sender's `messageId` or a publisher's `eventId` stored before: then
     /// the stored one is answered and nothing is appended). Reports the event to the
     /// feed after the commit.
-    async fn append(&self, tenant: &str, draft: Draft) -> Result<Appended, JobError>;
+    async fn append(&self, tenant: &str, draft: Draft) -> Result<Appended, JobError> {
+        self.queue_append(tenant, draft)
+            .await?
+            .await
+            .map_err(|_| JobError::Store(StoreError::WriterGone))?
+    }
+
+    /// [`Storage::append`] in two steps: queues the append and returns once it is
+    /// queued, with the answer to await. Appends are stored, and answered, in the
+    /// order they were queued, so a caller (a connection sending several messages) can
+    /// queue the next before the last is answered. Dropping the answer does not cancel
+    /// the append.
+    async fn queue_append(&self, tenant: &str, draft: Draft) -> Result<PendingAppend, JobError>;
 
     /// The sequence and creation time of event `event_id`, if stored.
     async fn cursor(&self, tenant: &str, event_id: &str) -> Result<Option<(u64, i64)>, StoreError>;

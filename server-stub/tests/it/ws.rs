@@ -99,6 +99,72 @@ async fn an_oversized_frame_closes_with_1009() {
     again.assert_usable().await;
 }
 
+/// A connection's durable messages are queued for the log without waiting for each
+/// other's commit, yet every frame is answered in the order sent: acks, a refusal, a
+/// live message's ack and a pong after the messages before them.
+#[tokio::test]
+async fn frames_sent_back_to_back_are_answered_in_their_order() {
+    let ts = TestServer::start(|_| {}).await;
+    let mut alice = ts.ws(&ts.token("t1", "alice", &[])).await;
+    let mut bob = ts.ws(&ts.token("t1", "bob", &[])).await;
+    let mut expected = Vec::new();
+    for i in 0..40 {
+        let reference = format!("m-{i}");
+        let data = match i {
+            // Not a member of this room: refused.
+            13 => message(None, Some("closed-room"), "refused"),
+            // Live: acked at once by itself, but answered after those before it.
+            27 => {
+                let mut live = message(Some("bob"), None, "typing");
+                live["interactionClass"] = json!("CLASS_A");
+                live
+            }
+            _ => message(Some("bob"), None, &format!("text {i}")),
+        };
+        alice
+            .send(json!({"event": "message", "data": data, "ref": reference}))
+            .await;
+        expected.push(reference);
+    }
+    alice
+        .send(json!({"event": "ping", "data": null, "ref": "last"}))
+        .await;
+    expected.push("last".to_owned());
+    let mut answered = Vec::new();
+    let mut sequences = Vec::new();
+    while answered.len() < expected.len() {
+        let frame = alice.next_frame().await;
+        let Some(reference) = frame["ref"].as_str() else {
+            continue;
+        };
+        let event = frame["event"].as_str().unwrap_or_default().to_owned();
+        match reference {
+            "m-13" => assert_eq!(event, "error", "{frame}"),
+            "last" => assert_eq!(event, "pong", "{frame}"),
+            _ => assert_eq!(event, "message_ack", "{frame}"),
+        }
+        if let Some(seq) = frame["data"]["sequence"].as_u64() {
+            sequences.push(seq);
+        }
+        answered.push(reference.to_owned());
+    }
+    assert_eq!(answered, expected, "answers in the order of the frames");
+    assert_eq!(sequences.len(), 38, "every durable message stored");
+    assert!(
+        sequences.windows(2).all(|w| w[0] < w[1]),
+        "stored in the order sent: {sequences:?}"
+    );
+    // Bob gets the 38 stored ones in order (and the live one among them).
+    let mut delivered = Vec::new();
+    while delivered.len() < 38 {
+        let frame = bob.expect("message").await;
+        if let Some(seq) = frame["data"]["sequence"].as_u64() {
+            delivered.push(seq);
+        }
+    }
+    assert_eq!(delivered, sequences);
+}
+
 #[tokio::test]
 async fn direct_messages_are_durable_acked_and_delivered_once() {
     let ts = TestServer::start(|_| {}).await;

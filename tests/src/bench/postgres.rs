@@ -15,7 +15,8 @@
 //! - fan-out to 1,000 members spread over three instances;
 //! - polls/s and memory per idle connection of an instance on PostgreSQL.
 //!
-//! Parts: `WEBWAKA_BENCH_POSTGRES=durable,cross,fanout,polls,idle` (all by default).
+//! Parts: `WEBWAKA_BENCH_POSTGRES=durable,cross,fanout,polls,idle` (all by default); the
+//! durable rows' setups: `WEBWAKA_BENCH_DURABLE=sqlite-normal,sqlite-full,pg-on,pg-off,pg-on-3`.
 
 use std::sync::Mutex;
 
@@ -37,6 +38,9 @@ pub const ONLY_ENV: &str = "WEBWAKA_BENCH_POSTGRES";
 const PG_ADMIN_ENV: &str = "WEBWAKA_BENCH_PG_ADMIN";
 /// A server child uses this database (several instances share it).
 const DATABASE_ENV: &str = "WEBWAKA_BENCH_DATABASE_URL";
+/// Selects setups of the durable rows (`sqlite-normal,sqlite-full,pg-on,pg-off,pg-on-3`,
+/// all by default), for profiling one of them.
+const DURABLE_ENV: &str = "WEBWAKA_BENCH_DURABLE";
 /// `sqlite-full`, `pg-on` or `pg-off`; unset: the defaults.
 const DURABILITY_ENV: &str = "WEBWAKA_BENCH_DURABILITY";
 
@@ -149,6 +153,8 @@ async fn catch_up_reads(url: &str) -> Result<i64, String> {
 
 /// The durable throughput rows of one setup: (name, env, instances).
 struct Setup {
+    /// Its name in [`DURABLE_ENV`].
+    key: &'static str,
     name: &'static str,
     env: Vec<(&'static str, String)>,
     instances: usize,
@@ -191,26 +197,36 @@ pub async fn run() -> Result<Vec<Row>, String> {
 async fn durable(admin: &str, postmaster: u32) -> Result<Vec<Row>, String> {
     let setups = [
         Setup {
+            key: "sqlite-normal",
+
             name: "SQLite, synchronous=NORMAL (default)",
             env: vec![],
             instances: 1,
         },
         Setup {
+            key: "sqlite-full",
+
             name: "SQLite, synchronous=FULL",
             env: vec![(DURABILITY_ENV, "sqlite-full".into())],
             instances: 1,
         },
         Setup {
+            key: "pg-on",
+
             name: "PostgreSQL, synchronous_commit=on (default), 1 instance",
             env: vec![(DURABILITY_ENV, "pg-on".into())],
             instances: 1,
         },
         Setup {
+            key: "pg-off",
+
             name: "PostgreSQL, synchronous_commit=off, 1 instance",
             env: vec![(DURABILITY_ENV, "pg-off".into())],
             instances: 1,
         },
         Setup {
+            key: "pg-on-3",
+
             name: "PostgreSQL, synchronous_commit=on, 3 instances",
             env: vec![(DURABILITY_ENV, "pg-on".into())],
             instances: 3,
@@ -218,6 +234,9 @@ async fn durable(admin: &str, postmaster: u32) -> Result<Vec<Row>, String> {
     ];
     let mut rows = Vec::new();
     for setup in setups {
+        if !wanted(DURABLE_ENV, setup.key) {
+            continue;
+        }
         let postgres = setup.name.starts_with("PostgreSQL");
         let (mut rates, mut cpus, mut db_cpus, mut per_message) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());

@@ -40,13 +40,13 @@ use webwaka_realtime::protocol::{
 use webwaka_realtime::reconcile::{EntityKey, EntityState, Reconciler};
 
 use self::append::AppendJob;
-use super::{Claim, Engine, LEASE_EXPIRED, Membership, Storage, StorageFigures};
+use super::{Claim, Engine, LEASE_EXPIRED, Membership, PendingAppend, Storage, StorageFigures};
 use crate::audit::{AuditRecord, ChainCheck, ChainVerifier, GENESIS_HASH, entry_from_row, seal};
 use crate::cluster::Node;
 use crate::config::{Config, SynchronousCommit};
 use crate::error::{ApiError, JobError, StoreError};
 use crate::feed::Feed;
-use crate::log::{Appended, Draft, Stored, Viewer};
+use crate::log::{Draft, Stored, Viewer};
 use crate::tail::TailEvent;
 use crate::time::{ms_to_time, now_ms};
 use crate::transactions::{
@@ -667,7 +667,7 @@ impl Storage for PgStore {
         Engine::Postgres
     }
 
-    async fn append(&self, tenant: &str, draft: Draft) -> Result<Appended, JobError> {
+    async fn queue_append(&self, tenant: &str, draft: Draft) -> Result<PendingAppend, JobError> {
         let (reply, answer) = oneshot::channel();
         let queue = self
             .appends
@@ -683,7 +683,7 @@ impl Storage for PgStore {
             })
             .await
             .map_err(|_| StoreError::WriterGone)?;
-        answer.await.map_err(|_| StoreError::WriterGone)?
+        Ok(answer)
     }
 
     async fn cursor(&self, tenant: &str, event_id: &str) -> Result<Option<(u64, i64)>, StoreError> {

@@ -246,8 +246,7 @@ type Reply = Box<dyn FnOnce(Option<String>) + Send>;
 /// One job on the writer's queue.
 type Job = Box<dyn FnOnce(&mut Writer<'_>) -> (bool, Reply) + Send>;
 
-/// A job and whether it runs in a savepoint of its own ([`Db::write`]) or not
-/// ([`Db::write_one`]).
+/// A job and whether it runs in a savepoint of its own (see [`Db::queue`]).
 struct Queued {
     job: Job,
     guarded: bool,
@@ -357,21 +356,29 @@ impl Db {
         self.submit(job, true).await
     }
 
-    /// [`Db::write`] for a job whose writes are a single statement, after which it
-    /// cannot fail (a durable message's append): it runs without a savepoint of its
-    /// own. A failed statement undoes itself, so a failing job has written nothing;
-    /// what is saved is the savepoint's copy of every page the job touches (with a
-    /// savepoint per job, about a tenth of the writer's time per message). Should such
-    /// a job panic anyway, the whole batch is rolled back and its jobs fail.
-    pub(crate) async fn write_one<T, F>(&self, job: F) -> Result<T, JobError>
+    async fn submit<T, F>(&self, job: F, guarded: bool) -> Result<T, JobError>
     where
         T: Send + 'static,
         F: FnOnce(&mut Writer<'_>) -> Result<T, JobError> + Send + 'static,
     {
-        self.submit(job, false).await
+        self.queue(job, guarded)?
+            .await
+            .map_err(|_| JobError::Store(StoreError::WriterGone))?
     }
 
-    async fn submit<T, F>(&self, job: F, guarded: bool) -> Result<T, JobError>
+    /// Queues `job` and returns its answer to await: jobs run, and are answered, in
+    /// the order queued. `guarded`: as [`Db::write`], in a savepoint of its own.
+    /// Unguarded is for a job whose writes are a single statement, after which it
+    /// cannot fail (a durable message's append): a failed statement undoes itself, so
+    /// a failing job has written nothing; what is saved is the savepoint's copy of
+    /// every page the job touches (with a savepoint per job, about a tenth of the
+    /// writer's time per message). Should such a job panic anyway, the whole batch is
+    /// rolled back and its jobs fail.
+    pub(crate) fn queue<T, F>(
+        &self,
+        job: F,
+        guarded: bool,
+    ) -> Result<oneshot::Receiver<Result<T, JobError>>, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&mut Writer<'_>) -> Result<T, JobError> + Send + 'static,
@@ -400,8 +407,7 @@ impl Db {
                 }))
                 .map_err(|_| StoreError::WriterGone)?;
         }
-        rx.await
-            .map_err(|_| JobError::Store(StoreError::WriterGone))?
+        Ok(rx)
     }
 
     /// Runs `read` on a pooled read-only connection, on the calling thread.
@@ -762,22 +768,31 @@ mod tests {
         assert!(conn.is_autocommit(), "no transaction left open");
     }
 
+    /// Runs `job` without a savepoint of its own.
+    async fn write_one<T: Send + 'static>(
+        db: &Db,
+        job: impl FnOnce(&mut Writer<'_>) -> Result<T, JobError> + Send + 'static,
+    ) -> Result<T, JobError> {
+        db.queue(job, false)?
+            .await
+            .map_err(|_| JobError::Store(StoreError::WriterGone))?
+    }
+
     #[tokio::test]
     async fn unguarded_jobs_commit_fail_alone_and_a_panic_undoes_the_batch() {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(&dir.path().join("t.sqlite3"), Durability::Normal).unwrap();
-        db.write_one(|w| put(w.conn, "a", 1)).await.unwrap();
+        write_one(&db, |w| put(w.conn, "a", 1)).await.unwrap();
         // Its one statement fails (the key exists) and undoes itself.
-        let failed = db.write_one(|w| put(w.conn, "a", 2)).await;
+        let failed = write_one(&db, |w| put(w.conn, "a", 2)).await;
         assert!(failed.is_err());
         assert_eq!(count(&db), 1);
         // A panic after a write: the job's batch is rolled back, the writer goes on.
-        let panicked = db
-            .write_one(|w| -> Result<(), JobError> {
-                put(w.conn, "b", 1)?;
-                panic!("a bug after the write");
-            })
-            .await;
+        let panicked = write_one(&db, |w| -> Result<(), JobError> {
+            put(w.conn, "b", 1)?;
+            panic!("a bug after the write");
+        })
+        .await;
         assert!(panicked.is_err());
         assert_eq!(count(&db), 1);
         db.write(|w| put(w.conn, "c", 1)).await.unwrap();

@@ -22,12 +22,12 @@ use webwaka_realtime::protocol::{
 use webwaka_realtime::reconcile::{EntityState, Reconciler};
 
 use self::db::Db;
-use super::{Claim, Engine, Membership, Storage, StorageFigures};
+use super::{Claim, Engine, Membership, PendingAppend, Storage, StorageFigures};
 use crate::audit::{AuditRecord, ChainCheck};
 use crate::config::Config;
 use crate::error::{JobError, StoreError};
 use crate::feed::Feed;
-use crate::log::{Appended, Draft, Stored, Viewer};
+use crate::log::{Draft, Stored, Viewer};
 use crate::time::now_ms;
 use crate::transactions::{Decision, PendingTransaction, StoredStatus, Submission, Submitted};
 
@@ -106,22 +106,15 @@ impl Storage for SqliteStore {
         Engine::Sqlite
     }
 
-    async fn append(&self, tenant: &str, draft: Draft) -> Result<Appended, JobError> {
+    async fn queue_append(&self, tenant: &str, draft: Draft) -> Result<PendingAppend, JobError> {
         let feed = Arc::clone(&self.feed);
         let tenant = tenant.to_owned();
-        match &draft {
-            // One statement, after which it cannot fail: no savepoint of its own.
-            Draft::Message { .. } => {
-                self.db
-                    .write_one(move |w| log::append(w, &feed, &tenant, draft))
-                    .await
-            }
-            Draft::Event(_) => {
-                self.db
-                    .write(move |w| log::append(w, &feed, &tenant, draft))
-                    .await
-            }
-        }
+        // A message's append is one statement, after which it cannot fail: no
+        // savepoint of its own.
+        let guarded = matches!(draft, Draft::Event(_));
+        Ok(self
+            .db
+            .queue(move |w| log::append(w, &feed, &tenant, draft), guarded)?)
     }
 
     async fn cursor(&self, tenant: &str, event_id: &str) -> Result<Option<(u64, i64)>, StoreError> {
