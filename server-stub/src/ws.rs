@@ -183,7 +183,7 @@ fn run(
             // The acks of messages already queued go first (briefly: the close is
             // due; a message left unanswered is resent by its client, and the log
             // keeps one copy).
-            let _ = tokio::time::timeout(CLOSE_HANDSHAKE, conn.settle()).await;
+            let _ = tokio::time::timeout(CLOSE_HANDSHAKE, Box::pin(conn.settle())).await;
             let sent = conn
                 .socket
                 .send(Message::Close(Some(CloseFrame {
@@ -311,7 +311,8 @@ impl Connection {
                     Some(delivery) => self.deliver(&delivery).await,
                 },
                 stored = oldest_stored(&mut self.queued, &app), if !self.queued.is_empty() => {
-                    self.answer_oldest(stored).await
+                    // Boxed, as frames are: an idle connection's task stays small.
+                    Box::pin(self.answer_oldest(stored)).await
                 }
                 frame = self.socket.recv(), if self.queued.len() < MAX_QUEUED => match frame {
                     None => Flow::Stop,
@@ -356,7 +357,8 @@ impl Connection {
                 .and_then(|(queued, _)| queued.stored(&self.app.log.metrics).now_or_never())
             {
                 progressed = true;
-                if let f @ (Flow::Stop | Flow::Close(..)) = self.answer_oldest(stored).await {
+                let flow = Box::pin(self.answer_oldest(stored)).await;
+                if let f @ (Flow::Stop | Flow::Close(..)) = flow {
                     return f;
                 }
             }

@@ -12,9 +12,10 @@
 //!
 //! **Group commit.** Durable messages from every connection of this instance go to one
 //! appender task ([`appender`]) that takes whatever is queued (up to [`MAX_BATCH`]) and
-//! appends it in one transaction of five round trips: lock, duplicate check, one
-//! statement that inserts the rows, moves the counters and notifies, commit. Under load
-//! one commit carries many messages; alone, a message still waits for no one.
+//! appends it in one transaction of four round trips: begin; the lock and the
+//! duplicate check (sent together); one statement that inserts the rows, moves the
+//! counters and notifies; commit. Under load one commit carries many messages; alone, a
+//! message still waits for no one.
 //!
 //! **Notification.** The same statement sends, per tenant, a `NOTIFY` on
 //! [`LOG_CHANNEL`] naming the tenant's new head and, when they fit in PostgreSQL's
@@ -155,55 +156,28 @@ pub(super) async fn append_in(
         )
         .await
         .map_err(pg_error)?;
-    let mut heads: HashMap<String, u64> = HashMap::new();
-    for row in tx.query(&lock, &[&tenants]).await.map_err(pg_error)? {
-        heads.insert(row.get(0), row.get::<_, i64>(1) as u64);
-    }
-    // Duplicates stored before (the locks keep anyone else from storing one now).
+    // Duplicates stored before (the locks keep anyone else from storing one now). The
+    // lookup is sent right behind the lock, without waiting for its answer (one round
+    // trip for both): PostgreSQL runs them in order, so it looks once the lock is held.
     let keys: Vec<Key> = drafts.iter().filter_map(|(t, d)| key_of(t, d)).collect();
     let mut stored: HashMap<Key, (String, u64)> = HashMap::new();
-    if !keys.is_empty() {
-        // Each kind of key looked up through its own unique index (an OR of the two
-        // in one join would scan the log).
-        let (mut m_tenant, mut m_id, mut m_sender) = (Vec::new(), Vec::new(), Vec::new());
-        let (mut e_tenant, mut e_id) = (Vec::new(), Vec::new());
-        for (tenant, kind, k1, k2) in &keys {
-            if *kind == "m" {
-                m_tenant.push(tenant.as_str());
-                m_id.push(k1.as_str());
-                m_sender.push(k2.as_str());
-            } else {
-                e_tenant.push(tenant.as_str());
-                e_id.push(k1.as_str());
-            }
-        }
-        let find = tx
-            .prepare_cached(
-                "SELECT k.tenant, 'm', k.k1, k.k2, e.event_id, e.seq
-                 FROM unnest($1::text[], $2::text[], $3::text[]) AS k(tenant, k1, k2)
-                 JOIN events e ON e.tenant = k.tenant AND e.message_id = k.k1
-                              AND e.sender_id = k.k2
-                 WHERE e.message_id IS NOT NULL
-                 UNION ALL
-                 SELECT k.tenant, 'e', k.k1, '', e.event_id, e.seq
-                 FROM unnest($4::text[], $5::text[]) AS k(tenant, k1)
-                 JOIN events e ON e.tenant = k.tenant AND e.event_id = k.k1",
-            )
+    let (locked, found) =
+        futures_util::future::try_join(tx.query(&lock, &[&tenants]), find_stored(tx, &keys))
             .await
             .map_err(pg_error)?;
-        for row in tx
-            .query(&find, &[&m_tenant, &m_id, &m_sender, &e_tenant, &e_id])
-            .await
-            .map_err(pg_error)?
-        {
-            let kind: String = row.get(1);
-            let kind = if kind == "m" { "m" } else { "e" };
-            stored.insert(
-                (row.get(0), kind, row.get(2), row.get(3)),
-                (row.get(4), row.get::<_, i64>(5) as u64),
-            );
-        }
+    let mut heads: HashMap<String, u64> = HashMap::new();
+    for row in locked {
+        heads.insert(row.get(0), row.get::<_, i64>(1) as u64);
     }
+    for row in found {
+        let kind: String = row.get(1);
+        let kind = if kind == "m" { "m" } else { "e" };
+        stored.insert(
+            (row.get(0), kind, row.get(2), row.get(3)),
+            (row.get(4), row.get::<_, i64>(5) as u64),
+        );
+    }
+
     // Sequences and rows.
     let mut answers = Vec::with_capacity(drafts.len());
     let mut committed: BTreeMap<String, Vec<Committed>> = BTreeMap::new();
@@ -314,6 +288,45 @@ pub(super) async fn append_in(
         committed.entry(tenant).or_default().push(r.committed());
     }
     Ok(Appends { answers, committed })
+}
+
+/// The rows of the keys' duplicates stored before: (tenant, kind, key, second key,
+/// event id, seq). Each kind of key is looked up through its own unique index (an OR of
+/// the two in one join would scan the log).
+async fn find_stored(
+    tx: &Transaction<'_>,
+    keys: &[Key],
+) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    if keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (mut m_tenant, mut m_id, mut m_sender) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut e_tenant, mut e_id) = (Vec::new(), Vec::new());
+    for (tenant, kind, k1, k2) in keys {
+        if *kind == "m" {
+            m_tenant.push(tenant.as_str());
+            m_id.push(k1.as_str());
+            m_sender.push(k2.as_str());
+        } else {
+            e_tenant.push(tenant.as_str());
+            e_id.push(k1.as_str());
+        }
+    }
+    let find = tx
+        .prepare_cached(
+            "SELECT k.tenant, 'm', k.k1, k.k2, e.event_id, e.seq
+             FROM unnest($1::text[], $2::text[], $3::text[]) AS k(tenant, k1, k2)
+             JOIN events e ON e.tenant = k.tenant AND e.message_id = k.k1
+                          AND e.sender_id = k.k2
+             WHERE e.message_id IS NOT NULL
+             UNION ALL
+             SELECT k.tenant, 'e', k.k1, '', e.event_id, e.seq
+             FROM unnest($4::text[], $5::text[]) AS k(tenant, k1)
+             JOIN events e ON e.tenant = k.tenant AND e.event_id = k.k1",
+        )
+        .await?;
+    tx.query(&find, &[&m_tenant, &m_id, &m_sender, &e_tenant, &e_id])
+        .await
 }
 
 /// The notification of `events` appended to `tenant`: with the rows when they fit.
