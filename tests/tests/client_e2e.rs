@@ -595,16 +595,20 @@ async fn joining_a_room_reports_each_members_presence_once() {
         let mut updates = alice.subscribe();
         alice.join_room("general").await.unwrap();
         assert!(wait_state(&alice, ConnectionState::Realtime, WITHIN).await);
-        let seen = collect(&mut updates, 2, Duration::from_secs(3), |u| match u {
+        let bobs = |u: Update| match u {
             Update::Presence(p) if p.user_id == "bob" => Some(p.status),
             _ => None,
-        })
-        .await;
+        };
+        // The first report may be slow on a loaded machine; a second would come soon
+        // after it.
+        let seen = collect(&mut updates, 1, WITHIN, bobs).await;
         assert_eq!(
             seen,
             vec![PresenceStatus::Online],
-            "run {run}: bob's presence, once"
+            "run {run}: bob's presence"
         );
+        let again = collect(&mut updates, 1, Duration::from_secs(2), bobs).await;
+        assert_eq!(again, vec![], "run {run}: bob's presence reported twice");
         alice.shutdown().await;
     }
     bob.shutdown().await;
