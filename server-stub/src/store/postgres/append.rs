@@ -331,11 +331,22 @@ async fn find_stored(
 
 /// The notification of `events` appended to `tenant`: with the rows when they fit.
 fn notice(instance: &str, tenant: &str, head: u64, events: &[&TailEvent]) -> String {
+    // The rows' bodies alone already too large (a busy batch): the head only, without
+    // first encoding every row in vain.
+    let bodies = events
+        .iter()
+        .map(|e| e.body.len())
+        .fold(0, usize::saturating_add);
+    let rows = if bodies > MAX_PAYLOAD {
+        Vec::new()
+    } else {
+        events.iter().map(|e| NoticeRow::of(e)).collect()
+    };
     let mut notice = LogNotice {
         i: instance.to_owned(),
         t: tenant.to_owned(),
         h: head,
-        e: events.iter().map(|e| NoticeRow::of(e)).collect(),
+        e: rows,
     };
     let text = serde_json::to_string(&notice).unwrap_or_default();
     if text.len() <= MAX_PAYLOAD && !text.is_empty() {
@@ -404,5 +415,50 @@ fn clone_error(error: &StoreError) -> StoreError {
         StoreError::Unavailable(why) => StoreError::Unavailable(why.clone()),
         StoreError::Conflict(why) => StoreError::Unavailable(why.clone()),
         other => StoreError::Postgres(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(seq: u64, body_len: usize) -> TailEvent {
+        TailEvent {
+            seq,
+            event_id: format!("e{seq}").into(),
+            created_ms: 1,
+            recipient: Some("bob".into()),
+            room: None,
+            sender: Some("alice".into()),
+            body: Arc::new(format!("{{\"t\":\"{}\"}}", "x".repeat(body_len))),
+        }
+    }
+
+    fn read(text: &str) -> LogNotice {
+        serde_json::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn a_notice_carries_its_rows_when_they_fit_and_the_head_alone_otherwise() {
+        let small: Vec<TailEvent> = (1..=3).map(|s| event(s, 100)).collect();
+        let refs: Vec<&TailEvent> = small.iter().collect();
+        let n = read(&notice("i1", "t1", 3, &refs));
+        assert_eq!((n.i.as_str(), n.t.as_str(), n.h), ("i1", "t1", 3));
+        let seqs: Vec<u64> = n.e.into_iter().map(|r| r.event().seq).collect();
+        assert_eq!(seqs, [1, 2, 3]);
+        // Bodies over the limit: the head only (not encoded first).
+        let big: Vec<TailEvent> = (1..=40).map(|s| event(s, 250)).collect();
+        let refs: Vec<&TailEvent> = big.iter().collect();
+        let text = notice("i1", "t1", 40, &refs);
+        assert!(text.len() < 200, "{text}");
+        let n = read(&text);
+        assert_eq!(n.h, 40);
+        assert!(n.e.is_empty());
+        // Under the limit by the bodies, over it once encoded: the head only as well.
+        let edge: Vec<TailEvent> = (1..=30).map(|s| event(s, 250)).collect();
+        let refs: Vec<&TailEvent> = edge.iter().collect();
+        let text = notice("i1", "t1", 30, &refs);
+        assert!(text.len() <= MAX_PAYLOAD);
+        assert!(read(&text).e.is_empty());
     }
 }
