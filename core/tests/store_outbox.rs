@@ -414,3 +414,46 @@ fn test_the_next_attempt_after_now_is_found() {
     assert_eq!(store.next_attempt_after(at(10)).unwrap(), Some(at(30)));
     assert_eq!(store.next_attempt_after(at(30)).unwrap(), None);
 }
+
+#[test]
+fn test_waiting_items_are_made_due_now_and_nothing_else_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(&dir);
+    let waiting = store.enqueue(msg("room:1", 1), at(0)).unwrap();
+    let sent = store.enqueue(msg("room:2", 2), at(0)).unwrap();
+    let due = store.enqueue(msg("room:3", 3), at(0)).unwrap();
+    store.mark_in_flight(&waiting.id, at(1)).unwrap();
+    store
+        .mark_failed(&waiting.id, "network: timed out", at(30), at(1))
+        .unwrap();
+    store.mark_in_flight(&sent.id, at(1)).unwrap();
+    let ids = vec![
+        waiting.id.clone(),
+        sent.id.clone(),
+        due.id.clone(),
+        "unknown".to_owned(),
+    ];
+    // Only the one waiting for later moves; one in flight and one due already stay.
+    assert_eq!(store.due_now(&ids, at(2)).unwrap(), 1);
+    let after = store.get(&waiting.id).unwrap().unwrap();
+    assert_eq!(after.next_attempt_at, at(2));
+    assert_eq!((after.state, after.attempts), (ItemState::Persisted, 1));
+    assert_eq!(
+        after.last_error.as_deref(),
+        Some("network: timed out"),
+        "its history is kept"
+    );
+    assert_eq!(
+        store.get(&sent.id).unwrap().unwrap().state,
+        ItemState::InFlight
+    );
+    assert_eq!(store.get(&due.id).unwrap().unwrap().next_attempt_at, at(0));
+    let sendable: Vec<String> = store
+        .next_sendable(at(2), 10)
+        .unwrap()
+        .into_iter()
+        .map(|i| i.id)
+        .collect();
+    assert_eq!(sendable, vec![waiting.id, due.id]);
+    assert_eq!(store.due_now(&ids, at(2)).unwrap(), 0, "nothing waits now");
+}

@@ -770,13 +770,31 @@ async fn scenario(seed: u64, steps: u64, cluster: bool) -> Stats {
             .unwrap()
             .into_iter()
             .filter(|i| !is_settled(i))
-            .map(|i| format!("{:?} {:?} {:?}", i.kind, i.state, i.last_error))
+            .map(|i| {
+                // When it was last changed and when it is due, from now: a retry
+                // schedule that ran late, or one never run, tell different stories.
+                let now = chrono::Utc::now();
+                format!(
+                    "{:?} {:?} {:?}, {} attempts, updated {} ms ago, due in {} ms",
+                    i.kind,
+                    i.state,
+                    i.last_error,
+                    i.attempts,
+                    (now - i.updated_at).num_milliseconds(),
+                    (i.next_attempt_at - now).num_milliseconds()
+                )
+            })
             .collect();
+        let metrics = if drained {
+            String::new()
+        } else {
+            format!("{:?}", node.client.metrics().await)
+        };
         assert!(
             drained,
             "{}",
             report(
-                &format!("{}'s outbox did not drain: {left:?}", node.user),
+                &format!("{}'s outbox did not drain: {left:?}\n{metrics}", node.user),
                 &history
             )
         );

@@ -21,6 +21,7 @@ use webwaka_realtime::client::{
     Client, OutgoingMessage, Resolution, Target, TokenError, TokenRequest, Update,
 };
 use webwaka_realtime::machine::ConnectionState;
+use webwaka_realtime::store::ItemState;
 
 const WITHIN: Duration = Duration::from_secs(15);
 
@@ -77,6 +78,81 @@ async fn a_refused_websocket_falls_to_polling_then_climbs_back_with_nothing_lost
     );
     alice.shutdown().await;
     bob.shutdown().await;
+}
+
+/// A send that failed on the network waits out its backoff only while the network is
+/// away: when the app says it is back (or a transport works again), it goes at once.
+/// The soak once saw a Class D transaction that failed on the network just before the
+/// heal wait most of its 30 s backoff, then fail once more, and not settle in a minute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_that_failed_on_the_network_goes_as_soon_as_the_network_is_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let proxy = Proxy::start(server.addr).await.unwrap();
+    let mut config = client_config(&proxy.url(), &dir.path().join("alice.db"));
+    config.request_timeout = Duration::from_millis(500);
+    let alice = open_client(config, server.token("t1", "alice")).await;
+    assert!(wait_state(&alice, ConnectionState::Realtime, WITHIN).await);
+    // Its catch-up after connecting (over HTTP) is done: a failed one would drop the
+    // socket.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // New connections are closed at once; the open WebSocket stays (Realtime). The
+    // hint also drops the idle HTTP connections, so that requests need new ones.
+    proxy.set_mode(Mode::Refuse);
+    alice.network_available();
+    let item = alice
+        .submit_transaction("payment", json!({ "amount": 5 }), None)
+        .await
+        .unwrap();
+    // It fails again and again, its backoff growing, until one wait is long.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let scheduled = loop {
+        let items = alice.outbox(None).await.unwrap();
+        let item = items.into_iter().find(|i| i.id == item.id).unwrap();
+        let wait = item.next_attempt_at - chrono::Utc::now();
+        if item.state == ItemState::Persisted
+            && item.attempts > 0
+            && wait > chrono::Duration::seconds(3)
+        {
+            break Some(item);
+        }
+        if tokio::time::Instant::now() > deadline {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        scheduled.is_some(),
+        "a failure scheduled a wait of more than 3 s"
+    );
+    let scheduled = scheduled.unwrap();
+    assert!(
+        scheduled
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("network")),
+        "{:?}",
+        scheduled.last_error
+    );
+    assert_eq!(*alice.watch_state().borrow(), ConnectionState::Realtime);
+
+    // The network is back: sent now, not at its scheduled time.
+    proxy.set_mode(Mode::Pass);
+    alice.network_available();
+    let sent = wait_until(Duration::from_secs(2), || async {
+        let items = alice.outbox(None).await.unwrap();
+        items
+            .iter()
+            .any(|i| i.id == scheduled.id && i.server_ref.is_some())
+    })
+    .await;
+    assert!(sent, "accepted within 2 s of the network's return");
+    assert!(
+        chrono::Utc::now() < scheduled.next_attempt_at,
+        "before its scheduled retry"
+    );
+    alice.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

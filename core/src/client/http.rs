@@ -89,11 +89,43 @@ impl HttpError {
     }
 }
 
+/// The HTTP client: each request bounded by `timeout`, idle connections kept 30 s.
+fn build_client(
+    timeout: Duration,
+    tls: &rustls::ClientConfig,
+) -> Result<reqwest::Client, HttpError> {
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(tls.clone())
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(5)))
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build()
+        .map_err(|e| HttpError::Network(e.to_string()))
+}
+
+/// A transport failure, with its causes: reqwest's own message ("error sending
+/// request") does not say whether the connection was refused, reset or timed out.
+fn network_error(e: reqwest::Error) -> HttpError {
+    let e = e.without_url();
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    // Bounded: a cause chain is a few links long.
+    for _ in 0..8 {
+        let Some(cause) = source else { break };
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    HttpError::Network(text)
+}
+
 /// The HTTP API of one server.
 #[derive(Debug, Clone)]
 pub(crate) struct HttpApi {
     client: reqwest::Client,
     base: String,
+    timeout: Duration,
+    tls: std::sync::Arc<rustls::ClientConfig>,
 }
 
 impl HttpApi {
@@ -104,16 +136,23 @@ impl HttpApi {
         timeout: Duration,
         tls: std::sync::Arc<rustls::ClientConfig>,
     ) -> Result<Self, HttpError> {
-        let client = reqwest::Client::builder()
-            .tls_backend_preconfigured((*tls).clone())
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(5)))
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build()
-            .map_err(|e| HttpError::Network(e.to_string()))?;
         Ok(Self {
-            client,
+            client: build_client(timeout, &tls)?,
             base: base.trim_end_matches('/').to_owned(),
+            timeout,
+            tls,
+        })
+    }
+
+    /// The same API with a new connection pool: after the network changed, a kept-alive
+    /// connection may be bound to the old interface or lead to a peer that is gone,
+    /// and a request sent on it fails or hangs until its timeout. Browsers close their
+    /// idle sockets on a network change for the same reason. Requests under way keep
+    /// the pool they started with.
+    pub(crate) fn fresh(&self) -> Result<Self, HttpError> {
+        Ok(Self {
+            client: build_client(self.timeout, &self.tls)?,
+            ..self.clone()
         })
     }
 
@@ -137,20 +176,14 @@ impl HttpApi {
         if let Some(body) = body {
             req = req.json(body);
         }
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| HttpError::Network(e.without_url().to_string()))?;
+        let resp = req.send().await.map_err(network_error)?;
         let status = resp.status();
         let header_retry = resp
             .headers()
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(retry_after_header);
-        let bytes = resp
-            .bytes()
-            .await
-            .map_err(|e| HttpError::Network(e.without_url().to_string()))?;
+        let bytes = resp.bytes().await.map_err(network_error)?;
         if status.is_success() {
             return serde_json::from_slice(&bytes)
                 .map_err(|e| HttpError::Protocol(format!("{path}: {e}")));

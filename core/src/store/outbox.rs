@@ -539,6 +539,23 @@ impl Store {
         Ok(ms.map(from_ms))
     }
 
+    /// Makes the items of `ids` that wait (persisted, due after `now`) due at `now`,
+    /// in one transaction; how many were. Others (sent, settled, unknown) are left.
+    pub fn due_now(&self, ids: &[String], now: Timestamp) -> Result<usize, StoreError> {
+        in_write_transaction(&self.conn, || {
+            let mut stmt = self.conn.prepare_cached(
+                "UPDATE outbox SET next_attempt_ms = ?2
+                  WHERE id = ?1 AND state = 'persisted' AND next_attempt_ms > ?2",
+            )?;
+            let now_ms = to_ms(now);
+            let mut changed = 0;
+            for id in ids {
+                changed += stmt.execute(params![id, now_ms])?;
+            }
+            Ok(changed)
+        })
+    }
+
     /// Removes a dead item for good (the app decided). Only dead items can be discarded.
     pub fn discard(&self, id: &str) -> Result<OutboxItem, StoreError> {
         let item = self.require(id)?;

@@ -138,6 +138,33 @@ impl Supervisor {
         }
     }
 
+    /// The network is back (a hint from the app, or a transport works again): items
+    /// that failed on the network are due now rather than at the end of their backoff,
+    /// and are sent.
+    pub(super) async fn retry_network_waits(&mut self) {
+        if self.network_waits.is_empty() {
+            return;
+        }
+        let ids: Vec<String> = self.network_waits.drain().collect();
+        let wall = now_wall();
+        match self.store.call(move |s| s.due_now(&ids, wall)).await {
+            Ok(0) => {}
+            Ok(n) => {
+                debug!(items = n, "network back: items waiting for it are due now");
+                self.pump().await;
+            }
+            Err(e) => warn!(error = %e, "outbox write failed"),
+        }
+    }
+
+    /// A new HTTP connection pool (see [`HttpApi::fresh`]); the old one if that fails.
+    pub(super) fn renew_http_pool(&mut self) {
+        match self.http.fresh() {
+            Ok(http) => self.http = http,
+            Err(e) => warn!(error = %e, "could not renew the HTTP connection pool"),
+        }
+    }
+
     /// Deletes outbox items settled longer ago than `settled_retention` (accepted
     /// messages and operations, decided transactions), every `PRUNE_INTERVAL`, so that
     /// the outbox holds what is still to do plus a recent history, not everything ever

@@ -267,6 +267,10 @@ pub(crate) struct Supervisor {
     /// The earliest time an outbox item that failed for now is due again (items due
     /// at once are sent on the events that free their lane: acks, answers).
     outbox_due: Option<Instant>,
+    /// Items waiting out the backoff of a network failure (their last HTTP attempt got
+    /// no answer): due at once when the network is back, since what they waited for
+    /// has happened (a server's refusal or `Retry-After` keeps its schedule).
+    network_waits: HashSet<String>,
     /// Times the loop woke up (any event or deadline), for the energy figures.
     wakeups: u64,
     /// The store could not record a durable WebSocket delivery: until this time, such
@@ -360,6 +364,7 @@ impl Supervisor {
             last_tx_check: None,
             tx_pending: true,
             outbox_due: None,
+            network_waits: HashSet::new(),
             wakeups: 0,
             inbound_stalled: None,
             storage_retry: STORAGE_RETRY_MIN,
@@ -458,6 +463,7 @@ impl Supervisor {
                     self.last_pull = None;
                     self.pull_interval = self.cfg.entity_pull_interval;
                     self.tx_pending = true;
+                    self.retry_network_waits().await;
                     self.find_outbox_due().await;
                 }
             }
@@ -510,8 +516,19 @@ impl Supervisor {
                 self.pull_interval = self.cfg.entity_pull_interval;
                 self.spawn_reconcile(false).await;
             }
-            Command::Hint(Hint::NetworkAvailable) => self.machine.network_available(now),
-            Command::Hint(Hint::NetworkLost) => self.machine.network_lost(now),
+            Command::Hint(Hint::NetworkAvailable) => {
+                self.renew_http_pool();
+                self.machine.network_available(now);
+                // Connected already (the machine changes nothing then): what waited
+                // for the network goes now.
+                if self.machine.state().is_connected() {
+                    self.retry_network_waits().await;
+                }
+            }
+            Command::Hint(Hint::NetworkLost) => {
+                self.renew_http_pool();
+                self.machine.network_lost(now);
+            }
             Command::Hint(Hint::Foreground) => {
                 // Back in front of the user: fresh entities soon.
                 self.pull_interval = self.cfg.entity_pull_interval;

@@ -363,6 +363,7 @@ pub(super) async fn settle_http(
             let at = wall_later(now, wait);
             retry_at = Some(at);
             let reason = e.to_string();
+            debug!(id = %item.id, attempts, error = %reason, ?wait, "send failed; due again later");
             let failure = e.failure();
             (
                 store
