@@ -111,6 +111,53 @@ impl EntityValue {
     }
 }
 
+impl EntityValue {
+    /// [`EntityValue::apply_plain`] with [`merge_patch`]: the engine's step (the
+    /// reference engine keeps `apply_plain`, so that the differential test also
+    /// compares the two merge patches).
+    fn after(&self, op: &Operation) -> EntityValue {
+        match op.operation_type {
+            OperationType::Update => {
+                let mut data = if self.deleted {
+                    Value::Null
+                } else {
+                    self.data.clone()
+                };
+                merge_patch(&mut data, &op.payload);
+                EntityValue::live(data)
+            }
+            _ => self.apply_plain(op),
+        }
+    }
+}
+
+/// An RFC 7386 merge patch, exactly as `json_patch::merge`, but a field the document
+/// has is patched where it is: `json_patch` makes an entry for every field of the patch,
+/// which copies its name (an allocation per field for each operation applied).
+fn merge_patch(doc: &mut Value, patch: &Value) {
+    let Value::Object(patch) = patch else {
+        *doc = patch.clone();
+        return;
+    };
+    if !doc.is_object() {
+        *doc = Value::Object(serde_json::Map::new());
+    }
+    let Value::Object(map) = doc else {
+        return; // an object since the line above
+    };
+    for (key, value) in patch {
+        if value.is_null() {
+            map.remove(key.as_str());
+        } else if let Some(slot) = map.get_mut(key.as_str()) {
+            merge_patch(slot, value);
+        } else {
+            let mut slot = Value::Null;
+            merge_patch(&mut slot, value);
+            map.insert(key.clone(), slot);
+        }
+    }
+}
+
 /// Where a retained operation sorts: the parts of its [`OpKey`] that are not in the
 /// operation itself (the tie-breaks, `clientId` and `operationId`, are read from it:
 /// a key costs no copy of them).
@@ -1484,8 +1531,8 @@ fn step(
     merge: Option<&Arc<dyn CustomMerge>>,
 ) -> Result<EntityValue, ApplyError> {
     match l.strategy {
-        ResolutionStrategy::LastWriteWins => Ok(seen.apply_plain(&l.op)),
-        ResolutionStrategy::Manual => Ok(current.apply_plain(&l.op)),
+        ResolutionStrategy::LastWriteWins => Ok(seen.after(&l.op)),
+        ResolutionStrategy::Manual => Ok(current.after(&l.op)),
         ResolutionStrategy::FieldLevelMerge => Ok(field_level_step(current, seen, &l.op)),
         ResolutionStrategy::CustomMerge => match merge {
             Some(merge) => Ok(merge.apply(MergeInput {
@@ -1505,7 +1552,7 @@ fn step(
 /// field stays as it is. CREATE and DELETE change every field.
 fn field_level_step(current: &EntityValue, seen: &EntityValue, op: &Operation) -> EntityValue {
     let (OperationType::Update, Value::Object(patch)) = (op.operation_type, &op.payload) else {
-        return current.apply_plain(op);
+        return current.after(op);
     };
     let mut data = match &current.data {
         Value::Object(map) if !current.deleted => map.clone(),
@@ -1520,12 +1567,25 @@ fn field_level_step(current: &EntityValue, seen: &EntityValue, op: &Operation) -
             data.remove(field);
             continue;
         }
-        let mut value = seen_fields
-            .and_then(|m| m.get(field))
-            .cloned()
-            .unwrap_or(Value::Null);
-        json_patch::merge(&mut value, change);
-        data.insert(field.clone(), value);
+        // A merge patch that is not an object replaces what it patches (RFC 7386):
+        // the field as the author saw it is then not copied only to be dropped.
+        let value = if change.is_object() {
+            let mut value = seen_fields
+                .and_then(|m| m.get(field))
+                .cloned()
+                .unwrap_or(Value::Null);
+            merge_patch(&mut value, change);
+            value
+        } else {
+            change.clone()
+        };
+        // A field the value has is replaced where it is (its name is not copied).
+        match data.get_mut(field) {
+            Some(slot) => *slot = value,
+            None => {
+                data.insert(field.clone(), value);
+            }
+        }
     }
     EntityValue::live(Value::Object(data))
 }
@@ -1540,3 +1600,43 @@ pub(crate) fn conflict_id(a: &str, b: &str) -> String {
 /// Namespace of conflict ids (a fixed random UUID).
 const CONFLICT_NAMESPACE: uuid::Uuid =
     uuid::Uuid::from_u128(0x6f1d_3a4e_9b2c_4d5e_8f70_a1b2_c3d4_e5f6);
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use serde_json::Value;
+
+    /// Small JSON documents: nested objects over a few names (so that patches meet
+    /// fields the document has), nulls, scalars and arrays.
+    fn json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            (-3i64..3).prop_map(Value::from),
+            "[a-c]{0,2}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..3).prop_map(Value::Array),
+                prop::collection::btree_map("[a-d]", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        /// The engine's merge patch is `json_patch::merge`, field for field (and in the
+        /// same order: `get_mut` keeps a field's place as `entry` does).
+        #[test]
+        fn merge_patch_is_json_patch_merge(doc in json(), patch in json()) {
+            let mut ours = doc.clone();
+            super::merge_patch(&mut ours, &patch);
+            let mut theirs = doc;
+            json_patch::merge(&mut theirs, &patch);
+            prop_assert_eq!(
+                serde_json::to_string(&ours).unwrap(),
+                serde_json::to_string(&theirs).unwrap()
+            );
+        }
+    }
+}
