@@ -25,12 +25,19 @@
 //!
 //! - **Indexes** (`Index`): hash tables of the retained operations by id and by
 //!   vector clock answer "seen before?" and "clock reused?" in O(1) (were scans).
-//! - **The fold's states** (`Fold`): the state after each retained operation, shared
-//!   (`Arc`) with the current value, with, for an operation concurrent with an earlier
-//!   one, the clock of everything applied up to it and the state its author saw. An
-//!   operation that sorts last applies on top of the last state; one that sorts at
-//!   position `p` refolds only the operations from `p` on, starting from the cached
-//!   state before `p` (the whole history was refolded).
+//! - **The fold's states** (`Fold`): the state after each retained operation, with,
+//!   for an operation concurrent with an earlier one, the clock of everything applied
+//!   up to it and the state its author saw. An operation that sorts last applies on
+//!   top of the last state; one that sorts at position `p` refolds only the operations
+//!   from `p` on, starting from the state before `p` (the whole history was refolded).
+//! - **In-place patches with undo records** (`EntityState::patch_last`): the usual
+//!   step (an UPDATE that saw everything, appended last, under LAST_WRITE_WINS,
+//!   FIELD_LEVEL_MERGE or MANUAL) patches the value where it is instead of copying it
+//!   (a copy of an 8-field object was 17 allocations), and its fold entry keeps the
+//!   fields it replaced rather than the state before it. A state not kept is rebuilt
+//!   when a slower path needs it: the next kept state, copied once, with the patches
+//!   in between undone, so its cost grows with the operations after it, not with the
+//!   history. Other steps (concurrent, CUSTOM_MERGE, CREATE, DELETE) keep their state.
 //! - **Scans from the end**: a concurrent operation looks for its rival, its greatest
 //!   predecessor and its successors walking back from the newest operation; every
 //!   successor sorts after the greatest predecessor, so the walk stops there once the
@@ -45,7 +52,10 @@
 //! - **All-or-nothing batches without copies** (`Journal`): a batch changes the
 //!   states in place; each entity remembers its small fields and, lazily, the part of
 //!   its history an operation changed (from that operation's place on), and puts them
-//!   back if a later operation of the batch fails (each entity was copied whole).
+//!   back if a later operation of the batch fails (each entity was copied whole). The
+//!   value before the batch is not held while the fold can rebuild it (holding it
+//!   would make the first in-place patch copy it); whether the batch changed the value
+//!   is decided from the fields its patches replaced.
 //! - **Shared operations**: an operation is stored once (`Arc<Operation>`), vector
 //!   clocks are shared arrays ([`VectorClock`]), so copying them is a reference count.
 
@@ -304,6 +314,8 @@ pub struct EntityState {
     /// not known (after a load or a compaction), checked when first needed.
     keys_canonical: Option<bool>,
     /// What to restore if the batch being applied fails.
+    /// (Boxed: inline, it made every state in a map larger, and moving states in and
+    /// out of a map costlier than the box's allocation.)
     journal: Option<Box<Journal>>,
 }
 
@@ -377,8 +389,8 @@ fn clock_hash(hasher: &DefaultHashBuilder, clock: &VectorClock) -> u64 {
     h.finish()
 }
 
-/// The fold of the history over the base, cached: `entries[i]` is the state after
-/// `history[i]` exactly as a fold from the base computes it.
+/// The fold of the history over the base, cached: `entries[i]` is (or rebuilds) the
+/// state after `history[i]` exactly as a fold from the base computes it.
 #[derive(Clone)]
 struct Fold {
     /// The merge function the states were computed with (a CUSTOM_MERGE step's result
@@ -388,12 +400,80 @@ struct Fold {
 }
 
 /// The fold after one operation.
+///
+/// Its state is kept, or (`None`) it is the next entry's state with the next entry's
+/// `undo` applied: an operation that patched the value in place ([`EntityState::patch_last`])
+/// keeps the fields it replaced, not a copy of the whole value from before it. The last
+/// entry always keeps its state (the fold's head).
 #[derive(Clone)]
 struct FoldEntry {
-    /// The state after the operation (a held one repeats the state before it).
-    state: Arc<EntityValue>,
+    /// The state after the operation (a held one repeats the state before it); `None`:
+    /// not kept (see [`EntityState::fold_state`]).
+    state: Option<Arc<EntityValue>>,
+    /// Set when the operation patched the state before it in place: for each field of
+    /// its payload (an object), in order, the field as it was (`None`: absent).
+    undo: Option<Vec<Option<Value>>>,
     /// Set for an applied operation concurrent with an earlier applied one.
     concurrent: Option<Box<Concurrent>>,
+}
+
+impl FoldEntry {
+    /// An entry that keeps its state.
+    fn kept(state: Arc<EntityValue>, concurrent: Option<Box<Concurrent>>) -> Self {
+        Self {
+            state: Some(state),
+            undo: None,
+            concurrent,
+        }
+    }
+}
+
+/// Applies `op`'s payload (an object) to `value` (a live object) in place, as
+/// [`EntityValue::after`] would on a copy; returns each payload field as it was.
+fn patch_in_place(value: &mut EntityValue, op: &Operation) -> Vec<Option<Value>> {
+    let (Value::Object(patch), Value::Object(map)) = (&op.payload, &mut value.data) else {
+        return Vec::new(); // checked by the caller
+    };
+    let mut olds = Vec::with_capacity(patch.len());
+    for (field, change) in patch {
+        if change.is_null() {
+            olds.push(map.remove(field.as_str()));
+        } else if let Some(slot) = map.get_mut(field.as_str()) {
+            if change.is_object() {
+                olds.push(Some(slot.clone()));
+                merge_patch(slot, change);
+            } else {
+                olds.push(Some(std::mem::replace(slot, change.clone())));
+            }
+        } else {
+            let mut slot = Value::Null;
+            merge_patch(&mut slot, change);
+            map.insert(field.clone(), slot);
+            olds.push(None);
+        }
+    }
+    olds
+}
+
+/// Puts back the fields `op` (an UPDATE whose payload is an object) replaced in
+/// `value`, from `olds` (see [`FoldEntry::undo`]), last field first.
+fn undo_patch(value: &mut EntityValue, op: &Operation, olds: &[Option<Value>]) {
+    let (Value::Object(patch), Value::Object(map)) = (&op.payload, &mut value.data) else {
+        return; // the in-place path ran only on an object patching an object
+    };
+    for ((field, _), old) in patch.iter().zip(olds).rev() {
+        match old {
+            Some(old) => match map.get_mut(field.as_str()) {
+                Some(slot) => *slot = old.clone(),
+                None => {
+                    map.insert(field.clone(), old.clone());
+                }
+            },
+            None => {
+                map.remove(field.as_str());
+            }
+        }
+    }
 }
 
 /// What the fold knew of an operation concurrent with an earlier applied one.
@@ -412,7 +492,11 @@ struct Concurrent {
 /// `history[p..from]` here).
 #[derive(Clone)]
 struct Journal {
-    value: Arc<EntityValue>,
+    /// The value before the batch; `None` while the fold can give it back (it was the
+    /// fold's head, and only appends have happened since, see
+    /// [`EntityState::keep_value_before`]): holding it would make the first in-place
+    /// patch of each entity in a batch copy it.
+    value: Option<Arc<EntityValue>>,
     clock: VectorClock,
     base: Arc<EntityValue>,
     base_clock: VectorClock,
@@ -421,8 +505,6 @@ struct Journal {
     keys_canonical: Option<bool>,
     from: usize,
     saved: Vec<Arc<LoggedOp>>,
-    /// Operations added to the indexes since the batch began.
-    added: Vec<Arc<Operation>>,
     /// A compaction removed operations from the indexes: rebuild them.
     reindex: bool,
 }
@@ -656,11 +738,6 @@ impl EntityState {
         &self.value
     }
 
-    /// The current value, shared (a batch compares it with the value after).
-    pub(crate) fn value_shared(&self) -> Arc<EntityValue> {
-        self.value.clone()
-    }
-
     /// The version the owner gave the last change (the tenant counter on the server).
     pub fn version(&self) -> u64 {
         self.version
@@ -699,8 +776,10 @@ impl EntityState {
 
     /// Starts a batch: until [`Self::commit`], [`Self::rollback`] can undo every change.
     pub(crate) fn begin(&mut self) {
+        let head = self.fold.as_ref().and_then(|fold| self.head(fold));
+        let rebuildable = head.is_some_and(|head| Arc::ptr_eq(head, &self.value));
         self.journal = Some(Box::new(Journal {
-            value: self.value.clone(),
+            value: (!rebuildable).then(|| self.value.clone()),
             clock: self.clock.clone(),
             base: self.base.clone(),
             base_clock: self.base_clock.clone(),
@@ -709,45 +788,301 @@ impl EntityState {
             keys_canonical: self.keys_canonical,
             from: self.history.len(),
             saved: Vec::new(),
-            added: Vec::new(),
             reindex: false,
         }));
     }
 
-    /// Ends a batch, keeping its changes.
-    pub(crate) fn commit(&mut self) {
-        self.journal = None;
+    /// Ends a batch, keeping its changes; whether the value differs from the value
+    /// before it.
+    pub(crate) fn commit(&mut self) -> bool {
+        let Some(j) = self.journal.take() else {
+            return false;
+        };
+        let j = *j;
+        match j.value {
+            Some(before) => !Arc::ptr_eq(&before, &self.value) && *before != *self.value,
+            None => self.changed_since(j.from),
+        }
+    }
+
+    /// Whether the value differs from the fold's state after `history[from - 1]` (the
+    /// base when `from` is 0): the value before a batch whose operations, from `from`
+    /// on, were all appended. When they all patched in place (or were held), only the
+    /// fields they patched are compared, each with itself before its first patch.
+    fn changed_since(&self, from: usize) -> bool {
+        let Some(fold) = &self.fold else {
+            return true; // cannot happen: a batch without a fold keeps its value
+        };
+        let n = fold.entries.len().min(self.history.len());
+        if from >= n {
+            return false;
+        }
+        let patched = (from..n).all(|k| self.history[k].held || fold.entries[k].undo.is_some());
+        if !patched {
+            let before = self.state_before(fold, from);
+            return !Arc::ptr_eq(&before, &self.value) && *before != *self.value;
+        }
+        // Patched in place (or held, which changes nothing).
+        let mut patches = (from..n).filter(|&k| fold.entries[k].undo.is_some());
+        if patches.next().is_none() {
+            return false;
+        }
+        let Value::Object(map) = &self.value.data else {
+            return true; // cannot happen: patched in place, an object
+        };
+        // Fields already compared (with the oldest value they had): a list, since a
+        // batch patches an entity a few times at most. Not needed for one patch (a
+        // payload names each field once).
+        let several = patches.next().is_some();
+        let mut compared: Vec<&str> = Vec::new();
+        for k in from..n {
+            let (Some(olds), Value::Object(patch)) =
+                (&fold.entries[k].undo, &self.history[k].op.payload)
+            else {
+                continue;
+            };
+            for ((field, _), old) in patch.iter().zip(olds) {
+                if several {
+                    if compared.contains(&field.as_str()) {
+                        continue;
+                    }
+                    compared.push(field);
+                }
+                if map.get(field.as_str()) != old.as_ref() {
+                    return true;
+                }
+            }
+        }
+        false
     }
 
     /// Ends a batch, undoing its changes: the state is again as at [`Self::begin`].
     pub(crate) fn rollback(&mut self) {
-        let Some(journal) = self.journal.take() else {
+        let Some(j) = self.journal.take() else {
             return;
         };
-        let j = *journal;
+        let j = *j;
         let only_appended = j.saved.is_empty() && !j.reindex;
+        // The value before, from the fold if the journal did not keep it (then the batch
+        // only appended): rebuilt before the entries it is rebuilt from go.
+        let before = match &j.value {
+            Some(value) => value.clone(),
+            None => match &self.fold {
+                Some(fold) => self.state_before(fold, j.from),
+                None => self.value.clone(), // cannot happen: see `keep_value_before`
+            },
+        };
+        // The state of the entry that is last again, while the entries after it (and
+        // the operations their undos name) are still there.
+        let head = match (&self.fold, j.from.checked_sub(1)) {
+            (Some(fold), Some(last)) if only_appended && last < fold.entries.len() => {
+                Some(self.fold_state(fold, last))
+            }
+            _ => None,
+        };
+        // Every operation the batch added sits at `from` or after (one placed before
+        // it first moved `from` there): out of the indexes with the rest of the tail,
+        // and the saved tail back in. (Not a list of the added ones: that was an
+        // allocation per entity and request, for a rollback that rarely comes.)
+        if !j.reindex {
+            for l in &self.history[j.from.min(self.history.len())..] {
+                self.index.remove(&l.op);
+            }
+            for l in &j.saved {
+                self.index.insert(&l.op);
+            }
+        }
         self.history.truncate(j.from);
         self.history.extend(j.saved);
         if j.reindex {
             self.index = Index::build(&self.history);
-        } else {
-            for op in &j.added {
-                self.index.remove(op);
-            }
         }
         // Entries before `from` were computed over the same operations; past it the
-        // cache is dropped (rebuilt when next needed).
+        // cache is dropped (rebuilt when next needed). The new last entry keeps its
+        // state (the head): the entry after it, whose undo could rebuild it, goes.
         match &mut self.fold {
-            Some(fold) if only_appended => fold.entries.truncate(j.from),
+            Some(fold) if only_appended => {
+                fold.entries.truncate(j.from);
+                if let (Some(last), Some(head)) = (fold.entries.last_mut(), head) {
+                    last.state = Some(head);
+                }
+            }
             _ => self.fold = None,
         }
-        self.value = j.value;
+        self.value = before;
         self.clock = j.clock;
         self.base = j.base;
         self.base_clock = j.base_clock;
         self.base_time = j.base_time;
         self.open_conflicts = j.open_conflicts;
         self.keys_canonical = j.keys_canonical;
+    }
+
+    /// The fold's head: the state after its last entry (the base when it has none).
+    /// `None` only if the last entry did not keep its state, which the fold never
+    /// allows.
+    fn head<'a>(&'a self, fold: &'a Fold) -> Option<&'a Arc<EntityValue>> {
+        match fold.entries.last() {
+            Some(last) => last.state.as_ref(),
+            None => Some(&self.base),
+        }
+    }
+
+    /// The fold's state after `history[i]`: kept, or rebuilt from the next kept state
+    /// by undoing the in-place patches in between (one copy, then field moves: the cost
+    /// grows with the operations after `i`, not with the history).
+    fn fold_state(&self, fold: &Fold, i: usize) -> Arc<EntityValue> {
+        if let Some(state) = fold.entries.get(i).and_then(|e| e.state.as_ref()) {
+            return state.clone();
+        }
+        let kept = (i.saturating_add(1)..fold.entries.len())
+            .find_map(|j| fold.entries[j].state.as_ref().map(|state| (j, state)));
+        let Some((j, state)) = kept else {
+            debug_assert!(false, "the fold's last entry keeps its state");
+            return self.value.clone();
+        };
+        let mut value = EntityValue::clone(state);
+        for k in (i.saturating_add(1)..=j).rev() {
+            if let (Some(olds), Some(l)) = (&fold.entries[k].undo, self.history.get(k)) {
+                undo_patch(&mut value, &l.op, olds);
+            }
+        }
+        Arc::new(value)
+    }
+
+    /// The fold's state before `history[at]`: after `history[at - 1]`, or the base.
+    fn state_before(&self, fold: &Fold, at: usize) -> Arc<EntityValue> {
+        match at.checked_sub(1) {
+            Some(i) => self.fold_state(fold, i),
+            None => self.base.clone(),
+        }
+    }
+
+    /// Makes entry `i` keep its state, before the entries after it (whose undos can
+    /// rebuild it) are replaced or dropped.
+    fn keep_state(&mut self, i: usize) {
+        let Some(fold) = &self.fold else {
+            return;
+        };
+        if fold.entries.get(i).is_none_or(|e| e.state.is_some()) {
+            return;
+        }
+        let state = self.fold_state(fold, i);
+        if let Some(entry) = self.fold.as_mut().and_then(|f| f.entries.get_mut(i)) {
+            entry.state = Some(state);
+        }
+    }
+
+    /// Makes every entry keep its state (before a compaction, which reads them all).
+    fn densify(&mut self) {
+        let Some(fold) = &self.fold else {
+            return;
+        };
+        if fold.entries.iter().all(|e| e.state.is_some()) {
+            return;
+        }
+        // From the head back: each state not kept is the next one with its undo.
+        let mut states: Vec<Arc<EntityValue>> = Vec::with_capacity(fold.entries.len());
+        let mut next: Option<Arc<EntityValue>> = None;
+        for k in (0..fold.entries.len()).rev() {
+            let state = match (&fold.entries[k].state, &next) {
+                (Some(state), _) => state.clone(),
+                (None, Some(after)) => {
+                    let mut value = EntityValue::clone(after);
+                    if let (Some(olds), Some(l)) =
+                        (&fold.entries[k + 1].undo, self.history.get(k + 1))
+                    {
+                        undo_patch(&mut value, &l.op, olds);
+                    }
+                    Arc::new(value)
+                }
+                (None, None) => break, // cannot happen: the last entry keeps its state
+            };
+            next = Some(state.clone());
+            states.push(state);
+        }
+        let Some(fold) = self.fold.as_mut() else {
+            return;
+        };
+        if states.len() != fold.entries.len() {
+            debug_assert!(false, "the fold's last entry keeps its state");
+            self.fold = None;
+            return;
+        }
+        for (entry, state) in fold.entries.iter_mut().zip(states.into_iter().rev()) {
+            entry.state = Some(state);
+            entry.undo = None;
+        }
+    }
+
+    /// Before a change that the fold cannot undo (a change of the history before its
+    /// end, a compaction, dropping the fold): the batch's journal keeps the value
+    /// before the batch, if it did not yet.
+    fn keep_value_before(&mut self) {
+        let Some(j) = &self.journal else {
+            return;
+        };
+        if j.value.is_some() {
+            return;
+        }
+        let before = match &self.fold {
+            Some(fold) => self.state_before(fold, j.from),
+            None => self.value.clone(), // cannot happen: a rebuildable value needs the fold
+        };
+        if let Some(j) = self.journal.as_mut() {
+            j.value = Some(before);
+        }
+    }
+
+    /// The usual step, without copying the value: an UPDATE whose payload is an
+    /// object, appended last, that saw every applied operation, by a strategy whose
+    /// step is then a plain merge patch (LAST_WRITE_WINS, FIELD_LEVEL_MERGE, MANUAL),
+    /// on a live object that is the fold's head. The value is patched in place, and the
+    /// fold keeps the fields it replaced instead of the state before. False (and
+    /// nothing changed) when that does not apply.
+    fn patch_last(&mut self, logged: &LoggedOp) -> bool {
+        let op = &logged.op;
+        if logged.held
+            || logged.strategy == ResolutionStrategy::CustomMerge
+            || op.operation_type != OperationType::Update
+            || !op.payload.is_object()
+            || self.value.deleted
+            || !self.value.data.is_object()
+        {
+            return false;
+        }
+        let Some(fold) = &self.fold else {
+            return false;
+        };
+        if !self
+            .head(fold)
+            .is_some_and(|head| Arc::ptr_eq(head, &self.value))
+        {
+            return false;
+        }
+        // Concurrent with an earlier applied operation, it keeps what its author saw
+        // (the state before it): that is the copying path.
+        let last_applied = self.history.iter().rposition(|l| !l.held);
+        if !op
+            .vector_clock
+            .descends_from(self.applied_through(last_applied, &fold.entries))
+        {
+            return false;
+        }
+        let Some(fold) = self.fold.as_mut() else {
+            return false;
+        };
+        // The state before is now this entry's undo applied to the state after.
+        if let Some(last) = fold.entries.last_mut() {
+            last.state = None;
+        }
+        let olds = patch_in_place(Arc::make_mut(&mut self.value), op);
+        fold.entries.push(FoldEntry {
+            state: Some(self.value.clone()),
+            undo: Some(olds),
+            concurrent: None,
+        });
+        true
     }
 
     /// Applies one operation (see the module docs). On error nothing changed.
@@ -886,6 +1221,7 @@ impl EntityState {
                 entries: Vec::new(),
             });
         } else if self.fold.as_ref().is_some_and(|f| !same(f.merge.as_ref())) {
+            self.keep_value_before();
             self.fold = None;
         }
     }
@@ -975,6 +1311,11 @@ impl EntityState {
         rival: bool,
         ctx: &StepContext<'_>,
     ) -> Result<(), ApplyError> {
+        if self.patch_last(&logged) {
+            self.index.insert(&logged.op);
+            self.history.push(logged);
+            return Ok(());
+        }
         let value = if logged.held {
             None
         } else {
@@ -993,14 +1334,15 @@ impl EntityState {
             .fold
             .as_ref()
             .and_then(|fold| self.last_entry(fold, &logged, rival, value.as_ref(), ctx));
-        match (&mut self.fold, entry) {
+        match (self.fold.as_mut(), entry) {
             (Some(fold), Some(entry)) => fold.entries.push(entry),
-            (fold, _) => *fold = None,
+            (None, _) => {}
+            (Some(_), None) => {
+                self.keep_value_before();
+                self.fold = None;
+            }
         }
         self.index.insert(&logged.op);
-        if let Some(j) = self.journal.as_deref_mut() {
-            j.added.push(logged.op.clone());
-        }
         self.history.push(logged);
         if let Some(value) = value {
             self.value = value;
@@ -1018,12 +1360,9 @@ impl EntityState {
         value: Option<&Arc<EntityValue>>,
         ctx: &StepContext<'_>,
     ) -> Option<FoldEntry> {
-        let current = fold.entries.last().map_or(&self.base, |e| &e.state);
+        let current = self.head(fold)?;
         if logged.held {
-            return Some(FoldEntry {
-                state: current.clone(),
-                concurrent: None,
-            });
+            return Some(FoldEntry::kept(current.clone(), None));
         }
         let n = self.history.len();
         let last_applied = (0..n).rev().find(|&j| !self.history[j].held);
@@ -1043,15 +1382,15 @@ impl EntityState {
             }
             _ => Arc::new(step(current, current, logged, concurrent, ctx.merge).ok()?),
         };
-        Some(FoldEntry {
+        Some(FoldEntry::kept(
             state,
-            concurrent: concurrent.then(|| {
+            concurrent.then(|| {
                 Box::new(Concurrent {
                     applied: applied.merged(clock),
                     seen: current.clone(),
                 })
             }),
-        })
+        ))
     }
 
     /// The merged clock of the base and every applied operation up to `last_applied`.
@@ -1077,6 +1416,9 @@ impl EntityState {
         first_successor: Option<usize>,
         ctx: &StepContext<'_>,
     ) -> Result<(), ApplyError> {
+        // It may change the history before the batch's first operation: the journal
+        // keeps the value before the batch.
+        self.keep_value_before();
         let pos = self.history.partition_point(|l| l.order(&logged).is_lt());
         let has_successor = first_successor.is_some();
         let mut start = first_successor.map_or(pos, |s| s.min(pos));
@@ -1114,6 +1456,11 @@ impl EntityState {
             tail = all;
             start = 0;
         }
+        // The entry before the new ones keeps its state (the fold reads it, and the
+        // entry after it, whose undo could rebuild it, is replaced).
+        if let Some(last_kept) = start.checked_sub(1) {
+            self.keep_state(last_kept);
+        }
         let entries = match &self.fold {
             Some(fold) if refold => Some(self.fold_tail(
                 &self.history[..start],
@@ -1125,14 +1472,9 @@ impl EntityState {
             Some(fold) => {
                 // A held operation without successors changes no other step: it
                 // repeats the state before it.
-                let before = start
-                    .checked_sub(1)
-                    .map_or(&self.base, |i| &fold.entries[i].state);
+                let before = self.state_before(fold, start);
                 let mut entries = Vec::with_capacity(fold.entries.len() - start + 1);
-                entries.push(FoldEntry {
-                    state: before.clone(),
-                    concurrent: None,
-                });
+                entries.push(FoldEntry::kept(before, None));
                 entries.extend_from_slice(&fold.entries[start..]);
                 Some(entries)
             }
@@ -1152,26 +1494,23 @@ impl EntityState {
                 fold.entries.truncate(start);
                 fold.entries.append(&mut entries);
                 if refold {
-                    self.value = fold
-                        .entries
-                        .last()
-                        .map_or_else(|| self.base.clone(), |e| e.state.clone());
+                    self.value = match fold.entries.last() {
+                        Some(last) => last.state.clone().unwrap_or_else(|| self.value.clone()),
+                        None => self.base.clone(),
+                    };
                 }
             }
             None => self.fold = None,
         }
         self.keys_canonical = keys_canonical;
         self.index.insert(&logged.op);
-        if let Some(j) = self.journal.as_deref_mut() {
-            j.added.push(logged.op.clone());
-        }
         Ok(())
     }
 
     /// Before the history changes from `start` on: saves what the batch's journal
     /// does not have yet.
     fn save_tail(&mut self, start: usize) {
-        if let Some(j) = self.journal.as_deref_mut()
+        if let Some(j) = self.journal.as_mut()
             && start < j.from
         {
             let mut saved = self.history[start..j.from].to_vec();
@@ -1254,17 +1593,20 @@ impl EntityState {
             }
         };
         let mut out: Vec<FoldEntry> = Vec::with_capacity(tail.len());
-        let mut current = done
-            .last()
-            .map_or_else(|| self.base.clone(), |e| e.state.clone());
+        // The prefix's entries are the fold's (`done` is the start of them): their
+        // states, kept or rebuilt.
+        let prefix_state = |j: usize| match &self.fold {
+            Some(fold) if j < done.len() => self.fold_state(fold, j),
+            _ => self.base.clone(), // cannot happen: `done` is the fold's
+        };
+        let mut current = start
+            .checked_sub(1)
+            .map_or_else(|| self.base.clone(), prefix_state);
         let mut last_applied = (0..start).rev().find(|&j| !prefix[j].held);
         for (k, l) in tail.iter().enumerate() {
             let i = start + k;
             if l.held {
-                out.push(FoldEntry {
-                    state: current.clone(),
-                    concurrent: None,
-                });
+                out.push(FoldEntry::kept(current.clone(), None));
                 continue;
             }
             // After a compaction, an operation that saw everything applied before it
@@ -1275,10 +1617,7 @@ impl EntityState {
                 && Arc::ptr_eq(&h.current, &current)
             {
                 current = h.state.clone();
-                out.push(FoldEntry {
-                    state: h.state.clone(),
-                    concurrent: None,
-                });
+                out.push(FoldEntry::kept(h.state.clone(), None));
                 last_applied = Some(i);
                 continue;
             }
@@ -1304,7 +1643,14 @@ impl EntityState {
             } else {
                 last_applied
             };
-            let seen = parent.map_or_else(|| self.base.clone(), |j| entry_at(j).state.clone());
+            let seen = match parent {
+                None => self.base.clone(),
+                Some(j) if j < start => prefix_state(j),
+                Some(j) => out[j - start]
+                    .state
+                    .clone()
+                    .unwrap_or_else(|| current.clone()),
+            };
             let applied_after = concurrent.then(|| applied.merged(clock));
             let hint = hints.and_then(|h| h[k].as_ref()).filter(|h| {
                 Arc::ptr_eq(&h.current, &current)
@@ -1316,10 +1662,10 @@ impl EntityState {
                 None => Arc::new(step(&current, &seen, l, concurrent, merge)?),
             };
             current = state.clone();
-            out.push(FoldEntry {
+            out.push(FoldEntry::kept(
                 state,
-                concurrent: applied_after.map(|applied| Box::new(Concurrent { applied, seen })),
-            });
+                applied_after.map(|applied| Box::new(Concurrent { applied, seen })),
+            ));
             last_applied = Some(i);
         }
         Ok(out)
@@ -1371,8 +1717,20 @@ impl EntityState {
         if excess == 0 {
             return;
         }
+        // It reads every state and rebuilds the fold: the batch's journal keeps the
+        // value before, and every entry its state.
+        self.keep_value_before();
+        self.densify();
+        let Some(states) = self.fold.as_ref().and_then(|fold| {
+            fold.entries
+                .iter()
+                .map(|e| e.state.clone())
+                .collect::<Option<Vec<_>>>()
+        }) else {
+            return; // cannot happen after `densify`; keeping everything is safe
+        };
         self.save_tail(0);
-        if let Some(j) = self.journal.as_deref_mut() {
+        if let Some(j) = self.journal.as_mut() {
             j.reindex = true;
         }
         let Some(fold) = self.fold.take() else {
@@ -1395,9 +1753,7 @@ impl EntityState {
                 }
                 self.index.remove(&l.op);
             } else {
-                let current = i
-                    .checked_sub(1)
-                    .map_or(&self.base, |p| &fold.entries[p].state);
+                let current = i.checked_sub(1).map_or(&self.base, |p| &states[p]);
                 let entry = &fold.entries[i];
                 hints.push((!l.held).then(|| {
                     Hint {
@@ -1407,7 +1763,7 @@ impl EntityState {
                             .as_ref()
                             .map_or_else(|| current.clone(), |c| c.seen.clone()),
                         concurrent: entry.concurrent.is_some(),
-                        state: entry.state.clone(),
+                        state: states[i].clone(),
                     }
                 }));
                 kept.push(l);
@@ -1415,7 +1771,7 @@ impl EntityState {
         }
         self.history = kept;
         if let Some(i) = last_removed {
-            self.base = fold.entries[i].state.clone();
+            self.base = states[i].clone();
         }
         self.fold = self
             .fold_tail(&[], &[], &self.history, ctx.merge, Some(&hints))

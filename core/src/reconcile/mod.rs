@@ -221,13 +221,16 @@ impl Reconciler {
             }
         }
         // The entities touched, taken out of `states` until the batch ends (in
-        // first-touch order), with their values before. If the batch fails (or a merge
+        // first-touch order), each with its journal. If the batch fails (or a merge
         // function panics), the guard puts them back as they were.
+        // Sized for the most entities the batch can touch: growing a list of states
+        // moves them all, each time.
         let mut batch = Batch {
             states,
-            touched: Vec::new(),
+            touched: Vec::with_capacity(ops.len()),
         };
-        let mut slot_of: hashbrown::HashMap<(&str, &str), usize> = hashbrown::HashMap::new();
+        let mut slot_of: hashbrown::HashMap<(&str, &str), usize> =
+            hashbrown::HashMap::with_capacity(ops.len());
         for given in ops {
             let op = given.operation();
             let slot = match slot_of.get(&(op.entity_type.as_str(), op.entity_id.as_str())) {
@@ -245,7 +248,6 @@ impl Reconciler {
                     };
                     state.begin();
                     batch.touched.push(Touched {
-                        before: state.value_shared(),
                         key,
                         spare,
                         state,
@@ -271,9 +273,7 @@ impl Reconciler {
             }
         }
         for mut t in std::mem::take(&mut batch.touched) {
-            t.state.commit();
-            let value = t.state.value_shared();
-            if !Arc::ptr_eq(&value, &t.before) && *value != *t.before {
+            if t.state.commit() {
                 out.changed.insert(t.key.clone());
             }
             out.touched.insert(t.spare.unwrap_or_else(|| t.key.clone()));
@@ -308,8 +308,6 @@ struct Touched {
     /// A second copy of the key, when one was made for nothing.
     spare: Option<EntityKey>,
     state: EntityState,
-    /// Its value before the batch.
-    before: Arc<EntityValue>,
     /// It did not exist before the batch (not put back if the batch fails).
     created: bool,
 }
