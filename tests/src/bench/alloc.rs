@@ -2,15 +2,16 @@
 //! operation and bytes per retained operation.
 //!
 //! The `bench` binary installs [`Counting`] as its global allocator. It forwards every
-//! call to the system allocator and, only between [`start`] and [`stop`], counts the
+//! call to the server's allocator (mimalloc; the system allocator with the
+//! `system-allocator` feature) and, only between [`start`] and [`stop`], counts the
 //! calls and the bytes: the other groups (and the server child processes the binary
 //! runs) pay one relaxed load per allocation, not a shared counter's contention.
 //!
-//! Hand-written rather than a crate: it is a dozen lines around `System`, and the
+//! Hand-written rather than a crate: it is a dozen lines around the allocator, and the
 //! crates that do this (`stats_alloc`, `dhat`) either are unmaintained or record far
 //! more than a count.
 
-use std::alloc::{GlobalAlloc, Layout, System};
+use std::alloc::{GlobalAlloc, Layout};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
 
 static COUNTING: AtomicBool = AtomicBool::new(false);
@@ -18,36 +19,45 @@ static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
 static LIVE_BYTES: AtomicI64 = AtomicI64::new(0);
 static INSTALLED: AtomicBool = AtomicBool::new(false);
 
-/// The system allocator, counting while [`start`]ed.
+/// What the counting allocator forwards to: the server's allocator (mimalloc, see
+/// `server-stub/src/main.rs`), so that the server groups (whose server is this binary,
+/// run as a child) and the engine's figures are the server's; the system allocator
+/// with the `system-allocator` feature, for what the SDK meets in an app.
+#[cfg(not(feature = "system-allocator"))]
+static INNER: mimalloc::MiMalloc = mimalloc::MiMalloc;
+#[cfg(feature = "system-allocator")]
+static INNER: std::alloc::System = std::alloc::System;
+
+/// `INNER`, counting while [`start`]ed.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Counting;
 
-// SAFETY: every method forwards to `System` with the same arguments; the counters are
+// SAFETY: every method forwards to `INNER` with the same arguments; the counters are
 // plain atomics and allocate nothing.
 #[allow(unsafe_code)]
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         count(1, layout.size() as i64);
-        // SAFETY: the caller's contract is `System`'s.
-        unsafe { System.alloc(layout) }
+        // SAFETY: the caller's contract is `INNER`'s (a `GlobalAlloc`'s).
+        unsafe { INNER.alloc(layout) }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         count(1, layout.size() as i64);
         // SAFETY: as above.
-        unsafe { System.alloc_zeroed(layout) }
+        unsafe { INNER.alloc_zeroed(layout) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         count(0, -(layout.size() as i64));
         // SAFETY: as above.
-        unsafe { System.dealloc(ptr, layout) }
+        unsafe { INNER.dealloc(ptr, layout) }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         count(1, new_size as i64 - layout.size() as i64);
         // SAFETY: as above.
-        unsafe { System.realloc(ptr, layout, new_size) }
+        unsafe { INNER.realloc(ptr, layout, new_size) }
     }
 }
 
