@@ -865,13 +865,6 @@ impl EntityState {
         let only_appended = j.saved.is_empty() && !j.reindex;
         // The value before, from the fold if the journal did not keep it (then the batch
         // only appended): rebuilt before the entries it is rebuilt from go.
-        let before = match &j.value {
-            Some(value) => value.clone(),
-            None => match &self.fold {
-                Some(fold) => self.state_before(fold, j.from),
-                None => self.value.clone(), // cannot happen: see `keep_value_before`
-            },
-        };
         // The state of the entry that is last again, while the entries after it (and
         // the operations their undos name) are still there.
         let head = match (&self.fold, j.from.checked_sub(1)) {
@@ -879,6 +872,17 @@ impl EntityState {
                 Some(self.fold_state(fold, last))
             }
             _ => None,
+        };
+        // The value before, from the fold if the journal did not keep it (then the batch
+        // only appended): the head itself, one rebuilt state for both, so that the value
+        // is again the fold's head (the in-place path needs them to be one).
+        let before = match (&j.value, &head) {
+            (Some(value), _) => value.clone(),
+            (None, Some(head)) => head.clone(),
+            (None, None) => match &self.fold {
+                Some(fold) => self.state_before(fold, j.from),
+                None => self.value.clone(), // cannot happen: see `keep_value_before`
+            },
         };
         // Every operation the batch added sits at `from` or after (one placed before
         // it first moved `from` there): out of the indexes with the rest of the tail,
@@ -1025,6 +1029,14 @@ impl EntityState {
         if j.value.is_some() {
             return;
         }
+        // Rebuilt into the fold's entry too, so that the journal and the fold hold one
+        // state (a rollback makes it the value and the head again).
+        if let Some(last) = j.from.checked_sub(1) {
+            self.keep_state(last);
+        }
+        let Some(j) = &self.journal else {
+            return;
+        };
         let before = match &self.fold {
             Some(fold) => self.state_before(fold, j.from),
             None => self.value.clone(), // cannot happen: a rebuildable value needs the fold
@@ -1072,8 +1084,12 @@ impl EntityState {
         let Some(fold) = self.fold.as_mut() else {
             return false;
         };
-        // The state before is now this entry's undo applied to the state after.
-        if let Some(last) = fold.entries.last_mut() {
+        // The state before is now this entry's undo applied to the state after. (Not
+        // for a held entry: it shares the state before it, and a compaction's reuse of
+        // unchanged steps compares states by identity; the patch then copies the value.)
+        if let Some(last) = fold.entries.last_mut()
+            && self.history.last().is_some_and(|l| !l.held)
+        {
             last.state = None;
         }
         let olds = patch_in_place(Arc::make_mut(&mut self.value), op);
@@ -1980,9 +1996,45 @@ mod tests {
         })
     }
 
+    /// An UPDATE of `payload` (the other fields do not matter to a patch).
+    fn update(payload: Value) -> crate::protocol::Operation {
+        crate::protocol::Operation {
+            operation_id: "op".into(),
+            client_id: "c".into(),
+            tenant_id: "t".into(),
+            entity_type: "doc".into(),
+            entity_id: "d".into(),
+            operation_type: crate::protocol::OperationType::Update,
+            payload,
+            timestamp: chrono::DateTime::UNIX_EPOCH,
+            vector_clock: crate::clock::VectorClock::new(),
+            metadata: None,
+        }
+    }
+
+    fn object() -> impl Strategy<Value = Value> {
+        prop::collection::btree_map("[a-d]", json(), 0..5)
+            .prop_map(|m| Value::Object(m.into_iter().collect()))
+    }
+
     proptest! {
-        /// The engine's merge patch is `json_patch::merge`, field for field (and in the
-        /// same order: `get_mut` keeps a field's place as `entry` does).
+        /// A patch in place gives what a patched copy gives, and its undo record puts
+        /// the value back exactly (the fold rebuilds states from these records).
+        #[test]
+        fn a_patch_in_place_and_its_undo_are_exact(doc in object(), patch in object()) {
+            let op = update(patch);
+            let before = super::EntityValue::live(doc);
+            let mut value = before.clone();
+            let olds = super::patch_in_place(&mut value, &op);
+            prop_assert_eq!(&value, &before.after(&op));
+            super::undo_patch(&mut value, &op, &olds);
+            prop_assert_eq!(
+                serde_json::to_string(&value).unwrap(),
+                serde_json::to_string(&before).unwrap()
+            );
+        }
+
+        /// The engine's merge patch is `json_patch::merge`, field for field.
         #[test]
         fn merge_patch_is_json_patch_merge(doc in json(), patch in json()) {
             let mut ours = doc.clone();
