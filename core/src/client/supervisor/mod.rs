@@ -269,7 +269,8 @@ pub(crate) struct Supervisor {
     outbox_due: Option<Instant>,
     /// Items waiting out the backoff of a network failure (their last HTTP attempt got
     /// no answer): due at once when the network is back, since what they waited for
-    /// has happened (a server's refusal or `Retry-After` keeps its schedule).
+    /// has happened (a server's refusal or `Retry-After` keeps its schedule). An item
+    /// leaves it when it is sent again, by either transport.
     network_waits: HashSet<String>,
     /// Times the loop woke up (any event or deadline), for the energy figures.
     wakeups: u64,

@@ -120,6 +120,9 @@ impl Supervisor {
             }
         };
         if self.send_frame(&ClientEvent::Message(message), Some(&item.id)) {
+            // Sent: what it waited for, if anything, is over (a refusal of this attempt
+            // brings its own schedule).
+            self.network_waits.remove(&item.id);
             self.ws_in_flight.insert(item.id.clone(), mono_now());
             let mut update = OutboxUpdate::from(&item);
             update.state = ItemState::InFlight;
@@ -144,6 +147,7 @@ impl Supervisor {
             return;
         };
         self.emit(Update::Outbox((&sent).into()));
+        self.network_waits.remove(&item.id);
         self.http_in_flight.insert(item.id.clone());
         let (store, http, tokens, io, updates) = self.task_parts();
         self.tasks.spawn(async move {
@@ -183,6 +187,7 @@ impl Supervisor {
         let Ok(sent) = self.store.call(move |s| s.mark_in_flight(&id, now)).await else {
             return;
         };
+        self.network_waits.remove(&item.id);
         self.http_in_flight.insert(item.id.clone());
         // Its decision is checked for until it comes.
         self.tx_pending = true;
