@@ -1052,7 +1052,9 @@ impl EntityState {
     /// on a live object that is the fold's head. The value is patched in place, and the
     /// fold keeps the fields it replaced instead of the state before. False (and
     /// nothing changed) when that does not apply.
-    fn patch_last(&mut self, logged: &LoggedOp) -> bool {
+    /// `saw_all`: the operation's clock descends from every clock seen (the caller
+    /// checked it), so from every applied one too.
+    fn patch_last(&mut self, logged: &LoggedOp, saw_all: bool) -> bool {
         let op = &logged.op;
         if logged.held
             || logged.strategy == ResolutionStrategy::CustomMerge
@@ -1073,13 +1075,16 @@ impl EntityState {
             return false;
         }
         // Concurrent with an earlier applied operation, it keeps what its author saw
-        // (the state before it): that is the copying path.
-        let last_applied = self.history.iter().rposition(|l| !l.held);
-        if !op
-            .vector_clock
-            .descends_from(self.applied_through(last_applied, &fold.entries))
-        {
-            return false;
+        // (the state before it): that is the copying path. (Usually known already: an
+        // operation that saw everything seen is concurrent with nothing.)
+        if !saw_all {
+            let last_applied = self.history.iter().rposition(|l| !l.held);
+            if !op
+                .vector_clock
+                .descends_from(self.applied_through(last_applied, &fold.entries))
+            {
+                return false;
+            }
         }
         let Some(fold) = self.fold.as_mut() else {
             return false;
@@ -1178,7 +1183,7 @@ impl EntityState {
             && scan.follows_last_applied
             && self.history.last().is_none_or(|l| l.order(&logged).is_lt());
         if fast {
-            self.apply_last(logged, rival.is_some(), ctx)?;
+            self.apply_last(logged, rival.is_some(), in_order, ctx)?;
         } else {
             self.insert(logged, scan.first_successor, ctx)?;
         }
@@ -1320,14 +1325,16 @@ impl EntityState {
         }
     }
 
-    /// Appends an operation that sorts last and saw the last applied one.
+    /// Appends an operation that sorts last and saw the last applied one (`saw_all`:
+    /// and every operation seen).
     fn apply_last(
         &mut self,
         logged: Arc<LoggedOp>,
         rival: bool,
+        saw_all: bool,
         ctx: &StepContext<'_>,
     ) -> Result<(), ApplyError> {
-        if self.patch_last(&logged) {
+        if self.patch_last(&logged, saw_all) {
             self.index.insert(&logged.op);
             self.history.push(logged);
             return Ok(());
