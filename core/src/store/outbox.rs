@@ -268,6 +268,14 @@ impl Store {
             .transpose()
     }
 
+    /// Whether an item with this id is in the outbox (in any state), without reading it.
+    pub fn contains(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT 1 FROM outbox WHERE id = ?1")?
+            .exists([id])?)
+    }
+
     /// Items in `state` (all when `None`), in enqueue order.
     pub fn list(&self, state: Option<ItemState>) -> Result<Vec<OutboxItem>, StoreError> {
         // The state is written into the statement (one cached statement per state):

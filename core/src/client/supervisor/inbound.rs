@@ -150,7 +150,7 @@ pub(super) async fn process_inbound(
         .call(move |s| {
             let new = s.record_inbound(&event_id, sequence, now)?;
             let own = match &own_id {
-                Some(id) => s.get(id)?.is_some(),
+                Some(id) => s.contains(id)?,
                 None => false,
             };
             Ok(new && !own)
