@@ -14,10 +14,12 @@
 //! written to the WAL, visible to readers, not yet flushed), lets the supervisor send,
 //! flushes the WAL itself, and only then answers the callers. The flush is SQLite's own
 //! (`xSync` of the WAL's file handle, with the flags a `FULL` commit uses), so it does
-//! what the platform's `FULL` commit would do, encrypted stores included: `fsync` (the
-//! bundled SQLite is built without `HAVE_FDATASYNC`, so its unix VFS calls `fsync` for
-//! `fdatasync`; turning it on measured no faster here, 2026-12-07), or `F_FULLFSYNC` on
-//! Apple platforms when `PRAGMA fullfsync` is set.
+//! what the platform's `FULL` commit would do, encrypted stores included: `fsync` on
+//! every unix platform (the bundled SQLite is built without `HAVE_FDATASYNC`, so its
+//! VFS calls `fsync` for `fdatasync`; turning it on measured no faster here,
+//! 2026-12-07). The flush passes `SQLITE_SYNC_NORMAL`, as a `FULL` commit without
+//! `PRAGMA fullfsync` does: nothing sets that pragma, and with it Apple platforms would
+//! use `F_FULLFSYNC` for commits but not for this flush.
 //! After it, the committed frames are exactly as durable as after a `FULL` commit: a
 //! crash before it loses nothing either (the frames are in the OS's page cache), only
 //! a power cut could, and nobody was told `Ok` yet.
@@ -48,11 +50,9 @@ impl Store {
         }
         // Marked first: should the statement fail halfway, the writer still restores.
         self.sync_lowered.set(true);
-        // Cached, as every statement of the send path: this runs for every enqueue
-        // group, and parsing the pragma cost about as much as running it.
-        self.conn
-            .prepare_cached("PRAGMA synchronous = NORMAL")?
-            .execute([])?;
+        // Not a cached statement: SQLite applies this pragma while preparing it, and
+        // marks it to run once, so a cached one is parsed again on every run anyway.
+        self.conn.execute_batch("PRAGMA synchronous = NORMAL")?;
         Ok(())
     }
 
@@ -62,9 +62,7 @@ impl Store {
         if !self.sync_lowered.get() {
             return Ok(());
         }
-        self.conn
-            .prepare_cached("PRAGMA synchronous = FULL")?
-            .execute([])?;
+        self.conn.execute_batch("PRAGMA synchronous = FULL")?;
         self.sync_lowered.set(false);
         Ok(())
     }
@@ -205,5 +203,8 @@ mod tests {
         assert!(panicked.is_err());
         assert_eq!(level(&store), 2, "restored after a panic");
         assert!(!store.sync_lowered());
+        let again = store.unflushed(|s| Ok(level(s))).unwrap();
+        assert_eq!(again, 1, "lowered again on the next write");
+        assert_eq!(level(&store), 2);
     }
 }
