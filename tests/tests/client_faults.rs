@@ -80,14 +80,26 @@ async fn a_refused_websocket_falls_to_polling_then_climbs_back_with_nothing_lost
     bob.shutdown().await;
 }
 
-/// Alice, Realtime through `proxy`, which then refuses every new connection while her
+/// Alice behind a proxy, with a transaction waiting for the network (see
+/// [`a_transaction_waiting_for_the_network`]); the directory and server live as long.
+struct Waiting {
+    _dir: tempfile::TempDir,
+    _server: TestServer,
+    proxy: Proxy,
+    alice: Client,
+    scheduled: webwaka_realtime::store::OutboxItem,
+}
+
+/// Alice, Realtime through a proxy, which then refuses every new connection while her
 /// WebSocket stays open: a transaction she submits fails on the network again and again
-/// until one of its waits is long. Returns the item as it was then.
-async fn a_transaction_waiting_for_the_network(
-    alice: &Client,
-    proxy: &Proxy,
-) -> webwaka_realtime::store::OutboxItem {
-    assert!(wait_state(alice, ConnectionState::Realtime, WITHIN).await);
+/// until one of its waits is long. `scheduled` is the item as it was then.
+async fn a_transaction_waiting_for_the_network() -> Waiting {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let proxy = Proxy::start(server.addr).await.unwrap();
+    let config = client_config(&proxy.url(), &dir.path().join("alice.db"));
+    let alice = open_client(config, server.token("t1", "alice")).await;
+    assert!(wait_state(&alice, ConnectionState::Realtime, WITHIN).await);
     // Its catch-up after connecting (one local HTTP request) is done: a failed one
     // would drop the socket (checked below: still Realtime).
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -131,7 +143,13 @@ async fn a_transaction_waiting_for_the_network(
         scheduled.last_error
     );
     assert_eq!(*alice.watch_state().borrow(), ConnectionState::Realtime);
-    scheduled
+    Waiting {
+        _dir: dir,
+        _server: server,
+        proxy,
+        alice,
+        scheduled,
+    }
 }
 
 /// Whether `scheduled` is accepted by the server within 4 s, before its scheduled retry.
@@ -156,43 +174,33 @@ async fn accepted_before_its_time(alice: &Client, scheduled: &webwaka_realtime::
 /// heal wait most of its 30 s backoff, then fail once more, and not settle in a minute.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_send_that_failed_on_the_network_goes_as_soon_as_the_network_is_back() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(&dir.path().join("server")).await;
-    let proxy = Proxy::start(server.addr).await.unwrap();
-    let config = client_config(&proxy.url(), &dir.path().join("alice.db"));
-    let alice = open_client(config, server.token("t1", "alice")).await;
-    let scheduled = a_transaction_waiting_for_the_network(&alice, &proxy).await;
+    let w = a_transaction_waiting_for_the_network().await;
 
     // The network is back: sent now, not at its scheduled time.
-    proxy.set_mode(Mode::Pass);
-    alice.network_available();
-    accepted_before_its_time(&alice, &scheduled).await;
-    alice.shutdown().await;
+    w.proxy.set_mode(Mode::Pass);
+    w.alice.network_available();
+    accepted_before_its_time(&w.alice, &w.scheduled).await;
+    w.alice.shutdown().await;
 }
 
 /// The same without the app's hint: the connection is lost too, and the client's own
 /// reconnect, when a transport works again, sends what waited for the network.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_send_that_failed_on_the_network_goes_when_the_client_reconnects_by_itself() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(&dir.path().join("server")).await;
-    let proxy = Proxy::start(server.addr).await.unwrap();
-    let config = client_config(&proxy.url(), &dir.path().join("alice.db"));
-    let alice = open_client(config, server.token("t1", "alice")).await;
-    let scheduled = a_transaction_waiting_for_the_network(&alice, &proxy).await;
+    let w = a_transaction_waiting_for_the_network().await;
 
     // The open WebSocket is cut as well: no transport works.
-    proxy.cut_all();
+    w.proxy.cut_all();
     let offline = wait_until(WITHIN, || async {
-        !alice.watch_state().borrow().is_connected()
+        !w.alice.watch_state().borrow().is_connected()
     })
     .await;
     assert!(offline, "no transport works: not connected");
     // The network heals, and nobody tells the client: its next reconnect finds it.
-    proxy.set_mode(Mode::Pass);
-    assert!(wait_state(&alice, ConnectionState::Realtime, WITHIN).await);
-    accepted_before_its_time(&alice, &scheduled).await;
-    alice.shutdown().await;
+    w.proxy.set_mode(Mode::Pass);
+    assert!(wait_state(&w.alice, ConnectionState::Realtime, WITHIN).await);
+    accepted_before_its_time(&w.alice, &w.scheduled).await;
+    w.alice.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
