@@ -947,11 +947,20 @@ impl EntityState {
         };
         let mut value = EntityValue::clone(state);
         for k in (i.saturating_add(1)..=j).rev() {
-            if let (Some(olds), Some(l)) = (&fold.entries[k].undo, self.history.get(k)) {
-                undo_patch(&mut value, &l.op, olds);
-            }
+            self.undo_entry(fold, k, &mut value);
         }
         Arc::new(value)
+    }
+
+    /// Turns the state after `history[k]` into the state before it, by the entry's undo
+    /// record (nothing when it has none: its state is kept, not patched).
+    fn undo_entry(&self, fold: &Fold, k: usize, value: &mut EntityValue) {
+        if let (Some(olds), Some(l)) = (
+            fold.entries.get(k).and_then(|e| e.undo.as_ref()),
+            self.history.get(k),
+        ) {
+            undo_patch(value, &l.op, olds);
+        }
     }
 
     /// The fold's state before `history[at]`: after `history[at - 1]`, or the base.
@@ -993,11 +1002,7 @@ impl EntityState {
                 (Some(state), _) => state.clone(),
                 (None, Some(after)) => {
                     let mut value = EntityValue::clone(after);
-                    if let (Some(olds), Some(l)) =
-                        (&fold.entries[k + 1].undo, self.history.get(k + 1))
-                    {
-                        undo_patch(&mut value, &l.op, olds);
-                    }
+                    self.undo_entry(fold, k + 1, &mut value);
                     Arc::new(value)
                 }
                 (None, None) => break, // cannot happen: the last entry keeps its state
