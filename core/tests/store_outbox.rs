@@ -416,25 +416,42 @@ fn test_the_next_attempt_after_now_is_found() {
 }
 
 #[test]
-fn test_waiting_items_are_made_due_now_and_nothing_else_changes() {
+fn test_items_that_failed_on_the_network_are_due_when_it_is_back_and_nothing_else_changes() {
     let dir = tempfile::tempdir().unwrap();
     let mut store = open(&dir);
     let waiting = store.enqueue(msg("room:1", 1), at(0)).unwrap();
-    let sent = store.enqueue(msg("room:2", 2), at(0)).unwrap();
-    let due = store.enqueue(msg("room:3", 3), at(0)).unwrap();
+    let refused = store.enqueue(msg("room:2", 2), at(0)).unwrap();
+    let sent = store.enqueue(msg("room:3", 3), at(0)).unwrap();
+    let due = store.enqueue(msg("room:4", 4), at(0)).unwrap();
+    let answered = store.enqueue(msg("room:5", 5), at(0)).unwrap();
     store.mark_in_flight(&waiting.id, at(1)).unwrap();
     store
-        .mark_failed(&waiting.id, "network: timed out", at(30), at(1))
+        .mark_failed_on_network(&waiting.id, "network: timed out", at(30), at(1))
+        .unwrap();
+    // A server's refusal keeps its schedule.
+    store.mark_in_flight(&refused.id, at(1)).unwrap();
+    store
+        .mark_failed(&refused.id, "503", at(30), at(1))
+        .unwrap();
+    // Failed on the network, then sent again (in flight now).
+    store.mark_in_flight(&sent.id, at(1)).unwrap();
+    store
+        .mark_failed_on_network(&sent.id, "network: timed out", at(1), at(1))
         .unwrap();
     store.mark_in_flight(&sent.id, at(1)).unwrap();
-    let ids = vec![
-        waiting.id.clone(),
-        sent.id.clone(),
-        due.id.clone(),
-        "unknown".to_owned(),
-    ];
-    // Only the one waiting for later moves; one in flight and one due already stay.
-    assert_eq!(store.due_now(&ids, at(2)).unwrap(), 1);
+    // Failed on the network, then sent again and refused by the server: its wait is
+    // the server's now.
+    store.mark_in_flight(&answered.id, at(1)).unwrap();
+    store
+        .mark_failed_on_network(&answered.id, "network: timed out", at(1), at(1))
+        .unwrap();
+    store.mark_in_flight(&answered.id, at(1)).unwrap();
+    store
+        .mark_failed(&answered.id, "503", at(40), at(1))
+        .unwrap();
+
+    // Only the one waiting for the network moves.
+    assert_eq!(store.network_back(at(2)).unwrap(), 1);
     let after = store.get(&waiting.id).unwrap().unwrap();
     assert_eq!(after.next_attempt_at, at(2));
     assert_eq!((after.state, after.attempts), (ItemState::Persisted, 1));
@@ -442,6 +459,14 @@ fn test_waiting_items_are_made_due_now_and_nothing_else_changes() {
         after.last_error.as_deref(),
         Some("network: timed out"),
         "its history is kept"
+    );
+    assert_eq!(
+        store.get(&refused.id).unwrap().unwrap().next_attempt_at,
+        at(30)
+    );
+    assert_eq!(
+        store.get(&answered.id).unwrap().unwrap().next_attempt_at,
+        at(40)
     );
     assert_eq!(
         store.get(&sent.id).unwrap().unwrap().state,
@@ -455,5 +480,22 @@ fn test_waiting_items_are_made_due_now_and_nothing_else_changes() {
         .map(|i| i.id)
         .collect();
     assert_eq!(sendable, vec![waiting.id, due.id]);
-    assert_eq!(store.due_now(&ids, at(2)).unwrap(), 0, "nothing waits now");
+    assert_eq!(store.network_back(at(2)).unwrap(), 0, "nothing waits now");
+}
+
+#[test]
+fn test_a_wait_for_the_network_outlives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let item = {
+        let mut store = open(&dir);
+        let item = store.enqueue(msg("room:1", 1), at(0)).unwrap();
+        store.mark_in_flight(&item.id, at(1)).unwrap();
+        store
+            .mark_failed_on_network(&item.id, "network: connection refused", at(30), at(1))
+            .unwrap();
+        item
+    };
+    let store = open(&dir);
+    assert_eq!(store.network_back(at(2)).unwrap(), 1);
+    assert_eq!(store.get(&item.id).unwrap().unwrap().next_attempt_at, at(2));
 }

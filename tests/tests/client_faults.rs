@@ -83,8 +83,8 @@ async fn a_refused_websocket_falls_to_polling_then_climbs_back_with_nothing_lost
 /// Alice behind a proxy, with a transaction waiting for the network (see
 /// [`a_transaction_waiting_for_the_network`]); the directory and server live as long.
 struct Waiting {
-    _dir: tempfile::TempDir,
-    _server: TestServer,
+    dir: tempfile::TempDir,
+    server: TestServer,
     proxy: Proxy,
     alice: Client,
     scheduled: webwaka_realtime::store::OutboxItem,
@@ -144,8 +144,8 @@ async fn a_transaction_waiting_for_the_network() -> Waiting {
     );
     assert_eq!(*alice.watch_state().borrow(), ConnectionState::Realtime);
     Waiting {
-        _dir: dir,
-        _server: server,
+        dir,
+        server,
         proxy,
         alice,
         scheduled,
@@ -201,6 +201,31 @@ async fn a_send_that_failed_on_the_network_goes_when_the_client_reconnects_by_it
     assert!(wait_state(&w.alice, ConnectionState::Realtime, WITHIN).await);
     accepted_before_its_time(&w.alice, &w.scheduled).await;
     w.alice.shutdown().await;
+}
+
+/// The wait for the network is kept in the store: the app stopped while the network
+/// was away, its next run sends what waited for the network on its first connection,
+/// not at the end of the backoff the failure scheduled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_that_failed_on_the_network_goes_at_once_after_a_restart() {
+    let Waiting {
+        dir,
+        server,
+        proxy,
+        alice,
+        scheduled,
+    } = a_transaction_waiting_for_the_network().await;
+    alice.shutdown().await;
+    drop(alice);
+
+    proxy.set_mode(Mode::Pass);
+    let alice = open_client(
+        client_config(&proxy.url(), &dir.path().join("alice.db")),
+        server.token("t1", "alice"),
+    )
+    .await;
+    accepted_before_its_time(&alice, &scheduled).await;
+    alice.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -424,6 +424,27 @@ impl Store {
         self.transition(id, &from, "fail", now, change)
     }
 
+    /// A failed attempt that got no answer from the server (the network failed it):
+    /// as [`Store::mark_failed`], and the item waits for the network as well as for its
+    /// time: [`Store::network_back`] makes it due at once. Any later change of the item
+    /// (sent again, settled, failed otherwise) ends that wait.
+    pub fn mark_failed_on_network(
+        &self,
+        id: &str,
+        error: &str,
+        retry_at: Timestamp,
+        now: Timestamp,
+    ) -> Result<OutboxItem, StoreError> {
+        let change = Change {
+            error: Some(error),
+            retry_at: Some(retry_at),
+            waits_network: true,
+            ..Change::to(ItemState::Persisted)
+        };
+        let from = [ItemState::Persisted, ItemState::InFlight];
+        self.transition(id, &from, "fail", now, change)
+    }
+
     /// A permanent failure: the item is dead, with `reason`; its lane goes on.
     pub fn mark_dead(
         &self,
@@ -547,21 +568,20 @@ impl Store {
         Ok(ms.map(from_ms))
     }
 
-    /// Makes the items of `ids` that wait (persisted, due after `now`) due at `now`,
-    /// in one transaction; how many were. Others (sent, settled, unknown) are left.
-    pub fn due_now(&self, ids: &[String], now: Timestamp) -> Result<usize, StoreError> {
-        in_write_transaction(&self.conn, || {
-            let mut stmt = self.conn.prepare_cached(
-                "UPDATE outbox SET next_attempt_ms = ?2
-                  WHERE id = ?1 AND state = 'persisted' AND next_attempt_ms > ?2",
-            )?;
-            let now_ms = to_ms(now);
-            let mut changed = 0;
-            for id in ids {
-                changed += stmt.execute(params![id, now_ms])?;
-            }
-            Ok(changed)
-        })
+    /// The network is back: the items that wait for it (failed on the network, see
+    /// [`Store::mark_failed_on_network`], and due after `now`) are due at `now`, in one
+    /// statement; how many were. Their history (attempts, last error) is kept.
+    pub fn network_back(&self, now: Timestamp) -> Result<usize, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                // `in_lane = 1` (persisted or in flight): the lane index's partial
+                // condition applies, only what is still to do is read.
+                "UPDATE outbox SET next_attempt_ms = ?1, waits_network = 0
+                  WHERE in_lane = 1 AND state = 'persisted' AND waits_network = 1
+                    AND next_attempt_ms > ?1",
+            )?
+            .execute(params![to_ms(now)])?)
     }
 
     /// Removes a dead item for good (the app decided). Only dead items can be discarded.
@@ -658,11 +678,13 @@ impl Store {
         } else {
             "in_lane = 0,"
         };
+        // Every change but a failure on the network ends a wait for the network.
         let sql = format!(
             "UPDATE outbox SET state = ?2, {in_lane} attempts = {attempts}, updated_ms = ?3,
                     last_error = COALESCE(?4, last_error),
                     next_attempt_ms = COALESCE(?5, next_attempt_ms),
-                    server_ref = COALESCE(?6, server_ref)
+                    server_ref = COALESCE(?6, server_ref),
+                    waits_network = ?7
              WHERE seq = ?1"
         );
         let now_ms = to_ms(now);
@@ -673,7 +695,8 @@ impl Store {
             now_ms,
             change.error,
             retry_ms,
-            change.server_ref
+            change.server_ref,
+            change.waits_network
         ])?;
         if changed != 1 {
             // Read in this write transaction a moment ago: cannot happen.
@@ -734,6 +757,8 @@ struct Change<'a> {
     error: Option<&'a str>,
     retry_at: Option<Timestamp>,
     server_ref: Option<&'a str>,
+    /// Failed on the network: due as soon as it is back (see `network_back`).
+    waits_network: bool,
 }
 
 enum Attempts {
@@ -750,6 +775,7 @@ impl Change<'_> {
             error: None,
             retry_at: None,
             server_ref: None,
+            waits_network: false,
         }
     }
 }

@@ -306,6 +306,13 @@ pub(crate) const MIGRATIONS: &[M<'static>] = &[
          CREATE INDEX outbox_transaction_ref ON outbox (server_ref)
             WHERE kind = 'transaction';",
     ),
+    // 7: an item whose attempt failed on the network (no answer from the server) is
+    // marked as waiting for it: a working transport makes it due at once instead of at
+    // the end of its backoff, after a restart too (the mark was kept in memory before).
+    M::up(
+        "ALTER TABLE outbox ADD COLUMN waits_network INTEGER NOT NULL DEFAULT 0
+            CHECK (waits_network IN (0, 1));",
+    ),
 ];
 
 /// The migrations as the crate's runner wants them.

@@ -139,15 +139,11 @@ impl Supervisor {
     }
 
     /// The network is back (a hint from the app, or a transport works again): items
-    /// that failed on the network are due now rather than at the end of their backoff,
-    /// and are sent.
+    /// that failed on the network (marked so in the store, by this run or an earlier
+    /// one) are due now rather than at the end of their backoff, and are sent.
     pub(super) async fn retry_network_waits(&mut self) {
-        if self.network_waits.is_empty() {
-            return;
-        }
-        let ids: Vec<String> = self.network_waits.drain().collect();
         let wall = now_wall();
-        match self.store.call(move |s| s.due_now(&ids, wall)).await {
+        match self.store.call(move |s| s.network_back(wall)).await {
             Ok(0) => {}
             Ok(n) => {
                 debug!(items = n, "network back: items waiting for it are due now");

@@ -267,11 +267,6 @@ pub(crate) struct Supervisor {
     /// The earliest time an outbox item that failed for now is due again (items due
     /// at once are sent on the events that free their lane: acks, answers).
     outbox_due: Option<Instant>,
-    /// Items waiting out the backoff of a network failure (their last HTTP attempt got
-    /// no answer): due at once when the network is back, since what they waited for
-    /// has happened (a server's refusal or `Retry-After` keeps its schedule). An item
-    /// leaves it when it is sent again, by either transport.
-    network_waits: HashSet<String>,
     /// Times the loop woke up (any event or deadline), for the energy figures.
     wakeups: u64,
     /// The store could not record a durable WebSocket delivery: until this time, such
@@ -365,7 +360,6 @@ impl Supervisor {
             last_tx_check: None,
             tx_pending: true,
             outbox_due: None,
-            network_waits: HashSet::new(),
             wakeups: 0,
             inbound_stalled: None,
             storage_retry: STORAGE_RETRY_MIN,

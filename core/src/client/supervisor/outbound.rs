@@ -120,9 +120,6 @@ impl Supervisor {
             }
         };
         if self.send_frame(&ClientEvent::Message(message), Some(&item.id)) {
-            // Sent: what it waited for, if anything, is over (a refusal of this attempt
-            // brings its own schedule).
-            self.network_waits.remove(&item.id);
             self.ws_in_flight.insert(item.id.clone(), mono_now());
             let mut update = OutboxUpdate::from(&item);
             update.state = ItemState::InFlight;
@@ -147,7 +144,6 @@ impl Supervisor {
             return;
         };
         self.emit(Update::Outbox((&sent).into()));
-        self.network_waits.remove(&item.id);
         self.http_in_flight.insert(item.id.clone());
         let (store, http, tokens, io, updates) = self.task_parts();
         self.tasks.spawn(async move {
@@ -187,7 +183,6 @@ impl Supervisor {
         let Ok(sent) = self.store.call(move |s| s.mark_in_flight(&id, now)).await else {
             return;
         };
-        self.network_waits.remove(&item.id);
         self.http_in_flight.insert(item.id.clone());
         // Its decision is checked for until it comes.
         self.tx_pending = true;
@@ -370,9 +365,18 @@ pub(super) async fn settle_http(
             let reason = e.to_string();
             debug!(id = %item.id, attempts, error = %reason, ?wait, "send failed; due again later");
             let failure = e.failure();
+            // No answer from the server: the item waits for the network as well as for
+            // its time (a working transport makes it due at once).
+            let on_network = matches!(failure, Failure::Network | Failure::Unreachable);
             (
                 store
-                    .call(move |s| s.mark_failed(&id, &reason, at, now))
+                    .call(move |s| {
+                        if on_network {
+                            s.mark_failed_on_network(&id, &reason, at, now)
+                        } else {
+                            s.mark_failed(&id, &reason, at, now)
+                        }
+                    })
                     .await,
                 Some(failure),
             )

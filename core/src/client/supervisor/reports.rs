@@ -71,15 +71,6 @@ impl Supervisor {
                 }
                 if let Some(id) = id {
                     self.http_in_flight.remove(&id);
-                    // An item that will be retried after a network failure waits for
-                    // the network as well as for its time.
-                    if retry_at.is_some()
-                        && matches!(failure, Some(Failure::Network | Failure::Unreachable))
-                    {
-                        self.network_waits.insert(id);
-                    } else {
-                        self.network_waits.remove(&id);
-                    }
                 }
                 if let Some(at) = retry_at {
                     self.note_outbox_due(at);
