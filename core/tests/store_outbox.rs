@@ -298,6 +298,89 @@ fn test_cursor_and_dedupe() {
     assert_eq!(store.cursor().unwrap().unwrap().last_event_id, "e3");
 }
 
+/// A resync clears the cursor and pages from the oldest retained event again; events
+/// processed before move the cursor without being applied again, so an interrupted
+/// resync goes on from where it stopped instead of fetching its first page forever.
+#[test]
+fn test_events_seen_before_move_a_cleared_cursor_without_being_applied_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(&dir);
+    for i in 1..=3 {
+        assert!(
+            store
+                .record_inbound(&format!("e{i}"), Some(i), at(0))
+                .unwrap()
+        );
+    }
+    store.clear_cursor().unwrap();
+    assert!(
+        !store.record_inbound("e1", Some(1), at(1)).unwrap(),
+        "seen: not new"
+    );
+    assert_eq!(store.cursor().unwrap().unwrap().last_event_id, "e1");
+    assert!(!store.record_inbound("e2", Some(2), at(1)).unwrap());
+    assert_eq!(store.cursor().unwrap().unwrap().last_sequence, Some(2));
+    // Behind the cursor now: a replay, nothing moves back.
+    assert!(!store.record_inbound("e1", Some(1), at(1)).unwrap());
+    assert_eq!(store.cursor().unwrap().unwrap().last_event_id, "e2");
+    assert!(!store.record_inbound("e3", Some(3), at(1)).unwrap());
+    assert!(store.record_inbound("e4", Some(4), at(1)).unwrap(), "new");
+    let cursor = store.cursor().unwrap().unwrap();
+    assert_eq!(
+        (cursor.last_event_id.as_str(), cursor.last_sequence),
+        ("e4", Some(4))
+    );
+}
+
+/// A sequence beyond SQLite's integers (a broken server) is not clamped into a cursor
+/// that every later event would fall below: the event is recorded by its id.
+#[test]
+fn test_a_sequence_out_of_range_does_not_shut_out_later_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(&dir);
+    assert!(store.record_inbound("a", Some(4), at(0)).unwrap());
+    assert!(store.record_inbound("huge", Some(u64::MAX), at(0)).unwrap());
+    assert!(
+        store.record_inbound("b", Some(5), at(0)).unwrap(),
+        "not a replay"
+    );
+    assert!(
+        !store.record_inbound("huge", Some(u64::MAX), at(0)).unwrap(),
+        "seen"
+    );
+    assert_eq!(store.cursor().unwrap().unwrap().last_sequence, Some(5));
+}
+
+/// A body nested deeper than the reader takes back is refused at the insert: stored,
+/// it would stop every read of the outbox.
+#[test]
+fn test_a_body_nested_too_deep_is_refused_and_the_outbox_still_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(&dir);
+    let mut deep = json!(1);
+    for _ in 0..130 {
+        deep = json!([deep]);
+    }
+    let err = store
+        .enqueue(
+            NewItem::new(OutboxClass::C, ItemKind::Message, "room:1", deep),
+            at(0),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Invalid { field: "body", .. }),
+        "{err:?}"
+    );
+    let fine = store.enqueue(msg("room:2", 1), at(0)).unwrap();
+    let sendable: Vec<String> = store
+        .next_sendable(at(0), 10)
+        .unwrap()
+        .into_iter()
+        .map(|i| i.id)
+        .collect();
+    assert_eq!(sendable, vec![fine.id]);
+}
+
 #[test]
 fn test_a_corrupt_file_is_moved_aside_and_reported() {
     let dir = tempfile::tempdir().unwrap();

@@ -71,20 +71,33 @@ impl Store {
             .query_row([event_id], |_| Ok(true))
             .optional()?
             .unwrap_or(false);
-        let cursor_seq: Option<i64> = tx
+        // None: no cursor; Some(None): a cursor without a sequence.
+        let cursor: Option<Option<i64>> = tx
             .prepare_cached("SELECT last_sequence FROM inbound_cursor WHERE id = 1")?
             .query_row([], |r| r.get(0))
-            .optional()?
-            .flatten();
-        let seq = sequence.map(|s| i64::try_from(s).unwrap_or(i64::MAX));
+            .optional()?;
+        let cursor_seq = cursor.flatten();
+        let seq = stored_sequence(sequence);
         let replay = matches!((seq, cursor_seq), (Some(s), Some(c)) if s <= c);
-        if seen || replay {
+        if replay {
             return Ok(false);
         }
-        apply(&tx)?;
         let now_ms = to_ms(now);
-        tx.prepare_cached("INSERT INTO seen_ids (id, seen_ms) VALUES (?1, ?2)")?
-            .execute(params![event_id, now_ms])?;
+        if seen {
+            // Processed before, but past the cursor: the cursor was cleared (a resync
+            // pages from the oldest event retained again) or is older. Events come in
+            // log order, so the cursor moves past it, applying nothing; otherwise a
+            // resync interrupted once would fetch its first page again forever.
+            let beyond =
+                cursor.is_none() || matches!((seq, cursor_seq), (Some(s), Some(c)) if s > c);
+            if !beyond {
+                return Ok(false);
+            }
+        } else {
+            apply(&tx)?;
+            tx.prepare_cached("INSERT INTO seen_ids (id, seen_ms) VALUES (?1, ?2)")?
+                .execute(params![event_id, now_ms])?;
+        }
         tx.prepare_cached(
             "INSERT INTO inbound_cursor (id, last_event_id, last_sequence, updated_ms)
              VALUES (1, ?1, ?2, ?3)
@@ -94,7 +107,7 @@ impl Store {
         )?
         .execute(params![event_id, seq, now_ms])?;
         tx.commit()?;
-        Ok(true)
+        Ok(!seen)
     }
 
     /// Forgets seen ids older than `before`, keeping at least the newest `keep`. Events
@@ -116,7 +129,7 @@ impl Store {
         sequence: Option<u64>,
         now: Timestamp,
     ) -> Result<(), StoreError> {
-        let seq = sequence.map(|s| i64::try_from(s).unwrap_or(i64::MAX));
+        let seq = stored_sequence(sequence);
         self.conn.execute(
             "INSERT INTO inbound_cursor (id, last_event_id, last_sequence, updated_ms)
              VALUES (1, ?1, ?2, ?3)
@@ -135,4 +148,12 @@ impl Store {
             .execute("DELETE FROM inbound_cursor WHERE id = 1", [])?;
         Ok(())
     }
+}
+
+/// A log sequence as the cursor stores it. One beyond SQLite's integers (above 2^63 − 1:
+/// no server counts that far, a broken one might send it) is kept as no sequence, so
+/// that the event is recorded by its id and does not become a cursor every later event
+/// would be below (clamped, it would have been).
+fn stored_sequence(sequence: Option<u64>) -> Option<i64> {
+    sequence.and_then(|s| i64::try_from(s).ok())
 }
