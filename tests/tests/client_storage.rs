@@ -253,3 +253,40 @@ async fn an_operation_whose_body_cannot_be_read_goes_dead_with_a_reason() {
     assert!(settled, "a good operation after it is reconciled");
     alice.shutdown().await;
 }
+
+/// A payload nested deeper than JSON readers take back would be stored and then stop
+/// every read of the outbox: it is refused at the call, naming the field, and the
+/// outbox goes on.
+#[tokio::test]
+async fn a_payload_nested_too_deep_is_refused_and_the_outbox_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let alice = open_client(
+        client_config(&server.url(), &dir.path().join("alice.db")),
+        server.token("t1", "alice"),
+    )
+    .await;
+    let mut deep = json!("bottom");
+    for _ in 0..130 {
+        deep = json!({ "in": deep });
+    }
+    let mut message = direct("bob", "never");
+    message.payload = deep;
+    let err = alice.send_message(message).await.unwrap_err();
+    assert!(
+        matches!(&err, ClientError::InvalidInput { field, message }
+            if field == "payload" && message.contains("130 levels")),
+        "{err:?}"
+    );
+    assert!(
+        alice.outbox(None).await.unwrap().is_empty(),
+        "nothing stored"
+    );
+    let sent = alice.send_message(direct("bob", "fine")).await.unwrap();
+    let accepted = alice
+        .wait_settled(&sent.id, &[ItemState::Accepted], Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(accepted.state, ItemState::Accepted);
+    alice.shutdown().await;
+}

@@ -457,6 +457,16 @@ impl Client {
     }
 
     fn check_payload(&self, field: &str, value: &Value) -> Result<usize, ClientError> {
+        let depth = crate::protocol::nesting_depth(value);
+        if depth > crate::protocol::MAX_PAYLOAD_DEPTH {
+            return Err(ClientError::InvalidInput {
+                field: field.into(),
+                message: format!(
+                    "nested {depth} levels deep, over the limit of {}",
+                    crate::protocol::MAX_PAYLOAD_DEPTH
+                ),
+            });
+        }
         let size = serde_json::to_vec(value)
             .map_err(|e| ClientError::InvalidInput {
                 field: field.into(),

@@ -32,6 +32,31 @@ pub type Timestamp = chrono::DateTime<chrono::Utc>;
 /// A JSON object (string keys), as used for `metadata` fields.
 pub type JsonObject = serde_json::Map<String, serde_json::Value>;
 
+/// The deepest nesting of objects and arrays an app's payload may have. JSON readers
+/// bound nesting (serde_json reads 127 levels; the payload sits a few levels inside a
+/// frame or a stored item): a deeper payload would be stored and then never read back.
+pub const MAX_PAYLOAD_DEPTH: usize = 64;
+
+/// How deeply `value` nests objects and arrays (a scalar: 0, `{}`: 1, `{"a": []}`: 2).
+/// Walks with a stack of its own, so a value of any depth is measured without
+/// recursion.
+pub fn nesting_depth(value: &serde_json::Value) -> usize {
+    use serde_json::Value;
+    let mut deepest = 0;
+    let mut stack = vec![(value, 0usize)];
+    while let Some((v, depth)) = stack.pop() {
+        let children: Box<dyn Iterator<Item = &Value>> = match v {
+            Value::Array(a) => Box::new(a.iter()),
+            Value::Object(o) => Box::new(o.values()),
+            _ => continue,
+        };
+        let depth = depth.saturating_add(1);
+        deepest = deepest.max(depth);
+        stack.extend(children.map(|c| (c, depth)));
+    }
+    deepest
+}
+
 /// Input that is not a valid protocol value; names where it went wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid {path}: {message}")]
@@ -244,5 +269,24 @@ mod tests {
         assert!(request.validate().is_ok());
         request.request_id = long;
         assert_eq!(request.validate().unwrap_err().path, "requestId");
+    }
+
+    #[test]
+    fn nesting_depth_counts_objects_and_arrays_at_any_depth() {
+        assert_eq!(nesting_depth(&json!(1)), 0);
+        assert_eq!(nesting_depth(&json!({})), 1);
+        assert_eq!(nesting_depth(&json!({"a": [1, {"b": []}], "c": 2})), 4);
+        // Deeper than any recursive walk's stack would allow.
+        let mut deep = json!(0);
+        for _ in 0..100_000 {
+            // Not `json!([deep])`: that serializes `deep` again, recursively.
+            deep = serde_json::Value::Array(vec![deep]);
+        }
+        assert_eq!(nesting_depth(&deep), 100_000);
+        // serde_json's own drop of it recurses: take it apart first.
+        let mut v = deep;
+        while let serde_json::Value::Array(mut a) = v {
+            v = a.pop().unwrap_or_default();
+        }
     }
 }

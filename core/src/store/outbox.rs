@@ -750,6 +750,11 @@ fn in_write_transaction<T>(
     result
 }
 
+/// The deepest body the outbox stores: an app's payload at its limit
+/// ([`crate::protocol::MAX_PAYLOAD_DEPTH`]) inside its item, well under what the JSON
+/// reader takes back.
+const MAX_BODY_DEPTH: usize = 100;
+
 /// What a state transition changes besides the state.
 struct Change<'a> {
     state: ItemState,
@@ -843,6 +848,15 @@ pub(crate) fn insert_counted(
                      ?1, ?2, ?3, ?4, ?5, ?6, 'persisted', 1, 0, ?7, ?7, ?7)",
         )?;
         for item in items {
+            // A body the reader could not parse back (serde_json reads 127 levels) would
+            // stop every read of the outbox: refused here, whoever built it.
+            let depth = crate::protocol::nesting_depth(&item.body);
+            if depth > MAX_BODY_DEPTH {
+                return Err(StoreError::Invalid {
+                    field: "body",
+                    message: format!("nested {depth} levels deep, over {MAX_BODY_DEPTH}"),
+                });
+            }
             let body = serde_json::to_string(&item.body).map_err(|e| StoreError::Invalid {
                 field: "body",
                 message: e.to_string(),
