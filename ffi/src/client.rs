@@ -327,10 +327,13 @@ impl RealtimeClient {
             .await
     }
 
-    /// Changes the key that encrypts the store to `newKey` (32 bytes): every page is
-    /// rewritten in one transaction; a crash keeps the old key valid. Save the new key
-    /// in the Keychain or Keystore first, and open the client with it from then on. A
-    /// plaintext store is refused: open it with `encryptionKey` to encrypt it.
+    /// Changes the key that encrypts the store to `newKey` (32 bytes): the store is
+    /// rewritten under it into a checked copy that replaces the file in one rename.
+    /// Until this returns the file is under the old key, after it under the new one:
+    /// keep both in the Keychain or Keystore until then, and open the client with the
+    /// new one from then on. Fails, changing nothing, when it cannot finish (a full
+    /// disk, another process with the file open). A plaintext store is refused: open it
+    /// with `encryptionKey` to encrypt it.
     pub async fn rekey(&self, new_key: Vec<u8>) -> Result<(), RealtimeError> {
         let key = crate::options::store_key("newKey", &new_key)?;
         self.call(|c| async move { Ok(c.rekey(key).await?) }).await

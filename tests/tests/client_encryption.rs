@@ -219,6 +219,60 @@ async fn rekey_changes_the_key_and_keeps_everything() {
     plain.shutdown().await;
 }
 
+/// A rotation that cannot finish (another connection holds the store's write lock past
+/// the busy timeout) fails and changes nothing: the store stays under the old key,
+/// usable, with everything in it. SQLCipher's own `PRAGMA rekey` reported success then,
+/// left the file under the old key, and wrote later pages under the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rekey_that_cannot_finish_fails_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("sdk.db");
+    let mut config = client_config("http://127.0.0.1:9", &db);
+    config.store.key = Some(key(1));
+    config.store.busy_timeout = Duration::from_millis(300);
+    let client = Client::open(config, Arc::new(StaticToken("unused".into())))
+        .await
+        .unwrap();
+    let item = client.send_message(direct("bob", "before")).await.unwrap();
+
+    let other = rusqlite::Connection::open(&db).unwrap();
+    other
+        .execute_batch(&format!(
+            "PRAGMA key = \"x'{}'\"; PRAGMA cipher_page_size = 2048; BEGIN IMMEDIATE;",
+            "01".repeat(32)
+        ))
+        .unwrap();
+    let err = client.rekey(key(2)).await.unwrap_err();
+    assert!(err.is_storage(), "{err:?}");
+    other.execute_batch("ROLLBACK").unwrap();
+    drop(other);
+
+    // Still usable, under the old key.
+    let later = client.send_message(direct("bob", "after")).await.unwrap();
+    client.shutdown().await;
+    assert!(
+        !dir.path().join("sdk.db-rekeying").exists(),
+        "no copy left behind"
+    );
+    let err = open_with("http://127.0.0.1:9", &db, Some(key(2)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ClientError::WrongKey(_)), "{err:?}");
+    let client = open_with("http://127.0.0.1:9", &db, Some(key(1)))
+        .await
+        .unwrap();
+    assert!(client.item(&item.id).await.unwrap().is_some());
+    assert!(client.item(&later.id).await.unwrap().is_some());
+    // Once nothing holds it, the rotation goes through.
+    client.rekey(key(2)).await.unwrap();
+    client.shutdown().await;
+    let client = open_with("http://127.0.0.1:9", &db, Some(key(2)))
+        .await
+        .unwrap();
+    assert!(client.item(&later.id).await.unwrap().is_some());
+    client.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plaintext_store_is_encrypted_at_its_first_open_with_a_key() {
     let dir = tempfile::tempdir().unwrap();

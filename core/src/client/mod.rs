@@ -837,11 +837,11 @@ impl Client {
         self.shared.store.call(move |s| s.list(state)).await
     }
 
-    /// Changes the key that encrypts the store (see `StoreConfig::key`): every page is
-    /// rewritten under `new_key` in one transaction; a crash keeps the old key valid.
-    /// Save the new key where the app keeps it before calling this, and open the client
-    /// with it from then on. A plaintext store is refused here: open it with a key to
-    /// encrypt it.
+    /// Changes the key that encrypts the store (see `StoreConfig::key`); see
+    /// [`Store::rekey`](crate::store::Store::rekey): until this returns the file is
+    /// under the old key, after it under `new_key`, never a mix. Keep both keys where
+    /// the app keeps them until it returns, and open the client with the new one from
+    /// then on. A plaintext store is refused here: open it with a key to encrypt it.
     pub async fn rekey(&self, new_key: crate::store::StoreKey) -> Result<(), ClientError> {
         self.ensure_open()?;
         self.shared.store.call(move |s| s.rekey(new_key)).await

@@ -140,54 +140,133 @@ pub(super) fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
 /// until reused. An app that needs none left sets the key from the first open.
 pub(super) fn encrypt_plaintext(path: &Path, key: &StoreKey) -> Result<(), StoreError> {
     let copy = with_suffix(path, "-encrypting");
-    remove_if_exists(&copy)?;
-    remove_if_exists(&with_suffix(&copy, "-journal"))?;
+    remove_stale(&copy)?;
+    remove_stale(&with_suffix(&copy, "-journal"))?;
     {
         let plain = Connection::open(path)?;
-        // Everything committed is in the main file first, then copied with the schema
-        // version (sqlcipher_export copies the schema and rows, not user_version).
-        plain.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
-        let version: i64 = plain.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-        let copy_text = copy.to_str().ok_or_else(|| StoreError::Invalid {
-            field: "store path",
-            message: "is not valid UTF-8".into(),
-        })?;
-        plain.execute(
-            "ATTACH DATABASE ?1 AS encrypted KEY ?2",
-            rusqlite::params![copy_text, key.raw().as_str()],
-        )?;
-        plain.execute_batch(&format!(
-            "PRAGMA encrypted.cipher_page_size = {CIPHER_PAGE_SIZE};"
-        ))?;
-        plain.query_row("SELECT sqlcipher_export('encrypted')", [], |_| Ok(()))?;
-        plain.execute_batch(&format!("PRAGMA encrypted.user_version = {version};"))?;
-        plain.execute_batch("DETACH DATABASE encrypted;")?;
+        export(&plain, &copy, key)?;
         plain.close().map_err(|(_, e)| e)?;
     }
     std::fs::File::open(&copy)?.sync_all()?;
-    std::fs::rename(&copy, path)?;
-    // The plaintext WAL was emptied by the checkpoint and removed at close; if either
-    // is left (another connection), it belongs to the old file: remove it.
-    remove_if_exists(&with_suffix(path, "-wal"))?;
-    remove_if_exists(&with_suffix(path, "-shm"))?;
-    if let Some(dir) = path.parent() {
-        // The rename is durable once the directory is (best effort where a directory
-        // cannot be opened).
-        if let Ok(dir) = std::fs::File::open(if dir.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            dir
-        }) {
-            let _ = dir.sync_all();
+    replace_with(&copy, path)
+}
+
+/// Writes a copy of the encrypted store open on `conn` (at `path`) under `new_key`,
+/// beside it (`-rekeying`), checks that the new key opens it whole, and syncs it: the
+/// caller closes `conn` and renames the copy over the original. Until that rename the
+/// store is as it was, under its old key.
+///
+/// Not SQLCipher's `PRAGMA rekey`: it reports success whatever happens (a lock held
+/// elsewhere, a full disk roll the rewrite back and it still returns `SQLITE_OK`), and
+/// after such a rollback the connection goes on writing pages under the new key into a
+/// file under the old one: a file no key opens whole.
+pub(super) fn export_rekeyed(
+    conn: &Connection,
+    path: &Path,
+    new_key: &StoreKey,
+) -> Result<PathBuf, StoreError> {
+    let copy = with_suffix(path, "-rekeying");
+    remove_stale(&copy)?;
+    let result = export(conn, &copy, new_key).and_then(|()| {
+        // The copy opens with the new key, and every page reads back.
+        let check = Connection::open(&copy)?;
+        apply_key(&check, new_key)?;
+        let verdict: String = check.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
+        if verdict != "ok" {
+            return Err(StoreError::Invalid {
+                field: "key",
+                message: format!("the store rewritten under the new key did not check: {verdict}"),
+            });
         }
+        check.close().map_err(|(_, e)| e)?;
+        std::fs::File::open(&copy)?.sync_all()?;
+        Ok(())
+    });
+    match result {
+        Ok(()) => Ok(copy),
+        Err(e) => {
+            // The original is untouched; the partial copy goes.
+            let _ = remove_stale(&copy);
+            Err(e)
+        }
+    }
+}
+
+/// Everything committed on `conn` in the main file, then copied to `copy` under `key`
+/// with the schema version (sqlcipher_export copies the schema and rows, not
+/// `user_version`).
+fn export(conn: &Connection, copy: &Path, key: &StoreKey) -> Result<(), StoreError> {
+    checkpoint_whole(conn)?;
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let copy_text = copy.to_str().ok_or_else(|| StoreError::Invalid {
+        field: "store path",
+        message: "is not valid UTF-8".into(),
+    })?;
+    conn.execute(
+        "ATTACH DATABASE ?1 AS rewritten KEY ?2",
+        rusqlite::params![copy_text, key.raw().as_str()],
+    )?;
+    let copied = conn
+        .execute_batch(&format!(
+            "PRAGMA rewritten.cipher_page_size = {CIPHER_PAGE_SIZE};"
+        ))
+        .and_then(|()| conn.query_row("SELECT sqlcipher_export('rewritten')", [], |_| Ok(())))
+        .and_then(|()| conn.execute_batch(&format!("PRAGMA rewritten.user_version = {version};")));
+    // Detached whatever happened, so that the connection is as it was.
+    let detached = conn.execute_batch("DETACH DATABASE rewritten;");
+    copied?;
+    detached?;
+    Ok(())
+}
+
+/// `PRAGMA wal_checkpoint(TRUNCATE)`, refused unless it checkpointed the whole log (a
+/// reader elsewhere, e.g. an app extension with the file open, can hold part of it:
+/// SQLite then reports busy in the result, not as an error).
+fn checkpoint_whole(conn: &Connection) -> Result<(), StoreError> {
+    let busy: i64 = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))?;
+    if busy != 0 {
+        return Err(StoreError::Sqlite(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+            Some("another connection has the store open: its log could not be checkpointed".into()),
+        )));
     }
     Ok(())
 }
 
-/// Changes the key of an open, encrypted store (SQLCipher's `PRAGMA rekey`: every page
-/// rewritten under the new key in one transaction; a crash leaves the old key valid).
-pub(super) fn rekey(conn: &Connection, new_key: &StoreKey) -> Result<(), StoreError> {
-    key_pragma(conn, "rekey", new_key)
+/// Renames the checked copy over the store at `path` (its connection closed), drops the
+/// old file's log, and makes the rename durable.
+pub(super) fn replace_with(copy: &Path, path: &Path) -> Result<(), StoreError> {
+    std::fs::rename(copy, path)?;
+    // The old file's log was emptied by the checkpoint and removed at close; if either
+    // is left, it belongs to the old file: remove it.
+    remove_stale(&with_suffix(path, "-wal"))?;
+    remove_stale(&with_suffix(path, "-shm"))?;
+    sync_parent(path);
+    Ok(())
+}
+
+/// Removes what an interrupted rewrite left beside the store at `path` (a copy made but
+/// never renamed: the store itself was not changed).
+pub(super) fn remove_leftovers(path: &Path) -> Result<(), StoreError> {
+    for suffix in ["-rekeying", "-rekeying-journal"] {
+        remove_stale(&with_suffix(path, suffix))?;
+    }
+    Ok(())
+}
+
+/// Makes a rename in `path`'s directory durable (best effort where a directory cannot
+/// be opened).
+fn sync_parent(path: &Path) {
+    if let Some(dir) = path.parent() {
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        if let Ok(dir) = std::fs::File::open(dir) {
+            let _ = dir.sync_all();
+        }
+    }
 }
 
 /// `PRAGMA <pragma> = "x'…'"`. PRAGMA takes no bound parameters: the key goes in as a
@@ -199,7 +278,7 @@ fn key_pragma(conn: &Connection, pragma: &str, key: &StoreKey) -> Result<(), Sto
     Ok(())
 }
 
-fn remove_if_exists(path: &Path) -> Result<(), std::io::Error> {
+fn remove_stale(path: &Path) -> Result<(), std::io::Error> {
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),

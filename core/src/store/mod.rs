@@ -317,6 +317,17 @@ impl Store {
     }
 
     fn open_file(path: &Path, config: &StoreConfig) -> Result<Store, StoreError> {
+        if config.key.is_some() {
+            // A key rotation the app was stopped in left its copy (the store itself is
+            // as it was).
+            cipher::remove_leftovers(path)?;
+        }
+        let conn = Self::connect(path, config)?;
+        Self::init(conn, Some(path.to_path_buf()), config.clone())
+    }
+
+    /// A connection to the file at `path`, keyed (not yet configured).
+    fn connect(path: &Path, config: &StoreConfig) -> Result<Connection, StoreError> {
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
             | OpenFlags::SQLITE_OPEN_CREATE
             | OpenFlags::SQLITE_OPEN_NO_MUTEX
@@ -325,7 +336,7 @@ impl Store {
         if let Some(key) = &config.key {
             cipher::apply_key(&conn, key)?;
         }
-        Self::init(conn, Some(path.to_path_buf()), config.clone())
+        Ok(conn)
     }
 
     fn init(
@@ -333,6 +344,34 @@ impl Store {
         path: Option<PathBuf>,
         config: StoreConfig,
     ) -> Result<Store, StoreError> {
+        Self::configure(&conn, path.is_some(), &config)?;
+        let found: usize = conn
+            .query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))?
+            .try_into()
+            .unwrap_or(usize::MAX);
+        if found > schema::latest_version() {
+            return Err(StoreError::TooNew {
+                found,
+                supported: schema::latest_version(),
+            });
+        }
+        migrate(&mut conn)?;
+        Self::cap_file_size(&conn, &config)?;
+        let client_id = Self::load_or_make_client_id(&conn)?;
+        let store = Store {
+            conn,
+            path,
+            config,
+            client_id,
+            sync_lowered: std::cell::Cell::new(false),
+        };
+        store.recover_in_flight()?;
+        Ok(store)
+    }
+
+    /// The connection's settings, before anything else runs on it: timeouts, the
+    /// statement cache, query plans, page size, WAL, durability.
+    fn configure(conn: &Connection, file: bool, config: &StoreConfig) -> Result<(), StoreError> {
         conn.busy_timeout(config.busy_timeout)?;
         // Room for every statement of the outbox and entity cache (default 16): the hot
         // paths use prepared statements from this cache instead of parsing SQL per call.
@@ -356,8 +395,8 @@ impl Store {
         if config.key.is_none() {
             conn.execute_batch(&format!("PRAGMA page_size = {PAGE_SIZE};"))?;
         }
-        let mode = set_wal(&conn, config.busy_timeout)?;
-        if path.is_some() && !mode.eq_ignore_ascii_case("wal") {
+        let mode = set_wal(conn, config.busy_timeout)?;
+        if file && !mode.eq_ignore_ascii_case("wal") {
             return Err(StoreError::Invalid {
                 field: "journal_mode",
                 message: format!("SQLite refused WAL mode (got {mode})"),
@@ -370,17 +409,11 @@ impl Store {
         conn.execute_batch(&format!(
             "PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON;"
         ))?;
-        let found: usize = conn
-            .query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))?
-            .try_into()
-            .unwrap_or(usize::MAX);
-        if found > schema::latest_version() {
-            return Err(StoreError::TooNew {
-                found,
-                supported: schema::latest_version(),
-            });
-        }
-        migrate(&mut conn)?;
+        Ok(())
+    }
+
+    /// `StoreConfig::max_file_bytes` as SQLite's `max_page_count`.
+    fn cap_file_size(conn: &Connection, config: &StoreConfig) -> Result<(), StoreError> {
         if let Some(bytes) = config.max_file_bytes {
             // SQLite keeps the count at least at the file's current size.
             let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
@@ -392,16 +425,7 @@ impl Store {
                 r.get(0)
             })?;
         }
-        let client_id = Self::load_or_make_client_id(&conn)?;
-        let store = Store {
-            conn,
-            path,
-            config,
-            client_id,
-            sync_lowered: std::cell::Cell::new(false),
-        };
-        store.recover_in_flight()?;
-        Ok(store)
+        Ok(())
     }
 
     fn load_or_make_client_id(conn: &Connection) -> Result<String, StoreError> {
@@ -489,20 +513,47 @@ impl Store {
         self.config.key.is_some()
     }
 
-    /// Changes the key of an encrypted store to `new_key`: every page is rewritten in
-    /// one transaction (a crash keeps the old key valid). Other processes that open
-    /// the file need the new key from then on. A plaintext store is encrypted by
+    /// Changes the key of an encrypted store to `new_key`. The store is rewritten under
+    /// the new key into a copy beside it, the copy is checked with the new key and
+    /// synced, then renamed over the store in one step: until `Ok` the file is under the
+    /// old key, after it under the new one, and a crash between leaves one or the other,
+    /// never a mix (keep both keys until this returns; see `docs/client.md`). Other
+    /// processes that open the file need the new key from then on; one that has it open
+    /// now makes this fail (busy) and changes nothing. A plaintext store is encrypted by
     /// opening it with a key, not by this.
     pub fn rekey(&mut self, new_key: StoreKey) -> Result<(), StoreError> {
-        if self.config.key.is_none() {
+        let (Some(path), Some(_)) = (self.path.clone(), &self.config.key) else {
             return Err(StoreError::Invalid {
                 field: "key",
                 message: "the store is not encrypted: open it with a key to encrypt it".into(),
             });
-        }
-        cipher::rekey(&self.conn, &new_key)?;
-        self.config.key = Some(new_key);
-        Ok(())
+        };
+        let copy = cipher::export_rekeyed(&self.conn, &path, &new_key)?;
+        // The old connection goes before the rename: its log's name is the new file's.
+        let old = std::mem::replace(&mut self.conn, Connection::open_in_memory()?);
+        let renamed = old
+            .close()
+            .map_err(|(_, e)| StoreError::from(e))
+            .and_then(|()| cipher::replace_with(&copy, &path));
+        let config = StoreConfig {
+            key: Some(new_key),
+            ..self.config.clone()
+        };
+        // Renamed: the store is under the new key; not renamed: still under the old.
+        let config = if renamed.is_ok() {
+            config
+        } else {
+            let _ = cipher::remove_leftovers(&path);
+            self.config.clone()
+        };
+        let conn = Self::connect(&path, &config).and_then(|conn| {
+            Self::configure(&conn, true, &config)?;
+            Self::cap_file_size(&conn, &config)?;
+            Ok(conn)
+        })?;
+        self.conn = conn;
+        self.config = config;
+        renamed
     }
 
     /// Runs SQLite's `PRAGMA integrity_check`; `Ok(())` when the file is sound.

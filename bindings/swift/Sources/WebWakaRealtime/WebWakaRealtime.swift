@@ -1134,10 +1134,13 @@ public protocol RealtimeClientProtocol: AnyObject, Sendable {
     func reauthenticate() 
     
     /**
-     * Changes the key that encrypts the store to `newKey` (32 bytes): every page is
-     * rewritten in one transaction; a crash keeps the old key valid. Save the new key
-     * in the Keychain or Keystore first, and open the client with it from then on. A
-     * plaintext store is refused: open it with `encryptionKey` to encrypt it.
+     * Changes the key that encrypts the store to `newKey` (32 bytes): the store is
+     * rewritten under it into a checked copy that replaces the file in one rename.
+     * Until this returns the file is under the old key, after it under the new one:
+     * keep both in the Keychain or Keystore until then, and open the client with the
+     * new one from then on. Fails, changing nothing, when it cannot finish (a full
+     * disk, another process with the file open). A plaintext store is refused: open it
+     * with `encryptionKey` to encrypt it.
      */
     func rekey(newKey: Data) async throws 
     
@@ -1583,10 +1586,13 @@ open func reauthenticate()  {try! rustCall() {
 }
     
     /**
-     * Changes the key that encrypts the store to `newKey` (32 bytes): every page is
-     * rewritten in one transaction; a crash keeps the old key valid. Save the new key
-     * in the Keychain or Keystore first, and open the client with it from then on. A
-     * plaintext store is refused: open it with `encryptionKey` to encrypt it.
+     * Changes the key that encrypts the store to `newKey` (32 bytes): the store is
+     * rewritten under it into a checked copy that replaces the file in one rename.
+     * Until this returns the file is under the old key, after it under the new one:
+     * keep both in the Keychain or Keystore until then, and open the client with the
+     * new one from then on. Fails, changing nothing, when it cannot finish (a full
+     * disk, another process with the file open). A plaintext store is refused: open it
+     * with `encryptionKey` to encrypt it.
      */
 open func rekey(newKey: Data)async throws   {
     return
@@ -7264,7 +7270,7 @@ private let initializationResult: InitializationResult = {
     if (uniffi_webwaka_realtime_ffi_checksum_method_realtimeclient_reauthenticate() != 59439) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_webwaka_realtime_ffi_checksum_method_realtimeclient_rekey() != 26453) {
+    if (uniffi_webwaka_realtime_ffi_checksum_method_realtimeclient_rekey() != 5611) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_webwaka_realtime_ffi_checksum_method_realtimeclient_resolve_conflict() != 12442) {

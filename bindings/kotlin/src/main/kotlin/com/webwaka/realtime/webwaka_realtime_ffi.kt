@@ -1157,7 +1157,7 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_webwaka_realtime_ffi_checksum_method_realtimeclient_reauthenticate() and 0xFFFF) != 59439) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_webwaka_realtime_ffi_checksum_method_realtimeclient_rekey() and 0xFFFF) != 26453) {
+    if ((lib.uniffi_webwaka_realtime_ffi_checksum_method_realtimeclient_rekey() and 0xFFFF) != 5611) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_webwaka_realtime_ffi_checksum_method_realtimeclient_resolve_conflict() and 0xFFFF) != 12442) {
@@ -2561,10 +2561,13 @@ public interface RealtimeClientInterface {
     fun `reauthenticate`()
     
     /**
-     * Changes the key that encrypts the store to `newKey` (32 bytes): every page is
-     * rewritten in one transaction; a crash keeps the old key valid. Save the new key
-     * in the Keychain or Keystore first, and open the client with it from then on. A
-     * plaintext store is refused: open it with `encryptionKey` to encrypt it.
+     * Changes the key that encrypts the store to `newKey` (32 bytes): the store is
+     * rewritten under it into a checked copy that replaces the file in one rename.
+     * Until this returns the file is under the old key, after it under the new one:
+     * keep both in the Keychain or Keystore until then, and open the client with the
+     * new one from then on. Fails, changing nothing, when it cannot finish (a full
+     * disk, another process with the file open). A plaintext store is refused: open it
+     * with `encryptionKey` to encrypt it.
      */
     suspend fun `rekey`(`newKey`: kotlin.ByteArray)
     
@@ -3140,10 +3143,13 @@ open class RealtimeClient: Disposable, AutoCloseable, RealtimeClientInterface
 
     
     /**
-     * Changes the key that encrypts the store to `newKey` (32 bytes): every page is
-     * rewritten in one transaction; a crash keeps the old key valid. Save the new key
-     * in the Keychain or Keystore first, and open the client with it from then on. A
-     * plaintext store is refused: open it with `encryptionKey` to encrypt it.
+     * Changes the key that encrypts the store to `newKey` (32 bytes): the store is
+     * rewritten under it into a checked copy that replaces the file in one rename.
+     * Until this returns the file is under the old key, after it under the new one:
+     * keep both in the Keychain or Keystore until then, and open the client with the
+     * new one from then on. Fails, changing nothing, when it cannot finish (a full
+     * disk, another process with the file open). A plaintext store is refused: open it
+     * with `encryptionKey` to encrypt it.
      */
     @Throws(RealtimeException::class)
     @Suppress("ASSIGNED_BUT_NEVER_ACCESSED_VARIABLE")
