@@ -26,12 +26,7 @@ impl Supervisor {
                         s.mark_failed(&stale.id, "requeued after a failed reconcile", now, now)?;
                     }
                 }
-                let items: Vec<OutboxItem> = s
-                    .list(Some(ItemState::Persisted))?
-                    .into_iter()
-                    .filter(|i| i.kind == ItemKind::Operation && i.next_attempt_at <= now)
-                    .take(limit)
-                    .collect();
+                let items = due_in_lane_order(s.list(Some(ItemState::Persisted))?, now, limit);
                 let mut taken = Vec::with_capacity(items.len());
                 for item in &items {
                     taken.push(s.mark_in_flight(&item.id, now)?);
@@ -177,19 +172,22 @@ pub(super) async fn reconcile(
         let _ = updates.send(Update::Conflict(conflict));
     }
     // Every sent operation is now settled; one the answer did not mention (it should
-    // not happen) goes back to the queue rather than staying in flight forever.
+    // not happen) goes back to the queue rather than staying in flight forever, after
+    // its backoff (due at once, it would be sent again right away, again and again).
     for op in ops {
         let id = op.id.clone();
         let at = now_wall();
+        let retry_at = wall_later(at, item_backoff(op.attempts));
         let item = store
             .call(move |s| match s.get(&id)? {
                 Some(i) if i.state == ItemState::InFlight => s
-                    .mark_failed(&id, "not settled by the server's answer", at, at)
+                    .mark_failed(&id, "not settled by the server's answer", retry_at, at)
                     .map(Some),
                 other => Ok(other),
             })
             .await;
         if let Ok(Some(item)) = item {
+            warn!(id = %item.id, "the server's reconcile answer did not settle an operation");
             let _ = updates.send(Update::Outbox((&item).into()));
         }
     }
@@ -211,4 +209,83 @@ pub(super) async fn reconcile(
         changed,
         bad_snapshots,
     })
+}
+
+/// The entity operations of `persisted` (in outbox order) that may go now, at most
+/// `limit`: in each lane (one per entity) the operations due from its head on, up to
+/// the first that is not due. One that waits out a backoff holds back the later edits
+/// of its entity, as a message holds back its lane: sent ahead of it, a later edit
+/// could reach the server first.
+pub(super) fn due_in_lane_order(
+    persisted: Vec<OutboxItem>,
+    now: chrono::DateTime<chrono::Utc>,
+    limit: usize,
+) -> Vec<OutboxItem> {
+    let mut held: HashSet<String> = HashSet::new();
+    let mut out = Vec::new();
+    for item in persisted {
+        if out.len() >= limit {
+            break;
+        }
+        if item.kind != ItemKind::Operation || held.contains(&item.lane) {
+            continue;
+        }
+        if item.next_attempt_at <= now {
+            out.push(item);
+        } else {
+            held.insert(item.lane.clone());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::store::{NewItem, OutboxClass, Store, StoreConfig};
+    use serde_json::json;
+
+    #[test]
+    fn a_waiting_operation_holds_back_the_later_edits_of_its_entity_only() {
+        let mut store = Store::open_in_memory(StoreConfig::default()).unwrap();
+        let t0 = chrono::Utc::now();
+        let op = |store: &mut Store, lane: &str| {
+            let item = NewItem::new(OutboxClass::C, ItemKind::Operation, lane, json!({}));
+            store.enqueue(item, t0).unwrap().id
+        };
+        let e1_first = op(&mut store, "entity:note/1");
+        let e2_first = op(&mut store, "entity:note/2");
+        let e1_second = op(&mut store, "entity:note/1");
+        let e2_second = op(&mut store, "entity:note/2");
+        let _message = store
+            .enqueue(
+                NewItem::new(OutboxClass::C, ItemKind::Message, "user:b", json!({})),
+                t0,
+            )
+            .unwrap()
+            .id;
+        // The first edit of note 1 failed and waits a minute.
+        store.mark_in_flight(&e1_first, t0).unwrap();
+        let later = t0 + chrono::Duration::seconds(60);
+        store.mark_failed(&e1_first, "503", later, t0).unwrap();
+
+        let ids = |items: Vec<OutboxItem>| items.into_iter().map(|i| i.id).collect::<Vec<_>>();
+        let persisted = || store.list(Some(ItemState::Persisted)).unwrap();
+        assert_eq!(
+            ids(due_in_lane_order(persisted(), t0, 10)),
+            vec![e2_first.clone(), e2_second.clone()],
+            "note 1's second edit waits for its first; the message is not an operation"
+        );
+        assert_eq!(
+            ids(due_in_lane_order(persisted(), t0, 1)),
+            vec![e2_first.clone()]
+        );
+        assert_eq!(
+            ids(due_in_lane_order(persisted(), later, 10)),
+            vec![e1_first, e2_first, e1_second, e2_second],
+            "in outbox order once due"
+        );
+    }
 }
