@@ -591,7 +591,8 @@ impl Client {
         self.change_rooms(room_id, true).await
     }
 
-    /// Leaves a room (and stops re-joining it).
+    /// Leaves a room (and stops re-joining it). Offline, the leave is kept and sent on
+    /// the next connection, until the server confirms it.
     pub async fn leave_room(&self, room_id: impl Into<String>) -> Result<(), ClientError> {
         self.change_rooms(room_id.into(), false).await
     }
@@ -601,15 +602,7 @@ impl Client {
         let room = room_id.clone();
         self.shared
             .store
-            .call(move |s| {
-                let mut rooms = supervisor::load_rooms(s)?;
-                if join {
-                    rooms.insert(room);
-                } else {
-                    rooms.remove(&room);
-                }
-                supervisor::save_rooms(s, &rooms)
-            })
+            .call(move |s| supervisor::want_room(s, &room, join))
             .await?;
         self.command(Command::Room { room_id, join })
     }

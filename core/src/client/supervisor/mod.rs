@@ -61,6 +61,9 @@ use crate::store::{ItemKind, ItemState, OutboxItem, Store, StoreError};
 
 /// Key/value entry of the rooms the user wants to be in.
 const ROOMS_KEY: &str = "client.rooms";
+/// The rooms left while the server could not be told (sent again on every connection
+/// until the server answers `room_left`).
+const ROOMS_LEFT_KEY: &str = "client.rooms_left";
 /// The first wait before inbound events the store could not record are fetched again;
 /// it doubles while the store keeps failing, up to [`STORAGE_RETRY_MAX`].
 const STORAGE_RETRY_MIN: Duration = Duration::from_secs(1);
@@ -102,7 +105,58 @@ fn instant_of(at: chrono::DateTime<chrono::Utc>) -> Instant {
 
 /// The rooms the user wants to be in (kept across restarts).
 pub(crate) fn load_rooms(store: &mut Store) -> Result<BTreeSet<String>, StoreError> {
-    match store.kv_get(ROOMS_KEY)? {
+    load_room_set(store, ROOMS_KEY)
+}
+
+/// The rooms the user left that the server may not know of yet.
+pub(crate) fn load_rooms_left(store: &mut Store) -> Result<BTreeSet<String>, StoreError> {
+    load_room_set(store, ROOMS_LEFT_KEY)
+}
+
+/// Records the user's wish to be in `room` (`join`) or out of it. A leave is kept until
+/// the server confirms it: membership is the user's on the server, and a leave the
+/// socket could not carry (offline) would otherwise be lost. Written in an order that a
+/// crash between the two writes leaves harmless: a join is undone first from the
+/// leaves, a leave is recorded first (a room in both is joined, then left).
+pub(crate) fn want_room(store: &mut Store, room: &str, join: bool) -> Result<(), StoreError> {
+    let mut rooms = load_rooms(store)?;
+    let mut left = load_rooms_left(store)?;
+    if join {
+        if left.remove(room) {
+            save_room_set(store, ROOMS_LEFT_KEY, &left)?;
+        }
+        rooms.insert(room.to_owned());
+    } else {
+        if left.insert(room.to_owned()) {
+            save_room_set(store, ROOMS_LEFT_KEY, &left)?;
+        }
+        rooms.remove(room);
+    }
+    save_room_set(store, ROOMS_KEY, &rooms)
+}
+
+/// The server confirmed a leave (or refused a join): nothing more to tell it.
+pub(crate) fn forget_room(
+    store: &mut Store,
+    room: &str,
+    refused_join: bool,
+) -> Result<(), StoreError> {
+    if refused_join {
+        let mut rooms = load_rooms(store)?;
+        if rooms.remove(room) {
+            save_room_set(store, ROOMS_KEY, &rooms)?;
+        }
+    } else {
+        let mut left = load_rooms_left(store)?;
+        if left.remove(room) {
+            save_room_set(store, ROOMS_LEFT_KEY, &left)?;
+        }
+    }
+    Ok(())
+}
+
+fn load_room_set(store: &mut Store, key: &str) -> Result<BTreeSet<String>, StoreError> {
+    match store.kv_get(key)? {
         None => Ok(BTreeSet::new()),
         Some(text) => serde_json::from_str(&text).map_err(|e| StoreError::Invalid {
             field: "rooms",
@@ -111,13 +165,12 @@ pub(crate) fn load_rooms(store: &mut Store) -> Result<BTreeSet<String>, StoreErr
     }
 }
 
-/// Saves the rooms the user wants to be in.
-pub(crate) fn save_rooms(store: &mut Store, rooms: &BTreeSet<String>) -> Result<(), StoreError> {
+fn save_room_set(store: &mut Store, key: &str, rooms: &BTreeSet<String>) -> Result<(), StoreError> {
     let text = serde_json::to_string(rooms).map_err(|e| StoreError::Invalid {
         field: "rooms",
         message: e.to_string(),
     })?;
-    store.kv_set(ROOMS_KEY, Some(&text))
+    store.kv_set(key, Some(&text))
 }
 
 /// Hints from the host app.

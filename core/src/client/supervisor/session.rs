@@ -167,6 +167,13 @@ impl Supervisor {
                         self.join_once(room_id);
                     }
                 }
+                // And leaves the server may not have heard of (made offline), after
+                // the joins: a room in both was left last.
+                if let Ok(left) = self.store.call(load_rooms_left).await {
+                    for room_id in left {
+                        self.send_frame(&ClientEvent::LeaveRoom { room_id }, None);
+                    }
+                }
             }
             ServerEvent::Message(m) => self.on_inbound_message(m).await,
             ServerEvent::Event(e) => self.on_inbound_event(e).await,
@@ -195,11 +202,18 @@ impl Supervisor {
                 joined: true,
                 error: None,
             }),
-            ServerEvent::RoomLeft { room_id } => self.emit(Update::Room {
-                room_id,
-                joined: false,
-                error: None,
-            }),
+            ServerEvent::RoomLeft { room_id } => {
+                let room = room_id.clone();
+                if let Err(e) = self.store.call(move |s| forget_room(s, &room, false)).await {
+                    // Kept: the leave is sent again on the next connection (harmless).
+                    debug!(error = %e, "could not record a confirmed leave");
+                }
+                self.emit(Update::Room {
+                    room_id,
+                    joined: false,
+                    error: None,
+                });
+            }
             ServerEvent::Resumed {
                 last_event_id,
                 replayed,
@@ -228,8 +242,10 @@ impl Supervisor {
             self.machine.on_cursor_expired(mono_now());
             return;
         }
-        let Some(id) = reference else { return };
-        if self.ws_in_flight.remove(&id).is_some() {
+        // A refusal of a message sent over this socket carries its id; a refused join
+        // (sent without one) names its room in the details.
+        let sent = reference.filter(|id| self.ws_in_flight.remove(id).is_some());
+        if let Some(id) = sent {
             let retry_after = retry_after_detail(&body);
             let permanent = matches!(
                 body.code,
@@ -267,14 +283,10 @@ impl Supervisor {
                 .map(str::to_owned)
             {
                 let room = room_id.clone();
-                let _ = self
-                    .store
-                    .call(move |s| {
-                        let mut rooms = load_rooms(s)?;
-                        rooms.remove(&room);
-                        save_rooms(s, &rooms)
-                    })
-                    .await;
+                if let Err(e) = self.store.call(move |s| forget_room(s, &room, true)).await {
+                    // Kept: joined again (and refused again) on the next connection.
+                    debug!(error = %e, "could not forget a refused room");
+                }
                 self.emit(Update::Room {
                     room_id,
                     joined: false,
