@@ -424,6 +424,41 @@ async fn a_token_refused_for_good_is_auth_failed_until_a_new_token() {
     alice.shutdown().await;
 }
 
+/// A token provider that never answers holds the client only as long as its bound: the
+/// request counts as no token, the connection attempt fails, and the next attempt asks
+/// again. Before the bound, every request of the client waited for that token for
+/// good (even `reauthenticate` queued behind it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_provider_that_never_answers_is_given_up_on_and_asked_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let good = server.token("t1", "alice");
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    let provider = move |_: TokenRequest| {
+        let good = good.clone();
+        let first = counter.fetch_add(1, Ordering::SeqCst) == 0;
+        async move {
+            if first {
+                std::future::pending::<()>().await;
+            }
+            Ok::<_, TokenError>(good)
+        }
+    };
+    let mut config = client_config(&server.url(), &dir.path().join("alice.db"));
+    config.token_timeout = Duration::from_secs(1);
+    let alice = Client::open(config, Arc::new(provider)).await.unwrap();
+    let item = alice.send_message(dm("bob", "queued")).await.unwrap();
+    assert!(wait_state(&alice, ConnectionState::Realtime, WITHIN).await);
+    let item = alice
+        .wait_settled(&item.id, &[ItemState::Accepted], WITHIN)
+        .await
+        .unwrap();
+    assert_eq!(item.state, ItemState::Accepted);
+    assert!(calls.load(Ordering::SeqCst) >= 2, "asked again");
+    alice.shutdown().await;
+}
+
 /// Two clients edit the same entity while the server is down, then converge.
 async fn offline_conflict(
     configure: impl Fn(&mut webwaka_server_stub::Config) + Send + Sync + 'static,

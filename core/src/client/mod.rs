@@ -73,6 +73,10 @@ pub struct ClientConfig {
     pub machine: MachineConfig,
     /// Bound of each HTTP request.
     pub request_timeout: Duration,
+    /// Bound of each request to the token provider: one that does not answer in time
+    /// counts as no token (`AuthFailed` until `reauthenticate`), instead of holding
+    /// the client's requests for good.
+    pub token_timeout: Duration,
     /// Largest message payload accepted (encoded JSON bytes); larger is refused at the
     /// call, before anything is stored (the server's frame limit is 1 MiB).
     pub max_payload_bytes: usize,
@@ -115,6 +119,7 @@ impl ClientConfig {
             store: StoreConfig::default(),
             machine: MachineConfig::default(),
             request_timeout: Duration::from_secs(15),
+            token_timeout: Duration::from_secs(30),
             max_payload_bytes: 512 * 1024,
             reconcile_batch: 100,
             send_window: 64,
@@ -376,7 +381,7 @@ impl Client {
         let (updates, _) = broadcast::channel(config.update_buffer.max(16));
         let (state_tx, state) = watch::channel(ConnectionState::Offline);
         let clock = Arc::new(Mutex::new(ClockOffset::default()));
-        let tokens = Arc::new(token::TokenCell::new(tokens));
+        let tokens = Arc::new(token::TokenCell::new(tokens, config.token_timeout));
         let supervisor = Supervisor::new(
             config.clone(),
             config.ws_url(),

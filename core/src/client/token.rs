@@ -114,6 +114,9 @@ impl Claims {
 /// The current token, shared by the tasks; fetched from the provider when missing.
 pub(crate) struct TokenCell {
     provider: SharedTokenProvider,
+    /// How long one request to the provider may take: one that never answers would
+    /// otherwise hold every request of the client (they wait for the token) for good.
+    timeout: std::time::Duration,
     current: std::sync::Mutex<Option<(String, Claims)>>,
     /// Held while the provider is asked, so that there is one request at a time. The
     /// current token stays readable meanwhile.
@@ -124,9 +127,10 @@ pub(crate) struct TokenCell {
 }
 
 impl TokenCell {
-    pub(crate) fn new(provider: SharedTokenProvider) -> Self {
+    pub(crate) fn new(provider: SharedTokenProvider, timeout: std::time::Duration) -> Self {
         Self {
             provider,
+            timeout,
             current: std::sync::Mutex::new(None),
             fetching: tokio::sync::Mutex::new(()),
             generation: std::sync::atomic::AtomicU64::new(0),
@@ -173,7 +177,14 @@ impl TokenCell {
     }
 
     async fn fetch(&self, request: TokenRequest) -> Result<(String, Claims), TokenError> {
-        let token = self.provider.token(request).await?;
+        let token = tokio::time::timeout(self.timeout, self.provider.token(request))
+            .await
+            .map_err(|_| {
+                TokenError(format!(
+                    "the token provider did not answer within {} ms",
+                    self.timeout.as_millis()
+                ))
+            })??;
         let claims = Claims::read(&token).map_err(TokenError)?;
         Ok((token, claims))
     }
