@@ -381,6 +381,43 @@ fn test_a_body_nested_too_deep_is_refused_and_the_outbox_still_reads() {
     assert_eq!(sendable, vec![fine.id]);
 }
 
+/// An item scheduled by a wall clock that was ahead (then corrected back) would hold
+/// its lane for the clock's error: one due further away than any wait the client sets
+/// is due now.
+#[test]
+fn test_an_item_scheduled_by_a_clock_gone_back_is_due_now() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(&dir);
+    let item = store.enqueue(msg("room:1", 1), at(0)).unwrap();
+    let next = store.enqueue(msg("room:1", 2), at(0)).unwrap();
+    store.mark_in_flight(&item.id, at(1)).unwrap();
+    // Failed while the clock read a year ahead: due a year from now.
+    store
+        .mark_failed(&item.id, "500", at(1) + Duration::days(365), at(1))
+        .unwrap();
+    let sendable: Vec<String> = store
+        .next_sendable(at(2), 10)
+        .unwrap()
+        .into_iter()
+        .map(|i| i.id)
+        .collect();
+    assert_eq!(sendable, vec![item.id.clone()]);
+    assert_eq!(
+        store.next_attempt_after(at(2)).unwrap(),
+        None,
+        "nothing to wait for"
+    );
+    // A wait within the longest the client sets is kept.
+    store.mark_in_flight(&item.id, at(2)).unwrap();
+    store
+        .mark_failed(&item.id, "500", at(2) + Duration::minutes(30), at(2))
+        .unwrap();
+    assert!(
+        store.next_sendable(at(3), 10).unwrap().is_empty(),
+        "{next:?}"
+    );
+}
+
 #[test]
 fn test_a_corrupt_file_is_moved_aside_and_reported() {
     let dir = tempfile::tempdir().unwrap();

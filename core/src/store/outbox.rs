@@ -199,6 +199,18 @@ fn finish(raw: (OutboxItem, String, String, String, String)) -> Result<OutboxIte
     Ok(item)
 }
 
+/// Longer than any wait the client schedules (an hour at most: a server's hint is
+/// clamped to it, an item's own backoff is 30 s). An item due further away than this
+/// was scheduled by a wall clock that has since gone back (corrected by the network,
+/// set by the user): it is due now, or its lane would wait out the clock's error.
+pub(crate) const LONGEST_WAIT_MS: i64 = 2 * 3600 * 1000;
+
+/// Whether an item due at `next_attempt_at` may go at `now` (see [`LONGEST_WAIT_MS`]).
+pub(crate) fn is_due(next_attempt_at: Timestamp, now: Timestamp) -> bool {
+    let (at, now) = (to_ms(next_attempt_at), to_ms(now));
+    at <= now || at > now.saturating_add(LONGEST_WAIT_MS)
+}
+
 /// The items that may be sent now, as the table `sendable(seq)` for the statement that
 /// follows (`?1`: now in ms, `?2`: the limit): the head of each lane if it is persisted
 /// and due, oldest first. The heads are found by walking the lanes that hold items (one
@@ -221,7 +233,8 @@ const SENDABLE_HEADS: &str = "
     ),
     sendable(seq) AS (
         SELECT seq FROM outbox
-         WHERE seq IN heads AND state = 'persisted' AND next_attempt_ms <= ?1
+         WHERE seq IN heads AND state = 'persisted'
+           AND (next_attempt_ms <= ?1 OR next_attempt_ms > ?1 + 7200000) -- LONGEST_WAIT_MS
          ORDER BY seq LIMIT ?2
     )";
 
@@ -561,8 +574,10 @@ impl Store {
             .prepare_cached(
                 // `in_lane = 1` (persisted or in flight) lets the lane index's partial
                 // condition apply: only what is still to do is read.
+                // Further than `LONGEST_WAIT_MS`: due now (a clock gone back).
                 "SELECT MIN(next_attempt_ms) FROM outbox
-                  WHERE in_lane = 1 AND state = 'persisted' AND next_attempt_ms > ?1",
+                  WHERE in_lane = 1 AND state = 'persisted' AND next_attempt_ms > ?1
+                    AND next_attempt_ms <= ?1 + 7200000",
             )?
             .query_row(params![to_ms(now)], |row| row.get(0))?;
         Ok(ms.map(from_ms))
@@ -1200,5 +1215,19 @@ mod tests {
         assert_eq!(page_size(&store), 4096);
         let new_file = Store::open(dir.path().join("new.db"), StoreConfig::default()).unwrap();
         assert_eq!(page_size(&new_file), i64::from(super::super::PAGE_SIZE));
+    }
+
+    #[test]
+    fn the_statements_use_the_longest_wait() {
+        use super::{LONGEST_WAIT_MS, SENDABLE_HEADS, is_due};
+        let literal = format!("?1 + {LONGEST_WAIT_MS}");
+        assert!(SENDABLE_HEADS.contains(&literal));
+        let now = chrono::Utc::now();
+        assert!(is_due(now, now));
+        assert!(!is_due(now + chrono::Duration::hours(1), now));
+        assert!(
+            is_due(now + chrono::Duration::days(365), now),
+            "a clock gone back"
+        );
     }
 }

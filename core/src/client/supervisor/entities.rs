@@ -230,7 +230,7 @@ pub(super) fn due_in_lane_order(
         if item.kind != ItemKind::Operation || held.contains(&item.lane) {
             continue;
         }
-        if item.next_attempt_at <= now {
+        if crate::store::outbox::is_due(item.next_attempt_at, now) {
             out.push(item);
         } else {
             held.insert(item.lane.clone());
