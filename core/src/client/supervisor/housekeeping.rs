@@ -17,12 +17,8 @@ impl Supervisor {
                 .map(|sent| later(*sent, self.cfg.ack_timeout)),
         );
         // Parked in the background: only what the app asks for (no pruning either).
-        if let Some(retention) = self
-            .cfg
-            .settled_retention
-            .filter(|_| !self.machine.is_parked())
-        {
-            let interval = prune_interval(retention);
+        if !self.machine.is_parked() {
+            let interval = self.prune_every();
             deadlines.push(Some(
                 self.last_prune
                     .map_or_else(mono_now, |t| later(t, interval)),
@@ -161,18 +157,23 @@ impl Supervisor {
         }
     }
 
+    /// How often the store is pruned (see [`Self::prune_settled`]).
+    fn prune_every(&self) -> Duration {
+        self.cfg
+            .settled_retention
+            .map_or(PRUNE_INTERVAL, prune_interval)
+    }
+
     /// Deletes outbox items settled longer ago than `settled_retention` (accepted
     /// messages and operations, decided transactions), every `PRUNE_INTERVAL`, so that
     /// the outbox holds what is still to do plus a recent history, not everything ever
-    /// sent. Dead items and undecided transactions are never pruned.
+    /// sent. Dead items and undecided transactions are never pruned. The ids of events
+    /// received long ago go too.
     pub(super) async fn prune_settled(&mut self, now: Instant) {
-        let Some(retention) = self.cfg.settled_retention else {
-            return;
-        };
         if self.machine.is_parked() {
             return;
         }
-        let interval = prune_interval(retention);
+        let interval = self.prune_every();
         if self
             .last_prune
             .is_some_and(|t| now.saturating_duration_since(t) < interval)
@@ -180,13 +181,33 @@ impl Supervisor {
             return;
         }
         self.last_prune = Some(now);
-        let Some(before) = prune_before(now_wall(), retention) else {
-            return; // kept forever
+        // `None` (no retention, or one beyond the calendar): kept forever.
+        if let Some(before) = self
+            .cfg
+            .settled_retention
+            .and_then(|retention| prune_before(now_wall(), retention))
+        {
+            match self.store.call(move |s| s.prune_settled(before)).await {
+                Ok(0) => {}
+                Ok(n) => debug!(pruned = n, "settled outbox items pruned"),
+                Err(e) => warn!(error = %e, "pruning settled outbox items failed"),
+            }
+        }
+        // The ids of events received, kept to refuse a redelivery: an event at or
+        // below the cursor is refused by its sequence anyway, and one older than the
+        // server keeps (7 days by default) is not delivered again. Without this the
+        // table grew by a row per event, for good.
+        let Some(seen_before) = prune_before(now_wall(), SEEN_RETENTION) else {
+            return;
         };
-        match self.store.call(move |s| s.prune_settled(before)).await {
+        match self
+            .store
+            .call(move |s| s.prune_seen(seen_before, SEEN_KEEP))
+            .await
+        {
             Ok(0) => {}
-            Ok(n) => debug!(pruned = n, "settled outbox items pruned"),
-            Err(e) => warn!(error = %e, "pruning settled outbox items failed"),
+            Ok(n) => debug!(pruned = n, "ids of events received long ago pruned"),
+            Err(e) => warn!(error = %e, "pruning the ids of received events failed"),
         }
     }
 }

@@ -78,6 +78,12 @@ const RESYNC_MAX_PAGES: usize = 10_000;
 /// HTTP message sends in flight at most.
 const HTTP_SEND_WINDOW: usize = 16;
 
+/// How long the id of an event received is kept (for refusing a redelivery): longer
+/// than a server keeps its events (7 days by default).
+const SEEN_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+/// The newest ids of events received are kept whatever their age: as many as a resync
+/// pages through at most, several times over.
+const SEEN_KEEP: usize = 100_000;
 /// How often settled outbox items older than `settled_retention` are deleted (at most).
 const PRUNE_INTERVAL: Duration = Duration::from_secs(600);
 
