@@ -419,6 +419,28 @@ fn test_an_item_scheduled_by_a_clock_gone_back_is_due_now() {
 }
 
 #[test]
+fn test_seen_ids_are_pruned_by_age_keeping_the_newest() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(&dir);
+    for i in 1..=5 {
+        assert!(store.record_inbound(&format!("e{i}"), None, at(i)).unwrap());
+    }
+    // Old enough: e1 and e2; but the newest four are kept.
+    assert_eq!(store.prune_seen(at(3), 4).unwrap(), 1);
+    assert!(
+        !store.record_inbound("e2", None, at(9)).unwrap(),
+        "still known"
+    );
+    assert!(
+        store.record_inbound("e1", None, at(9)).unwrap(),
+        "forgotten"
+    );
+    // More to keep than there are: nothing goes.
+    assert_eq!(store.prune_seen(at(100), 10).unwrap(), 0);
+    assert_eq!(store.prune_seen(at(100), 2).unwrap(), 3);
+}
+
+#[test]
 fn test_a_corrupt_file_is_moved_aside_and_reported() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("sdk.db");

@@ -113,11 +113,29 @@ impl Store {
     /// Forgets seen ids older than `before`, keeping at least the newest `keep`. Events
     /// at or below the cursor stay refused by their sequence.
     pub fn prune_seen(&self, before: Timestamp, keep: usize) -> Result<usize, StoreError> {
-        let keep = i64::try_from(keep).unwrap_or(i64::MAX);
+        // The age of the `keep`-th newest id (a walk down the age index, not a set of
+        // every id kept): nothing to prune when there are no more than `keep`.
+        let newest_kept = match keep.checked_sub(1) {
+            None => i64::MAX,
+            Some(offset) => {
+                let offset = i64::try_from(offset).unwrap_or(i64::MAX);
+                let found: Option<i64> = self
+                    .conn
+                    .query_row(
+                        "SELECT seen_ms FROM seen_ids ORDER BY seen_ms DESC LIMIT 1 OFFSET ?1",
+                        [offset],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                let Some(ms) = found else {
+                    return Ok(0);
+                };
+                ms
+            }
+        };
         Ok(self.conn.execute(
-            "DELETE FROM seen_ids WHERE seen_ms < ?1 AND id NOT IN
-                (SELECT id FROM seen_ids ORDER BY seen_ms DESC LIMIT ?2)",
-            params![to_ms(before), keep],
+            "DELETE FROM seen_ids WHERE seen_ms < MIN(?1, ?2)",
+            params![to_ms(before), newest_kept],
         )?)
     }
 
