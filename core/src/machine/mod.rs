@@ -767,6 +767,10 @@ impl Machine {
             self.unproven_refreshes = self.unproven_refreshes.saturating_add(1);
             if !matches!(self.ws, Ws::Opening { .. } | Ws::Open { .. }) {
                 self.connect(now, Reason::NewToken);
+            } else if self.state == ConnectionState::Resyncing {
+                // The resync was refused for the old token while the socket stayed up:
+                // nothing else starts it again (the socket is not reconnected).
+                self.start_resync();
             }
         }
     }

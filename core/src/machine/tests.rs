@@ -629,6 +629,23 @@ fn an_expired_cursor_resyncs_then_returns_to_the_transport_that_works() {
     );
 }
 
+/// A resync refused for its token while the socket stays up is started again with the
+/// fresh token (it stayed Resyncing, with no resync running, for as long as the socket
+/// lived).
+#[test]
+fn a_resync_refused_for_its_token_goes_again_with_the_fresh_one() {
+    let mut h = H::realtime();
+    h.m.on_cursor_expired(h.now);
+    assert!(h.work().contains(&Action::Resync));
+    h.m.on_resync_failed(h.now, Failure::Auth);
+    assert!(h.work().contains(&Action::RefreshToken));
+    assert_eq!(h.state(), Resyncing);
+    h.m.on_token(h.now);
+    assert_eq!(h.work(), vec![Action::Resync]);
+    h.m.on_resync_done(h.now);
+    assert_eq!(h.state(), Realtime);
+}
+
 #[test]
 fn a_failed_resync_is_done_first_on_the_next_connection() {
     let mut h = H::polling();
