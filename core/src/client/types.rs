@@ -190,13 +190,20 @@ pub struct ClientMetrics {
     pub protocol_errors: u64,
 }
 
-/// The server's clock as estimated from `connected` and `pong` (NTP-style: the sample
-/// with the shortest round trip wins), so that nothing is ordered by a skewed device
-/// clock.
-#[derive(Debug, Clone, Copy, Default)]
+/// The server's clock as estimated from `connected` and `pong`, NTP-style: of the last
+/// [`CLOCK_SAMPLES`] samples, the one with the shortest round trip wins. Old samples
+/// leave the window, so that a device clock set or corrected since is followed within a
+/// few heartbeats; a new connection starts a new window. A `connected` frame is a
+/// one-way sample (its round trip is not known) and counts only until a pong comes.
+#[derive(Debug, Clone, Default)]
 pub(crate) struct ClockOffset {
-    best: Option<(Duration, i64)>,
+    /// (round trip, or `None` for a one-way sample; server minus device in ms).
+    recent: std::collections::VecDeque<(Option<Duration>, i64)>,
 }
+
+/// How many recent samples the clock estimate chooses from (NTP's clock filter keeps
+/// eight): four minutes of heartbeats at the default 30 s.
+pub(crate) const CLOCK_SAMPLES: usize = 8;
 
 impl ClockOffset {
     /// A sample: the request left at `sent` (device clock), the answer carried
@@ -206,20 +213,29 @@ impl ClockOffset {
         let midpoint = sent
             .checked_add_signed(half.unwrap_or_default())
             .unwrap_or(sent);
-        // Both ends are valid timestamps, so the difference is representable; a server
-        // time far off (a broken server) gives a far offset that `server_now` bounds.
-        let offset = server_time
-            .signed_duration_since(midpoint)
-            .num_milliseconds();
-        match self.best {
-            Some((best_rtt, _)) if best_rtt <= rtt => {}
-            _ => self.best = Some((rtt, offset)),
+        self.push(Some(rtt), offset_ms(server_time, midpoint));
+    }
+
+    /// A new connection's `connected`, which carried `server_time` and arrived at
+    /// `received`: the window starts again from it.
+    pub(crate) fn sample_connected(&mut self, received: Timestamp, server_time: Timestamp) {
+        self.recent.clear();
+        self.push(None, offset_ms(server_time, received));
+    }
+
+    fn push(&mut self, rtt: Option<Duration>, offset: i64) {
+        if self.recent.len() >= CLOCK_SAMPLES {
+            self.recent.pop_front();
         }
+        self.recent.push_back((rtt, offset));
     }
 
     /// Server minus device, in milliseconds.
     pub(crate) fn offset_ms(&self) -> Option<i64> {
-        self.best.map(|(_, o)| o)
+        self.recent
+            .iter()
+            .min_by_key(|(rtt, _)| rtt.unwrap_or(Duration::MAX))
+            .map(|(_, offset)| *offset)
     }
 
     /// The server's time now, by the estimate.
@@ -228,5 +244,65 @@ impl ClockOffset {
         chrono::Duration::try_milliseconds(self.offset_ms().unwrap_or(0))
             .and_then(|offset| now.checked_add_signed(offset))
             .unwrap_or(now)
+    }
+}
+
+/// `server_time` minus `device_time`, in ms. Both are valid timestamps, so the
+/// difference is representable; a server time far off (a broken server) gives a far
+/// offset that `server_now` bounds.
+fn offset_ms(server_time: Timestamp, device_time: Timestamp) -> i64 {
+    server_time
+        .signed_duration_since(device_time)
+        .num_milliseconds()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::arithmetic_side_effects)]
+
+    use super::*;
+
+    fn at(ms: i64) -> Timestamp {
+        chrono::DateTime::from_timestamp_millis(1_800_000_000_000 + ms).unwrap()
+    }
+
+    #[test]
+    fn a_pong_replaces_the_one_way_estimate_of_connected() {
+        let mut clock = ClockOffset::default();
+        // `connected` left the server 40 ms before it arrived: one way, biased.
+        clock.sample_connected(at(1_040), at(1_000));
+        assert_eq!(clock.offset_ms(), Some(-40));
+        // A pong with a 20 ms round trip: the server's time at its midpoint.
+        clock.sample(at(2_000), Duration::from_millis(20), at(2_010));
+        assert_eq!(clock.offset_ms(), Some(0));
+        // A slower one does not displace it.
+        clock.sample(at(3_000), Duration::from_millis(200), at(3_500));
+        assert_eq!(clock.offset_ms(), Some(0));
+    }
+
+    #[test]
+    fn a_device_clock_set_back_is_followed_within_the_window() {
+        let mut clock = ClockOffset::default();
+        clock.sample(at(0), Duration::from_millis(2), at(1));
+        assert_eq!(clock.offset_ms(), Some(0));
+        // The device clock goes back an hour: later samples see the server an hour
+        // ahead, over slower round trips than the first.
+        let hour = 3_600_000;
+        for i in 0..CLOCK_SAMPLES as i64 {
+            clock.sample(
+                at(i * 30_000),
+                Duration::from_millis(10),
+                at(i * 30_000 + 5 + hour),
+            );
+            let expected = if i + 1 < CLOCK_SAMPLES as i64 {
+                0
+            } else {
+                hour
+            };
+            assert_eq!(clock.offset_ms(), Some(expected), "after {} samples", i + 1);
+        }
+        // A new connection starts a new window at once.
+        clock.sample_connected(at(0), at(7));
+        assert_eq!(clock.offset_ms(), Some(7));
     }
 }

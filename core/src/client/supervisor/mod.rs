@@ -891,7 +891,7 @@ mod tests {
                             },
                             ServerEvent::Connected(c) => {
                                 machine.set_ping_interval(Duration::from_millis(c.ping_interval));
-                                clock.sample(now_wall(), Duration::from_millis(3), c.server_time);
+                                clock.sample_connected(now_wall(), c.server_time);
                                 let _ = clock.server_now();
                                 (None, Ok(Vec::new()))
                             }

@@ -156,9 +156,8 @@ impl Supervisor {
                 // the heartbeat.
                 self.machine
                     .set_ping_interval(Duration::from_millis(c.ping_interval));
-                let sent = now_wall();
                 if let Ok(mut clock) = self.clock.lock() {
-                    clock.sample(sent, Duration::ZERO, c.server_time);
+                    clock.sample_connected(now_wall(), c.server_time);
                 }
                 // Rooms belong to the user on the server; joining again is harmless
                 // and makes sure intents made offline take effect.
