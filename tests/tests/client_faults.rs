@@ -731,3 +731,41 @@ async fn a_join_the_room_policy_refuses_is_reported_and_forgotten() {
     assert!(forgotten, "not joined again on the next connection");
     alice.shutdown().await;
 }
+
+/// Sends the client made on a socket it then closed itself (its heartbeat found it
+/// silent) go again on the next connection at once, not after the ack timeout (they
+/// held their lanes for it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_unacknowledged_on_a_socket_the_client_closed_go_again_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let proxy = Proxy::start(server.addr).await.unwrap();
+    let mut config = client_config(&proxy.url(), &dir.path().join("alice.db"));
+    config.ack_timeout = Duration::from_secs(60);
+    let alice = open_client(config, server.token("t1", "alice")).await;
+    assert!(wait_state(&alice, ConnectionState::Realtime, WITHIN).await);
+    let mut states = alice.watch_state();
+    states.borrow_and_update();
+
+    proxy.freeze_all(true);
+    let sent_at = tokio::time::Instant::now();
+    let item = alice
+        .send_message(dm("bob", "on a dying socket"))
+        .await
+        .unwrap();
+    // The pong timeout (3 s in the test settings) closes it; new connections pass.
+    let left = tokio::time::timeout(WITHIN, states.changed()).await;
+    assert!(left.is_ok(), "the dead socket was never noticed");
+    proxy.freeze_all(false);
+    let item = alice
+        .wait_settled(&item.id, &[ItemState::Accepted], Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(item.state, ItemState::Accepted);
+    assert!(
+        sent_at.elapsed() < Duration::from_secs(30),
+        "accepted after {:?}, not at the ack timeout",
+        sent_at.elapsed()
+    );
+    alice.shutdown().await;
+}

@@ -66,6 +66,10 @@ impl Supervisor {
         self.rooms_joined.clear();
         // Not recorded, so not lost: the next connection resumes from the cursor.
         self.inbound.drop_held();
+        // Sent on this socket and not acknowledged: `persisted` in the store all along,
+        // so due again on the next transport (the server dedupes a resend), rather than
+        // holding their lanes until the ack timeout.
+        self.ws_in_flight.clear();
         if let Some(ws) = self.ws.take() {
             ws.close();
         }
