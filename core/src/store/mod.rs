@@ -517,10 +517,11 @@ impl Store {
     /// the new key into a copy beside it, the copy is checked with the new key and
     /// synced, then renamed over the store in one step: until `Ok` the file is under the
     /// old key, after it under the new one, and a crash between leaves one or the other,
-    /// never a mix (keep both keys until this returns; see `docs/client.md`). Other
-    /// processes that open the file need the new key from then on; one that has it open
-    /// now makes this fail (busy) and changes nothing. A plaintext store is encrypted by
-    /// opening it with a key, not by this.
+    /// never a mix (keep both keys until this returns; see `docs/client.md`). Another
+    /// process sharing the file must close it meanwhile (the file is replaced) and open
+    /// it with the new key afterwards; one reading or writing it now makes this fail
+    /// (busy) and change nothing. A plaintext store is encrypted by opening it with a
+    /// key, not by this.
     pub fn rekey(&mut self, new_key: StoreKey) -> Result<(), StoreError> {
         let (Some(path), Some(_)) = (self.path.clone(), &self.config.key) else {
             return Err(StoreError::Invalid {
