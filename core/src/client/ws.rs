@@ -98,7 +98,7 @@ pub(crate) struct Params<'a> {
 pub(crate) async fn open(
     p: Params<'_>,
     generation: u64,
-    report: mpsc::UnboundedSender<(u64, WsEvent)>,
+    report: mpsc::Sender<(u64, WsEvent)>,
 ) -> Result<(), ConnectError> {
     let mut request = p
         .url
@@ -146,6 +146,7 @@ pub(crate) async fn open(
     // The handle goes first on the same channel as the frames.
     if report
         .send((generation, WsEvent::Opened(WsHandle { out })))
+        .await
         .is_err()
     {
         return Ok(()); // the client is gone; dropping the handle closes the socket
@@ -167,7 +168,10 @@ pub(crate) async fn open(
                         Ok((event, reference)) => WsEvent::Frame(Box::new(event), reference),
                         Err(e) => WsEvent::Undecodable(e.to_string()),
                     };
-                    if report.send((generation, event)).is_err() {
+                    // A bounded channel: while the supervisor is behind (it records
+                    // each durable event before the next), the reader waits, and so
+                    // does the socket: a long replay waits in the network, not here.
+                    if report.send((generation, event)).await.is_err() {
                         return;
                     }
                 }
@@ -180,13 +184,15 @@ pub(crate) async fn open(
                 // Pings are answered by tungstenite; pongs and binary only prove life
                 // (a text frame proves it too, as it is handled: one report a frame).
                 _ => {
-                    if report.send((generation, WsEvent::Activity)).is_err() {
+                    if report.send((generation, WsEvent::Activity)).await.is_err() {
                         return;
                     }
                 }
             }
         };
-        let _ = report.send((generation, WsEvent::Closed(kind, reason)));
+        let _ = report
+            .send((generation, WsEvent::Closed(kind, reason)))
+            .await;
     });
 
     Ok(())

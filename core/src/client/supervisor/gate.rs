@@ -35,7 +35,15 @@ pub(super) struct Gate {
     io: mpsc::UnboundedSender<Io>,
     /// The connection generation whose `connected` starts a catch-up.
     catch_up: Option<u64>,
+    /// More held than this and the supervisor drops them with the connection (see
+    /// [`Gate::overflowing`]).
+    limit: usize,
 }
+
+/// How many deliveries may wait behind a catch-up: past this (a long catch-up of a
+/// busy tenant), they are dropped with the connection, and the next one resumes from
+/// the cursor, instead of piling up in memory.
+pub(super) const MAX_HELD: usize = 10_000;
 
 /// An inbound task's place in the gate: the gate stays shut while any slot is out.
 #[must_use = "a slot keeps the gate shut until it is released or dropped"]
@@ -64,12 +72,25 @@ impl Drop for Slot {
 impl Gate {
     /// An open gate; slots dropped without release are reported on `io`.
     pub(super) fn new(io: mpsc::UnboundedSender<Io>) -> Self {
+        Self::with_limit(io, MAX_HELD)
+    }
+
+    /// An open gate that holds at most `limit` deliveries before it overflows.
+    pub(super) fn with_limit(io: mpsc::UnboundedSender<Io>, limit: usize) -> Self {
         Self {
             busy: Arc::new(AtomicUsize::new(0)),
             held: Vec::new(),
             io,
             catch_up: None,
+            limit,
         }
+    }
+
+    /// True when more deliveries wait than the gate's limit: the caller drops them with
+    /// the connection (not recorded, so not lost: the next connection resumes from the
+    /// cursor).
+    pub(super) fn overflowing(&self) -> bool {
+        self.held.len() > self.limit
     }
 
     /// A slot for a task about to record inbound events: shuts the gate until it is
@@ -202,6 +223,22 @@ mod tests {
         gate.drop_held();
         gate.release(again);
         assert!(gate.open().is_empty());
+    }
+
+    #[test]
+    fn too_many_held_deliveries_overflow() {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let mut gate = Gate::with_limit(tx, 2);
+        let slot = gate.slot();
+        for _ in 0..2 {
+            assert!(gate.hold(pong()).is_none());
+            assert!(!gate.overflowing());
+        }
+        assert!(gate.hold(pong()).is_none());
+        assert!(gate.overflowing());
+        gate.drop_held();
+        assert!(!gate.overflowing());
+        gate.release(slot);
     }
 
     #[test]

@@ -78,6 +78,9 @@ const RESYNC_MAX_PAGES: usize = 10_000;
 /// HTTP message sends in flight at most.
 const HTTP_SEND_WINDOW: usize = 16;
 
+/// Frames read from the WebSocket and not yet handled, at most: beyond, the socket's
+/// reader waits (the server's send queue, then its slow-consumer limit, take the rest).
+const WS_EVENT_BUFFER: usize = 256;
 /// How long the id of an event received is kept (for refusing a redelivery): longer
 /// than a server keeps its events (7 days by default).
 const SEEN_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
@@ -286,8 +289,8 @@ pub(crate) struct Supervisor {
     commands: mpsc::UnboundedReceiver<Command>,
     io_tx: mpsc::UnboundedSender<Io>,
     io_rx: mpsc::UnboundedReceiver<Io>,
-    ws_tx: mpsc::UnboundedSender<(u64, WsEvent)>,
-    ws_rx: mpsc::UnboundedReceiver<(u64, WsEvent)>,
+    ws_tx: mpsc::Sender<(u64, WsEvent)>,
+    ws_rx: mpsc::Receiver<(u64, WsEvent)>,
     tasks: JoinSet<()>,
     ws: Option<WsHandle>,
     /// Generation of the current WebSocket attempt; reports of older ones are ignored.
@@ -385,7 +388,7 @@ impl Supervisor {
         let http = HttpApi::new(&cfg.server_url, cfg.request_timeout, tls.clone())?;
         let (io_tx, io_rx) = mpsc::unbounded_channel();
         let inbound = Gate::new(io_tx.clone());
-        let (ws_tx, ws_rx) = mpsc::unbounded_channel();
+        let (ws_tx, ws_rx) = mpsc::channel(WS_EVENT_BUFFER);
         Ok(Self {
             machine: Machine::new(cfg.machine.clone(), mono_now()),
             pull_interval: cfg.entity_pull_interval,

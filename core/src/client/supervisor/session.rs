@@ -146,7 +146,17 @@ impl Supervisor {
         let event = if matches!(event, ServerEvent::Message(_) | ServerEvent::Event(_)) {
             match self.inbound.hold(event) {
                 Some(event) => event,
-                None => return, // waits behind a poll, catch-up or resync
+                None => {
+                    // Waits behind a poll, catch-up or resync; too many, and they go
+                    // with the connection: the next one resumes from the cursor.
+                    if self.inbound.overflowing() {
+                        warn!("too many deliveries waiting behind a catch-up; reconnecting");
+                        self.close_ws();
+                        self.machine
+                            .on_ws_closed(mono_now(), crate::machine::CloseKind::Lost);
+                    }
+                    return;
+                }
             }
         } else {
             event
