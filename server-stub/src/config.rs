@@ -72,6 +72,8 @@ pub mod defaults {
     pub const HTTP_HEADER_TIMEOUT_MS: u64 = 10_000;
     /// `HTTP_IDLE_TIMEOUT`, ms: a keep-alive connection with no request is closed after this.
     pub const HTTP_IDLE_TIMEOUT_MS: u64 = 60_000;
+    /// `HTTP_BODY_TIMEOUT`, ms: a request body that sends nothing for this long ends.
+    pub const HTTP_BODY_TIMEOUT_MS: u64 = 30_000;
     /// `SHUTDOWN_GRACE_MS`.
     pub const SHUTDOWN_GRACE_MS: u64 = 10_000;
     /// `MAINTENANCE_INTERVAL_MS`: retention, lease expiry, limiter clean-up.
@@ -280,6 +282,10 @@ pub struct Config {
     /// its last response to the first byte of the next request).
     #[arg(long = "http-idle-timeout", env = "HTTP_IDLE_TIMEOUT", default_value_t = defaults::HTTP_IDLE_TIMEOUT_MS)]
     pub http_idle_timeout_ms: u64,
+    /// Time a request's body may go without a byte while the server waits for it, in
+    /// ms; past it the request fails and its connection is closed.
+    #[arg(long = "http-body-timeout", env = "HTTP_BODY_TIMEOUT", default_value_t = defaults::HTTP_BODY_TIMEOUT_MS)]
+    pub http_body_timeout_ms: u64,
     /// Most connections held at once that are not WebSockets (yet), on top of
     /// `WS_MAX_CONNECTIONS`; more are closed as soon as they are accepted. Unset: a
     /// quarter of the descriptors the process may open (found at start-up).
@@ -463,6 +469,7 @@ impl Config {
             http_max_body_bytes: defaults::HTTP_MAX_BODY_BYTES,
             http_header_timeout_ms: defaults::HTTP_HEADER_TIMEOUT_MS,
             http_idle_timeout_ms: defaults::HTTP_IDLE_TIMEOUT_MS,
+            http_body_timeout_ms: defaults::HTTP_BODY_TIMEOUT_MS,
             http_max_connections: None,
             shutdown_grace_ms: defaults::SHUTDOWN_GRACE_MS,
             maintenance_interval_ms: defaults::MAINTENANCE_INTERVAL_MS,
@@ -519,6 +526,11 @@ impl Config {
     /// `HTTP_IDLE_TIMEOUT` as a duration.
     pub fn http_idle_timeout(&self) -> Duration {
         Duration::from_millis(self.http_idle_timeout_ms)
+    }
+
+    /// `HTTP_BODY_TIMEOUT` as a duration.
+    pub fn http_body_timeout(&self) -> Duration {
+        Duration::from_millis(self.http_body_timeout_ms)
     }
 
     /// `ROOM_POLICY`, parsed.
@@ -664,6 +676,12 @@ impl Config {
                 "must be at least 1 ms",
             ));
         }
+        if self.http_body_timeout_ms == 0 {
+            return Err(ConfigError::new(
+                "HTTP_BODY_TIMEOUT",
+                "must be at least 1 ms",
+            ));
+        }
         if self.http_max_connections == Some(0) {
             return Err(ConfigError::new(
                 "HTTP_MAX_CONNECTIONS",
@@ -794,6 +812,7 @@ mod tests {
         let config = Config::new("x");
         assert_eq!(config.http_header_timeout(), Duration::from_secs(10));
         assert_eq!(config.http_idle_timeout(), Duration::from_secs(60));
+        assert_eq!(config.http_body_timeout(), Duration::from_secs(30));
         assert_eq!(config.http_max_connections, None);
         let refused = |tweak: fn(&mut Config)| {
             let mut config = Config::new("x");
@@ -805,6 +824,7 @@ mod tests {
             "HTTP_HEADER_TIMEOUT"
         );
         assert_eq!(refused(|c| c.http_idle_timeout_ms = 0), "HTTP_IDLE_TIMEOUT");
+        assert_eq!(refused(|c| c.http_body_timeout_ms = 0), "HTTP_BODY_TIMEOUT");
         assert_eq!(
             refused(|c| c.http_max_connections = Some(0)),
             "HTTP_MAX_CONNECTIONS"
