@@ -18,7 +18,7 @@ use webwaka_realtime::protocol::{
 };
 
 use crate::app::{App, Slot};
-use crate::error::{ApiError, check_id_len};
+use crate::error::{ApiError, check_id};
 use crate::http::extract::{Caller, authenticate, resolve_tenant};
 use crate::hub::Registration;
 use crate::log;
@@ -104,7 +104,7 @@ pub(crate) async fn admit(app: &Arc<App>, handshake: Handshake<'_>) -> Result<Ad
             Some((cursor.to_owned(), seq))
         }
     };
-    check_id_len("clientId", handshake.client_id)?;
+    check_id("clientId", handshake.client_id)?;
     let client_id = handshake
         .client_id
         .map(str::trim)
