@@ -481,10 +481,7 @@ impl Connection {
         exp: i64,
     ) -> Flow {
         let app = Arc::clone(&self.app);
-        // The token's end (with the leeway it was accepted with).
-        let leeway = i64::try_from(app.config.jwt_leeway_ms / 1000).unwrap_or(0);
-        let remaining = (exp + leeway - chrono::Utc::now().timestamp()).max(0);
-        let expiry = tokio::time::sleep(Duration::from_secs(remaining.unsigned_abs()));
+        let expiry = tokio::time::sleep_until(crate::auth::token_end(exp, &app.config));
         tokio::pin!(expiry);
         let shutdown = app.shutdown.clone();
         let shutdown = shutdown.cancelled();

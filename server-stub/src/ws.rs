@@ -255,10 +255,7 @@ impl Connection {
         let config = &app.config;
         let ping_interval = config.ping_interval();
         let ping_timeout = config.ping_timeout();
-        // The token's end (with the leeway it was accepted with).
-        let leeway = i64::try_from(config.jwt_leeway_ms / 1000).unwrap_or(0);
-        let remaining = (exp + leeway - chrono::Utc::now().timestamp()).max(0);
-        let token_end = Instant::now() + Duration::from_secs(remaining.unsigned_abs());
+        let token_end = crate::auth::token_end(exp, config);
         // One timer for the next ping and the token's end, whichever comes first (an
         // `Interval` and a second `Sleep` cost an idle connection about 270 bytes more).
         let mut next_ping = Instant::now() + ping_interval;
