@@ -131,8 +131,8 @@ struct Connection {
     app: Arc<App>,
     socket: WebSocket,
     peer: Peer,
-    /// Greatest durable sequence sent on this connection.
-    last_seq: u64,
+    /// The durable events this connection's client has.
+    delivered: crate::session::Delivered,
     refusals: Refusals,
     last_heard: Instant,
     /// Durable messages queued for the log, oldest first, with their frames' `ref`.
@@ -167,7 +167,7 @@ fn run(
         peer,
         app,
         socket,
-        last_seq: 0,
+        delivered: crate::session::Delivered::default(),
         refusals: Refusals::new(),
         last_heard: Instant::now(),
         queued: VecDeque::new(),
@@ -389,11 +389,10 @@ impl Connection {
 
     /// Buffers a queued delivery, unless this connection already sent that event.
     async fn deliver(&mut self, delivery: &crate::hub::Delivery) -> Flow {
-        if let Some(seq) = delivery.seq {
-            if seq <= self.last_seq {
-                return Flow::Continue;
-            }
-            self.last_seq = seq;
+        if let Some(seq) = delivery.seq
+            && !self.delivered.live(seq)
+        {
+            return Flow::Continue;
         }
         self.feed(Message::Text(delivery.text.clone())).await
     }
@@ -553,6 +552,9 @@ impl Connection {
     /// log's head now, then `resumed`.
     async fn replay(&mut self, cursor: String, after_seq: u64, reference: Option<&str>) -> Flow {
         let app = Arc::clone(&self.app);
+        // The client has everything up to its cursor: a live delivery of an earlier
+        // event (another instance's feed catching up) would be a duplicate, out of order.
+        self.delivered.resumed_after(after_seq);
         let mut replay = match Replay::start(&app, &self.peer, cursor, after_seq).await {
             Ok(replay) => replay,
             Err(error) => return self.replay_failed(error, reference).await,
@@ -563,7 +565,7 @@ impl Connection {
                 Ok(None) => break,
                 Ok(Some(page)) => {
                     for (seq, event) in page {
-                        self.last_seq = self.last_seq.max(seq);
+                        self.delivered.replayed(seq);
                         if let f @ Flow::Stop = self.send(&event, None).await {
                             return f;
                         }
