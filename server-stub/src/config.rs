@@ -64,6 +64,8 @@ pub mod defaults {
     pub const RECONCILIATION_RATE_LIMIT: u32 = 10;
     /// `PUBLISH_RATE_LIMIT`, events per second per user.
     pub const PUBLISH_RATE_LIMIT: u32 = 1000;
+    /// `MAX_ROOMS_PER_USER`: rooms a user may be a member of at once.
+    pub const MAX_ROOMS_PER_USER: usize = 1000;
     /// `TRANSACTION_CONFIRM_DELAY_MS`.
     pub const TRANSACTION_CONFIRM_DELAY_MS: u64 = 2000;
     /// `HTTP_MAX_BODY_BYTES`.
@@ -265,6 +267,9 @@ pub struct Config {
     /// Room-id prefixes reserved for roles, e.g. `admin:=admin;ops:=admin|ops`.
     #[arg(long, env = "ROOM_POLICY", default_value = "")]
     pub room_policy: String,
+    /// Rooms a user may be a member of at once; a join past it is refused.
+    #[arg(long, env = "MAX_ROOMS_PER_USER", default_value_t = defaults::MAX_ROOMS_PER_USER)]
+    pub max_rooms_per_user: usize,
     /// Delay before the default processor decides a transaction, in ms.
     #[arg(long = "transaction-confirm-delay", env = "TRANSACTION_CONFIRM_DELAY_MS", default_value_t = defaults::TRANSACTION_CONFIRM_DELAY_MS)]
     pub transaction_confirm_delay_ms: u64,
@@ -464,6 +469,7 @@ impl Config {
             reconciliation_rate_limit: defaults::RECONCILIATION_RATE_LIMIT,
             publish_rate_limit: defaults::PUBLISH_RATE_LIMIT,
             room_policy: String::new(),
+            max_rooms_per_user: defaults::MAX_ROOMS_PER_USER,
             transaction_confirm_delay_ms: defaults::TRANSACTION_CONFIRM_DELAY_MS,
             transaction_reject_types: String::new(),
             http_max_body_bytes: defaults::HTTP_MAX_BODY_BYTES,
@@ -676,6 +682,9 @@ impl Config {
                 "must be at least 1 ms",
             ));
         }
+        if self.max_rooms_per_user == 0 {
+            return Err(ConfigError::new("MAX_ROOMS_PER_USER", "must be at least 1"));
+        }
         if self.http_body_timeout_ms == 0 {
             return Err(ConfigError::new(
                 "HTTP_BODY_TIMEOUT",
@@ -825,6 +834,7 @@ mod tests {
         );
         assert_eq!(refused(|c| c.http_idle_timeout_ms = 0), "HTTP_IDLE_TIMEOUT");
         assert_eq!(refused(|c| c.http_body_timeout_ms = 0), "HTTP_BODY_TIMEOUT");
+        assert_eq!(refused(|c| c.max_rooms_per_user = 0), "MAX_ROOMS_PER_USER");
         assert_eq!(
             refused(|c| c.http_max_connections = Some(0)),
             "HTTP_MAX_CONNECTIONS"

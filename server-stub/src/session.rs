@@ -261,6 +261,7 @@ impl Peer {
                     &app.policy,
                     membership,
                     &self.roles,
+                    app.config.max_rooms_per_user,
                 )
                 .await
                 {
