@@ -15,7 +15,7 @@ use crate::audit::AuditRecord;
 use crate::auth::{Keys, SecretError, SecretSource, resolve_secret};
 use crate::cluster::Node;
 use crate::config::{Config, ConfigError, RoomPolicy};
-use crate::error::{ApiError, StoreError};
+use crate::error::{ApiError, MAX_ID_LEN, StoreError};
 use crate::feed::Feed;
 use crate::hub::Hub;
 use crate::log::Log;
@@ -208,6 +208,8 @@ impl App {
         resource: &str,
     ) -> ApiError {
         self.metrics.tenant_violations.inc();
+        // The name is the peer's: stored escaped and cut (PostgreSQL refuses NUL in text).
+        let named = &printable_id(named);
         tracing::warn!(
             tenant,
             user,
@@ -249,6 +251,26 @@ impl App {
     }
 }
 
+/// An id from a peer as it may be stored and logged: control characters escaped
+/// (`\u{0}`), and cut to [`MAX_ID_LEN`] bytes (`…` marks the cut).
+pub(crate) fn printable_id(id: &str) -> String {
+    let mut out = String::with_capacity(id.len().min(MAX_ID_LEN));
+    for c in id.chars() {
+        let before = out.len();
+        if c.is_control() {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+        if out.len() > MAX_ID_LEN {
+            out.truncate(before);
+            out.push('…');
+            break;
+        }
+    }
+    out
+}
+
 /// The machine's name, for instance names (`HOSTNAME`, else `localhost`).
 fn hostname() -> String {
     std::env::var("HOSTNAME")
@@ -265,5 +287,20 @@ pub(crate) struct Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.app.slots.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_id_is_stored_escaped_and_cut() {
+        assert_eq!(printable_id("tenant-b"), "tenant-b");
+        assert_eq!(printable_id("a\0b\n"), "a\\u{0}b\\u{a}");
+        let long = printable_id(&format!("{}\0", "é".repeat(200)));
+        assert!(long.ends_with('…'), "{long}");
+        assert!(long.len() <= MAX_ID_LEN + '…'.len_utf8(), "{}", long.len());
+        assert!(!long.contains('\0'));
     }
 }

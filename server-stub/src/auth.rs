@@ -187,6 +187,14 @@ impl Keys {
     }
 }
 
+/// When a connection accepted with a token expiring at `exp` (seconds since the epoch)
+/// must end: `exp` plus the leeway the token was accepted with.
+pub(crate) fn token_end(exp: i64, config: &Config) -> tokio::time::Instant {
+    let leeway = i64::try_from(config.jwt_leeway_ms / 1000).unwrap_or(0);
+    let remaining = (exp + leeway - chrono::Utc::now().timestamp()).max(0);
+    tokio::time::Instant::now() + std::time::Duration::from_secs(remaining.unsigned_abs())
+}
+
 /// Tokens already verified, so that a client repeating its token (a poll every few
 /// seconds, reconnects) costs a map lookup instead of a signature check and two JSON
 /// decodes. Only tokens that verified are kept, by their full text; a hit is still

@@ -64,6 +64,8 @@ pub mod defaults {
     pub const RECONCILIATION_RATE_LIMIT: u32 = 10;
     /// `PUBLISH_RATE_LIMIT`, events per second per user.
     pub const PUBLISH_RATE_LIMIT: u32 = 1000;
+    /// `MAX_ROOMS_PER_USER`: rooms a user may be a member of at once.
+    pub const MAX_ROOMS_PER_USER: usize = 1000;
     /// `TRANSACTION_CONFIRM_DELAY_MS`.
     pub const TRANSACTION_CONFIRM_DELAY_MS: u64 = 2000;
     /// `HTTP_MAX_BODY_BYTES`.
@@ -72,6 +74,8 @@ pub mod defaults {
     pub const HTTP_HEADER_TIMEOUT_MS: u64 = 10_000;
     /// `HTTP_IDLE_TIMEOUT`, ms: a keep-alive connection with no request is closed after this.
     pub const HTTP_IDLE_TIMEOUT_MS: u64 = 60_000;
+    /// `HTTP_BODY_TIMEOUT`, ms: a request body that sends nothing for this long ends.
+    pub const HTTP_BODY_TIMEOUT_MS: u64 = 30_000;
     /// `SHUTDOWN_GRACE_MS`.
     pub const SHUTDOWN_GRACE_MS: u64 = 10_000;
     /// `MAINTENANCE_INTERVAL_MS`: retention, lease expiry, limiter clean-up.
@@ -263,6 +267,9 @@ pub struct Config {
     /// Room-id prefixes reserved for roles, e.g. `admin:=admin;ops:=admin|ops`.
     #[arg(long, env = "ROOM_POLICY", default_value = "")]
     pub room_policy: String,
+    /// Rooms a user may be a member of at once; a join past it is refused.
+    #[arg(long, env = "MAX_ROOMS_PER_USER", default_value_t = defaults::MAX_ROOMS_PER_USER)]
+    pub max_rooms_per_user: usize,
     /// Delay before the default processor decides a transaction, in ms.
     #[arg(long = "transaction-confirm-delay", env = "TRANSACTION_CONFIRM_DELAY_MS", default_value_t = defaults::TRANSACTION_CONFIRM_DELAY_MS)]
     pub transaction_confirm_delay_ms: u64,
@@ -280,6 +287,10 @@ pub struct Config {
     /// its last response to the first byte of the next request).
     #[arg(long = "http-idle-timeout", env = "HTTP_IDLE_TIMEOUT", default_value_t = defaults::HTTP_IDLE_TIMEOUT_MS)]
     pub http_idle_timeout_ms: u64,
+    /// Time a request's body may go without a byte while the server waits for it, in
+    /// ms; past it the request fails and its connection is closed.
+    #[arg(long = "http-body-timeout", env = "HTTP_BODY_TIMEOUT", default_value_t = defaults::HTTP_BODY_TIMEOUT_MS)]
+    pub http_body_timeout_ms: u64,
     /// Most connections held at once that are not WebSockets (yet), on top of
     /// `WS_MAX_CONNECTIONS`; more are closed as soon as they are accepted. Unset: a
     /// quarter of the descriptors the process may open (found at start-up).
@@ -458,11 +469,13 @@ impl Config {
             reconciliation_rate_limit: defaults::RECONCILIATION_RATE_LIMIT,
             publish_rate_limit: defaults::PUBLISH_RATE_LIMIT,
             room_policy: String::new(),
+            max_rooms_per_user: defaults::MAX_ROOMS_PER_USER,
             transaction_confirm_delay_ms: defaults::TRANSACTION_CONFIRM_DELAY_MS,
             transaction_reject_types: String::new(),
             http_max_body_bytes: defaults::HTTP_MAX_BODY_BYTES,
             http_header_timeout_ms: defaults::HTTP_HEADER_TIMEOUT_MS,
             http_idle_timeout_ms: defaults::HTTP_IDLE_TIMEOUT_MS,
+            http_body_timeout_ms: defaults::HTTP_BODY_TIMEOUT_MS,
             http_max_connections: None,
             shutdown_grace_ms: defaults::SHUTDOWN_GRACE_MS,
             maintenance_interval_ms: defaults::MAINTENANCE_INTERVAL_MS,
@@ -519,6 +532,11 @@ impl Config {
     /// `HTTP_IDLE_TIMEOUT` as a duration.
     pub fn http_idle_timeout(&self) -> Duration {
         Duration::from_millis(self.http_idle_timeout_ms)
+    }
+
+    /// `HTTP_BODY_TIMEOUT` as a duration.
+    pub fn http_body_timeout(&self) -> Duration {
+        Duration::from_millis(self.http_body_timeout_ms)
     }
 
     /// `ROOM_POLICY`, parsed.
@@ -664,6 +682,15 @@ impl Config {
                 "must be at least 1 ms",
             ));
         }
+        if self.max_rooms_per_user == 0 {
+            return Err(ConfigError::new("MAX_ROOMS_PER_USER", "must be at least 1"));
+        }
+        if self.http_body_timeout_ms == 0 {
+            return Err(ConfigError::new(
+                "HTTP_BODY_TIMEOUT",
+                "must be at least 1 ms",
+            ));
+        }
         if self.http_max_connections == Some(0) {
             return Err(ConfigError::new(
                 "HTTP_MAX_CONNECTIONS",
@@ -794,6 +821,7 @@ mod tests {
         let config = Config::new("x");
         assert_eq!(config.http_header_timeout(), Duration::from_secs(10));
         assert_eq!(config.http_idle_timeout(), Duration::from_secs(60));
+        assert_eq!(config.http_body_timeout(), Duration::from_secs(30));
         assert_eq!(config.http_max_connections, None);
         let refused = |tweak: fn(&mut Config)| {
             let mut config = Config::new("x");
@@ -805,6 +833,8 @@ mod tests {
             "HTTP_HEADER_TIMEOUT"
         );
         assert_eq!(refused(|c| c.http_idle_timeout_ms = 0), "HTTP_IDLE_TIMEOUT");
+        assert_eq!(refused(|c| c.http_body_timeout_ms = 0), "HTTP_BODY_TIMEOUT");
+        assert_eq!(refused(|c| c.max_rooms_per_user = 0), "MAX_ROOMS_PER_USER");
         assert_eq!(
             refused(|c| c.http_max_connections = Some(0)),
             "HTTP_MAX_CONNECTIONS"

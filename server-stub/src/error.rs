@@ -10,15 +10,13 @@ use webwaka_realtime::protocol::{DecodeError, ErrorBody, ErrorCode};
 /// limit, which the protocol types' `validate` functions check.
 pub(crate) const MAX_ID_LEN: usize = webwaka_realtime::protocol::MAX_ID_BYTES;
 
-/// Refuses an id longer than [`MAX_ID_LEN`], naming the field (for ids that no protocol
-/// type's `validate` covers: query parameters, headers, admin bodies).
-pub(crate) fn check_id_len(path: &str, value: Option<&str>) -> Result<(), ApiError> {
+/// Refuses an id longer than [`MAX_ID_LEN`] or holding a control character, naming the
+/// field (for ids that no protocol type's `validate` covers: query parameters, paths,
+/// headers, admin bodies).
+pub(crate) fn check_id(path: &str, value: Option<&str>) -> Result<(), ApiError> {
     match value {
-        Some(v) if v.len() > MAX_ID_LEN => Err(ApiError::invalid(
-            path,
-            format!("at most {MAX_ID_LEN} bytes, got {}", v.len()),
-        )),
-        _ => Ok(()),
+        Some(v) => Ok(webwaka_realtime::protocol::check_id(path, v)?),
+        None => Ok(()),
     }
 }
 

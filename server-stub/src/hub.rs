@@ -566,6 +566,14 @@ impl Hub {
             .is_some_and(|members| members.contains(user))
     }
 
+    /// How many rooms `user` is a member of.
+    pub(crate) fn room_count(&self, tenant: &str, user: &str) -> usize {
+        self.read()
+            .get(tenant)
+            .and_then(|t| t.users.get(user))
+            .map_or(0, |u| u.rooms.len())
+    }
+
     /// The rooms `user` is a member of, copied (`None`: none), so that a caller can
     /// scan with them without holding the directory's lock.
     pub(crate) fn rooms_of(&self, tenant: &str, user: &str) -> Option<HashSet<String>> {

@@ -12,9 +12,13 @@
 //!   like any other until its headers are in.
 //! - **The idle timeout** (`HTTP_IDLE_TIMEOUT`): a keep-alive connection is closed when
 //!   no byte of a next request came within it of the end of its last response.
-//! - Nothing is timed while a request is in flight (its headers read, its response not
-//!   yet sent in full), and an upgraded WebSocket belongs to its own task (with its own
-//!   ping timeout) from the upgrade on.
+//! - **The body timeout** (`HTTP_BODY_TIMEOUT`): while a handler waits for a request's
+//!   body, a byte must come within it of the last one (or of the wait's start); past it
+//!   the body fails, and the connection is closed once the handler has answered. A
+//!   slow body that keeps coming is not cut.
+//! - Otherwise nothing is timed while a request is in flight (its headers read, its
+//!   response not yet sent in full): a handler may take its time. An upgraded WebSocket
+//!   belongs to its own task (with its own ping timeout) from the upgrade on.
 //!
 //! hyper's own `header_read_timeout` is not used: on a keep-alive connection its timer
 //! starts as soon as the previous response is written, so one value would bound the
@@ -43,7 +47,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinSet;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
@@ -284,6 +288,8 @@ pub(crate) struct Connections {
     open: AtomicUsize,
     limits: ConnectionLimits,
     timeouts: Timeouts,
+    /// `HTTP_BODY_TIMEOUT`.
+    body_timeout: Duration,
     shed_log: Mutex<ShedLog>,
 }
 
@@ -297,6 +303,7 @@ impl Connections {
                 header: config.http_header_timeout(),
                 idle: config.http_idle_timeout(),
             },
+            body_timeout: config.http_body_timeout(),
             shed_log: Mutex::new(ShedLog::default()),
         }
     }
@@ -450,6 +457,11 @@ struct Tracker {
     /// Mirrors `phase.is_idle()`, so that a read costs one atomic load unless it begins
     /// a request (an upgraded WebSocket keeps reading through this socket for its life).
     idle: AtomicBool,
+    /// `HTTP_BODY_TIMEOUT`.
+    body_timeout: Duration,
+    /// Set when a request's body sent nothing for `body_timeout`: the connection is
+    /// closed once no request is in flight.
+    body_stalled: AtomicBool,
 }
 
 impl Tracker {
@@ -476,6 +488,10 @@ impl Tracker {
         phase.response_finished(Instant::now());
         self.idle.store(phase.is_idle(), Ordering::Relaxed);
     }
+
+    fn body_stalled(&self) -> bool {
+        self.body_stalled.load(Ordering::Relaxed)
+    }
 }
 
 /// The connection served by hyper, upgrades included.
@@ -498,6 +514,8 @@ async fn connection(app: Arc<App>, router: Router, stream: TcpStream, admitted: 
     let tracker = Arc::new(Tracker {
         phase: Mutex::new(Phase::accepted(Instant::now(), timeouts)),
         idle: AtomicBool::new(false),
+        body_timeout: app.connections.body_timeout,
+        body_stalled: AtomicBool::new(false),
     });
     let io = TokioIo::new(Watched {
         stream,
@@ -511,13 +529,19 @@ async fn connection(app: Arc<App>, router: Router, stream: TcpStream, admitted: 
     // The timeouts are this module's (see its comment), so hyper needs no timer.
     builder.header_read_timeout(None);
     let conn = builder.serve_connection(io, service).with_upgrades();
-    match drive(conn, &tracker, &app.shutdown).await {
-        End::Done(Ok(())) | End::Shutdown => {}
-        End::Done(Err(error)) => tracing::debug!(%error, "HTTP connection failed"),
-        End::Expired(why) => {
-            app.metrics.closed(why);
-            tracing::debug!(?why, "HTTP connection closed by a timeout");
+    let expired = match drive(conn, &tracker, &app.shutdown).await {
+        End::Done(Ok(())) | End::Shutdown => None,
+        End::Done(Err(error)) => {
+            tracing::debug!(%error, "HTTP connection failed");
+            None
         }
+        End::Expired(why) => Some(why),
+    };
+    // hyper may close the connection itself after the answer to a failed body.
+    let expired = expired.or(tracker.body_stalled().then_some(Closed::BodyTimeout));
+    if let Some(why) = expired {
+        app.metrics.closed(why);
+        tracing::debug!(?why, "HTTP connection closed by a timeout");
     }
     // Dropping the connection closed the socket (unless it was upgraded).
     drop(admitted);
@@ -546,7 +570,12 @@ async fn drive(conn: Conn, tracker: &Tracker, shutdown: &CancellationToken) -> E
             }
         }
         // hyper's poll above delivered every event: the deadline is current.
-        let Some((at, why)) = tracker.phase().deadline() else {
+        let phase = tracker.phase();
+        if tracker.body_stalled() && !phase.is_busy() {
+            // The handler answered the request whose body stalled: close.
+            return Poll::Ready(End::Expired(Closed::BodyTimeout));
+        }
+        let Some((at, why)) = phase.deadline() else {
             return Poll::Pending;
         };
         if armed != Some(at) {
@@ -631,6 +660,12 @@ impl hyper::service::Service<Request<Incoming>> for Service {
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         self.tracker.request_started();
+        let request = request.map(|body| RequestBody {
+            body,
+            stall: None,
+            armed: false,
+            tracker: Arc::clone(&self.tracker),
+        });
         // Dropped with the response's body once it is sent, or with this future if the
         // connection ends first.
         let in_flight = InFlight(Arc::clone(&self.tracker));
@@ -644,6 +679,72 @@ impl hyper::service::Service<Request<Incoming>> for Service {
                 _in_flight: in_flight,
             }))
         })
+    }
+}
+
+/// Why a request's body failed.
+#[derive(Debug, thiserror::Error)]
+enum BodyError {
+    /// Reading it from the connection failed.
+    #[error(transparent)]
+    Read(#[from] hyper::Error),
+    /// Nothing came for `HTTP_BODY_TIMEOUT` while it was awaited.
+    #[error("the request body sent nothing for {0:?} (HTTP_BODY_TIMEOUT)")]
+    Stalled(Duration),
+}
+
+/// A request's body, failing when nothing comes for `HTTP_BODY_TIMEOUT` while it is
+/// awaited (polled and pending); each frame restarts that time. A body nobody polls is
+/// not timed: the server, not the peer, is then what the request waits for.
+struct RequestBody {
+    body: Incoming,
+    /// The stall timer, allocated the first time the body is awaited.
+    stall: Option<Pin<Box<Sleep>>>,
+    /// True while `stall` runs for the current wait (no frame since it was set).
+    armed: bool,
+    tracker: Arc<Tracker>,
+}
+
+impl HttpBody for RequestBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        let timeout = this.tracker.body_timeout;
+        if this.tracker.body_stalled() {
+            return Poll::Ready(Some(Err(BodyError::Stalled(timeout))));
+        }
+        if let Poll::Ready(frame) = Pin::new(&mut this.body).poll_frame(cx) {
+            this.armed = false;
+            return Poll::Ready(frame.map(|result| result.map_err(BodyError::from)));
+        }
+        let deadline = Instant::now() + timeout;
+        let stall = this
+            .stall
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if !this.armed {
+            stall.as_mut().reset(deadline);
+            this.armed = true;
+        }
+        match stall.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                this.tracker.body_stalled.store(true, Ordering::Relaxed);
+                Poll::Ready(Some(Err(BodyError::Stalled(timeout))))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -832,7 +933,9 @@ mod tests {
                         prop_assert!(phase.is_idle());
                         prop_assert!(at <= now + TIMEOUTS.idle);
                     }
-                    Some((_, Closed::Shed)) => prop_assert!(false, "never a deadline"),
+                    Some((_, Closed::Shed | Closed::BodyTimeout)) => {
+                        prop_assert!(false, "never a deadline")
+                    }
                 }
             }
         }

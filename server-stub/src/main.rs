@@ -193,8 +193,8 @@ fn print_banner(config: &Config, server: &Server, raised: Option<std::io::Result
     );
     let _ = writeln!(
         out,
-        "  timeouts    request headers {} ms (HTTP_HEADER_TIMEOUT), idle keep-alive {} ms (HTTP_IDLE_TIMEOUT)",
-        config.http_header_timeout_ms, config.http_idle_timeout_ms
+        "  timeouts    request headers {} ms (HTTP_HEADER_TIMEOUT), idle keep-alive {} ms (HTTP_IDLE_TIMEOUT), a stalled body {} ms (HTTP_BODY_TIMEOUT)",
+        config.http_header_timeout_ms, config.http_idle_timeout_ms, config.http_body_timeout_ms
     );
     match server.secret_source() {
         SecretSource::Configured => {

@@ -73,8 +73,8 @@ pub(crate) struct Metrics {
     /// connections, handshakes, and connections that never sent a request.
     pub(crate) http_connections: Gauge,
     /// Connections the server closed, by reason: `header_timeout`
-    /// (`HTTP_HEADER_TIMEOUT`), `idle_timeout` (`HTTP_IDLE_TIMEOUT`), `shed`
-    /// (`HTTP_MAX_CONNECTIONS` reached: closed at accept).
+    /// (`HTTP_HEADER_TIMEOUT`), `idle_timeout` (`HTTP_IDLE_TIMEOUT`), `body_timeout`
+    /// (`HTTP_BODY_TIMEOUT`), `shed` (`HTTP_MAX_CONNECTIONS` reached: closed at accept).
     pub(crate) http_connections_closed: Family<Labels, Counter>,
     /// The hot label sets, resolved once (a family lookup per message hashes and
     /// allocates its labels): `messages_in` for `ws` and `http`, `events_delivered` for
@@ -94,6 +94,7 @@ struct Hot {
     read_sqlite: Counter,
     closed_header_timeout: Counter,
     closed_idle_timeout: Counter,
+    closed_body_timeout: Counter,
     closed_shed: Counter,
 }
 
@@ -104,6 +105,8 @@ pub(crate) enum Closed {
     HeaderTimeout,
     /// It sent no request within `HTTP_IDLE_TIMEOUT` of its last response.
     IdleTimeout,
+    /// Its request's body sent nothing for `HTTP_BODY_TIMEOUT` while it was awaited.
+    BodyTimeout,
     /// `HTTP_MAX_CONNECTIONS` were open when it was accepted.
     Shed,
 }
@@ -135,6 +138,7 @@ impl Metrics {
             read_sqlite: resolve(&log_reads, "source", "storage"),
             closed_header_timeout: resolve(&http_connections_closed, "reason", "header_timeout"),
             closed_idle_timeout: resolve(&http_connections_closed, "reason", "idle_timeout"),
+            closed_body_timeout: resolve(&http_connections_closed, "reason", "body_timeout"),
             closed_shed: resolve(&http_connections_closed, "reason", "shed"),
         };
         let m = Self {
@@ -276,7 +280,7 @@ impl Metrics {
         );
         registry.register(
             "http_connections_closed",
-            "Connections closed by the server: header_timeout, idle_timeout, shed (HTTP_MAX_CONNECTIONS reached)",
+            "Connections closed by the server: header_timeout, idle_timeout, body_timeout, shed (HTTP_MAX_CONNECTIONS reached)",
             m.http_connections_closed.clone(),
         );
         // Families appear in the exposition once a label set exists: create the known
@@ -352,6 +356,7 @@ impl Metrics {
         match why {
             Closed::HeaderTimeout => self.hot.closed_header_timeout.inc(),
             Closed::IdleTimeout => self.hot.closed_idle_timeout.inc(),
+            Closed::BodyTimeout => self.hot.closed_body_timeout.inc(),
             Closed::Shed => self.hot.closed_shed.inc(),
         };
     }

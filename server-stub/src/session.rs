@@ -18,7 +18,7 @@ use webwaka_realtime::protocol::{
 };
 
 use crate::app::{App, Slot};
-use crate::error::{ApiError, check_id_len};
+use crate::error::{ApiError, check_id};
 use crate::http::extract::{Caller, authenticate, resolve_tenant};
 use crate::hub::Registration;
 use crate::log;
@@ -104,7 +104,7 @@ pub(crate) async fn admit(app: &Arc<App>, handshake: Handshake<'_>) -> Result<Ad
             Some((cursor.to_owned(), seq))
         }
     };
-    check_id_len("clientId", handshake.client_id)?;
+    check_id("clientId", handshake.client_id)?;
     let client_id = handshake
         .client_id
         .map(str::trim)
@@ -261,6 +261,7 @@ impl Peer {
                     &app.policy,
                     membership,
                     &self.roles,
+                    app.config.max_rooms_per_user,
                 )
                 .await
                 {
@@ -410,6 +411,34 @@ pub(crate) struct Replay {
     done: bool,
 }
 
+/// The durable events a connection's client has: a live delivery at or below the
+/// greatest is a duplicate (a replay sent it, or the client resumed past it).
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Delivered {
+    last_seq: u64,
+}
+
+impl Delivered {
+    /// The client resumes after `after_seq`: it has every event up to it.
+    pub(crate) fn resumed_after(&mut self, after_seq: u64) {
+        self.last_seq = self.last_seq.max(after_seq);
+    }
+
+    /// A replayed event `seq` was sent.
+    pub(crate) fn replayed(&mut self, seq: u64) {
+        self.last_seq = self.last_seq.max(seq);
+    }
+
+    /// True (and noted) when a live delivery of `seq` is new to the client.
+    pub(crate) fn live(&mut self, seq: u64) -> bool {
+        if seq <= self.last_seq {
+            return false;
+        }
+        self.last_seq = seq;
+        true
+    }
+}
+
 impl Replay {
     /// Starts replaying `peer`'s deliveries after `after_seq` (the sequence of
     /// `cursor`), up to the log's head now.
@@ -480,5 +509,30 @@ impl Replay {
             last_event_id: Some(self.last_id.unwrap_or(self.cursor)),
             replayed: self.replayed,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A client resuming after 10 on an instance whose feed is behind: events up to 10
+    /// reaching the connection live afterwards are not sent again, even when the
+    /// replay had nothing to send.
+    #[test]
+    fn live_deliveries_up_to_the_resume_cursor_are_duplicates() {
+        let mut sent = Delivered::default();
+        sent.resumed_after(10);
+        assert!(!sent.live(7), "before the cursor");
+        assert!(!sent.live(10), "the cursor itself");
+        assert!(sent.live(11));
+        assert!(!sent.live(11), "once");
+        // Replayed events count as sent; a later resume from an earlier cursor lowers
+        // nothing.
+        sent.replayed(15);
+        assert!(!sent.live(14));
+        sent.resumed_after(5);
+        assert!(!sent.live(15));
+        assert!(sent.live(16));
     }
 }

@@ -362,8 +362,8 @@ struct Connection {
     app: Arc<App>,
     socket: SocketRef,
     peer: Peer,
-    /// Greatest durable sequence sent on this connection.
-    last_seq: u64,
+    /// The durable events this connection's client has.
+    delivered: crate::session::Delivered,
     refusals: Refusals,
     /// Bytes of client events queued (see [`Incoming`]).
     queued: Arc<AtomicUsize>,
@@ -409,7 +409,7 @@ fn run(app: Arc<App>, socket: SocketRef) -> impl std::future::Future<Output = ()
         app,
         socket,
         peer,
-        last_seq: 0,
+        delivered: crate::session::Delivered::default(),
         refusals: Refusals::new(),
         queued,
     };
@@ -481,10 +481,7 @@ impl Connection {
         exp: i64,
     ) -> Flow {
         let app = Arc::clone(&self.app);
-        // The token's end (with the leeway it was accepted with).
-        let leeway = i64::try_from(app.config.jwt_leeway_ms / 1000).unwrap_or(0);
-        let remaining = (exp + leeway - chrono::Utc::now().timestamp()).max(0);
-        let expiry = tokio::time::sleep(Duration::from_secs(remaining.unsigned_abs()));
+        let expiry = tokio::time::sleep_until(crate::auth::token_end(exp, &app.config));
         tokio::pin!(expiry);
         let shutdown = app.shutdown.clone();
         let shutdown = shutdown.cancelled();
@@ -526,11 +523,10 @@ impl Connection {
 
     /// Emits a queued delivery, unless this connection already sent that event.
     async fn deliver(&mut self, delivery: &Delivery) -> Flow {
-        if let Some(seq) = delivery.seq {
-            if seq <= self.last_seq {
-                return Flow::Continue;
-            }
-            self.last_seq = seq;
+        if let Some(seq) = delivery.seq
+            && !self.delivered.live(seq)
+        {
+            return Flow::Continue;
         }
         // The hub queues `/ws` frames (encoded once for every connection): their event
         // and their data, as they are, become the socket.io event.
@@ -667,6 +663,9 @@ impl Connection {
     /// log's head now, then `resumed` (to the acknowledgement, when asked for).
     async fn replay(&mut self, cursor: String, after_seq: u64, ack: Option<AckSender>) -> Flow {
         let app = Arc::clone(&self.app);
+        // The client has everything up to its cursor: a live delivery of an earlier
+        // event (another instance's feed catching up) would be a duplicate, out of order.
+        self.delivered.resumed_after(after_seq);
         let mut replay = match Replay::start(&app, &self.peer, cursor, after_seq).await {
             Ok(replay) => replay,
             Err(error) => return Self::replay_failed(&error),
@@ -677,7 +676,7 @@ impl Connection {
                 Ok(None) => break,
                 Ok(Some(page)) => {
                     for (seq, event) in page {
-                        self.last_seq = self.last_seq.max(seq);
+                        self.delivered.replayed(seq);
                         if let f @ (Flow::Stop | Flow::Close(..) | Flow::Drop) =
                             self.emit_event(&event).await
                         {

@@ -131,8 +131,8 @@ struct Connection {
     app: Arc<App>,
     socket: WebSocket,
     peer: Peer,
-    /// Greatest durable sequence sent on this connection.
-    last_seq: u64,
+    /// The durable events this connection's client has.
+    delivered: crate::session::Delivered,
     refusals: Refusals,
     last_heard: Instant,
     /// Durable messages queued for the log, oldest first, with their frames' `ref`.
@@ -167,7 +167,7 @@ fn run(
         peer,
         app,
         socket,
-        last_seq: 0,
+        delivered: crate::session::Delivered::default(),
         refusals: Refusals::new(),
         last_heard: Instant::now(),
         queued: VecDeque::new(),
@@ -255,10 +255,7 @@ impl Connection {
         let config = &app.config;
         let ping_interval = config.ping_interval();
         let ping_timeout = config.ping_timeout();
-        // The token's end (with the leeway it was accepted with).
-        let leeway = i64::try_from(config.jwt_leeway_ms / 1000).unwrap_or(0);
-        let remaining = (exp + leeway - chrono::Utc::now().timestamp()).max(0);
-        let token_end = Instant::now() + Duration::from_secs(remaining.unsigned_abs());
+        let token_end = crate::auth::token_end(exp, config);
         // One timer for the next ping and the token's end, whichever comes first (an
         // `Interval` and a second `Sleep` cost an idle connection about 270 bytes more).
         let mut next_ping = Instant::now() + ping_interval;
@@ -392,11 +389,10 @@ impl Connection {
 
     /// Buffers a queued delivery, unless this connection already sent that event.
     async fn deliver(&mut self, delivery: &crate::hub::Delivery) -> Flow {
-        if let Some(seq) = delivery.seq {
-            if seq <= self.last_seq {
-                return Flow::Continue;
-            }
-            self.last_seq = seq;
+        if let Some(seq) = delivery.seq
+            && !self.delivered.live(seq)
+        {
+            return Flow::Continue;
         }
         self.feed(Message::Text(delivery.text.clone())).await
     }
@@ -556,6 +552,9 @@ impl Connection {
     /// log's head now, then `resumed`.
     async fn replay(&mut self, cursor: String, after_seq: u64, reference: Option<&str>) -> Flow {
         let app = Arc::clone(&self.app);
+        // The client has everything up to its cursor: a live delivery of an earlier
+        // event (another instance's feed catching up) would be a duplicate, out of order.
+        self.delivered.resumed_after(after_seq);
         let mut replay = match Replay::start(&app, &self.peer, cursor, after_seq).await {
             Ok(replay) => replay,
             Err(error) => return self.replay_failed(error, reference).await,
@@ -566,7 +565,7 @@ impl Connection {
                 Ok(None) => break,
                 Ok(Some(page)) => {
                     for (seq, event) in page {
-                        self.last_seq = self.last_seq.max(seq);
+                        self.delivered.replayed(seq);
                         if let f @ Flow::Stop = self.send(&event, None).await {
                             return f;
                         }

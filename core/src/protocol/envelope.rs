@@ -301,8 +301,8 @@ impl ClientEvent {
     }
 
     /// Checks what decoding cannot (see [`SendMessage::validate`]); room ids and
-    /// cursors must not be blank nor longer than [`super::MAX_ID_BYTES`]. Paths are
-    /// relative to the frame (`data.roomId`).
+    /// cursors must not be blank, longer than [`super::MAX_ID_BYTES`] nor hold a control
+    /// character. Paths are relative to the frame (`data.roomId`).
     pub fn validate(&self) -> Result<(), DecodeError> {
         match self {
             ClientEvent::Message(message) => message
@@ -312,13 +312,13 @@ impl ClientEvent {
                 if room_id.trim().is_empty() {
                     return Err(DecodeError::new("data.roomId", "must not be empty"));
                 }
-                super::check_id_len("data.roomId", room_id)
+                super::check_id("data.roomId", room_id)
             }
             ClientEvent::Resume { last_event_id } => {
                 if last_event_id.trim().is_empty() {
                     return Err(DecodeError::new("data.lastEventId", "must not be empty"));
                 }
-                super::check_id_len("data.lastEventId", last_event_id)
+                super::check_id("data.lastEventId", last_event_id)
             }
             _ => Ok(()),
         }

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::message::WebSocketMessage;
-use super::{DecodeError, JsonObject, Timestamp, check_id_len, check_opt_id_len, decode_value};
+use super::{DecodeError, JsonObject, Timestamp, check_id, check_opt_id, decode_value};
 
 /// `eventType` of an event that carries a durable message as its payload.
 pub const MESSAGE_EVENT_TYPE: &str = "message";
@@ -151,7 +151,7 @@ pub struct PublishEvent {
 
 impl PublishEvent {
     /// Checks what serde cannot: a non-blank `eventType`, at most one target, and no id
-    /// longer than [`super::MAX_ID_BYTES`].
+    /// longer than [`super::MAX_ID_BYTES`] or holding a control character.
     pub fn validate(&self) -> Result<(), DecodeError> {
         if self.event_type.trim().is_empty() {
             return Err(DecodeError::new("eventType", "must not be empty"));
@@ -162,10 +162,10 @@ impl PublishEvent {
                 "at most one of recipientId and roomId may be set, got both",
             ));
         }
-        check_id_len("eventType", &self.event_type)?;
-        check_opt_id_len("eventId", self.event_id.as_deref())?;
-        check_opt_id_len("recipientId", self.recipient_id.as_deref())?;
-        check_opt_id_len("roomId", self.room_id.as_deref())
+        check_id("eventType", &self.event_type)?;
+        check_opt_id("eventId", self.event_id.as_deref())?;
+        check_opt_id("recipientId", self.recipient_id.as_deref())?;
+        check_opt_id("roomId", self.room_id.as_deref())
     }
 }
 
@@ -196,7 +196,8 @@ pub struct ClaimRequest {
 
 impl ClaimRequest {
     /// Checks what serde cannot: a non-blank `consumerId`, `max` ≥ 1, and no id (the
-    /// consumer's, an event type) longer than [`super::MAX_ID_BYTES`].
+    /// consumer's, an event type) longer than [`super::MAX_ID_BYTES`] or holding a
+    /// control character.
     pub fn validate(&self) -> Result<(), DecodeError> {
         if self.consumer_id.trim().is_empty() {
             return Err(DecodeError::new("consumerId", "must not be empty"));
@@ -204,9 +205,9 @@ impl ClaimRequest {
         if self.max == 0 {
             return Err(DecodeError::new("max", "must be at least 1"));
         }
-        check_id_len("consumerId", &self.consumer_id)?;
+        check_id("consumerId", &self.consumer_id)?;
         for (i, event_type) in self.event_types.iter().flatten().enumerate() {
-            check_id_len(&format!("eventTypes[{i}]"), event_type)?;
+            check_id(&format!("eventTypes[{i}]"), event_type)?;
         }
         Ok(())
     }

@@ -11,7 +11,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{DecodeError, JsonObject, Timestamp, check_id_len, check_opt_id_len};
+use super::{DecodeError, JsonObject, Timestamp, check_id, check_opt_id};
 
 /// How a message may travel, and whether it is stored.
 ///
@@ -107,7 +107,7 @@ pub struct SendMessage {
 impl SendMessage {
     /// Checks what serde cannot: a non-blank `type` and `messageId`, exactly one of
     /// `recipientId` / `roomId`, non-blank, and no id longer than
-    /// [`super::MAX_ID_BYTES`].
+    /// [`super::MAX_ID_BYTES`] or holding a control character.
     ///
     /// The error names the field (`type`, `messageId`, `recipientId` or `roomId`),
     /// relative to the message.
@@ -139,10 +139,10 @@ impl SendMessage {
                 Err(DecodeError::new("roomId", "must not be empty"))
             }
             _ => {
-                check_id_len("type", &self.message_type)?;
-                check_opt_id_len("messageId", self.message_id.as_deref())?;
-                check_opt_id_len("recipientId", self.recipient_id.as_deref())?;
-                check_opt_id_len("roomId", self.room_id.as_deref())
+                check_id("type", &self.message_type)?;
+                check_opt_id("messageId", self.message_id.as_deref())?;
+                check_opt_id("recipientId", self.recipient_id.as_deref())?;
+                check_opt_id("roomId", self.room_id.as_deref())
             }
         }
     }

@@ -96,20 +96,37 @@ pub(crate) fn json_kind(value: &serde_json::Value) -> &'static str {
 /// functions, naming the field.
 pub const MAX_ID_BYTES: usize = 256;
 
-/// Refuses `value` when it is longer than [`MAX_ID_BYTES`], naming `field`.
-pub fn check_id_len(field: &str, value: &str) -> Result<(), DecodeError> {
+/// Refuses `value` when it is longer than [`MAX_ID_BYTES`] or holds a control
+/// character ([`check_printable`]), naming `field`.
+pub fn check_id(field: &str, value: &str) -> Result<(), DecodeError> {
     if value.len() > MAX_ID_BYTES {
         return Err(DecodeError::new(
             field,
             format!("at most {MAX_ID_BYTES} bytes, got {}", value.len()),
         ));
     }
-    Ok(())
+    check_printable(field, value)
+}
+
+/// Refuses `value` when it holds a control character (U+0000–U+001F, U+007F–U+009F:
+/// PostgreSQL stores no NUL in text, and none belongs in an id or a name), naming
+/// `field`.
+pub fn check_printable(field: &str, value: &str) -> Result<(), DecodeError> {
+    match value.char_indices().find(|(_, c)| c.is_control()) {
+        Some((at, c)) => Err(DecodeError::new(
+            field,
+            format!(
+                "must not contain control characters, got U+{:04X} at byte {at}",
+                u32::from(c)
+            ),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// The same for an optional id.
-pub(crate) fn check_opt_id_len(field: &str, value: Option<&str>) -> Result<(), DecodeError> {
-    value.map_or(Ok(()), |v| check_id_len(field, v))
+pub(crate) fn check_opt_id(field: &str, value: Option<&str>) -> Result<(), DecodeError> {
+    value.map_or(Ok(()), |v| check_id(field, v))
 }
 
 fn path_error(err: serde_path_to_error::Error<serde_json::Error>) -> DecodeError {
@@ -288,5 +305,55 @@ mod tests {
         while let serde_json::Value::Array(mut a) = v {
             v = a.pop().unwrap_or_default();
         }
+    }
+
+    #[test]
+    fn ids_with_control_characters_are_refused_by_field() {
+        let message = |id: &str, recipient: &str| SendMessage {
+            message_id: Some(id.into()),
+            message_type: "chat".into(),
+            interaction_class: InteractionClass::ClassC,
+            recipient_id: Some(recipient.into()),
+            room_id: None,
+            payload: json!({"text": "a\u{0}b is fine in a payload"}),
+            metadata: None,
+        };
+        assert!(message("m-1", "bob").validate().is_ok());
+        assert!(message("é ü 名前", "bob").validate().is_ok(), "not ASCII");
+        let err = message("m\u{0}1", "bob").validate().unwrap_err();
+        assert_eq!(err.path, "messageId");
+        assert_eq!(
+            err.message,
+            "must not contain control characters, got U+0000 at byte 1"
+        );
+        for bad in ["\n", "\t", "\u{1f}", "\u{7f}", "\u{85}"] {
+            let err = message("m", &format!("bob{bad}")).validate().unwrap_err();
+            assert_eq!(err.path, "recipientId", "{bad:?}");
+        }
+        let event = ClientEvent::JoinRoom {
+            room_id: "r\u{0}".into(),
+        };
+        assert_eq!(event.validate().unwrap_err().path, "data.roomId");
+        let publish: PublishEvent =
+            decode(&json!({"eventType": "a.b", "payload": 1, "eventId": "e\u{0}"}).to_string())
+                .unwrap();
+        assert_eq!(publish.validate().unwrap_err().path, "eventId");
+        let publish: PublishEvent =
+            decode(&json!({"eventType": "a\u{0}b", "payload": 1}).to_string()).unwrap();
+        assert_eq!(publish.validate().unwrap_err().path, "eventType");
+        let request = json!({
+            "requestId": "r", "clientId": "c", "tenantId": "t",
+            "requestedAt": "2026-01-30T10:20:00Z",
+            "operations": [{
+                "operationId": "o1", "clientId": "c", "tenantId": "t\u{0}", "entityType": "task",
+                "entityId": "e", "operationType": "CREATE", "payload": {},
+                "timestamp": "2026-01-30T09:00:00Z", "vectorClock": {"c": 1},
+            }],
+        });
+        let request: ReconciliationRequest = decode_value(request).unwrap();
+        assert_eq!(
+            request.validate().unwrap_err().path,
+            "operations[0].tenantId"
+        );
     }
 }

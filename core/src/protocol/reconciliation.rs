@@ -9,7 +9,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{DecodeError, JsonObject, Timestamp, check_id_len};
+use super::{DecodeError, JsonObject, Timestamp, check_id};
 use crate::clock::VectorClock;
 
 /// What an operation does to its entity.
@@ -75,8 +75,8 @@ pub struct Operation {
 pub const MAX_CLOCK_COUNTER: u64 = 1 << 53;
 
 impl Operation {
-    /// Checks what serde cannot: ids are non-blank and at most
-    /// [`super::MAX_ID_BYTES`] long, the author counts itself in the clock, counters are
+    /// Checks what serde cannot: ids are non-blank, at most [`super::MAX_ID_BYTES`]
+    /// long and free of control characters, the author counts itself in the clock, counters are
     /// at most [`MAX_CLOCK_COUNTER`] and a create's value is an object.
     ///
     /// The error names the field (`operationId`, `entityId`, …).
@@ -91,7 +91,7 @@ impl Operation {
             if value.trim().is_empty() {
                 return Err(DecodeError::new(field, "must not be empty"));
             }
-            check_id_len(field, value)?;
+            check_id(field, value)?;
         }
         if self.vector_clock.get(&self.client_id) == 0 {
             return Err(DecodeError::new(
@@ -191,11 +191,11 @@ pub struct ReconciliationRequest {
 
 impl ReconciliationRequest {
     /// Checks what serde cannot: `requestId` and `clientId` at most
-    /// [`super::MAX_ID_BYTES`] long, and every operation ([`Operation::validate`]); an
+    /// [`super::MAX_ID_BYTES`] long and free of control characters, and every operation ([`Operation::validate`]); an
     /// operation's error is named within the request (`operations[2].entityId`).
     pub fn validate(&self) -> Result<(), DecodeError> {
-        check_id_len("requestId", &self.request_id)?;
-        check_id_len("clientId", &self.client_id)?;
+        check_id("requestId", &self.request_id)?;
+        check_id("clientId", &self.client_id)?;
         for (i, op) in self.operations.iter().enumerate() {
             op.validate()
                 .map_err(|e| DecodeError::new(format!("operations[{i}].{}", e.path), e.message))?;

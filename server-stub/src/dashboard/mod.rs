@@ -298,16 +298,33 @@ async fn stream(
     app.audit(record).await?;
     let (tx, rx) = mpsc::channel::<Event>(64);
     let watcher = app.watch.subscribe();
+    let token = (caller.identity.exp, caller.identity.iat);
     app.background
-        .spawn(feed(Arc::clone(&app), scope, watcher, tx));
+        .spawn(feed(Arc::clone(&app), scope, token, watcher, tx));
     let events = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|event| (Ok(event), rx))
     });
     Ok(Sse::new(events).keep_alive(KeepAlive::default()))
 }
 
-/// Feeds one dashboard until it goes away or the server stops.
-async fn feed(app: Arc<App>, scope: Scope, mut watcher: watch::Watcher, tx: mpsc::Sender<Event>) {
+/// Feeds one dashboard until it goes away, the server stops or its token (`exp`,
+/// `iat`) expires: at `exp` (with the leeway, as `/ws`), or when the chaos layer
+/// expires tokens issued before now (seen at the next snapshot). An expiry is said
+/// with an `expired` event before the stream ends.
+async fn feed(
+    app: Arc<App>,
+    scope: Scope,
+    (exp, iat): (i64, Option<i64>),
+    mut watcher: watch::Watcher,
+    tx: mpsc::Sender<Event>,
+) {
+    let token_end = tokio::time::sleep_until(crate::auth::token_end(exp, &app.config));
+    tokio::pin!(token_end);
+    let expired = || {
+        Event::default()
+            .event("expired")
+            .data(r#"{"code":"AUTH_EXPIRED"}"#)
+    };
     let mut ticker = tokio::time::interval(SNAPSHOT_EVERY);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ticks: u32 = 0;
@@ -344,7 +361,15 @@ async fn feed(app: Arc<App>, scope: Scope, mut watcher: watch::Watcher, tx: mpsc
     loop {
         let event = tokio::select! {
             () = shutdown.cancelled() => break,
+            () = &mut token_end => {
+                send(expired()).await;
+                break;
+            }
             _ = ticker.tick() => {
+                if app.chaos.as_ref().is_some_and(|chaos| chaos.token_expired(iat)) {
+                    send(expired()).await;
+                    break;
+                }
                 // The other instances' connections, for the next snapshots (the node
                 // asks at most every other second, however many pages are open).
                 app.node.watching();

@@ -26,7 +26,7 @@ use crate::app::App;
 use crate::audit::AuditRecord;
 use crate::auth::ROLE_ADMIN;
 use crate::chaos::{ChaosControl, ChaosSettings, ChaosState, Target};
-use crate::error::{ApiError, check_id_len};
+use crate::error::{ApiError, check_id};
 use crate::http::extract::{Caller, JsonBody};
 
 /// Where the chaos endpoints live.
@@ -125,7 +125,7 @@ pub(crate) async fn drop_connections(
             .map_err(|_| ApiError::invalid("input", "the body is not UTF-8"))?;
         decode(text)?
     };
-    check_id_len("userId", request.user_id.as_deref())?;
+    check_id("userId", request.user_id.as_deref())?;
     let target = match &request.user_id {
         Some(user) => Target::User {
             tenant: &caller.tenant,

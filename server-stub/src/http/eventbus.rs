@@ -12,7 +12,7 @@ use webwaka_realtime::protocol::{
 
 use crate::app::App;
 use crate::auth::{ROLE_ADMIN, ROLE_SERVICE};
-use crate::error::ApiError;
+use crate::error::{ApiError, check_id};
 use crate::http::extract::{Caller, JsonBody, QueryMap};
 use crate::store::Claim;
 use crate::time::now_ms;
@@ -26,6 +26,7 @@ fn group_name(app: &App, group: &str) -> Result<String, ApiError> {
     if group.is_empty() || group.len() > 200 {
         return Err(ApiError::invalid("group", "must be 1 to 200 characters"));
     }
+    check_id("group", Some(group))?;
     if group == "default" {
         return Ok(app.config.event_bus_consumer_group.clone());
     }
@@ -122,6 +123,7 @@ pub(crate) async fn replay(
     Path(dlq_id): Path<String>,
 ) -> Result<Json<DlqReplayed>, ApiError> {
     caller.require_role(&[ROLE_SERVICE, ROLE_ADMIN])?;
+    check_id("dlqId", Some(&dlq_id))?;
     let tenant = caller.tenant.clone();
     let id = dlq_id.clone();
     let (group, event_id) = app.store.replay(&tenant, &id).await?;

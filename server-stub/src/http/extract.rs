@@ -218,6 +218,9 @@ impl QueryMap {
         }
         let Query(map) = Query::<HashMap<String, String>>::try_from_uri(uri)
             .map_err(|e| ApiError::invalid("query", e.body_text()))?;
+        for (name, value) in &map {
+            webwaka_realtime::protocol::check_printable(name, value)?;
+        }
         Ok(Self(map))
     }
 

@@ -10,7 +10,7 @@ use axum::extract::{Path, State};
 use webwaka_realtime::protocol::{ReconciliationRequest, ReconciliationResponse, StateSnapshot};
 
 use crate::app::App;
-use crate::error::ApiError;
+use crate::error::{ApiError, check_id};
 use crate::http::extract::{Caller, JsonBody};
 
 /// `POST /api/reconciliation/reconcile`.
@@ -95,6 +95,8 @@ pub(crate) async fn snapshot(
     caller: Caller,
     Path((entity_type, entity_id)): Path<(String, String)>,
 ) -> Result<Json<StateSnapshot>, ApiError> {
+    check_id("entityType", Some(&entity_type))?;
+    check_id("entityId", Some(&entity_id))?;
     app.limits
         .poll
         .check(&app.metrics, &caller.tenant, caller.user())?;

@@ -12,7 +12,7 @@ use webwaka_realtime::protocol::{
 
 use crate::app::App;
 use crate::auth::{ROLE_ADMIN, ROLE_SUPER_ADMIN};
-use crate::error::{ApiError, check_id_len};
+use crate::error::{ApiError, check_id};
 use crate::http::extract::{Caller, JsonBody, header_str};
 use crate::transactions::{self, Submission, Submitted};
 
@@ -48,7 +48,7 @@ pub(crate) async fn submit(
     if request.transaction_type.trim().is_empty() {
         return Err(ApiError::invalid("transactionType", "must not be empty"));
     }
-    check_id_len("transactionType", Some(&request.transaction_type))?;
+    check_id("transactionType", Some(&request.transaction_type))?;
     let submission = Submission {
         tenant: caller.tenant.clone(),
         user: caller.user().to_owned(),
@@ -80,6 +80,7 @@ pub(crate) async fn status(
     caller: Caller,
     Path(transaction_id): Path<String>,
 ) -> Result<Json<TransactionStatus>, ApiError> {
+    check_id("transactionId", Some(&transaction_id))?;
     let is_admin = caller
         .identity
         .has_any_role(&[ROLE_ADMIN, ROLE_SUPER_ADMIN]);

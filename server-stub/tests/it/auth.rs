@@ -213,6 +213,75 @@ async fn naming_another_tenant_is_a_violation_through_every_header_door() {
     );
 }
 
+/// PostgreSQL stores no NUL in text: an id holding a control character is refused by
+/// name, and a tenant named with one is audited escaped (the record is written).
+#[tokio::test]
+async fn control_characters_are_refused_in_ids_and_escaped_in_the_audit() {
+    let ts = TestServer::start(|_| {}).await;
+    let alice = ts.token("tenant-a", "alice", &["service"]);
+    for (path, body, field) in [
+        (
+            "/api/messages",
+            json!({"type": "t", "payload": 1, "recipientId": "bob", "messageId": "m\u{0}1"}),
+            "messageId",
+        ),
+        (
+            "/api/messages",
+            json!({"type": "t", "payload": 1, "roomId": "r\n"}),
+            "roomId",
+        ),
+        (
+            "/api/events",
+            json!({"eventType": "x.y", "payload": 1, "eventId": "e\u{0}"}),
+            "eventId",
+        ),
+    ] {
+        let (status, answer) = ts.post(path, Some(&alice), body, &[]).await;
+        assert_eq!(
+            (status, answer["code"].as_str()),
+            (400, Some("INVALID_REQUEST")),
+            "{path}: {answer}"
+        );
+        assert_eq!(answer["details"]["path"], field, "{answer}");
+    }
+    // In a query parameter and in a path (percent-encoded).
+    for (path, field) in [
+        ("/api/events/poll?lastEventId=e%001", "lastEventId"),
+        ("/api/reconciliation/snapshot/task/t%001", "entityId"),
+        ("/api/transactions/txn%0A1", "transactionId"),
+    ] {
+        let (status, answer) = ts.get(path, Some(&alice), &[]).await;
+        assert_eq!(
+            (status, answer["code"].as_str()),
+            (400, Some("INVALID_REQUEST")),
+            "{path}: {answer}"
+        );
+        assert_eq!(answer["details"]["path"], field, "{answer}");
+    }
+    let (status, answer) = ts
+        .post(
+            "/api/messages",
+            Some(&alice),
+            json!({"tenantId": "tenant-b\u{0}x", "type": "t", "payload": 1, "recipientId": "bob"}),
+            &[],
+        )
+        .await;
+    assert_eq!(
+        (status, answer["code"].as_str()),
+        (403, Some("TENANT_VIOLATION")),
+        "{answer}"
+    );
+    let entries = audit_entries(&ts, "tenant-a").await;
+    let violation = entries
+        .iter()
+        .find(|e| e["action"] == "security.tenant_violation")
+        .expect("the violation is audited");
+    assert_eq!(
+        violation["targetTenantId"], "tenant-b\\u{0}x",
+        "{violation}"
+    );
+}
+
 #[tokio::test]
 async fn super_admin_needs_a_justification_and_is_audited_either_way() {
     let ts = TestServer::start(|_| {}).await;

@@ -66,6 +66,57 @@ impl Feed {
     }
 }
 
+/// Reads until the feed ends (`true`) or `wait` passes (`false`).
+async fn ends_within(feed: &mut Feed, wait: Duration) -> bool {
+    tokio::time::timeout(wait, async {
+        while let Ok(Some(chunk)) = feed.response.chunk().await {
+            feed.buffer.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    })
+    .await
+    .is_ok()
+}
+
+/// As `/ws`, the feed ends at its token's `exp` (with the leeway), and when the chaos
+/// layer expires the tokens issued before now, saying so with an `expired` event.
+#[tokio::test]
+async fn the_feed_ends_when_its_token_expires() {
+    let ts = TestServer::start(|c| {
+        c.jwt_leeway_ms = 1_000;
+        c.chaos = true;
+    })
+    .await;
+    let keys = ts.running().keys();
+    let short = keys.mint("t1", "ops", &["admin".to_owned()], 1);
+    let opened = std::time::Instant::now();
+    let mut feed = Feed::open(&ts, &format!("token={short}")).await.unwrap();
+    feed.next("snapshot").await;
+    // exp is within a second of now (whole seconds), plus the 1 s leeway.
+    assert!(
+        ends_within(&mut feed, Duration::from_secs(6)).await,
+        "the feed outlived its token"
+    );
+    let lasted = opened.elapsed();
+    assert!(
+        lasted >= Duration::from_millis(900),
+        "ended after {lasted:?}"
+    );
+    assert!(feed.buffer.contains("event: expired"), "{}", feed.buffer);
+
+    // A long token, expired by the chaos layer: ended at the next snapshot (1 s).
+    let long = ts.token("t1", "ops", &["admin"]);
+    let mut feed = Feed::open(&ts, &format!("token={long}")).await.unwrap();
+    feed.next("snapshot").await;
+    // The chaos cutoff is the current second: a token minted in it is not before it.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    ts.running().chaos().unwrap().expire_tokens();
+    assert!(
+        ends_within(&mut feed, Duration::from_secs(4)).await,
+        "the feed outlived the chaos expiry"
+    );
+    assert!(feed.buffer.contains("event: expired"), "{}", feed.buffer);
+}
+
 #[tokio::test]
 async fn only_admins_watch_their_tenant_and_a_super_admin_every_tenant_with_a_justification() {
     let ts = TestServer::start(|_| {}).await;

@@ -316,6 +316,8 @@ async fn requests_in_flight_and_websockets_outlive_the_timeouts() {
     let ts = TestServer::start(|c| {
         c.http_header_timeout_ms = 300;
         c.http_idle_timeout_ms = 300;
+        // Each chunk comes well within it: the body makes progress.
+        c.http_body_timeout_ms = 400;
         // The WebSocket reads nothing while the slow request runs: its own ping
         // timeout (1 s in the tests) must not be what closes it.
         c.ping_timeout_ms = 10_000;
@@ -325,7 +327,7 @@ async fn requests_in_flight_and_websockets_outlive_the_timeouts() {
     let mut bob = ts.ws(&ts.token("t1", "bob", &[])).await;
 
     // A request whose body takes 1.5 s to arrive: its headers are in, so it is in
-    // flight, and neither timeout cuts it.
+    // flight, and neither timeout cuts it; each chunk restarts the body timeout.
     let body = json!({"type": "t", "recipientId": "bob", "payload": {"text": "slow"}}).to_string();
     let mut stream = TcpStream::connect(addr(&ts)).await.unwrap();
     let head = format!(
@@ -346,6 +348,95 @@ async fn requests_in_flight_and_websockets_outlive_the_timeouts() {
     tokio::time::sleep(Duration::from_millis(900)).await;
     bob.assert_usable().await;
     assert_eq!(metric(&ts, &closed_by("header_timeout")).await, 0);
+    assert_eq!(metric(&ts, &closed_by("body_timeout")).await, 0);
+}
+
+#[tokio::test]
+async fn a_request_body_that_never_comes_is_closed_at_the_body_timeout() {
+    let body_timeout = Duration::from_millis(500);
+    let ts = TestServer::start(|c| {
+        c.http_body_timeout_ms = 500;
+        // A socket.io long poll waits 1.5 s for the server's ping: longer than the
+        // body timeout, and not cut by it.
+        c.ping_interval_ms = 1_500;
+        c.ping_timeout_ms = 5_000;
+    })
+    .await;
+    let alice = ts.token("t1", "alice", &[]);
+
+    // socket.io needs no token for an Engine.IO session.
+    let mut polling = TcpStream::connect(addr(&ts)).await.unwrap();
+    polling
+        .write_all(b"GET /socket.io/?EIO=4&transport=polling HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (status, open) = read_response(&mut polling).await;
+    assert_eq!(status, 200, "{open}");
+    let open: Value =
+        serde_json::from_str(open.strip_prefix('0').expect("an open packet")).unwrap();
+    let sid = open["sid"].as_str().expect("a sid").to_owned();
+
+    // Headers announcing 100 bytes, then nothing: to socket.io, and to a JSON endpoint.
+    let heads = [
+        format!(
+            "POST /socket.io/?EIO=4&transport=polling&sid={sid} HTTP/1.1\r\nHost: x\r\n\
+             Content-Type: text/plain;charset=UTF-8\r\nContent-Length: 100\r\n\r\n"
+        ),
+        format!(
+            "POST /api/messages HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {alice}\r\n\
+             Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+        ),
+    ];
+    let mut stalled = Vec::new();
+    for head in &heads {
+        let mut stream = TcpStream::connect(addr(&ts)).await.unwrap();
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stalled.push((stream, Instant::now()));
+    }
+    for (mut stream, began) in stalled {
+        let after = closed_after(&mut stream, began, body_timeout + LATE)
+            .await
+            .expect("a stalled body's connection is closed");
+        assert!(
+            after + EARLY >= body_timeout && after <= body_timeout + LATE,
+            "closed after {after:?}, the body timeout is {body_timeout:?}"
+        );
+    }
+    assert_eq!(metric(&ts, &closed_by("body_timeout")).await, 2);
+
+    // A long poll waits for the server, not for a body: after the first ping (sent at
+    // once) and its pong, the next ping comes 1.5 s later, three body timeouts.
+    // (The session above was closed with its stalled POST: a new one.)
+    polling
+        .write_all(b"GET /socket.io/?EIO=4&transport=polling HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (status, open) = read_response(&mut polling).await;
+    assert_eq!(status, 200, "{open}");
+    let open: Value =
+        serde_json::from_str(open.strip_prefix('0').expect("an open packet")).unwrap();
+    let sid = open["sid"].as_str().expect("a sid");
+    let poll =
+        format!("GET /socket.io/?EIO=4&transport=polling&sid={sid} HTTP/1.1\r\nHost: x\r\n\r\n");
+    polling.write_all(poll.as_bytes()).await.unwrap();
+    let (status, packet) = read_response(&mut polling).await;
+    assert_eq!((status, packet.as_str()), (200, "2"), "the first ping");
+    let pong = format!(
+        "POST /socket.io/?EIO=4&transport=polling&sid={sid} HTTP/1.1\r\nHost: x\r\n\
+         Content-Type: text/plain;charset=UTF-8\r\nContent-Length: 1\r\n\r\n3"
+    );
+    polling.write_all(pong.as_bytes()).await.unwrap();
+    assert_eq!(read_response(&mut polling).await.0, 200, "the pong");
+    let asked = Instant::now();
+    polling.write_all(poll.as_bytes()).await.unwrap();
+    let (status, packet) = read_response(&mut polling).await;
+    assert_eq!((status, packet.as_str()), (200, "2"), "the next ping");
+    assert!(
+        asked.elapsed() >= 2 * body_timeout,
+        "the long poll waited {:?}",
+        asked.elapsed()
+    );
+    assert_eq!(metric(&ts, &closed_by("body_timeout")).await, 2);
 }
 
 #[tokio::test]
@@ -353,6 +444,7 @@ async fn with_the_defaults_a_silent_connection_is_closed_after_ten_seconds() {
     let ts = TestServer::start(|_| {}).await;
     assert_eq!(ts.config.http_header_timeout_ms, 10_000);
     assert_eq!(ts.config.http_idle_timeout_ms, 60_000);
+    assert_eq!(ts.config.http_body_timeout_ms, 30_000);
     let opened = Instant::now();
     let mut silent = TcpStream::connect(addr(&ts)).await.unwrap();
     // Served meanwhile.

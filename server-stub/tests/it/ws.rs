@@ -492,6 +492,37 @@ async fn server_full_is_503_and_not_an_auth_failure() {
 }
 
 #[tokio::test]
+async fn a_join_past_max_rooms_per_user_is_refused() {
+    let ts = TestServer::start(|c| c.max_rooms_per_user = 3).await;
+    let mut a = ts.ws(&ts.token("t1", "alice", &[])).await;
+    for room in ["r1", "r2", "r3"] {
+        let joined = a.call("join_room", json!({"roomId": room}), room).await;
+        assert_eq!(joined["event"], "room_joined", "{joined}");
+    }
+    let refused = a.call("join_room", json!({"roomId": "r4"}), "r4").await;
+    assert_eq!(refused["data"]["code"], "AUTHZ_FAILED", "{refused}");
+    let details = &refused["data"]["details"];
+    assert_eq!(details["reason"], "MAX_ROOMS_PER_USER", "{refused}");
+    assert_eq!(
+        (details["roomId"].as_str(), details["maxRooms"].as_u64()),
+        (Some("r4"), Some(3))
+    );
+    // A room one is in may be joined again; one left makes room for another.
+    let again = a.call("join_room", json!({"roomId": "r1"}), "again").await;
+    assert_eq!(again["event"], "room_joined", "{again}");
+    let left = a.call("leave_room", json!({"roomId": "r1"}), "leave").await;
+    assert_eq!(left["event"], "room_left", "{left}");
+    let joined = a
+        .call("join_room", json!({"roomId": "r4"}), "r4-again")
+        .await;
+    assert_eq!(joined["event"], "room_joined", "{joined}");
+    // Another user has a cap of their own.
+    let mut b = ts.ws(&ts.token("t1", "bob", &[])).await;
+    let joined = b.call("join_room", json!({"roomId": "r5"}), "b").await;
+    assert_eq!(joined["event"], "room_joined", "{joined}");
+}
+
+#[tokio::test]
 async fn an_expired_token_closes_with_1008() {
     let ts = TestServer::start(|c| c.jwt_leeway_ms = 0).await;
     let token = ts.running().keys().mint("t1", "alice", &[], 1);

@@ -116,6 +116,14 @@
     source.addEventListener('item', (e) => item(JSON.parse(e.data)));
     source.addEventListener('backlog', (e) => backlog(JSON.parse(e.data)));
     source.addEventListener('history', (e) => pastPoints(JSON.parse(e.data)));
+    // The token ran out (or the chaos layer expired it): the server ended the feed.
+    source.addEventListener('expired', () => {
+      source.close();
+      $('#status').textContent = 'token expired';
+      $('#status').className = 'status down';
+      showError('The token expired: log in again.');
+      showLogin();
+    });
     source.addEventListener('skipped', (e) => { $('#event-count').textContent = '(' + e.data + ' skipped: too many to show)'; });
   }
 

@@ -379,33 +379,70 @@ pub(super) async fn appender(
             .into_iter()
             .map(|j| ((j.tenant, j.draft), j.reply))
             .unzip();
-        let result: Result<Appends, StoreError> = retry_transaction!(pool, |tx| {
-            let appends = append_in(&tx, &instance, &drafts).await;
-            // Before the commit: a read-back of these rows (another path to the feed)
-            // delivers these versions, which know their sending connection.
-            if let Ok(appends) = &appends {
-                for (tenant, events) in &appends.committed {
-                    feed.expect(tenant, events);
-                }
-            }
-            appends
-        });
-        match result {
-            Ok(mut appends) => {
-                appends.publish(&feed);
-                for (reply, answer) in replies.into_iter().zip(appends.answers) {
-                    let _ = reply.send(answer);
+        match commit(&pool, &feed, &instance, &drafts).await {
+            Ok(appends) => answer(&feed, appends, replies),
+            // A statement refused (not the connection, not a conflict): one draft may
+            // be the cause, so each goes again alone and only the culprits fail.
+            Err(StoreError::Postgres(why)) if drafts.len() > 1 => {
+                tracing::warn!(
+                    error = %why,
+                    drafts = drafts.len(),
+                    "a batch of appends was refused; appending its drafts one by one"
+                );
+                for (draft, reply) in drafts.iter().zip(replies) {
+                    match commit(&pool, &feed, &instance, std::slice::from_ref(draft)).await {
+                        Ok(appends) => answer(&feed, appends, vec![reply]),
+                        Err(error) => {
+                            let _ = reply.send(Err(JobError::Store(error)));
+                        }
+                    }
                 }
             }
             Err(error) => {
-                for (tenant, _) in &drafts {
-                    feed.unexpect(tenant);
-                }
                 for reply in replies {
                     let _ = reply.send(Err(JobError::Store(clone_error(&error))));
                 }
             }
         }
+    }
+}
+
+/// Appends `drafts` in one transaction (run again on a conflict); the feed expects
+/// their events until the commit, and forgets them when it fails.
+async fn commit(
+    pool: &Pool,
+    feed: &Feed,
+    instance: &str,
+    drafts: &[(String, Draft)],
+) -> Result<Appends, StoreError> {
+    let result: Result<Appends, StoreError> = retry_transaction!(pool, |tx| {
+        let appends = append_in(&tx, instance, drafts).await;
+        // Before the commit: a read-back of these rows (another path to the feed)
+        // delivers these versions, which know their sending connection.
+        if let Ok(appends) = &appends {
+            for (tenant, events) in &appends.committed {
+                feed.expect(tenant, events);
+            }
+        }
+        appends
+    });
+    if result.is_err() {
+        for (tenant, _) in drafts {
+            feed.unexpect(tenant);
+        }
+    }
+    result
+}
+
+/// Hands committed appends to the feed and answers their jobs, in order.
+fn answer(
+    feed: &Feed,
+    mut appends: Appends,
+    replies: Vec<oneshot::Sender<Result<Appended, JobError>>>,
+) {
+    appends.publish(feed);
+    for (reply, answer) in replies.into_iter().zip(appends.answers) {
+        let _ = reply.send(answer);
     }
 }
 
@@ -420,7 +457,68 @@ fn clone_error(error: &StoreError) -> StoreError {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
+    use webwaka_realtime::protocol::{InteractionClass, WebSocketMessage};
+
+    fn message(tenant: &str, message_id: &str) -> Draft {
+        Draft::Message {
+            message: WebSocketMessage {
+                message_id: message_id.to_owned(),
+                message_type: "chat".to_owned(),
+                interaction_class: InteractionClass::ClassB,
+                tenant_id: tenant.to_owned(),
+                sender_id: "alice".to_owned(),
+                recipient_id: Some("bob".to_owned()),
+                room_id: None,
+                payload: serde_json::json!({"text": "hi"}),
+                timestamp: chrono::Utc::now(),
+                metadata: None,
+                event_id: None,
+                sequence: None,
+            },
+            exclude: None,
+        }
+    }
+
+    /// A draft PostgreSQL refuses (a NUL in its id; validation keeps clients from
+    /// sending one) fails alone: the other tenant's draft of the same batch is stored
+    /// and answered. On the engine under test (SQLite stores a NUL, so both are).
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_draft_the_database_refuses_fails_alone_in_its_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = crate::config::Config::new(dir.path());
+        crate::testing::use_engine_under_test(&mut config).await;
+        let postgres = config.database_url.is_some();
+        let app = crate::app::App::new(config, None).await.unwrap();
+        // Queued back to back on this one thread: the appender, which runs only when
+        // this task waits, takes both in one batch.
+        let bad = app
+            .store
+            .queue_append("t1", message("t1", "m\0x"))
+            .await
+            .unwrap();
+        let good = app
+            .store
+            .queue_append("t2", message("t2", "m-good"))
+            .await
+            .unwrap();
+        let wait = std::time::Duration::from_secs(30);
+        let bad = tokio::time::timeout(wait, bad).await.unwrap().unwrap();
+        let good = tokio::time::timeout(wait, good).await.unwrap().unwrap();
+        assert_eq!(bad.is_err(), postgres, "{bad:?}");
+        let good = good.unwrap();
+        assert_eq!((good.seq, good.duplicate), (1, false));
+        let stored = app.store.cursor("t2", &good.event_id).await.unwrap();
+        assert_eq!(stored.map(|(seq, _)| seq), Some(1));
+        // The refused tenant's log is unchanged, and takes a good draft next.
+        let next = app
+            .store
+            .append("t1", message("t1", "m-next"))
+            .await
+            .unwrap();
+        assert_eq!(next.seq, if postgres { 1 } else { 2 });
+    }
 
     fn event(seq: u64, body_len: usize) -> TailEvent {
         TailEvent {
