@@ -16,7 +16,7 @@ use crate::error::RealtimeError;
 use crate::options::ClientOptions;
 use crate::runtime::{self, run};
 use crate::subscription::{self, ClientListener, QUEUE_CAPACITY, SubscriptionHandle};
-use crate::token::{ForeignTokens, TOKEN_TIMEOUT, TokenProvider};
+use crate::token::{ForeignTokens, TokenProvider};
 use crate::types::{
     CachedEntity, ClientMetrics, ConflictChoice, ConnectionState, EntityConflict, OutboxItem,
     OutboxItemState, OutgoingMessage, PresenceStatus, parse_json, parse_object,
@@ -75,7 +75,7 @@ impl RealtimeClient {
         tokens: Arc<dyn TokenProvider>,
     ) -> Result<Arc<Self>, RealtimeError> {
         let config = options.into_config()?;
-        let provider = Arc::new(ForeignTokens::new(tokens, TOKEN_TIMEOUT));
+        let provider = Arc::new(ForeignTokens::new(tokens, config.token_timeout));
         // Wrapped on the runtime: if the app stops waiting, the client it would have
         // got is dropped there, which shuts it down.
         run(async move {

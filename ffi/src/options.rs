@@ -44,6 +44,10 @@ pub struct ClientOptions {
     /// Bound of each HTTP request.
     #[uniffi(default)]
     pub request_timeout_ms: Option<u64>,
+    /// Bound of each call of the token provider (default 30 s): one that takes longer
+    /// (an interactive sign-in) counts as no token.
+    #[uniffi(default)]
+    pub token_timeout_ms: Option<u64>,
     /// Smallest retry delay.
     #[uniffi(default)]
     pub backoff_min_ms: Option<u64>,
@@ -176,6 +180,7 @@ impl ClientOptions {
             max_outbox_bytes: None,
             max_payload_bytes: None,
             request_timeout_ms: None,
+            token_timeout_ms: None,
             backoff_min_ms: None,
             backoff_max_ms: None,
             suspend_after_ms: None,
@@ -238,6 +243,11 @@ impl ClientOptions {
             &mut c.request_timeout,
             "requestTimeoutMs",
             self.request_timeout_ms,
+        )?;
+        set_ms(
+            &mut c.token_timeout,
+            "tokenTimeoutMs",
+            self.token_timeout_ms,
         )?;
         let m = &mut c.machine;
         set_ms(&mut m.backoff_min, "backoffMinMs", self.backoff_min_ms)?;

@@ -3,7 +3,7 @@
 //!
 //! The client asks for a token when it connects and again when the server refuses or
 //! expires the one it has, one request at a time. The adapter bounds each request in
-//! time, so that a provider that never answers cannot hold the client forever; a
+//! time (`tokenTimeoutMs`, 30 s by default), so that a provider that never answers cannot hold the client forever; a
 //! provider that throws, answers late or returns an empty token leaves the client in
 //! `AUTH_FAILED` until `reauthenticate()`.
 //!
@@ -16,9 +16,6 @@ use std::time::Duration;
 use webwaka_realtime::client::{self as sdk, TokenError, TokenFuture};
 
 use crate::error::CallbackError;
-
-/// How long one token request may take before the client gives up on it.
-pub(crate) const TOKEN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why the client asks for a token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, uniffi::Enum)]

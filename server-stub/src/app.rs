@@ -259,6 +259,9 @@ pub(crate) fn printable_id(id: &str) -> String {
         let before = out.len();
         if c.is_control() {
             out.extend(c.escape_unicode());
+        } else if c == '\\' {
+            // Escaped too, so that an escape in the record is never the peer's text.
+            out.push_str("\\\\");
         } else {
             out.push(c);
         }
@@ -298,6 +301,11 @@ mod tests {
     fn a_peer_id_is_stored_escaped_and_cut() {
         assert_eq!(printable_id("tenant-b"), "tenant-b");
         assert_eq!(printable_id("a\0b\n"), "a\\u{0}b\\u{a}");
+        assert_eq!(
+            printable_id("a\\u{0}b"),
+            "a\\\\u{0}b",
+            "not taken for an escape"
+        );
         let long = printable_id(&format!("{}\0", "é".repeat(200)));
         assert!(long.ends_with('…'), "{long}");
         assert!(long.len() <= MAX_ID_LEN + '…'.len_utf8(), "{}", long.len());

@@ -148,6 +148,10 @@ pub enum StoreError {
     /// PostgreSQL refused (a statement failed; the database itself is up).
     #[error("postgres: {0}")]
     Postgres(String),
+    /// PostgreSQL refused a value a statement carried (SQLSTATE class 22, a data
+    /// exception: e.g. a NUL in text): one of the rows is the cause, not the database.
+    #[error("postgres refused a value: {0}")]
+    DataRefused(String),
     /// The database cannot be reached or is restarting: retryable.
     #[error("the database is unavailable: {0}")]
     Unavailable(String),

@@ -92,6 +92,9 @@ pub(crate) async fn admit(app: &Arc<App>, handshake: Handshake<'_>) -> Result<Ad
     if app.shutdown.is_cancelled() {
         return Err(full());
     }
+    // A cursor from socket.io's `auth` bypasses the query's checks: refused by name
+    // here, not passed to the database (PostgreSQL refuses a NUL in text).
+    check_id("lastEventId", handshake.last_event_id)?;
     let slot = app.take_slot().ok_or_else(full)?;
     let cursor = match handshake
         .last_event_id

@@ -769,3 +769,57 @@ async fn sends_unacknowledged_on_a_socket_the_client_closed_go_again_at_once() {
     );
     alice.shutdown().await;
 }
+
+/// A room joined offline and posted to offline: on the next connection the join goes
+/// before the post, so the post is delivered (it went first, was refused as from a
+/// non-member, and died).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_to_a_room_joined_offline_is_delivered_after_the_join() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let proxy = Proxy::start(server.addr).await.unwrap();
+    let alice = open_client(
+        client_config(&proxy.url(), &dir.path().join("alice.db")),
+        server.token("t1", "alice"),
+    )
+    .await;
+    let bob = open_client(
+        client_config(&server.url(), &dir.path().join("bob.db")),
+        server.token("t1", "bob"),
+    )
+    .await;
+    let mut at_bob = bob.subscribe();
+    bob.join_room("general").await.unwrap();
+    collect(&mut at_bob, 1, WITHIN, |u| match u {
+        Update::Room { joined: true, .. } => Some(()),
+        _ => None,
+    })
+    .await;
+    proxy.set_mode(Mode::Refuse);
+    proxy.cut_all();
+    let offline = wait_until(WITHIN, || async {
+        !alice.watch_state().borrow().is_connected()
+    })
+    .await;
+    assert!(offline, "no transport works: not connected");
+    alice.join_room("general").await.unwrap();
+    let post = alice
+        .send_message(OutgoingMessage::new(
+            Target::Room("general".into()),
+            "chat.text",
+            json!({ "text": "joined offline" }),
+        ))
+        .await
+        .unwrap();
+
+    proxy.set_mode(Mode::Pass);
+    let post = alice
+        .wait_settled(&post.id, &[ItemState::Accepted, ItemState::Dead], WITHIN)
+        .await
+        .unwrap();
+    assert_eq!(post.state, ItemState::Accepted, "{:?}", post.last_error);
+    let got = collect(&mut at_bob, 1, WITHIN, messages).await;
+    assert_eq!(texts(&got), ["joined offline"]);
+    alice.shutdown().await;
+    bob.shutdown().await;
+}

@@ -10,7 +10,7 @@
 
 use std::path::{Path, PathBuf};
 
-use rusqlite::{Connection, OptionalExtension};
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use zeroize::Zeroizing;
 
 use super::StoreError;
@@ -168,14 +168,30 @@ pub(super) fn export_rekeyed(
     let copy = with_suffix(path, "-rekeying");
     remove_stale(&copy)?;
     let result = export(conn, &copy, new_key).and_then(|()| {
-        // The copy opens with the new key, and every page reads back.
-        let check = Connection::open(&copy)?;
+        // The copy opens with the new key (read-only: a copy that vanished meanwhile is
+        // an error, not a new empty database), every page reads back, and it holds the
+        // store's schema at its version.
+        let check = Connection::open_with_flags(
+            &copy,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
         apply_key(&check, new_key)?;
         let verdict: String = check.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
-        if verdict != "ok" {
+        let shape = |c: &Connection| -> rusqlite::Result<(i64, i64)> {
+            c.query_row(
+                "SELECT (SELECT COUNT(*) FROM sqlite_master), user_version FROM pragma_user_version",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+        };
+        let (copied, original) = (shape(&check)?, shape(conn)?);
+        if verdict != "ok" || copied != original {
             return Err(StoreError::Invalid {
                 field: "key",
-                message: format!("the store rewritten under the new key did not check: {verdict}"),
+                message: format!(
+                    "the store rewritten under the new key did not check: {verdict}, \
+                     {copied:?} schema entries and version against {original:?}"
+                ),
             });
         }
         check.close().map_err(|(_, e)| e)?;
@@ -234,13 +250,16 @@ fn checkpoint_whole(conn: &Connection) -> Result<(), StoreError> {
 }
 
 /// Renames the checked copy over the store at `path` (its connection closed), drops the
-/// old file's log, and makes the rename durable.
+/// old file's log, and makes the rename durable. An error means the rename did not
+/// happen (the store is as it was); after it, nothing fails: the old log was emptied by
+/// the checkpoint, so one left behind (its removal failed) is only tidied up later.
 pub(super) fn replace_with(copy: &Path, path: &Path) -> Result<(), StoreError> {
     std::fs::rename(copy, path)?;
-    // The old file's log was emptied by the checkpoint and removed at close; if either
-    // is left, it belongs to the old file: remove it.
-    remove_stale(&with_suffix(path, "-wal"))?;
-    remove_stale(&with_suffix(path, "-shm"))?;
+    for suffix in ["-wal", "-shm"] {
+        if let Err(e) = remove_stale(&with_suffix(path, suffix)) {
+            tracing::warn!(error = %e, suffix, "could not remove the old store's log");
+        }
+    }
     sync_parent(path);
     Ok(())
 }

@@ -159,8 +159,9 @@ impl Store {
     }
 
     /// Forgets the cursor (after a resynchronisation whose old cursor expired): the next
-    /// poll starts at the beginning of the server's retention. The seen ids stay, so
-    /// events already processed are still recognised.
+    /// poll starts at the beginning of the server's retention. The seen ids stay (those
+    /// not pruned yet: see `prune_seen`), so events already processed are still
+    /// recognised.
     pub fn clear_cursor(&self) -> Result<(), StoreError> {
         self.conn
             .execute("DELETE FROM inbound_cursor WHERE id = 1", [])?;

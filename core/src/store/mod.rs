@@ -532,29 +532,38 @@ impl Store {
         let copy = cipher::export_rekeyed(&self.conn, &path, &new_key)?;
         // The old connection goes before the rename: its log's name is the new file's.
         let old = std::mem::replace(&mut self.conn, Connection::open_in_memory()?);
-        let renamed = old
-            .close()
-            .map_err(|(_, e)| StoreError::from(e))
-            .and_then(|()| cipher::replace_with(&copy, &path));
-        let config = StoreConfig {
-            key: Some(new_key),
-            ..self.config.clone()
+        let renamed = match old.close() {
+            Ok(()) => cipher::replace_with(&copy, &path),
+            Err((_, e)) => Err(e.into()),
         };
-        // Renamed: the store is under the new key; not renamed: still under the old.
-        let config = if renamed.is_ok() {
-            config
-        } else {
-            let _ = cipher::remove_leftovers(&path);
-            self.config.clone()
-        };
-        let conn = Self::connect(&path, &config).and_then(|conn| {
+        match &renamed {
+            // From the rename on, the file is under the new key, whatever follows.
+            Ok(()) => self.config.key = Some(new_key),
+            Err(_) => {
+                let _ = cipher::remove_leftovers(&path);
+            }
+        }
+        // Open again, under the key the file has now.
+        let config = self.config.clone();
+        let reopened = Self::connect(&path, &config).and_then(|conn| {
             Self::configure(&conn, true, &config)?;
             Self::cap_file_size(&conn, &config)?;
             Ok(conn)
-        })?;
-        self.conn = conn;
-        self.config = config;
-        renamed
+        });
+        match (renamed, reopened) {
+            (renamed, Ok(conn)) => {
+                self.conn = conn;
+                renamed
+            }
+            (Ok(()), Err(e)) => Err(StoreError::Invalid {
+                field: "key",
+                message: format!(
+                    "the key was changed, but the store could not be opened again ({e}): \
+                     open the client again with the new key"
+                ),
+            }),
+            (Err(e), Err(_)) => Err(e),
+        }
     }
 
     /// Runs SQLite's `PRAGMA integrity_check`; `Ok(())` when the file is sound.

@@ -211,6 +211,12 @@ pub(crate) fn is_due(next_attempt_at: Timestamp, now: Timestamp) -> bool {
     at <= now || at > now.saturating_add(LONGEST_WAIT_MS)
 }
 
+/// The earliest next attempt of a waiting item due after `?1` (now, in ms); one further
+/// than `LONGEST_WAIT_MS` is due now (a clock gone back), not waited for.
+const NEXT_ATTEMPT_AFTER: &str = "SELECT MIN(next_attempt_ms) FROM outbox
+     WHERE in_lane = 1 AND state = 'persisted' AND next_attempt_ms > ?1
+       AND next_attempt_ms <= ?1 + 7200000 -- LONGEST_WAIT_MS";
+
 /// The items that may be sent now, as the table `sendable(seq)` for the statement that
 /// follows (`?1`: now in ms, `?2`: the limit): the head of each lane if it is persisted
 /// and due, oldest first. The heads are found by walking the lanes that hold items (one
@@ -574,10 +580,7 @@ impl Store {
             .prepare_cached(
                 // `in_lane = 1` (persisted or in flight) lets the lane index's partial
                 // condition apply: only what is still to do is read.
-                // Further than `LONGEST_WAIT_MS`: due now (a clock gone back).
-                "SELECT MIN(next_attempt_ms) FROM outbox
-                  WHERE in_lane = 1 AND state = 'persisted' AND next_attempt_ms > ?1
-                    AND next_attempt_ms <= ?1 + 7200000",
+                NEXT_ATTEMPT_AFTER,
             )?
             .query_row(params![to_ms(now)], |row| row.get(0))?;
         Ok(ms.map(from_ms))
@@ -1219,9 +1222,10 @@ mod tests {
 
     #[test]
     fn the_statements_use_the_longest_wait() {
-        use super::{LONGEST_WAIT_MS, SENDABLE_HEADS, is_due};
+        use super::{LONGEST_WAIT_MS, NEXT_ATTEMPT_AFTER, SENDABLE_HEADS, is_due};
         let literal = format!("?1 + {LONGEST_WAIT_MS}");
         assert!(SENDABLE_HEADS.contains(&literal));
+        assert!(NEXT_ATTEMPT_AFTER.contains(&literal));
         let now = chrono::Utc::now();
         assert!(is_due(now, now));
         assert!(!is_due(now + chrono::Duration::hours(1), now));

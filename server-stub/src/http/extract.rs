@@ -129,6 +129,9 @@ pub(crate) async fn resolve_tenant(
             .tenant_violation(&identity.tenant_id, &identity.user_id, named, via, resource)
             .await);
     }
+    // A super admin acts in the tenant named: it must be a tenant id one could act in
+    // (and an audit record can carry), refused by name otherwise.
+    crate::error::check_id(via, Some(named))?;
     let justification = justification.map(str::trim).filter(|j| !j.is_empty());
     let record = AuditRecord::new(
         &identity.tenant_id,

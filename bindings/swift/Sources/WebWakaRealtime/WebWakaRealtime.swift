@@ -2774,6 +2774,11 @@ public struct ClientOptions: Equatable, Hashable {
      */
     public var requestTimeoutMs: UInt64?
     /**
+     * Bound of each call of the token provider (default 30 s): one that takes longer
+     * (an interactive sign-in) counts as no token.
+     */
+    public var tokenTimeoutMs: UInt64?
+    /**
      * Smallest retry delay.
      */
     public var backoffMinMs: UInt64?
@@ -2888,6 +2893,10 @@ public struct ClientOptions: Equatable, Hashable {
          * Bound of each HTTP request.
          */requestTimeoutMs: UInt64? = nil, 
         /**
+         * Bound of each call of the token provider (default 30 s): one that takes longer
+         * (an interactive sign-in) counts as no token.
+         */tokenTimeoutMs: UInt64? = nil, 
+        /**
          * Smallest retry delay.
          */backoffMinMs: UInt64? = nil, 
         /**
@@ -2962,6 +2971,7 @@ public struct ClientOptions: Equatable, Hashable {
         self.maxOutboxBytes = maxOutboxBytes
         self.maxPayloadBytes = maxPayloadBytes
         self.requestTimeoutMs = requestTimeoutMs
+        self.tokenTimeoutMs = tokenTimeoutMs
         self.backoffMinMs = backoffMinMs
         self.backoffMaxMs = backoffMaxMs
         self.suspendAfterMs = suspendAfterMs
@@ -3007,6 +3017,7 @@ public struct FfiConverterTypeClientOptions: FfiConverterRustBuffer {
                 maxOutboxBytes: FfiConverterOptionUInt64.read(from: &buf), 
                 maxPayloadBytes: FfiConverterOptionUInt64.read(from: &buf), 
                 requestTimeoutMs: FfiConverterOptionUInt64.read(from: &buf), 
+                tokenTimeoutMs: FfiConverterOptionUInt64.read(from: &buf), 
                 backoffMinMs: FfiConverterOptionUInt64.read(from: &buf), 
                 backoffMaxMs: FfiConverterOptionUInt64.read(from: &buf), 
                 suspendAfterMs: FfiConverterOptionUInt64.read(from: &buf), 
@@ -3038,6 +3049,7 @@ public struct FfiConverterTypeClientOptions: FfiConverterRustBuffer {
         FfiConverterOptionUInt64.write(value.maxOutboxBytes, into: &buf)
         FfiConverterOptionUInt64.write(value.maxPayloadBytes, into: &buf)
         FfiConverterOptionUInt64.write(value.requestTimeoutMs, into: &buf)
+        FfiConverterOptionUInt64.write(value.tokenTimeoutMs, into: &buf)
         FfiConverterOptionUInt64.write(value.backoffMinMs, into: &buf)
         FfiConverterOptionUInt64.write(value.backoffMaxMs, into: &buf)
         FfiConverterOptionUInt64.write(value.suspendAfterMs, into: &buf)

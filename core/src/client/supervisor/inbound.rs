@@ -36,7 +36,9 @@ impl Supervisor {
     pub(super) async fn catch_up(&mut self, generation: u64) {
         let slot = self.inbound.slot();
         let (store, http, tokens, io, updates) = self.task_parts();
-        self.tasks.spawn(async move {
+        // Aborted with its connection (`close_ws`): the next one resumes from the
+        // cursor, and this one's slot would hold that one's deliveries back.
+        self.catch_up_task = Some(self.tasks.spawn(async move {
             let mut result = Ok(false);
             for _ in 0..RESYNC_MAX_PAGES {
                 match poll_once(&store, &http, &tokens, &updates).await {
@@ -52,7 +54,7 @@ impl Supervisor {
                 }
             }
             let _ = io.send(Io::CaughtUp(generation, slot, result));
-        });
+        }));
     }
 
     pub(super) async fn on_inbound_message(&mut self, m: WebSocketMessage) {

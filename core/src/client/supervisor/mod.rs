@@ -84,8 +84,9 @@ const WS_EVENT_BUFFER: usize = 256;
 /// How long the id of an event received is kept (for refusing a redelivery): longer
 /// than a server keeps its events (7 days by default).
 const SEEN_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
-/// The newest ids of events received are kept whatever their age: as many as a resync
-/// pages through at most, several times over.
+/// The newest ids of events received are kept whatever their age (a busy month's
+/// worth for most apps; a resync after longer than the server keeps events pages only
+/// through what it kept).
 const SEEN_KEEP: usize = 100_000;
 /// How often settled outbox items older than `settled_retention` are deleted (at most).
 const PRUNE_INTERVAL: Duration = Duration::from_secs(600);
@@ -299,6 +300,11 @@ pub(crate) struct Supervisor {
     /// once per connection (every join is answered with the room's presence, so a second
     /// one would report every member's presence twice).
     rooms_joined: HashSet<String>,
+    /// Of those, the joins not answered yet: only a refusal of one of these is a
+    /// refused join (a refused live message to a room names the room too).
+    joins_unanswered: HashSet<String>,
+    /// The catch-up of the current connection, while it runs.
+    catch_up_task: Option<tokio::task::AbortHandle>,
     /// The current attempt asked the server to resume from a cursor (`lastEventId`).
     /// Without one, the server's stream starts wherever the connection happens to be
     /// registered: what came before must be caught up by polling, after `connected`.
@@ -411,6 +417,8 @@ impl Supervisor {
             ws: None,
             ws_gen: 0,
             rooms_joined: HashSet::new(),
+            joins_unanswered: HashSet::new(),
+            catch_up_task: None,
             ws_carried_cursor: false,
             ws_in_flight: HashMap::new(),
             pumped_through: 0,
@@ -562,6 +570,7 @@ impl Supervisor {
                 join: false,
             } => {
                 self.rooms_joined.remove(&room_id);
+                self.joins_unanswered.remove(&room_id);
                 self.send_frame(&ClientEvent::LeaveRoom { room_id }, None);
             }
             Command::PullEntities => {

@@ -7,6 +7,7 @@ impl Supervisor {
     pub(super) async fn open_ws(&mut self) {
         self.ws_gen = self.ws_gen.wrapping_add(1);
         self.rooms_joined.clear();
+        self.joins_unanswered.clear();
         let generation = self.ws_gen;
         let cursor = self
             .store
@@ -64,8 +65,12 @@ impl Supervisor {
         // Abandons an attempt too: its reports carry an old generation.
         self.ws_gen = self.ws_gen.wrapping_add(1);
         self.rooms_joined.clear();
+        self.joins_unanswered.clear();
         // Not recorded, so not lost: the next connection resumes from the cursor.
         self.inbound.drop_held();
+        if let Some(task) = self.catch_up_task.take() {
+            task.abort();
+        }
         // Sent on this socket and not acknowledged: `persisted` in the store all along,
         // so due again on the next transport (the server dedupes a resend), rather than
         // holding their lanes until the ack timeout.
@@ -92,7 +97,25 @@ impl Supervisor {
             room_id: room_id.clone(),
         };
         if self.send_frame(&event, None) {
+            self.joins_unanswered.insert(room_id.clone());
             self.rooms_joined.insert(room_id);
+        }
+    }
+
+    /// On a new socket: joins the user's rooms again (membership is the user's on the
+    /// server; joining again is harmless and makes intents made offline take effect),
+    /// then sends the leaves the server may not have heard of (a room in both was left
+    /// last).
+    async fn restore_rooms(&mut self) {
+        if let Ok(rooms) = self.store.call(load_rooms).await {
+            for room_id in rooms {
+                self.join_once(room_id);
+            }
+        }
+        if let Ok(left) = self.store.call(load_rooms_left).await {
+            for room_id in left {
+                self.send_frame(&ClientEvent::LeaveRoom { room_id }, None);
+            }
         }
     }
 
@@ -111,6 +134,9 @@ impl Supervisor {
                 return;
             }
             self.ws = Some(handle);
+            // Before anything the opening flushes: a message to a room joined offline
+            // would reach the server before the join, and be refused.
+            self.restore_rooms().await;
             self.machine.on_ws_open(now);
             self.inbound
                 .catch_up_on_connected((!self.ws_carried_cursor).then_some(generation));
@@ -173,20 +199,6 @@ impl Supervisor {
                 if let Ok(mut clock) = self.clock.lock() {
                     clock.sample_connected(now_wall(), c.server_time);
                 }
-                // Rooms belong to the user on the server; joining again is harmless
-                // and makes sure intents made offline take effect.
-                if let Ok(rooms) = self.store.call(load_rooms).await {
-                    for room_id in rooms {
-                        self.join_once(room_id);
-                    }
-                }
-                // And leaves the server may not have heard of (made offline), after
-                // the joins: a room in both was left last.
-                if let Ok(left) = self.store.call(load_rooms_left).await {
-                    for room_id in left {
-                        self.send_frame(&ClientEvent::LeaveRoom { room_id }, None);
-                    }
-                }
             }
             ServerEvent::Message(m) => self.on_inbound_message(m).await,
             ServerEvent::Event(e) => self.on_inbound_event(e).await,
@@ -210,11 +222,14 @@ impl Supervisor {
                 }
                 self.pump().await;
             }
-            ServerEvent::RoomJoined { room_id } => self.emit(Update::Room {
-                room_id,
-                joined: true,
-                error: None,
-            }),
+            ServerEvent::RoomJoined { room_id } => {
+                self.joins_unanswered.remove(&room_id);
+                self.emit(Update::Room {
+                    room_id,
+                    joined: true,
+                    error: None,
+                });
+            }
             ServerEvent::RoomLeft { room_id } => {
                 let room = room_id.clone();
                 if let Err(e) = self.store.call(move |s| forget_room(s, &room, false)).await {
@@ -287,12 +302,15 @@ impl Supervisor {
                 self.emit(Update::Outbox((&item).into()));
             }
         } else if matches!(body.code, ErrorCode::AuthzFailed) {
-            // A refused join (room policy): tell the app and stop re-joining it.
+            // A refused join (room policy, too many rooms): tell the app and stop
+            // re-joining it. Only a join still unanswered: a live message to a room
+            // not joined yet is refused naming the room too.
             if let Some(room_id) = body
                 .details
                 .as_ref()
                 .and_then(|d| d.get("roomId"))
                 .and_then(|v| v.as_str())
+                .filter(|room| self.joins_unanswered.remove(*room))
                 .map(str::to_owned)
             {
                 let room = room_id.clone();

@@ -381,9 +381,11 @@ pub(super) async fn appender(
             .unzip();
         match commit(&pool, &feed, &instance, &drafts).await {
             Ok(appends) => answer(&feed, appends, replies),
-            // A statement refused (not the connection, not a conflict): one draft may
-            // be the cause, so each goes again alone and only the culprits fail.
-            Err(StoreError::Postgres(why)) if drafts.len() > 1 => {
+            // A value refused (a data exception, SQLSTATE class 22): one draft is the
+            // cause, so each goes again alone and only the culprits fail. Any other
+            // failure (the database overloaded, a permission, a missing table) would
+            // fail every draft again, one transaction each: it fails the batch.
+            Err(StoreError::DataRefused(why)) if drafts.len() > 1 => {
                 tracing::warn!(
                     error = %why,
                     drafts = drafts.len(),

@@ -64,7 +64,8 @@ const APPEND_QUEUE: usize = 8192;
 
 /// Classifies a PostgreSQL error: the database gone or restarting is retryable
 /// ([`StoreError::Unavailable`]), a deadlock or serialization failure runs again
-/// ([`StoreError::Conflict`]), anything else is a failed statement.
+/// ([`StoreError::Conflict`]), a value refused is [`StoreError::DataRefused`], anything
+/// else is a failed statement.
 pub(crate) fn pg_error(error: tokio_postgres::Error) -> StoreError {
     let Some(state) = error.code() else {
         // No SQLSTATE: the connection (closed, refused, timed out, I/O).
@@ -80,6 +81,8 @@ pub(crate) fn pg_error(error: tokio_postgres::Error) -> StoreError {
         || *state == SqlState::READ_ONLY_SQL_TRANSACTION
     {
         StoreError::Unavailable(error.to_string())
+    } else if code.starts_with("22") {
+        StoreError::DataRefused(error.to_string())
     } else {
         StoreError::Postgres(error.to_string())
     }

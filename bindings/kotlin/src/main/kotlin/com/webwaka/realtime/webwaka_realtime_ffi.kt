@@ -4586,6 +4586,12 @@ data class ClientOptions (
     var `requestTimeoutMs`: kotlin.ULong? = null 
     , 
     /**
+     * Bound of each call of the token provider (default 30 s): one that takes longer
+     * (an interactive sign-in) counts as no token.
+     */
+    var `tokenTimeoutMs`: kotlin.ULong? = null 
+    , 
+    /**
      * Smallest retry delay.
      */
     var `backoffMinMs`: kotlin.ULong? = null 
@@ -4729,6 +4735,7 @@ public object FfiConverterTypeClientOptions: FfiConverterRustBuffer<ClientOption
             FfiConverterOptionalULong.read(buf),
             FfiConverterOptionalULong.read(buf),
             FfiConverterOptionalULong.read(buf),
+            FfiConverterOptionalULong.read(buf),
             FfiConverterOptionalSequenceString.read(buf),
             FfiConverterOptionalULong.read(buf),
             FfiConverterOptionalByteArray.read(buf),
@@ -4744,6 +4751,7 @@ public object FfiConverterTypeClientOptions: FfiConverterRustBuffer<ClientOption
             FfiConverterOptionalULong.allocationSize(value.`maxOutboxBytes`) +
             FfiConverterOptionalULong.allocationSize(value.`maxPayloadBytes`) +
             FfiConverterOptionalULong.allocationSize(value.`requestTimeoutMs`) +
+            FfiConverterOptionalULong.allocationSize(value.`tokenTimeoutMs`) +
             FfiConverterOptionalULong.allocationSize(value.`backoffMinMs`) +
             FfiConverterOptionalULong.allocationSize(value.`backoffMaxMs`) +
             FfiConverterOptionalULong.allocationSize(value.`suspendAfterMs`) +
@@ -4774,6 +4782,7 @@ public object FfiConverterTypeClientOptions: FfiConverterRustBuffer<ClientOption
             FfiConverterOptionalULong.write(value.`maxOutboxBytes`, buf)
             FfiConverterOptionalULong.write(value.`maxPayloadBytes`, buf)
             FfiConverterOptionalULong.write(value.`requestTimeoutMs`, buf)
+            FfiConverterOptionalULong.write(value.`tokenTimeoutMs`, buf)
             FfiConverterOptionalULong.write(value.`backoffMinMs`, buf)
             FfiConverterOptionalULong.write(value.`backoffMaxMs`, buf)
             FfiConverterOptionalULong.write(value.`suspendAfterMs`, buf)
