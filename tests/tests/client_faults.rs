@@ -31,19 +31,7 @@ fn dm(to: &str, text: &str) -> OutgoingMessage {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_websocket_falls_to_polling_then_climbs_back_with_nothing_lost() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(&dir.path().join("server")).await;
-    let proxy = Proxy::start(server.addr).await.unwrap();
-    let alice = open_client(
-        client_config(&proxy.url(), &dir.path().join("alice.db")),
-        server.token("t1", "alice"),
-    )
-    .await;
-    let bob = open_client(
-        client_config(&server.url(), &dir.path().join("bob.db")),
-        server.token("t1", "bob"),
-    )
-    .await;
+    let (_dir, _server, proxy, alice, bob) = alice_behind_a_proxy().await;
     assert!(wait_state(&alice, ConnectionState::Realtime, WITHIN).await);
     assert!(wait_state(&bob, ConnectionState::Realtime, WITHIN).await);
 
@@ -78,6 +66,35 @@ async fn a_refused_websocket_falls_to_polling_then_climbs_back_with_nothing_lost
     );
     alice.shutdown().await;
     bob.shutdown().await;
+}
+
+/// A server; alice behind a fault-injecting proxy to it, bob straight to it.
+async fn alice_behind_a_proxy() -> (tempfile::TempDir, TestServer, Proxy, Client, Client) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server")).await;
+    let proxy = Proxy::start(server.addr).await.unwrap();
+    let alice = open_client(
+        client_config(&proxy.url(), &dir.path().join("alice.db")),
+        server.token("t1", "alice"),
+    )
+    .await;
+    let bob = open_client(
+        client_config(&server.url(), &dir.path().join("bob.db")),
+        server.token("t1", "bob"),
+    )
+    .await;
+    (dir, server, proxy, alice, bob)
+}
+
+/// The proxy refuses new connections and cuts the open ones: `client` is offline.
+async fn go_offline(proxy: &Proxy, client: &Client) {
+    proxy.set_mode(Mode::Refuse);
+    proxy.cut_all();
+    let offline = wait_until(WITHIN, || async {
+        !client.watch_state().borrow().is_connected()
+    })
+    .await;
+    assert!(offline, "no transport works: not connected");
 }
 
 /// Alice behind a proxy, with a transaction waiting for the network (see
@@ -230,19 +247,7 @@ async fn a_send_that_failed_on_the_network_goes_at_once_after_a_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_socket_is_found_by_the_heartbeat_and_missed_messages_are_resumed() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(&dir.path().join("server")).await;
-    let proxy = Proxy::start(server.addr).await.unwrap();
-    let alice = open_client(
-        client_config(&proxy.url(), &dir.path().join("alice.db")),
-        server.token("t1", "alice"),
-    )
-    .await;
-    let bob = open_client(
-        client_config(&server.url(), &dir.path().join("bob.db")),
-        server.token("t1", "bob"),
-    )
-    .await;
+    let (_dir, _server, proxy, alice, bob) = alice_behind_a_proxy().await;
     assert!(wait_state(&alice, ConnectionState::Realtime, WITHIN).await);
     assert!(wait_state(&bob, ConnectionState::Realtime, WITHIN).await);
     let mut at_alice = alice.subscribe();
@@ -632,19 +637,7 @@ async fn a_manual_conflict_keeps_both_sides_until_the_app_resolves_it() {
 /// was open at that moment, and the user stayed a member for good).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_room_left_offline_is_left_on_the_server_when_the_client_reconnects() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(&dir.path().join("server")).await;
-    let proxy = Proxy::start(server.addr).await.unwrap();
-    let alice = open_client(
-        client_config(&proxy.url(), &dir.path().join("alice.db")),
-        server.token("t1", "alice"),
-    )
-    .await;
-    let bob = open_client(
-        client_config(&server.url(), &dir.path().join("bob.db")),
-        server.token("t1", "bob"),
-    )
-    .await;
+    let (_dir, _server, proxy, alice, bob) = alice_behind_a_proxy().await;
     let room_updates = |want_joined: bool| {
         move |u: Update| match u {
             Update::Room {
@@ -661,13 +654,7 @@ async fn a_room_left_offline_is_left_on_the_server_when_the_client_reconnects() 
     collect(&mut at_bob, 1, WITHIN, room_updates(true)).await;
 
     // Offline, alice leaves.
-    proxy.set_mode(Mode::Refuse);
-    proxy.cut_all();
-    let offline = wait_until(WITHIN, || async {
-        !alice.watch_state().borrow().is_connected()
-    })
-    .await;
-    assert!(offline, "no transport works: not connected");
+    go_offline(&proxy, &alice).await;
     alice.leave_room("general").await.unwrap();
     assert!(alice.rooms().await.unwrap().is_empty());
 
@@ -775,19 +762,7 @@ async fn sends_unacknowledged_on_a_socket_the_client_closed_go_again_at_once() {
 /// non-member, and died).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_post_to_a_room_joined_offline_is_delivered_after_the_join() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(&dir.path().join("server")).await;
-    let proxy = Proxy::start(server.addr).await.unwrap();
-    let alice = open_client(
-        client_config(&proxy.url(), &dir.path().join("alice.db")),
-        server.token("t1", "alice"),
-    )
-    .await;
-    let bob = open_client(
-        client_config(&server.url(), &dir.path().join("bob.db")),
-        server.token("t1", "bob"),
-    )
-    .await;
+    let (_dir, _server, proxy, alice, bob) = alice_behind_a_proxy().await;
     let mut at_bob = bob.subscribe();
     bob.join_room("general").await.unwrap();
     collect(&mut at_bob, 1, WITHIN, |u| match u {
@@ -795,13 +770,7 @@ async fn a_post_to_a_room_joined_offline_is_delivered_after_the_join() {
         _ => None,
     })
     .await;
-    proxy.set_mode(Mode::Refuse);
-    proxy.cut_all();
-    let offline = wait_until(WITHIN, || async {
-        !alice.watch_state().borrow().is_connected()
-    })
-    .await;
-    assert!(offline, "no transport works: not connected");
+    go_offline(&proxy, &alice).await;
     alice.join_room("general").await.unwrap();
     let post = alice
         .send_message(OutgoingMessage::new(

@@ -434,13 +434,7 @@ impl Store {
         retry_at: Timestamp,
         now: Timestamp,
     ) -> Result<OutboxItem, StoreError> {
-        let change = Change {
-            error: Some(error),
-            retry_at: Some(retry_at),
-            ..Change::to(ItemState::Persisted)
-        };
-        let from = [ItemState::Persisted, ItemState::InFlight];
-        self.transition(id, &from, "fail", now, change)
+        self.fail(id, error, retry_at, now, false)
     }
 
     /// A failed attempt that got no answer from the server (the network failed it):
@@ -454,10 +448,21 @@ impl Store {
         retry_at: Timestamp,
         now: Timestamp,
     ) -> Result<OutboxItem, StoreError> {
+        self.fail(id, error, retry_at, now, true)
+    }
+
+    fn fail(
+        &self,
+        id: &str,
+        error: &str,
+        retry_at: Timestamp,
+        now: Timestamp,
+        waits_network: bool,
+    ) -> Result<OutboxItem, StoreError> {
         let change = Change {
             error: Some(error),
             retry_at: Some(retry_at),
-            waits_network: true,
+            waits_network,
             ..Change::to(ItemState::Persisted)
         };
         let from = [ItemState::Persisted, ItemState::InFlight];
