@@ -4,7 +4,7 @@
 //! take only the pieces they use.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -85,7 +85,19 @@ pub(crate) struct App {
     pub(crate) instance: Arc<str>,
     /// What the dashboards see live (nothing captured while none is open).
     pub(crate) watch: Arc<crate::dashboard::Watch>,
+    /// Failed authentications audited one by one, up to a burst (see
+    /// [`App::audit_auth_failure`]).
+    auth_audits: governor::DefaultDirectRateLimiter,
+    /// Failed authentications not audited since the last one that was.
+    auth_audits_skipped: AtomicU64,
 }
+
+/// Failed authentications audited one by one: a burst of this many, then one a second.
+/// Anyone can fail to authenticate, as fast as the connection limits let them: each
+/// record is a write every tenant's messages wait behind (and, on PostgreSQL, the audit
+/// chain's lock), and the log is append-only. Past the burst the rest are counted (the
+/// `auth_failures` metric has them all) and the next record says how many it stands for.
+const AUTH_AUDIT_BURST: u32 = 50;
 
 impl App {
     /// An error answered to a caller (of `tenant` when known; an HTTP answer does not
@@ -188,7 +200,31 @@ impl App {
             instance,
             watch,
             config,
+            auth_audits: governor::RateLimiter::direct(
+                governor::Quota::per_second(std::num::NonZeroU32::MIN).allow_burst(
+                    std::num::NonZeroU32::new(AUTH_AUDIT_BURST)
+                        .unwrap_or(std::num::NonZeroU32::MIN),
+                ),
+            ),
+            auth_audits_skipped: AtomicU64::new(0),
         })
+    }
+
+    /// Audits a failed authentication, or counts it when failures come faster than
+    /// [`AUTH_AUDIT_BURST`] then one a second; a record written after some were
+    /// counted says how many (`skippedBefore`).
+    pub(crate) async fn audit_auth_failure(&self, record: AuditRecord) -> Result<(), ApiError> {
+        if self.auth_audits.check().is_err() {
+            self.auth_audits_skipped.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        let skipped = self.auth_audits_skipped.swap(0, Ordering::Relaxed);
+        let record = if skipped > 0 {
+            record.meta("skippedBefore", skipped)
+        } else {
+            record
+        };
+        self.audit(record).await
     }
 
     /// Appends an audit record on its own.

@@ -101,7 +101,7 @@ pub(crate) async fn authenticate(
             )
             .meta("reason", reason.to_string())
             .meta("path", path);
-            app.audit(record).await?;
+            app.audit_auth_failure(record).await?;
             Err(ApiError::auth(reason.to_string()))
         }
     }

@@ -397,3 +397,32 @@ async fn the_token_command_refuses_a_secret_the_server_would_refuse() {
         .expect("refused");
     assert!(error.to_string().contains("JWT_SECRET"), "{error}");
 }
+
+/// Failed authentications need no token, so their audit is bounded: a burst, then one
+/// a second; the rest are counted, and the next record says how many it stands for
+/// (each was a durable write every tenant waited behind, for good).
+#[tokio::test]
+async fn a_flood_of_failed_authentications_is_audited_in_a_bounded_number_of_records() {
+    let ts = TestServer::start(|_| {}).await;
+    let count = || ts.sql_i64("SELECT count(*) FROM audit_log WHERE body LIKE '%auth.failed%'");
+    let before = count().await;
+    let started = std::time::Instant::now();
+    for _ in 0..150 {
+        let (status, _) = ts.get("/api/events/poll", Some("not-a-token"), &[]).await;
+        assert_eq!(status, 401);
+    }
+    let seconds = i64::try_from(started.elapsed().as_secs()).unwrap();
+    let written = count().await - before;
+    assert!(
+        (50..=50 + seconds + 1).contains(&written),
+        "{written} records for 150 failures in {seconds} s"
+    );
+    // A second on, the next failure is audited and says how many went unrecorded.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let (status, _) = ts.get("/api/events/poll", Some("not-a-token"), &[]).await;
+    assert_eq!(status, 401);
+    let summarised = ts
+        .sql_i64("SELECT count(*) FROM audit_log WHERE body LIKE '%skippedBefore%'")
+        .await;
+    assert!(summarised >= 1, "no record counts the skipped ones");
+}
