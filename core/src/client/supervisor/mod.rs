@@ -296,13 +296,12 @@ pub(crate) struct Supervisor {
     ws: Option<WsHandle>,
     /// Generation of the current WebSocket attempt; reports of older ones are ignored.
     ws_gen: u64,
-    /// Rooms a `join_room` frame was sent for on the current connection: each is sent
-    /// once per connection (every join is answered with the room's presence, so a second
-    /// one would report every member's presence twice).
-    rooms_joined: HashSet<String>,
-    /// Of those, the joins not answered yet: only a refusal of one of these is a
-    /// refused join (a refused live message to a room names the room too).
-    joins_unanswered: HashSet<String>,
+    /// Rooms a `join_room` frame was sent for on the current connection, and whether
+    /// the server answered it yet: each is sent once per connection (every join is
+    /// answered with the room's presence, so a second one would report every member's
+    /// presence twice), and only a refusal of an unanswered join is a refused join (a
+    /// refused live message to a room names the room too).
+    rooms_joined: HashMap<String, bool>,
     /// The catch-up of the current connection, while it runs.
     catch_up_task: Option<tokio::task::AbortHandle>,
     /// The current attempt asked the server to resume from a cursor (`lastEventId`).
@@ -416,8 +415,7 @@ impl Supervisor {
             tasks: JoinSet::new(),
             ws: None,
             ws_gen: 0,
-            rooms_joined: HashSet::new(),
-            joins_unanswered: HashSet::new(),
+            rooms_joined: HashMap::new(),
             catch_up_task: None,
             ws_carried_cursor: false,
             ws_in_flight: HashMap::new(),
@@ -570,7 +568,6 @@ impl Supervisor {
                 join: false,
             } => {
                 self.rooms_joined.remove(&room_id);
-                self.joins_unanswered.remove(&room_id);
                 self.send_frame(&ClientEvent::LeaveRoom { room_id }, None);
             }
             Command::PullEntities => {

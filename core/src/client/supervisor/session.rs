@@ -7,7 +7,6 @@ impl Supervisor {
     pub(super) async fn open_ws(&mut self) {
         self.ws_gen = self.ws_gen.wrapping_add(1);
         self.rooms_joined.clear();
-        self.joins_unanswered.clear();
         let generation = self.ws_gen;
         let cursor = self
             .store
@@ -65,7 +64,6 @@ impl Supervisor {
         // Abandons an attempt too: its reports carry an old generation.
         self.ws_gen = self.ws_gen.wrapping_add(1);
         self.rooms_joined.clear();
-        self.joins_unanswered.clear();
         // Not recorded, so not lost: the next connection resumes from the cursor.
         self.inbound.drop_held();
         if let Some(task) = self.catch_up_task.take() {
@@ -90,15 +88,14 @@ impl Supervisor {
 
     /// Sends `join_room` for `room_id` unless it was sent on this connection already.
     pub(super) fn join_once(&mut self, room_id: String) {
-        if self.rooms_joined.contains(&room_id) {
+        if self.rooms_joined.contains_key(&room_id) {
             return;
         }
         let event = ClientEvent::JoinRoom {
             room_id: room_id.clone(),
         };
         if self.send_frame(&event, None) {
-            self.joins_unanswered.insert(room_id.clone());
-            self.rooms_joined.insert(room_id);
+            self.rooms_joined.insert(room_id, false);
         }
     }
 
@@ -223,7 +220,9 @@ impl Supervisor {
                 self.pump().await;
             }
             ServerEvent::RoomJoined { room_id } => {
-                self.joins_unanswered.remove(&room_id);
+                if let Some(answered) = self.rooms_joined.get_mut(&room_id) {
+                    *answered = true;
+                }
                 self.emit(Update::Room {
                     room_id,
                     joined: true,
@@ -310,7 +309,10 @@ impl Supervisor {
                 .as_ref()
                 .and_then(|d| d.get("roomId"))
                 .and_then(|v| v.as_str())
-                .filter(|room| self.joins_unanswered.remove(*room))
+                .filter(|room| {
+                    let unanswered = self.rooms_joined.get_mut(*room).filter(|a| !**a);
+                    unanswered.map(|answered| *answered = true).is_some()
+                })
                 .map(str::to_owned)
             {
                 let room = room_id.clone();
